@@ -1,0 +1,275 @@
+"""Control messages of the fedmq protocol (everything but the client update and blobs).
+
+Each message is one msgpack map with ``"v"`` (protocol version, int) and ``"type"`` (str).
+Decoding is strict: unknown protocol version, wrong types, missing keys or values out of
+range raise :class:`fedmq.errors.WireError`, never anything else. Unknown extra keys are
+ignored (forward compatibility within one protocol version). The client update envelope
+lives in :mod:`fedmq.envelope`; chunked blobs in :mod:`fedmq.transport`.
+See docs/wire-format.md for the byte-level description.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from fedmq import PROTOCOL_VERSION
+from fedmq.errors import WireError
+
+#: Largest control message accepted, bytes. Control messages are small maps.
+MAX_CONTROL_BYTES = 64 * 1024
+
+UPDATE_KINDS = ("delta", "gradient")
+
+
+def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_CONTROL_BYTES:
+        raise WireError(f"{expected_type}: {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_bin_len=MAX_CONTROL_BYTES,
+                              max_str_len=MAX_CONTROL_BYTES, max_array_len=4096, max_map_len=4096)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"{expected_type}: not a valid msgpack document ({exc})") from None
+    if not isinstance(obj, dict):
+        raise WireError(f"{expected_type}: expected a msgpack map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"{expected_type}: unsupported protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    if obj.get("type") != expected_type:
+        raise WireError(f"expected a {expected_type!r} message, got type {obj.get('type')!r}")
+    return obj
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False,
+         default: Any = None) -> Any:
+    if key not in obj or obj[key] is None:
+        if optional:
+            return default
+        raise WireError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in kinds:
+        raise WireError(f"{where}: field {key!r} must be {kinds}, got bool")
+    if not isinstance(value, kinds):
+        raise WireError(f"{where}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}, "
+                        f"got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireError(f"{where}: field {key!r} must be finite, got {value}")
+    return value
+
+
+def _nonneg(value: int, key: str, where: str) -> int:
+    if value < 0:
+        raise WireError(f"{where}: field {key!r} must be >= 0, got {value}")
+    return value
+
+
+class _Message:
+    TYPE: ClassVar[str]
+
+    def to_bytes(self) -> bytes:
+        """Encode as a msgpack map with protocol version and type."""
+        body = {"v": PROTOCOL_VERSION, "type": self.TYPE}
+        body.update(asdict(self))  # type: ignore[call-overload]
+        return msgpack.packb(body, use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class Status(_Message):
+    """Retained device presence on ``fedmq/F/status/D``; also the device's last will
+    (``online=False``).
+
+    Fields: device id; online flag; task name; ParamSpec hash (hex str); number of local
+    training samples; software version; ``ts`` wall-clock seconds since the epoch.
+    """
+
+    TYPE: ClassVar[str] = "status"
+    device: str
+    online: bool
+    task: str = ""
+    spec_hash: str = ""
+    samples: int = 0
+    software: str = ""
+    ts: float = 0.0
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Status:
+        """Raises: WireError on any malformed input."""
+        o = _unpack(data, cls.TYPE)
+        w = cls.TYPE
+        return cls(device=_get(o, "device", str, w), online=_get(o, "online", bool, w),
+                   task=_get(o, "task", str, w, optional=True, default=""),
+                   spec_hash=_get(o, "spec_hash", str, w, optional=True, default=""),
+                   samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
+                   software=_get(o, "software", str, w, optional=True, default=""),
+                   ts=_get(o, "ts", float, w, optional=True, default=0.0))
+
+
+@dataclass(frozen=True)
+class ModelPointer(_Message):
+    """Retained pointer on ``fedmq/F/model/latest`` (and ``onnx/latest``) to the newest
+    global model version. ``round`` is the last completed round that produced it
+    (0 for the initial model); ``size`` and ``sha256`` describe the blob (bytes, hex)."""
+
+    TYPE: ClassVar[str] = "model_pointer"
+    version: int
+    spec_hash: str
+    round: int
+    size: int
+    sha256: str
+    format: str = "safetensors"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelPointer:
+        o = _unpack(data, cls.TYPE)
+        w = cls.TYPE
+        return cls(version=_nonneg(_get(o, "version", int, w), "version", w),
+                   spec_hash=_get(o, "spec_hash", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
+                   size=_nonneg(_get(o, "size", int, w), "size", w), sha256=_get(o, "sha256", str, w),
+                   format=_get(o, "format", str, w, optional=True, default="safetensors"))
+
+
+@dataclass(frozen=True)
+class RoundAnnouncement(_Message):
+    """Retained on ``fedmq/F/round``: the round in progress, the model version it trains
+    from, and its deadline (wall-clock seconds since the epoch)."""
+
+    TYPE: ClassVar[str] = "round"
+    round: int
+    model_version: int
+    deadline: float
+    state: str = "open"  # open | closed | failed
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundAnnouncement:
+        o = _unpack(data, cls.TYPE)
+        w = cls.TYPE
+        state = _get(o, "state", str, w, optional=True, default="open")
+        if state not in ("open", "closed", "failed"):
+            raise WireError(f"{w}: state must be open|closed|failed, got {state!r}")
+        return cls(round=_nonneg(_get(o, "round", int, w), "round", w),
+                   model_version=_nonneg(_get(o, "model_version", int, w), "model_version", w),
+                   deadline=_get(o, "deadline", float, w), state=state)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Client training settings sent with each task.
+
+    Exactly one of ``local_steps`` / ``local_epochs`` is > 0. ``lr`` is the local SGD
+    learning rate; ``prox_mu`` the FedProx coefficient (Li et al. 2020; 0 disables it);
+    ``max_seconds`` caps local training time (seconds, 0 = no cap). ``codec``,
+    ``density`` (fraction of entries kept per tensor), ``block_size`` (kept values per
+    float32 scale), ``dense_below`` (tensors with fewer elements go dense int8) and
+    ``stochastic`` (stochastic rounding) configure the codec (fedmq.codec.CodecConfig).
+    ``error_feedback`` False disables the residual (for ablations only).
+    """
+
+    update_kind: str = "delta"
+    local_steps: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    prox_mu: float = 0.0
+    max_seconds: float = 0.0
+    codec: str = "topk-int8"
+    density: float = 0.01
+    block_size: int = 512
+    dense_below: int = 1024
+    stochastic: bool = False
+    error_feedback: bool = True
+    seed: int = 0
+
+    def validate(self, where: str = "train plan") -> TrainPlan:
+        """Raises: WireError when a field is out of range."""
+        if self.update_kind not in UPDATE_KINDS:
+            raise WireError(f"{where}: update_kind must be one of {UPDATE_KINDS}, got {self.update_kind!r}")
+        if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps > 0) == (self.local_epochs > 0):
+            raise WireError(f"{where}: exactly one of local_steps / local_epochs must be > 0 "
+                            f"(got {self.local_steps}, {self.local_epochs})")
+        if self.batch_size < 1 or self.lr <= 0 or self.prox_mu < 0 or self.max_seconds < 0:
+            raise WireError(f"{where}: batch_size >= 1, lr > 0, prox_mu >= 0, max_seconds >= 0 expected")
+        if not 0.0 < self.density <= 1.0:
+            raise WireError(f"{where}: density must be in (0, 1], got {self.density}")
+        if self.block_size < 1 or self.dense_below < 0:
+            raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected")
+        return self
+
+
+_PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
+    "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
+    "prox_mu": float, "max_seconds": float, "codec": str, "density": float, "block_size": int,
+    "dense_below": int, "stochastic": bool, "error_feedback": bool, "seed": int,
+}
+
+
+@dataclass(frozen=True)
+class Task(_Message):
+    """Per-device task on ``fedmq/F/task/D`` (retained, QoS 1): train from global model
+    ``model_version`` for ``round`` and send a client update before ``deadline``
+    (wall-clock seconds since the epoch)."""
+
+    TYPE: ClassVar[str] = "task"
+    federation: str
+    device: str
+    round: int
+    model_version: int
+    spec_hash: str
+    deadline: float
+    plan: TrainPlan = field(default_factory=TrainPlan)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Task:
+        o = _unpack(data, cls.TYPE)
+        w = cls.TYPE
+        raw_plan = _get(o, "plan", dict, w)
+        plan_kwargs = {}
+        for key, kind in _PLAN_TYPES.items():
+            if key in raw_plan:
+                plan_kwargs[key] = _get(raw_plan, key, kind, f"{w}.plan")
+        try:
+            plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
+        except TypeError as exc:
+            raise WireError(f"{w}.plan: {exc}") from None
+        return cls(federation=_get(o, "federation", str, w), device=_get(o, "device", str, w),
+                   round=_nonneg(_get(o, "round", int, w), "round", w),
+                   model_version=_nonneg(_get(o, "model_version", int, w), "model_version", w),
+                   spec_hash=_get(o, "spec_hash", str, w), deadline=_get(o, "deadline", float, w), plan=plan)
+
+
+RECEIPT_STATUSES = ("accepted", "rejected")
+
+
+@dataclass(frozen=True)
+class Receipt(_Message):
+    """Coordinator's answer to one client update on ``fedmq/F/receipt/D``.
+
+    ``status`` is ``accepted`` (the update is in the aggregate of ``round``) or
+    ``rejected`` with ``reason`` (one of the coordinator's rejection reasons, e.g.
+    ``late``, ``duplicate``, ``malformed``). ``transfer_id`` names the update transfer.
+    """
+
+    TYPE: ClassVar[str] = "receipt"
+    device: str
+    round: int
+    transfer_id: str
+    status: str
+    reason: str = ""
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        o = _unpack(data, cls.TYPE)
+        w = cls.TYPE
+        status = _get(o, "status", str, w)
+        if status not in RECEIPT_STATUSES:
+            raise WireError(f"{w}: status must be one of {RECEIPT_STATUSES}, got {status!r}")
+        return cls(device=_get(o, "device", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
+                   transfer_id=_get(o, "transfer_id", str, w), status=status,
+                   reason=_get(o, "reason", str, w, optional=True, default=""))
