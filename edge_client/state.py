@@ -1,0 +1,257 @@
+"""Durable device state: residual, client update in flight, model cache, last round.
+
+Layout of the state directory (``state_dir`` / ``$STATE_DIRECTORY``)::
+
+    state.json                commit record, rewritten atomically (the only commit point)
+    residual-<seq>.npy        error-feedback residual, float32 (spec.size,), .npy (never pickle)
+    update-<seq>.bin          exact bytes of the client update in flight (encoded ClientUpdate)
+    models/<version>.safetensors   cached global model versions (the last 2 kept)
+
+``state.json`` names the residual file and the in-flight update file of the same sequence
+number ``seq``. A change (new in-flight update, rollback) first writes its new files under
+``seq + 1`` with :func:`fedmq.atomic.atomic_write_bytes`, then replaces ``state.json``;
+files of other sequence numbers are removed afterwards and on load. So whatever instant
+the process dies at, the residual and the in-flight record on disk belong together: either
+both from before the change or both from after it.
+
+Crash-safety contract used by :mod:`edge_client.agent`:
+
+* the in-flight record is committed BEFORE the first byte of the update is published, so
+  after a restart the device re-sends the SAME bytes under the same transfer id (the
+  coordinator deduplicates by (device, round)) and never trains a second update for it;
+* the residual saved with the in-flight record is the residual AFTER compression
+  (``residual + update - sent``); rolling back adds ``sent`` (decoded from the saved
+  bytes) once, in a commit of its own that also clears the in-flight record;
+* ``last_round`` is the highest round this device is done with (accepted, rejected or
+  past its deadline): a retained task for such a round is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from fedmq.atomic import atomic_write_bytes, atomic_write_text
+from fedmq.errors import StateError
+from fedmq.feedback import ErrorFeedback
+from fedmq.params import ParamSpec
+
+STATE_FORMAT = 1
+MODELS_KEPT = 2
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A client update committed to disk and (about to be) published.
+
+    Attributes:
+        round: round the update is for.
+        transfer_id: id of its blob transfer (topic level under fedmq/F/update/D/).
+        base_version: global model version it was trained from.
+        deadline: the round's deadline, wall-clock seconds since the epoch.
+        update_file: file name (in the state dir) of the encoded ClientUpdate bytes.
+        sha256: hex digest of those bytes.
+        size: their length, bytes.
+    """
+
+    round: int
+    transfer_id: str
+    base_version: int
+    deadline: float
+    update_file: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """Content of ``state.json``: ``seq`` (sequence number of the current files),
+    ``spec_hash`` (ParamSpec hash the residual belongs to, "" when none), ``last_round``
+    (-1 before the first round), ``residual_file`` (None: all zeros) and ``inflight``."""
+
+    seq: int = 0
+    spec_hash: str = ""
+    last_round: int = -1
+    residual_file: str | None = None
+    inflight: InFlight | None = None
+
+
+class DeviceState:
+    """Reads and commits the durable state of one device (one owner: the agent's main thread).
+
+    Args:
+        root: the state directory; created if missing (unless ``readonly``).
+        readonly: only read (``fedmq edge status`` beside a running agent): create
+            nothing and remove nothing, so a concurrent agent's half-made change survives.
+
+    Raises:
+        StateError: ``state.json`` or a file it names is corrupt (message names the path).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.root = Path(root)
+        if readonly:
+            self.record = self._read()
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "models").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{self.root}: cannot create the state directory ({exc})") from None
+        self.record = self._read()
+        self._collect_garbage()
+
+    @property
+    def path(self) -> Path:
+        return self.root / "state.json"
+
+    def _read(self) -> Record:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return Record()
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{self.path}: unreadable device state ({exc}); move it away to start afresh") from None
+        try:
+            if raw.pop("format") != STATE_FORMAT:
+                raise ValueError("unknown format")
+            inflight = raw.pop("inflight")
+            return Record(**raw, inflight=InFlight(**inflight) if inflight is not None else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{self.path}: not a fedmq device state of format {STATE_FORMAT} ({exc})") from None
+
+    def _write(self, record: Record) -> None:
+        body = {"format": STATE_FORMAT, **asdict(record)}
+        atomic_write_text(self.path, json.dumps(body, indent=1, sort_keys=True))
+        self.record = record
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        keep = {"state.json", "models", self.record.residual_file}
+        if self.record.inflight is not None:
+            keep.add(self.record.inflight.update_file)
+        for entry in self.root.iterdir():
+            if entry.name not in keep and (entry.name.startswith(("residual-", "update-", ".")) and entry.is_file()):
+                entry.unlink(missing_ok=True)
+
+    # -- residual and in-flight update ------------------------------------------------
+
+    def load_feedback(self, spec: ParamSpec) -> ErrorFeedback:
+        """The error-feedback state for ``spec``: the saved residual, or zeros when none is
+        saved or it belongs to another ParamSpec (a new task: the old residual and any
+        in-flight update of the old model are dropped, durably).
+
+        Raises:
+            StateError: the residual file is missing or corrupt (names the path).
+        """
+        rec = self.record
+        if rec.spec_hash != spec.hash:
+            if rec.spec_hash:
+                self._write(replace(rec, seq=rec.seq + 1, spec_hash=spec.hash, residual_file=None, inflight=None))
+            else:
+                self._write(replace(rec, spec_hash=spec.hash))
+            return ErrorFeedback(spec)
+        if rec.residual_file is None:
+            return ErrorFeedback(spec)
+        return ErrorFeedback.load(self.root / rec.residual_file, spec)
+
+    def read_inflight(self) -> bytes:
+        """The exact bytes of the update in flight.
+
+        Raises:
+            StateError: no update is in flight, or its file is missing or corrupt.
+        """
+        inflight = self.record.inflight
+        if inflight is None:
+            raise StateError(f"{self.path}: no client update in flight")
+        path = self.root / inflight.update_file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"{path}: in-flight client update unreadable ({exc})") from None
+        if len(data) != inflight.size or hashlib.sha256(data).hexdigest() != inflight.sha256:
+            raise StateError(f"{path}: in-flight client update corrupt (size or sha256 differs from state.json)")
+        return data
+
+    def begin_update(self, feedback: ErrorFeedback, update: bytes, *, round: int, transfer_id: str,
+                     base_version: int, deadline: float) -> InFlight:
+        """Commit the residual after compression together with the update about to be sent.
+
+        Args:
+            feedback: error-feedback state whose residual already had the sent part removed.
+            update: encoded ClientUpdate bytes, exactly as they will be published.
+
+        Returns:
+            The in-flight record now on disk.
+
+        Raises:
+            OSError: the state directory cannot be written (nothing changed on disk).
+        """
+        seq = self.record.seq + 1
+        residual_file, update_file = f"residual-{seq}.npy", f"update-{seq}.bin"
+        feedback.save(self.root / residual_file)
+        atomic_write_bytes(self.root / update_file, update)
+        inflight = InFlight(round=round, transfer_id=transfer_id, base_version=base_version, deadline=deadline,
+                            update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update))
+        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight))
+        return inflight
+
+    def commit(self) -> None:
+        """The coordinator has the in-flight update: forget it, mark its round done."""
+        inflight = self.record.inflight
+        if inflight is None:
+            return
+        self._write(replace(self.record, inflight=None, last_round=max(self.record.last_round, inflight.round)))
+
+    def rollback(self, feedback: ErrorFeedback, sent) -> None:
+        """The in-flight update never reached the aggregate: put ``sent`` (float32
+        (spec.size,), the decoded update) back into the residual and forget the update,
+        in one commit. Its round stays done: no second update is sent for it."""
+        inflight = self.record.inflight
+        if inflight is None:
+            return
+        feedback.rollback(sent)
+        seq = self.record.seq + 1
+        residual_file = f"residual-{seq}.npy"
+        feedback.save(self.root / residual_file)
+        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None,
+                            last_round=max(self.record.last_round, inflight.round)))
+
+    def finish_round(self, round: int) -> None:
+        """Mark ``round`` done without an update (e.g. its deadline passed before training ended)."""
+        if round > self.record.last_round:
+            self._write(replace(self.record, last_round=round))
+
+    # -- global model cache -----------------------------------------------------------
+
+    def _model_path(self, version: int) -> Path:
+        return self.root / "models" / f"{int(version)}.safetensors"
+
+    def cached_model(self, version: int) -> bytes | None:
+        """Bytes of cached global model ``version`` (safetensors), or None."""
+        try:
+            return self._model_path(version).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop_model(self, version: int) -> None:
+        """Forget a cached model (found corrupt)."""
+        self._model_path(version).unlink(missing_ok=True)
+
+    def cache_model(self, version: int, data: bytes) -> None:
+        """Store global model ``version`` atomically; keep the newest :data:`MODELS_KEPT`."""
+        atomic_write_bytes(self._model_path(version), data)
+        versions = sorted(self.cached_versions())
+        for old in versions[:-MODELS_KEPT]:
+            self.drop_model(old)
+
+    def cached_versions(self) -> list[int]:
+        """Versions in the model cache, ascending."""
+        out = []
+        for entry in (self.root / "models").glob("*.safetensors"):
+            if entry.stem.isdigit():
+                out.append(int(entry.stem))
+        return sorted(out)

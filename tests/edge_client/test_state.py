@@ -1,0 +1,118 @@
+"""Durable device state: residual and in-flight update committed together, model cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_client.state import DeviceState
+from fedmq.codec import CodecConfig, decode
+from fedmq.errors import StateError
+from fedmq.feedback import ErrorFeedback
+from fedmq.params import ParamSpec
+from fedmq.tasks import get_task
+
+
+@pytest.fixture
+def spec() -> ParamSpec:
+    return ParamSpec.from_module(get_task("digits-logreg").build_model(0))
+
+
+def _compress(spec, seed=0):
+    fb = ErrorFeedback(spec)
+    update = np.random.default_rng(seed).standard_normal(spec.size).astype(np.float32)
+    payload, sent = fb.compress(update, CodecConfig(density=0.1, dense_below=0))
+    return fb, update, payload, sent
+
+
+def test_fresh_state_has_zero_residual_and_no_update(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    fb = st.load_feedback(spec)
+    assert not fb.residual.any() and st.record.inflight is None and st.record.last_round == -1
+
+
+def test_begin_update_survives_a_restart_with_matching_residual(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, update, payload, sent = _compress(spec)
+    st.begin_update(fb, payload, round=3, transfer_id="t3", base_version=2, deadline=123.0)
+
+    again = DeviceState(tmp_path)
+    assert again.read_inflight() == payload
+    assert (again.record.inflight.round, again.record.inflight.transfer_id) == (3, "t3")
+    fb2 = again.load_feedback(spec)
+    np.testing.assert_array_equal(fb2.residual, fb.residual)
+    # residual on disk + what is in flight == the true update
+    np.testing.assert_allclose(fb2.residual + decode("topk-int8", again.read_inflight(), spec), update, atol=1e-6)
+
+
+def test_files_of_an_uncommitted_change_are_ignored_and_removed(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, _, payload, _ = _compress(spec)
+    # A crash after the new files were written but before state.json was replaced:
+    fb.save(tmp_path / "residual-1.npy")
+    (tmp_path / "update-1.bin").write_bytes(payload)
+    (tmp_path / ".state.json.abc.tmp").write_bytes(b"{")
+    again = DeviceState(tmp_path)
+    assert again.record.inflight is None
+    assert not again.load_feedback(spec).residual.any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "state.json"]
+
+
+def test_commit_and_rollback(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, update, payload, sent = _compress(spec)
+    st.begin_update(fb, payload, round=1, transfer_id="a", base_version=0, deadline=1.0)
+    st.commit()
+    assert st.record.inflight is None and st.record.last_round == 1
+    assert not (tmp_path / "update-1.bin").exists()
+
+    fb, update, payload, sent = _compress(spec, seed=1)
+    st.begin_update(fb, payload, round=2, transfer_id="b", base_version=1, deadline=1.0)
+    st.rollback(fb, sent)
+    again = DeviceState(tmp_path)
+    assert again.record.inflight is None and again.record.last_round == 2
+    np.testing.assert_allclose(again.load_feedback(spec).residual, update, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", f"residual-{again.record.seq}.npy", "state.json"]
+
+
+def test_new_model_architecture_drops_old_residual(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, _, payload, _ = _compress(spec)
+    st.begin_update(fb, payload, round=1, transfer_id="a", base_version=0, deadline=1.0)
+    other = ParamSpec.from_module(get_task("digits-mlp").build_model(0))
+    fb_other = DeviceState(tmp_path).load_feedback(other)
+    assert fb_other.residual.shape == (other.size,) and not fb_other.residual.any()
+    again = DeviceState(tmp_path)
+    assert again.record.inflight is None and again.record.spec_hash == other.hash
+
+
+def test_corrupt_state_is_reported_with_its_path(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, _, payload, _ = _compress(spec)
+    st.begin_update(fb, payload, round=1, transfer_id="a", base_version=0, deadline=1.0)
+    (tmp_path / "update-1.bin").write_bytes(payload[:-1] + b"\x00")
+    with pytest.raises(StateError, match="update-1.bin"):
+        DeviceState(tmp_path).read_inflight()
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(StateError, match="state.json"):
+        DeviceState(tmp_path)
+
+
+def test_readonly_view_removes_nothing(tmp_path, spec):
+    DeviceState(tmp_path).load_feedback(spec)
+    (tmp_path / "residual-9.npy").write_bytes(b"half-written")
+    DeviceState(tmp_path, readonly=True)
+    assert (tmp_path / "residual-9.npy").exists()
+
+
+def test_model_cache_keeps_the_last_two_versions(tmp_path):
+    st = DeviceState(tmp_path)
+    for version in (1, 2, 3):
+        st.cache_model(version, f"model {version}".encode())
+    assert st.cached_versions() == [2, 3]
+    assert st.cached_model(3) == b"model 3" and st.cached_model(1) is None
