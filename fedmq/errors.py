@@ -40,3 +40,7 @@ class TransferError(TransportError):
 
 class StateError(FedmqError):
     """State on disk is missing, corrupt or from an incompatible version (message names the path)."""
+
+
+class NonFiniteError(CodecError):
+    """A client update (scales or dense float32 values) holds NaN or Inf."""
