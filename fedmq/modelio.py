@@ -1,0 +1,224 @@
+"""The global model as bytes: safetensors for training, ONNX for inference on devices.
+
+* :func:`model_to_safetensors` / :func:`model_from_safetensors`: every parameter and buffer
+  of a module in the safetensors format (a JSON header and raw little-endian tensors; no
+  code execution on load, unlike pickle), with string metadata (e.g. version, round,
+  ParamSpec hash). Loading is strict: the file must hold exactly the module's tensors with
+  the same shapes and dtypes, all finite.
+* :func:`export_onnx`: ONNX (opset 18) with a dynamic batch axis, through torch's
+  ``torch.export``-based exporter (``dynamo=True``; the TorchScript exporter is deprecated
+  since torch 2.9 and slated for removal).
+* :class:`OnnxPredictor`: onnxruntime inference on the CPU, for devices that run the model
+  without torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmq.atomic import atomic_write_bytes
+from fedmq.errors import DataError, SpecMismatchError, WireError
+from fedmq.params import ParamSpec
+from fedmq.tasks import TaskDef, get_task
+
+#: ONNX operator set of exported models (onnxruntime >= 1.14 runs it).
+ONNX_OPSET = 18
+ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+#: Largest safetensors JSON header accepted, bytes (the format's own limit is 100 MB; ours
+#: are a few KB, and a bound keeps a hostile length field from costing memory).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def model_to_safetensors(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise all parameters and buffers of ``model`` (its ``state_dict``) to safetensors.
+
+    Args:
+        metadata: string to string map stored in the header (``__metadata__``).
+
+    Returns:
+        The safetensors bytes.
+
+    Raises:
+        WireError: a metadata key or value is not a str.
+    """
+    from safetensors.torch import save
+
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise WireError(f"safetensors metadata must map str to str, got {key!r}: {value!r}")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    return save(tensors, metadata=metadata)
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise WireError(f"safetensors: {len(data)} bytes, too short for the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise WireError(f"safetensors: header length {header_len} exceeds the data ({len(data)} bytes) "
+                        f"or the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"safetensors: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise WireError("safetensors: header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise WireError("safetensors: __metadata__ must map str to str")
+    return metadata
+
+
+def model_from_safetensors(data: bytes, model: torch.nn.Module, spec: ParamSpec | None = None) -> dict[str, str]:
+    """Load safetensors bytes into ``model`` (all parameters and buffers), strictly.
+
+    Nothing is copied into ``model`` unless every check passes.
+
+    Args:
+        data: bytes from :func:`model_to_safetensors`.
+        model: the module to load into (its architecture must match ``spec``).
+        spec: the expected ParamSpec; when given, the module must match it and a
+            ``spec_hash`` metadata entry, if present, must equal ``spec.hash``.
+
+    Returns:
+        The metadata map.
+
+    Raises:
+        SpecMismatchError: ``model`` or the ``spec_hash`` metadata differs from ``spec``.
+        WireError: unparsable bytes, missing or extra tensors, a shape or dtype that differs
+            from the module's, or a NaN / infinite value.
+    """
+    from safetensors.torch import load
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"safetensors: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if spec is not None:
+        own = ParamSpec.from_module(model)
+        if own.hash != spec.hash:
+            raise SpecMismatchError(f"model has ParamSpec {own.hash}, expected {spec.hash}")
+    metadata = _header_metadata(data)
+    if spec is not None and "spec_hash" in metadata and metadata["spec_hash"] != spec.hash:
+        raise SpecMismatchError(f"safetensors model is for ParamSpec {metadata['spec_hash']}, expected {spec.hash}")
+    try:
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError and bare exceptions
+        raise WireError(f"safetensors: cannot parse ({exc})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise WireError(f"safetensors: tensors do not match the model (missing {missing}, unexpected {extra})")
+    for name, ref in expected.items():
+        got = tensors[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise WireError(f"safetensors: {name} is {got.dtype} {tuple(got.shape)}, "
+                            f"expected {ref.dtype} {tuple(ref.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise WireError(f"safetensors: {name} contains NaN or infinite values")
+    model.load_state_dict(tensors, strict=True)
+    return metadata
+
+
+def export_onnx(model: torch.nn.Module, task: TaskDef | str,
+                path: str | os.PathLike[str] | None = None) -> bytes:
+    """Export ``model`` to ONNX (opset :data:`ONNX_OPSET`), input ``"input"`` float32
+    ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32
+    ``(batch, num_classes)``.
+
+    The model is exported from a copy in eval mode; ``model`` itself is not changed.
+
+    Args:
+        task: the model's task (or its name), for the input shape.
+        path: if given, the bytes are also written there atomically.
+
+    Returns:
+        The serialised ONNX model (weights inline).
+
+    Raises:
+        ConfigError: unknown task name. OSError: ``path`` cannot be written.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    frozen = copy.deepcopy(model).float().eval()
+    example = (torch.zeros((2, *task.input_shape), dtype=torch.float32),)
+    # The exporter logs one warning per torchvision operator it cannot register (fedmq's models
+    # use none) and torch's own pytree code trips a deprecation warning of torch; both only
+    # hide real messages.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            program = torch.onnx.export(
+                frozen, example, dynamo=True, opset_version=ONNX_OPSET, input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    finally:
+        registration_log.setLevel(previous_level)
+    data = program.model_proto.SerializeToString()
+    if path is not None:
+        atomic_write_bytes(path, data)
+    return data
+
+
+class OnnxPredictor:
+    """Inference with onnxruntime on the CPU (no torch needed on the device).
+
+    Args:
+        data_or_path: ONNX bytes (from :func:`export_onnx`) or a path to an ``.onnx`` file.
+        threads: intra-op threads (1 keeps a small device responsive).
+
+    Raises:
+        DataError: the file is missing or not a valid ONNX model (names the path).
+        WireError: the bytes are not a valid ONNX model.
+    """
+
+    def __init__(self, data_or_path: bytes | str | os.PathLike[str], threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+            source, where, error = bytes(data_or_path), "ONNX bytes", WireError
+        else:
+            path = Path(data_or_path)
+            if not path.is_file():
+                raise DataError(f"{path}: ONNX model file not found")
+            source, where, error = str(path), str(path), DataError
+        try:
+            self._session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise error(f"{where}: not a valid ONNX model ({str(exc)[:300]})") from None
+        inp = self._session.get_inputs()[0]
+        self._input = inp.name
+        #: Per-sample input shape (without the batch axis), as the model declares it.
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in inp.shape[1:])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits, float32 ``(N, num_classes)``, for a batch x ``(N, *input_shape)``
+        (converted to float32).
+
+        Raises:
+            DataError: ``x`` does not have shape ``(N, *input_shape)``.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise DataError(f"input of shape {x.shape}, expected (N, {', '.join(map(str, self.input_shape))})")
+        return self._session.run(None, {self._input: x})[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted classes, int64 ``(N,)`` (arg-max of :meth:`logits`)."""
+        return self.logits(x).argmax(axis=1).astype(np.int64)
