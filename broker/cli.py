@@ -1,0 +1,218 @@
+"""``fedmq broker``: set up the production broker (mosquitto) and run the development one.
+
+Commands:
+
+* ``init-ca DIR``: a local CA and the broker's server certificate;
+* ``add-device NAME``: a device account (password entry, credential files for the
+  device, optionally a client certificate) and the device's edge-client TOML snippet;
+* ``add-coordinator NAME``: a coordinator account, granted its federation's topic tree
+  in the ACL;
+* ``run``: the embedded amqtt broker on loopback, for development only.
+
+Default paths are those broker/docker-compose.yml mounts, relative to the folder the
+command runs in (run it in broker/): ``auth/passwd``, ``auth/acl``, ``certs/``,
+``devices/NAME/``. See docs/broker.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+from pathlib import Path
+
+import typer
+
+from broker import credentials as cred
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.topics import check_id
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Set up the production MQTT broker (mosquitto) or run the development one.")
+
+_PASSWD = typer.Option(Path("auth/passwd"), "--passwd-file", help="mosquitto password file to add the account to.")
+_ACL = typer.Option(Path("auth/acl"), "--acl-file",
+                    help="Deployed ACL file (broker/acl plus coordinator blocks); rewritten, created if missing.")
+_CA_DIR = typer.Option(Path("certs"), "--ca-dir", help="Folder of the CA made by 'fedmq broker init-ca'.")
+_FEDERATION = typer.Option("default", "--federation", help="Federation id.")
+_URL = typer.Option("mqtts://localhost:8883", "--broker-url",
+                    help="Broker URL written into the snippet (mqtts:// for TLS, mqtt:// for plain).")
+_CERT = typer.Option(False, "--cert/--no-cert", help="Also issue a client certificate signed by the CA in --ca-dir.")
+_HASHER = typer.Option("auto", "--hasher",
+                       help="Password hashing: mosquitto_passwd, fedmq (built-in PBKDF2-SHA512) or auto "
+                            "(mosquitto_passwd where installed).")
+_REPLACE = typer.Option(False, "--replace", help="Replace the password (and certificate) of an existing account.")
+_DAYS = typer.Option(cred.LEAF_DAYS, "--days", help="Validity of issued certificates, days.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def _tls(url: str) -> bool:
+    scheme = url.partition("://")[0]
+    if scheme not in ("mqtt", "mqtts") or "://" not in url:
+        raise ConfigError(f"--broker-url {url!r} is invalid: expected mqtt://host[:port] or mqtts://host[:port]")
+    return scheme == "mqtts"
+
+
+def _toml(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _issue_account(name: str, role: str, *, passwd_file: Path, acl_file: Path, out_dir: Path | None,
+                   ca_dir: Path, broker_url: str, cert: bool, hasher: str, replace: bool, days: int,
+                   federation: str) -> tuple[Path, dict[str, str]]:
+    """Shared part of add-device and add-coordinator: checks, credential files, password
+    entry, ACL. Returns the account folder and its files by role (``username``,
+    ``password``, ``ca``, ``cert``, ``key``), relative to that folder."""
+    check_id(name, f"{role} name")
+    check_id(federation, "federation")
+    tls = _tls(broker_url)
+    accounts = cred.coordinator_accounts(acl_file)
+    users = cred.read_password_file(passwd_file)
+    if role == "device" and name in accounts:
+        raise cred.CredentialError(f"{name!r} is a coordinator account in {acl_file}; a device needs its own name")
+    if role == "coordinator" and name in users and name not in accounts:
+        raise cred.CredentialError(f"{name!r} is a device in {passwd_file} (no coordinator block in {acl_file}); "
+                                   f"a coordinator needs its own name")
+    if name in users and not replace:
+        raise cred.CredentialError(f"{name!r} already has a password in {passwd_file}; use --replace to issue new "
+                                   f"credentials")
+    ca = cred.CaFiles(ca_dir)
+    if cert:
+        cred.load_ca(ca_dir)  # fail before writing anything when the CA is missing
+    folder = out_dir if out_dir is not None else Path("devices" if role == "device" else "coordinators") / name
+    files = {"username": "username", "password": "password"}
+    password = cred.generate_password()
+    cred.write_file(folder / "username", f"{name}\n".encode(), 0o644, "user name file")
+    cred.write_file(folder / "password", f"{password}\n".encode(), 0o600, "password file")
+    if tls and ca.ca_cert.is_file():
+        try:
+            shutil.copyfile(ca.ca_cert, folder / "ca.crt")
+        except OSError as exc:
+            raise cred.CredentialError(f"{folder / 'ca.crt'}: cannot copy the CA certificate ({exc})") from None
+        files["ca"] = "ca.crt"
+    if cert:
+        cred.issue_client_cert(ca_dir, name, folder / "client.crt", folder / "client.key", days=days)
+        files.update(cert="client.crt", key="client.key")
+    used = cred.set_password(passwd_file, name, password, hasher=hasher)
+    if role == "coordinator":
+        feds = accounts.setdefault(name, [])
+        if federation not in feds:
+            feds.append(federation)
+    cred.write_acl(acl_file, accounts)
+    typer.echo(f"# {role} {name!r}: password entry in {passwd_file} ({used}), ACL {acl_file}, files in {folder}/",
+               err=True)
+    if tls and "cert" not in files:
+        typer.echo("# note: the shipped TLS listener requires a client certificate (require_certificate true); "
+                   "add --cert unless this broker is configured otherwise", err=True)
+    if tls and "ca" not in files:
+        typer.echo(f"# note: no CA in {ca_dir}: the client will verify the broker against the system CAs", err=True)
+    return folder, files
+
+
+@app.command("init-ca")
+def init_ca(folder: Path = typer.Argument(..., help="Folder for ca.crt, ca.key, server.crt, server.key."),
+            hostname: list[str] = typer.Option(["localhost", "127.0.0.1"], "--hostname",
+                                               help="DNS name or IP address of the broker (repeat for several)."),
+            days: int = _DAYS,
+            force: bool = typer.Option(False, "--force", help="Replace an existing CA (its certificates stop working).")
+            ) -> None:
+    """Create a local CA and issue the broker's server certificate."""
+    try:
+        files = cred.init_ca(folder, hostname, days=days, force=force)
+    except FedmqError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"CA {files.ca_cert} (key {files.ca_key}: keep it off the broker), server certificate "
+               f"{files.server_cert} for {', '.join(hostname)}")
+
+
+@app.command("add-device")
+def add_device(name: str = typer.Argument(..., help="Device id; also its broker user name."),
+               federation: str = _FEDERATION, passwd_file: Path = _PASSWD, acl_file: Path = _ACL,
+               ca_dir: Path = _CA_DIR, cert: bool = _CERT, broker_url: str = _URL,
+               out_dir: Path | None = typer.Option(None, "--out-dir",
+                                                   help="Folder for the device's files (default devices/NAME)."),
+               hasher: str = _HASHER, replace: bool = _REPLACE, days: int = _DAYS) -> None:
+    """Add a device account and print its edge-client configuration snippet (TOML).
+
+    Files for the device (copy them next to its edge.toml, or into systemd's
+    $CREDENTIALS_DIRECTORY): username, password (0600), ca.crt, and with --cert
+    client.crt and client.key (0600).
+    """
+    try:
+        folder, files = _issue_account(name, "device", passwd_file=passwd_file, acl_file=acl_file, out_dir=out_dir,
+                                       ca_dir=ca_dir, broker_url=broker_url, cert=cert, hasher=hasher,
+                                       replace=replace, days=days, federation=federation)
+    except FedmqError as exc:
+        raise _fail(str(exc)) from None
+    lines = [f"# fedmq edge client, device {name}: broker settings. Paths are relative to edge.toml's folder",
+             f"# (or $CREDENTIALS_DIRECTORY): copy {folder}/* there. Add task, data and state_dir.",
+             f"broker_url = {_toml(broker_url)}",
+             f"device_id = {_toml(name)}",
+             f"federation = {_toml(federation)}",
+             f"username_file = {_toml(files['username'])}",
+             f"password_file = {_toml(files['password'])}"]
+    for key, role in (("tls_ca", "ca"), ("tls_cert", "cert"), ("tls_key", "key")):
+        if role in files:
+            lines.append(f"{key} = {_toml(files[role])}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("add-coordinator")
+def add_coordinator(name: str = typer.Argument(..., help="Coordinator account name (broker user name)."),
+                    federation: str = _FEDERATION, passwd_file: Path = _PASSWD, acl_file: Path = _ACL,
+                    ca_dir: Path = _CA_DIR, cert: bool = _CERT, broker_url: str = _URL,
+                    out_dir: Path | None = typer.Option(None, "--out-dir",
+                                                        help="Folder for its files (default coordinators/NAME)."),
+                    hasher: str = _HASHER, replace: bool = _REPLACE, days: int = _DAYS) -> None:
+    """Add a coordinator account: read and write on the federation's tree fedmq/F/#.
+
+    The account is a `user NAME` block in the ACL file; running it again with --replace
+    and another --federation adds that federation to the same account. Prints the
+    [broker] section of the coordinator's TOML.
+    """
+    try:
+        folder, files = _issue_account(name, "coordinator", passwd_file=passwd_file, acl_file=acl_file,
+                                       out_dir=out_dir, ca_dir=ca_dir, broker_url=broker_url, cert=cert,
+                                       hasher=hasher, replace=replace, days=days, federation=federation)
+    except FedmqError as exc:
+        raise _fail(str(exc)) from None
+    base = folder.resolve()
+    lines = [f"# fedmq coordinator {name}: broker settings (paths relative to the coordinator's TOML file).",
+             f"federation = {_toml(federation)}",
+             "",
+             "[broker]",
+             f"url = {_toml(broker_url)}",
+             f"username = {_toml(name)}",
+             f"password_file = {_toml(str(base / files['password']))}"]
+    for key, role in (("ca_file", "ca"), ("cert_file", "cert"), ("key_file", "key")):
+        if role in files:
+            lines.append(f"{key} = {_toml(str(base / files[role]))}")
+    typer.echo("\n".join(lines))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("run")
+def run(host: str = typer.Option("127.0.0.1", "--host", help="Loopback address to listen on."),
+        port: int = typer.Option(1883, "--port", help="TCP port."),
+        verbose: bool = typer.Option(False, "--verbose", help="Log the broker at INFO level.")) -> None:
+    """Run the embedded broker (amqtt, MQTT 3.1.1) for development: anonymous, in memory,
+    loopback only. Use mosquitto (broker/docker-compose.yml) for a real fleet."""
+    if not _loopback(host):
+        raise _fail(f"--host {host!r} is not a loopback address: the embedded broker has no authentication "
+                    f"and is for development only; run mosquitto (broker/docker-compose.yml) for a fleet")
+    if not 1 <= port <= 65535:
+        raise _fail(f"--port {port} is out of range: expected 1..65535")
+    from broker import embedded  # amqtt is imported only by the one command that needs it
+
+    embedded.main(["--host", host, "--port", str(port)] + (["--verbose"] if verbose else []))
