@@ -1,0 +1,82 @@
+"""How client updates are combined: a streaming, sample-weighted mean.
+
+Each accepted client update is added into ONE accumulator the size of the model as soon
+as it is validated (``SparseUpdate.add_into``), so a round holds one model-sized array
+whatever the number of participants; updates are never all kept in memory. The mean is
+``sum_i n_i u_i / sum_i n_i`` with ``n_i`` the update's sample count (McMahan et al. 2017).
+
+The accumulator is float64: a round may add thousands of updates, and float64 keeps the
+result independent of arrival order to far below float32 resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from fedmq.messages import UPDATE_KINDS
+
+
+class _AddsInto(Protocol):
+    def add_into(self, out: np.ndarray, weight: float) -> None: ...
+
+
+class WeightedMean:
+    """Streaming weighted mean of client updates.
+
+    Args:
+        size: number of model parameters ``d``.
+
+    Attributes:
+        total: float64 (d,) running ``sum_i w_i u_i``.
+        weight: running ``sum_i w_i``.
+        count: number of updates added.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.total = np.zeros(size, dtype=np.float64)
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, update: _AddsInto, weight: float) -> None:
+        """Add ``weight * update`` (a decoded, validated ``fedmq.codec.SparseUpdate``).
+
+        Raises:
+            ValueError: ``weight`` is not a positive finite number.
+        """
+        if not (weight > 0 and np.isfinite(weight)):
+            raise ValueError(f"update weight must be positive and finite, got {weight}")
+        update.add_into(self.total, float(weight))
+        self.weight += float(weight)
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        """The weighted mean, float32 (d,).
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        if self.count == 0:
+            raise ValueError("weighted mean of zero updates")
+        return (self.total / self.weight).astype(np.float32)
+
+
+def model_delta(mean_update: np.ndarray, kind: str) -> np.ndarray:
+    """The round's aggregated model change (``-pseudo-gradient``) from the mean client update.
+
+    ``delta`` updates are model changes already; ``gradient`` updates are mean
+    gradients, so the change is ``-mean`` (FedAvg with ``eta`` = learning rate is FedSGD).
+
+    Args:
+        mean_update: float32 (d,).
+        kind: ``delta`` or ``gradient``.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "delta":
+        return mean_update
+    if kind == "gradient":
+        return -mean_update
+    raise ValueError(f"update kind must be one of {UPDATE_KINDS}, got {kind!r}")

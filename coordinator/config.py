@@ -1,0 +1,299 @@
+"""Coordinator configuration: one TOML file plus environment overrides, validated.
+
+Environment overrides: ``FEDMQ_COORDINATOR__<OPTION>`` with ``__`` between table levels,
+case-insensitive, e.g. ``FEDMQ_COORDINATOR__ROUNDS=20`` or
+``FEDMQ_COORDINATOR__ROUND__DEADLINE_S=30``. The value is read as a TOML value
+(``20``, ``0.5``, ``true``, ``"text"``, ``[1, 2]``); anything that is not valid TOML is
+taken as a plain string. Overrides win over the file. Relative paths in the file are
+relative to the file's folder; relative paths from the environment to the working folder.
+
+Every option with its default, unit and effect is in docs/coordinator.md. Errors are
+:class:`fedmq.errors.ConfigError` naming the file, the option and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from coordinator.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from coordinator.sampling import Participation
+from fedmq import topics
+from fedmq.errors import ConfigError, WireError
+from fedmq.messages import TrainPlan
+
+ENV_PREFIX = "FEDMQ_COORDINATOR__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    """How to reach the broker (see fedmq.transport's BrokerSettings)."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class RoundConfig(_Section):
+    """Who takes part in a round and for how long."""
+
+    devices_per_round: StrictInt | float = 10
+    min_updates: int = Field(1, ge=1)
+    over_selection: float = Field(1.3, ge=1.0, le=10.0)
+    deadline_s: float = Field(60.0, gt=0)
+    wait_for_devices_s: float = Field(60.0, ge=0)
+    min_devices: int | None = Field(None, ge=1)
+
+    @field_validator("devices_per_round")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a count must be >= 1")
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("a fraction must be in (0, 1]; write a count as an integer")
+        return value
+
+    @model_validator(mode="after")
+    def _min_not_above_count(self) -> RoundConfig:
+        if isinstance(self.devices_per_round, int) and self.min_updates > self.devices_per_round:
+            raise ValueError(f"min_updates ({self.min_updates}) must be <= devices_per_round "
+                             f"({self.devices_per_round})")
+        return self
+
+    def participation(self) -> Participation:
+        return Participation(self.devices_per_round, self.min_updates, self.over_selection)
+
+    @property
+    def devices_to_wait_for(self) -> int:
+        """Eligible devices to wait for before selecting (``min_devices``, else ``min_updates``)."""
+        return self.min_devices if self.min_devices is not None else self.min_updates
+
+
+class ServerOptimizerConfig(_Section):
+    """Server optimizer and its hyperparameters (unset ones take the optimizer's defaults)."""
+
+    name: Literal[OPTIMIZERS] = "fedavg"  # type: ignore[valid-type]
+    eta: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
+
+    def build(self) -> ServerOptimizer:
+        """Raises: ConfigError when a hyperparameter does not apply to the optimizer."""
+        hyper = {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+        return make_server_optimizer(self.name, **hyper)
+
+
+class EvaluationConfig(_Section):
+    """Held-out data for the coordinator's evaluation of each new global model."""
+
+    data: str = "none"
+    batch_size: int = Field(512, ge=1)
+
+    @field_validator("data")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value in ("none", "digits", "mnist10k") or value.endswith(".npz"):
+            return value
+        raise ValueError("expected 'none', 'digits', 'mnist10k' or a path to an .npz file")
+
+
+class LimitsConfig(_Section):
+    """Bounds on client updates."""
+
+    max_update_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    norm_bound: float | None = Field(None, gt=0)
+
+
+class PublishConfig(_Section):
+    """What is published with each global model version."""
+
+    onnx: bool = True
+
+
+class CoordinatorConfig(_Section):
+    """The whole coordinator configuration (see docs/coordinator.md)."""
+
+    federation: str
+    task: str
+    rounds: int = Field(10, ge=1)
+    seed: int = 0
+    state_dir: Path = Path("coordinator-state")
+    broker: BrokerConfig = BrokerConfig()
+    round: RoundConfig = RoundConfig()
+    plan: TrainPlan = TrainPlan()
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    limits: LimitsConfig = LimitsConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @field_validator("federation")
+    @classmethod
+    def _federation_id(cls, value: str) -> str:
+        try:
+            return topics.check_id(value, "federation")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _plan_fields(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            known = {f.name for f in dataclasses.fields(TrainPlan)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown}; expected some of {sorted(known)}")
+        return value
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_valid(cls, value: TrainPlan) -> TrainPlan:
+        try:
+            return value.validate("plan")
+        except WireError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _optimizer_options_apply(self) -> CoordinatorConfig:
+        try:
+            self.server_optimizer.build()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Merge ``FEDMQ_COORDINATOR__A__B=value`` into ``data``; return the option names set."""
+    applied = []
+    for key, raw in sorted(environ.items()):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {key}: empty option level; expected "
+                              f"{ENV_PREFIX}<OPTION>[__<OPTION>...]")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {key}: option {part!r} is not a table")
+            node = child
+        node[path[-1]] = _env_value(raw)
+        applied.append(".".join(path))
+    return applied
+
+
+_PATH_OPTIONS = (("state_dir",), ("broker", "password_file"), ("broker", "ca_file"), ("broker", "cert_file"),
+                 ("broker", "key_file"), ("evaluation", "data"))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for path in _PATH_OPTIONS:
+        node: Any = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(path[-1])
+        if not isinstance(value, str) or (path[-1] == "data" and not value.endswith(".npz")):
+            continue
+        if not Path(value).is_absolute():
+            node[path[-1]] = str(base / value)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid coordinator configuration ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option"
+        elif err["type"] == "missing":
+            msg = "required option is missing"
+        got = err.get("input")
+        lines.append(f"  {where}: {msg}" + ("" if err["type"] in ("missing",) or isinstance(got, dict)
+                                             else f" (got {got!r})"))
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CoordinatorConfig:
+    """Validate a configuration mapping (already merged with overrides).
+
+    Raises:
+        ConfigError: listing every invalid option with what was expected.
+    """
+    try:
+        return CoordinatorConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> CoordinatorConfig:
+    """Read the TOML file at ``path``, apply environment overrides, validate.
+
+    Args:
+        path: TOML file; ``None`` builds the configuration from the environment alone.
+        environ: environment to read overrides from (default ``os.environ``).
+        overrides: a nested mapping merged last (used by the Python API and tests).
+
+    Raises:
+        ConfigError: the file is missing or not TOML (names the path and line), or an option
+            is invalid (names the option and what was expected).
+    """
+    data: dict[str, Any] = {}
+    source = "no file"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {p} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"configuration file {p} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
+        _resolve_paths(data, p.resolve().parent)
+    applied = _apply_env(data, os.environ if environ is None else environ)
+    if applied:
+        source += " + environment overrides " + ", ".join(applied)
+    if overrides:
+        _merge(data, overrides)
+    return config_from_dict(data, source)
+
+
+def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value

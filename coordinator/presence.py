@@ -1,0 +1,90 @@
+"""Presence: a registry of devices built from their retained status and last will.
+
+Devices publish a retained :class:`fedmq.messages.Status` on ``fedmq/F/status/D`` when
+they come online and set the same topic as their last will (``online=False``), so the
+broker tells the coordinator when a device drops off. The coordinator subscribes at
+start and gets every retained status at once. Only the round thread touches a
+registry (MQTT callbacks only enqueue), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fedmq.messages import Status
+
+
+@dataclass
+class Device:
+    """What the coordinator knows about one device.
+
+    Attributes:
+        device: id (one topic level).
+        online: last status said online (a last will sets it False).
+        task, spec_hash: the task and ParamSpec hash the device trains.
+        samples: local training samples it advertised.
+        software: software version string it advertised.
+        last_seen: wall-clock seconds since the epoch of the last message from it.
+        rounds: rounds it had an update accepted in.
+        bytes_up: bytes of client-update blobs received from it (manifest included).
+    """
+
+    device: str
+    online: bool = False
+    task: str = ""
+    spec_hash: str = ""
+    samples: int = 0
+    software: str = ""
+    last_seen: float = 0.0
+    rounds: int = 0
+    bytes_up: int = 0
+
+
+class DeviceRegistry:
+    """Devices by id, fed with statuses; knows which are eligible for a round."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+
+    def restore(self, device: Device) -> None:
+        """Put back a device loaded from the database (offline until its status arrives)."""
+        device.online = False
+        self.devices[device.device] = device
+
+    def on_status(self, topic_device: str, status: Status, now: float | None = None) -> Device | None:
+        """Apply a status received on the topic of ``topic_device``.
+
+        A status whose ``device`` field differs from the topic's device level is ignored
+        (a device speaks only for itself): returns ``None``.
+        """
+        if status.device != topic_device:
+            return None
+        dev = self.devices.get(topic_device)
+        if dev is None:
+            dev = self.devices[topic_device] = Device(topic_device)
+        dev.online = status.online
+        if status.online or status.spec_hash:
+            dev.task, dev.spec_hash = status.task, status.spec_hash
+            dev.samples, dev.software = status.samples, status.software
+        dev.last_seen = time.time() if now is None else now
+        return dev
+
+    def on_cleared(self, topic_device: str) -> None:
+        """The retained status was cleared (empty payload): the device is gone."""
+        dev = self.devices.get(topic_device)
+        if dev is not None:
+            dev.online = False
+
+    def seen(self, device: str, now: float | None = None) -> None:
+        dev = self.devices.get(device)
+        if dev is not None:
+            dev.last_seen = time.time() if now is None else now
+
+    def eligible(self, task: str, spec_hash: str) -> list[str]:
+        """Ids of online devices training ``task`` with ParamSpec ``spec_hash``, sorted."""
+        return sorted(d.device for d in self.devices.values()
+                      if d.online and d.spec_hash == spec_hash and d.task == task)
+
+    def online_count(self) -> int:
+        return sum(1 for d in self.devices.values() if d.online)

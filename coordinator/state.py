@@ -1,0 +1,271 @@
+"""Durable coordinator state: a checkpoint file and a SQLite database in the state folder.
+
+``checkpoint.safetensors`` (written atomically with :func:`fedmq.atomic.atomic_write_bytes`
+after every round, never pickle) holds the global model (``model``, float32 (d,)), the
+server optimizer's state arrays (``opt.<name>``, float32 (d,)) and metadata: the last
+finished round, the model version, task, ParamSpec hash, optimizer name, and the last
+round's record as JSON. The random generator of round ``r`` is derived from
+``(seed, r)`` (coordinator.sampling.round_rng), so no generator state is saved.
+
+``coordinator.sqlite`` holds ``rounds`` (one row per finished round), ``participations``
+(one row per selected device or received update per round) and ``devices`` (presence).
+The checkpoint is the source of truth: it is written first, and the round record it
+carries is written into the database again at start (idempotent upsert), so a kill -9
+between the two writes loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from coordinator.presence import Device
+from fedmq.atomic import atomic_write_bytes
+from fedmq.errors import StateError
+
+CHECKPOINT_FORMAT = "fedmq-coordinator-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+DB_NAME = "coordinator.sqlite"
+
+
+@dataclass
+class Participation:
+    """One device's part in one round.
+
+    ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
+    sent nothing in time). ``bytes_up``: blob bytes received (manifest included).
+    """
+
+    device: str
+    transfer_id: str = ""
+    status: str = "no_answer"
+    reason: str = ""
+    samples: int = 0
+    bytes_up: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; :meth:`row` flattens it for CSV / JSON.
+
+    Attributes:
+        round: round number (from 1; failed rounds count).
+        state: ``closed`` (model stepped) or ``failed`` (fewer than ``min_updates``).
+        base_version, model_version: global model version trained from / after the round.
+        target: accepted updates that close the round early.
+        participants: devices sent a task (selected, over-selection included).
+        accepted: client updates in the aggregate.
+        rejected: rejection reason -> count (late ones included).
+        test_loss, test_accuracy: coordinator's evaluation of the model after the round
+            (None without evaluation data).
+        device_metrics: sample-weighted mean of the metrics accepted devices reported.
+        bytes_up: payload bytes of every received client-update blob, manifests included.
+        bytes_down: global model blob bytes x devices sent a task.
+        dense_bytes_up: float32 bytes of the same number of uncompressed updates (4 d each).
+        started, closed: wall-clock seconds since the epoch; wall_s: closed - started.
+    """
+
+    round: int
+    state: str
+    base_version: int
+    model_version: int
+    target: int
+    participants: int
+    accepted: int
+    rejected: dict[str, int]
+    test_loss: float | None
+    test_accuracy: float | None
+    device_metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    dense_bytes_up: int
+    started: float
+    closed: float
+    wall_s: float
+    participations: list[Participation] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """Flat dict: ``rejected_<reason>`` and ``device_<metric>`` columns, no per-device list."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("rejected", "device_metrics", "participations")}
+        out["rejected_total"] = sum(self.rejected.values())
+        out.update({f"rejected_{k}": v for k, v in sorted(self.rejected.items())})
+        out.update({f"device_{k}": v for k, v in sorted(self.device_metrics.items())})
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundRecord:
+        obj = json.loads(text)
+        obj["participations"] = [Participation(**p) for p in obj.get("participations", [])]
+        return cls(**obj)
+
+
+@dataclass
+class Checkpoint:
+    """The state a coordinator resumes from.
+
+    Attributes:
+        round: last finished round (0: none yet).
+        version: global model version (0: the initial model).
+        model: float32 (d,) global model.
+        optimizer_state: server optimizer arrays, float32 (d,) each.
+        meta: task, spec_hash, optimizer, seed (checked on resume).
+        record: the last round's record (None before the first round).
+    """
+
+    round: int
+    version: int
+    model: np.ndarray
+    optimizer_state: dict[str, np.ndarray]
+    meta: dict[str, str]
+    record: RoundRecord | None = None
+
+
+def save_checkpoint(state_dir: Path, ckpt: Checkpoint) -> None:
+    """Write the checkpoint atomically (old or new file, never a torn one).
+
+    Raises:
+        OSError: the state folder cannot be written.
+    """
+    tensors = {"model": np.ascontiguousarray(ckpt.model, dtype=np.float32)}
+    tensors.update({f"opt.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.optimizer_state.items()})
+    meta = dict(ckpt.meta, format=CHECKPOINT_FORMAT, round=str(ckpt.round), version=str(ckpt.version),
+                record=ckpt.record.to_json() if ckpt.record is not None else "")
+    atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta))
+
+
+def load_checkpoint(state_dir: Path) -> Checkpoint | None:
+    """The checkpoint in ``state_dir``, or None when there is none.
+
+    Raises:
+        StateError: the file is corrupt or not a coordinator checkpoint (names the path).
+    """
+    path = state_dir / CHECKPOINT_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        tensors = st_load(data)
+        # safetensors.numpy.load drops the metadata; it sits in the JSON header after an 8-byte length.
+        header_len = int.from_bytes(data[:8], "little")
+        meta = dict(json.loads(data[8:8 + header_len]).get("__metadata__") or {})
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise StateError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or "model" not in tensors:
+        raise StateError(f"{path}: not a {CHECKPOINT_FORMAT} file (format {meta.get('format')!r})")
+    try:
+        round_, version = int(meta.pop("round")), int(meta.pop("version"))
+        record_text = meta.pop("record", "")
+        record = RoundRecord.from_json(record_text) if record_text else None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StateError(f"{path}: bad checkpoint metadata ({exc})") from None
+    meta.pop("format")
+    opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
+    model = tensors["model"]
+    if model.dtype != np.float32 or model.ndim != 1:
+        raise StateError(f"{path}: model must be a float32 vector, got {model.dtype} {model.shape}")
+    return Checkpoint(round_, version, model, opt, meta, record)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, state TEXT NOT NULL, base_version INTEGER, model_version INTEGER,
+    target INTEGER, participants INTEGER, accepted INTEGER, rejected TEXT, test_loss REAL, test_accuracy REAL,
+    device_metrics TEXT, bytes_up INTEGER, bytes_down INTEGER, dense_bytes_up INTEGER,
+    started REAL, closed REAL, wall_s REAL);
+CREATE TABLE IF NOT EXISTS participations (
+    round INTEGER NOT NULL, device TEXT NOT NULL, transfer_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+    samples INTEGER, bytes_up INTEGER, metrics TEXT, PRIMARY KEY (round, device, transfer_id));
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, online INTEGER, task TEXT, spec_hash TEXT, samples INTEGER, software TEXT,
+    last_seen REAL);
+"""
+
+
+class StateDB:
+    """The coordinator's SQLite database (standard library ``sqlite3``, WAL journal).
+
+    Raises:
+        StateError: the file cannot be opened or is not a database (names the path).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: cannot open the coordinator database ({exc})") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def write_round(self, rec: RoundRecord) -> None:
+        """Insert or replace the round and its participations in one transaction."""
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.round, rec.state, rec.base_version, rec.model_version, rec.target, rec.participants,
+                 rec.accepted, json.dumps(rec.rejected, sort_keys=True), rec.test_loss, rec.test_accuracy,
+                 json.dumps(rec.device_metrics, sort_keys=True), rec.bytes_up, rec.bytes_down, rec.dense_bytes_up,
+                 rec.started, rec.closed, rec.wall_s))
+            self.conn.execute("DELETE FROM participations WHERE round = ?", (rec.round,))
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO participations VALUES (?,?,?,?,?,?,?,?)",
+                [(rec.round, p.device, p.transfer_id, p.status, p.reason, p.samples, p.bytes_up,
+                  json.dumps(p.metrics, sort_keys=True)) for p in rec.participations])
+
+    def write_devices(self, devices: list[Device]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO devices VALUES (?,?,?,?,?,?,?)",
+                [(d.device, int(d.online), d.task, d.spec_hash, d.samples, d.software, d.last_seen) for d in devices])
+
+    def delete_rounds_after(self, round_: int) -> None:
+        """Drop rows of rounds after ``round_`` (left by a run whose checkpoint is older)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM rounds WHERE round > ?", (round_,))
+            self.conn.execute("DELETE FROM participations WHERE round > ?", (round_,))
+
+    def rounds(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM rounds ORDER BY round")
+        cols = [c[0] for c in cur.description]
+        out = []
+        for row in cur.fetchall():
+            rec = dict(zip(cols, row))
+            rec["rejected"] = json.loads(rec["rejected"] or "{}")
+            rec["device_metrics"] = json.loads(rec["device_metrics"] or "{}")
+            out.append(rec)
+        return out
+
+    def devices(self) -> list[Device]:
+        """Devices with their totals: rounds with an accepted update, bytes sent."""
+        totals = {row[0]: (row[1], row[2]) for row in self.conn.execute(
+            "SELECT device, SUM(status = 'accepted'), SUM(bytes_up) FROM participations GROUP BY device")}
+        out = []
+        for row in self.conn.execute("SELECT * FROM devices ORDER BY device"):
+            rounds, sent = totals.get(row[0], (0, 0))
+            out.append(Device(device=row[0], online=bool(row[1]), task=row[2], spec_hash=row[3], samples=row[4],
+                              software=row[5], last_seen=row[6], rounds=int(rounds or 0), bytes_up=int(sent or 0)))
+        return out
+
+    def participations(self, round_: int) -> list[Participation]:
+        return [Participation(device=r[0], transfer_id=r[1], status=r[2], reason=r[3] or "", samples=r[4] or 0,
+                              bytes_up=r[5] or 0, metrics=json.loads(r[6] or "{}"))
+                for r in self.conn.execute("SELECT device, transfer_id, status, reason, samples, bytes_up, metrics "
+                                           "FROM participations WHERE round = ? ORDER BY device", (round_,))]

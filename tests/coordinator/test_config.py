@@ -1,0 +1,101 @@
+"""Coordinator configuration: TOML, environment overrides, clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import load_config
+from fedmq.errors import ConfigError
+
+GOOD = """
+federation = "lab"
+task = "digits-mlp"
+rounds = 5
+state_dir = "state"
+
+[round]
+devices_per_round = 4
+min_updates = 2
+deadline_s = 12.5
+
+[plan]
+local_steps = 3
+local_epochs = 0
+lr = 0.1
+
+[server_optimizer]
+name = "fedadam"
+eta = 0.01
+
+[limits]
+norm_bound = 50.0
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "coordinator.toml"
+    p.write_text(text)
+    return p
+
+
+def test_file_is_read_and_relative_paths_follow_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={})
+    assert cfg.rounds == 5 and cfg.round.devices_per_round == 4 and cfg.round.over_selection == 1.3
+    assert cfg.plan.local_steps == 3 and cfg.plan.lr == 0.1
+    assert cfg.state_dir == tmp_path / "state"
+    opt = cfg.server_optimizer.build()
+    assert opt.name == "fedadam" and opt.eta == 0.01 and opt.tau == 1e-3
+
+
+def test_environment_overrides_win(tmp_path):
+    env = {"FEDMQ_COORDINATOR__ROUNDS": "9", "FEDMQ_COORDINATOR__ROUND__DEVICES_PER_ROUND": "0.5",
+           "fedmq_coordinator__broker__url": "mqtt://h:1", "OTHER": "x"}
+    cfg = load_config(write(tmp_path, GOOD), environ=env)
+    assert cfg.rounds == 9 and cfg.round.devices_per_round == 0.5 and cfg.broker.url == "mqtt://h:1"
+
+
+def test_errors_name_option_and_expectation(tmp_path):
+    bad = GOOD.replace("rounds = 5", "rounds = 0").replace("devices_per_round = 4", "devices_per_round = 1.5")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, bad), environ={})
+    text = str(err.value)
+    assert "coordinator.toml" in text
+    assert "rounds: Input should be greater than or equal to 1" in text
+    assert "round.devices_per_round" in text and "(0, 1]" in text
+
+
+def test_unknown_option_and_foreign_hyperparameter(tmp_path):
+    with pytest.raises(ConfigError, match=r"round.deadline: unknown option"):
+        load_config(write(tmp_path, GOOD.replace("deadline_s", "deadline")), environ={})
+    with pytest.raises(ConfigError, match=r"'momentum'.*'fedadam'"):
+        load_config(write(tmp_path, GOOD), environ={"FEDMQ_COORDINATOR__SERVER_OPTIMIZER__MOMENTUM": "0.9"})
+
+
+def test_train_plan_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of local_steps / local_epochs"):
+        load_config(write(tmp_path, GOOD.replace("local_epochs = 0", "local_epochs = 2")), environ={})
+    with pytest.raises(ConfigError, match=r"plan: unknown option\(s\) \['momentum'\]"):
+        load_config(write(tmp_path, GOOD.replace("lr = 0.1", "momentum = 0.1")), environ={})
+
+
+def test_min_updates_above_count_and_bad_federation(tmp_path):
+    with pytest.raises(ConfigError, match="min_updates"):
+        load_config(write(tmp_path, GOOD.replace("min_updates = 2", "min_updates = 8")), environ={})
+    with pytest.raises(ConfigError, match=r"federation.*\[A-Za-z0-9_.-\]"):
+        load_config(write(tmp_path, GOOD.replace('"lab"', '"a/#"')), environ={})
+
+
+def test_missing_file_bad_toml_and_missing_required(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "rounds = = 3"), environ={})
+    with pytest.raises(ConfigError, match="task: required option is missing"):
+        load_config(write(tmp_path, 'federation = "x"'), environ={})
+
+
+def test_evaluation_data_choices(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "held.npz"\n'), environ={})
+    assert cfg.evaluation.data == str(tmp_path / "held.npz")
+    with pytest.raises(ConfigError, match="evaluation.data"):
+        load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "imagenet"\n'), environ={})

@@ -1,0 +1,59 @@
+"""Checkpoints (safetensors, atomic) and the SQLite database."""
+
+import numpy as np
+import pytest
+
+from coordinator.presence import Device
+from coordinator.state import (CHECKPOINT_NAME, Checkpoint, Participation, RoundRecord, StateDB, load_checkpoint,
+                               save_checkpoint)
+from fedmq.errors import StateError
+
+
+def record(r=3):
+    return RoundRecord(round=r, state="closed", base_version=1, model_version=2, target=2, participants=3, accepted=2,
+                       rejected={"late": 1}, test_loss=0.5, test_accuracy=0.9, device_metrics={"train_loss": 0.7},
+                       bytes_up=1000, bytes_down=3000, dense_bytes_up=8000, started=1.0, closed=2.5, wall_s=1.5,
+                       participations=[Participation("a", "t1", "accepted", "", 10, 400, {"train_loss": 0.6}),
+                                       Participation("b", "t2", "rejected", "late", 5, 600)])
+
+
+def test_checkpoint_round_trips_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    model = rng.normal(size=1000).astype(np.float32)
+    opt = {"m": rng.normal(size=1000).astype(np.float32), "v": rng.random(1000).astype(np.float32)}
+    save_checkpoint(tmp_path, Checkpoint(3, 2, model, opt, {"task": "t", "spec_hash": "abc"}, record()))
+    back = load_checkpoint(tmp_path)
+    assert back.round == 3 and back.version == 2 and back.meta == {"task": "t", "spec_hash": "abc"}
+    assert back.model.tobytes() == model.tobytes()
+    assert all(back.optimizer_state[k].tobytes() == opt[k].tobytes() for k in opt)
+    assert back.record == record()
+    assert b"pickle" not in (tmp_path / CHECKPOINT_NAME).read_bytes()[:200]
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    assert load_checkpoint(tmp_path) is None
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(StateError, match=CHECKPOINT_NAME):
+        load_checkpoint(tmp_path)
+
+
+def test_database_rounds_devices_and_upsert(tmp_path):
+    db = StateDB(tmp_path)
+    db.write_round(record(1))
+    db.write_round(record(1))  # replay after a restart: idempotent
+    db.write_round(record(2))
+    db.write_devices([Device("a", True, "t", "h", 10, "1.0", 5.0), Device("b", False, "t", "h", 5, "1.0", 4.0)])
+    rows = db.rounds()
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["rejected"] == {"late": 1}
+    devs = {d.device: d for d in db.devices()}
+    assert devs["a"].rounds == 2 and devs["a"].bytes_up == 800 and devs["b"].rounds == 0 and devs["a"].online
+    db.delete_rounds_after(1)
+    assert [r["round"] for r in db.rounds()] == [1]
+    assert [p.device for p in db.participations(1)] == ["a", "b"]
+    db.close()
+
+
+def test_round_record_row_is_flat():
+    row = record().row()
+    assert row["rejected_late"] == 1 and row["rejected_total"] == 1 and row["device_train_loss"] == 0.7
+    assert all(not isinstance(v, (dict, list)) for v in row.values())

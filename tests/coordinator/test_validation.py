@@ -1,0 +1,113 @@
+"""Every rejection reason of the coordinator's validation, triggered."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from coordinator.validation import REASONS, Accepted, Rejected, Repeat, RoundGate
+from fedmq.codec import CodecConfig, encode
+from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.params import ParamSpec
+
+SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
+OTHER = ParamSpec(("w",), ((7,),), ("float32",))
+CFG = CodecConfig(name="topk-int8", density=0.1)
+
+
+def make(device="a", round_=4, base=2, samples=10, kind="delta", fed="f", spec=SPEC, payload=None, scale=1.0):
+    if payload is None:
+        payload = encode(np.random.default_rng(0).normal(size=spec.size).astype(np.float32) * scale, spec, CFG)
+    return encode_update(ClientUpdate(federation=fed, device=device, round=round_, base_version=base,
+                                      samples=samples, kind=kind, spec_hash=spec.hash, codec="topk-int8",
+                                      payload=payload, metrics={"train_loss": 0.5}))
+
+
+def gate(**kw):
+    args = dict(federation="f", spec=SPEC, round=4, base_version=2, kind="delta", selected=frozenset({"a", "b"}),
+                is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20, norm_bound=None)
+    args.update(kw)
+    return RoundGate(**args)
+
+
+def reason(result):
+    assert isinstance(result, Rejected), result
+    return result.reason
+
+
+def test_valid_update_is_accepted():
+    res = gate().check("a", "t1", make())
+    assert isinstance(res, Accepted)
+    assert res.update.samples == 10 and res.norm > 0
+
+
+def test_oversized():
+    assert reason(gate(max_update_bytes=100).check("a", "t", make())) == "oversized"
+
+
+def test_spec_mismatch():
+    upd = make(spec=OTHER, payload=encode(np.ones(7, np.float32), OTHER, CFG))
+    assert reason(gate().check("a", "t", upd)) == "spec_mismatch"
+
+
+def test_malformed_envelope_and_payload():
+    assert reason(gate().check("a", "t", b"\x00garbage")) == "malformed"
+    assert reason(gate().check("a", "t2", make(payload=b"\x01" * 40))) == "malformed"
+    assert reason(gate().check("b", "t", make(device="b", kind="gradient"))) == "malformed"
+    assert reason(gate().check("a", "t", make(fed="g"))) == "malformed"
+
+
+def test_zero_samples_is_malformed():
+    assert reason(gate().check("a", "t", make(samples=0))) == "malformed"
+
+
+def test_device_must_publish_as_itself():
+    assert reason(gate().check("b", "t", make(device="a"))) == "device_mismatch"
+
+
+def test_unknown_and_unselected_devices():
+    assert reason(gate().check("z", "t", make(device="z"))) == "unknown_device"
+    assert reason(gate().check("c", "t", make(device="c"))) == "unselected"
+
+
+def test_wrong_round_and_base_version():
+    assert reason(gate().check("a", "t", make(round_=9))) == "wrong_round"
+    assert reason(gate().check("a", "t", make(base=1))) == "wrong_base_version"
+
+
+def test_duplicate_and_resend_of_the_same_transfer():
+    g = gate()
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert reason(g.check("a", "t2", make())) == "duplicate"
+
+
+def test_non_finite_payload():
+    # A scale of the int8 payload patched to NaN: find the float32 scales by re-encoding.
+    payload = bytearray(encode(np.ones(SPEC.size, np.float32), SPEC, CodecConfig(name="none")))
+    payload[0:4] = np.array([np.nan], np.float32).tobytes()
+    body = msgpack.unpackb(make(), raw=False)
+    body["codec"] = "none"
+    body["payload"] = bytes(payload)
+    assert reason(gate().check("a", "t", msgpack.packb(body, use_bin_type=True))) == "non_finite"
+
+
+def test_norm_bound():
+    assert reason(gate(norm_bound=1e-3).check("a", "t", make())) == "norm_bound"
+    assert isinstance(gate(norm_bound=1e6).check("a", "t", make()), Accepted)
+
+
+def test_late_after_close_and_in_the_next_round():
+    g = gate()
+    g.open = False
+    assert reason(g.check("b", "t", make(device="b"))) == "late"
+    g.next_round(5, 3, {"c"})
+    assert reason(g.check("b", "t", make(device="b"))) == "late"
+    # Round 4 did not select c: its round-4 update is simply for the wrong round.
+    assert reason(g.check("c", "t", make(device="c"))) == "wrong_round"
+
+
+def test_every_reason_has_a_test():
+    import inspect
+    import sys
+    src = inspect.getsource(sys.modules[__name__])
+    assert all(f'== "{r}"' in src for r in REASONS)
