@@ -42,6 +42,8 @@ MODE_SPARSE = 1
 #: Largest Golomb-Rice parameter (remainder width in bits).
 MAX_RICE_BITS = 30
 _U32_MAX = 2**32 - 1
+#: Largest scale whose int8 multiples (|q| <= 127) stay finite in float32.
+_MAX_SCALE = float(np.float32(np.finfo(np.float32).max / np.float32(127)))
 _HEADER = struct.Struct("<BII")      # format, block_size, n_tensors
 _SPARSE_HEAD = struct.Struct("<IBI")  # k, rice bits, unary stream bytes
 
@@ -324,6 +326,8 @@ def _read_scales(rd: _Reader, count: int, where: str) -> np.ndarray:
         raise NonFiniteError(f"{where}: NaN or Inf scale")
     if (scales < 0).any():
         raise CodecError(f"{where}: negative scale")
+    if (scales > _MAX_SCALE).any():
+        raise NonFiniteError(f"{where}: scale above {_MAX_SCALE:.4g}, decoded values would be Inf")
     return scales
 
 
