@@ -26,6 +26,7 @@ import gzip
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt gzip data ({exc})") from None
     return raw
 
@@ -169,9 +170,10 @@ def load_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single .npy array, expected an .npz archive with arrays x and y")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single .npy array, expected an .npz archive with arrays x and y")
+        with archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
                 raise DataError(f"{path}: missing array(s) {missing}; expected keys 'x' and 'y', "
