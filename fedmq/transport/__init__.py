@@ -1,0 +1,30 @@
+"""fedmq transport: MQTT link, broker settings and chunked, verified blob transfers.
+
+Modules, one concern each:
+
+- :mod:`~fedmq.transport.settings`: :class:`BrokerSettings` (URL, protocol, credential and
+  TLS files, session, backoff, chunk size), :func:`parse_broker_url`.
+- :mod:`~fedmq.transport.link`: :class:`MqttLink` over paho-mqtt 2.x (reconnect, inbox
+  queue, broker's Maximum Packet Size honoured), :class:`Will`, :class:`Message`.
+- :mod:`~fedmq.transport.wire`: blob :class:`Manifest`, chunk header, :class:`TransferRequest`.
+- :mod:`~fedmq.transport.sender`: :class:`BlobSender` (windowed QoS 1 chunks, resend).
+- :mod:`~fedmq.transport.receiver`: :class:`BlobReceiver` (verify, dedupe, expire, resume).
+- :mod:`~fedmq.transport.spool`: the receiver's disk spool.
+- :mod:`~fedmq.transport.flows`: :func:`publish_model`, :func:`fetch_model`,
+  :func:`fetch_blob`, :func:`clear_blob`, :func:`request_repairs`.
+
+Byte formats and topics: docs/wire-format.md.
+"""
+
+from fedmq.transport.flows import clear_blob, fetch_blob, fetch_model, publish_model, request_repairs
+from fedmq.transport.link import Message, MqttLink, Publish, Will, publish_packet_size
+from fedmq.transport.receiver import BlobReceiver, CompletedBlob, StalledTransfer
+from fedmq.transport.sender import BlobInfo, BlobSender
+from fedmq.transport.settings import DEFAULT_MAX_CHUNK, BrokerSettings, parse_broker_url, read_secret
+from fedmq.transport.wire import Manifest, TransferRequest
+
+__all__ = [
+    "DEFAULT_MAX_CHUNK", "BlobInfo", "BlobReceiver", "BlobSender", "BrokerSettings", "CompletedBlob", "Manifest",
+    "Message", "MqttLink", "Publish", "StalledTransfer", "TransferRequest", "Will", "clear_blob", "fetch_blob",
+    "fetch_model", "parse_broker_url", "publish_model", "publish_packet_size", "read_secret", "request_repairs",
+]
