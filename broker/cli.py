@@ -17,6 +17,7 @@ command runs in (run it in broker/): ``auth/passwd``, ``auth/acl``, ``certs/``,
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def _tls(url: str) -> bool:
     return scheme == "mqtts"
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Raise unless ``path`` could be created or replaced: its nearest existing ancestor
+    must be a folder this process can write to."""
+    if path.is_dir():
+        raise cred.CredentialError(f"{option} {path}: is a folder, expected a file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise cred.CredentialError(f"{option} {path}: cannot be created: {parent} is not a writable folder")
+
+
 def _toml(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -79,10 +92,15 @@ def _issue_account(name: str, role: str, *, passwd_file: Path, acl_file: Path, o
     if name in users and not replace:
         raise cred.CredentialError(f"{name!r} already has a password in {passwd_file}; use --replace to issue new "
                                    f"credentials")
+    if hasher not in cred.HASHERS:
+        raise ConfigError(f"--hasher {hasher!r} is unknown: expected one of {', '.join(cred.HASHERS)}")
     ca = cred.CaFiles(ca_dir)
     if cert:
-        cred.load_ca(ca_dir)  # fail before writing anything when the CA is missing
+        cred.load_ca(ca_dir)
     folder = out_dir if out_dir is not None else Path("devices" if role == "device" else "coordinators") / name
+    # Every check before the first write: a failed command leaves nothing half made.
+    for path, what in ((passwd_file, "--passwd-file"), (acl_file, "--acl-file"), (folder / "password", "--out-dir")):
+        _check_writable(path, what)
     files = {"username": "username", "password": "password"}
     password = cred.generate_password()
     cred.write_file(folder / "username", f"{name}\n".encode(), 0o644, "user name file")
