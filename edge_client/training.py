@@ -133,9 +133,9 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
         if kind == "delta":
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                for p, g, anchor in zip(params, grads, anchors or [None] * len(params)):
-                    if anchor is not None:
-                        g = g.add(p - anchor, alpha=plan.prox_mu)
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    if prox:
+                        g = g.add(p - anchors[i], alpha=plan.prox_mu)
                     p.add_(g, alpha=-plan.lr)
         else:
             # backward() sums into .grad across batches; divided by the step count below.
@@ -150,7 +150,9 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
     if kind == "delta":
         update = flatten_params(model, spec) - w_global
     else:
-        update = torch.cat([p.grad.reshape(-1) for p in params]).div_(steps).numpy().astype(np.float32)
+        # A parameter the loss does not reach has no .grad; its gradient is zero.
+        update = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                            for p in params]).div_(steps).numpy().astype(np.float32)
         for p in params:
             p.grad = None
     metrics = {"train_loss": float(loss_sum) / steps}
