@@ -241,8 +241,8 @@ def mnist10k_split(data_dir: str | os.PathLike[str] | None = None
     indices, test = the last 2,000.
 
     Args:
-        data_dir: the shared data folder (holding ``mnist-t10k/``); default
-            :func:`shared_data_dir`.
+        data_dir: the shared data folder (holding ``mnist-t10k/``) or a folder holding the
+            t10k IDX files themselves; default :func:`shared_data_dir`.
 
     Returns:
         ``(x_train, y_train, x_test, y_test)``: x float32 ``(N, 1, 28, 28)`` in [0, 1], y int64;
@@ -252,9 +252,11 @@ def mnist10k_split(data_dir: str | os.PathLike[str] | None = None
         DataError: files missing or corrupt, or not 10,000 samples.
     """
     folder = Path(data_dir) if data_dir is not None else shared_data_dir()
-    x, y = load_mnist_dir(folder / MNIST_T10K_DIR, prefix="t10k")
+    if not any((folder / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
+        folder = folder / MNIST_T10K_DIR
+    x, y = load_mnist_dir(folder, prefix="t10k")
     if len(y) != 10000:
-        raise DataError(f"{folder / MNIST_T10K_DIR}: {len(y)} samples, expected the 10,000 of the MNIST test set")
+        raise DataError(f"{folder}: {len(y)} samples, expected the 10,000 of the MNIST test set")
     return _split(x, y, MNIST10K_TRAIN)
 
 
