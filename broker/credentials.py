@@ -145,11 +145,14 @@ def set_password(path: Path, user: str, password: str, *, hasher: str = "auto") 
         The hasher used: ``"mosquitto_passwd"`` or ``"fedmq"``.
 
     Raises:
-        ConfigError: ``user`` is not a valid id or ``hasher`` unknown.
+        ConfigError: ``user`` is not a valid id, ``password`` empty or multi-line, or
+            ``hasher`` unknown.
         CredentialError: the file is unreadable or malformed, its folder cannot be written,
             mosquitto_passwd is required but missing, or it failed.
     """
     check_id(user, "broker user name")
+    if any(c in password for c in "\n\r\0") or not password:
+        raise ConfigError(f"password of {user!r} is invalid: expected a non-empty single line")
     if hasher not in HASHERS:
         raise ConfigError(f"hasher {hasher!r} is unknown: expected one of {', '.join(HASHERS)}")
     path = Path(path)

@@ -11,6 +11,7 @@ import textwrap
 
 import paho.mqtt.client as mqtt
 
+from broker.launch import free_port
 from fedmq import topics
 
 FED = "f1"
@@ -73,3 +74,20 @@ def test_embedded_broker_carries_retained_model_and_last_will(embedded_broker, p
     assert got[pointer[0]] == (pointer[1], True)
     assert got[chunk[0]] == (chunk[1], True)
     assert got[topics.status(FED, "dev-w")] == (b"offline", True)
+
+
+def test_fedmq_broker_run_serves_on_loopback(peers):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from broker.cli import app; app()", "run", "--port", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == f"fedmq-embedded-broker listening on 127.0.0.1:{port}"
+        peer = peers(port, "dev1", "pw", protocol=mqtt.MQTTv311)
+        peer.connect_ok()
+        peer.subscribe(topics.round_announcement(FED))
+        peer.publish(topics.round_announcement(FED), b"round-1")
+        assert peer.until(topics.round_announcement(FED), b"round-1")
+        peer.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=WAIT) == 0

