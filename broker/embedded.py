@@ -37,6 +37,21 @@ def broker_config(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, allow_a
     }
 
 
+class _Broker(Broker):
+    """amqtt's broker with one fix.
+
+    amqtt 0.12 sends, on every connection, the retained messages of *every* topic filter
+    any client ever subscribed to (``for topic in self._subscriptions`` in
+    ``_handle_client_session``): a device would receive model chunks and pointers it never
+    asked for. Retained messages are only sent for the connecting session's own filters.
+    """
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Any) -> None:
+        if any(s is session for s, _ in self._subscriptions.get(subscription[0], ())):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
 async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the broker until ``stop`` is set (forever when ``stop`` is None).
@@ -44,7 +59,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, ready: as
     Raises:
         amqtt.errors.BrokerError: the port cannot be bound.
     """
-    broker = Broker(broker_config(host, port))
+    broker = _Broker(broker_config(host, port))
     await broker.start()
     if ready is not None:
         ready.set()

@@ -92,8 +92,9 @@ class BlobReceiver:
         self.early_limit = early_limit
         self.remember = remember
         self.clock = clock
-        #: Counters: manifests, chunks, completed, duplicates, corrupt_chunks, hash_mismatch,
-        #: bad_messages, expired, superseded, early_dropped, resumed_chunks.
+        #: Counters: manifests, chunks, completed, duplicate_manifests, duplicate_chunks,
+        #: corrupt_chunks, hash_mismatch, bad_messages, expired, superseded, early_dropped,
+        #: resumed_chunks.
         self.stats: Counter[str] = Counter()
         self._transfers: dict[str, _Transfer] = {}
         self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
@@ -199,12 +200,12 @@ class BlobReceiver:
             return None
         self.stats["manifests"] += 1
         if (base, m.transfer_id) in self._done:
-            self.stats["duplicates"] += 1
+            self.stats["duplicate_manifests"] += 1
             return None
         t = self._transfers.get(base)
         if t is not None:
             if t.manifest.transfer_id == m.transfer_id:
-                self.stats["duplicates"] += 1
+                self.stats["duplicate_manifests"] += 1
                 t.last = now
                 return self._finish(base, t) if t.remaining == 0 else None
             self.discard(base)
@@ -238,7 +239,7 @@ class BlobReceiver:
         if t is not None and t.manifest.transfer_id == tid:
             return self._store(base, t, index, payload, now)
         if (base, tid) in self._done:
-            self.stats["duplicates"] += 1
+            self.stats["duplicate_chunks"] += 1
             return None
         # Its manifest has not arrived yet (or never will: dropped by expire()).
         if self._early_bytes + len(payload) > self.early_limit:
@@ -254,7 +255,7 @@ class BlobReceiver:
             self._bad(f"{base}/c/{index}", f"chunk index out of range (count {m.count})")
             return None
         if t.have[index]:
-            self.stats["duplicates"] += 1
+            self.stats["duplicate_chunks"] += 1
             return None
         data = memoryview(payload)[CHUNK_HEADER.size:]
         if len(data) != m.chunk_len(index) or zlib.crc32(data) != m.crc(index):
