@@ -62,6 +62,11 @@ class EdgeConfig(BaseModel):
         keepalive: MQTT keepalive, seconds.
         session_expiry: MQTT 5 session expiry, seconds: how long the broker keeps the
             session (and the tasks / receipts queued for it) while the device is away.
+        fetch_timeout: seconds to download one global model version.
+        receipt_timeout: seconds without a receipt after which the update in flight is
+            published again (same bytes, same transfer id).
+        receipt_grace: seconds after the round's deadline to wait for a receipt before the
+            update in flight is rolled back into the residual.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +89,9 @@ class EdgeConfig(BaseModel):
     seed: int = 0
     keepalive: int = Field(30, ge=5, le=3600)
     session_expiry: int = Field(7 * 24 * 3600, ge=0)
+    fetch_timeout: float = Field(120.0, gt=0)
+    receipt_timeout: float = Field(30.0, gt=0)
+    receipt_grace: float = Field(30.0, ge=0)
 
     @field_validator("device_id", "federation")
     @classmethod

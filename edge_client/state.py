@@ -55,6 +55,8 @@ class InFlight:
         update_file: file name (in the state dir) of the encoded ClientUpdate bytes.
         sha256: hex digest of those bytes.
         size: their length, bytes.
+        feedback: the update was compressed with error feedback (False: the residual did
+            not change, so a rollback leaves it alone).
     """
 
     round: int
@@ -64,6 +66,7 @@ class InFlight:
     update_file: str
     sha256: str
     size: int
+    feedback: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class DeviceState:
         return data
 
     def begin_update(self, feedback: ErrorFeedback, update: bytes, *, round: int, transfer_id: str,
-                     base_version: int, deadline: float) -> InFlight:
+                     base_version: int, deadline: float, with_feedback: bool = True) -> InFlight:
         """Commit the residual after compression together with the update about to be sent.
 
         Args:
@@ -195,7 +198,8 @@ class DeviceState:
         feedback.save(self.root / residual_file)
         atomic_write_bytes(self.root / update_file, update)
         inflight = InFlight(round=round, transfer_id=transfer_id, base_version=base_version, deadline=deadline,
-                            update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update))
+                            update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update),
+                            feedback=with_feedback)
         self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight))
         return inflight
 
@@ -213,12 +217,18 @@ class DeviceState:
         inflight = self.record.inflight
         if inflight is None:
             return
-        feedback.rollback(sent)
+        if inflight.feedback:
+            feedback.rollback(sent)
+        self.save_residual(feedback, inflight.round)
+
+    def save_residual(self, feedback: ErrorFeedback, round: int) -> None:
+        """Commit ``feedback``'s residual with no update in flight and ``round`` done (e.g. an
+        update finished after its round's deadline, kept in the residual instead of sent)."""
         seq = self.record.seq + 1
         residual_file = f"residual-{seq}.npy"
         feedback.save(self.root / residual_file)
         self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None,
-                            last_round=max(self.record.last_round, inflight.round)))
+                            last_round=max(self.record.last_round, round)))
 
     def finish_round(self, round: int) -> None:
         """Mark ``round`` done without an update (e.g. its deadline passed before training ended)."""
