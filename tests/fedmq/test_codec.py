@@ -131,6 +131,31 @@ def test_top_k_keeps_exactly_the_largest_entries_per_tensor() -> None:
             np.testing.assert_array_equal(local, expect)
 
 
+@pytest.mark.parametrize("layout", ["normal", "mostly_zero", "spikes_on_stride", "spikes_off_stride", "ties"])
+def test_top_k_on_large_tensors_is_exact(layout: str) -> None:
+    # Large tensors select from a sampled threshold: whatever the layout, the kept set must
+    # have exactly the magnitudes of a full sort.
+    n = 300_000
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal(n).astype(np.float32)
+    if layout == "mostly_zero":
+        x[rng.random(n) < 0.998] = 0.0
+    elif layout == "spikes_on_stride":
+        x = (x * 1e-3).astype(np.float32)
+        x[::n // 65536] = 5.0 + rng.random(len(x[::n // 65536]))
+    elif layout == "spikes_off_stride":
+        x = (x * 1e-3).astype(np.float32)
+        x[1::n // 65536] = 5.0 + rng.random(len(x[1::n // 65536]))
+    elif layout == "ties":
+        x = rng.integers(-3, 4, n).astype(np.float32)
+    spec = _spec(n)
+    cfg = CodecConfig(density=0.01)
+    su = decode_sparse("topk-int8", encode(x, spec, cfg), spec)
+    k = cfg.kept(n)
+    assert su.indices is not None and su.indices.shape[0] == k
+    np.testing.assert_array_equal(np.sort(np.abs(x[su.indices])), np.sort(np.abs(x))[n - k:])
+
+
 def test_quantization_error_is_small() -> None:
     spec = _spec(200_000)
     x = np.random.default_rng(4).standard_normal(spec.size).astype(np.float32)
