@@ -27,31 +27,13 @@ from coordinator.sampling import Participation
 from fedmq import topics
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
+from fedmq.transport.settings import BrokerSettings
 
 ENV_PREFIX = "FEDMQ_COORDINATOR__"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BrokerConfig(_Section):
-    """How to reach the broker (see fedmq.transport's BrokerSettings)."""
-
-    url: str = "mqtt://127.0.0.1:1883"
-    protocol: Literal["5", "3.1.1"] = "5"
-    client_id: str | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive_s: int = Field(30, ge=5)
-
-    @field_validator("protocol", mode="before")
-    @classmethod
-    def _protocol_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 class RoundConfig(_Section):
@@ -133,20 +115,36 @@ class PublishConfig(_Section):
 
 
 class CoordinatorConfig(_Section):
-    """The whole coordinator configuration (see docs/coordinator.md)."""
+    """The whole coordinator configuration (see docs/coordinator.md).
+
+    ``broker`` is :class:`fedmq.transport.BrokerSettings`, built from the ``[broker]`` table
+    by its own validation (``BrokerSettings.from_mapping``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     federation: str
     task: str
     rounds: int = Field(10, ge=1)
     seed: int = 0
     state_dir: Path = Path("coordinator-state")
-    broker: BrokerConfig = BrokerConfig()
+    broker: BrokerSettings = BrokerSettings()
     round: RoundConfig = RoundConfig()
     plan: TrainPlan = TrainPlan()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker_settings(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            try:
+                return BrokerSettings.from_mapping(value, "broker")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("federation")
     @classmethod
@@ -211,7 +209,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     return applied
 
 
-_PATH_OPTIONS = (("state_dir",), ("broker", "password_file"), ("broker", "ca_file"), ("broker", "cert_file"),
+_PATH_OPTIONS = (("state_dir",), ("broker", "username_file"), ("broker", "password_file"), ("broker", "ca_file"), ("broker", "cert_file"),
                  ("broker", "key_file"), ("evaluation", "data"))
 
 

@@ -9,6 +9,8 @@ round's record as JSON. The random generator of round ``r`` is derived from
 
 ``coordinator.sqlite`` holds ``rounds`` (one row per finished round), ``participations``
 (one row per selected device or received update per round) and ``devices`` (presence).
+``inflight`` lists the devices holding a retained task of the round in flight (cleared at
+start after a kill), ``published`` the retained model / ONNX blobs (cleared when superseded).
 The checkpoint is the source of truth: it is written first, and the round record it
 carries is written into the database again at start (idempotent upsert), so a kill -9
 between the two writes loses nothing.
@@ -188,6 +190,10 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS participations (
     round INTEGER NOT NULL, device TEXT NOT NULL, transfer_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
     samples INTEGER, bytes_up INTEGER, metrics TEXT, PRIMARY KEY (round, device, transfer_id));
+CREATE TABLE IF NOT EXISTS inflight (device TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS published (
+    kind TEXT NOT NULL, version INTEGER NOT NULL, base TEXT NOT NULL, chunks INTEGER NOT NULL,
+    PRIMARY KEY (kind, version));
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER, task TEXT, spec_hash TEXT, samples INTEGER, software TEXT,
     last_seen REAL);
@@ -269,3 +275,26 @@ class StateDB:
                               bytes_up=r[5] or 0, metrics=json.loads(r[6] or "{}"))
                 for r in self.conn.execute("SELECT device, transfer_id, status, reason, samples, bytes_up, metrics "
                                            "FROM participations WHERE round = ? ORDER BY device", (round_,))]
+
+    def set_inflight(self, devices: list[str]) -> None:
+        """Record the devices that hold a retained task of the round in flight."""
+        with self.conn:
+            self.conn.execute("DELETE FROM inflight")
+            self.conn.executemany("INSERT OR REPLACE INTO inflight VALUES (?)", [(d,) for d in devices])
+
+    def inflight_devices(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT device FROM inflight ORDER BY device")]
+
+    def add_published(self, kind: str, version: int, base: str, chunks: int) -> None:
+        """Record a retained blob (``kind`` ``model`` or ``onnx``) of ``chunks`` chunk messages."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO published VALUES (?,?,?,?)", (kind, version, base, chunks))
+
+    def published(self, kind: str) -> list[tuple[int, str, int]]:
+        """``(version, base topic, chunks)`` of the retained blobs of ``kind``, oldest first."""
+        return [(r[0], r[1], r[2]) for r in self.conn.execute(
+            "SELECT version, base, chunks FROM published WHERE kind = ? ORDER BY version", (kind,))]
+
+    def remove_published(self, kind: str, version: int) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM published WHERE kind = ? AND version = ?", (kind, version))

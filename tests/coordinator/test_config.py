@@ -99,3 +99,15 @@ def test_evaluation_data_choices(tmp_path):
     assert cfg.evaluation.data == str(tmp_path / "held.npz")
     with pytest.raises(ConfigError, match="evaluation.data"):
         load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "imagenet"\n'), environ={})
+
+
+def test_broker_table_is_validated_by_the_transport_settings(tmp_path):
+    (tmp_path / "pw").write_text("secret\n")
+    text = GOOD + '\n[broker]\nurl = "mqtt://127.0.0.1:1884"\nusername = "coord"\npassword_file = "pw"\n'
+    cfg = load_config(write(tmp_path, text), environ={"FEDMQ_COORDINATOR__BROKER__PROTOCOL": "3.1.1"})
+    assert cfg.broker.port == 1884 and cfg.broker.protocol == "3.1.1"
+    assert cfg.broker.credentials() == ("coord", "secret")
+    with pytest.raises(ConfigError, match="broker.*ca_file.*does not exist"):
+        load_config(write(tmp_path, GOOD + '\n[broker]\nurl = "mqtts://h"\nca_file = "nope.pem"\n'), environ={})
+    with pytest.raises(ConfigError, match="broker.*unknown option"):
+        load_config(write(tmp_path, GOOD + '\n[broker]\nhost = "h"\n'), environ={})

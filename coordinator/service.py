@@ -1,0 +1,492 @@
+"""The rounds engine: one thread owns the round; MQTT callbacks only enqueue.
+
+:class:`Coordinator` joins three separate pieces:
+
+* who takes part: :mod:`coordinator.sampling` (seeded uniform sampling, over-selection)
+  and the round deadline, with :mod:`coordinator.presence` telling who is online;
+* how updates are combined: :mod:`coordinator.validation` then
+  :class:`coordinator.aggregation.WeightedMean` (one model-sized accumulator);
+* how the global model steps: :mod:`coordinator.server_opt`.
+
+A round ``r``: wait (up to ``round.wait_for_devices_s``) for enough eligible devices;
+select ``ceil(target * over_selection)`` of them with the generator of ``(seed, r)``;
+send each a retained :class:`fedmq.messages.Task`; announce the round; accept client
+updates until ``target`` are accepted, every selected device has answered, or the
+deadline passes. With at least ``min_updates`` accepted the server optimizer steps and
+a new global model version is published; otherwise the round fails and the model stays.
+Every received update gets a :class:`fedmq.messages.Receipt`. Retained tasks are cleared
+when the round closes. After every round the model, the optimizer state and the round's
+record are checkpointed (coordinator.state) before anything is published, so a kill -9
+at any instant resumes from the last finished round and reruns the one in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coordinator.aggregation import WeightedMean, model_delta
+from coordinator.config import CoordinatorConfig
+from coordinator.presence import DeviceRegistry
+from coordinator.sampling import select_devices
+from coordinator.state import Checkpoint, Participation, RoundRecord, StateDB, load_checkpoint, save_checkpoint
+from coordinator.validation import Accepted, Rejected, Repeat, RoundGate
+from fedmq import __version__, topics
+from fedmq.data import load_npz, load_split
+from fedmq.errors import StateError, TransportError, WireError
+from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
+from fedmq.modelio import export_onnx, model_to_safetensors
+from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.tasks import evaluate, get_task
+from fedmq.transport.flows import clear_blob, publish_model, request_repairs
+from fedmq.transport.link import Message, MqttLink
+from fedmq.transport.receiver import BlobReceiver
+from fedmq.transport.wire import Manifest
+
+log = logging.getLogger("fedmq.coordinator")
+
+#: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
+_POLL_S = 0.2
+
+
+@dataclass
+class Progress:
+    """One progress event for ``Coordinator.run(progress_callback=...)``.
+
+    ``kind``: ``round_open`` (selection made), ``update`` (a client update answered),
+    ``round_closed`` (``record`` set) or ``waiting`` (too few eligible devices yet).
+    """
+
+    kind: str
+    round: int
+    selected: int = 0
+    target: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    deadline: float = 0.0
+    online: int = 0
+    record: RoundRecord | None = None
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Coordinator.run` returns.
+
+    Attributes:
+        records: one :class:`RoundRecord` per round finished by this run (a resumed run
+            starts after the checkpoint's round).
+        model: the final global model (torch module of the task, eval mode).
+        vector: its trainable parameters, float32 (d,).
+        version: its global model version.
+        stopped: True when a stop request ended the run before ``rounds``.
+    """
+
+    records: list[RoundRecord]
+    model: torch.nn.Module
+    vector: np.ndarray
+    version: int
+    stopped: bool = False
+
+
+@dataclass
+class _RoundState:
+    round: int
+    base_version: int
+    selected: list[str]
+    target: int
+    deadline: float
+    started: float
+    acc: WeightedMean
+    rejected: dict[str, int] = field(default_factory=dict)
+    parts: dict[tuple[str, str], Participation] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)
+    bytes_up: int = 0
+    wire_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    received: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """The federated-learning coordinator of one federation.
+
+    Args:
+        config: validated configuration (coordinator.config.load_config).
+
+    Use :meth:`run` from the thread that should own the rounds; :meth:`stop` from any
+    thread (or a signal handler) ends the run after the current step, keeping the last
+    checkpoint; the round in flight is rerun by the next start.
+
+    Raises (from :meth:`run`):
+        StateError: the state folder holds another task's checkpoint, or a corrupt one.
+        TransportError: the broker cannot be reached at start.
+    """
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.fed = config.federation
+        self.task = get_task(config.task)
+        self.model = self.task.build_model(config.seed)
+        self.spec = ParamSpec.from_module(self.model)
+        self.optimizer = config.server_optimizer.build()
+        self.registry = DeviceRegistry()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
+        self._last_eval: tuple[float | None, float | None] = (None, None)
+        self._model_bytes = 0
+        self.link: MqttLink | None = None
+        self.db: StateDB | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the run to end (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- run -----------------------------------------------------------------------------
+
+    def run(self, progress_callback: Callable[[Progress], None] | None = None) -> RunResult:
+        """Run rounds until ``config.rounds`` rounds are finished (failed ones count) or
+        :meth:`stop` is called. Resumes from the checkpoint in ``config.state_dir``.
+
+        Args:
+            progress_callback: called on the round thread with each :class:`Progress`.
+
+        Returns:
+            :class:`RunResult` with the records of the rounds this run finished.
+        """
+        cfg = self.config
+        notify = progress_callback or (lambda _p: None)
+        state_dir = cfg.state_dir
+        self.db = StateDB(state_dir)
+        records: list[RoundRecord] = []
+        try:
+            vector, round_done, version = self._resume(state_dir)
+            self._load_eval_data()
+            self.link = MqttLink(cfg.broker, client_id=f"fedmq-coordinator-{self.fed}")
+            self.link.connect()
+            self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s),
+                                         max_size=cfg.limits.max_update_bytes)
+            self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
+            self._clear_inflight_tasks()
+            self._publish_model(vector, version, round_done)
+            gate = RoundGate(self.fed, self.spec, round_done, version, cfg.plan.update_kind, frozenset(),
+                             lambda d: d in self.registry.devices, cfg.limits.max_update_bytes,
+                             cfg.limits.norm_bound, open=False)
+            while round_done < cfg.rounds and not self.stopping:
+                rec = self._run_round(round_done + 1, version, vector, gate, notify)
+                if rec is None:
+                    break
+                records.append(rec)
+                round_done, version = rec.round, rec.model_version
+                notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,
+                                sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
+            return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
+        finally:
+            if self.link is not None:
+                self.link.close()
+            self.db.close()
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, str]:
+        return {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
+                "seed": str(self.config.seed), "federation": self.fed}
+
+    def _resume(self, state_dir: Path) -> tuple[np.ndarray, int, int]:
+        assert self.db is not None
+        ckpt = load_checkpoint(state_dir)
+        if ckpt is None:
+            vector = flatten_params(self.model, self.spec)
+            save_checkpoint(state_dir, Checkpoint(0, 0, vector, {}, self._meta()))
+            self.db.delete_rounds_after(0)
+            round_done, version = 0, 0
+        else:
+            want = self._meta()
+            for key in ("task", "spec_hash", "optimizer", "federation"):
+                if ckpt.meta.get(key) != want[key]:
+                    raise StateError(f"{state_dir}/checkpoint.safetensors was made with {key} "
+                                     f"{ckpt.meta.get(key)!r}, the configuration says {want[key]!r}: "
+                                     f"use another state_dir")
+            if ckpt.model.shape != (self.spec.size,):
+                raise StateError(f"{state_dir}/checkpoint.safetensors: model of {ckpt.model.shape[0]} parameters, "
+                                 f"expected {self.spec.size}")
+            self.optimizer.load_state_arrays(ckpt.optimizer_state, self.spec.size)
+            vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
+            if ckpt.record is not None:
+                # The checkpoint is written before the database: replay its record.
+                self.db.write_round(ckpt.record)
+                self._last_eval = (ckpt.record.test_loss, ckpt.record.test_accuracy)
+            self.db.delete_rounds_after(round_done)
+            log.info("resumed from round %d, model version %d", round_done, version)
+        for dev in self.db.devices():
+            self.registry.restore(dev)
+        return vector, round_done, version
+
+    def _load_eval_data(self) -> None:
+        data = self.config.evaluation.data
+        if data == "none":
+            return
+        if data.endswith(".npz"):
+            x, y = load_npz(data)
+        else:
+            _, _, x, y = load_split(self.task.dataset if data == "task" else data)
+        self._eval_data = (x, y)
+
+    def _clear_inflight_tasks(self) -> None:
+        """Clear retained tasks left by a round that was in flight when we were killed."""
+        assert self.db is not None and self.link is not None
+        for device in self.db.inflight_devices():
+            self.link.publish(topics.task(self.fed, device), b"", retain=True)
+        self.db.set_inflight([])
+
+    # -- one round -----------------------------------------------------------------------
+
+    def _wait_for_devices(self, round_: int, gate: RoundGate, notify: Callable[[Progress], None]) -> list[str]:
+        cfg = self.config.round
+        end = time.monotonic() + cfg.wait_for_devices_s
+        while not self.stopping:
+            eligible = self.registry.eligible(self.task.name, self.spec.hash)
+            if len(eligible) >= cfg.devices_to_wait_for or time.monotonic() >= end:
+                return eligible
+            notify(Progress("waiting", round_, online=self.registry.online_count()))
+            self._pump(gate, None, min(_POLL_S * 5, max(0.0, end - time.monotonic())))
+        return []
+
+    def _run_round(self, r: int, version: int, vector: np.ndarray, gate: RoundGate,
+                   notify: Callable[[Progress], None]) -> RoundRecord | None:
+        cfg = self.config
+        assert self.link is not None and self.db is not None
+        eligible = self._wait_for_devices(r, gate, notify)
+        if self.stopping:
+            return None
+        part = cfg.round.participation()
+        selected = select_devices(eligible, part, cfg.seed, r)
+        target = min(part.target(len(eligible)), len(selected)) if selected else part.target(len(eligible))
+        started = time.time()
+        deadline = started + cfg.round.deadline_s
+        st = _RoundState(r, version, selected, target, deadline, started, WeightedMean(self.spec.size))
+        self.db.set_inflight(selected)
+        gate.next_round(r, version, selected)
+        plan = cfg.plan
+        for device in selected:
+            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
+            self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
+        self.link.publish(topics.round_announcement(self.fed),
+                          RoundAnnouncement(r, version, deadline, "open").to_bytes(), retain=True)
+        log.info("round %d: %d eligible, %d selected, target %d, deadline in %.1f s", r, len(eligible),
+                 len(selected), target, cfg.round.deadline_s)
+        notify(Progress("round_open", r, len(selected), target, deadline=deadline,
+                        online=self.registry.online_count()))
+        while not self.stopping:
+            if st.acc.count >= target or st.answered >= set(selected):
+                break
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            self._pump(gate, st, min(_POLL_S, remaining), notify)
+            request_repairs(self.link, self.fed, self.receiver)
+        if self.stopping:
+            return None
+        return self._close_round(st, gate, vector)
+
+    def _close_round(self, st: _RoundState, gate: RoundGate, vector: np.ndarray) -> RoundRecord:
+        cfg = self.config
+        assert self.link is not None and self.db is not None
+        gate.open = False
+        succeeded = st.acc.count >= cfg.round.min_updates
+        version = st.base_version
+        if succeeded:
+            self.optimizer.step(vector, model_delta(st.acc.mean(), cfg.plan.update_kind))
+            version += 1
+            self._last_eval = self._evaluate(vector)
+        for device in st.selected:
+            if device not in st.answered:
+                st.parts[(device, "")] = Participation(device)
+        dev_metrics = {k: st.metric_sums[k] / st.metric_weights[k] for k in sorted(st.metric_sums)}
+        closed = time.time()
+        rec = RoundRecord(
+            round=st.round, state="closed" if succeeded else "failed", base_version=st.base_version,
+            model_version=version, target=st.target, participants=len(st.selected), accepted=st.acc.count,
+            rejected=dict(sorted(st.rejected.items())), test_loss=self._last_eval[0],
+            test_accuracy=self._last_eval[1], device_metrics=dev_metrics, bytes_up=st.bytes_up,
+            bytes_down=self._model_bytes * len(st.selected), dense_bytes_up=4 * self.spec.size * st.received,
+            started=st.started, closed=closed, wall_s=closed - st.started,
+            participations=sorted(st.parts.values(), key=lambda p: (p.device, p.transfer_id)))
+        # Durable first (the checkpoint is the source of truth), then visible.
+        save_checkpoint(cfg.state_dir, Checkpoint(st.round, version, vector, self.optimizer.state_arrays(),
+                                                  self._meta(), rec))
+        self.db.write_round(rec)
+        self.db.write_devices(list(self.registry.devices.values()))
+        for device in st.selected:
+            self.link.publish(topics.task(self.fed, device), b"", retain=True)
+        self.db.set_inflight([])
+        self.link.publish(topics.round_announcement(self.fed),
+                          RoundAnnouncement(st.round, st.base_version, st.deadline, rec.state).to_bytes(), retain=True)
+        if succeeded:
+            self._publish_model(vector, version, st.round)
+        log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", st.round, rec.state,
+                 rec.accepted, rec.target, rec.rejected or "{}",
+                 "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
+        return rec
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _pump(self, gate: RoundGate, st: _RoundState | None, timeout: float,
+              notify: Callable[[Progress], None] | None = None) -> bool:
+        """Handle the messages waiting in the inbox (waiting up to ``timeout`` s for the first)."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        while True:
+            self._handle(msg, gate, st, notify)
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _handle(self, msg: Message, gate: RoundGate, st: _RoundState | None,
+                notify: Callable[[Progress], None] | None) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) == 4 and parts[2] == "status":
+            device = parts[3]
+            if not msg.payload:
+                self.registry.on_cleared(device)
+                return
+            try:
+                status = Status.from_bytes(msg.payload)
+            except WireError as exc:
+                log.warning("status on %s ignored: %s", msg.topic, exc)
+                return
+            self.registry.on_status(device, status)
+            return
+        device = topics.device_of_update(self.fed, msg.topic)
+        if device is None or len(parts) < 6 or not msg.payload:
+            return
+        transfer = parts[4]
+        self.registry.seen(device)
+        dev = self.registry.devices.get(device)
+        if dev is not None:
+            dev.bytes_up += len(msg.payload)
+        if st is not None:
+            st.bytes_up += len(msg.payload)
+            st.wire_bytes[(device, transfer)] = st.wire_bytes.get((device, transfer), 0) + len(msg.payload)
+        if parts[5] == "m":
+            # Judge the announced size before reassembly, so an oversized or broken
+            # transfer gets its receipt instead of being dropped silently by the receiver.
+            try:
+                manifest = Manifest.from_bytes(msg.payload)
+            except WireError as exc:
+                self._on_blob(device, transfer, None, f"blob manifest: {exc}", gate, st, notify)
+                return
+            if manifest.size > self.config.limits.max_update_bytes:
+                self._on_blob(device, transfer, None, f"oversized: {manifest.size} bytes announced, limit "
+                              f"{self.config.limits.max_update_bytes}", gate, st, notify)
+                return
+        blob = self.receiver.feed(msg.topic, msg.payload)
+        if blob is not None:
+            self._on_blob(device, transfer, blob.data, None, gate, st, notify)
+
+    def _on_blob(self, device: str, transfer: str, data: bytes | None, error: str | None, gate: RoundGate,
+                 st: _RoundState | None, notify: Callable[[Progress], None] | None) -> None:
+        if data is None:
+            result: Accepted | Rejected | Repeat = Rejected(
+                "oversized" if error and error.startswith("oversized") else "malformed", error or "")
+        else:
+            result = gate.check(device, transfer, data)
+        if isinstance(result, Repeat):
+            self._receipt(device, gate.round, transfer, result.status, result.reason)
+            return
+        upd = result.update
+        round_ = upd.round if upd is not None else gate.round
+        if st is not None:
+            st.received += 1
+        if isinstance(result, Accepted):
+            assert st is not None
+            st.acc.add(result.sparse, float(upd.samples))
+            st.answered.add(device)
+            if st.acc.count >= st.target:
+                # Closed from here on: updates already queued behind this one are late.
+                gate.open = False
+            for key, value in upd.metrics.items():
+                st.metric_sums[key] = st.metric_sums.get(key, 0.0) + upd.samples * value
+                st.metric_weights[key] = st.metric_weights.get(key, 0.0) + upd.samples
+            if device in self.registry.devices:
+                self.registry.devices[device].rounds += 1
+            st.parts[(device, transfer)] = Participation(device, transfer, "accepted", "", upd.samples,
+                                                         st.wire_bytes.pop((device, transfer), 0), dict(upd.metrics))
+            self._receipt(device, round_, transfer, "accepted", "")
+        else:
+            log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, result.reason, result.detail)
+            if st is not None:
+                st.rejected[result.reason] = st.rejected.get(result.reason, 0) + 1
+                if device in st.selected and result.reason not in ("late", "wrong_round", "device_mismatch"):
+                    st.answered.add(device)
+                st.parts[(device, transfer)] = Participation(device, transfer, "rejected", result.reason,
+                                                             upd.samples if upd else 0, st.wire_bytes.pop((device, transfer), 0))
+            self._receipt(device, round_, transfer, "rejected", result.reason)
+        if notify is not None and st is not None:
+            notify(Progress("update", st.round, len(st.selected), st.target, st.acc.count,
+                            sum(st.rejected.values()), st.deadline))
+
+    def _receipt(self, device: str, round_: int, transfer: str, status: str, reason: str) -> None:
+        assert self.link is not None
+        try:
+            self.link.publish(topics.receipt(self.fed, device),
+                              Receipt(device, round_, transfer, status, reason).to_bytes())
+        except TransportError as exc:
+            log.warning("receipt to %s not sent: %s", device, exc)
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _module_of(self, vector: np.ndarray) -> torch.nn.Module:
+        load_params(self.model, vector, self.spec)
+        return self.model
+
+    def _evaluate(self, vector: np.ndarray) -> tuple[float | None, float | None]:
+        if self._eval_data is None:
+            return (None, None)
+        loss, acc = evaluate(self._module_of(vector), *self._eval_data, batch_size=self.config.evaluation.batch_size)
+        return (float(loss), float(acc))
+
+    def _publish_model(self, vector: np.ndarray, version: int, round_: int) -> None:
+        """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear
+        versions older than the previous one (devices of the round just closed may still
+        be fetching the previous one)."""
+        assert self.link is not None
+        model = self._module_of(vector)
+        blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
+                                            "spec_hash": self.spec.hash, "task": self.task.name})
+        self._model_bytes = len(blob)
+        self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
+                           version, round_, "safetensors")
+        if self.config.publish.onnx:
+            onnx = export_onnx(model, self.task)
+            self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
+                               version, round_, "onnx")
+
+    def _publish_blob(self, kind: str, base: str, latest: str, blob: bytes, version: int, round_: int,
+                      fmt: str) -> None:
+        assert self.link is not None and self.db is not None
+        pointer = ModelPointer(version, self.spec.hash, round_, len(blob), hashlib.sha256(blob).hexdigest(), fmt)
+        info = publish_model(self.link, self.fed, version, blob, pointer, kind=kind)
+        self.db.add_published(kind, version, base, info.count)
+        for old_version, old_base, count in self.db.published(kind):
+            if old_version < version - 1:
+                clear_blob(self.link, old_base, count)
+                self.db.remove_published(kind, old_version)

@@ -1,0 +1,86 @@
+"""A test-side device process speaking the real protocol (transport, codec, envelope).
+
+Its client update is a pure function of (device, round): ``0.01 * normal`` drawn from
+``default_rng([crc32(device), round])``, encoded with the task's codec settings, so a
+rerun round gets the same updates and a test can compute the expected global model.
+
+Modes: ``good``; ``silent`` (online, never answers); ``garbage`` (random bytes as the
+update); ``nan`` (a dense payload with a NaN); ``impostor`` (claims to be ``good-0``).
+
+Usage: python tests/coordinator/sim_device.py URL PROTOCOL FED DEVICE MODE TASK SAMPLES
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import zlib
+
+import numpy as np
+
+from fedmq import topics
+from fedmq.codec import CodecConfig, encode
+from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.messages import Status, Task
+from fedmq.params import ParamSpec
+from fedmq.tasks import get_task
+from fedmq.transport.link import Message, MqttLink, Will
+from fedmq.transport.sender import BlobSender
+from fedmq.transport.settings import BrokerSettings
+
+
+def update_vector(device: str, round_: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng([zlib.crc32(device.encode()), round_])
+    return (0.01 * rng.normal(size=size)).astype(np.float32)
+
+
+def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: int, mode: str) -> bytes:
+    if mode == "garbage":
+        return os.urandom(300)
+    if mode == "nan":
+        payload = bytearray(encode(np.zeros(spec.size, np.float32), spec, CodecConfig(name="none")))
+        payload[0:4] = np.array([np.nan], np.float32).tobytes()
+        codec = "none"
+    else:
+        payload = encode(update_vector(device, task.round, spec.size), spec, CodecConfig.from_plan(task.plan))
+        codec = task.plan.codec
+    claimed = "good-0" if mode == "impostor" else device
+    return encode_update(ClientUpdate(federation=fed, device=claimed, round=task.round,
+                                      base_version=task.model_version, samples=samples, kind=task.plan.update_kind,
+                                      spec_hash=spec.hash, codec=codec, payload=bytes(payload),
+                                      metrics={"train_loss": 1.0 + samples / 1000}))
+
+
+def main(url: str, protocol: str, fed: str, device: str, mode: str, task_name: str, samples: str) -> None:
+    spec = ParamSpec.from_module(get_task(task_name).build_model(0))
+    n = int(samples)
+    offline = Status(device, False, task_name, spec.hash, n).to_bytes()
+    link = MqttLink(BrokerSettings(url=url, protocol=protocol), client_id=device,
+                    will=Will(topics.status(fed, device), offline))
+    link.connect()
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    link.subscribe([topics.task(fed, device), topics.transfer_requests(fed, device)], inbox=inbox)
+    link.publish_wait(topics.status(fed, device), Status(device, True, task_name, spec.hash, n).to_bytes(),
+                      retain=True)
+    sender = BlobSender(link)
+    print("ready", flush=True)
+    answered: set[tuple[int, float]] = set()
+    while True:
+        msg = inbox.get()
+        if msg.topic == topics.transfer_requests(fed, device):
+            sender.handle_request(msg.payload)
+            continue
+        if not msg.payload:
+            continue
+        task = Task.from_bytes(msg.payload)
+        # A rerun round (coordinator restarted) sends a new task for the same round number.
+        if (task.round, task.deadline) in answered or mode == "silent":
+            continue
+        answered.add((task.round, task.deadline))
+        data = client_update(fed, device, task, spec, n, mode)
+        sender.send(topics.update_base(fed, device, f"r{task.round}-{os.urandom(4).hex()}"), data)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:8])

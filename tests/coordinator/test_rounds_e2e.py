@@ -1,0 +1,202 @@
+"""End to end over a real mosquitto with device processes speaking the real protocol.
+
+Devices are tests/coordinator/sim_device.py processes (real transport, codec and
+envelope; updates are a pure function of device and round so expected models can be
+computed here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+from coordinator.config import config_from_dict
+from coordinator.service import Coordinator
+from coordinator.state import StateDB, load_checkpoint
+from fedmq.codec import CodecConfig, decode, encode
+from fedmq.params import ParamSpec, flatten_params
+from fedmq.tasks import get_task
+
+SIM = Path(__file__).with_name("sim_device.py")
+TASK = "digits-logreg"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_devices(broker, fed: str, specs: list[tuple[str, str, int]]) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return [subprocess.Popen([sys.executable, str(SIM), broker.url, broker.protocol, fed, name, mode, TASK,
+                              str(samples)], env=env, stdout=subprocess.DEVNULL)
+            for name, mode, samples in specs]
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait(timeout=10)
+
+
+def config(broker, tmp_path: Path, fed: str, **round_opts):
+    round_cfg = {"devices_per_round": 3, "min_updates": 1, "deadline_s": 5.0, "wait_for_devices_s": 60.0}
+    round_cfg.update(round_opts.pop("round", {}))
+    data = {"federation": fed, "task": TASK, "rounds": 2, "seed": 3, "state_dir": str(tmp_path / f"state-{fed}"),
+            "broker": {"url": broker.url, "protocol": broker.protocol}, "round": round_cfg,
+            "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False}}
+    data.update(round_opts)
+    return config_from_dict(data)
+
+
+def sim_update(device: str, round_: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng([zlib.crc32(device.encode()), round_])
+    return (0.01 * rng.normal(size=size)).astype(np.float32)
+
+
+def test_partial_participation_over_rounds(mosquitto, tmp_path):
+    fed = "partial"
+    devices = start_devices(mosquitto, fed, [(f"good-{i}", "good", 50 + i) for i in range(5)])
+    try:
+        cfg = config(mosquitto, tmp_path, fed, rounds=3, evaluation={"data": "digits"},
+                     round={"devices_per_round": 2, "min_updates": 2, "over_selection": 1.5, "min_devices": 5})
+        result = Coordinator(cfg).run()
+    finally:
+        stop_all(devices)
+    assert [r.round for r in result.records] == [1, 2, 3]
+    for rec in result.records:
+        assert rec.state == "closed" and rec.participants == 3 and rec.accepted == 2
+        assert rec.test_accuracy is not None and 0.0 <= rec.test_accuracy <= 1.0
+        assert rec.bytes_up > 0 and rec.bytes_down > 0 and rec.dense_bytes_up >= 2 * 4 * 650
+        assert rec.device_metrics["train_loss"] > 1.0
+    assert result.version == 3
+    db = StateDB(cfg.state_dir)
+    try:
+        assert [r["round"] for r in db.rounds()] == [1, 2, 3]
+        devs = db.devices()
+        assert len(devs) == 5 and sum(d.rounds for d in devs) == 6
+    finally:
+        db.close()
+
+
+def test_silent_device_round_closes_at_deadline(mosquitto, tmp_path):
+    fed = "silent"
+    devices = start_devices(mosquitto, fed, [("good-0", "good", 40), ("mute-0", "silent", 40)])
+    try:
+        cfg = config(mosquitto, tmp_path, fed, rounds=1,
+                     round={"devices_per_round": 2, "min_updates": 1, "over_selection": 1.0, "deadline_s": 2.0,
+                            "min_devices": 2})
+        result = Coordinator(cfg).run()
+    finally:
+        stop_all(devices)
+    (rec,) = result.records
+    assert rec.state == "closed" and rec.accepted == 1 and rec.participants == 2
+    status = {p.device: p.status for p in rec.participations}
+    assert status == {"good-0": "accepted", "mute-0": "no_answer"}
+
+
+def test_garbage_is_rejected_counted_and_leaves_the_model_alone(mosquitto, tmp_path):
+    fed = "garbage"
+    specs = [("good-0", "good", 30), ("good-1", "good", 90), ("junk-0", "garbage", 10), ("nan-0", "nan", 10),
+             ("liar-0", "impostor", 10)]
+    devices = start_devices(mosquitto, fed, specs)
+    try:
+        cfg = config(mosquitto, tmp_path, fed, rounds=1,
+                     round={"devices_per_round": 5, "min_updates": 2, "over_selection": 1.0, "deadline_s": 4.0,
+                            "min_devices": 5})
+        coord = Coordinator(cfg)
+        start = flatten_params(get_task(TASK).build_model(cfg.seed))
+        result = coord.run()
+    finally:
+        stop_all(devices)
+    (rec,) = result.records
+    assert rec.accepted == 2
+    assert rec.rejected == {"device_mismatch": 1, "malformed": 1, "non_finite": 1}
+    spec = coord.spec
+    codec = CodecConfig.from_plan(cfg.plan)
+    deltas = [decode(codec.name, encode(sim_update(d, 1, spec.size), spec, codec), spec).astype(np.float64)
+              for d in ("good-0", "good-1")]
+    want = start + ((30 * deltas[0] + 90 * deltas[1]) / 120).astype(np.float32)
+    np.testing.assert_allclose(result.vector, want, rtol=0, atol=1e-7)
+
+
+def _coordinator_cli(cfg_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _toml(broker, state: Path, fed: str, rounds: int) -> str:
+    return f"""
+federation = "{fed}"
+task = "{TASK}"
+rounds = {rounds}
+seed = 5
+state_dir = "{state}"
+[broker]
+url = "{broker.url}"
+protocol = "{broker.protocol}"
+[round]
+devices_per_round = 3
+min_updates = 3
+over_selection = 1.0
+deadline_s = 20.0
+min_devices = 3
+[plan]
+density = 0.1
+dense_below = 16
+[server_optimizer]
+name = "fedadam"
+eta = 0.01
+[publish]
+onnx = false
+"""
+
+
+def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
+    """Resume is bit-identical from the checkpoint; the rerun round sees the same selection
+    and (deterministic devices) the same updates, so the final model equals an uninterrupted
+    run up to float64 summation order of the accumulator."""
+    names = [(f"dev-{i}", "good", 20 + 10 * i) for i in range(3)]
+    cfg_path = tmp_path / "killed.toml"
+    cfg_path.write_text(_toml(mosquitto, tmp_path / "killed", "killed", 4))
+    devices = start_devices(mosquitto, "killed", names)
+    try:
+        proc = _coordinator_cli(cfg_path)
+        for line in proc.stdout:  # wait for round 2 to close, then kill while round 3 is in flight
+            if line.startswith("event=round_open round=3"):
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        before = load_checkpoint(tmp_path / "killed")
+        assert before.round == 2
+        proc = _coordinator_cli(cfg_path)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        assert "event=round_closed round=3" in out and "event=round_closed round=1" not in out
+    finally:
+        stop_all(devices)
+    after = load_checkpoint(tmp_path / "killed")
+    assert after.round == 4 and after.version == 4
+
+    ref_cfg = tmp_path / "ref.toml"
+    ref_cfg.write_text(_toml(mosquitto, tmp_path / "ref", "ref", 4))
+    devices = start_devices(mosquitto, "ref", names)
+    try:
+        proc = _coordinator_cli(ref_cfg)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+    finally:
+        stop_all(devices)
+    ref = load_checkpoint(tmp_path / "ref")
+    np.testing.assert_allclose(after.model, ref.model, rtol=0, atol=1e-6)
+    for key in ref.optimizer_state:
+        np.testing.assert_allclose(after.optimizer_state[key], ref.optimizer_state[key], rtol=1e-6, atol=1e-9)
+    db = StateDB(tmp_path / "killed")
+    try:
+        assert [r["round"] for r in db.rounds()] == [1, 2, 3, 4]
+        assert all(r["accepted"] == 3 for r in db.rounds())
+    finally:
+        db.close()
