@@ -118,7 +118,8 @@ class ParamSpec:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON / msgpack friendly): ``{"names": [...], "shapes": [[...]], "dtypes": [...], "hash": str}``."""
+        """Plain dict (JSON / msgpack friendly):
+        ``{"names": [...], "shapes": [[...]], "dtypes": [...], "hash": str}``."""
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes],
                 "dtypes": list(self.dtypes), "hash": self.hash}
 

@@ -24,7 +24,8 @@ SPEC = ParamSpec(("conv.weight", "conv.bias", "fc.weight"), ((8, 1, 5, 5), (8,),
                        min_size=1, max_size=12),
        density=st.sampled_from([0.002, 0.05, 0.5]), stochastic=st.booleans(),
        codec=st.sampled_from(["topk-int8", "topk-int8", "none"]))
-def test_received_plus_residual_equals_sum_of_updates(rounds, density, stochastic, codec) -> None:  # type: ignore[no-untyped-def]
+def test_received_plus_residual_equals_sum_of_updates(  # type: ignore[no-untyped-def]
+        rounds, density, stochastic, codec) -> None:
     cfg = CodecConfig(name=codec, density=density, block_size=32, dense_below=16, stochastic=stochastic)
     ef = ErrorFeedback(SPEC)
     rng = np.random.default_rng(0)
