@@ -49,7 +49,7 @@ from fedmq.tasks import evaluate, get_task
 #: Training settings the demo sends with each task, per data set. Chosen so that the digits
 #: demo reaches >= 90% test accuracy in 30 rounds with Top-K 1% + error feedback.
 DEMO_PLANS: dict[str, dict[str, Any]] = {
-    "digits": {"local_epochs": 2, "batch_size": 16, "lr": 0.1},
+    "digits": {"local_epochs": 5, "batch_size": 32, "lr": 0.1},
     "mnist": {"local_epochs": 1, "batch_size": 32, "lr": 0.05},
 }
 DEFAULT_TASKS = {"digits": "digits-mlp", "mnist": "mnist-cnn"}
@@ -256,10 +256,9 @@ class _ProgressPrinter:
         acc = f"{r.test_accuracy * 100:5.1f}%" if r.test_accuracy is not None else "  n/a"
         rej = sum(r.rejected.values())
         self.console.print(
-            f"round {r.round:3d}  {r.state:6s}  devices {r.accepted}/{r.participants}"
-            f"{f' (rejected {rej})' if rej else ''}  test acc {acc}  "
-            f"up {_human_bytes(r.bytes_up):>9s}  down {_human_bytes(r.bytes_down):>9s}  "
-            f"uplink ratio {_ratio(r.dense_bytes_up, r.bytes_up):7.1f}x  ({r.wall_s:.1f} s)",
+            f"round {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
+            f"acc {acc}  up {_human_bytes(r.bytes_up):>8s}  down {_human_bytes(r.bytes_down):>8s}  "
+            f"ratio {_ratio(r.dense_bytes_up, r.bytes_up):5.0f}x  {r.wall_s:4.1f} s",
             highlight=False)
 
 
@@ -274,7 +273,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         ConfigError: invalid flags. DataError: data files missing or corrupt.
         FedmqError: the broker could not be started or reached.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
         raise ConfigError(f"need devices >= 1, 1 <= per-round <= devices and rounds >= 1 "
                           f"(got {devices}, {per_round}, {rounds})")
