@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(harness.suite_names())}")
     r.add_argument("--markdown", default=str(harness.DEFAULT_MARKDOWN), help="Markdown file to regenerate")
     r.add_argument("--no-markdown", action="store_true", help="leave Markdown alone")
+    r.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     g = sub.add_parser("render", help="regenerate BENCHMARKS.md from bench.json files of one suite")
     g.add_argument("bench", nargs="+", help="bench.json files, merged in order (later suites win)")
     g.add_argument("--markdown", default=str(harness.DEFAULT_MARKDOWN))
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         only = [n.strip() for n in args.only.split(",") if n.strip()] or None
         doc = harness.run_suites(args.suite, args.out, only=only,
-                                 markdown=None if args.no_markdown else args.markdown, log=harness.main_log)
+                                 markdown=None if args.no_markdown else args.markdown,
+                                 threads=args.threads or None, log=harness.main_log)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
