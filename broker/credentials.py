@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,7 @@ def mosquitto_passwd_binary() -> str | None:
 
 def set_password(path: Path, user: str, password: str, *, hasher: str = "auto") -> str:
     """Add ``user`` to the password file ``path`` (created with mode 0600 if missing) or
-    replace its password.
+    replace its password. An existing file keeps its mode and group.
 
     Args:
         path: mosquitto password file.
@@ -165,7 +166,16 @@ def set_password(path: Path, user: str, password: str, *, hasher: str = "auto") 
         path.parent.mkdir(parents=True, exist_ok=True)
         if binary is None:
             users[user] = hash_password(password)
+            before = path.stat() if path.exists() else None
             atomic_write_text(path, "".join(f"{name}:{encoded}\n" for name, encoded in users.items()))
+            if before is not None:
+                # The broker may read the file through its group (chgrp 1883, mode 0640 for
+                # the docker image): the new file keeps the old one's mode and group.
+                os.chmod(path, stat.S_IMODE(before.st_mode))
+                try:
+                    os.chown(path, -1, before.st_gid)
+                except PermissionError:
+                    pass
             return "fedmq"
         if not path.exists():
             # mosquitto_passwd without -c updates an existing file only; -c would need the

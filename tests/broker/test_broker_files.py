@@ -9,7 +9,6 @@ there is no engine), so the compose file is checked by parsing it.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -33,7 +32,7 @@ def test_render_changes_only_folders_and_ports(tmp_path):
     changed = [(a, b) for a, b in zip(shipped, rendered, strict=False) if a != b]
     assert ("listener 1883 127.0.0.1", "listener 4100 127.0.0.1") in changed
     assert ("listener 8883", "listener 4101") in changed
-    assert (f"password_file /mosquitto/config/auth/passwd", f"password_file {tmp_path}/cfg/auth/passwd") in changed
+    assert ("password_file /mosquitto/config/auth/passwd", f"password_file {tmp_path}/cfg/auth/passwd") in changed
     assert ("persistence_location /mosquitto/data/", f"persistence_location {tmp_path}/data/") in changed
     assert ("log_dest file /mosquitto/log/mosquitto.log", f"log_dest file {tmp_path}/log/mosquitto.log") in changed
     assert len(changed) == 9  # 2 listeners + passwd, acl, 3 TLS files, persistence, log

@@ -42,6 +42,10 @@ def test_set_password_adds_and_replaces_entries_privately(tmp_path, hasher):
     assert sorted(users) == ["dev1", "dev2"]
     assert cred.verify_password("uno", users["dev1"]) and cred.verify_password("two", users["dev2"])
     assert stat.S_IMODE(passwd.stat().st_mode) == 0o600
+    passwd.chmod(0o640)  # as for the docker image's broker, reading through its group
+    cred.set_password(passwd, "dev3", "three", hasher=hasher)
+    assert stat.S_IMODE(passwd.stat().st_mode) == 0o640
+    assert sorted(cred.read_password_file(passwd)) == ["dev1", "dev2", "dev3"]
 
 
 def test_coordinator_accounts_round_trip_through_the_acl(tmp_path):

@@ -36,9 +36,10 @@ def test_both_hash_formats_are_accepted(deployment, peers):
         peers(deployment.peer(name)).connect_ok()
 
 
-def test_connack_announces_the_shipped_max_packet_size(deployment, peers):
+def test_connack_announces_the_shipped_packet_and_inflight_limits(deployment, peers):
     props = peers(deployment.peer("dev-a")).connect_ok()
     assert props.MaximumPacketSize == 1048576
+    assert props.ReceiveMaximum == 100
 
 
 def test_device_writes_only_its_own_status_and_updates(deployment, peers):
