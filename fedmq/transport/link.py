@@ -298,7 +298,14 @@ class MqttLink:
         """Largest payload (bytes) a publish on ``topic`` may carry under the broker's
         Maximum Packet Size (MQTT's own limit when the broker set none)."""
         limit = self.broker_max_packet or MQTT_MAX_PACKET
-        return limit - publish_packet_size(topic, 0, qos=qos, protocol=self.settings.protocol) - 4
+        fixed = publish_packet_size(topic, 0, qos=qos, protocol=self.settings.protocol)
+        best = 0
+        # The remaining-length field grows with the payload: try each of its 1..4 sizes.
+        for extra in range(4):
+            payload = limit - fixed - extra
+            if payload > 0 and publish_packet_size(topic, payload, qos=qos, protocol=self.settings.protocol) <= limit:
+                best = max(best, payload)
+        return best
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Publish:
         """Queue a publish (thread-safe, non-blocking). If the link is down, paho keeps a

@@ -223,6 +223,8 @@ class BlobReceiver:
             tid, index = unpack_chunk_header(early)
             if tid == m.transfer_id:
                 done = self._store(base, t, index, early, now) or done
+        if done is None and t.remaining == 0 and base in self._transfers:  # an empty blob
+            done = self._finish(base, t)
         return done
 
     def _on_chunk(self, base: str, index: int, payload: bytes, now: float) -> CompletedBlob | None:

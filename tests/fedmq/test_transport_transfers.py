@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedmq import topics
+from fedmq.errors import TransportError
 from fedmq.messages import ModelPointer, Receipt
 from fedmq.transport import (BlobReceiver, BlobSender, BrokerSettings, CompletedBlob, MqttLink, TransferRequest,
                              clear_blob, fetch_blob, fetch_model, publish_model, request_repairs)
@@ -43,8 +44,11 @@ class FaultyLink(MqttLink):
         self.drop = set(drop)
         self.hold = hold
         self.gate = threading.Event()
+        self.dead = False
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Publish:
+        if self.dead:
+            raise TransportError("this device is dead")
         index = int(topic.rsplit("/c/", 1)[1]) if "/c/" in topic else None
         if index is not None and index == self.hold:
             assert self.gate.wait(WAIT), "test never released the held chunk"
@@ -217,8 +221,8 @@ def test_corrupt_retained_chunk_is_fetched_again(any_broker, tmp_path):
     assert blob.data == model and blob.transfer_id == info.transfer_id
     # Clearing the superseded version leaves nothing retained under its base.
     assert clear_blob(link, base) == info.count
-    assert _retained_copy(link, topics.blob_manifest(base), timeout=1.0) is None
-    assert _retained_copy(link, topics.blob_chunk(base, 0), timeout=1.0) is None
+    assert _retained_copy(link, topics.blob_manifest(base), timeout=0.5) is None
+    assert _retained_copy(link, topics.blob_chunk(base, 0), timeout=0.5) is None
     link.close()
 
 
@@ -256,7 +260,8 @@ def test_sender_dying_half_way_is_dropped_then_retried(any_broker, tmp_path):
 
     drain_until(lambda: receiver.manifest(base) is not None
                 and len(receiver.missing(base)) == receiver.manifest(base).count - 6)
-    dying._client.loop_stop()  # the device dies: no more packets, no clean disconnect
+    dying.dead = True  # the device dies: no more packets, no clean disconnect
+    dying._client.loop_stop()
     dying._client.socket().close()
     assert receiver.pending() == [base]
     clock[0] += 31.0

@@ -1,0 +1,201 @@
+"""Broker settings, the launchers and MqttLink against real brokers: packet-size limit,
+last will, password files, TLS with client certificates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import queue
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker.launch import BrokerLaunchError, start_mosquitto
+from fedmq import topics
+from fedmq.errors import ConfigError, TransportError
+from fedmq.messages import Status
+from fedmq.transport import BrokerSettings, MqttLink, Will, parse_broker_url, publish_packet_size
+
+WAIT = 30.0
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("mqtt://broker.lan:1884", ("broker.lan", 1884, False)),
+    ("mqtt://broker.lan", ("broker.lan", 1883, False)),
+    ("mqtts://broker.lan", ("broker.lan", 8883, True)),
+    ("ssl://10.0.0.2:9999", ("10.0.0.2", 9999, True)),
+    ("broker.lan", ("broker.lan", 1883, False)),
+    ("127.0.0.1:2000", ("127.0.0.1", 2000, False)),
+    ("mqtt://[::1]:1999", ("::1", 1999, False)),
+])
+def test_parse_broker_url(url, expected):
+    assert parse_broker_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("", "empty"), ("http://x", "scheme"), ("mqtt://u:p@x", "credentials"), ("mqtt://x:99999", "port"),
+    ("mqtt://x/path", "path"), ("mqtt://:1883", "no host"),
+])
+def test_bad_broker_urls_are_named(url, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_broker_url(url)
+
+
+def test_settings_validation_names_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="protocol"):
+        BrokerSettings(protocol="4")
+    with pytest.raises(ConfigError, match="use mqtts"):
+        BrokerSettings(url="mqtt://x", ca_file=str(tmp_path))
+    with pytest.raises(ConfigError, match=str(tmp_path / "nope")):
+        BrokerSettings(url="mqtts://x", ca_file=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="both"):
+        BrokerSettings(url="mqtts://x", cert_file=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"broker: unknown option\(s\) \['pasword_file'\]"):
+        BrokerSettings.from_mapping({"pasword_file": "x"})
+    with pytest.raises(ConfigError, match="keepalive: expected a number"):
+        BrokerSettings.from_mapping({"keepalive": "30"})
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=f"{empty} is empty"):
+        BrokerSettings(username="dev1", password_file=str(empty)).credentials()
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    with pytest.raises(ConfigError, match="no username"):
+        BrokerSettings(password_file=str(secret)).credentials()
+    settings = BrokerSettings.from_mapping({"url": "mqtt://h:1", "protocol": 5, "username": "dev1",
+                                            "password_file": str(secret), "session_expiry": 60})
+    assert settings.credentials() == ("dev1", "s3cret") and settings.persistent
+    assert not settings.with_(protocol="3.1.1").persistent
+
+
+def test_missing_mosquitto_binary_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMQ_MOSQUITTO", str(tmp_path / "no-such-mosquitto"))
+    with pytest.raises(BrokerLaunchError, match="no-such-mosquitto"):
+        start_mosquitto(tmp_path)
+
+
+def test_bad_mosquitto_config_reports_its_log(tmp_path):
+    with pytest.raises(BrokerLaunchError, match="exited"):
+        start_mosquitto(tmp_path, extra_conf="no_such_option 1")
+
+
+def test_packet_size_formula_matches_what_mosquitto_accepts(mosquitto_factory):
+    broker = mosquitto_factory(extra_conf="max_packet_size 4096")
+    link = MqttLink(BrokerSettings(url=broker.url), "sizer").connect()
+    sub = MqttLink(BrokerSettings(url=broker.url), "watcher").connect()
+    sub.subscribe("size/#")
+    assert link.broker_max_packet == 4096
+    topic = "size/exact"
+    largest = link.max_payload(topic)
+    assert publish_packet_size(topic, largest) == 4096
+    with pytest.raises(TransportError, match="exceeds the broker's maximum packet size 4096"):
+        link.publish(topic, b"x" * (largest + 1))
+    link.publish_wait(topic, b"y" * largest, timeout=WAIT)
+    assert sub.inbox.get(timeout=WAIT).payload == b"y" * largest
+    assert link.connected and link.disconnects == 0
+    link.close()
+    sub.close()
+
+
+_WILL_CHILD = """
+import sys
+from fedmq.transport import BrokerSettings, MqttLink, Will
+from fedmq.messages import Status
+from fedmq import topics
+url, protocol = sys.argv[1], sys.argv[2]
+will = Will(topics.status("f", "dev7"), Status(device="dev7", online=False).to_bytes())
+link = MqttLink(BrokerSettings(url=url, protocol=protocol, keepalive=5), "dev7", will=will).connect()
+link.publish_wait(topics.status("f", "dev7"), Status(device="dev7", online=True).to_bytes(), retain=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_last_will_marks_a_crashed_device_offline(broker):
+    observer = MqttLink(BrokerSettings(url=broker.url, protocol=broker.protocol), "observer").connect()
+    observer.subscribe(topics.status("f", "dev7"))
+    child = subprocess.Popen([sys.executable, "-c", _WILL_CHILD, broker.url, broker.protocol],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        assert Status.from_bytes(observer.inbox.get(timeout=WAIT).payload).online
+        child.kill()
+        child.wait(WAIT)
+        will = Status.from_bytes(observer.inbox.get(timeout=WAIT).payload)
+        assert will.device == "dev7" and not will.online
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        observer.close()
+
+
+def test_password_file_login_and_refusal(mosquitto_factory, tmp_path):
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "dev1", "right-password"], check=True)
+    broker = mosquitto_factory(conf_text=f"allow_anonymous false\npassword_file {passwd}")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("right-password\n")
+    bad.write_text("wrong-password\n")
+    link = MqttLink(BrokerSettings(url=broker.url, username="dev1", password_file=str(good)), "dev1").connect()
+    link.publish_wait("fedmq/f/status/dev1", b"hello", timeout=WAIT)
+    link.close()
+    refused = MqttLink(BrokerSettings(url=broker.url, username="dev1", password_file=str(bad)), "dev1b")
+    with pytest.raises(TransportError, match="refused"):
+        refused.connect(timeout=WAIT)
+    anonymous = MqttLink(BrokerSettings(url=broker.url), "anon")
+    with pytest.raises(TransportError, match="refused"):
+        anonymous.connect(timeout=WAIT)
+
+
+def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, san: x509.SubjectAlternativeName | None = None):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_pem(folder: Path, name: str, cert, key) -> tuple[str, str]:
+    crt, pem = folder / f"{name}.crt", folder / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return str(crt), str(pem)
+
+
+def test_tls_with_client_certificate(mosquitto_factory, tmp_path):
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmq test CA")])
+    ca = _cert("fedmq test CA", ca_key, ca_name, ca_key, ca=True)
+    ca_file, _ = _write_pem(tmp_path, "ca", ca, ca_key)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("127.0.0.1", server_key, ca_name, ca_key, ca=False,
+                   san=x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    server_crt, server_pem = _write_pem(tmp_path, "server", server, server_key)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_crt, client_pem = _write_pem(tmp_path, "dev1", _cert("dev1", client_key, ca_name, ca_key, ca=False),
+                                        client_key)
+    broker = mosquitto_factory(conf_text=(f"cafile {ca_file}\ncertfile {server_crt}\nkeyfile {server_pem}\n"
+                                          "require_certificate true\nuse_identity_as_username true\n"
+                                          "allow_anonymous false"))
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    link = MqttLink(BrokerSettings(url=url, ca_file=ca_file, cert_file=client_crt, key_file=client_pem),
+                    "dev1").connect()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    link.subscribe("fedmq/f/task/dev1", inbox=inbox)
+    link.publish_wait("fedmq/f/task/dev1", b"over tls", timeout=WAIT)
+    assert inbox.get(timeout=WAIT).payload == b"over tls"
+    link.close()
+    no_client_cert = MqttLink(BrokerSettings(url=url, ca_file=ca_file, connect_timeout=1.5), "dev2")
+    with pytest.raises(TransportError):
+        no_client_cert.connect()
+    no_client_cert.close()
