@@ -1,0 +1,152 @@
+"""Device cost of one round: McMahan MNIST CNN (task ``mnist-cnn``), 800 local samples
+(client 0 of the MNIST-10k IID split over 10 devices), 1 local epoch, batch 32, on one core.
+
+Measured in a fresh child process pinned to one CPU with one torch thread, so that its peak
+resident set size is the device's alone: local training time, compression time (error
+feedback + topk-int8 encode + decode of what is sent), envelope encode time, durable
+commit time (residual + update written atomically, fsync included), bytes sent per round,
+and the process's peak RSS. Targets (issue 5): compression under 5% of training time,
+peak RSS under 400 MB.
+
+``python -m benchmarks.device`` prints the JSON result; ``run(quick)`` returns it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = dict(local_epochs=1, local_steps=0, batch_size=32, lr=0.05, density=0.01)
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _worker(rounds: int, data: str) -> dict:
+    """One device, ``rounds`` rounds, in this process (the child), on the .npz at ``data``."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    import edge_client.agent  # noqa: F401  - the agent's imports (paho, onnx-free path) count in RSS
+    from edge_client.localdata import load_local_data
+    from edge_client.state import DeviceState
+    from edge_client.training import split_holdout, train_local
+    from fedmq.codec import CodecConfig
+    from fedmq.envelope import ClientUpdate, encode_update
+    from fedmq.messages import TrainPlan
+    from fedmq.params import ParamSpec
+    from fedmq.tasks import get_task
+
+    rss_after_import = _rss_mb()
+    task = get_task("mnist-cnn")
+    x, y = load_local_data(data, task)
+    xt, yt, _, _ = split_holdout(x, y, 0.0, 0)
+    model = task.build_model(0)
+    spec = ParamSpec.from_module(model)
+    plan = TrainPlan(**PLAN)
+    codec = CodecConfig.from_plan(plan)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmq-bench-device-") as tmp:
+        state = DeviceState(tmp)
+        feedback = state.load_feedback(spec)
+        for r in range(rounds):
+            result = train_local(model, xt, yt, plan, rng=np.random.default_rng([0, r]))
+            t0 = time.perf_counter()
+            payload, _ = feedback.compress(result.update, codec)
+            t1 = time.perf_counter()
+            data = encode_update(ClientUpdate(federation="bench", device="dev-0", round=r, base_version=r,
+                                              samples=result.samples, kind=result.kind, spec_hash=spec.hash,
+                                              codec=codec.name, payload=payload, metrics=result.metrics))
+            t2 = time.perf_counter()
+            state.begin_update(feedback, data, round=r, transfer_id=f"{r:032x}", base_version=r, deadline=0.0)
+            state.commit()
+            t3 = time.perf_counter()
+            rows.append({"round": r, "train_s": result.seconds, "steps": result.steps,
+                         "compress_s": t1 - t0, "envelope_s": t2 - t1, "commit_s": t3 - t2,
+                         "bytes_sent": len(data), "train_loss": result.metrics["train_loss"]})
+    return {"samples": int(len(yt)), "parameters": spec.size, "dense_bytes": 4 * spec.size, "rows": rows,
+            "rss_after_import_mb": rss_after_import, "peak_rss_mb": _rss_mb(),
+            "torch": torch.__version__, "cpu": _cpu()}
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run(quick: bool) -> dict:
+    """Measure ``2`` (quick) or ``5`` rounds in a child process; returns the figures
+    (seconds, bytes, MB) with the median per-round values at the top level."""
+    from fedmq.data import mnist10k_partitions, mnist10k_split, save_npz_atomic
+
+    rounds = 2 if quick else 5
+    x_train, y_train, _, _ = mnist10k_split()
+    part = mnist10k_partitions(10, "iid", y_train=y_train)[0]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory(prefix="fedmq-bench-device-") as tmp:
+        # The device holds only its own partition, as an .npz like the demo writes.
+        data = Path(tmp) / "part.npz"
+        save_npz_atomic(data, x_train[part], y_train[part])
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.device", "--worker", str(rounds), str(data)],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"device benchmark worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = raw["rows"]
+
+    def median(key: str) -> float:
+        return float(sorted(r[key] for r in rows)[len(rows) // 2])
+
+    train_s, compress_s = median("train_s"), median("compress_s")
+    bytes_sent = median("bytes_sent")
+    result = {
+        "task": "mnist-cnn", "samples": raw["samples"], "parameters": raw["parameters"],
+        "plan": PLAN, "rounds": rounds, "cpu": raw["cpu"], "torch": raw["torch"], "threads": 1,
+        "train_s": train_s, "compress_s": compress_s, "compress_fraction_of_train": compress_s / train_s,
+        "envelope_s": median("envelope_s"), "commit_s": median("commit_s"),
+        "bytes_sent": int(bytes_sent), "compression_ratio": raw["dense_bytes"] / bytes_sent,
+        "peak_rss_mb": raw["peak_rss_mb"], "rss_after_import_mb": raw["rss_after_import_mb"],
+        "targets_met": {"compress_under_5pct_of_train": compress_s / train_s < 0.05,
+                        "peak_rss_under_400mb": raw["peak_rss_mb"] < 400},
+    }
+    result["tables"] = [{
+        "title": "Per round, one core (median over rounds)",
+        "columns": ["train (s)", "compress (s)", "compress / train", "envelope (s)", "commit (s)", "bytes sent",
+                    "ratio vs dense fp32", "peak RSS (MB)"],
+        "rows": [[f"{train_s:.2f}", f"{compress_s:.3f}", f"{compress_s / train_s:.1%}", f"{result['envelope_s']:.4f}",
+                  f"{result['commit_s']:.3f}", f"{int(bytes_sent):,}", f"{result['compression_ratio']:.0f}x",
+                  f"{raw['peak_rss_mb']:.0f}"]],
+    }]
+    result["notes"] = [f"{raw['samples']} samples, 1 epoch of batch 32 ({rows[0]['steps']} steps), density 1%, "
+                       f"{raw['parameters']:,} parameters; CPU {raw['cpu']}, torch {raw['torch']}.",
+                       "Peak RSS is the child process's ru_maxrss (imports, its 800-sample .npz, model, residual, "
+                       "state files); the first round includes torch's warm-up."]
+    return result
+
+
+def smoke() -> dict:
+    return run(quick=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(int(sys.argv[2]), sys.argv[3])))
+    else:
+        print(json.dumps(run(quick="--full" not in sys.argv), indent=2))
