@@ -265,7 +265,7 @@ class _ProgressPrinter:
 def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: str | None = None,
              data: str = "digits", data_dir: Path | None = None, partition_scheme: str = "iid",
              alpha: float = 0.5, codec: str = "topk-int8", density: float = 0.01, broker: str | None = None,
-             out: Path | None = None, seed: int = 0, deadline_s: float = 60.0,
+             protocol: str = "5", out: Path | None = None, seed: int = 0, deadline_s: float = 60.0,
              console: Console | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
@@ -298,7 +298,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         broker_proc = start_embedded(log_dir=work / "broker")
         broker_url, protocol = f"mqtt://127.0.0.1:{broker_proc.port}", "3.1.1"
     else:
-        broker_url, protocol = broker, "5"
+        broker_url = broker
     console.print(f"fedmq demo: {devices} devices, {per_round} per round, {rounds} rounds, task {task_name}, "
                   f"data {dataset.name} ({partition_scheme}), codec {codec}"
                   f"{f' density {density:g}' if codec != 'none' else ''}, broker {broker_url}"
@@ -389,6 +389,7 @@ def demo_command(
     codec: str = typer.Option("topk-int8", help="topk-int8 (Top-K + int8 + error feedback) or none (dense float32)."),
     density: float = typer.Option(0.01, help="Fraction of each tensor's entries sent (topk-int8)."),
     broker: str = typer.Option(None, help="Broker URL (e.g. mqtt://127.0.0.1:1883); default: embedded broker."),
+    protocol: str = typer.Option("5", help="MQTT protocol with --broker: 5 or 3.1.1 (the embedded broker is 3.1.1)."),
     out: Path = typer.Option(None, help="Folder for summary.json, rounds.csv, model files and the plot."),
     seed: int = typer.Option(0, help="Seed of model initialisation, sampling and local shuffling."),
     deadline: float = typer.Option(60.0, help="Round deadline, seconds."),
@@ -397,7 +398,7 @@ def demo_command(
     try:
         run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
-                 broker=broker, out=out, seed=seed, deadline_s=deadline)
+                 broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
