@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,9 +78,9 @@ class Coordinator:
                                sha256=hashlib.sha256(self.global_bytes).hexdigest())
         publish_model(self.link, FED, 1, self.global_bytes, pointer)
 
-    def task(self, round: int, deadline_in: float = 120.0) -> None:
+    def task(self, round: int, deadline_in: float = 120.0, plan: TrainPlan = PLAN) -> None:
         task = Task(federation=FED, device=DEV, round=round, model_version=1, spec_hash=self.spec.hash,
-                    deadline=time.time() + deadline_in, plan=PLAN)
+                    deadline=time.time() + deadline_in, plan=plan)
         self.link.publish_wait(topics.task(FED, DEV), task.to_bytes(), retain=True)
 
     def next_update(self, timeout: float = 60.0) -> tuple[str, bytes]:
@@ -120,9 +121,9 @@ class Device:
         self.log = tmp / "device.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, pause_at: str | None = None) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_EDGE_")}
-        env["PYTHONPATH"] = str(ROOT)
+    def start(self, pause_at: str | None = None, **extra_env: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDMQ_EDGE_", "NOTIFY_", "WATCHDOG_"))}
+        env.update(extra_env, PYTHONPATH=str(ROOT))
         if pause_at:
             env.update(FEDMQ_EDGE_TEST_PAUSE_AT=pause_at, FEDMQ_EDGE_TEST_PAUSE_FILE=str(self.pause_file))
         self.pause_file.unlink(missing_ok=True)
@@ -284,3 +285,21 @@ def test_no_receipt_by_the_deadline_rolls_back(coord, device):
     assert rec["last_round"] == 1
     np.testing.assert_allclose(device.residual(coord.spec), true_update(coord, device, 1), atol=2e-5)
     assert not np.allclose(sent, 0)
+
+
+def test_watchdog_keeps_pinging_while_training(coord, device, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(60)
+        # WatchdogSec=0.4 s: a ping every 0.2 s; local training below lasts well over that.
+        device.start(NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
+        coord.task(1, plan=TrainPlan(local_steps=3000, local_epochs=0, batch_size=64, lr=0.05, seed=3))
+        seen: list[str] = []
+        while not any(m.startswith("STATUS=round 1: sending") for m in seen):
+            seen.append(sock.recv(4096).decode())
+        device.stop()
+    assert seen[0].startswith("READY=1")
+    training = seen.index("STATUS=round 1: training")
+    during = seen[training + 1:-1]
+    assert during.count("WATCHDOG=1") >= 2, seen
