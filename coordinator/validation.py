@@ -33,6 +33,8 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedmq.codec import NonFiniteError, SparseUpdate, decode_sparse
 from fedmq.envelope import ClientUpdate, decode_update
 from fedmq.errors import SpecMismatchError, WireError
@@ -168,7 +170,9 @@ class RoundGate:
             return Rejected("non_finite", str(exc), upd)
         except WireError as exc:
             return Rejected("malformed", str(exc), upd)
-        norm = sparse.l2_norm()
+        # Not SparseUpdate.l2_norm: its np.dot goes through multi-threaded BLAS, which on a
+        # busy host costs milliseconds per call in thread wake-ups (measured 7.8 ms vs 0.01 ms).
+        norm = math.sqrt(float(np.square(sparse.values, dtype=np.float64).sum()))
         if not math.isfinite(norm):
             return Rejected("non_finite", f"L2 norm {norm}", upd)
         if self.norm_bound is not None and norm > self.norm_bound:

@@ -85,7 +85,7 @@ def test_silent_device_round_closes_at_deadline(mosquitto, tmp_path):
     fed = "silent"
     devices = start_devices(mosquitto, fed, [("good-0", "good", 40), ("mute-0", "silent", 40)])
     try:
-        cfg = config(mosquitto, tmp_path, fed, rounds=1,
+        cfg = config(mosquitto, tmp_path, fed, rounds=1, publish={"onnx": True},
                      round={"devices_per_round": 2, "min_updates": 1, "over_selection": 1.0, "deadline_s": 2.0,
                             "min_devices": 2})
         result = Coordinator(cfg).run()
@@ -95,6 +95,20 @@ def test_silent_device_round_closes_at_deadline(mosquitto, tmp_path):
     assert rec.state == "closed" and rec.accepted == 1 and rec.participants == 2
     status = {p.device: p.status for p in rec.participations}
     assert status == {"good-0": "accepted", "mute-0": "no_answer"}
+    # The new global model and its ONNX export are retained on the broker, for late joiners.
+    from fedmq.modelio import OnnxPredictor, model_from_safetensors
+    from fedmq.transport.flows import fetch_model
+    from fedmq.transport.link import MqttLink
+    with MqttLink(cfg.broker, client_id="checker") as link:
+        pointer, blob = fetch_model(link, fed, timeout=20)
+        onnx_pointer, onnx_blob = fetch_model(link, fed, kind="onnx", timeout=20)
+    assert pointer.version == onnx_pointer.version == 1 and onnx_pointer.format == "onnx"
+    fetched = get_task(TASK).build_model(0)
+    model_from_safetensors(blob.data, fetched)
+    np.testing.assert_array_equal(flatten_params(fetched), result.vector)
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    np.testing.assert_allclose(OnnxPredictor(onnx_blob.data).logits(x),
+                               result.model(__import__("torch").from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_garbage_is_rejected_counted_and_leaves_the_model_alone(mosquitto, tmp_path):
@@ -200,3 +214,36 @@ def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
         assert all(r["accepted"] == 3 for r in db.rounds())
     finally:
         db.close()
+
+
+def test_cli_status_and_export_after_a_run(mosquitto, tmp_path):
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+    from fedmq.modelio import OnnxPredictor
+
+    fed = "clifed"
+    devices = start_devices(mosquitto, fed, [("good-0", "good", 40)])
+    try:
+        cfg = config(mosquitto, tmp_path, fed, rounds=1,
+                     round={"devices_per_round": 1, "min_updates": 1, "over_selection": 1.0, "min_devices": 1})
+        result = Coordinator(cfg).run()
+    finally:
+        stop_all(devices)
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(f'federation = "{fed}"\ntask = "{TASK}"\nseed = 3\nstate_dir = "{cfg.state_dir}"\n')
+    runner = CliRunner()
+    out = runner.invoke(app, ["status", "-c", str(cfg_path)])
+    assert out.exit_code == 0, out.output
+    assert "good-0" in out.output and "last finished round 1" in out.output
+    onnx_path = tmp_path / "model.onnx"
+    out = runner.invoke(app, ["export", "-c", str(cfg_path), "--format", "onnx", "--out", str(onnx_path)])
+    assert out.exit_code == 0, out.output
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    model = result.model
+    import torch
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(OnnxPredictor(onnx_path).logits(x), want, rtol=1e-4, atol=1e-5)
+    out = runner.invoke(app, ["export", "-c", str(cfg_path), "--format", "pickle", "--out", str(onnx_path)])
+    assert out.exit_code == 2 and "onnx or safetensors" in out.output

@@ -1,0 +1,208 @@
+"""Coordinator ingest benchmark: client updates of the MNIST CNN (1,663,370 parameters,
+McMahan et al. 2017) at density 1%, topk-int8.
+
+Three figures:
+
+* ``memory_path``: updates per second through the coordinator's validation and
+  aggregation from in-memory messages, one core: envelope decode + round checks +
+  ``decode_sparse`` + ``add_into`` (coordinator.validation.RoundGate.check then
+  coordinator.aggregation.WeightedMean.add). Target >= 2,000 updates/s.
+* ``mosquitto_path``: updates per second end to end through a mosquitto on loopback:
+  publisher processes send blobs (fedmq.transport BlobSender) on the update topics; the
+  coordinator's own message handling (``Coordinator._pump``: blob reassembly, validation,
+  accumulation, a receipt per update) consumes them. Target >= 1,000 updates/s. On a
+  2-core machine the publishers, the broker and the coordinator share the cores.
+* ``memory_growth``: resident memory (VmRSS) of the in-memory path after 100 updates and
+  after 10,000 (quick: 2,000) updates of one round; target growth under 10%.
+
+Update payloads are real Top-K int8 encodings of random-normal vectors (20 distinct
+payloads, each wrapped in an envelope per device), so decoding does the real work.
+
+    python -m benchmarks.ingest [--full]     prints the result as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from typing import Any
+
+# One core: keep BLAS and OpenMP pools (numpy, torch) to one thread, in this process and
+# in the publisher processes it spawns.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+TARGETS = {"memory_updates_per_s": 2000.0, "mosquitto_updates_per_s": 1000.0, "rss_growth_fraction": 0.10}
+FED = "bench"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _payloads(n_distinct: int = 20) -> tuple[Any, list[bytes]]:
+    from fedmq.codec import CodecConfig, encode
+    from fedmq.params import ParamSpec
+    from fedmq.tasks import get_task
+
+    spec = ParamSpec.from_module(get_task("mnist-cnn").build_model(0))
+    rng = np.random.default_rng(0)
+    cfg = CodecConfig(name="topk-int8", density=0.01)
+    return spec, [encode(rng.normal(size=spec.size).astype(np.float32), spec, cfg) for _ in range(n_distinct)]
+
+
+def _envelope(spec: Any, payload: bytes, device: str) -> bytes:
+    from fedmq.envelope import ClientUpdate, encode_update
+    return encode_update(ClientUpdate(federation=FED, device=device, round=1, base_version=0, samples=100,
+                                      kind="delta", spec_hash=spec.hash, codec="topk-int8", payload=payload,
+                                      metrics={"train_loss": 0.5}))
+
+
+def _gate(spec: Any, devices: list[str]) -> Any:
+    from coordinator.validation import RoundGate
+    known = set(devices)
+    return RoundGate(FED, spec, 1, 0, "delta", frozenset(devices), known.__contains__, 32 << 20, None)
+
+
+def memory_path(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
+    from coordinator.aggregation import WeightedMean
+    from coordinator.validation import Accepted
+
+    devices = [f"d{i}" for i in range(n)]
+    messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
+    gate = _gate(spec, devices)
+    acc = WeightedMean(spec.size)
+    t = time.perf_counter()
+    for i, (device, data) in enumerate(zip(devices, messages)):
+        res = gate.check(device, f"t{i}", data)
+        assert isinstance(res, Accepted), res
+        acc.add(res.sparse, float(res.update.samples))
+    seconds = time.perf_counter() - t
+    return {"updates": n, "seconds": round(seconds, 3), "updates_per_s": round(n / seconds, 1),
+            "envelope_bytes": len(messages[0])}
+
+
+def memory_growth(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
+    """RSS after 100 and after ``n`` updates of one round (envelopes built on the fly)."""
+    from coordinator.aggregation import WeightedMean
+    from coordinator.validation import Accepted
+
+    devices = [f"d{i}" for i in range(n)]
+    gate = _gate(spec, devices)
+    acc = WeightedMean(spec.size)
+    rss_100 = 0
+    for i, device in enumerate(devices):
+        res = gate.check(device, f"t{i}", _envelope(spec, payloads[i % len(payloads)], device))
+        assert isinstance(res, Accepted)
+        acc.add(res.sparse, 100.0)
+        if i + 1 == 100:
+            rss_100 = _rss_bytes()
+    rss_n = _rss_bytes()
+    return {"updates": n, "rss_after_100": rss_100, f"rss_after_{n}": rss_n,
+            "growth_fraction": round((rss_n - rss_100) / rss_100, 4)}
+
+
+def _publisher(url: str, devices: list[str], payloads: list[bytes], spec_dict: dict[str, Any], ready: Any,
+               go: Any) -> None:
+    from fedmq import topics
+    from fedmq.params import ParamSpec
+    from fedmq.transport.link import MqttLink
+    from fedmq.transport.sender import BlobSender
+    from fedmq.transport.settings import BrokerSettings
+
+    spec = ParamSpec.from_dict(spec_dict)
+    blobs = [(d, _envelope(spec, payloads[i % len(payloads)], d)) for i, d in enumerate(devices)]
+    link = MqttLink(BrokerSettings(url=url), inflight=64).connect()
+    sender = BlobSender(link, keep=0)
+    ready.set()
+    go.wait()
+    for i, (device, data) in enumerate(blobs):
+        sender.send(topics.update_base(FED, device, f"t{i}"), data)
+    link.close()
+
+
+def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from broker.launch import start_mosquitto
+    from coordinator.aggregation import WeightedMean
+    from coordinator.config import config_from_dict
+    from coordinator.presence import Device
+    from coordinator.service import Coordinator, _RoundState
+    from fedmq import topics
+    from fedmq.transport.link import MqttLink
+    from fedmq.transport.receiver import BlobReceiver
+
+    devices = [f"d{i}" for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = start_mosquitto(Path(tmp), extra_conf="max_queued_messages 100000\n")
+        try:
+            cfg = config_from_dict({"federation": FED, "task": "mnist-cnn", "state_dir": str(Path(tmp) / "state"),
+                                    "broker": {"url": broker.url}, "publish": {"onnx": False}})
+            coord = Coordinator(cfg)
+            for d in devices:
+                coord.registry.devices[d] = Device(d, online=True, task="mnist-cnn", spec_hash=spec.hash)
+            coord.link = MqttLink(cfg.broker, client_id="bench-coordinator", inflight=256).connect()
+            coord.receiver = BlobReceiver(max_size=cfg.limits.max_update_bytes)
+            coord.link.subscribe(topics.update_filter(FED), inbox=coord.inbox)
+            gate = _gate(spec, devices)
+            st = _RoundState(1, 0, devices, n, time.time() + 3600, time.time(), WeightedMean(spec.size))
+            ctx = mp.get_context("spawn")
+            go = ctx.Event()
+            procs, readies = [], []
+            for k in range(publishers):
+                ready = ctx.Event()
+                p = ctx.Process(target=_publisher, args=(broker.url, devices[k::publishers], payloads,
+                                                         spec.to_dict(), ready, go))
+                p.start()
+                procs.append(p)
+                readies.append(ready)
+            for r in readies:
+                if not r.wait(120):
+                    raise RuntimeError("a publisher process did not start within 120 s")
+            t = time.perf_counter()
+            go.set()
+            last = time.monotonic()
+            while st.acc.count + sum(st.rejected.values()) < n and time.monotonic() - last < 30:
+                if coord._pump(gate, st, 1.0):
+                    last = time.monotonic()
+            seconds = time.perf_counter() - t
+            for p in procs:
+                p.join(60)
+            coord.link.close()
+        finally:
+            broker.stop()
+    return {"updates_sent": n, "accepted": st.acc.count, "rejected": dict(st.rejected), "publishers": publishers,
+            "seconds": round(seconds, 3), "updates_per_s": round(st.acc.count / seconds, 1),
+            "bytes_up": st.bytes_up}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import torch
+    torch.set_num_threads(1)
+    spec, payloads = _payloads()
+    n_mem = 1000 if quick else 5000
+    mem = memory_path(spec, payloads, n_mem)
+    wire = mosquitto_path(spec, payloads, 1000 if quick else 5000, publishers=2 if quick else 4)
+    growth = memory_growth(spec, payloads, 2000 if quick else 10000)
+    return {
+        "model": "mnist-cnn", "parameters": spec.size, "density": 0.01, "cpu_count": os.cpu_count(),
+        "memory_path": mem, "mosquitto_path": wire, "memory_growth": growth, "targets": TARGETS,
+        "meets": {"memory_updates_per_s": mem["updates_per_s"] >= TARGETS["memory_updates_per_s"],
+                  "mosquitto_updates_per_s": wire["updates_per_s"] >= TARGETS["mosquitto_updates_per_s"],
+                  "rss_growth_fraction": growth["growth_fraction"] < TARGETS["rss_growth_fraction"]},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--full" not in sys.argv[1:]), indent=1))
