@@ -13,10 +13,10 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    worker thread so the main loop keeps pinging the watchdog), compress with error
    feedback, commit residual + update to disk (:class:`edge_client.state.DeviceState`),
    then publish the update as a chunked blob under ``fedmq/F/update/D/T``;
-4. on the coordinator's Receipt: ``accepted`` (or ``rejected`` with reason
-   ``duplicate``: the coordinator already holds this very update) commits; any other
-   rejection, or no receipt by the round's deadline plus ``receipt_grace``, puts the sent
-   update back into the residual. Transfer requests are answered by resending chunks;
+4. on the coordinator's Receipt: ``accepted`` commits; a rejection, or no receipt by the
+   round's deadline plus ``receipt_grace``, puts the sent update back into the residual
+   (the coordinator answers a resend of a transfer it already judged with its first
+   answer). Transfer requests are answered by resending chunks;
    with no receipt after ``receipt_timeout`` seconds the whole update is sent again.
 
 Only the main thread touches the durable state and the error-feedback memory; paho's
@@ -245,6 +245,10 @@ class EdgeAgent:
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
                      self.task_def.name, len(self.y), self.spec.hash, cfg.state_dir)
             if self.state.record.inflight is not None:
+                # A receipt the broker kept in our persistent session settles the update
+                # without sending it again.
+                self._drain()
+            if self.state.record.inflight is not None:
                 self._resume_inflight()
             while not stop.is_set():
                 self._healthy_tick()
@@ -266,6 +270,16 @@ class EdgeAgent:
                 except TransportError as exc:
                     log.warning("offline status not acknowledged: %s", exc)
             link.close()
+
+    def _drain(self) -> None:
+        """Handle every message already received, without waiting."""
+        assert self.link is not None
+        while True:
+            try:
+                msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(msg)
 
     def _handle(self, msg: Message) -> None:
         fed, dev = self.cfg.federation, self.cfg.device_id
@@ -314,7 +328,7 @@ class EdgeAgent:
             return
         assert self.sender is not None
         self.sender.acknowledge(self._base(inflight.transfer_id))
-        if receipt.status == "accepted" or receipt.reason == "duplicate":
+        if receipt.status == "accepted":
             self.state.commit()
             self.counters["accepted"] += 1
             log.info("round %d: update accepted", inflight.round)
