@@ -316,3 +316,26 @@ def test_watchdog_keeps_pinging_while_training(coord, device, tmp_path):
     training = seen.index("STATUS=round 1: training")
     during = seen[training + 1:-1]
     assert during.count("WATCHDOG=1") >= 2, seen
+
+
+def test_one_round_over_the_embedded_mqtt311_broker(embedded_broker, tmp_path):
+    coord = Coordinator(embedded_broker)
+    device = Device(tmp_path, embedded_broker)
+    try:
+        device.start()
+        coord.task(1)
+        tid, data = coord.next_update()
+        sent = sent_vector(coord, data, 1)
+        coord.receipt(1, tid, "accepted")
+        coord.task(2)
+        coord.next_update()
+        device.stop()
+        assert device.record()["last_round"] == 1
+        truth = true_update(coord, device, 1) + true_update(coord, device, 2)
+        np.testing.assert_allclose(sent + decode("topk-int8", decode_update(device.inflight_bytes(), coord.spec)
+                                                 .payload, coord.spec) + device.residual(coord.spec), truth,
+                                   atol=2e-5)
+    finally:
+        if device.proc is not None and device.proc.poll() is None:
+            device.proc.kill()
+        coord.close()
