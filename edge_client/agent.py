@@ -108,7 +108,7 @@ class _Worker:
     """Runs one call on a daemon thread so the main loop stays free to ping the watchdog
     (a daemon thread: a stop request never waits for local training to end)."""
 
-    def __init__(self, fn: Callable[[], T]) -> None:
+    def __init__(self, fn: Callable[[], Any]) -> None:
         self.started = time.monotonic()
         self._done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="edge-worker")
@@ -292,7 +292,8 @@ class EdgeAgent:
                 self._on_receipt(Receipt.from_bytes(msg.payload))
             elif msg.topic == topics.transfer_requests(fed, dev):
                 assert self.sender is not None
-                self.counters["repairs"] += self.sender.handle_request(msg.payload, timeout=SEND_TIMEOUT) > 0
+                if self.sender.handle_request(msg.payload, timeout=SEND_TIMEOUT):
+                    self.counters["repairs"] += 1
             else:
                 log.debug("message on unexpected topic %s ignored", msg.topic)
         except WireError as exc:

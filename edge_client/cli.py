@@ -117,7 +117,7 @@ def status(config: Optional[Path] = ConfigOption) -> None:
            "state_dir": str(cfg.state_dir), "spec_hash": rec.spec_hash, "last_round": rec.last_round,
            "seq": rec.seq, "residual_file": rec.residual_file,
            "inflight": None if rec.inflight is None else asdict(rec.inflight),
-           "cached_models": state.cached_versions() if (cfg.state_dir / "models").is_dir() else []}
+           "cached_models": state.cached_versions()}
     typer.echo(json.dumps(out, indent=2))
 
 

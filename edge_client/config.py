@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedmq.errors import ConfigError
 from fedmq.topics import check_id
+from fedmq.transport.settings import parse_broker_url
 
 ENV_PREFIX = "FEDMQ_EDGE_"
 DEFAULT_FILE_NAME = "edge.toml"
@@ -104,9 +105,10 @@ class EdgeConfig(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not rest.strip("/"):
-            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
+        try:
+            parse_broker_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("protocol", mode="before")

@@ -62,7 +62,7 @@ def test_systemd_directories(tmp_path):
     ('torch_threads = 0\n', ["torch_threads", "FEDMQ_EDGE_TORCH_THREADS", "greater than or equal to 1"]),
     ('holdout_fraction = 0.9\n', ["holdout_fraction", "less than 0.5"]),
     ('protocol = "4"\n', ["protocol", "'5' or '3.1.1'"]),
-    ('broker_url = "http://x"\n', ["broker_url", "mqtt://host"]),
+    ('broker_url = "http://x"\n', ["broker_url", "scheme 'http' unsupported"]),
     ('colour = "blue"\n', ["colour", "unknown option"]),
     ('[broker]\nurl = "x"\n', ["broker", "flat"]),
     ('username_file = "nope"\n', ["username_file", "does not exist"]),
