@@ -96,9 +96,9 @@ class EvaluationConfig(_Section):
     @field_validator("data")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value in ("none", "digits", "mnist10k") or value.endswith(".npz"):
+        if value in ("none", "digits", "mnist10k", "task") or value.endswith(".npz"):
             return value
-        raise ValueError("expected 'none', 'digits', 'mnist10k' or a path to an .npz file")
+        raise ValueError("expected 'none', 'digits', 'mnist10k', 'task' or a path to an .npz file")
 
 
 class LimitsConfig(_Section):
