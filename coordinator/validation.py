@@ -102,12 +102,15 @@ class RoundGate:
     open: bool = True
     answers: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # device -> (transfer, status, reason)
     closed_rounds: dict[int, frozenset[str]] = field(default_factory=dict)
+    closed_answers: dict[int, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
 
     def next_round(self, round_: int, base_version: int, selected: Iterable[str]) -> None:
         """Move to ``round_`` and remember the previous one's selection for ``late``."""
         self.closed_rounds[self.round] = self.selected
+        self.closed_answers[self.round] = self.answers
         for old in sorted(self.closed_rounds)[:-LATE_HISTORY]:
             del self.closed_rounds[old]
+            self.closed_answers.pop(old, None)
         self.round, self.base_version = round_, base_version
         self.selected = frozenset(selected)
         self.answers = {}
@@ -137,6 +140,13 @@ class RoundGate:
                             upd)
         if not self.is_known(upd.device):
             return Rejected("unknown_device", f"no status ever seen from {upd.device!r}", upd)
+        # A resend of a transfer already answered (the device restarted before it saw the
+        # receipt) gets the same answer again, even after its round closed: answering
+        # "late" would make the device roll back an update that is in the aggregate.
+        answers = self.answers if upd.round == self.round else self.closed_answers.get(upd.round, {})
+        previous = answers.get(upd.device)
+        if previous is not None and previous[0] == transfer_id:
+            return Repeat(previous[1], previous[2])
         if upd.round in self.closed_rounds and upd.device in self.closed_rounds[upd.round]:
             return Rejected("late", f"round {upd.round} is closed", upd)
         if upd.round != self.round:
@@ -145,10 +155,7 @@ class RoundGate:
             return Rejected("unselected", f"{upd.device!r} was not selected for round {self.round}", upd)
         if not self.open:
             return Rejected("late", f"round {upd.round} is closed", upd)
-        previous = self.answers.get(upd.device)
         if previous is not None:
-            if previous[0] == transfer_id:
-                return Repeat(previous[1], previous[2])
             return Rejected("duplicate", f"{upd.device!r} already sent transfer {previous[0]} in round {self.round}",
                             upd)
         result = self._check_content(upd)

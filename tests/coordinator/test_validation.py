@@ -81,6 +81,20 @@ def test_duplicate_and_resend_of_the_same_transfer():
     assert reason(g.check("a", "t2", make())) == "duplicate"
 
 
+def test_resend_after_the_round_closed_gets_the_same_answer_not_late():
+    # A device killed before it saw its receipt resends the same transfer later: it must
+    # hear "accepted" again (or it would roll back an update that is in the aggregate),
+    # while a new transfer for the closed round is late.
+    g = gate()
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    g.open = False
+    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert reason(g.check("b", "t9", make(device="b"))) == "late"
+    g.next_round(g.round + 1, g.base_version + 1, {"a", "b"})
+    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert reason(g.check("a", "t2", make())) == "late"
+
+
 def test_non_finite_payload():
     # A scale of the int8 payload patched to NaN: find the float32 scales by re-encoding.
     payload = bytearray(encode(np.ones(SPEC.size, np.float32), SPEC, CodecConfig(name="none")))
