@@ -410,7 +410,7 @@ class Coordinator:
         else:
             result = gate.check(device, transfer, data)
         if isinstance(result, Repeat):
-            self._receipt(device, gate.round, transfer, result.status, result.reason)
+            self._receipt(device, result.round, transfer, result.status, result.reason)
             return
         upd = result.update
         round_ = upd.round if upd is not None else gate.round

@@ -71,6 +71,7 @@ class Repeat:
 
     status: str
     reason: str
+    round: int = -1
 
 
 @dataclass
@@ -146,7 +147,7 @@ class RoundGate:
         answers = self.answers if upd.round == self.round else self.closed_answers.get(upd.round, {})
         previous = answers.get(upd.device)
         if previous is not None and previous[0] == transfer_id:
-            return Repeat(previous[1], previous[2])
+            return Repeat(previous[1], previous[2], upd.round)
         if upd.round in self.closed_rounds and upd.device in self.closed_rounds[upd.round]:
             return Rejected("late", f"round {upd.round} is closed", upd)
         if upd.round != self.round:

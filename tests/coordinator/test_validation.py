@@ -77,7 +77,7 @@ def test_wrong_round_and_base_version():
 def test_duplicate_and_resend_of_the_same_transfer():
     g = gate()
     assert isinstance(g.check("a", "t1", make()), Accepted)
-    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert g.check("a", "t1", make()) == Repeat("accepted", "", 4)
     assert reason(g.check("a", "t2", make())) == "duplicate"
 
 
@@ -88,10 +88,10 @@ def test_resend_after_the_round_closed_gets_the_same_answer_not_late():
     g = gate()
     assert isinstance(g.check("a", "t1", make()), Accepted)
     g.open = False
-    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert g.check("a", "t1", make()) == Repeat("accepted", "", 4)
     assert reason(g.check("b", "t9", make(device="b"))) == "late"
     g.next_round(g.round + 1, g.base_version + 1, {"a", "b"})
-    assert g.check("a", "t1", make()) == Repeat("accepted", "")
+    assert g.check("a", "t1", make()) == Repeat("accepted", "", 4)
     assert reason(g.check("a", "t2", make())) == "late"
 
 
