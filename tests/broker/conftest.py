@@ -159,7 +159,8 @@ def start_shipped_mosquitto(root: Path, setup: Callable[[Path, Path, Path], dict
     # Running as root, mosquitto would drop to user "mosquitto", which cannot read the
     # 0600 password file the test's user owns.
     conf.write_text(render_mosquitto_conf(dirs, plain_port=plain_port, tls_port=tls_port, run_as=getpass.getuser()))
-    broker = MosquittoProcess(root, plain_port, conf, mosquitto_binary())
+    # mosquitto opens its listeners in file order, the TLS one last: once it accepts, both do.
+    broker = MosquittoProcess(root, tls_port, conf, mosquitto_binary())
     broker.start()
     return Deployment(broker, plain_port, tls_port, dirs, ca_dir, accounts, root)
 
