@@ -309,9 +309,15 @@ class EdgeAgent:
             log.warning("task for %s/%s on this device's topic ignored", task.federation, task.device)
             return
         inflight = self.state.record.inflight
-        if task.round <= self.state.record.last_round or (inflight is not None and task.round <= inflight.round):
+        rec = self.state.record
+        rerun = task.round == rec.last_round and task.deadline > rec.last_deadline and inflight is None
+        if (task.round <= rec.last_round and not rerun) or (inflight is not None and task.round <= inflight.round):
             log.debug("task for round %d ignored: already done or in flight", task.round)
             return
+        if rerun:
+            # Same round, later deadline: the coordinator crashed before it checkpointed the
+            # round and runs it again; what this device sent for it was lost with the crash.
+            log.info("round %d is being rerun by the coordinator: training again", task.round)
         if inflight is not None:
             # The coordinator moved on to a later round without answering ours.
             log.info("round %d superseded by round %d without a receipt: update rolled back", inflight.round,
@@ -408,12 +414,12 @@ class EdgeAgent:
         if task.spec_hash != self.spec.hash:
             log.error("round %d: task is for model %s, this device has %s (task %s): skipped", task.round,
                       task.spec_hash, self.spec.hash, cfg.task)
-            self.state.finish_round(task.round)
+            self.state.finish_round(task.round, task.deadline)
             return
         if time.time() >= task.deadline:
             self.counters["late_tasks"] += 1
             log.warning("round %d: deadline already passed: skipped", task.round)
-            self.state.finish_round(task.round)
+            self.state.finish_round(task.round, task.deadline)
             return
         self.notifier.status(f"round {task.round}: fetching model {task.model_version}")
         try:
@@ -421,7 +427,7 @@ class EdgeAgent:
                 return
         except FedmqError as exc:
             log.error("round %d: global model %d unavailable (%s): skipped", task.round, task.model_version, exc)
-            self.state.finish_round(task.round)
+            self.state.finish_round(task.round, task.deadline)
             return
 
         plan = task.plan
@@ -442,7 +448,7 @@ class EdgeAgent:
             log.warning("round %d: training ended after the deadline: update kept in the residual", task.round)
             if plan.error_feedback:
                 self.feedback.rollback(result.update)
-            self.state.save_residual(self.feedback, task.round)
+            self.state.save_residual(self.feedback, task.round, task.deadline)
             return
         codec = CodecConfig.from_plan(plan)
         payload, _ = self.feedback.compress(result.update, codec, enabled=plan.error_feedback,

@@ -73,11 +73,14 @@ class InFlight:
 class Record:
     """Content of ``state.json``: ``seq`` (sequence number of the current files),
     ``spec_hash`` (ParamSpec hash the residual belongs to, "" when none), ``last_round``
-    (-1 before the first round), ``residual_file`` (None: all zeros) and ``inflight``."""
+    (-1 before the first round), ``last_deadline`` (deadline of that round's task, seconds
+    since the epoch: a task for the same round with a later deadline is the coordinator
+    rerunning a round it lost in a crash), ``residual_file`` (None: all zeros) and ``inflight``."""
 
     seq: int = 0
     spec_hash: str = ""
     last_round: int = -1
+    last_deadline: float = 0.0
     residual_file: str | None = None
     inflight: InFlight | None = None
 
@@ -208,7 +211,7 @@ class DeviceState:
         inflight = self.record.inflight
         if inflight is None:
             return
-        self._write(replace(self.record, inflight=None, last_round=max(self.record.last_round, inflight.round)))
+        self._write(replace(self.record, inflight=None, **self._done(inflight.round, inflight.deadline)))
 
     def rollback(self, feedback: ErrorFeedback, sent) -> None:
         """The in-flight update never reached the aggregate: put ``sent`` (float32
@@ -219,21 +222,29 @@ class DeviceState:
             return
         if inflight.feedback:
             feedback.rollback(sent)
-        self.save_residual(feedback, inflight.round)
+        self.save_residual(feedback, inflight.round, inflight.deadline)
 
-    def save_residual(self, feedback: ErrorFeedback, round: int) -> None:
+    def _done(self, round: int, deadline: float) -> dict[str, float | int]:
+        if round > self.record.last_round:
+            return {"last_round": round, "last_deadline": deadline}
+        if round == self.record.last_round:
+            return {"last_round": round, "last_deadline": max(deadline, self.record.last_deadline)}
+        return {}
+
+    def save_residual(self, feedback: ErrorFeedback, round: int, deadline: float = 0.0) -> None:
         """Commit ``feedback``'s residual with no update in flight and ``round`` done (e.g. an
         update finished after its round's deadline, kept in the residual instead of sent)."""
         seq = self.record.seq + 1
         residual_file = f"residual-{seq}.npy"
         feedback.save(self.root / residual_file)
         self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None,
-                            last_round=max(self.record.last_round, round)))
+                            **self._done(round, deadline)))
 
-    def finish_round(self, round: int) -> None:
-        """Mark ``round`` done without an update (e.g. its deadline passed before training ended)."""
-        if round > self.record.last_round:
-            self._write(replace(self.record, last_round=round))
+    def finish_round(self, round: int, deadline: float = 0.0) -> None:
+        """Mark ``round`` (whose task had ``deadline``) done without an update (e.g. its
+        deadline passed before training ended)."""
+        if round >= self.record.last_round:
+            self._write(replace(self.record, **self._done(round, deadline)))
 
     # -- global model cache -----------------------------------------------------------
 

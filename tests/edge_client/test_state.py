@@ -116,3 +116,18 @@ def test_model_cache_keeps_the_last_two_versions(tmp_path):
         st.cache_model(version, f"model {version}".encode())
     assert st.cached_versions() == [2, 3]
     assert st.cached_model(3) == b"model 3" and st.cached_model(1) is None
+
+
+def test_the_deadline_of_the_last_round_is_kept_to_recognise_a_rerun(tmp_path, spec):
+    # The agent trains again for a task of its last round only when that task's deadline is
+    # later than the one it answered: the coordinator lost the round in a crash and reruns it.
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, _, payload, _ = _compress(spec)
+    st.begin_update(fb, payload, round=4, transfer_id="a", base_version=3, deadline=100.0)
+    st.commit()
+    assert (st.record.last_round, st.record.last_deadline) == (4, 100.0)
+    st.finish_round(4, 250.0)  # the rerun of round 4, skipped
+    st.finish_round(3, 900.0)  # an older round changes nothing
+    again = DeviceState(tmp_path)
+    assert (again.record.last_round, again.record.last_deadline) == (4, 250.0)
