@@ -73,9 +73,9 @@ if [ ! -e "$CONF_DIR/edge.toml" ]; then
   install -m 0644 "$SRC/deploy/edge.toml.example" "$CONF_DIR/edge.toml"
   echo "install.sh: wrote $CONF_DIR/edge.toml from the template: set device_id, federation, task, data, broker_url"
 fi
-for cred in mqtt-username mqtt-password; do
-  [ -e "$CONF_DIR/credentials/$cred" ] || { install -m 0600 /dev/null "$CONF_DIR/credentials/$cred"; \
-    echo "install.sh: fill in $CONF_DIR/credentials/$cred"; }
+for cred in username password ca.crt client.crt client.key; do
+  [ -e "$CONF_DIR/credentials/$cred" ] || \
+    echo "install.sh: copy $cred from 'fedmq broker add-device NAME --cert' (devices/NAME/) to $CONF_DIR/credentials/"
 done
 install -m 0644 "$SRC/deploy/fedmq-edge.service" "$UNIT_DIR/fedmq-edge.service"
 sed -i "s#/opt/fedmq/venv#$VENV#g" "$UNIT_DIR/fedmq-edge.service"

@@ -95,7 +95,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_shipped_template_is_valid(tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir()
-    for name in ("mqtt-username", "mqtt-password"):
+    for name in ("username", "password", "ca.crt", "client.crt", "client.key"):
         (creds / name).write_text("x\n")
     cfg = load_config(ROOT / "deploy" / "edge.toml.example",
                       environ={"CREDENTIALS_DIRECTORY": str(creds), "STATE_DIRECTORY": str(tmp_path / "state")})
