@@ -60,7 +60,7 @@ RUNS: dict[str, tuple[str, float, bool, str]] = {
 FULL = {"rounds": 30, "partitions": ("iid", "dirichlet"), "runs": tuple(RUNS)}
 #: The quick suite's reduction: fits, with the other suites, in about 10 minutes on 2 cores.
 QUICK = {"rounds": 10, "partitions": ("iid",), "runs": ("dense", "topk1-ef")}
-SMOKE = {"rounds": 2, "partitions": ("iid",), "runs": ("dense", "topk1-ef"), "devices": 2, "per_round": 2,
+SMOKE = {"rounds": 2, "partitions": ("iid",), "runs": ("dense", "topk1-ef"), "devices": 3, "per_round": 2,
          "samples_per_device": 64, "test_samples": 256}
 
 EXECUTION = ("in-process: one Python process drives sampling, local training, error feedback, codec, "
@@ -150,7 +150,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def smoke() -> dict[str, Any]:
-    """The smallest case (2 devices, 2 rounds, 64 samples each): keeps the harness honest."""
+    """The smallest case (3 devices, 2 per round, 2 rounds, 64 samples each): keeps the harness honest."""
     out = run_matrix(SMOKE)
     out.update(execution="in-process", execution_note=EXECUTION, reduced=True, matrix=_describe(SMOKE))
     out["notes"] = ["Smoke case: tiny parameterisation, figures are not meaningful."]
@@ -230,9 +230,16 @@ def broker_case(name: str, timeout_s: float = 540.0) -> dict[str, Any]:
         "row": [name, case["task"], f"{case['devices']}/{case['per_round']}/{case['rounds']}",
                 _pct(demo.get("final_accuracy")), _pct(sim["final_accuracy"]),
                 demo.get("bytes_up_total"), sim["bytes_up"],
+                _per_update(demo.get("bytes_up_total"), (demo.get("updates_accepted") or 0)
+                            + (demo.get("updates_rejected") or 0)),
+                _per_update(sim["bytes_up"], case["rounds"] * case["per_round"]),
                 demo.get("updates_accepted"), demo.get("updates_rejected"), demo.get("rounds_failed"),
                 round(demo_seconds, 1), round(sim["seconds"], 1)],
     }
+
+
+def _per_update(total: int | None, count: int) -> int | None:
+    return None if total is None or count <= 0 else round(total / count)
 
 
 def broker_run(quick: bool) -> dict[str, Any]:
@@ -261,6 +268,7 @@ def broker_run(quick: bool) -> dict[str, Any]:
         "tables": [{"title": "Through the broker (`fedmq demo`) against in-process, same settings",
                     "columns": ["case", "task", "devices/per round/rounds", "demo final acc %",
                                 "in-process final acc %", "demo bytes up", "in-process bytes up",
+                                "demo B per update received", "in-process B per update",
                                 "demo updates accepted", "demo updates rejected", "demo rounds failed",
                                 "demo seconds", "in-process seconds"],
                     "rows": [r["row"] for r in results.values()]}],

@@ -48,6 +48,7 @@ def test_smoke_suite_writes_bench_json_and_regenerates_markdown(tmp_path: Path) 
         assert r["bytes_down"] > 0
     # The same seeded devices take part in both runs; only the codec differs.
     assert [h["selected"] for h in dense["history"]] == [h["selected"] for h in ef["history"]]
+    assert all(len(h["selected"].split(",")) == 2 for h in dense["history"])
     # Dense float32 of the 1,663,370-parameter CNN is 4 bytes a parameter; Top-K 1% far less.
     assert dense["payload_bytes_up"] == 4 * dense["parameters"] * 2 * 2
     assert ef["bytes_up"] * 50 < dense["bytes_up"]
@@ -63,7 +64,7 @@ def test_smoke_suite_writes_bench_json_and_regenerates_markdown(tmp_path: Path) 
     assert text.count("<!-- bench:smoke:begin -->") == 1 and text.count("<!-- bench:smoke:end -->") == 1
     block = text.split("<!-- bench:smoke:begin -->")[1].split("<!-- bench:smoke:end -->")[0]
     assert doc["machine"]["cpu_model"] in block and doc["versions"]["mosquitto"] in block
-    assert "McMahan CNN, 2 devices, 2 per round, 2 rounds" in block
+    assert "McMahan CNN, 3 devices, 2 per round, 2 rounds" in block
     assert "| iid | dense float32 FedAvg |" in block
     assert "in-process" in block
 
