@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import sys
 import tempfile
 import threading
@@ -29,6 +30,9 @@ from fedmq import topics
 from fedmq.transport import BlobReceiver, BlobSender, BrokerSettings, MqttLink, fetch_blob
 
 MiB = 1024 * 1024
+#: Queue settings of broker/mosquitto.conf (mosquitto's defaults, 20 in flight and 1,000
+#: queued per client, drop a busy coordinator's QoS 1 messages while publishers see success).
+BROKER_CONF = "max_inflight_messages 100\nmax_queued_messages 20000\n"
 FED = "bench"
 
 
@@ -83,14 +87,19 @@ def _ingest(url: str, updates: int, size: int, devices: int) -> dict:
     per_device = updates // devices
     total = per_device * devices
     got = 0
+    last = [time.perf_counter()]
     finished = threading.Event()
 
     def consume() -> None:
         nonlocal got
         while got < total:
-            msg = coordinator.inbox.get(timeout=120)
+            try:
+                msg = coordinator.inbox.get(timeout=10)
+            except queue.Empty:  # the broker dropped the rest (its queue for us overflowed)
+                break
             if receiver.feed(msg.topic, msg.payload) is not None:
                 got += 1
+                last[0] = time.perf_counter()
         finished.set()
 
     def send(i: int, link: MqttLink) -> None:
@@ -105,12 +114,14 @@ def _ingest(url: str, updates: int, size: int, devices: int) -> dict:
     t0 = time.perf_counter()
     for t in senders:
         t.start()
-    ok = finished.wait(300)
-    elapsed = time.perf_counter() - t0
+    finished.wait(600)
+    for t in senders:
+        t.join(60)
+    elapsed = last[0] - t0
     for link in links + [coordinator]:
         link.close()
-    return {"updates": total, "update_kib": size / 1024, "devices": devices, "seconds": round(elapsed, 3),
-            "updates_per_s": round(total / elapsed, 1) if ok else 0.0, "complete": ok,
+    return {"updates": total, "delivered": got, "update_kib": size / 1024, "devices": devices,
+            "seconds": round(elapsed, 3), "updates_per_s": round(got / elapsed, 1),
             "bad_messages": receiver.stats["bad_messages"]}
 
 
@@ -118,7 +129,7 @@ def run(quick: bool) -> dict:
     """Run the benchmark; ``quick`` uses an 8 MiB model and 2,000 updates (full: 32 MiB, 10,000)."""
     size = 8 * MiB if quick else 32 * MiB
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-") as tmp:
-        broker = start_mosquitto(Path(tmp))
+        broker = start_mosquitto(Path(tmp), extra_conf=BROKER_CONF)
         try:
             results = []
             version = 0
@@ -129,7 +140,7 @@ def run(quick: bool) -> dict:
             ingest = _ingest(broker.url, 2000 if quick else 10_000, 20 * 1024, 8)
         finally:
             broker.stop()
-    return {"suite": "transport", "quick": quick, "broker": "mosquitto 2 on loopback, default config",
+    return {"suite": "transport", "quick": quick, "broker": "mosquitto 2 on loopback, " + BROKER_CONF.strip().replace("\n", ", "),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "distribution": results, "ingest": ingest}
 
