@@ -181,6 +181,7 @@ class MqttLink:
     def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
         if reason.is_failure:
+            log.warning("broker %s refused client %r: %s", self.settings.url, self.client_id, reason)
             with self._state:
                 self._connect_failure = f"{reason} (code {reason.value})"
                 self._state.notify_all()
@@ -204,6 +205,8 @@ class MqttLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
                        reason: ReasonCode, properties: Properties | None) -> None:
+        if not self._closing:
+            log.info("client %r lost broker %s (%s); reconnecting", self.client_id, self.settings.url, reason)
         with self._state:
             if self._connected:
                 self.disconnects += 1
