@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import os
 
 import numpy as np
@@ -100,6 +102,12 @@ def test_residual_round_trips_through_an_atomic_npy(tmp_path) -> None:  # type: 
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), ef.residual)
 
 
+def _object_npy_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    return buf.getvalue() + b"\x80\x04not-unpickled."
+
+
 def test_corrupt_residual_files_raise_state_error_naming_the_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cases = {
         "missing.npy": None,
@@ -108,7 +116,8 @@ def test_corrupt_residual_files_raise_state_error_naming_the_path(tmp_path) -> N
         "wrong_shape.npy": np.zeros(SPEC.size + 1, dtype=np.float32),
         "wrong_dtype.npy": np.zeros(SPEC.size, dtype=np.float64),
         "nan.npy": np.full(SPEC.size, np.nan, dtype=np.float32),
-        "pickled.npy": np.array([{"a": 1}], dtype=object),
+        # An object array (whose body would be a pickle) is refused from its header alone.
+        "pickled.npy": _object_npy_bytes(),
     }
     good = tmp_path / "good.npy"
     ErrorFeedback(SPEC).save(good)
@@ -117,7 +126,7 @@ def test_corrupt_residual_files_raise_state_error_naming_the_path(tmp_path) -> N
         if isinstance(content, bytes):
             path.write_bytes(content)
         elif isinstance(content, np.ndarray):
-            np.save(path, content, allow_pickle=True)
+            np.save(path, content)
         elif name == "truncated.npy":
             path.write_bytes(good.read_bytes()[:-100])
         with pytest.raises(StateError, match=name):
