@@ -59,7 +59,7 @@ RUNS: dict[str, tuple[str, float, bool, str]] = {
 
 FULL = {"rounds": 30, "partitions": ("iid", "dirichlet"), "runs": tuple(RUNS)}
 #: The quick suite's reduction: fits, with the other suites, in about 10 minutes on 2 cores.
-QUICK = {"rounds": 10, "partitions": ("iid",), "runs": ("dense", "topk1-ef")}
+QUICK = {"rounds": 15, "partitions": ("iid",), "runs": ("dense", "topk1-ef")}
 SMOKE = {"rounds": 2, "partitions": ("iid",), "runs": ("dense", "topk1-ef"), "devices": 3, "per_round": 2,
          "samples_per_device": 64, "test_samples": 256}
 
