@@ -48,7 +48,7 @@ import torch
 from edge_client.config import EdgeConfig
 from edge_client.localdata import load_local_data
 from edge_client.sdnotify import Notifier
-from edge_client.state import DeviceState
+from edge_client.state import DeviceState, lock_state_dir
 from edge_client.training import LocalResult, split_holdout, train_local
 from fedmq import __version__, topics
 from fedmq.atomic import atomic_write_text
@@ -159,6 +159,7 @@ class EdgeAgent:
         self.spec = ParamSpec.from_module(self.model)
         x, y = load_local_data(cfg.data, self.task_def)
         self.x, self.y, self.x_val, self.y_val = split_holdout(x, y, cfg.holdout_fraction, cfg.seed)
+        self._state_lock = lock_state_dir(cfg.state_dir)
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
         self.counters: Counter[str] = Counter()

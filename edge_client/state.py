@@ -28,11 +28,13 @@ Crash-safety contract used by :mod:`edge_client.agent`:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.errors import StateError
@@ -83,6 +85,35 @@ class Record:
     last_deadline: float = 0.0
     residual_file: str | None = None
     inflight: InFlight | None = None
+
+
+#: Lock file held (flock) by the one agent process that owns a state directory.
+LOCK_FILE = "lock"
+
+
+def lock_state_dir(root: str | os.PathLike[str]) -> IO[bytes]:
+    """Take the exclusive lock of a state directory for this process (released when the
+    returned file is closed or the process dies, ``kill -9`` included).
+
+    Two agents on one state directory would delete each other's files, so the second is
+    refused.
+
+    Raises:
+        StateError: another process holds the lock, or the folder cannot be written.
+    """
+    folder = Path(root)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / LOCK_FILE, "a+b")  # noqa: SIM115 - the caller holds it
+    except OSError as exc:
+        raise StateError(f"{folder}: cannot create the state directory ({exc})") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise StateError(f"{folder}: state directory in use by another edge client process "
+                         "(each device needs its own state_dir)") from None
+    return fh
 
 
 class DeviceState:
@@ -136,7 +167,7 @@ class DeviceState:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        keep = {"state.json", "models", self.record.residual_file}
+        keep = {"state.json", "models", LOCK_FILE, self.record.residual_file}
         if self.record.inflight is not None:
             keep.add(self.record.inflight.update_file)
         for entry in self.root.iterdir():

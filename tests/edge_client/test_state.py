@@ -131,3 +131,13 @@ def test_the_deadline_of_the_last_round_is_kept_to_recognise_a_rerun(tmp_path, s
     st.finish_round(3, 900.0)  # an older round changes nothing
     again = DeviceState(tmp_path)
     assert (again.record.last_round, again.record.last_deadline) == (4, 250.0)
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path):
+    from edge_client.state import lock_state_dir
+
+    held = lock_state_dir(tmp_path / "state")
+    with pytest.raises(StateError, match="in use by another edge client"):
+        lock_state_dir(tmp_path / "state")
+    held.close()  # released (as when the owner dies): the next agent gets it
+    lock_state_dir(tmp_path / "state").close()
