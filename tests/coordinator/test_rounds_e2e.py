@@ -247,3 +247,26 @@ def test_cli_status_and_export_after_a_run(mosquitto, tmp_path):
     np.testing.assert_allclose(OnnxPredictor(onnx_path).logits(x), want, rtol=1e-4, atol=1e-5)
     out = runner.invoke(app, ["export", "-c", str(cfg_path), "--format", "pickle", "--out", str(onnx_path)])
     assert out.exit_code == 2 and "onnx or safetensors" in out.output
+
+
+def test_sigterm_mid_round_keeps_the_checkpoint_and_exits_0(mosquitto, tmp_path):
+    names = [(f"dev-{i}", "good", 20) for i in range(3)]
+    cfg_path = tmp_path / "term.toml"
+    cfg_path.write_text(_toml(mosquitto, tmp_path / "term", "term", 4))
+    devices = start_devices(mosquitto, "term", names)
+    try:
+        proc = _coordinator_cli(cfg_path)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("event=round_open round=2"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        stop_all(devices)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "stopped=true" in out
+    # Round 1 was checkpointed; round 2 is either checkpointed too (if it closed before
+    # the signal was seen) or rerun by the next start. The run did not go on to round 4.
+    assert load_checkpoint(tmp_path / "term").round in (1, 2)
