@@ -376,7 +376,32 @@ def _read_values(rd: _Reader, count: int, scales: np.ndarray, block: int, where:
     return vals
 
 
-def _read_indices(rd: _Reader, n: int, where: str) -> np.ndarray:
+def _read_remainders(rd: _Reader, k: int, b: int, where: str) -> np.ndarray:
+    """The ``k`` b-bit remainders (1 <= b <= 30, packed MSB first), int64 ``(k,)``."""
+    nbits = k * b
+    stream = rd.take(-(-nbits // 8), f"{where} remainder stream")
+    if stream[-1] & ((1 << (-nbits % 8)) - 1):
+        raise CodecError(f"{where}: nonzero padding bits in the remainder stream")
+    # Remainder i starts at bit i*b: read the big-endian 64-bit word at byte (i*b) >> 3,
+    # which holds all of it (b + 7 <= 64), then shift and mask. One take() on an
+    # overlapping, unaligned view of the bytes gathers every word at once: about 2.5x
+    # faster than unpacking the stream to bits and weighting them, and take() beats fancy
+    # indexing on such a view. The sign of a word does not matter: the mask drops the
+    # bits an arithmetic shift brings in.
+    padded = np.zeros(len(stream) + 8, dtype=np.uint8)  # words starting near the end read zeros
+    padded[:len(stream)] = stream
+    words_at = np.ndarray((len(stream),), dtype=">i8", buffer=padded, strides=(1,))
+    pos = np.arange(0, nbits, b)
+    rem = words_at.take(pos >> 3).astype(np.int64)
+    pos &= 7
+    np.subtract(64 - b, pos, out=pos)
+    rem >>= pos
+    rem &= (1 << b) - 1
+    return rem
+
+
+def _read_indices(rd: _Reader, n: int, base: int, where: str) -> np.ndarray:
+    """Kept positions of one sparse record, plus ``base``: int64 ``(k,)``, strictly increasing."""
     k, b, ulen = rd.unpack(_SPARSE_HEAD, f"{where} sparse header")
     if not 1 <= k <= n:
         raise CodecError(f"{where}: {k} kept values declared, expected 1..{n}")
@@ -388,28 +413,31 @@ def _read_indices(rd: _Reader, n: int, where: str) -> np.ndarray:
     if not 1 <= ulen <= max_ulen:
         raise CodecError(f"{where}: unary stream of {ulen} bytes, expected 1..{max_ulen}")
     ubits = np.unpackbits(np.frombuffer(rd.take(ulen, f"{where} unary stream"), dtype=np.uint8))
-    ones = np.flatnonzero(ubits)
+    # nonzero on a bool view of the same bytes is about 4x faster than on uint8.
+    ones = np.flatnonzero(ubits.view(np.bool_))
     if ones.shape[0] != k:
         raise CodecError(f"{where}: unary stream holds {ones.shape[0]} codes, expected {k}")
     if ones[-1] >> 3 != ulen - 1:
         raise CodecError(f"{where}: unary stream has trailing bytes")
-    q = np.diff(ones, prepend=-1) - 1
-    gaps = q << b
+    # Code i ends at bit ones[i] after ones[i] - i zeros, the sum of quotients 0..i, so
+    # idx[i] = sum_{j<=i} ((q_j << b) + r_j + 1) - 1 = ((ones[i] - i) << b) + i + sum_{j<=i} r_j,
+    # computed in place without per-gap temporaries; the global offset goes in the same pass.
+    ramp = np.arange(k)
+    idx = ones
+    idx -= ramp
+    idx <<= b
+    ramp += base
+    idx += ramp
     if b:
-        nbits = k * b
-        rbits = np.unpackbits(np.frombuffer(rd.take(-(-nbits // 8), f"{where} remainder stream"), dtype=np.uint8))
-        if rbits[nbits:].any():
-            raise CodecError(f"{where}: nonzero padding bits in the remainder stream")
-        weights = np.left_shift(1, np.arange(b - 1, -1, -1, dtype=np.int64))
-        gaps |= rbits[:nbits].reshape(k, b).astype(np.int64) @ weights
-    idx = np.cumsum(gaps + 1) - 1
-    if idx[-1] >= n:
-        raise CodecError(f"{where}: index {int(idx[-1])} out of range for {n} elements")
+        idx += np.cumsum(_read_remainders(rd, k, b, where))
+    if idx[-1] >= base + n:
+        raise CodecError(f"{where}: index {int(idx[-1]) - base} out of range for {n} elements")
     return idx
 
 
 def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | None, np.ndarray]]:
-    """Validate a whole topk-int8 payload; per tensor (local indices or None if dense, float32 values)."""
+    """Validate a whole topk-int8 payload; per tensor (positions in the flat vector or None if dense,
+    float32 values)."""
     view = _as_view(payload)
     limit = max_payload_bytes("topk-int8", spec)
     if len(view) > limit:
@@ -423,14 +451,14 @@ def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | Non
     if ntensors != len(spec.sizes):
         raise CodecError(f"payload has {ntensors} tensors, ParamSpec has {len(spec.sizes)}")
     out: list[tuple[np.ndarray | None, np.ndarray]] = []
-    for name, n in zip(spec.names, spec.sizes):
+    for name, off, n in zip(spec.names, spec.offsets, spec.sizes):
         where = f"tensor {name!r}"
         mode = rd.take(1, f"{where} mode")[0]
         if mode == MODE_DENSE:
             scales = _read_scales(rd, -(-n // block), where)
             out.append((None, _read_values(rd, n, scales, block, where)))
         elif mode == MODE_SPARSE:
-            idx = _read_indices(rd, n, where)
+            idx = _read_indices(rd, n, off, where)
             k = idx.shape[0]
             scales = _read_scales(rd, -(-k // block), where)
             out.append((idx, _read_values(rd, k, scales, block, where)))
@@ -469,7 +497,7 @@ def decode(codec: str, payload: bytes, spec: ParamSpec) -> np.ndarray:
         if idx is None:
             out[off:off + n] = vals
         else:
-            out[off + idx] = vals
+            out[idx] = vals
     return out
 
 
@@ -488,6 +516,6 @@ def decode_sparse(codec: str, payload: bytes, spec: ParamSpec) -> SparseUpdate:
     values = np.concatenate([v for _, v in parts])
     if nnz == spec.size:
         return SparseUpdate(None, values, spec.size)
-    indices = np.concatenate([np.arange(off, off + n, dtype=np.int64) if idx is None else idx + off
+    indices = np.concatenate([np.arange(off, off + n, dtype=np.int64) if idx is None else idx
                               for (idx, _), off, n in zip(parts, spec.offsets, spec.sizes)])
     return SparseUpdate(indices, values, spec.size)
