@@ -119,9 +119,7 @@ class SparseUpdate:
         return int(self.values.shape[0])
 
     def add_into(self, out: np.ndarray, weight: float) -> None:
-        """``out[indices] += weight * values`` in place.
-
-        Indices are unique, so fancy-index addition is exact (no ``np.add.at`` needed).
+        """``out[indices] += weight * values`` in place (the product in ``out``'s dtype).
 
         Args:
             out: float32 or float64 ``(size,)`` accumulator.
@@ -135,7 +133,11 @@ class SparseUpdate:
         if self.indices is None:
             out += weight * self.values
         else:
-            out[self.indices] += weight * self.values
+            # np.add.at reads, adds and writes each entry in one pass, about 1.5x faster than
+            # fancy-index += (a gather, then a scatter) on a model-sized accumulator; but only
+            # on its fast path, which needs the values in out's dtype: float32 values into a
+            # float64 accumulator take a per-element loop some 20x slower.
+            np.add.at(out, self.indices, np.multiply(self.values, weight, dtype=out.dtype))
 
     def l2_norm(self) -> float:
         """Euclidean norm of the update (float64 sum of squares)."""
@@ -351,18 +353,20 @@ def _as_view(payload: object) -> memoryview:
 
 def _read_scales(rd: _Reader, count: int, where: str) -> np.ndarray:
     scales = np.frombuffer(rd.take(4 * count, f"{where} scales"), dtype="<f4").astype(np.float32)
-    if not np.isfinite(scales).all():
-        raise NonFiniteError(f"{where}: NaN or Inf scale")
-    if (scales < 0).any():
-        raise CodecError(f"{where}: negative scale")
-    if (scales > _MAX_SCALE).any():
+    # Two reductions check every scale (NaN propagates through min and max and fails both
+    # comparisons), cheaper than one array operation per rule; the rules tell failures apart.
+    if not (scales.min() >= 0 and scales.max() <= _MAX_SCALE):
+        if not np.isfinite(scales).all():
+            raise NonFiniteError(f"{where}: NaN or Inf scale")
+        if (scales < 0).any():
+            raise CodecError(f"{where}: negative scale")
         raise NonFiniteError(f"{where}: scale above {_MAX_SCALE:.4g}, decoded values would be Inf")
     return scales
 
 
 def _read_values(rd: _Reader, count: int, scales: np.ndarray, block: int, where: str) -> np.ndarray:
     q = np.frombuffer(rd.take(count, f"{where} values"), dtype=np.int8)
-    if (q == -128).any():
+    if q.min() == -128:
         raise CodecError(f"{where}: int8 value -128 is outside the symmetric range -127..127")
     vals = q.astype(np.float32)
     nb = scales.shape[0]
