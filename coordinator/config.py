@@ -27,6 +27,7 @@ from coordinator.sampling import Participation
 from fedmq import topics
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
+from fedmq.settings_file import read_toml
 from fedmq.transport.settings import BrokerSettings
 
 ENV_PREFIX = "FEDMQ_COORDINATOR__"
@@ -272,14 +273,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     if path is not None:
         p = Path(path)
         source = str(p)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {p} not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"configuration file {p} cannot be read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
+        data = read_toml(p)
         _resolve_paths(data, p.resolve().parent)
     applied = _apply_env(data, os.environ if environ is None else environ)
     if applied:

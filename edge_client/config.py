@@ -20,7 +20,6 @@ what was expected.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmq.errors import ConfigError
+from fedmq.settings_file import read_toml
 from fedmq.topics import check_id
 from fedmq.transport.settings import parse_broker_url
 
@@ -171,14 +171,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
     """
     env = os.environ if environ is None else environ
     file = Path(path) if path is not None else _default_path(env)
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: configuration file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read configuration file ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML ({exc})") from None
+    raw = read_toml(file)
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"{file}: option(s) {nested} are tables; expected flat 'key = value' options")
