@@ -26,9 +26,14 @@ PLAN = dict(local_epochs=1, local_steps=0, batch_size=32, lr=0.05, density=0.01)
 
 
 def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """Peak resident memory of this process, MB (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries that across fork + exec, so a worker started by a big parent reports the
+    parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def _worker(rounds: int, data: str) -> dict:
@@ -136,7 +141,7 @@ def run(quick: bool) -> dict:
     }]
     result["notes"] = [f"{raw['samples']} samples, 1 epoch of batch 32 ({rows[0]['steps']} steps), density 1%, "
                        f"{raw['parameters']:,} parameters; CPU {raw['cpu']}, torch {raw['torch']}.",
-                       "Peak RSS is the child process's ru_maxrss (imports, its 800-sample .npz, model, residual, "
+                       "Peak RSS is the child process's VmHWM (imports, its 800-sample .npz, model, residual, "
                        "state files); the first round includes torch's warm-up."]
     return result
 
