@@ -1,0 +1,96 @@
+"""kill -9 of the coordinator in the middle of a round, with the real edge clients.
+
+Three `python -m edge_client` processes and the coordinator CLI talk through mosquitto
+(MQTT 5, persistent sessions). The coordinator is killed once round 2 is open and
+restarted: it resumes from round 1's checkpoint and reruns round 2. Devices whose round-2
+update was already accepted by the killed coordinator must train again for the rerun (the
+task has the same round and a later deadline), and devices whose update was in flight
+resend it; so every round, the rerun included, aggregates all three devices.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.demo import _start_devices, _stop_devices, _write_toml, load_demo_data
+from coordinator.state import StateDB, load_checkpoint
+from fedmq.data import save_npz_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _coordinator(cfg: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _wait_for_line(path: Path, text: str, timeout: float) -> None:
+    """Wait (bounded) until the log file at ``path`` contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.02)  # polling a file written by another process; the deadline bounds it
+    raise AssertionError(f"{path}: no line with {text!r} within {timeout} s")
+
+
+def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, tmp_path: Path) -> None:
+    ids = ["dev-0", "dev-1", "dev-2"]
+    data = load_demo_data("digits", None, 1, "iid", 0.5)
+    (x_all, y_all), = data.parts
+    # dev-2 holds most of the data, so it answers well after the others: the coordinator can
+    # be killed while dev-0's round-2 update is accepted but the round is still open.
+    cuts = [(0, 120), (120, 240), (240, len(y_all))]
+    for device, (a, b) in zip(ids, cuts):
+        x, y = x_all[a:b], y_all[a:b]
+        folder = tmp_path / "devices" / device
+        save_npz_atomic(folder / "data.npz", x, y)
+        _write_toml(folder / "edge.toml", {
+            "broker_url": mosquitto.url, "protocol": "5", "device_id": device, "federation": "crash",
+            "task": "digits-mlp", "data": "data.npz", "state_dir": "state", "seed": int(device[-1])})
+    save_npz_atomic(tmp_path / "test.npz", data.x_test, data.y_test)
+    cfg = tmp_path / "coordinator.toml"
+    _write_toml(cfg, {
+        "federation": "crash", "task": "digits-mlp", "rounds": 3, "seed": 1, "state_dir": "state",
+        "broker": {"url": mosquitto.url, "protocol": "5"},
+        "round": {"devices_per_round": 3, "min_updates": 3, "over_selection": 1.0, "deadline_s": 60.0,
+                  "min_devices": 3, "wait_for_devices_s": 120.0},
+        "plan": {"local_epochs": 5, "lr": 0.1, "batch_size": 32},
+        "evaluation": {"data": "test.npz"}, "publish": {"onnx": False}})
+
+    devices = _start_devices(tmp_path, ids, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    try:
+        proc = _coordinator(cfg)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("event=round_open round=2"):
+                break
+        _wait_for_line(tmp_path / "devices" / "dev-0" / "edge.log", "round 2: update accepted", timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert load_checkpoint(tmp_path / "state").round in (1, 2)
+
+        proc = _coordinator(cfg)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+    finally:
+        _stop_devices(devices)
+
+    final = load_checkpoint(tmp_path / "state")
+    assert final.round == 3 and np.isfinite(final.model).all()
+    db = StateDB(tmp_path / "state")
+    try:
+        rounds = db.rounds()
+    finally:
+        db.close()
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [(r["state"], r["accepted"]) for r in rounds] == [("closed", 3)] * 3, rounds
+    assert rounds[-1]["test_accuracy"] > 0.5
