@@ -40,7 +40,7 @@ from coordinator.presence import DeviceRegistry
 from coordinator.sampling import select_devices
 from coordinator.state import Checkpoint, Participation, RoundRecord, StateDB, load_checkpoint, save_checkpoint
 from coordinator.validation import Accepted, Rejected, Repeat, RoundGate
-from fedmq import __version__, topics
+from fedmq import topics
 from fedmq.data import load_npz, load_split
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +24,6 @@ from fedmq.data import save_npz_atomic
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _coordinator(cfg: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-
 def _wait_for_line(path: Path, text: str, timeout: float) -> None:
     """Wait (bounded) until the log file at ``path`` contains ``text``."""
     deadline = time.monotonic() + timeout
@@ -42,7 +34,8 @@ def _wait_for_line(path: Path, text: str, timeout: float) -> None:
     raise AssertionError(f"{path}: no line with {text!r} within {timeout} s")
 
 
-def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, tmp_path: Path) -> None:
+def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, tmp_path: Path,
+                                                                     coordinator_cli) -> None:
     ids = ["dev-0", "dev-1", "dev-2"]
     data = load_demo_data("digits", None, 1, "iid", 0.5)
     (x_all, y_all), = data.parts
@@ -68,7 +61,7 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
 
     devices = _start_devices(tmp_path, ids, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
     try:
-        proc = _coordinator(cfg)
+        proc = coordinator_cli(cfg)
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("event=round_open round=2"):
@@ -78,7 +71,7 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
         proc.wait(timeout=10)
         assert load_checkpoint(tmp_path / "state").round in (1, 2)
 
-        proc = _coordinator(cfg)
+        proc = coordinator_cli(cfg)
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out
     finally:

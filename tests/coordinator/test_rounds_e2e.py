@@ -19,7 +19,7 @@ from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB, load_checkpoint
 from fedmq.codec import CodecConfig, decode, encode
-from fedmq.params import ParamSpec, flatten_params
+from fedmq.params import flatten_params
 from fedmq.tasks import get_task
 
 SIM = Path(__file__).with_name("sim_device.py")
@@ -136,12 +136,6 @@ def test_garbage_is_rejected_counted_and_leaves_the_model_alone(mosquitto, tmp_p
     np.testing.assert_allclose(result.vector, want, rtol=0, atol=1e-7)
 
 
-def _coordinator_cli(cfg_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg_path)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-
 def _toml(broker, state: Path, fed: str, rounds: int) -> str:
     return f"""
 federation = "{fed}"
@@ -169,7 +163,7 @@ onnx = false
 """
 
 
-def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
+def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path, coordinator_cli):
     """Resume is bit-identical from the checkpoint; the rerun round sees the same selection
     and (deterministic devices) the same updates, so the final model equals an uninterrupted
     run up to float64 summation order of the accumulator."""
@@ -178,7 +172,7 @@ def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
     cfg_path.write_text(_toml(mosquitto, tmp_path / "killed", "killed", 4))
     devices = start_devices(mosquitto, "killed", names)
     try:
-        proc = _coordinator_cli(cfg_path)
+        proc = coordinator_cli(cfg_path)
         for line in proc.stdout:  # wait for round 2 to close, then kill while round 3 is in flight
             if line.startswith("event=round_open round=3"):
                 break
@@ -186,7 +180,7 @@ def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
         proc.wait(timeout=10)
         before = load_checkpoint(tmp_path / "killed")
         assert before.round == 2
-        proc = _coordinator_cli(cfg_path)
+        proc = coordinator_cli(cfg_path)
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out
         assert "event=round_closed round=3" in out and "event=round_closed round=1" not in out
@@ -199,7 +193,7 @@ def test_kill_minus_9_mid_round_then_resume(mosquitto, tmp_path):
     ref_cfg.write_text(_toml(mosquitto, tmp_path / "ref", "ref", 4))
     devices = start_devices(mosquitto, "ref", names)
     try:
-        proc = _coordinator_cli(ref_cfg)
+        proc = coordinator_cli(ref_cfg)
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out
     finally:
@@ -249,13 +243,13 @@ def test_cli_status_and_export_after_a_run(mosquitto, tmp_path):
     assert out.exit_code == 2 and "onnx or safetensors" in out.output
 
 
-def test_sigterm_mid_round_keeps_the_checkpoint_and_exits_0(mosquitto, tmp_path):
+def test_sigterm_mid_round_keeps_the_checkpoint_and_exits_0(mosquitto, tmp_path, coordinator_cli):
     names = [(f"dev-{i}", "good", 20) for i in range(3)]
     cfg_path = tmp_path / "term.toml"
     cfg_path.write_text(_toml(mosquitto, tmp_path / "term", "term", 4))
     devices = start_devices(mosquitto, "term", names)
     try:
-        proc = _coordinator_cli(cfg_path)
+        proc = coordinator_cli(cfg_path)
         lines = []
         for line in proc.stdout:
             lines.append(line)

@@ -2,7 +2,6 @@
 
 import msgpack
 import numpy as np
-import pytest
 
 from coordinator.validation import REASONS, Accepted, Rejected, Repeat, RoundGate
 from fedmq.codec import CodecConfig, encode

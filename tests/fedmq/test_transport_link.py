@@ -20,7 +20,7 @@ from broker.launch import BrokerLaunchError, start_mosquitto
 from fedmq import topics
 from fedmq.errors import ConfigError, TransportError
 from fedmq.messages import Status
-from fedmq.transport import BrokerSettings, MqttLink, Will, parse_broker_url, publish_packet_size
+from fedmq.transport import BrokerSettings, MqttLink, parse_broker_url, publish_packet_size
 
 WAIT = 30.0
 
