@@ -68,10 +68,6 @@ class DemoData:
     y_test: np.ndarray
 
 
-def _is_t10k_dir(folder: Path) -> bool:
-    return any((folder / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))
-
-
 def load_demo_data(data: str, data_dir: Path | None, devices: int, scheme: str, alpha: float) -> DemoData:
     """Load the demo's data set and cut it into ``devices`` partitions.
 
@@ -87,9 +83,9 @@ def load_demo_data(data: str, data_dir: Path | None, devices: int, scheme: str, 
             raise ConfigError("--data mnist needs --data-dir DIR (a folder of MNIST IDX files, e.g. "
                               "../shared/data/mnist-t10k)")
         folder = Path(data_dir)
-        if _is_t10k_dir(folder) and not (folder / "train-images-idx3-ubyte.gz").is_file() \
-                and not (folder / "train-images-idx3-ubyte").is_file():
-            # The official test set alone: use the MNIST-10k split of ../shared/data/README.md.
+        if not any((folder / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
+            # No training set: the official test set alone, cut by the MNIST-10k split of
+            # ../shared/data/README.md (mnist10k_split names the path if it is missing too).
             x_tr, y_tr, x_te, y_te = mnist10k_split(folder)
             parts = mnist10k_partitions(devices, scheme, alpha, y_train=y_tr)
             name = "mnist10k"
@@ -239,9 +235,6 @@ class _ProgressPrinter:
         self.console = console
         self.procs = procs
         self.coordinator = coordinator
-        self.up = 0
-        self.dense = 0
-        self.down = 0
 
     def __call__(self, p: Progress) -> None:
         if p.kind == "waiting" and all(proc.poll() is not None for proc in self.procs):
@@ -250,9 +243,6 @@ class _ProgressPrinter:
         if p.kind != "round_closed" or p.record is None:
             return
         r = p.record
-        self.up += r.bytes_up
-        self.dense += r.dense_bytes_up
-        self.down += r.bytes_down
         acc = f"{r.test_accuracy * 100:5.1f}%" if r.test_accuracy is not None else "  n/a"
         rej = sum(r.rejected.values())
         self.console.print(
