@@ -37,7 +37,15 @@ ensure_venv() {
     local stamp="$VENV/.fedmq-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" --extra-index-url "$TORCH_CPU_INDEX"
+        # The CPU index only where it answers: an unreachable index costs retries per package.
+        local extra=()
+        if "$VENV/bin/python" - "$TORCH_CPU_INDEX" <<'PY' 2>/dev/null; then extra=(--extra-index-url "$TORCH_CPU_INDEX"); fi
+import socket, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+socket.setdefaulttimeout(5)
+socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80))).close()
+PY
+        "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "${extra[@]}"
         "$VENV/bin/python" -m pip install -q -e ".[test]"
         touch "$stamp"
     fi
