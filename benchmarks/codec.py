@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fedmq.codec import CodecConfig, decode, decode_sparse, encode
+from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
 from fedmq.data import mnist10k_partitions, mnist10k_split
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec, flatten_params

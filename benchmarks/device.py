@@ -48,7 +48,7 @@ def _worker(rounds: int, data: str) -> dict:
     from edge_client.localdata import load_local_data
     from edge_client.state import DeviceState
     from edge_client.training import split_holdout, train_local
-    from fedmq.codec import CodecConfig
+    from fedmq.codecs import CodecConfig
     from fedmq.envelope import ClientUpdate, encode_update
     from fedmq.messages import TrainPlan
     from fedmq.params import ParamSpec

@@ -50,7 +50,7 @@ def _rss_bytes() -> int:
 
 
 def _payloads(n_distinct: int = 20) -> tuple[Any, list[bytes]]:
-    from fedmq.codec import CodecConfig, encode
+    from fedmq.codecs import CodecConfig, encode
     from fedmq.params import ParamSpec
     from fedmq.tasks import get_task
 

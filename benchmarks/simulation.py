@@ -6,10 +6,10 @@ byte or a number goes through is the library code the services run:
 - sampling: :func:`coordinator.sampling.select_devices` (seeded per round, so runs with the
   same seed select the same devices, whatever their codec);
 - device: :func:`edge_client.training.train_local` from the global vector, then
-  :class:`fedmq.feedback.ErrorFeedback` (or plain :func:`fedmq.codec.encode` for the dense
+  :class:`fedmq.feedback.ErrorFeedback` (or plain :func:`fedmq.codecs.encode` for the dense
   ``none`` codec), then :func:`fedmq.envelope.encode_update`: the bytes counted as uplink
   are the whole client-update envelope;
-- coordinator: :func:`fedmq.envelope.decode_update`, :func:`fedmq.codec.decode_sparse`,
+- coordinator: :func:`fedmq.envelope.decode_update`, :func:`fedmq.codecs.decode_sparse`,
   :class:`coordinator.aggregation.WeightedMean` (sample-weighted), then
   :func:`coordinator.aggregation.model_delta` and a server optimizer from
   :func:`coordinator.server_opt.make_server_optimizer`;

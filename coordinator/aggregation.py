@@ -40,7 +40,7 @@ class WeightedMean:
         self.count = 0
 
     def add(self, update: _AddsInto, weight: float) -> None:
-        """Add ``weight * update`` (a decoded, validated ``fedmq.codec.SparseUpdate``).
+        """Add ``weight * update`` (a decoded, validated ``fedmq.codecs.SparseUpdate``).
 
         Raises:
             ValueError: ``weight`` is not a positive finite number.

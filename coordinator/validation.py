@@ -3,7 +3,7 @@
 Pure: a :class:`RoundGate` holds what the round knows (who was selected, the round and
 base version, the ParamSpec, limits) and :meth:`RoundGate.check` turns one received
 blob into :class:`Accepted` or :class:`Rejected` with one of :data:`REASONS`. Decoding
-goes all the way (``fedmq.codec.decode_sparse`` validates every index and value) before
+goes all the way (``fedmq.codecs.decode_sparse`` validates every index and value) before
 an update is accepted, so nothing half-checked reaches the accumulator.
 
 Checks, in order (the first that fails is the reason):
@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedmq.codec import NonFiniteError, SparseUpdate, decode_sparse
+from fedmq.codecs import SparseUpdate, decode_sparse
+from fedmq.errors import NonFiniteError
 from fedmq.envelope import ClientUpdate, decode_update
 from fedmq.errors import SpecMismatchError, WireError
 from fedmq.params import ParamSpec

@@ -52,7 +52,7 @@ from edge_client.state import DeviceState, lock_state_dir
 from edge_client.training import LocalResult, split_holdout, train_local
 from fedmq import __version__, topics
 from fedmq.atomic import atomic_write_text
-from fedmq.codec import CodecConfig, decode
+from fedmq.codecs import CodecConfig, decode
 from fedmq.envelope import ClientUpdate, decode_update, encode_update
 from fedmq.errors import FedmqError, TransportError, WireError
 from fedmq.messages import Receipt, Status, Task

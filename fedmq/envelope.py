@@ -4,7 +4,7 @@ Byte layout in docs/wire-format.md, "Client update envelope". Decoding is strict
 of the message is bounded by the ParamSpec before msgpack sees it, every field's type and
 range is checked, the spec hash must match and the payload must fit the codec's bound.
 Everything malformed raises :class:`~fedmq.errors.WireError` (or a subclass), nothing else.
-The payload itself is validated by :func:`fedmq.codec.decode_sparse` / :func:`fedmq.codec.decode`.
+The payload itself is validated by :func:`fedmq.codecs.decode_sparse` / :func:`fedmq.codecs.decode`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.codec import CODECS, max_payload_bytes
+from fedmq.codecs import codec_names, max_payload_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.params import ParamSpec
 
@@ -106,7 +106,7 @@ def _fields(obj: dict[str, Any]) -> ClientUpdate:
         federation=_str(obj, "federation", _ID), device=_str(obj, "device", _ID), round=_int(obj, "round"),
         base_version=_int(obj, "base_version"), samples=_int(obj, "samples"),
         kind=_str(obj, "kind", choices=UPDATE_KINDS), spec_hash=_str(obj, "spec_hash", _HASH),
-        codec=_str(obj, "codec", choices=CODECS), payload=payload, metrics=_metrics(obj.get("metrics", {})))
+        codec=_str(obj, "codec", choices=codec_names()), payload=payload, metrics=_metrics(obj.get("metrics", {})))
 
 
 def encode_update(update: ClientUpdate) -> bytes:
@@ -125,7 +125,7 @@ def encode_update(update: ClientUpdate) -> bytes:
 
 def max_update_bytes(spec: ParamSpec) -> int:
     """Largest envelope :func:`decode_update` accepts for ``spec`` by default (bytes)."""
-    return max(max_payload_bytes(c, spec) for c in CODECS) + MAX_ENVELOPE_OVERHEAD
+    return max(max_payload_bytes(c, spec) for c in codec_names()) + MAX_ENVELOPE_OVERHEAD
 
 
 def decode_update(data: bytes, spec: ParamSpec, *, max_bytes: int | None = None) -> ClientUpdate:
@@ -138,7 +138,7 @@ def decode_update(data: bytes, spec: ParamSpec, *, max_bytes: int | None = None)
 
     Returns:
         The :class:`ClientUpdate`; its payload fits the codec's size bound for ``spec`` but is
-        not decoded yet (use :func:`fedmq.codec.decode_sparse`).
+        not decoded yet (use :func:`fedmq.codecs.decode_sparse`).
 
     Raises:
         WireError: oversized, not msgpack, unknown protocol version, wrong type or field.

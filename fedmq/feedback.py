@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from fedmq.atomic import atomic_write_bytes
-from fedmq.codec import CodecConfig, decode, encode
+from fedmq.codecs import CodecConfig, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
 from fedmq.params import ParamSpec
 
@@ -58,7 +58,7 @@ class ErrorFeedback:
             config: codec settings.
             enabled: False compresses ``update`` alone and leaves the residual untouched
                 (ablations without error feedback).
-            rng: stochastic-rounding noise source (see :func:`fedmq.codec.encode`).
+            rng: stochastic-rounding noise source (see :func:`fedmq.codecs.encode`).
 
         Returns:
             ``(payload, sent)``: the codec payload and float32 ``(spec.size,)``, exactly what

@@ -168,7 +168,7 @@ class TrainPlan:
     ``max_seconds`` caps local training time (seconds, 0 = no cap). ``codec``,
     ``density`` (fraction of entries kept per tensor), ``block_size`` (kept values per
     float32 scale), ``dense_below`` (tensors with fewer elements go dense int8) and
-    ``stochastic`` (stochastic rounding) configure the codec (fedmq.codec.CodecConfig).
+    ``stochastic`` (stochastic rounding) configure the codec (fedmq.codecs.CodecConfig).
     ``error_feedback`` False disables the residual (for ablations only).
     """
 

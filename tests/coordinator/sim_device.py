@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from fedmq import topics
-from fedmq.codec import CodecConfig, encode
+from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.messages import Status, Task
 from fedmq.params import ParamSpec

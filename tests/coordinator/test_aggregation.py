@@ -5,7 +5,7 @@ import pytest
 
 from coordinator.aggregation import WeightedMean, model_delta
 from coordinator.sampling import Participation, round_rng, select_devices
-from fedmq.codec import CodecConfig, decode, decode_sparse, encode
+from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))

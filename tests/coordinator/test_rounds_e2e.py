@@ -18,7 +18,7 @@ import numpy as np
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB, load_checkpoint
-from fedmq.codec import CodecConfig, decode, encode
+from fedmq.codecs import CodecConfig, decode, encode
 from fedmq.params import flatten_params
 from fedmq.tasks import get_task
 

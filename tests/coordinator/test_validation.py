@@ -4,7 +4,7 @@ import msgpack
 import numpy as np
 
 from coordinator.validation import REASONS, Accepted, Rejected, Repeat, RoundGate
-from fedmq.codec import CodecConfig, encode
+from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
 

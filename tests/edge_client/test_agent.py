@@ -25,7 +25,7 @@ import pytest
 from edge_client.localdata import load_local_data
 from edge_client.training import split_holdout, train_local
 from fedmq import topics
-from fedmq.codec import decode
+from fedmq.codecs import decode
 from fedmq.data import load_digits, save_npz_atomic
 from fedmq.envelope import decode_update
 from fedmq.feedback import ErrorFeedback

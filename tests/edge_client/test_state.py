@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_client.state import DeviceState
-from fedmq.codec import CodecConfig, decode
+from fedmq.codecs import CodecConfig, decode
 from fedmq.errors import StateError
 from fedmq.feedback import ErrorFeedback
 from fedmq.params import ParamSpec

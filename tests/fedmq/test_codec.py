@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.codec import CodecConfig, SparseUpdate, decode, decode_sparse, encode, max_payload_bytes
+from fedmq.codecs import CodecConfig, SparseUpdate, decode, decode_sparse, encode, max_payload_bytes
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.params import ParamSpec

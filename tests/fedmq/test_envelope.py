@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.codec import CodecConfig, decode_sparse, encode
+from fedmq.codecs import CodecConfig, decode_sparse, encode
 from fedmq.envelope import ClientUpdate, decode_update, encode_update, max_update_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.params import ParamSpec

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.codec import CodecConfig, decode
+from fedmq.codecs import CodecConfig, decode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
 from fedmq.feedback import ErrorFeedback
 from fedmq.params import ParamSpec

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedmq import PROTOCOL_VERSION, errors
-from fedmq.codec import CodecConfig, decode, decode_sparse, encode
+from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
 from fedmq.envelope import decode_update, encode_update
 from fedmq.params import ParamSpec
 

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.codec import CodecConfig, decode, encode
+from fedmq.codecs import CodecConfig, decode, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
 

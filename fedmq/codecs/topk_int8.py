@@ -1,39 +1,29 @@
-"""Client update codecs: pure functions from a float32 vector to bytes and back.
+"""Codec ``topk-int8``: per-tensor Top-K, int8 values, Golomb-Rice coded indices.
 
-Two codecs (byte layouts in docs/wire-format.md, "Codec topk-int8" and "Codec none"):
+Byte layout in docs/wire-format.md, "Codec topk-int8". Top-K by magnitude **per tensor**
+(at least one entry per tensor), symmetric int8 values with one float32 scale per block of
+kept values, indices as gaps coded with Golomb-Rice (unary quotients and fixed-width
+remainders in two separate bit streams, so that both directions are vectorised). Each
+tensor falls back to dense int8 when that is not larger, and tensors with fewer than
+``dense_below`` elements always go dense int8. Top-K with error feedback follows Stich et
+al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.feedback`);
+Golomb 1966 / Rice 1979 for the index code.
 
-``topk-int8``
-    Top-K by magnitude **per tensor** (at least one entry per tensor), symmetric int8 values
-    with one float32 scale per block of kept values, indices as gaps coded with Golomb-Rice
-    (unary quotients and fixed-width remainders in two separate bit streams, so that both
-    directions are vectorised). Each tensor falls back to dense int8 when that is not larger,
-    and tensors with fewer than ``dense_below`` elements always go dense int8. Top-K with
-    error feedback follows Stich et al. 2018 / Karimireddy et al. 2019 (the feedback itself
-    lives in :mod:`fedmq.feedback`); Golomb 1966 / Rice 1979 for the index code.
-
-``none``
-    Dense little-endian float32, for comparison runs.
-
-Decoders check every size against the :class:`~fedmq.params.ParamSpec` before allocating and
-raise only :class:`~fedmq.errors.CodecError` (or its subclass :class:`~fedmq.errors.NonFiniteError`).
+The decoder checks every size against the :class:`~fedmq.params.ParamSpec` before
+allocating and raises only :class:`~fedmq.errors.CodecError` (or its subclass
+:class:`~fedmq.errors.NonFiniteError`).
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError
+from fedmq.codecs.base import CodecConfig, SparseUpdate, as_view, check_vector
+from fedmq.errors import CodecError, NonFiniteError
 from fedmq.params import ParamSpec
-
-if TYPE_CHECKING:
-    from fedmq.messages import TrainPlan
-
-CODECS = ("topk-int8", "none")
 
 #: First byte of a topk-int8 payload: the layout version of that codec.
 TOPK_FORMAT = 1
@@ -49,122 +39,6 @@ _U32_MAX = 2**32 - 1
 _MAX_SCALE = float(np.float32(np.finfo(np.float32).max / np.float32(127)))
 _HEADER = struct.Struct("<BII")      # format, block_size, n_tensors
 _SPARSE_HEAD = struct.Struct("<IBI")  # k, rice bits, unary stream bytes
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """Codec settings (the device side; decoding needs none of them).
-
-    Fields:
-        name: ``"topk-int8"`` or ``"none"``.
-        density: fraction of entries kept per tensor, in (0, 1]; a tensor of n elements keeps
-            ``k = clamp(floor(density * n + 0.5), 1, n)`` entries. Default 1%.
-        block_size: kept values per float32 scale, 1..2**32-1. Default 512 (about 0.06 bits
-            per kept value of overhead, relative L2 error of the int8 step near 1.5e-2).
-        dense_below: tensors with fewer elements go dense (still int8). Default 1024, so that
-            biases are sent whole.
-        stochastic: stochastic instead of round-to-nearest rounding (unbiased, noisier).
-
-    Raises:
-        CodecError: a field is out of range or the codec is unknown.
-    """
-
-    name: str = "topk-int8"
-    density: float = 0.01
-    block_size: int = 512
-    dense_below: int = 1024
-    stochastic: bool = False
-
-    def __post_init__(self) -> None:
-        if self.name not in CODECS:
-            raise CodecError(f"unknown codec {self.name!r}, expected one of {CODECS}")
-        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
-            raise CodecError(f"codec density must be in (0, 1], got {self.density!r}")
-        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= _U32_MAX):
-            raise CodecError(f"codec block_size must be in 1..{_U32_MAX}, got {self.block_size!r}")
-        if not (isinstance(self.dense_below, int) and self.dense_below >= 0):
-            raise CodecError(f"codec dense_below must be >= 0, got {self.dense_below!r}")
-
-    @classmethod
-    def from_plan(cls, plan: TrainPlan) -> CodecConfig:
-        """Codec settings of a task's :class:`~fedmq.messages.TrainPlan`. Raises CodecError."""
-        return cls(name=plan.codec, density=plan.density, block_size=plan.block_size,
-                   dense_below=plan.dense_below, stochastic=plan.stochastic)
-
-    def kept(self, n: int) -> int:
-        """Number of entries Top-K keeps of a tensor of ``n`` elements."""
-        return min(n, max(1, math.floor(self.density * n + 0.5)))
-
-
-class SparseUpdate:
-    """A decoded, fully validated client update, kept sparse for accumulation.
-
-    Attributes:
-        indices: int64 ``(nnz,)`` strictly increasing positions in the flat vector, or None
-            when the update is dense (``values`` then has shape ``(size,)``).
-        values: float32 ``(nnz,)``, all finite.
-        size: length of the flat vector (``ParamSpec.size``).
-    """
-
-    __slots__ = ("indices", "values", "size")
-
-    def __init__(self, indices: np.ndarray | None, values: np.ndarray, size: int) -> None:
-        self.indices = indices
-        self.values = values
-        self.size = size
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored values."""
-        return int(self.values.shape[0])
-
-    def add_into(self, out: np.ndarray, weight: float) -> None:
-        """``out[indices] += weight * values`` in place (the product in ``out``'s dtype).
-
-        Args:
-            out: float32 or float64 ``(size,)`` accumulator.
-            weight: multiplier (e.g. the client's share of samples).
-
-        Raises:
-            SpecMismatchError: ``out`` has another shape.
-        """
-        if out.shape != (self.size,):
-            raise SpecMismatchError(f"accumulator shape {out.shape} does not match update size ({self.size},)")
-        if self.indices is None:
-            out += weight * self.values
-        else:
-            # np.add.at reads, adds and writes each entry in one pass, about 1.5x faster than
-            # fancy-index += (a gather, then a scatter) on a model-sized accumulator; but only
-            # on its fast path, which needs the values in out's dtype: float32 values into a
-            # float64 accumulator take a per-element loop some 20x slower.
-            np.add.at(out, self.indices, np.multiply(self.values, weight, dtype=out.dtype))
-
-    def l2_norm(self) -> float:
-        """Euclidean norm of the update (float64 sum of squares)."""
-        v = self.values.astype(np.float64)
-        return float(math.sqrt(float(np.dot(v, v))))
-
-    def to_dense(self, size: int | None = None) -> np.ndarray:
-        """The update as float32 ``(size,)``. Raises SpecMismatchError if ``size`` differs."""
-        if size is not None and size != self.size:
-            raise SpecMismatchError(f"requested size {size}, update has size {self.size}")
-        if self.indices is None:
-            return self.values.copy()
-        out = np.zeros(self.size, dtype=np.float32)
-        out[self.indices] = self.values
-        return out
-
-
-# ----------------------------------------------------------------------------- encoding
-
-def _check_vector(vector: np.ndarray, spec: ParamSpec) -> np.ndarray:
-    vec = np.asarray(vector)
-    if vec.shape != (spec.size,):
-        raise SpecMismatchError(f"vector shape {vec.shape} does not match ParamSpec size ({spec.size},)")
-    vec = np.ascontiguousarray(vec, dtype=np.float32)
-    if not np.isfinite(vec).all():
-        raise NonFiniteError("update vector contains NaN or Inf; refusing to encode it")
-    return vec
 
 
 def _quantize(values: np.ndarray, block: int, stochastic: bool, rng: np.random.Generator | None
@@ -281,47 +155,6 @@ def _encode_topk(vec: np.ndarray, spec: ParamSpec, config: CodecConfig, rng: np.
     return b"".join(parts)
 
 
-def encode(vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
-           rng: np.random.Generator | None = None) -> bytes:
-    """Compress a client update.
-
-    Args:
-        vector: float32 ``(spec.size,)`` (other float dtypes are cast), all finite.
-        spec: the model's ParamSpec (tensor boundaries for per-tensor Top-K).
-        config: codec settings.
-        rng: source of the stochastic-rounding noise (fresh entropy if None); unused otherwise.
-
-    Returns:
-        The codec payload (layout in docs/wire-format.md).
-
-    Raises:
-        SpecMismatchError: wrong vector shape.
-        NonFiniteError: the vector holds NaN or Inf.
-    """
-    vec = _check_vector(vector, spec)
-    if config.name == "none":
-        return vec.astype("<f4", copy=False).tobytes()
-    return _encode_topk(vec, spec, config, rng)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-def max_payload_bytes(codec: str, spec: ParamSpec) -> int:
-    """Upper bound (bytes) on any valid payload of ``codec`` for ``spec``.
-
-    ``none``: exactly ``4 * size``. ``topk-int8``: ``9 + 16 * T + 10 * size`` (T tensors),
-    a loose bound that holds for every block size and Rice parameter.
-
-    Raises:
-        CodecError: unknown codec.
-    """
-    if codec == "none":
-        return 4 * spec.size
-    if codec == "topk-int8":
-        return _HEADER.size + 16 * len(spec.sizes) + 10 * spec.size
-    raise CodecError(f"unknown codec {codec!r}, expected one of {CODECS}")
-
-
 class _Reader:
     __slots__ = ("buf", "pos")
 
@@ -340,15 +173,6 @@ class _Reader:
 
     def unpack(self, st: struct.Struct, what: str) -> tuple[int, ...]:
         return st.unpack(self.take(st.size, what))
-
-
-def _as_view(payload: object) -> memoryview:
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    view = memoryview(payload)
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    return view
 
 
 def _read_scales(rd: _Reader, count: int, where: str) -> np.ndarray:
@@ -442,8 +266,8 @@ def _read_indices(rd: _Reader, n: int, base: int, where: str) -> np.ndarray:
 def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | None, np.ndarray]]:
     """Validate a whole topk-int8 payload; per tensor (positions in the flat vector or None if dense,
     float32 values)."""
-    view = _as_view(payload)
-    limit = max_payload_bytes("topk-int8", spec)
+    view = as_view(payload)
+    limit = _max_payload_bytes(spec)
     if len(view) > limit:
         raise CodecError(f"payload of {len(view)} bytes exceeds the {limit}-byte bound for this ParamSpec")
     rd = _Reader(view)
@@ -473,53 +297,46 @@ def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | Non
     return out
 
 
-def _parse_none(payload: object, spec: ParamSpec) -> np.ndarray:
-    view = _as_view(payload)
-    if len(view) != 4 * spec.size:
-        raise CodecError(f"codec none: payload of {len(view)} bytes, expected {4 * spec.size}")
-    vec = np.frombuffer(view, dtype="<f4").astype(np.float32)
-    if not np.isfinite(vec).all():
-        raise NonFiniteError("codec none: NaN or Inf value")
-    return vec
+def _max_payload_bytes(spec: ParamSpec) -> int:
+    return _HEADER.size + 16 * len(spec.sizes) + 10 * spec.size
 
 
-def decode(codec: str, payload: bytes, spec: ParamSpec) -> np.ndarray:
-    """Decompress a payload into a dense vector.
+class TopKInt8:
+    """The ``topk-int8`` codec (see the module docstring)."""
 
-    Returns:
-        float32 ``(spec.size,)``, zeros where nothing was sent.
+    name = "topk-int8"
 
-    Raises:
-        CodecError: unknown codec or malformed payload; NonFiniteError for NaN/Inf scales or values.
-    """
-    if codec == "none":
-        return _parse_none(payload, spec)
-    if codec != "topk-int8":
-        raise CodecError(f"unknown codec {codec!r}, expected one of {CODECS}")
-    out = np.zeros(spec.size, dtype=np.float32)
-    for (idx, vals), off, n in zip(_parse_topk(payload, spec), spec.offsets, spec.sizes):
-        if idx is None:
-            out[off:off + n] = vals
-        else:
-            out[idx] = vals
-    return out
+    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+               rng: np.random.Generator | None = None) -> bytes:
+        """Compress float32 ``(spec.size,)``.
 
+        Args:
+            vector: the update (other float dtypes are cast), all finite.
+            spec: tensor boundaries for per-tensor Top-K.
+            config: density, block size, dense threshold, rounding.
+            rng: source of the stochastic-rounding noise (fresh entropy if None); unused otherwise.
 
-def decode_sparse(codec: str, payload: bytes, spec: ParamSpec) -> SparseUpdate:
-    """Decompress a payload into a :class:`SparseUpdate`, validated completely before returning.
+        Raises:
+            SpecMismatchError: wrong vector shape. NonFiniteError: NaN or Inf in the vector.
+        """
+        return _encode_topk(check_vector(vector, spec), spec, config, rng)
 
-    Raises:
-        CodecError: unknown codec or malformed payload; NonFiniteError for NaN/Inf scales or values.
-    """
-    if codec == "none":
-        return SparseUpdate(None, _parse_none(payload, spec), spec.size)
-    if codec != "topk-int8":
-        raise CodecError(f"unknown codec {codec!r}, expected one of {CODECS}")
-    parts = _parse_topk(payload, spec)
-    nnz = sum(v.shape[0] for _, v in parts)
-    values = np.concatenate([v for _, v in parts])
-    if nnz == spec.size:
-        return SparseUpdate(None, values, spec.size)
-    indices = np.concatenate([np.arange(off, off + n, dtype=np.int64) if idx is None else idx
-                              for (idx, _), off, n in zip(parts, spec.offsets, spec.sizes)])
-    return SparseUpdate(indices, values, spec.size)
+    def decode_sparse(self, payload: bytes | memoryview, spec: ParamSpec) -> SparseUpdate:
+        """Decode and validate every index, scale and value before returning.
+
+        Raises:
+            CodecError: malformed payload. NonFiniteError: NaN or Inf scales or values.
+        """
+        parts = _parse_topk(payload, spec)
+        nnz = sum(v.shape[0] for _, v in parts)
+        values = np.concatenate([v for _, v in parts])
+        if nnz == spec.size:
+            return SparseUpdate(None, values, spec.size)
+        indices = np.concatenate([np.arange(off, off + n, dtype=np.int64) if idx is None else idx
+                                  for (idx, _), off, n in zip(parts, spec.offsets, spec.sizes)])
+        return SparseUpdate(indices, values, spec.size)
+
+    def max_payload_bytes(self, spec: ParamSpec) -> int:
+        """``9 + 16 * T + 10 * size`` bytes (T tensors): a loose bound that holds for every
+        block size and Rice parameter."""
+        return _max_payload_bytes(spec)
