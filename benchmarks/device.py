@@ -47,7 +47,7 @@ def _worker(rounds: int, data: str) -> dict:
     import edge_client.agent  # noqa: F401  - the agent's imports (paho, onnx-free path) count in RSS
     from edge_client.localdata import load_local_data
     from edge_client.state import DeviceState
-    from edge_client.training import split_holdout, train_local
+    from fedmq.fl.training import split_holdout, train_local
     from fedmq.codecs import CodecConfig
     from fedmq.envelope import ClientUpdate, encode_update
     from fedmq.messages import TrainPlan

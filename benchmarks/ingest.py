@@ -5,8 +5,8 @@ Three figures:
 
 * ``memory_path``: updates per second through the coordinator's validation and
   aggregation from in-memory messages, one core: envelope decode + round checks +
-  ``decode_sparse`` + ``add_into`` (coordinator.validation.RoundGate.check then
-  coordinator.aggregation.WeightedMean.add). Target >= 2,000 updates/s.
+  ``decode_sparse`` + ``add_into`` (fedmq.fl.rounds.RoundGate.check then
+  fedmq.fl.aggregation.WeightedMean.add). Target >= 2,000 updates/s.
 * ``mosquitto_path``: updates per second end to end through a mosquitto on loopback:
   publisher processes send blobs (fedmq.transport BlobSender) on the update topics; the
   coordinator's own message handling (``Coordinator._pump``: blob reassembly, validation,
@@ -68,14 +68,14 @@ def _envelope(spec: Any, payload: bytes, device: str) -> bytes:
 
 
 def _gate(spec: Any, devices: list[str]) -> Any:
-    from coordinator.validation import RoundGate
+    from fedmq.fl.rounds import RoundGate
     known = set(devices)
     return RoundGate(FED, spec, 1, 0, "delta", frozenset(devices), known.__contains__, 32 << 20, None)
 
 
 def memory_path(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
-    from coordinator.aggregation import WeightedMean
-    from coordinator.validation import Accepted
+    from fedmq.fl.aggregation import WeightedMean
+    from fedmq.fl.rounds import Accepted
 
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
@@ -93,8 +93,8 @@ def memory_path(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
 
 def memory_growth(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
     """RSS after 100 and after ``n`` updates of one round (envelopes built on the fly)."""
-    from coordinator.aggregation import WeightedMean
-    from coordinator.validation import Accepted
+    from fedmq.fl.aggregation import WeightedMean
+    from fedmq.fl.rounds import Accepted
 
     devices = [f"d{i}" for i in range(n)]
     gate = _gate(spec, devices)
@@ -135,7 +135,7 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) ->
     from pathlib import Path
 
     from broker.launch import start_mosquitto
-    from coordinator.aggregation import WeightedMean
+    from fedmq.fl.aggregation import WeightedMean
     from coordinator.config import config_from_dict
     from coordinator.presence import Device
     from coordinator.service import Coordinator, _RoundState

@@ -192,7 +192,7 @@ def broker_case(name: str, timeout_s: float = 540.0) -> dict[str, Any]:
     Raises:
         FedmqError: the demo failed, ran past ``timeout_s`` or wrote no summary.json.
     """
-    from coordinator.demo import DEMO_PLANS
+    from fleet.demo import DEMO_PLANS
     from fedmq.data import MNIST_T10K_DIR, shared_data_dir
     from fedmq.errors import FedmqError
 

@@ -3,16 +3,16 @@
 The learning benchmarks drive a federation without a broker, for speed, but every step a
 byte or a number goes through is the library code the services run:
 
-- sampling: :func:`coordinator.sampling.select_devices` (seeded per round, so runs with the
+- sampling: :func:`fedmq.fl.sampling.select_devices` (seeded per round, so runs with the
   same seed select the same devices, whatever their codec);
-- device: :func:`edge_client.training.train_local` from the global vector, then
+- device: :func:`fedmq.fl.training.train_local` from the global vector, then
   :class:`fedmq.feedback.ErrorFeedback` (or plain :func:`fedmq.codecs.encode` for the dense
   ``none`` codec), then :func:`fedmq.envelope.encode_update`: the bytes counted as uplink
   are the whole client-update envelope;
 - coordinator: :func:`fedmq.envelope.decode_update`, :func:`fedmq.codecs.decode_sparse`,
-  :class:`coordinator.aggregation.WeightedMean` (sample-weighted), then
-  :func:`coordinator.aggregation.model_delta` and a server optimizer from
-  :func:`coordinator.server_opt.make_server_optimizer`;
+  :class:`fedmq.fl.aggregation.WeightedMean` (sample-weighted), then
+  :func:`fedmq.fl.aggregation.model_delta` and a server optimizer from
+  :func:`fedmq.fl.server_opt.make_server_optimizer`;
 - downlink: each selected device fetches the global model as the safetensors blob of
   :func:`fedmq.modelio.model_to_safetensors` (the retained model blob) plus its task
   message (:class:`fedmq.messages.Task`); devices not selected fetch nothing.
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregation import WeightedMean, model_delta
-from coordinator.sampling import Participation, select_devices
-from coordinator.server_opt import make_server_optimizer
-from edge_client.training import train_local
+from fedmq.fl.aggregation import WeightedMean, model_delta
+from fedmq.fl.sampling import SelectionPolicy, select_devices
+from fedmq.fl.server_opt import make_server_optimizer
+from fedmq.fl.training import train_local
 from fedmq import codec
 from fedmq.envelope import ClientUpdate, decode_update, encode_update
 from fedmq.feedback import ErrorFeedback
@@ -58,7 +58,7 @@ class FedSetup:
         partition: ``iid`` or ``dirichlet`` (MNIST-10k partitions of ../shared/data/README.md).
         alpha: Dirichlet concentration (non-IID only).
         plan: the devices' training and codec settings (as sent in each task).
-        server_optimizer: name for :func:`coordinator.server_opt.make_server_optimizer`.
+        server_optimizer: name for :func:`fedmq.fl.server_opt.make_server_optimizer`.
         server_lr: its ``eta``.
         seed: model initialisation, device sampling and local shuffling all derive from it.
         samples_per_device: keep only the first N samples of each partition (None: all);
@@ -150,7 +150,7 @@ def simulate(setup: FedSetup, data: FedData | None = None, *, target_accuracy: f
     ids = device_ids(setup.devices)
     index = {d: i for i, d in enumerate(ids)}
     feedback = {d: ErrorFeedback(spec) for d in ids}
-    participation = Participation(devices_per_round=setup.per_round, over_selection=1.0)
+    participation = SelectionPolicy(devices_per_round=setup.per_round, over_selection=1.0)
     history: list[dict[str, Any]] = []
     totals = {"bytes_up": 0, "bytes_down": 0, "payload_bytes_up": 0}
     t_train = t_codec = t_eval = 0.0

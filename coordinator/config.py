@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from coordinator.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
-from coordinator.sampling import Participation
+from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
@@ -63,8 +63,8 @@ class RoundConfig(_Section):
                              f"({self.devices_per_round})")
         return self
 
-    def participation(self) -> Participation:
-        return Participation(self.devices_per_round, self.min_updates, self.over_selection)
+    def participation(self) -> SelectionPolicy:
+        return SelectionPolicy(self.devices_per_round, self.min_updates, self.over_selection)
 
     @property
     def devices_to_wait_for(self) -> int:

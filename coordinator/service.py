@@ -2,11 +2,11 @@
 
 :class:`Coordinator` joins three separate pieces:
 
-* who takes part: :mod:`coordinator.sampling` (seeded uniform sampling, over-selection)
+* who takes part: :mod:`fedmq.fl.sampling` (seeded uniform sampling, over-selection)
   and the round deadline, with :mod:`coordinator.presence` telling who is online;
-* how updates are combined: :mod:`coordinator.validation` then
-  :class:`coordinator.aggregation.WeightedMean` (one model-sized accumulator);
-* how the global model steps: :mod:`coordinator.server_opt`.
+* how updates are combined: :mod:`fedmq.fl.rounds` then
+  :class:`fedmq.fl.aggregation.WeightedMean` (one model-sized accumulator);
+* how the global model steps: :mod:`fedmq.fl.server_opt`.
 
 A round ``r``: wait (up to ``round.wait_for_devices_s``) for enough eligible devices;
 select ``ceil(target * over_selection)`` of them with the generator of ``(seed, r)``;
@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coordinator.aggregation import WeightedMean, model_delta
+from fedmq.fl.aggregation import WeightedMean, model_delta
 from coordinator.config import CoordinatorConfig
 from coordinator.presence import DeviceRegistry
-from coordinator.sampling import select_devices
-from coordinator.state import Checkpoint, Participation, RoundRecord, StateDB, load_checkpoint, save_checkpoint
-from coordinator.validation import Accepted, Rejected, Repeat, RoundGate
+from fedmq.fl.sampling import select_devices
+from coordinator.state import Checkpoint, ParticipationRecord, RoundRecord, StateDB, load_checkpoint, save_checkpoint
+from fedmq.fl.rounds import Accepted, Rejected, Repeat, RoundGate
 from fedmq import topics
 from fedmq.data import load_npz, load_split
 from fedmq.errors import StateError, TransportError, WireError
@@ -107,7 +107,7 @@ class _RoundState:
     started: float
     acc: WeightedMean
     rejected: dict[str, int] = field(default_factory=dict)
-    parts: dict[tuple[str, str], Participation] = field(default_factory=dict)
+    parts: dict[tuple[str, str], ParticipationRecord] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
     bytes_up: int = 0
     wire_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -316,7 +316,7 @@ class Coordinator:
             self._last_eval = self._evaluate(vector)
         for device in st.selected:
             if device not in st.answered:
-                st.parts[(device, "")] = Participation(device)
+                st.parts[(device, "")] = ParticipationRecord(device)
         dev_metrics = {k: st.metric_sums[k] / st.metric_weights[k] for k in sorted(st.metric_sums)}
         closed = time.time()
         rec = RoundRecord(
@@ -428,7 +428,7 @@ class Coordinator:
                 st.metric_weights[key] = st.metric_weights.get(key, 0.0) + upd.samples
             if device in self.registry.devices:
                 self.registry.devices[device].rounds += 1
-            st.parts[(device, transfer)] = Participation(device, transfer, "accepted", "", upd.samples,
+            st.parts[(device, transfer)] = ParticipationRecord(device, transfer, "accepted", "", upd.samples,
                                                          st.wire_bytes.pop((device, transfer), 0), dict(upd.metrics))
             self._receipt(device, round_, transfer, "accepted", "")
         else:
@@ -437,7 +437,7 @@ class Coordinator:
                 st.rejected[result.reason] = st.rejected.get(result.reason, 0) + 1
                 if device in st.selected and result.reason not in ("late", "wrong_round", "device_mismatch"):
                     st.answered.add(device)
-                st.parts[(device, transfer)] = Participation(device, transfer, "rejected", result.reason,
+                st.parts[(device, transfer)] = ParticipationRecord(device, transfer, "rejected", result.reason,
                                                              upd.samples if upd else 0, st.wire_bytes.pop((device, transfer), 0))
             self._receipt(device, round_, transfer, "rejected", result.reason)
         if notify is not None and st is not None:

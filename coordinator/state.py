@@ -5,7 +5,7 @@ after every round, never pickle) holds the global model (``model``, float32 (d,)
 server optimizer's state arrays (``opt.<name>``, float32 (d,)) and metadata: the last
 finished round, the model version, task, ParamSpec hash, optimizer name, and the last
 round's record as JSON. The random generator of round ``r`` is derived from
-``(seed, r)`` (coordinator.sampling.round_rng), so no generator state is saved.
+``(seed, r)`` (fedmq.fl.sampling.round_rng), so no generator state is saved.
 
 ``coordinator.sqlite`` holds ``rounds`` (one row per finished round), ``participations``
 (one row per selected device or received update per round) and ``devices`` (presence).
@@ -39,7 +39,7 @@ DB_NAME = "coordinator.sqlite"
 
 
 @dataclass
-class Participation:
+class ParticipationRecord:
     """One device's part in one round.
 
     ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
@@ -93,7 +93,7 @@ class RoundRecord:
     started: float
     closed: float
     wall_s: float
-    participations: list[Participation] = field(default_factory=list)
+    participations: list[ParticipationRecord] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """Flat dict: ``rejected_<reason>`` and ``device_<metric>`` columns, no per-device list."""
@@ -109,7 +109,7 @@ class RoundRecord:
     @classmethod
     def from_json(cls, text: str) -> RoundRecord:
         obj = json.loads(text)
-        obj["participations"] = [Participation(**p) for p in obj.get("participations", [])]
+        obj["participations"] = [ParticipationRecord(**p) for p in obj.get("participations", [])]
         return cls(**obj)
 
 
@@ -270,8 +270,8 @@ class StateDB:
                               software=row[5], last_seen=row[6], rounds=int(rounds or 0), bytes_up=int(sent or 0)))
         return out
 
-    def participations(self, round_: int) -> list[Participation]:
-        return [Participation(device=r[0], transfer_id=r[1], status=r[2], reason=r[3] or "", samples=r[4] or 0,
+    def participations(self, round_: int) -> list[ParticipationRecord]:
+        return [ParticipationRecord(device=r[0], transfer_id=r[1], status=r[2], reason=r[3] or "", samples=r[4] or 0,
                               bytes_up=r[5] or 0, metrics=json.loads(r[6] or "{}"))
                 for r in self.conn.execute("SELECT device, transfer_id, status, reason, samples, bytes_up, metrics "
                                            "FROM participations WHERE round = ? ORDER BY device", (round_,))]

@@ -9,7 +9,7 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
 2. an update left in flight by a previous run is sent again (same bytes, same transfer
    id) or, past its round's deadline, rolled back into the residual;
 3. for each task of a round not yet done: fetch the global model version it names (from
-   the local cache when there), train (:func:`edge_client.training.train_local`, in a
+   the local cache when there), train (:func:`fedmq.fl.training.train_local`, in a
    worker thread so the main loop keeps pinging the watchdog), compress with error
    feedback, commit residual + update to disk (:class:`edge_client.state.DeviceState`),
    then publish the update as a chunked blob under ``fedmq/F/update/D/T``;
@@ -49,7 +49,7 @@ from edge_client.config import EdgeConfig
 from edge_client.localdata import load_local_data
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
-from edge_client.training import LocalResult, split_holdout, train_local
+from fedmq.fl.training import LocalResult, split_holdout, train_local
 from fedmq import __version__, topics
 from fedmq.atomic import atomic_write_text
 from fedmq.codecs import CodecConfig, decode

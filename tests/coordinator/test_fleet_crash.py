@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.demo import _start_devices, _stop_devices, _write_toml, load_demo_data
+from fleet.demo import _start_devices, _stop_devices, _write_toml, load_demo_data
 from coordinator.state import StateDB, load_checkpoint
 from fedmq.data import save_npz_atomic
 

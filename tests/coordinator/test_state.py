@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from coordinator.presence import Device
-from coordinator.state import (CHECKPOINT_NAME, Checkpoint, Participation, RoundRecord, StateDB, load_checkpoint,
+from coordinator.state import (CHECKPOINT_NAME, Checkpoint, ParticipationRecord, RoundRecord, StateDB, load_checkpoint,
                                save_checkpoint)
 from fedmq.errors import StateError
 
@@ -13,8 +13,8 @@ def record(r=3):
     return RoundRecord(round=r, state="closed", base_version=1, model_version=2, target=2, participants=3, accepted=2,
                        rejected={"late": 1}, test_loss=0.5, test_accuracy=0.9, device_metrics={"train_loss": 0.7},
                        bytes_up=1000, bytes_down=3000, dense_bytes_up=8000, started=1.0, closed=2.5, wall_s=1.5,
-                       participations=[Participation("a", "t1", "accepted", "", 10, 400, {"train_loss": 0.6}),
-                                       Participation("b", "t2", "rejected", "late", 5, 600)])
+                       participations=[ParticipationRecord("a", "t1", "accepted", "", 10, 400, {"train_loss": 0.6}),
+                                       ParticipationRecord("b", "t2", "rejected", "late", 5, 600)])
 
 
 def test_checkpoint_round_trips_bit_for_bit(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from edge_client.localdata import load_local_data
-from edge_client.training import split_holdout, train_local
+from fedmq.fl.training import split_holdout, train_local
 from fedmq import topics
 from fedmq.codecs import decode
 from fedmq.data import load_digits, save_npz_atomic

@@ -3,7 +3,7 @@
 import msgpack
 import numpy as np
 
-from coordinator.validation import REASONS, Accepted, Rejected, Repeat, RoundGate
+from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundGate
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from edge_client.training import planned_steps, split_holdout, train_local
+from fedmq.fl.training import planned_steps, split_holdout, train_local
 from fedmq.data import digits_split
 from fedmq.errors import ConfigError, DataError, SpecMismatchError, WireError
 from fedmq.messages import TrainPlan

@@ -21,7 +21,7 @@ def round_rng(seed: int, round_: int) -> np.random.Generator:
 
 
 @dataclass(frozen=True)
-class Participation:
+class SelectionPolicy:
     """How many devices a round wants.
 
     Attributes:
@@ -47,7 +47,7 @@ class Participation:
         return min(eligible, math.ceil(self.target(eligible) * self.over_selection - 1e-9))
 
 
-def select_devices(eligible: Iterable[str], participation: Participation, seed: int, round_: int) -> list[str]:
+def select_devices(eligible: Iterable[str], participation: SelectionPolicy, seed: int, round_: int) -> list[str]:
     """Sample devices uniformly without replacement for ``round_``.
 
     Args:

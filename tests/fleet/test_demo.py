@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.demo import run_demo
+from fleet.demo import run_demo
 from fedmq.data import digits_split
 from fedmq.messages import Receipt
 from fedmq.modelio import OnnxPredictor, model_from_safetensors

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.server_opt import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, make_server_optimizer
+from fedmq.fl.server_opt import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, make_server_optimizer
 from fedmq.errors import ConfigError, StateError
 
 

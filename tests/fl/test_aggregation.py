@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from coordinator.aggregation import WeightedMean, model_delta
-from coordinator.sampling import Participation, round_rng, select_devices
+from fedmq.fl.aggregation import WeightedMean, model_delta
+from fedmq.fl.sampling import SelectionPolicy, round_rng, select_devices
 from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
 from fedmq.params import ParamSpec
 
@@ -50,7 +50,7 @@ def test_gradient_updates_step_against_the_mean():
 
 def test_selection_over_selects_and_is_a_function_of_seed_and_round():
     devices = [f"d{i}" for i in range(30)]
-    part = Participation(10, min_updates=5, over_selection=1.3)
+    part = SelectionPolicy(10, min_updates=5, over_selection=1.3)
     a = select_devices(devices, part, seed=7, round_=3)
     assert len(a) == 13 and len(set(a)) == 13 and set(a) <= set(devices)
     assert select_devices(reversed(devices), part, seed=7, round_=3) == a
@@ -58,15 +58,15 @@ def test_selection_over_selects_and_is_a_function_of_seed_and_round():
 
 
 def test_selection_is_capped_by_eligible_devices_and_fraction_rounds_up():
-    assert len(select_devices(["a", "b"], Participation(10), 0, 1)) == 2
-    assert select_devices([], Participation(10), 0, 1) == []
-    frac = Participation(0.25, over_selection=1.0)
+    assert len(select_devices(["a", "b"], SelectionPolicy(10), 0, 1)) == 2
+    assert select_devices([], SelectionPolicy(10), 0, 1) == []
+    frac = SelectionPolicy(0.25, over_selection=1.0)
     assert frac.target(10) == 3 and frac.selection_size(10) == 3
 
 
 def test_selection_is_uniform():
     devices = [f"d{i}" for i in range(10)]
-    part = Participation(2, over_selection=1.0)
+    part = SelectionPolicy(2, over_selection=1.0)
     counts = dict.fromkeys(devices, 0)
     for r in range(2000):
         for d in select_devices(devices, part, seed=1, round_=r):
