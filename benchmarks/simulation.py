@@ -187,7 +187,7 @@ def simulate(setup: FedSetup, data: FedData | None = None, *, target_accuracy: f
             t_train += t1 - t0
             up += len(envelope)
             totals["payload_bytes_up"] += len(payload)
-        opt.step(x, model_delta(acc.mean(), plan.update_kind))
+        opt.step(x, model_delta(acc.result(), plan.update_kind))
         t0 = time.perf_counter()
         load_params(model, x, spec)
         loss, accuracy = evaluate(model, data.x_test, data.y_test)

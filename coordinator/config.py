@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
 from fedmq.errors import ConfigError, WireError
@@ -102,6 +103,19 @@ class EvaluationConfig(_Section):
         raise ValueError("expected 'none', 'digits', 'mnist10k', 'task' or a path to an .npz file")
 
 
+class AggregationConfig(_Section):
+    """How accepted client updates are combined (the :class:`fedmq.fl.aggregation.Aggregator` seam)."""
+
+    rule: str = "weighted-mean"
+
+    @field_validator("rule")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in aggregator_names():
+            raise ValueError(f"unknown aggregation rule {value!r}, expected one of {aggregator_names()}")
+        return value
+
+
 class LimitsConfig(_Section):
     """Bounds on client updates."""
 
@@ -134,6 +148,7 @@ class CoordinatorConfig(_Section):
     plan: TrainPlan = TrainPlan()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    aggregation: AggregationConfig = AggregationConfig()
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
 

@@ -28,27 +28,26 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedmq.fl.aggregation import WeightedMean, model_delta
 from coordinator.config import CoordinatorConfig
 from coordinator.presence import DeviceRegistry
-from fedmq.fl.sampling import select_devices
-from coordinator.state import Checkpoint, ParticipationRecord, RoundRecord, StateDB, load_checkpoint, save_checkpoint
-from fedmq.fl.rounds import Accepted, Rejected, Repeat, RoundGate
+from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.data import load_npz, load_split
 from fedmq.errors import StateError, TransportError, WireError
+from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
+from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import evaluate, get_task
+from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
-from fedmq.transport.link import Message, MqttLink
 from fedmq.transport.receiver import BlobReceiver
 from fedmq.transport.wire import Manifest
 
@@ -97,30 +96,14 @@ class RunResult:
     stopped: bool = False
 
 
-@dataclass
-class _RoundState:
-    round: int
-    base_version: int
-    selected: list[str]
-    target: int
-    deadline: float
-    started: float
-    acc: WeightedMean
-    rejected: dict[str, int] = field(default_factory=dict)
-    parts: dict[tuple[str, str], ParticipationRecord] = field(default_factory=dict)
-    answered: set[str] = field(default_factory=set)
-    bytes_up: int = 0
-    wire_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
-    received: int = 0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_weights: dict[str, float] = field(default_factory=dict)
-
-
 class Coordinator:
     """The federated-learning coordinator of one federation.
 
     Args:
         config: validated configuration (coordinator.config.load_config).
+        link: the connection to the broker, not yet connected (default:
+            :func:`fedmq.transport.open_link` for ``config.broker``, chosen by the URL's
+            scheme, with client id ``fedmq-coordinator-<federation>``).
 
     Use :meth:`run` from the thread that should own the rounds; :meth:`stop` from any
     thread (or a signal handler) ends the run after the current step, keeping the last
@@ -131,7 +114,7 @@ class Coordinator:
         TransportError: the broker cannot be reached at start.
     """
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, link: Link | None = None) -> None:
         self.config = config
         self.fed = config.federation
         self.task = get_task(config.task)
@@ -144,7 +127,9 @@ class Coordinator:
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
         self._model_bytes = 0
-        self.link: MqttLink | None = None
+        self.link: Link = link if link is not None else open_link(config.broker,
+                                                                   client_id=f"fedmq-coordinator-{self.fed}")
+        self.engine: RoundEngine | None = None
         self.db: StateDB | None = None
 
     # -- control -------------------------------------------------------------------------
@@ -177,18 +162,19 @@ class Coordinator:
         try:
             vector, round_done, version = self._resume(state_dir)
             self._load_eval_data()
-            self.link = MqttLink(cfg.broker, client_id=f"fedmq-coordinator-{self.fed}")
             self.link.connect()
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s),
                                          max_size=cfg.limits.max_update_bytes)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
             self._publish_model(vector, version, round_done)
-            gate = RoundGate(self.fed, self.spec, round_done, version, cfg.plan.update_kind, frozenset(),
-                             lambda d: d in self.registry.devices, cfg.limits.max_update_bytes,
-                             cfg.limits.norm_bound, open=False)
+            engine = self.engine = RoundEngine(
+                self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
+                max_update_bytes=cfg.limits.max_update_bytes, norm_bound=cfg.limits.norm_bound,
+                aggregator=cfg.aggregation.rule, min_updates=cfg.round.min_updates, round=round_done,
+                base_version=version)
             while round_done < cfg.rounds and not self.stopping:
-                rec = self._run_round(round_done + 1, version, vector, gate, notify)
+                rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:
                     break
                 records.append(rec)
@@ -197,8 +183,7 @@ class Coordinator:
                                 sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
             return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
         finally:
-            if self.link is not None:
-                self.link.close()
+            self.link.close()
             self.db.close()
 
     # -- start-up ------------------------------------------------------------------------
@@ -249,14 +234,14 @@ class Coordinator:
 
     def _clear_inflight_tasks(self) -> None:
         """Clear retained tasks left by a round that was in flight when we were killed."""
-        assert self.db is not None and self.link is not None
+        assert self.db is not None
         for device in self.db.inflight_devices():
             self.link.publish(topics.task(self.fed, device), b"", retain=True)
         self.db.set_inflight([])
 
     # -- one round -----------------------------------------------------------------------
 
-    def _wait_for_devices(self, round_: int, gate: RoundGate, notify: Callable[[Progress], None]) -> list[str]:
+    def _wait_for_devices(self, round_: int, notify: Callable[[Progress], None]) -> list[str]:
         cfg = self.config.round
         end = time.monotonic() + cfg.wait_for_devices_s
         while not self.stopping:
@@ -264,24 +249,23 @@ class Coordinator:
             if len(eligible) >= cfg.devices_to_wait_for or time.monotonic() >= end:
                 return eligible
             notify(Progress("waiting", round_, online=self.registry.online_count()))
-            self._pump(gate, None, min(_POLL_S * 5, max(0.0, end - time.monotonic())))
+            self._pump(min(_POLL_S * 5, max(0.0, end - time.monotonic())))
         return []
 
-    def _run_round(self, r: int, version: int, vector: np.ndarray, gate: RoundGate,
+    def _run_round(self, r: int, version: int, vector: np.ndarray, engine: RoundEngine,
                    notify: Callable[[Progress], None]) -> RoundRecord | None:
         cfg = self.config
-        assert self.link is not None and self.db is not None
-        eligible = self._wait_for_devices(r, gate, notify)
+        assert self.db is not None
+        eligible = self._wait_for_devices(r, notify)
         if self.stopping:
             return None
-        part = cfg.round.participation()
-        selected = select_devices(eligible, part, cfg.seed, r)
-        target = min(part.target(len(eligible)), len(selected)) if selected else part.target(len(eligible))
+        policy = cfg.round.participation()
+        selected = select_devices(eligible, policy, cfg.seed, r)
+        target = min(policy.target(len(eligible)), len(selected)) if selected else policy.target(len(eligible))
         started = time.time()
         deadline = started + cfg.round.deadline_s
-        st = _RoundState(r, version, selected, target, deadline, started, WeightedMean(self.spec.size))
         self.db.set_inflight(selected)
-        gate.next_round(r, version, selected)
+        engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
         for device in selected:
             task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
@@ -292,160 +276,128 @@ class Coordinator:
                  len(selected), target, cfg.round.deadline_s)
         notify(Progress("round_open", r, len(selected), target, deadline=deadline,
                         online=self.registry.online_count()))
-        while not self.stopping:
-            if st.acc.count >= target or st.answered >= set(selected):
-                break
+        while not self.stopping and not engine.complete:
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
-            self._pump(gate, st, min(_POLL_S, remaining), notify)
+            self._pump(min(_POLL_S, remaining), notify)
             request_repairs(self.link, self.fed, self.receiver)
         if self.stopping:
             return None
-        return self._close_round(st, gate, vector)
+        return self._close_round(engine, vector)
 
-    def _close_round(self, st: _RoundState, gate: RoundGate, vector: np.ndarray) -> RoundRecord:
+    def _close_round(self, engine: RoundEngine, vector: np.ndarray) -> RoundRecord:
         cfg = self.config
-        assert self.link is not None and self.db is not None
-        gate.open = False
-        succeeded = st.acc.count >= cfg.round.min_updates
-        version = st.base_version
-        if succeeded:
-            self.optimizer.step(vector, model_delta(st.acc.mean(), cfg.plan.update_kind))
-            version += 1
+        assert self.db is not None
+        closed = engine.close(time.time())
+        rec = closed.record
+        if closed.model_delta is not None:
+            self.optimizer.step(vector, closed.model_delta)
             self._last_eval = self._evaluate(vector)
-        for device in st.selected:
-            if device not in st.answered:
-                st.parts[(device, "")] = ParticipationRecord(device)
-        dev_metrics = {k: st.metric_sums[k] / st.metric_weights[k] for k in sorted(st.metric_sums)}
-        closed = time.time()
-        rec = RoundRecord(
-            round=st.round, state="closed" if succeeded else "failed", base_version=st.base_version,
-            model_version=version, target=st.target, participants=len(st.selected), accepted=st.acc.count,
-            rejected=dict(sorted(st.rejected.items())), test_loss=self._last_eval[0],
-            test_accuracy=self._last_eval[1], device_metrics=dev_metrics, bytes_up=st.bytes_up,
-            bytes_down=self._model_bytes * len(st.selected), dense_bytes_up=4 * self.spec.size * st.received,
-            started=st.started, closed=closed, wall_s=closed - st.started,
-            participations=sorted(st.parts.values(), key=lambda p: (p.device, p.transfer_id)))
+        rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
+                      bytes_down=self._model_bytes * rec.participants)
         # Durable first (the checkpoint is the source of truth), then visible.
-        save_checkpoint(cfg.state_dir, Checkpoint(st.round, version, vector, self.optimizer.state_arrays(),
+        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   self._meta(), rec))
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
-        for device in st.selected:
+        for device in engine.selection:
             self.link.publish(topics.task(self.fed, device), b"", retain=True)
         self.db.set_inflight([])
         self.link.publish(topics.round_announcement(self.fed),
-                          RoundAnnouncement(st.round, st.base_version, st.deadline, rec.state).to_bytes(), retain=True)
-        if succeeded:
-            self._publish_model(vector, version, st.round)
-        log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", st.round, rec.state,
+                          RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes(),
+                          retain=True)
+        if closed.succeeded:
+            self._publish_model(vector, rec.model_version, rec.round)
+        log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.target, rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
         return rec
 
     # -- messages ------------------------------------------------------------------------
 
-    def _pump(self, gate: RoundGate, st: _RoundState | None, timeout: float,
-              notify: Callable[[Progress], None] | None = None) -> bool:
+    def _pump(self, timeout: float, notify: Callable[[Progress], None] | None = None) -> bool:
         """Handle the messages waiting in the inbox (waiting up to ``timeout`` s for the first)."""
         try:
             msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return False
         while True:
-            self._handle(msg, gate, st, notify)
+            self._handle(msg, notify)
             try:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 return True
 
-    def _handle(self, msg: Message, gate: RoundGate, st: _RoundState | None,
-                notify: Callable[[Progress], None] | None) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) == 4 and parts[2] == "status":
-            device = parts[3]
-            if not msg.payload:
-                self.registry.on_cleared(device)
-                return
-            try:
-                status = Status.from_bytes(msg.payload)
-            except WireError as exc:
-                log.warning("status on %s ignored: %s", msg.topic, exc)
-                return
-            self.registry.on_status(device, status)
+    def _handle(self, msg: Message, notify: Callable[[Progress], None] | None) -> None:
+        device = topics.device_of_status(self.fed, msg.topic)
+        if device is not None:
+            self._on_status(device, msg.payload)
             return
-        device = topics.device_of_update(self.fed, msg.topic)
-        if device is None or len(parts) < 6 or not msg.payload:
+        parsed = topics.parse_update_topic(self.fed, msg.topic)
+        if parsed is None or not msg.payload:
             return
-        transfer = parts[4]
+        device, transfer, part = parsed
+        engine = self.engine
+        assert engine is not None
         self.registry.seen(device)
         dev = self.registry.devices.get(device)
         if dev is not None:
             dev.bytes_up += len(msg.payload)
-        if st is not None:
-            st.bytes_up += len(msg.payload)
-            st.wire_bytes[(device, transfer)] = st.wire_bytes.get((device, transfer), 0) + len(msg.payload)
-        if parts[5] == "m":
-            # Judge the announced size before reassembly, so an oversized or broken
-            # transfer gets its receipt instead of being dropped silently by the receiver.
+        engine.count_bytes(device, transfer, len(msg.payload))
+        if part == "c":
+            blob = self.receiver.feed(msg.topic, msg.payload)
+        else:
+            # The manifest is parsed once, here, and its announced size judged before the
+            # receiver allocates anything for the transfer.
+            base = msg.topic[:-2]
+            limit = self.config.limits.max_update_bytes
             try:
                 manifest = Manifest.from_bytes(msg.payload)
             except WireError as exc:
-                self._on_blob(device, transfer, None, f"blob manifest: {exc}", gate, st, notify)
+                self._answer(device, transfer, engine.refuse(device, transfer, "malformed", f"blob manifest: {exc}"),
+                             notify)
                 return
-            if manifest.size > self.config.limits.max_update_bytes:
-                self._on_blob(device, transfer, None, f"oversized: {manifest.size} bytes announced, limit "
-                              f"{self.config.limits.max_update_bytes}", gate, st, notify)
+            if manifest.size > limit:
+                self._answer(device, transfer, engine.refuse(device, transfer, "oversized",
+                                                             f"{manifest.size} bytes announced, limit {limit}"), notify)
                 return
-        blob = self.receiver.feed(msg.topic, msg.payload)
+            blob = self.receiver.feed_manifest(base, manifest, msg.payload)
         if blob is not None:
-            self._on_blob(device, transfer, blob.data, None, gate, st, notify)
+            self._answer(device, transfer, engine.offer(device, transfer, blob.data), notify)
 
-    def _on_blob(self, device: str, transfer: str, data: bytes | None, error: str | None, gate: RoundGate,
-                 st: _RoundState | None, notify: Callable[[Progress], None] | None) -> None:
-        if data is None:
-            result: Accepted | Rejected | Repeat = Rejected(
-                "oversized" if error and error.startswith("oversized") else "malformed", error or "")
-        else:
-            result = gate.check(device, transfer, data)
-        if isinstance(result, Repeat):
-            self._receipt(device, result.round, transfer, result.status, result.reason)
+    def _on_status(self, device: str, payload: bytes) -> None:
+        if not payload:
+            self.registry.on_cleared(device)
             return
-        upd = result.update
-        round_ = upd.round if upd is not None else gate.round
-        if st is not None:
-            st.received += 1
-        if isinstance(result, Accepted):
-            assert st is not None
-            st.acc.add(result.sparse, float(upd.samples))
-            st.answered.add(device)
-            if st.acc.count >= st.target:
-                # Closed from here on: updates already queued behind this one are late.
-                gate.open = False
-            for key, value in upd.metrics.items():
-                st.metric_sums[key] = st.metric_sums.get(key, 0.0) + upd.samples * value
-                st.metric_weights[key] = st.metric_weights.get(key, 0.0) + upd.samples
+        try:
+            status = Status.from_bytes(payload)
+        except WireError as exc:
+            log.warning("status of %s ignored: %s", device, exc)
+            return
+        self.registry.on_status(device, status)
+
+    def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
+        """Send the receipt the engine's outcome calls for; count the device's rounds."""
+        engine = self.engine
+        assert engine is not None
+        if isinstance(outcome, Repeat):
+            self._receipt(device, outcome.round, transfer, outcome.status, outcome.reason)
+            return
+        if isinstance(outcome, Accepted):
             if device in self.registry.devices:
                 self.registry.devices[device].rounds += 1
-            st.parts[(device, transfer)] = ParticipationRecord(device, transfer, "accepted", "", upd.samples,
-                                                         st.wire_bytes.pop((device, transfer), 0), dict(upd.metrics))
-            self._receipt(device, round_, transfer, "accepted", "")
+            self._receipt(device, outcome.round, transfer, "accepted", "")
         else:
-            log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, result.reason, result.detail)
-            if st is not None:
-                st.rejected[result.reason] = st.rejected.get(result.reason, 0) + 1
-                if device in st.selected and result.reason not in ("late", "wrong_round", "device_mismatch"):
-                    st.answered.add(device)
-                st.parts[(device, transfer)] = ParticipationRecord(device, transfer, "rejected", result.reason,
-                                                             upd.samples if upd else 0, st.wire_bytes.pop((device, transfer), 0))
-            self._receipt(device, round_, transfer, "rejected", result.reason)
-        if notify is not None and st is not None:
-            notify(Progress("update", st.round, len(st.selected), st.target, st.acc.count,
-                            sum(st.rejected.values()), st.deadline))
+            assert isinstance(outcome, Rejected)
+            log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
+                     outcome.detail)
+            self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
+        if notify is not None:
+            notify(Progress("update", engine.round, len(engine.selection), engine.target, engine.aggregate.count,
+                            sum(engine.rejected.values()), engine.deadline))
 
     def _receipt(self, device: str, round_: int, transfer: str, status: str, reason: str) -> None:
-        assert self.link is not None
         try:
             self.link.publish(topics.receipt(self.fed, device),
                               Receipt(device, round_, transfer, status, reason).to_bytes())
@@ -468,7 +420,6 @@ class Coordinator:
         """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear
         versions older than the previous one (devices of the round just closed may still
         be fetching the previous one)."""
-        assert self.link is not None
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
@@ -482,7 +433,7 @@ class Coordinator:
 
     def _publish_blob(self, kind: str, base: str, latest: str, blob: bytes, version: int, round_: int,
                       fmt: str) -> None:
-        assert self.link is not None and self.db is not None
+        assert self.db is not None
         pointer = ModelPointer(version, self.spec.hash, round_, len(blob), hashlib.sha256(blob).hexdigest(), fmt)
         info = publish_model(self.link, self.fed, version, blob, pointer, kind=kind)
         self.db.add_published(kind, version, base, info.count)

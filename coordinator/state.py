@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,87 +30,13 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from coordinator.presence import Device
+from fedmq.fl.rounds import ParticipationRecord, RoundRecord  # noqa: F401  (re-exported: the records are stored here)
 from fedmq.atomic import atomic_write_bytes
 from fedmq.errors import StateError
 
 CHECKPOINT_FORMAT = "fedmq-coordinator-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DB_NAME = "coordinator.sqlite"
-
-
-@dataclass
-class ParticipationRecord:
-    """One device's part in one round.
-
-    ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
-    sent nothing in time). ``bytes_up``: blob bytes received (manifest included).
-    """
-
-    device: str
-    transfer_id: str = ""
-    status: str = "no_answer"
-    reason: str = ""
-    samples: int = 0
-    bytes_up: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round; :meth:`row` flattens it for CSV / JSON.
-
-    Attributes:
-        round: round number (from 1; failed rounds count).
-        state: ``closed`` (model stepped) or ``failed`` (fewer than ``min_updates``).
-        base_version, model_version: global model version trained from / after the round.
-        target: accepted updates that close the round early.
-        participants: devices sent a task (selected, over-selection included).
-        accepted: client updates in the aggregate.
-        rejected: rejection reason -> count (late ones included).
-        test_loss, test_accuracy: coordinator's evaluation of the model after the round
-            (None without evaluation data).
-        device_metrics: sample-weighted mean of the metrics accepted devices reported.
-        bytes_up: payload bytes of every received client-update blob, manifests included.
-        bytes_down: global model blob bytes x devices sent a task.
-        dense_bytes_up: float32 bytes of the same number of uncompressed updates (4 d each).
-        started, closed: wall-clock seconds since the epoch; wall_s: closed - started.
-    """
-
-    round: int
-    state: str
-    base_version: int
-    model_version: int
-    target: int
-    participants: int
-    accepted: int
-    rejected: dict[str, int]
-    test_loss: float | None
-    test_accuracy: float | None
-    device_metrics: dict[str, float]
-    bytes_up: int
-    bytes_down: int
-    dense_bytes_up: int
-    started: float
-    closed: float
-    wall_s: float
-    participations: list[ParticipationRecord] = field(default_factory=list)
-
-    def row(self) -> dict[str, Any]:
-        """Flat dict: ``rejected_<reason>`` and ``device_<metric>`` columns, no per-device list."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("rejected", "device_metrics", "participations")}
-        out["rejected_total"] = sum(self.rejected.values())
-        out.update({f"rejected_{k}": v for k, v in sorted(self.rejected.items())})
-        out.update({f"device_{k}": v for k, v in sorted(self.device_metrics.items())})
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> RoundRecord:
-        obj = json.loads(text)
-        obj["participations"] = [ParticipationRecord(**p) for p in obj.get("participations", [])]
-        return cls(**obj)
 
 
 @dataclass

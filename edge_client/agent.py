@@ -49,18 +49,19 @@ from edge_client.config import EdgeConfig
 from edge_client.localdata import load_local_data
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
-from fedmq.fl.training import LocalResult, split_holdout, train_local
+from fedmq.fl.client import package_update, train_for_task
+from fedmq.fl.training import LocalResult, split_holdout
 from fedmq import __version__, topics
 from fedmq.atomic import atomic_write_text
-from fedmq.codecs import CodecConfig, decode
-from fedmq.envelope import ClientUpdate, decode_update, encode_update
+from fedmq.codecs import decode
+from fedmq.envelope import decode_update
 from fedmq.errors import FedmqError, TransportError, WireError
 from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.flows import fetch_blob, fetch_model
-from fedmq.transport.link import Message, MqttLink, Will
+from fedmq.transport import Link, Message, Will, open_link
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.settings import BrokerSettings
 
@@ -98,7 +99,7 @@ def fetch_latest_onnx(cfg: EdgeConfig, timeout: float = 30.0) -> bytes:
         TransportError: the broker cannot be reached.
     """
     settings = broker_settings(cfg).with_(session_expiry=0, connect_timeout=timeout)
-    link = MqttLink(settings, client_id=f"{cfg.device_id}-predict-{secrets.token_hex(3)}")
+    link = open_link(settings, client_id=f"{cfg.device_id}-predict-{secrets.token_hex(3)}")
     with link:
         _, blob = fetch_model(link, cfg.federation, kind="onnx", timeout=timeout)
     return blob.data
@@ -134,6 +135,9 @@ class EdgeAgent:
 
     Args:
         cfg: validated configuration.
+        link: the connection to the broker, not yet connected (default:
+            :func:`fedmq.transport.open_link` for ``cfg.broker_url``, chosen by the URL's
+            scheme, with the device id as client id). The agent sets its last will on it.
         notifier: systemd notifier (from the environment when None).
         environ: environment for the test hook (``os.environ`` when None).
 
@@ -146,7 +150,7 @@ class EdgeAgent:
         StateError: corrupt state directory (names the path).
     """
 
-    def __init__(self, cfg: EdgeConfig, *, notifier: Notifier | None = None,
+    def __init__(self, cfg: EdgeConfig, *, link: Link | None = None, notifier: Notifier | None = None,
                  environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.cfg = cfg
@@ -163,7 +167,7 @@ class EdgeAgent:
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
         self.counters: Counter[str] = Counter()
-        self.link: MqttLink | None = None
+        self.link: Link = link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id)
         self.sender: BlobSender | None = None
         self._last_ping = 0.0
         self._last_send = 0.0
@@ -181,7 +185,6 @@ class EdgeAgent:
         limit; republish the online status after a reconnect (the broker published our last
         will when the link dropped)."""
         link = self.link
-        assert link is not None
         healthy = link.connected and (worker is None or time.monotonic() - worker.started <= limit)
         interval = self.notifier.watchdog_interval
         if healthy and interval is not None and time.monotonic() - self._last_ping >= interval:
@@ -233,8 +236,8 @@ class EdgeAgent:
         stop = stop if stop is not None else threading.Event()
         cfg = self.cfg
         fed, dev = cfg.federation, cfg.device_id
-        will = Will(topics.status(fed, dev), self._status(False), qos=1, retain=True)
-        self.link = link = MqttLink(broker_settings(cfg), client_id=dev, will=will)
+        link = self.link
+        link.set_will(Will(topics.status(fed, dev), self._status(False), qos=1, retain=True))
         self.sender = BlobSender(link)
         link.connect()
         try:
@@ -274,7 +277,6 @@ class EdgeAgent:
 
     def _drain(self) -> None:
         """Handle every message already received, without waiting."""
-        assert self.link is not None
         while True:
             try:
                 msg = self.link.inbox.get_nowait()
@@ -400,7 +402,6 @@ class EdgeAgent:
             except WireError as exc:
                 log.warning("cached model version %d unusable (%s): fetched again", version, exc)
                 self.state.drop_model(version)
-        assert self.link is not None
         base = topics.model_blob(self.cfg.federation, version)
         timeout = self.cfg.fetch_timeout
         blob = self._in_worker(lambda: fetch_blob(self.link, base, timeout), timeout + 30.0, stop)
@@ -433,11 +434,10 @@ class EdgeAgent:
 
         plan = task.plan
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
-        rng = np.random.default_rng([cfg.seed, plan.seed, task.round])
         self.notifier.status(f"round {task.round}: training")
         result: LocalResult | None = self._in_worker(
-            lambda: train_local(self.model, self.x, self.y, plan, rng=rng, max_seconds=cap,
-                                x_val=self.x_val, y_val=self.y_val),
+            lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
+                                   x_val=self.x_val, y_val=self.y_val),
             2 * cap + 60.0, stop)
         if result is None:
             return
@@ -451,14 +451,9 @@ class EdgeAgent:
                 self.feedback.rollback(result.update)
             self.state.save_residual(self.feedback, task.round, task.deadline)
             return
-        codec = CodecConfig.from_plan(plan)
-        payload, _ = self.feedback.compress(result.update, codec, enabled=plan.error_feedback,
-                                            rng=np.random.default_rng([cfg.seed, plan.seed, task.round, 1]))
-        metrics = dict(result.metrics, steps=float(result.steps), train_seconds=result.seconds)
-        data = encode_update(ClientUpdate(
-            federation=cfg.federation, device=cfg.device_id, round=task.round, base_version=task.model_version,
-            samples=result.samples, kind=result.kind, spec_hash=self.spec.hash, codec=codec.name,
-            payload=payload, metrics={k: v for k, v in metrics.items() if math.isfinite(v)}))
+        packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id, spec=self.spec,
+                                  feedback=self.feedback, seed=cfg.seed)
+        data = packaged.data
         inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=secrets.token_hex(16),
                                            base_version=task.model_version, deadline=task.deadline,
                                            with_feedback=plan.error_feedback)

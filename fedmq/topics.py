@@ -120,3 +120,32 @@ def device_of_update(fed: str, topic: str) -> str | None:
         return None
     rest = topic[len(prefix):].split("/", 1)[0]
     return rest if _ID.match(rest) else None
+
+
+def parse_update_topic(fed: str, topic: str) -> tuple[str, str, str] | None:
+    """``(device, transfer_id, part)`` of a client-update message topic
+    ``fedmq/F/update/D/T/m`` (part ``"m"``) or ``fedmq/F/update/D/T/c/I`` (part ``"c"``);
+    None for any other topic, or a device or transfer level that is not a valid id."""
+    prefix = f"{ROOT}/{fed}/update/"
+    if not topic.startswith(prefix):
+        return None
+    levels = topic[len(prefix):].split("/")
+    if len(levels) == 3 and levels[2] == "m":
+        part = "m"
+    elif len(levels) == 4 and levels[2] == "c" and levels[3].isdigit():
+        part = "c"
+    else:
+        return None
+    device, transfer = levels[0], levels[1]
+    if not (_ID.fullmatch(device) and _ID.fullmatch(transfer)):
+        return None
+    return device, transfer, part
+
+
+def device_of_status(fed: str, topic: str) -> str | None:
+    """Device id of a status topic ``fedmq/F/status/D`` (None for any other topic)."""
+    prefix = f"{ROOT}/{fed}/status/"
+    if not topic.startswith(prefix):
+        return None
+    device = topic[len(prefix):]
+    return device if _ID.fullmatch(device) else None

@@ -1,4 +1,11 @@
-"""How client updates are combined: a streaming, sample-weighted mean.
+"""How client updates are combined: the :class:`Aggregator` seam and its registry.
+
+An aggregation rule is a small object with ``add(update, weight)``, ``count`` and
+``result()``; :func:`make_aggregator` builds the one a configuration names
+(``[aggregation] rule`` in the coordinator's configuration). A new rule is one module with
+a class implementing :class:`Aggregator` plus one :func:`register_aggregator` line.
+
+The first rule, ``weighted-mean``: a streaming, sample-weighted mean.
 
 Each accepted client update is added into ONE accumulator the size of the model as soon
 as it is validated (``SparseUpdate.add_into``), so a round holds one model-sized array
@@ -11,15 +18,72 @@ result independent of arrival order to far below float32 resolution.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from fedmq.errors import ConfigError
 from fedmq.messages import UPDATE_KINDS
 
 
 class _AddsInto(Protocol):
     def add_into(self, out: np.ndarray, weight: float) -> None: ...
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """Combines the accepted client updates of one round (or one buffer) into one vector.
+
+    Attributes:
+        count: number of updates added so far.
+    """
+
+    count: int
+
+    def add(self, update: _AddsInto, weight: float) -> None:
+        """Add one decoded, validated update (a :class:`fedmq.codecs.SparseUpdate`) with
+        ``weight`` > 0 (its sample count, or a staleness-discounted one).
+
+        Raises: ValueError for a weight that is not positive and finite."""
+        ...
+
+    def result(self) -> np.ndarray:
+        """The combined update, float32 ``(d,)``. Raises ValueError when nothing was added."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[[int], Aggregator]] = {}
+
+
+def register_aggregator(name: str, factory: Callable[[int], Aggregator]) -> None:
+    """Make ``factory(size) -> Aggregator`` available as the rule ``name``.
+
+    Raises:
+        ConfigError: another factory is registered under ``name``.
+    """
+    other = _REGISTRY.get(name)
+    if other is not None and other is not factory:
+        raise ConfigError(f"an aggregation rule named {name!r} is already registered ({other!r})")
+    _REGISTRY[name] = factory
+
+
+def aggregator_names() -> tuple[str, ...]:
+    """Names of the registered aggregation rules."""
+    return tuple(_REGISTRY)
+
+
+def make_aggregator(name: str, size: int) -> Aggregator:
+    """A fresh aggregator of rule ``name`` for a model of ``size`` parameters.
+
+    Raises:
+        ConfigError: unknown rule (the message lists the registered ones).
+    """
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown aggregation rule {name!r}, expected one of {aggregator_names()}") from None
+    return factory(size)
 
 
 class WeightedMean:
@@ -51,7 +115,7 @@ class WeightedMean:
         self.weight += float(weight)
         self.count += 1
 
-    def mean(self) -> np.ndarray:
+    def result(self) -> np.ndarray:
         """The weighted mean, float32 (d,).
 
         Raises:
@@ -60,6 +124,9 @@ class WeightedMean:
         if self.count == 0:
             raise ValueError("weighted mean of zero updates")
         return (self.total / self.weight).astype(np.float32)
+
+
+register_aggregator("weighted-mean", WeightedMean)
 
 
 def model_delta(mean_update: np.ndarray, kind: str) -> np.ndarray:

@@ -1,17 +1,29 @@
-"""Validation of client updates against the round in progress.
+"""The round engine: one object owns a synchronous round's state, from selection to record.
 
-Pure: a :class:`RoundGate` holds what the round knows (who was selected, the round and
-base version, the ParamSpec, limits) and :meth:`RoundGate.check` turns one received
-blob into :class:`Accepted` or :class:`Rejected` with one of :data:`REASONS`. Decoding
-goes all the way (``fedmq.codecs.decode_sparse`` validates every index and value) before
-an update is accepted, so nothing half-checked reaches the accumulator.
+:class:`RoundEngine` holds what a round knows (who was selected, the round and base
+version, target, deadline, every answer, the accumulator, the counters) and is driven by
+three calls:
 
-Checks, in order (the first that fails is the reason):
+* :meth:`RoundEngine.open` starts round ``r`` for a selection;
+* :meth:`RoundEngine.offer` turns one received client-update blob into
+  :class:`Accepted` (added into the aggregator at once), :class:`Rejected` with one of
+  :data:`REASONS`, or :class:`Repeat` (a resend of a transfer already judged, answered with
+  the first receipt); :meth:`RoundEngine.refuse` records a transfer refused before its bytes
+  arrived (announced too large, unreadable manifest);
+* :meth:`RoundEngine.close` ends the round and returns a :class:`ClosedRound` with the
+  aggregate (or none, when fewer than ``min_updates`` were accepted) and its
+  :class:`RoundRecord`.
+
+The engine is pure: no clock, no broker, no files. The coordinator service
+(``coordinator/service.py``) is a loop that feeds it messages and publishes what it decides;
+the simulator and the tests drive the same object.
+
+Checks of :meth:`RoundEngine.offer`, in order (the first that fails is the reason):
 
 ==================== ==========================================================
 reason               when
 ==================== ==========================================================
-oversized            blob larger than ``limits.max_update_bytes``
+oversized            blob larger than ``max_update_bytes``
 spec_mismatch        envelope made for another ParamSpec
 malformed            envelope or payload cannot be decoded, wrong federation,
                      wrong update kind, fewer than 1 sample
@@ -23,47 +35,61 @@ unselected           device not selected for this round
 wrong_base_version   trained from another global model version
 duplicate            a second, different update of the device in this round
 non_finite           NaN or Inf in the payload
-norm_bound           L2 norm of the decoded update above ``limits.norm_bound``
+norm_bound           L2 norm of the decoded update above ``norm_bound``
 ==================== ==========================================================
+
+Decoding goes all the way (:func:`fedmq.codecs.decode_sparse` validates every index and
+value) before an update is accepted, so nothing half-checked reaches the accumulator.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fedmq.codecs import SparseUpdate, decode_sparse
-from fedmq.errors import NonFiniteError
 from fedmq.envelope import ClientUpdate, decode_update
-from fedmq.errors import SpecMismatchError, WireError
+from fedmq.errors import NonFiniteError, SpecMismatchError, WireError
+from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.params import ParamSpec
 
 REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
            "unselected", "wrong_base_version", "duplicate", "non_finite", "norm_bound")
 
-#: Closed rounds remembered to tell ``late`` from ``wrong_round``.
+#: Closed rounds remembered to tell ``late`` from ``wrong_round`` and to answer resends.
 LATE_HISTORY = 8
+
+#: Rejections that do not count as the device's answer to its round (it may still answer).
+_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch")
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """A valid client update, decoded; ``norm`` is its L2 norm."""
+    """A valid client update, decoded and added into the round's aggregate; ``norm`` is its L2 norm."""
 
     update: ClientUpdate
     sparse: SparseUpdate
     norm: float
 
+    @property
+    def round(self) -> int:
+        return self.update.round
+
 
 @dataclass(frozen=True)
 class Rejected:
-    """A rejected client update: ``reason`` is one of :data:`REASONS`, ``detail`` says why."""
+    """A rejected client update: ``reason`` is one of :data:`REASONS`, ``detail`` says why;
+    ``round`` is the round the receipt names."""
 
     reason: str
     detail: str
     update: ClientUpdate | None = None
+    round: int = -1
 
 
 @dataclass(frozen=True)
@@ -75,56 +101,260 @@ class Repeat:
     round: int = -1
 
 
-@dataclass
-class RoundGate:
-    """What validation needs to know about the round in progress.
+Outcome = Accepted | Rejected | Repeat
 
-    Attributes:
-        federation: federation id.
-        spec: ParamSpec of the global model.
-        round: the round in progress (or just closed, when ``open`` is False).
-        base_version: global model version the round trains from.
-        kind: update kind the round's plan asked for (``delta`` or ``gradient``).
-        selected: devices sent a task for this round.
-        is_known: tells whether a device id was ever seen (presence registry).
-        max_update_bytes: largest blob accepted (bytes).
-        norm_bound: largest L2 norm accepted, ``None`` for no bound.
-        open: False once the round is closed (then its selected devices get ``late``).
+
+@dataclass
+class ParticipationRecord:
+    """One device's part in one round.
+
+    ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
+    sent nothing in time). ``bytes_up``: blob bytes received (manifest included).
     """
 
-    federation: str
-    spec: ParamSpec
+    device: str
+    transfer_id: str = ""
+    status: str = "no_answer"
+    reason: str = ""
+    samples: int = 0
+    bytes_up: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; :meth:`row` flattens it for CSV / JSON.
+
+    Attributes:
+        round: round number (from 1; failed rounds count).
+        state: ``closed`` (model stepped) or ``failed`` (fewer than ``min_updates``).
+        base_version, model_version: global model version trained from / after the round.
+        target: accepted updates that close the round early.
+        participants: devices sent a task (selected, over-selection included).
+        accepted: client updates in the aggregate.
+        rejected: rejection reason -> count (late ones included).
+        test_loss, test_accuracy: coordinator's evaluation of the model after the round
+            (None without evaluation data).
+        device_metrics: sample-weighted mean of the metrics accepted devices reported.
+        bytes_up: payload bytes of every received client-update blob, manifests included.
+        bytes_down: global model blob bytes x devices sent a task.
+        dense_bytes_up: float32 bytes of the same number of uncompressed updates (4 d each).
+        started, closed: wall-clock seconds since the epoch; wall_s: closed - started.
+    """
+
     round: int
+    state: str
     base_version: int
-    kind: str
-    selected: frozenset[str]
-    is_known: Callable[[str], bool]
-    max_update_bytes: int
-    norm_bound: float | None = None
-    open: bool = True
-    answers: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # device -> (transfer, status, reason)
-    closed_rounds: dict[int, frozenset[str]] = field(default_factory=dict)
-    closed_answers: dict[int, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
+    model_version: int
+    target: int
+    participants: int
+    accepted: int
+    rejected: dict[str, int]
+    test_loss: float | None
+    test_accuracy: float | None
+    device_metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    dense_bytes_up: int
+    started: float
+    closed: float
+    wall_s: float
+    participations: list[ParticipationRecord] = field(default_factory=list)
 
-    def next_round(self, round_: int, base_version: int, selected: Iterable[str]) -> None:
-        """Move to ``round_`` and remember the previous one's selection for ``late``."""
-        self.closed_rounds[self.round] = self.selected
-        self.closed_answers[self.round] = self.answers
-        for old in sorted(self.closed_rounds)[:-LATE_HISTORY]:
-            del self.closed_rounds[old]
-            self.closed_answers.pop(old, None)
-        self.round, self.base_version = round_, base_version
-        self.selected = frozenset(selected)
-        self.answers = {}
-        self.open = True
+    def row(self) -> dict[str, Any]:
+        """Flat dict: ``rejected_<reason>`` and ``device_<metric>`` columns, no per-device list."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("rejected", "device_metrics", "participations")}
+        out["rejected_total"] = sum(self.rejected.values())
+        out.update({f"rejected_{k}": v for k, v in sorted(self.rejected.items())})
+        out.update({f"device_{k}": v for k, v in sorted(self.device_metrics.items())})
+        return out
 
-    def check(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Accepted | Rejected | Repeat:
-        """Validate one client-update blob received under ``topic_device``'s update topic.
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=True)
 
-        Records the device's answer for this round (accepted or rejected after the round
-        checks), so that a second, different update is a ``duplicate`` and a resend of the
-        same transfer is a :class:`Repeat`.
+    @classmethod
+    def from_json(cls, text: str) -> RoundRecord:
+        obj = json.loads(text)
+        obj["participations"] = [ParticipationRecord(**p) for p in obj.get("participations", [])]
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """What :meth:`RoundEngine.close` returns.
+
+    Attributes:
+        record: the round's record (``test_*`` None and ``bytes_down`` 0: the service fills them).
+        model_delta: float32 ``(d,)`` aggregated model change (``-pseudo-gradient``) for the
+            server optimizer, or None when the round failed.
+    """
+
+    record: RoundRecord
+    model_delta: np.ndarray | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.model_delta is not None
+
+
+class RoundEngine:
+    """The state of synchronous rounds, one at a time.
+
+    Args:
+        federation: federation id (envelopes naming another are ``malformed``).
+        spec: ParamSpec of the global model.
+        kind: update kind the plan asks for (``delta`` or ``gradient``).
+        is_known: tells whether a device id was ever seen (the presence registry).
+        max_update_bytes: largest client-update blob accepted (bytes).
+        norm_bound: largest L2 norm accepted (None: no bound).
+        aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`).
+        min_updates: fewest accepted updates for a round to succeed.
+        round, base_version: where a resumed coordinator stands (the last finished round).
+
+    Thread safety: none; one thread owns the engine (the coordinator's round thread).
+    """
+
+    def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
+                 max_update_bytes: int, norm_bound: float | None = None, aggregator: str = "weighted-mean",
+                 min_updates: int = 1, round: int = 0, base_version: int = 0) -> None:
+        self.federation = federation
+        self.spec = spec
+        self.kind = kind
+        self.is_known = is_known
+        self.max_update_bytes = max_update_bytes
+        self.norm_bound = norm_bound
+        self.aggregator_name = aggregator
+        make_aggregator(aggregator, 0)  # an unknown rule fails at construction, not at the first round
+        self.min_updates = min_updates
+        self.round = round
+        self.base_version = base_version
+        self.is_open = False
+        self.selected: frozenset[str] = frozenset()
+        self.selection: list[str] = []
+        self.target = 0
+        self.deadline = 0.0
+        self.started = 0.0
+        self.aggregate: Aggregator = make_aggregator(aggregator, spec.size)
+        self._answers: dict[str, tuple[str, str, str]] = {}   # device -> (transfer, status, reason)
+        self._closed_selected: dict[int, frozenset[str]] = {}
+        self._closed_answers: dict[int, dict[str, tuple[str, str, str]]] = {}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.rejected: dict[str, int] = {}
+        self.parts: dict[tuple[str, str], ParticipationRecord] = {}
+        self.answered: set[str] = set()
+        self.bytes_up = 0
+        self.received = 0
+        self._wire: dict[tuple[str, str], int] = {}
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, float] = {}
+
+    # -- the round's life ----------------------------------------------------------------
+
+    def open(self, round_: int, base_version: int, selected: Iterable[str], target: int, deadline: float,
+             started: float) -> None:
+        """Start ``round_`` trained from ``base_version`` for ``selected`` (in selection order);
+        the previous round's selection and answers are remembered for ``late`` and resends.
+
+        Args:
+            target: accepted updates that complete the round early.
+            deadline, started: seconds since the epoch (recorded; the caller keeps the clock).
         """
+        if self.round > 0 or self._answers:
+            self._closed_selected[self.round] = self.selected
+            self._closed_answers[self.round] = self._answers
+        for old in sorted(self._closed_selected)[:-LATE_HISTORY]:
+            del self._closed_selected[old]
+            self._closed_answers.pop(old, None)
+        self.round, self.base_version = round_, base_version
+        self.selection = list(selected)
+        self.selected = frozenset(self.selection)
+        self.target, self.deadline, self.started = target, deadline, started
+        self._answers = {}
+        self.aggregate = make_aggregator(self.aggregator_name, self.spec.size)
+        self._reset_counters()
+        self.is_open = True
+
+    @property
+    def complete(self) -> bool:
+        """True once the target is reached or every selected device has answered."""
+        return self.aggregate.count >= self.target or self.answered >= self.selected
+
+    def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
+        """Count ``n`` bytes of a client-update message received while this round runs."""
+        self.bytes_up += n
+        key = (device, transfer_id)
+        self._wire[key] = self._wire.get(key, 0) + n
+
+    def close(self, closed: float) -> ClosedRound:
+        """End the round at ``closed`` (seconds since the epoch): its record, and the model
+        change when at least ``min_updates`` updates were accepted."""
+        self.is_open = False
+        succeeded = self.aggregate.count >= self.min_updates and self.aggregate.count > 0
+        delta = model_delta(self.aggregate.result(), self.kind) if succeeded else None
+        for device in self.selection:
+            if device not in self.answered:
+                self.parts[(device, "")] = ParticipationRecord(device)
+        metrics = {k: self._metric_sums[k] / self._metric_weights[k] for k in sorted(self._metric_sums)}
+        record = RoundRecord(
+            round=self.round, state="closed" if succeeded else "failed", base_version=self.base_version,
+            model_version=self.base_version + (1 if succeeded else 0), target=self.target,
+            participants=len(self.selection), accepted=self.aggregate.count, rejected=dict(sorted(self.rejected.items())),
+            test_loss=None, test_accuracy=None, device_metrics=metrics, bytes_up=self.bytes_up, bytes_down=0,
+            dense_bytes_up=4 * self.spec.size * self.received, started=self.started, closed=closed,
+            wall_s=closed - self.started,
+            participations=sorted(self.parts.values(), key=lambda p: (p.device, p.transfer_id)))
+        return ClosedRound(record, delta)
+
+    # -- answers -------------------------------------------------------------------------
+
+    def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
+        """Record a transfer refused before its blob was assembled (``oversized`` from its
+        manifest, ``malformed`` manifest): counted like any rejection."""
+        return self._record(device, transfer_id, Rejected(reason, detail, None, self.round))
+
+    def offer(self, device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
+        """Judge one client-update blob received under ``device``'s update topic.
+
+        Accepted updates are added into the aggregate at once (weight: their sample count);
+        a second, different update of the device in the round is a ``duplicate``; a resend of
+        a transfer already answered is a :class:`Repeat` with the first answer, even after
+        its round closed (answering ``late`` would make the device roll back an update that
+        is in the aggregate).
+        """
+        outcome = self._judge(device, transfer_id, data)
+        if isinstance(outcome, Repeat):
+            return outcome
+        return self._record(device, transfer_id, outcome)
+
+    def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected) -> Accepted | Rejected:
+        self.received += 1
+        wire = self._wire.pop((device, transfer_id), 0)
+        if isinstance(outcome, Accepted):
+            upd = outcome.update
+            self.aggregate.add(outcome.sparse, float(upd.samples))
+            self.answered.add(device)
+            if self.aggregate.count >= self.target:
+                # Complete from here on: updates already queued behind this one are late.
+                self.is_open = False
+            for key, value in upd.metrics.items():
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + upd.samples * value
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + upd.samples
+            self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "accepted", "", upd.samples,
+                                                                    wire, dict(upd.metrics))
+            return outcome
+        self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
+        if device in self.selected and outcome.reason not in _NOT_AN_ANSWER:
+            self.answered.add(device)
+        samples = outcome.update.samples if outcome.update is not None else 0
+        self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "rejected", outcome.reason,
+                                                                samples, wire)
+        if outcome.round < 0:
+            outcome = Rejected(outcome.reason, outcome.detail, outcome.update, self.round)
+        return outcome
+
+    def _judge(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
         if len(data) > self.max_update_bytes:
             return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
         try:
@@ -133,57 +363,59 @@ class RoundGate:
             return Rejected("spec_mismatch", str(exc))
         except WireError as exc:
             return Rejected("malformed", str(exc))
+
+        def reject(reason: str, detail: str) -> Rejected:
+            return Rejected(reason, detail, upd, upd.round)
+
         if upd.spec_hash != self.spec.hash:
-            return Rejected("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}", upd)
+            return reject("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}")
         if upd.federation != self.federation:
-            return Rejected("malformed", f"federation {upd.federation!r}, expected {self.federation!r}", upd)
+            return reject("malformed", f"federation {upd.federation!r}, expected {self.federation!r}")
         if upd.device != topic_device:
-            return Rejected("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic",
-                            upd)
+            return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
         if not self.is_known(upd.device):
-            return Rejected("unknown_device", f"no status ever seen from {upd.device!r}", upd)
-        # A resend of a transfer already answered (the device restarted before it saw the
-        # receipt) gets the same answer again, even after its round closed: answering
-        # "late" would make the device roll back an update that is in the aggregate.
-        answers = self.answers if upd.round == self.round else self.closed_answers.get(upd.round, {})
+            return reject("unknown_device", f"no status ever seen from {upd.device!r}")
+        answers = self._answers if upd.round == self.round else self._closed_answers.get(upd.round, {})
         previous = answers.get(upd.device)
         if previous is not None and previous[0] == transfer_id:
             return Repeat(previous[1], previous[2], upd.round)
-        if upd.round in self.closed_rounds and upd.device in self.closed_rounds[upd.round]:
-            return Rejected("late", f"round {upd.round} is closed", upd)
+        if upd.round in self._closed_selected and upd.device in self._closed_selected[upd.round]:
+            return reject("late", f"round {upd.round} is closed")
         if upd.round != self.round:
-            return Rejected("wrong_round", f"round {upd.round}, the round in progress is {self.round}", upd)
+            return reject("wrong_round", f"round {upd.round}, the round in progress is {self.round}")
         if upd.device not in self.selected:
-            return Rejected("unselected", f"{upd.device!r} was not selected for round {self.round}", upd)
-        if not self.open:
-            return Rejected("late", f"round {upd.round} is closed", upd)
+            return reject("unselected", f"{upd.device!r} was not selected for round {self.round}")
+        if not self.is_open:
+            return reject("late", f"round {upd.round} is closed")
         if previous is not None:
-            return Rejected("duplicate", f"{upd.device!r} already sent transfer {previous[0]} in round {self.round}",
-                            upd)
-        result = self._check_content(upd)
-        self.answers[upd.device] = (transfer_id, "accepted" if isinstance(result, Accepted) else "rejected",
-                                    result.reason if isinstance(result, Rejected) else "")
-        return result
+            return reject("duplicate", f"{upd.device!r} already sent transfer {previous[0]} in round {self.round}")
+        outcome = self._check_content(upd)
+        self._answers[upd.device] = (transfer_id, "accepted" if isinstance(outcome, Accepted) else "rejected",
+                                     outcome.reason if isinstance(outcome, Rejected) else "")
+        return outcome
 
     def _check_content(self, upd: ClientUpdate) -> Accepted | Rejected:
+        def reject(reason: str, detail: str) -> Rejected:
+            return Rejected(reason, detail, upd, upd.round)
+
         if upd.base_version != self.base_version:
-            return Rejected("wrong_base_version", f"trained from version {upd.base_version}, "
-                                                  f"round {self.round} trains from {self.base_version}", upd)
+            return reject("wrong_base_version", f"trained from version {upd.base_version}, "
+                                                f"round {self.round} trains from {self.base_version}")
         if upd.kind != self.kind:
-            return Rejected("malformed", f"update kind {upd.kind!r}, the round asked for {self.kind!r}", upd)
+            return reject("malformed", f"update kind {upd.kind!r}, the round asked for {self.kind!r}")
         if upd.samples < 1:
-            return Rejected("malformed", f"samples {upd.samples}, expected >= 1", upd)
+            return reject("malformed", f"samples {upd.samples}, expected >= 1")
         try:
             sparse = decode_sparse(upd.codec, upd.payload, self.spec)
         except NonFiniteError as exc:
-            return Rejected("non_finite", str(exc), upd)
+            return reject("non_finite", str(exc))
         except WireError as exc:
-            return Rejected("malformed", str(exc), upd)
+            return reject("malformed", str(exc))
         # Not SparseUpdate.l2_norm: its np.dot goes through multi-threaded BLAS, which on a
         # busy host costs milliseconds per call in thread wake-ups (measured 7.8 ms vs 0.01 ms).
         norm = math.sqrt(float(np.square(sparse.values, dtype=np.float64).sum()))
         if not math.isfinite(norm):
-            return Rejected("non_finite", f"L2 norm {norm}", upd)
+            return reject("non_finite", f"L2 norm {norm}")
         if self.norm_bound is not None and norm > self.norm_bound:
-            return Rejected("norm_bound", f"L2 norm {norm:.6g} above the bound {self.norm_bound:.6g}", upd)
+            return reject("norm_bound", f"L2 norm {norm:.6g} above the bound {self.norm_bound:.6g}")
         return Accepted(upd, sparse, norm)

@@ -4,8 +4,12 @@ Modules, one concern each:
 
 - :mod:`~fedmq.transport.settings`: :class:`BrokerSettings` (URL, protocol, credential and
   TLS files, session, backoff, chunk size), :func:`parse_broker_url`.
+- :mod:`~fedmq.transport.base`: the :class:`Link` protocol, :class:`Will`, :class:`Message`,
+  and :func:`open_link`, which picks a link by the broker URL's scheme.
 - :mod:`~fedmq.transport.link`: :class:`MqttLink` over paho-mqtt 2.x (reconnect, inbox
-  queue, broker's Maximum Packet Size honoured), :class:`Will`, :class:`Message`.
+  queue, broker's Maximum Packet Size honoured): ``mqtt://``, ``mqtts://``.
+- :mod:`~fedmq.transport.memory`: :class:`MemoryBus` / :class:`MemoryLink`, an in-process
+  bus with MQTT's semantics for tests and the simulator: ``memory://NAME``.
 - :mod:`~fedmq.transport.wire`: blob :class:`Manifest`, chunk header, :class:`TransferRequest`.
 - :mod:`~fedmq.transport.sender`: :class:`BlobSender` (windowed QoS 1 chunks, resend).
 - :mod:`~fedmq.transport.receiver`: :class:`BlobReceiver` (verify, dedupe, expire, resume).
@@ -16,14 +20,21 @@ Modules, one concern each:
 Byte formats and topics: docs/wire-format.md.
 """
 
+from fedmq.transport.base import Link, Message, Will, link_schemes, open_link, register_link
 from fedmq.transport.flows import clear_blob, fetch_blob, fetch_model, publish_model, request_repairs
-from fedmq.transport.link import Message, MqttLink, Publish, Will, publish_packet_size
+from fedmq.transport.link import MqttLink, Publish, publish_packet_size
+from fedmq.transport.memory import MemoryBus, MemoryLink, get_bus, memory_link
 from fedmq.transport.receiver import BlobReceiver, CompletedBlob, StalledTransfer
 from fedmq.transport.sender import BlobInfo, BlobSender
 from fedmq.transport.settings import DEFAULT_MAX_CHUNK, BrokerSettings, parse_broker_url, read_secret
 from fedmq.transport.wire import Manifest, TransferRequest
 
+for _scheme in ("mqtt", "mqtts", "tcp", "ssl"):
+    register_link(_scheme, MqttLink)
+register_link("memory", memory_link)
+
 __all__ = [
+    "Link", "MemoryBus", "MemoryLink", "get_bus", "link_schemes", "memory_link", "open_link", "register_link",
     "DEFAULT_MAX_CHUNK", "BlobInfo", "BlobReceiver", "BlobSender", "BrokerSettings", "CompletedBlob", "Manifest",
     "Message", "MqttLink", "Publish", "StalledTransfer", "TransferRequest", "Will", "clear_blob", "fetch_blob",
     "fetch_model", "parse_broker_url", "publish_model", "publish_packet_size", "read_secret", "request_repairs",

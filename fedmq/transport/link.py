@@ -16,7 +16,6 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,47 +25,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmq.errors import TransportError
+from fedmq.transport.base import MQTT_MAX_PACKET, Message, Will, max_payload_for, publish_packet_size
 from fedmq.transport.settings import BrokerSettings
 
+__all__ = ["MQTT_MAX_PACKET", "Message", "MqttLink", "Publish", "Will", "publish_packet_size"]
+
 log = logging.getLogger(__name__)
-
-#: Largest packet MQTT can carry (spec 2.2.3: remaining length < 2^28, plus fixed header).
-MQTT_MAX_PACKET = 268_435_455 + 5
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One received application message: topic (str), payload (bytes), retain flag."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-@dataclass(frozen=True)
-class Will:
-    """Last will: published by the broker if the link drops without a clean close."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 128:
-        n >>= 7
-        size += 1
-    return size
-
-
-def publish_packet_size(topic: str, payload_len: int, *, qos: int = 1, protocol: str = "5") -> int:
-    """Size in bytes of the PUBLISH packet paho sends for ``topic`` and a payload of
-    ``payload_len`` bytes (fixed header, topic, packet id, MQTT 5 empty properties)."""
-    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0) + (1 if protocol == "5" else 0) + payload_len
-    return 1 + _varint_len(remaining) + remaining
-
 
 class Publish:
     """Handle of one publish; :meth:`wait` blocks until the broker acknowledged it (QoS 1)."""
@@ -96,17 +60,20 @@ class Publish:
                 and still sends it later), or the broker refused it (reason code in the message).
         """
         info = self._info
+        link = self._link
         deadline = time.monotonic() + timeout
         # paho's own wait_for_publish() raises at once for a message queued while the link
-        # was down, although paho sends it after the reconnect; so wait on its condition.
-        with info._condition:  # noqa: SLF001
-            while not info._published:  # noqa: SLF001
+        # was down, although paho sends it after the reconnect; so wait for on_publish.
+        # paho runs on_publish just before it marks the message published, so the wait is
+        # sliced: the flag is set microseconds after the notification.
+        with link._state:  # noqa: SLF001  (the link's own condition, notified by on_publish)
+            while not info.is_published():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError(f"publish to {self.topic!r} not acknowledged within {timeout:.1f} s "
-                                         f"(broker {self._link.settings.url}, connected={self._link.connected})")
-                info._condition.wait(remaining)  # noqa: SLF001
-        failure = self._link._publish_failures.pop(info.mid, None)  # noqa: SLF001
+                                         f"(broker {link.settings.url}, connected={link.connected})")
+                link._state.wait(min(remaining, 0.05))  # noqa: SLF001
+        failure = link.publish_failure(info.mid)
         if failure is not None:
             raise TransportError(f"broker refused publish to {self.topic!r}: {failure}")
 
@@ -117,7 +84,9 @@ class MqttLink:
 
     Received messages go to :attr:`inbox` (a ``queue.SimpleQueue`` of :class:`Message`),
     or to the queue given to :meth:`subscribe` for that filter. Subscriptions are made
-    again after a reconnect unless the broker kept the session (MQTT 5 persistent session).
+    again after every reconnect, even when the broker says it kept the session: a client
+    that took our client id in between leaves an empty session that still reports
+    ``session_present`` (the field notes' client-id takeover).
 
     Args:
         settings: broker URL, protocol, credentials, TLS, session and chunk settings.
@@ -193,7 +162,7 @@ class MqttLink:
             self._connected = True
             self._connect_failure = None
             self.connects += 1
-            subs = [] if self.session_present else list(self._subs.items())
+            subs = list(self._subs.items())
             self._state.notify_all()
         if subs:
             # Non-blocking; its SUBACK is handled on this thread after we return, so
@@ -229,14 +198,28 @@ class MqttLink:
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode,
                     properties: Properties | None) -> None:
-        if reason.is_failure:
-            self._publish_failures[mid] = f"{reason} (code {reason.value})"
+        with self._state:
+            if reason.is_failure:
+                self._publish_failures[mid] = f"{reason} (code {reason.value})"
+            self._state.notify_all()
+
+    def publish_failure(self, mid: int) -> str | None:
+        """The broker's refusal of publish ``mid`` (reason and code), once; None if it was accepted."""
+        with self._state:
+            return self._publish_failures.pop(mid, None)
 
     # -- public API ------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def set_will(self, will: Will | None) -> None:
+        """Last will for the next connect (call before :meth:`connect`)."""
+        if will is None:
+            self._client.will_clear()
+        else:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def connect(self, timeout: float | None = None) -> MqttLink:
         """Start the network thread and wait for the first CONNACK.
@@ -300,15 +283,7 @@ class MqttLink:
     def max_payload(self, topic: str, qos: int = 1) -> int:
         """Largest payload (bytes) a publish on ``topic`` may carry under the broker's
         Maximum Packet Size (MQTT's own limit when the broker set none)."""
-        limit = self.broker_max_packet or MQTT_MAX_PACKET
-        fixed = publish_packet_size(topic, 0, qos=qos, protocol=self.settings.protocol)
-        best = 0
-        # The remaining-length field grows with the payload: try each of its 1..4 sizes.
-        for extra in range(4):
-            payload = limit - fixed - extra
-            if payload > 0 and publish_packet_size(topic, payload, qos=qos, protocol=self.settings.protocol) <= limit:
-                best = max(best, payload)
-        return best
+        return max_payload_for(topic, self.broker_max_packet, qos=qos, protocol=self.settings.protocol)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Publish:
         """Queue a publish (thread-safe, non-blocking). If the link is down, paho keeps a

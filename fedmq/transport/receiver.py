@@ -198,6 +198,18 @@ class BlobReceiver:
         except WireError as exc:
             self._bad(base + "/m", str(exc))
             return None
+        return self.feed_manifest(base, m, payload, now)
+
+    def feed_manifest(self, base: str, m: Manifest, payload: bytes, now: float | None = None) -> CompletedBlob | None:
+        """Take a manifest the caller already parsed (and admitted) from ``payload``.
+
+        Buffers for the blob (``m.size`` bytes, in memory or spooled) are allocated here,
+        never before: a caller that refuses a transfer simply does not call this.
+
+        Returns:
+            the blob when the manifest completed it (inline data, or chunks already held).
+        """
+        now = self.clock() if now is None else now
         self.stats["manifests"] += 1
         if (base, m.transfer_id) in self._done:
             self.stats["duplicate_manifests"] += 1

@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 from fedmq.errors import ConfigError
 
 PROTOCOLS = ("5", "3.1.1")
-SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
+#: URL scheme -> TLS. ``memory://NAME`` names an in-process bus (fedmq.transport.memory):
+#: the simulator's and the unit tests' broker.
+SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "memory": False}
 DEFAULT_PORTS = {False: 1883, True: 8883}
 #: Default largest chunk payload of a blob transfer (bytes). 256 KiB is near the loopback
 #: throughput plateau (docs/wire-format.md) and fits every broker but AWS IoT (128 KB).
@@ -28,7 +30,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     """Split a broker URL into ``(host, port, tls)``.
 
     Accepted: ``mqtt://host[:port]`` and ``tcp://...`` (plain, port 1883), ``mqtts://host[:port]``
-    and ``ssl://...`` (TLS, port 8883), ``host``, ``host:port``, ``[v6addr]:port``.
+    and ``ssl://...`` (TLS, port 8883), ``host``, ``host:port``, ``[v6addr]:port``;
+    ``memory://NAME`` for an in-process bus (host: the bus name).
 
     Raises:
         ConfigError: unknown scheme, bad port, empty host, credentials or a path in the URL.

@@ -22,7 +22,7 @@ def test_streamed_mean_equals_plain_weighted_mean(codec):
         acc.add(decode_sparse(codec, p, SPEC), float(w))
     dense = np.stack([decode(codec, p, SPEC).astype(np.float64) for p in payloads])
     want = (dense * weights[:, None]).sum(axis=0) / weights.sum()
-    np.testing.assert_allclose(acc.mean(), want.astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(acc.result(), want.astype(np.float32), rtol=1e-6, atol=1e-7)
     assert acc.count == 12 and acc.weight == weights.sum()
 
 
@@ -34,7 +34,7 @@ def test_accumulator_stays_one_model_sized_array():
 def test_mean_of_nothing_and_bad_weight_raise():
     acc = WeightedMean(SPEC.size)
     with pytest.raises(ValueError):
-        acc.mean()
+        acc.result()
     upd = decode_sparse("none", encode(np.ones(SPEC.size, np.float32), SPEC, CodecConfig(name="none")), SPEC)
     with pytest.raises(ValueError):
         acc.add(upd, 0.0)

@@ -1,9 +1,9 @@
-"""Every rejection reason of the coordinator's validation, triggered."""
+"""The round engine: every rejection reason triggered, the round's record and aggregate."""
 
 import msgpack
 import numpy as np
 
-from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundGate
+from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
@@ -21,11 +21,28 @@ def make(device="a", round_=4, base=2, samples=10, kind="delta", fed="f", spec=S
                                       payload=payload, metrics={"train_loss": 0.5}))
 
 
+class _Gate:
+    """An engine with round 4 (base version 2) open for a and b; ``check`` is ``offer``."""
+
+    def __init__(self, selected=("a", "b"), target=10, **kw):
+        args = dict(kind="delta", is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20,
+                    norm_bound=None)
+        args.update(kw)
+        self.engine = RoundEngine("f", SPEC, round=3, base_version=2, **args)
+        self.engine.open(4, 2, list(selected), target, deadline=100.0, started=0.0)
+
+    def check(self, device, transfer, data):
+        return self.engine.offer(device, transfer, data)
+
+    def close(self):
+        return self.engine.close(10.0)
+
+    def next_round(self, round_, base, selected):
+        self.engine.open(round_, base, list(selected), 10, deadline=200.0, started=100.0)
+
+
 def gate(**kw):
-    args = dict(federation="f", spec=SPEC, round=4, base_version=2, kind="delta", selected=frozenset({"a", "b"}),
-                is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20, norm_bound=None)
-    args.update(kw)
-    return RoundGate(**args)
+    return _Gate(**kw)
 
 
 def reason(result):
@@ -86,10 +103,10 @@ def test_resend_after_the_round_closed_gets_the_same_answer_not_late():
     # while a new transfer for the closed round is late.
     g = gate()
     assert isinstance(g.check("a", "t1", make()), Accepted)
-    g.open = False
+    g.close()
     assert g.check("a", "t1", make()) == Repeat("accepted", "", 4)
     assert reason(g.check("b", "t9", make(device="b"))) == "late"
-    g.next_round(g.round + 1, g.base_version + 1, {"a", "b"})
+    g.next_round(g.engine.round + 1, g.engine.base_version + 1, ["a", "b"])
     assert g.check("a", "t1", make()) == Repeat("accepted", "", 4)
     assert reason(g.check("a", "t2", make())) == "late"
 
@@ -111,7 +128,7 @@ def test_norm_bound():
 
 def test_late_after_close_and_in_the_next_round():
     g = gate()
-    g.open = False
+    g.close()
     assert reason(g.check("b", "t", make(device="b"))) == "late"
     g.next_round(5, 3, {"c"})
     assert reason(g.check("b", "t", make(device="b"))) == "late"
@@ -124,3 +141,53 @@ def test_every_reason_has_a_test():
     import sys
     src = inspect.getsource(sys.modules[__name__])
     assert all(f'== "{r}"' in src for r in REASONS)
+
+
+def test_target_reached_completes_the_round_and_later_answers_are_late():
+    g = gate(target=1)
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    assert g.engine.complete
+    assert reason(g.check("b", "t2", make(device="b"))) == "late"
+
+
+def test_every_selected_device_answering_completes_the_round():
+    g = gate()
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    assert not g.engine.complete
+    assert reason(g.check("b", "t2", make(device="b", base=1))) == "wrong_base_version"
+    assert g.engine.complete
+
+
+def test_close_gives_the_record_and_the_weighted_mean():
+    from fedmq.codecs import decode
+    g = gate(min_updates=2)
+    ua = make(device="a", samples=10, payload=encode(np.full(SPEC.size, 1.0, np.float32), SPEC, CFG))
+    ub = make(device="b", samples=30, payload=encode(np.full(SPEC.size, 2.0, np.float32), SPEC, CFG))
+    g.engine.count_bytes("a", "ta", len(ua))
+    assert isinstance(g.check("a", "ta", ua), Accepted)
+    assert isinstance(g.check("b", "tb", ub), Accepted)
+    closed = g.close()
+    rec = closed.record
+    assert closed.succeeded and rec.state == "closed" and rec.model_version == 3 and rec.accepted == 2
+    da = decode("topk-int8", encode(np.full(SPEC.size, 1.0, np.float32), SPEC, CFG), SPEC)
+    db = decode("topk-int8", encode(np.full(SPEC.size, 2.0, np.float32), SPEC, CFG), SPEC)
+    np.testing.assert_allclose(closed.model_delta, (10 * da + 30 * db) / 40, rtol=1e-6)
+    parts = {p.device: p for p in rec.participations}
+    assert parts["a"].status == "accepted" and parts["a"].bytes_up == len(ua) and parts["b"].samples == 30
+    assert rec.device_metrics == {"train_loss": 0.5}
+
+
+def test_too_few_updates_fail_the_round_and_silent_devices_are_recorded():
+    g = gate(min_updates=2)
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    closed = g.close()
+    assert not closed.succeeded and closed.model_delta is None
+    assert closed.record.state == "failed" and closed.record.model_version == 2
+    assert {p.device: p.status for p in closed.record.participations} == {"a": "accepted", "b": "no_answer"}
+
+
+def test_refusals_before_assembly_are_counted():
+    g = gate()
+    out = g.engine.refuse("a", "t1", "oversized", "announced 1 GB")
+    assert out.reason == "oversized" and out.round == 4
+    assert g.engine.rejected == {"oversized": 1} and g.engine.complete is False

@@ -1,0 +1,114 @@
+"""The client-update pipeline, written once: train, compress with error feedback, envelope.
+
+Every producer of client updates goes through these functions: the edge agent
+(``edge_client/agent.py``), the simulator (which runs the real agent), the device and ingest
+benchmarks and the test devices. Two steps, because the edge agent checks the round's
+deadline between them (an update trained too late is kept in the residual instead of sent):
+
+1. :func:`train_for_task` runs local training (:func:`fedmq.fl.training.train_local`) for
+   a :class:`fedmq.messages.Task`, with the local-training generator of
+   :func:`training_rng` (a pure function of the device's seed, the plan's seed and the
+   round, so a rerun of a round trains the same update);
+2. :func:`package_update` adds the update into the residual, encodes it with the plan's
+   codec (:func:`fedmq.codecs.encode`), takes what was sent out of the residual
+   (:class:`fedmq.feedback.ErrorFeedback`; plain compression when the plan turns error
+   feedback off) and builds the :class:`fedmq.envelope.ClientUpdate` envelope.
+
+:func:`client_update` chains both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmq.codecs import CodecConfig
+from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.feedback import ErrorFeedback
+from fedmq.fl.training import LocalResult, train_local
+from fedmq.messages import Task
+from fedmq.params import ParamSpec
+
+
+def training_rng(seed: int, plan_seed: int, round_: int) -> np.random.Generator:
+    """The generator of local training (minibatch order) for one round on one device."""
+    return np.random.default_rng([int(seed), int(plan_seed), int(round_)])
+
+
+def rounding_rng(seed: int, plan_seed: int, round_: int) -> np.random.Generator:
+    """The generator of stochastic rounding in the codec for one round on one device."""
+    return np.random.default_rng([int(seed), int(plan_seed), int(round_), 1])
+
+
+@dataclass(frozen=True)
+class PackagedUpdate:
+    """A client update ready to publish.
+
+    Attributes:
+        data: the envelope bytes (docs/wire-format.md, "Client update envelope").
+        sent: float32 ``(d,)``: exactly what the coordinator will decode; put it back into the
+            residual (:meth:`ErrorFeedback.rollback`) if the update is never aggregated.
+        codec: the codec's name.
+    """
+
+    data: bytes
+    sent: np.ndarray
+    codec: str
+
+
+def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: Task, *, seed: int,
+                   max_seconds: float | None = None, x_val: np.ndarray | None = None,
+                   y_val: np.ndarray | None = None) -> LocalResult:
+    """Local training for ``task`` from the global model already loaded into ``model``.
+
+    Args:
+        model: the task's module holding global model ``task.model_version``.
+        x, y: local training samples (float32 ``(N, *input_shape)``, int64 ``(N,)``).
+        task: the round's task (its plan sets epochs or steps, batch size, lr, FedProx).
+        seed: the device's seed.
+        max_seconds: cap on training time, seconds (None: the plan's own cap).
+        x_val, y_val: local held-out samples for ``val_*`` metrics, or None.
+
+    Returns:
+        :class:`fedmq.fl.training.LocalResult` (the update is float32 ``(d,)``).
+    """
+    plan = task.plan
+    cap = plan.max_seconds if max_seconds is None else max_seconds
+    return train_local(model, x, y, plan, rng=training_rng(seed, plan.seed, task.round), max_seconds=cap,
+                       x_val=x_val, y_val=y_val)
+
+
+def package_update(result: LocalResult, task: Task, *, federation: str, device: str, spec: ParamSpec,
+                   feedback: ErrorFeedback, seed: int) -> PackagedUpdate:
+    """Compress ``result.update`` with error feedback and wrap it in its envelope.
+
+    With ``task.plan.error_feedback`` the residual takes ``update - sent`` (the whole
+    compression error, quantization included); without it the residual is left as it is.
+    Non-finite metrics are left out of the envelope (the decoder would refuse them).
+
+    Raises:
+        NonFiniteError: NaN or Inf in the update (the residual is unchanged).
+        CodecError: the plan names an unknown codec or invalid codec settings.
+    """
+    plan = task.plan
+    codec = CodecConfig.from_plan(plan)
+    payload, sent = feedback.compress(result.update, codec, enabled=plan.error_feedback,
+                                      rng=rounding_rng(seed, plan.seed, task.round))
+    metrics = dict(result.metrics, steps=float(result.steps), train_seconds=result.seconds)
+    data = encode_update(ClientUpdate(
+        federation=federation, device=device, round=task.round, base_version=task.model_version,
+        samples=result.samples, kind=result.kind, spec_hash=spec.hash, codec=codec.name, payload=payload,
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)}))
+    return PackagedUpdate(data, sent, codec.name)
+
+
+def client_update(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: Task, *, federation: str,
+                  device: str, spec: ParamSpec, feedback: ErrorFeedback, seed: int,
+                  max_seconds: float | None = None) -> tuple[LocalResult, PackagedUpdate]:
+    """:func:`train_for_task` then :func:`package_update` (no deadline between them)."""
+    result = train_for_task(model, x, y, task, seed=seed, max_seconds=max_seconds)
+    return result, package_update(result, task, federation=federation, device=device, spec=spec,
+                                  feedback=feedback, seed=seed)
