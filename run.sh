@@ -51,10 +51,13 @@ PY
     fi
 }
 
-ensure_mosquitto() {
-    if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
-        apt_install mosquitto mosquitto-clients
-    fi
+ensure_test_tools() {
+    # Real parts for the tests: mosquitto (brokers), Chromium (the run report is rendered
+    # headless). Installed together so that apt runs once.
+    local missing=()
+    if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then missing+=(mosquitto mosquitto-clients); fi
+    if ! command -v chromium >/dev/null; then missing+=(chromium); fi
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
 cmd="${1:-}"; shift || true
@@ -64,7 +67,7 @@ case "$cmd" in
         exec "$VENV/bin/fedmq" demo "$@" ;;
     test)
         ensure_venv
-        ensure_mosquitto
+        ensure_test_tools
         # Tests use every core but keep torch to one thread per process.
         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
         exec "$VENV/bin/python" -m pytest -q "$@" ;;

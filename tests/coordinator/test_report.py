@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.demo import run_demo
+from fleet.demo import run_demo
 from coordinator.report import STATUSES, RunData, participation_grid
 from coordinator.state import StateDB
 
