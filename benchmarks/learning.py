@@ -14,11 +14,10 @@ Reported per run: final and best test accuracy (2,000 test images), the first ro
 reaching 95%, total bytes up (client-update envelopes) and down (model blob + task per
 selected device). Target: ``topk1-ef`` within 1 percentage point of ``dense``.
 
-The rounds run in one process with the services' own sampling, training, codec,
-envelope, aggregation and server-optimizer code (:mod:`benchmarks.simulation`), not
-through a broker; :func:`broker_run` (the harness's ``broker`` suite) runs ``fedmq demo``
-(a real broker and separate processes) against the in-process simulation of the same
-settings.
+The rounds run in one process with the real coordinator and real edge agents over the
+in-memory bus (:mod:`benchmarks.simulation`); :func:`broker_run` (the harness's ``broker``
+suite) runs ``fedmq demo`` (a real broker and separate processes, the product's default
+scheduling) against the in-process run of the same settings.
 
 The quick suite runs a reduced matrix (:data:`QUICK`): IID only, ``dense`` against
 ``topk1-ef``, fewer rounds; it says so in its result (``reduced``).
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.simulation import FedSetup, load_data, simulate, with_codec
+from benchmarks.simulation import FedSetup, simulate, with_codec
 from fedmq.messages import TrainPlan
 
 #: Test accuracy whose first round is reported.
@@ -63,9 +62,9 @@ QUICK = {"rounds": 15, "partitions": ("iid",), "runs": ("dense", "topk1-ef")}
 SMOKE = {"rounds": 2, "partitions": ("iid",), "runs": ("dense", "topk1-ef"), "devices": 3, "per_round": 2,
          "samples_per_device": 64, "test_samples": 256}
 
-EXECUTION = ("in-process: one Python process drives sampling, local training, error feedback, codec, "
-             "envelope, aggregation and the server optimizer with the services' own library code; "
-             "no broker, no deadlines, no lost updates")
+EXECUTION = ("in-process: the real coordinator and one real edge agent per device (threads) over the "
+             "in-memory bus (memory://); every device online before round 1, no over-selection, rounds wait "
+             "for every selected device, no local hold-out")
 
 
 def setup_for(run: str, partition: str, rounds: int, **overrides: Any) -> FedSetup:
@@ -87,10 +86,9 @@ def run_matrix(spec: dict[str, Any], log=None) -> dict[str, Any]:
     overrides = {k: spec[k] for k in ("devices", "per_round", "samples_per_device", "test_samples") if k in spec}
     results: dict[str, dict[str, Any]] = {}
     for partition in spec["partitions"]:
-        data = load_data(setup_for("dense", partition, spec["rounds"], **overrides))
         for run in spec["runs"]:
             setup = setup_for(run, partition, spec["rounds"], **overrides)
-            r = simulate(setup, data, target_accuracy=TARGET)
+            r = simulate(setup, target_accuracy=TARGET)
             results[f"{partition}/{run}"] = {"partition": partition, "run": run, **r}
             if log:
                 log(f"[learning] {partition}/{run}: final {_pct(r['final_accuracy'])}% "
@@ -225,7 +223,7 @@ def broker_case(name: str, timeout_s: float = 540.0) -> dict[str, Any]:
         "case": name, "settings": setup.describe(), "command": " ".join(cmd), "demo_seconds": demo_seconds,
         "demo": demo,
         "in_process": {k: sim[k] for k in ("final_accuracy", "best_accuracy", "bytes_up", "bytes_down",
-                                           "payload_bytes_up", "seconds")}
+                                           "seconds")}
                       | {"accuracy_per_round": [h["accuracy"] for h in sim["history"]]},
         "row": [name, case["task"], f"{case['devices']}/{case['per_round']}/{case['rounds']}",
                 _pct(demo.get("final_accuracy")), _pct(sim["final_accuracy"]),

@@ -1,69 +1,56 @@
-"""Federated rounds simulated in one process, with the services' own code.
+"""Federations for the learning benchmarks: the real coordinator and real edge agents in one process.
 
-The learning benchmarks drive a federation without a broker, for speed, but every step a
-byte or a number goes through is the library code the services run:
+:func:`simulate` runs a :class:`FedSetup` through :func:`fleet.demo.run_demo` with the
+devices as threads of this process on the in-memory bus (``memory://``): the same
+``Coordinator`` (round engine, aggregation, server optimizer, checkpoints) and the same
+``EdgeAgent`` (local training, error feedback, codec, envelope, receipts) that run on a fleet,
+exchanging the same messages, chunked blobs and retained models, only not over a socket.
+``broker=URL`` runs the same federation through a real broker instead, and
+``devices_in="processes"`` with one OS process per device: the figures are the product's.
 
-- sampling: :func:`fedmq.fl.sampling.select_devices` (seeded per round, so runs with the
-  same seed select the same devices, whatever their codec);
-- device: :func:`fedmq.fl.training.train_local` from the global vector, then
-  :class:`fedmq.feedback.ErrorFeedback` (or plain :func:`fedmq.codecs.encode` for the dense
-  ``none`` codec), then :func:`fedmq.envelope.encode_update`: the bytes counted as uplink
-  are the whole client-update envelope;
-- coordinator: :func:`fedmq.envelope.decode_update`, :func:`fedmq.codecs.decode_sparse`,
-  :class:`fedmq.fl.aggregation.WeightedMean` (sample-weighted), then
-  :func:`fedmq.fl.aggregation.model_delta` and a server optimizer from
-  :func:`fedmq.fl.server_opt.make_server_optimizer`;
-- downlink: each selected device fetches the global model as the safetensors blob of
-  :func:`fedmq.modelio.model_to_safetensors` (the retained model blob) plus its task
-  message (:class:`fedmq.messages.Task`); devices not selected fetch nothing.
+Scheduling is set so that a run is a pure function of its seed: every device online before
+round 1 (``min_devices`` = all), no over-selection, a round waits for all its selected
+devices (``min_updates`` = target) under a deadline long enough never to fire, no local
+hold-out. The product's defaults (over-selection 1.3, first answers win, 10% hold-out) are
+what ``fedmq demo`` measures (the ``broker`` suite).
 
-What is not simulated: MQTT itself (chunking, QoS, retained delivery), deadlines, late or
-lost updates, and process boundaries. ``fedmq demo`` runs the same settings through a real
-broker and separate processes (see :mod:`benchmarks.learning`, ``broker_comparison``).
+Bytes: ``bytes_up`` are the client-update blob bytes the coordinator received (manifests
+included); ``bytes_down`` the global model blob bytes times the devices sent a task (what
+each selected device fetches when it holds no copy).
 """
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
+from rich.console import Console
 
-from fedmq.fl.aggregation import WeightedMean, model_delta
-from fedmq.fl.sampling import SelectionPolicy, select_devices
-from fedmq.fl.server_opt import make_server_optimizer
-from fedmq.fl.training import train_local
-from fedmq import codec
-from fedmq.envelope import ClientUpdate, decode_update, encode_update
-from fedmq.feedback import ErrorFeedback
-from fedmq.messages import Task, TrainPlan
-from fedmq.modelio import model_to_safetensors
-from fedmq.params import ParamSpec, flatten_params, load_params
-from fedmq.tasks import evaluate, get_task
+from fedmq.messages import TrainPlan
 
-#: Federation id written into the simulated envelopes and tasks (counts towards their bytes).
-FEDERATION = "bench"
+#: Deadline (seconds) long enough never to fire in a benchmark round.
+NO_DEADLINE_S = 3600.0
 
 
 @dataclass(frozen=True)
 class FedSetup:
-    """One simulated federation.
+    """One federation.
 
     Attributes:
-        task: task name (:func:`fedmq.tasks.get_task`).
+        task: task name (``digits-*`` tasks train on the digits, ``mnist-*`` on MNIST-10k).
         devices: number of devices K; device k holds partition k.
         per_round: devices selected per round (uniform, without replacement, no over-selection).
         rounds: number of rounds.
-        partition: ``iid`` or ``dirichlet`` (MNIST-10k partitions of ../shared/data/README.md).
+        partition: ``iid`` or ``dirichlet`` (the partitions of ../shared/data/README.md).
         alpha: Dirichlet concentration (non-IID only).
         plan: the devices' training and codec settings (as sent in each task).
-        server_optimizer: name for :func:`fedmq.fl.server_opt.make_server_optimizer`.
+        server_optimizer: ``[server_optimizer] name``.
         server_lr: its ``eta``.
         seed: model initialisation, device sampling and local shuffling all derive from it.
-        samples_per_device: keep only the first N samples of each partition (None: all);
-            for the smoke case.
-        test_samples: evaluate on the first N test samples (None: all 2,000).
+        samples_per_device: keep only the first N samples of each partition (None: all).
+        test_samples: evaluate on the first N test samples (None: all).
     """
 
     task: str = "mnist-cnn"
@@ -86,132 +73,59 @@ class FedSetup:
         return d
 
 
-@dataclass
-class FedData:
-    """The split and partition a setup trains on: float32 x, int64 y (see fedmq.data)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    parts: list[np.ndarray]
-
-
-def load_data(setup: FedSetup) -> FedData:
-    """The task's split and the README partition of its train set over ``setup.devices``.
-
-    Raises:
-        DataError: the shared data set is missing or corrupt.
-    """
-    from fedmq.data import load_split, partition
-
-    task = get_task(setup.task)
-    x_tr, y_tr, x_te, y_te = load_split(task.dataset)
-    parts = partition(y_tr, setup.devices, setup.partition, setup.alpha)
-    if setup.samples_per_device is not None:
-        parts = [p[:setup.samples_per_device] for p in parts]
-    if setup.test_samples is not None:
-        x_te, y_te = x_te[:setup.test_samples], y_te[:setup.test_samples]
-    return FedData(x_tr, y_tr, x_te, y_te, parts)
-
-
-def device_ids(k: int) -> list[str]:
-    return [f"dev{i:03d}" for i in range(k)]
-
-
-def _codec_config(plan: TrainPlan) -> codec.CodecConfig:
-    return codec.CodecConfig.from_plan(plan)
-
-
-def simulate(setup: FedSetup, data: FedData | None = None, *, target_accuracy: float | None = None) -> dict[str, Any]:
-    """Run ``setup.rounds`` rounds and measure.
+def simulate(setup: FedSetup, *, target_accuracy: float | None = None, broker: str | None = "memory",
+             devices_in: str = "threads") -> dict[str, Any]:
+    """Run ``setup`` through the real coordinator and edge agents and measure.
 
     Args:
         setup: the federation.
-        data: preloaded data (else :func:`load_data`).
         target_accuracy: report the first round whose test accuracy reaches it (fraction).
+        broker: ``"memory"`` (the in-process bus), None (the embedded broker) or a broker URL.
+        devices_in: ``threads`` or ``processes`` (not with the in-process bus).
 
     Returns:
         ``{"settings", "final_accuracy", "best_accuracy", "final_loss", "rounds_to_target",
-        "bytes_up", "bytes_down", "payload_bytes_up", "seconds", "seconds_train",
-        "seconds_codec", "seconds_eval", "history": [{"round", "accuracy", "loss",
-        "bytes_up", "bytes_down", "selected"}]}``; accuracies are fractions in [0, 1],
-        bytes are totals over the run, seconds wall-clock.
+        "bytes_up", "bytes_down", "dense_bytes_up", "seconds", "history": [{"round", "accuracy",
+        "loss", "bytes_up", "bytes_down", "dense_bytes_up", "selected"}]}``; accuracies are fractions in [0, 1], bytes
+        totals over the run, seconds wall-clock.
+
+    Raises:
+        FedmqError: the federation could not run (data missing, broker unreachable, ...).
     """
-    t_start = time.perf_counter()
-    data = data if data is not None else load_data(setup)
-    task = get_task(setup.task)
-    plan = setup.plan.validate()
-    config = _codec_config(plan)
-    model = task.build_model(setup.seed)
-    spec = ParamSpec.from_module(model)
-    x = flatten_params(model, spec)
-    opt = make_server_optimizer(setup.server_optimizer, eta=setup.server_lr)
-    ids = device_ids(setup.devices)
-    index = {d: i for i, d in enumerate(ids)}
-    feedback = {d: ErrorFeedback(spec) for d in ids}
-    participation = SelectionPolicy(devices_per_round=setup.per_round, over_selection=1.0)
-    history: list[dict[str, Any]] = []
-    totals = {"bytes_up": 0, "bytes_down": 0, "payload_bytes_up": 0}
-    t_train = t_codec = t_eval = 0.0
-    best, reached = 0.0, None
-    for rnd in range(1, setup.rounds + 1):
-        selected = select_devices(ids, participation, setup.seed, rnd)
-        load_params(model, x, spec)
-        model_blob = len(model_to_safetensors(model, {"round": str(rnd - 1)}))
-        acc = WeightedMean(spec.size)
-        up = down = 0
-        for dev in selected:
-            task_msg = Task(federation=FEDERATION, device=dev, round=rnd, model_version=rnd - 1,
-                            spec_hash=spec.hash, deadline=0.0, plan=plan).to_bytes()
-            down += model_blob + len(task_msg)
-            part = data.parts[index[dev]]
-            load_params(model, x, spec)
-            t0 = time.perf_counter()
-            result = train_local(model, data.x_train[part], data.y_train[part], plan, global_vector=x,
-                                 rng=np.random.default_rng([setup.seed, rnd, index[dev]]),
-                                 max_seconds=plan.max_seconds, x_val=None, y_val=None)
-            t1 = time.perf_counter()
-            if plan.codec == "none":
-                payload = codec.encode(result.update, spec, config)
-            else:
-                payload, _sent = feedback[dev].compress(result.update, config, enabled=plan.error_feedback,
-                                                        rng=np.random.default_rng([setup.seed, rnd, index[dev], 1]))
-            envelope = encode_update(ClientUpdate(
-                federation=FEDERATION, device=dev, round=rnd, base_version=rnd - 1, samples=int(result.samples),
-                kind=plan.update_kind, spec_hash=spec.hash, codec=config.name, payload=payload,
-                metrics={k: float(v) for k, v in (result.metrics or {}).items()}))
-            received = decode_update(envelope, spec)
-            acc.add(codec.decode_sparse(received.codec, received.payload, spec), received.samples)
-            t_codec += time.perf_counter() - t1
-            t_train += t1 - t0
-            up += len(envelope)
-            totals["payload_bytes_up"] += len(payload)
-        opt.step(x, model_delta(acc.result(), plan.update_kind))
-        t0 = time.perf_counter()
-        load_params(model, x, spec)
-        loss, accuracy = evaluate(model, data.x_test, data.y_test)
-        t_eval += time.perf_counter() - t0
-        totals["bytes_up"] += up
-        totals["bytes_down"] += down
-        best = max(best, accuracy)
-        if reached is None and target_accuracy is not None and accuracy >= target_accuracy:
-            reached = rnd
-        history.append({"round": rnd, "accuracy": accuracy, "loss": loss, "bytes_up": up, "bytes_down": down,
-                        "selected": selected})
+    from fedmq.data import MNIST_T10K_DIR, shared_data_dir
+    from fleet.demo import Scheduling, run_demo
+
+    data = "digits" if setup.task.startswith("digits") else "mnist"
+    plan = {k: v for k, v in asdict(setup.plan).items()}
+    t0 = time.perf_counter()
+    summary = run_demo(
+        devices=setup.devices, per_round=setup.per_round, rounds=setup.rounds, task=setup.task, data=data,
+        data_dir=shared_data_dir() / MNIST_T10K_DIR if data == "mnist" else None,
+        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec, density=setup.plan.density,
+        broker=broker, seed=setup.seed, deadline_s=NO_DEADLINE_S, devices_in=devices_in,
+        scheduling=Scheduling(over_selection=1.0, min_devices=setup.devices, holdout_fraction=0.0,
+                              min_updates=setup.per_round),
+        plan=plan, server_optimizer={"name": setup.server_optimizer, "eta": setup.server_lr},
+        samples_per_device=setup.samples_per_device, test_samples=setup.test_samples,
+        write_files=False, publish_onnx=False, console=Console(file=io.StringIO()))
+    seconds = time.perf_counter() - t0
+    history = [{"round": r["round"], "accuracy": r["test_accuracy"], "loss": r["test_loss"],
+                "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"], "dense_bytes_up": r["dense_bytes_up"],
+                "selected": sorted(p["device"] for p in r["participations"])} for r in summary["records"]]
+    accs = [h["accuracy"] for h in history if h["accuracy"] is not None]
+    reached = next((h["round"] for h in history if target_accuracy is not None and h["accuracy"] is not None
+                    and h["accuracy"] >= target_accuracy), None)
     return {
         "settings": setup.describe(),
-        "parameters": spec.size,
-        "final_accuracy": history[-1]["accuracy"] if history else None,
+        "final_accuracy": accs[-1] if accs else None,
         "final_loss": history[-1]["loss"] if history else None,
-        "best_accuracy": best if history else None,
+        "best_accuracy": max(accs) if accs else None,
         "target_accuracy": target_accuracy,
         "rounds_to_target": reached,
-        **totals,
-        "seconds": time.perf_counter() - t_start,
-        "seconds_train": t_train,
-        "seconds_codec": t_codec,
-        "seconds_eval": t_eval,
+        "bytes_up": sum(h["bytes_up"] for h in history),
+        "bytes_down": sum(h["bytes_down"] for h in history),
+        "dense_bytes_up": sum(h["dense_bytes_up"] for h in history),
+        "seconds": seconds,
         "history": history,
     }
 

@@ -11,7 +11,7 @@ Runs: dense float32 (codec ``none``) against Top-K + int8 with error feedback at
 (10 entries, below ``dense_below``) goes dense int8.
 
 Like :mod:`benchmarks.learning`, the rounds run in one process with the services' own
-code (:mod:`benchmarks.simulation`). The whole set-up is cheap, so the quick suite runs it
+code: the real coordinator and edge agents in one process (:mod:`benchmarks.simulation`). The whole set-up is cheap, so the quick suite runs it
 unreduced.
 
 Run alone: ``python -m benchmarks.tutorial [--smoke]`` prints the JSON result.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.learning import EXECUTION
-from benchmarks.simulation import FedSetup, load_data, simulate, with_codec
+from benchmarks.simulation import FedSetup, simulate, with_codec
 from fedmq.messages import TrainPlan
 
 #: Test accuracy of the published tutorial (full MNIST, 6,000 images per client).
@@ -50,8 +50,7 @@ def setup_for(run: str, rounds: int = 100) -> FedSetup:
 
 
 def _run(rounds: int) -> dict[str, Any]:
-    data = load_data(setup_for("dense", rounds))
-    results = {run: simulate(setup_for(run, rounds), data) for run in RUNS}
+    results = {run: simulate(setup_for(run, rounds)) for run in RUNS}
     dense_up = results["dense"]["bytes_up"]
     rows = [[RUNS[n][3], round(100 * r["final_accuracy"], 2), round(100 * r["best_accuracy"], 2),
              round(r["bytes_up"] / 1e6, 3), round(r["bytes_down"] / 1e6, 2),

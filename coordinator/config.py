@@ -26,6 +26,7 @@ from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimiz
 from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
+from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.settings_file import read_toml
@@ -184,6 +185,7 @@ class CoordinatorConfig(_Section):
     @classmethod
     def _plan_valid(cls, value: TrainPlan) -> TrainPlan:
         try:
+            CodecConfig.from_plan(value)
             return value.validate("plan")
         except WireError as exc:
             raise ValueError(str(exc)) from None

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from coordinator.config import load_config
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition, save_npz_atomic
+from fedmq.codecs import codec_names
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.tasks import evaluate, get_task
@@ -53,6 +55,8 @@ DEMO_PLANS: dict[str, dict[str, Any]] = {
     "mnist": {"local_epochs": 1, "batch_size": 32, "lr": 0.05},
 }
 DEFAULT_TASKS = {"digits": "digits-mlp", "mnist": "mnist-cnn"}
+
+log = logging.getLogger("fedmq.demo")
 
 #: Seconds to wait for a device process to leave after SIGTERM before SIGKILL.
 _STOP_GRACE_S = 10.0
@@ -145,8 +149,9 @@ def _ratio(dense: int, sent: int) -> float:
 
 
 def write_outputs(out: Path, summary: dict[str, Any], records: list[RoundRecord], result: RunResult,
-                  task_name: str) -> None:
-    """Write summary.json, rounds.csv, model.safetensors, model.onnx and progress.png into ``out``."""
+                  task_name: str, *, model_files: bool = True) -> None:
+    """Write summary.json and rounds.csv into ``out``, and with ``model_files`` also
+    model.safetensors, model.onnx and progress.png."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     rows = [r.row() for r in records]
@@ -157,6 +162,8 @@ def write_outputs(out: Path, summary: dict[str, Any], records: list[RoundRecord]
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    if not model_files:
+        return
     (out / "model.safetensors").write_bytes(model_to_safetensors(
         result.model, {"task": task_name, "model_version": str(result.version)}))
     (out / "model.onnx").write_bytes(export_onnx(result.model, task_name))
@@ -231,14 +238,17 @@ def _sum_reasons(records: list[RoundRecord]) -> dict[str, int]:
 class _ProgressPrinter:
     """Prints one line per closed round (a rich table row on a terminal, plain text otherwise)."""
 
-    def __init__(self, console: Console, procs: list[subprocess.Popen[bytes]], coordinator: Coordinator) -> None:
+    def __init__(self, console: Console, procs: list[subprocess.Popen[bytes]], threads: _Threads,
+                 coordinator: Coordinator) -> None:
         self.console = console
         self.procs = procs
+        self.threads = threads
         self.coordinator = coordinator
 
     def __call__(self, p: Progress) -> None:
-        if p.kind == "waiting" and all(proc.poll() is not None for proc in self.procs):
-            self.console.print("[red]every device process has exited; see devices/*/edge.log[/red]")
+        if p.kind == "waiting" and ((self.procs and all(proc.poll() is not None for proc in self.procs))
+                                    or self.threads.all_exited()):
+            self.console.print("[red]every device has exited; see devices/*/edge.log[/red]")
             self.coordinator.stop()
         if p.kind != "round_closed" or p.record is None:
             return
@@ -252,100 +262,289 @@ class _ProgressPrinter:
             highlight=False)
 
 
+@dataclass(frozen=True)
+class Scheduling:
+    """Who takes part and how long a round waits; the demo's defaults are the product's.
+
+    Attributes:
+        over_selection: devices selected = ``ceil(per_round * over_selection)``.
+        min_devices: eligible devices to wait for before a round opens (None: ``per_round``).
+        holdout_fraction: fraction of each device's samples kept for its local validation.
+        min_updates: accepted updates a round needs (None: ``ceil(per_round / 2)``).
+    """
+
+    over_selection: float = 1.3
+    min_devices: int | None = None
+    holdout_fraction: float = 0.1
+    min_updates: int | None = None
+
+
+#: Where device agents run: ``processes`` (one OS process each, exactly as on a fleet) or
+#: ``threads`` (one thread each in this process; the only way onto the in-memory bus).
+DEVICE_MODES = ("processes", "threads")
+PROTOCOLS = ("5", "3.1.1")
+MARKER = ".fedmq-demo.json"
+
+
+class _OutFolder:
+    """The demo's working folder: refuses a non-empty folder it did not create, and on a
+    rerun removes only the files its marker lists (files an earlier demo run created)."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.given = out is not None
+        self.path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
+
+    def check(self) -> None:
+        """Raise ConfigError when the folder holds files no demo run created (nothing is touched)."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path}: exists and is not a folder")
+        if not path.is_dir():
+            return
+        owned = set(self._owned())
+        foreign = [p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in owned
+                   and p.name != MARKER]
+        if foreign:
+            raise ConfigError(f"--out {path}: the folder holds files this demo did not create (e.g. "
+                              f"{foreign[0]}); give an empty or new folder")
+
+    def _owned(self) -> list[str]:
+        marker = self.path / MARKER
+        if not marker.is_file():
+            return []
+        try:
+            files = json.loads(marker.read_text(encoding="utf-8")).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"{marker}: unreadable marker of an earlier demo run; remove it or give another "
+                              f"--out") from None
+        return [f for f in files if isinstance(f, str)]
+
+    def prepare(self) -> Path:
+        """Remove what an earlier demo run left (only files its marker lists) and create the folder."""
+        self.check()
+        parents: set[Path] = set()
+        for rel in self._owned():
+            (self.path / rel).unlink(missing_ok=True)
+            parents.update(p for p in (self.path / rel).parents if self.path in p.parents)
+        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.record()
+        return self.path
+
+    def record(self) -> None:
+        """List every file now in the folder as the demo's own (the folder had none of anyone else's)."""
+        files = sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                       if p.is_file() and p.name != MARKER)
+        (self.path / MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def _validate(devices: int, per_round: int, rounds: int, data: str, partition_scheme: str, alpha: float,
+              codec: str, density: float, broker: str | None, protocol: str, deadline_s: float,
+              devices_in: str, scheduling: Scheduling) -> None:
+    if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
+        raise ConfigError(f"need --devices >= 1, 1 <= --per-round <= --devices and --rounds >= 1 "
+                          f"(got {devices}, {per_round}, {rounds})")
+    if data not in DEFAULT_TASKS:
+        raise ConfigError(f"--data {data!r}: expected one of {sorted(DEFAULT_TASKS)}")
+    if partition_scheme not in ("iid", "dirichlet"):
+        raise ConfigError(f"--partition {partition_scheme!r}: expected 'iid' or 'dirichlet'")
+    if not alpha > 0:
+        raise ConfigError(f"--alpha {alpha}: expected a positive number")
+    if codec not in codec_names():
+        raise ConfigError(f"--codec {codec!r}: expected one of {codec_names()}")
+    if not 0 < density <= 1:
+        raise ConfigError(f"--density {density}: expected a fraction in (0, 1]")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
+    if not deadline_s > 0:
+        raise ConfigError(f"--deadline {deadline_s}: expected seconds > 0")
+    if devices_in not in DEVICE_MODES:
+        raise ConfigError(f"devices_in {devices_in!r}: expected one of {DEVICE_MODES}")
+    if broker is not None and broker.startswith("memory") and devices_in != "threads":
+        raise ConfigError("--broker memory runs every device in this process: use --in-process")
+    if scheduling.over_selection < 1 or not 0 <= scheduling.holdout_fraction < 0.5:
+        raise ConfigError(f"over-selection {scheduling.over_selection} (expected >= 1) or hold-out fraction "
+                          f"{scheduling.holdout_fraction} (expected in [0, 0.5)) out of range")
+
+
+class _Threads:
+    """Edge agents as threads of this process (each with its own link, state folder, data)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, configs: list[Path]) -> None:
+        from edge_client.agent import EdgeAgent
+        from edge_client.config import load_config as load_edge_config
+
+        for path in configs:
+            agent = EdgeAgent(load_edge_config(path, environ={}), environ={})
+
+            def run(agent: EdgeAgent = agent) -> None:
+                try:
+                    agent.run(self.stop)
+                except BaseException as exc:  # noqa: BLE001 - reported by alive()/the summary
+                    self.errors.append(exc)
+                    log.error("device %s stopped: %s", agent.cfg.device_id, exc)
+
+            thread = threading.Thread(target=run, name=f"edge-{agent.cfg.device_id}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def all_exited(self) -> bool:
+        return bool(self.threads) and not any(t.is_alive() for t in self.threads)
+
+    def close(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+
+
 def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: str | None = None,
              data: str = "digits", data_dir: Path | None = None, partition_scheme: str = "iid",
              alpha: float = 0.5, codec: str = "topk-int8", density: float = 0.01, broker: str | None = None,
              protocol: str = "5", out: Path | None = None, seed: int = 0, deadline_s: float = 60.0,
-             console: Console | None = None) -> dict[str, Any]:
+             devices_in: str = "processes", scheduling: Scheduling | None = None,
+             plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
+             samples_per_device: int | None = None, test_samples: int | None = None,
+             aggregation: str = "weighted-mean",
+             write_files: bool = True, publish_onnx: bool = True, console: Console | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
+    The coordinator runs in this process; the devices as processes (``devices_in``, the
+    default: as on a fleet) or as threads of this process. ``broker``: None starts the
+    embedded broker, ``"memory"`` uses the in-process bus (devices as threads), any other
+    value is the URL of a running broker. Every flag is checked before anything is started
+    or written; whatever the demo started is stopped on every way out.
+
+    Args:
+        scheduling: over-selection, devices to wait for, local hold-out (the product defaults).
+        plan: train-plan keys over the demo's (e.g. ``local_epochs``, ``lr``).
+        server_optimizer: the ``[server_optimizer]`` table (default FedAvg).
+        aggregation: the ``[aggregation] rule``.
+        samples_per_device, test_samples: keep only the first N samples of each partition / of
+            the test set (None: all).
+        write_files: also write the model files and the plot (the simulator leaves them out).
+        publish_onnx: the coordinator publishes an ONNX export with every version.
+
+    Returns:
+        the summary; ``"records"`` additionally holds every round's record (as dicts).
+
     Raises:
-        ConfigError: invalid flags. DataError: data files missing or corrupt.
-        FedmqError: the broker could not be started or reached.
+        ConfigError: invalid flags, or ``out`` holds files no demo created. DataError: data
+        files missing or corrupt. FedmqError: the broker could not be started or reached.
     """
     console = console or Console(soft_wrap=True)
-    if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
-        raise ConfigError(f"need devices >= 1, 1 <= per-round <= devices and rounds >= 1 "
-                          f"(got {devices}, {per_round}, {rounds})")
-    if codec not in ("topk-int8", "none"):
-        raise ConfigError(f"--codec {codec!r}: expected 'topk-int8' or 'none'")
-    if not 0 < density <= 1:
-        raise ConfigError(f"--density {density}: expected a fraction in (0, 1]")
-    task_name = task or DEFAULT_TASKS.get(data, "")
+    sched = scheduling or Scheduling()
+    _validate(devices, per_round, rounds, data, partition_scheme, alpha, codec, density, broker, protocol,
+              deadline_s, devices_in, sched)
+    task_name = task or DEFAULT_TASKS[data]
     task_def = get_task(task_name)
+    folder = _OutFolder(out)
+    folder.check()
     dataset = load_demo_data(data, data_dir, devices, partition_scheme, alpha)
+    if samples_per_device is not None or test_samples is not None:
+        dataset = DemoData(dataset.name, [(x[:samples_per_device], y[:samples_per_device]) for x, y in dataset.parts],
+                           dataset.x_test[:test_samples], dataset.y_test[:test_samples])
 
-    work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
     federation = "demo"
     ids = [f"device-{i:02d}" for i in range(devices)]
     started = time.monotonic()
-
     broker_proc = None
-    if broker is None:
-        from broker.launch import start_embedded
-
-        broker_proc = start_embedded(log_dir=work / "broker")
-        broker_url, protocol = f"mqtt://127.0.0.1:{broker_proc.port}", "3.1.1"
-    else:
-        broker_url = broker
-    console.print(f"fedmq demo: {devices} devices, {per_round} per round, {rounds} rounds, task {task_name}, "
-                  f"data {dataset.name} ({partition_scheme}), codec {codec}"
-                  f"{f' density {density:g}' if codec != 'none' else ''}, broker {broker_url}"
-                  f"{' (embedded)' if broker_proc else ''}", highlight=False)
-    console.print(f"working folder: {work}", highlight=False)
-
-    # Fresh state every run: the demo is one federation from scratch.
-    for sub in ("devices", "coordinator-state"):
-        shutil.rmtree(work / sub, ignore_errors=True)
-    save_npz_atomic(work / "test.npz", dataset.x_test, dataset.y_test)
-    for device, (x, y) in zip(ids, dataset.parts):
-        folder = work / "devices" / device
-        save_npz_atomic(folder / "data.npz", x, y)
-        _write_toml(folder / "edge.toml", {
-            "broker_url": broker_url, "protocol": protocol, "device_id": device, "federation": federation,
-            "task": task_name, "data": "data.npz", "state_dir": "state", "torch_threads": 1,
-            "seed": seed + int(device.rsplit("-", 1)[1])})
-    plan = dict(DEMO_PLANS["digits" if data == "digits" else "mnist"])
-    plan.update({"codec": codec, "density": density, "error_feedback": codec != "none"})
-    coordinator_toml = work / "coordinator.toml"
-    _write_toml(coordinator_toml, {
-        "federation": federation, "task": task_name, "rounds": rounds, "seed": seed,
-        "state_dir": "coordinator-state",
-        "broker": {"url": broker_url, "protocol": protocol},
-        "round": {"devices_per_round": per_round, "min_updates": max(1, math.ceil(per_round / 2)),
-                  "over_selection": 1.3, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
-                  "min_devices": per_round},
-        "plan": plan,
-        "server_optimizer": {"name": "fedavg"},
-        "evaluation": {"data": "test.npz"},
-    })
-
-    initial = task_def.build_model(seed)
-    initial_accuracy = evaluate(initial, dataset.x_test, dataset.y_test)[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[bytes]] = []
-    coordinator = Coordinator(load_config(coordinator_toml))
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
+    threads = _Threads()
+    bus_name = None
+    work = folder.prepare()
     try:
-        procs = _start_devices(work, ids, env)
+        if broker is None:
+            from broker.launch import start_embedded
+
+            broker_proc = start_embedded(log_dir=work / "broker")
+            broker_url, protocol = f"mqtt://127.0.0.1:{broker_proc.port}", "3.1.1"
+        elif broker.startswith("memory"):
+            bus_name = f"demo-{os.getpid()}-{time.monotonic_ns()}"
+            broker_url = f"memory://{bus_name}"
+        else:
+            broker_url = broker
+        console.print(f"fedmq demo: {devices} devices ({devices_in}), {per_round} per round, {rounds} rounds, "
+                      f"task {task_name}, data {dataset.name} ({partition_scheme}), codec {codec}"
+                      f"{f' density {density:g}' if codec != 'none' else ''}, broker {broker_url}"
+                      f"{' (embedded)' if broker_proc else ''}", highlight=False)
+        console.print(f"working folder: {work}", highlight=False)
+
+        save_npz_atomic(work / "test.npz", dataset.x_test, dataset.y_test)
+        configs = []
+        for device, (x, y) in zip(ids, dataset.parts):
+            dev_folder = work / "devices" / device
+            save_npz_atomic(dev_folder / "data.npz", x, y)
+            _write_toml(dev_folder / "edge.toml", {
+                "broker_url": broker_url, "protocol": protocol, "device_id": device, "federation": federation,
+                "task": task_name, "data": "data.npz", "state_dir": "state", "torch_threads": 1,
+                "holdout_fraction": sched.holdout_fraction, "seed": seed + int(device.rsplit("-", 1)[1])})
+            configs.append(dev_folder / "edge.toml")
+        plan_table = dict(DEMO_PLANS["digits" if data == "digits" else "mnist"])
+        plan_table.update({"codec": codec, "density": density, "error_feedback": codec != "none"})
+        plan_table.update(plan or {})
+        coordinator_toml = work / "coordinator.toml"
+        _write_toml(coordinator_toml, {
+            "federation": federation, "task": task_name, "rounds": rounds, "seed": seed,
+            "state_dir": "coordinator-state",
+            "broker": {"url": broker_url, "protocol": protocol},
+            "round": {"devices_per_round": per_round,
+                      "min_updates": sched.min_updates or max(1, math.ceil(per_round / 2)),
+                      "over_selection": sched.over_selection, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
+                      "min_devices": sched.min_devices or per_round},
+            "plan": plan_table,
+            "server_optimizer": server_optimizer or {"name": "fedavg"},
+            "aggregation": {"rule": aggregation},
+            "evaluation": {"data": "test.npz"},
+            "publish": {"onnx": publish_onnx},
+        })
+        folder.record()
+
+        initial = task_def.build_model(seed)
+        initial_accuracy = evaluate(initial, dataset.x_test, dataset.y_test)[1]
+        coordinator = Coordinator(load_config(coordinator_toml, environ={}))
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         try:
-            result = coordinator.run(progress_callback=_ProgressPrinter(console, procs, coordinator))
-        except KeyboardInterrupt:
-            coordinator.stop()
-            raise
+            if devices_in == "processes":
+                procs = _start_devices(work, ids, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+            else:
+                threads.start(configs)
+            try:
+                result = coordinator.run(progress_callback=_ProgressPrinter(console, procs, threads, coordinator))
+            except KeyboardInterrupt:
+                coordinator.stop()
+                raise
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        threads.close()
         _stop_devices(procs)
         if broker_proc is not None:
             broker_proc.stop()
+        if bus_name is not None:
+            from fedmq.transport.memory import drop_bus
+
+            drop_bus(bus_name)
+        folder.record()
     wall = time.monotonic() - started
     summary = build_summary(task_name, devices, per_round, codec, density, result.records, initial_accuracy,
                             wall, broker_url)
-    write_outputs(work, summary, result.records, result, task_name)
+    summary["devices_in"] = devices_in
+    write_outputs(work, summary, result.records, result, task_name, model_files=write_files)
+    folder.record()
     _print_summary(console, summary, work)
-    return summary
+    return dict(summary, records=[asdict(r) for r in result.records])
 
 
 def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
@@ -383,12 +582,19 @@ def demo_command(
     out: Path = typer.Option(None, help="Folder for summary.json, rounds.csv, model files and the plot."),
     seed: int = typer.Option(0, help="Seed of model initialisation, sampling and local shuffling."),
     deadline: float = typer.Option(60.0, help="Round deadline, seconds."),
+    in_process: bool = typer.Option(False, "--in-process",
+                                    help="Run the edge agents as threads of this process instead of one process "
+                                         "each (needed with --broker memory)."),
 ) -> None:
-    """Run a demo federation: embedded broker, N edge-client processes, the coordinator."""
+    """Run a demo federation: embedded broker, N edge-client processes, the coordinator.
+
+    --broker memory --in-process runs the same federation on the in-memory bus: the
+    simulator that the learning benchmarks use."""
     try:
         run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
-                 broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline)
+                 broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
+                 devices_in="threads" if in_process else "processes")
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -29,8 +29,8 @@ from fedmq.transport.sender import BlobInfo, BlobSender
 from fedmq.transport.settings import DEFAULT_MAX_CHUNK, BrokerSettings, parse_broker_url, read_secret
 from fedmq.transport.wire import Manifest, TransferRequest
 
-for _scheme in ("mqtt", "mqtts", "tcp", "ssl"):
-    register_link(_scheme, MqttLink)
+for _scheme, _tls in (("mqtt", False), ("tcp", False), ("mqtts", True), ("ssl", True)):
+    register_link(_scheme, MqttLink, tls=_tls)
 register_link("memory", memory_link)
 
 __all__ = [

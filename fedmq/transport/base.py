@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from fedmq.errors import ConfigError
-from fedmq.transport.settings import BrokerSettings
+from fedmq.transport.settings import SCHEMES, BrokerSettings
 
 #: Largest packet MQTT can carry (spec 2.2.3: remaining length < 2^28, plus fixed header).
 MQTT_MAX_PACKET = 268_435_455 + 5
@@ -156,8 +156,9 @@ LinkFactory = Callable[[BrokerSettings, str], Link]
 _REGISTRY: dict[str, LinkFactory] = {}
 
 
-def register_link(scheme: str, factory: LinkFactory) -> None:
-    """Use ``factory(settings, client_id) -> Link`` for broker URLs ``scheme://...``.
+def register_link(scheme: str, factory: LinkFactory, *, tls: bool = False) -> None:
+    """Use ``factory(settings, client_id) -> Link`` for broker URLs ``scheme://...``; the
+    scheme becomes valid in :class:`BrokerSettings` (``tls``: whether it means TLS).
 
     Raises:
         ConfigError: another factory is registered for ``scheme``.
@@ -166,6 +167,7 @@ def register_link(scheme: str, factory: LinkFactory) -> None:
     if other is not None and other is not factory:
         raise ConfigError(f"a link for URL scheme {scheme!r} is already registered ({other!r})")
     _REGISTRY[scheme] = factory
+    SCHEMES.setdefault(scheme, tls)
 
 
 def link_schemes() -> tuple[str, ...]:

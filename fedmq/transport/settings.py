@@ -18,7 +18,8 @@ from fedmq.errors import ConfigError
 
 PROTOCOLS = ("5", "3.1.1")
 #: URL scheme -> TLS. ``memory://NAME`` names an in-process bus (fedmq.transport.memory):
-#: the simulator's and the unit tests' broker.
+#: the simulator's and the unit tests' broker. ``fedmq.transport.register_link`` adds the
+#: scheme of every link registered later.
 SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "memory": False}
 DEFAULT_PORTS = {False: 1883, True: 8883}
 #: Default largest chunk payload of a blob transfer (bytes). 256 KiB is near the loopback

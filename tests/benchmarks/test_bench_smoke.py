@@ -42,6 +42,7 @@ def test_smoke_suite_writes_bench_json_and_regenerates_markdown(tmp_path: Path) 
     assert learning["status"] == "ok", learning.get("traceback")
     result = learning["result"]
     assert result["execution"] == "in-process" and result["reduced"] is True
+    assert "real coordinator" in result["execution_note"]
     dense, ef = result["runs"]["iid/dense"], result["runs"]["iid/topk1-ef"]
     for r in (dense, ef):
         assert 0.0 <= r["final_accuracy"] <= 1.0 and len(r["history"]) == 2
@@ -49,8 +50,11 @@ def test_smoke_suite_writes_bench_json_and_regenerates_markdown(tmp_path: Path) 
     # The same seeded devices take part in both runs; only the codec differs.
     assert [h["selected"] for h in dense["history"]] == [h["selected"] for h in ef["history"]]
     assert all(len(h["selected"].split(",")) == 2 for h in dense["history"])
-    # Dense float32 of the 1,663,370-parameter CNN is 4 bytes a parameter; Top-K 1% far less.
-    assert dense["payload_bytes_up"] == 4 * dense["parameters"] * 2 * 2
+    # Dense float32 of the 1,663,370-parameter CNN is 4 bytes a parameter (2 updates in each of
+    # 2 rounds), and the blobs the coordinator received carry that plus envelope and manifest;
+    # Top-K 1% far less.
+    assert dense["dense_bytes_up"] == 4 * 1_663_370 * 2 * 2
+    assert dense["dense_bytes_up"] < dense["bytes_up"] < 1.01 * dense["dense_bytes_up"]
     assert ef["bytes_up"] * 50 < dense["bytes_up"]
     assert result["parity"][0]["partition"] == "iid"
 
