@@ -126,6 +126,7 @@ def test_valid_control_messages_decode_to_the_stored_fields(name: str) -> None:
             assert getattr(msg, key) == value, key
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c["valid"]])
 def test_invalid_messages_raise_the_named_error_and_rule(name: str) -> None:
     case = CASES[name]

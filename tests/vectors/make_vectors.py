@@ -374,7 +374,8 @@ def _boundaries(cases: list[dict[str, Any]], files: dict[str, bytes], tiny_paylo
                 "deadline": 100.5, "plan": {"density": 1.0}}
     case("R25-control-inside-plan", "control", _map(_pairs(task)), "R25", codec="", why="plan density 1.0",
          fields=t_fields, message="task")
-    case("R25-control-outside-plan", "control", _map(_pairs({**task, "plan": {"density": float(np.nextafter(1.0, 2.0))}})),
+    above_one = float(np.nextafter(1.0, 2.0))
+    case("R25-control-outside-plan", "control", _map(_pairs({**task, "plan": {"density": above_one}})),
          "R25", codec="", error="WireError", why="plan density the next float64 above 1.0", message="task")
 
     # ---- codec topk-int8 (R26-R42), tensor of 64 elements, B = 512 unless said
