@@ -1,8 +1,11 @@
 """Control messages of the fedmq protocol (everything but the client update and blobs).
 
 Each message is one msgpack map with ``"v"`` (protocol version, int) and ``"type"`` (str).
-Decoding is strict: unknown protocol version, wrong types, missing keys or values out of
-range raise :class:`fedmq.errors.WireError`, never anything else. Unknown extra keys are
+Decoding is strict and follows the spec's numbered refusal rules: the size (R1), the
+msgpack subset (R2-R13, :mod:`fedmq.strict_msgpack`), the protocol version (R14) and type
+(R15), then each field in the table's order: missing or of the wrong type (R24), out of
+range (R25). Every refusal is a :class:`fedmq.errors.WireError` whose message ends with
+the rule id, never anything else. Unknown extra keys are
 ignored (forward compatibility within one protocol version). The client update envelope
 lives in :mod:`fedmq.envelope`; chunked blobs in :mod:`fedmq.transport`.
 See docs/wire-format.md for the byte-level description.
@@ -18,6 +21,7 @@ import msgpack
 
 from fedmq import PROTOCOL_VERSION
 from fedmq.errors import WireError
+from fedmq.strict_msgpack import unpack_map
 
 #: Largest control message accepted, bytes. Control messages are small maps.
 MAX_CONTROL_BYTES = 64 * 1024
@@ -29,19 +33,14 @@ def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_CONTROL_BYTES:
-        raise WireError(f"{expected_type}: {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_bin_len=MAX_CONTROL_BYTES,
-                              max_str_len=MAX_CONTROL_BYTES, max_array_len=4096, max_map_len=4096)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(f"{expected_type}: not a valid msgpack document ({exc})") from None
-    if not isinstance(obj, dict):
-        raise WireError(f"{expected_type}: expected a msgpack map, got {type(obj).__name__}")
+        raise WireError(f"{expected_type}: {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit (rule R1)")
+    obj = unpack_map(data, expected_type)
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
-        raise WireError(f"{expected_type}: unsupported protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 and 1.0 == 1 in Python
+        raise WireError(f"{expected_type}: unsupported protocol version {version!r}, expected {PROTOCOL_VERSION} "
+                        f"(rule R14)")
     if obj.get("type") != expected_type:
-        raise WireError(f"expected a {expected_type!r} message, got type {obj.get('type')!r}")
+        raise WireError(f"expected a {expected_type!r} message, got type {str(obj.get('type'))[:80]!r} (rule R15)")
     return obj
 
 
@@ -50,24 +49,24 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     if key not in obj or obj[key] is None:
         if optional:
             return default
-        raise WireError(f"{where}: missing field {key!r}")
+        raise WireError(f"{where}: missing field {key!r} (rule R24)")
     value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and bool not in kinds:
-        raise WireError(f"{where}: field {key!r} must be {kinds}, got bool")
+        raise WireError(f"{where}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}, got bool (rule R24)")
     if not isinstance(value, kinds):
         raise WireError(f"{where}: field {key!r} must be {'/'.join(k.__name__ for k in kinds)}, "
-                        f"got {type(value).__name__}")
+                        f"got {type(value).__name__} (rule R24)")
     if isinstance(value, float) and not math.isfinite(value):
-        raise WireError(f"{where}: field {key!r} must be finite, got {value}")
+        raise WireError(f"{where}: field {key!r} must be finite, got {value} (rule R24)")
     return value
 
 
 def _nonneg(value: int, key: str, where: str) -> int:
     if value < 0:
-        raise WireError(f"{where}: field {key!r} must be >= 0, got {value}")
+        raise WireError(f"{where}: field {key!r} must be >= 0, got {value} (rule R25)")
     return value
 
 
@@ -151,12 +150,13 @@ class RoundAnnouncement(_Message):
     def from_bytes(cls, data: bytes) -> RoundAnnouncement:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
+        round_ = _nonneg(_get(o, "round", int, w), "round", w)
+        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
+        deadline = _get(o, "deadline", float, w)
         state = _get(o, "state", str, w, optional=True, default="open")
         if state not in ("open", "closed", "failed"):
-            raise WireError(f"{w}: state must be open|closed|failed, got {state!r}")
-        return cls(round=_nonneg(_get(o, "round", int, w), "round", w),
-                   model_version=_nonneg(_get(o, "model_version", int, w), "model_version", w),
-                   deadline=_get(o, "deadline", float, w), state=state)
+            raise WireError(f"{w}: state must be open|closed|failed, got {state[:80]!r} (rule R25)")
+        return cls(round=round_, model_version=model_version, deadline=deadline, state=state)
 
 
 @dataclass(frozen=True)
@@ -190,16 +190,17 @@ class TrainPlan:
     def validate(self, where: str = "train plan") -> TrainPlan:
         """Raises: WireError when a field is out of range."""
         if self.update_kind not in UPDATE_KINDS:
-            raise WireError(f"{where}: update_kind must be one of {UPDATE_KINDS}, got {self.update_kind!r}")
+            raise WireError(f"{where}: update_kind must be one of {UPDATE_KINDS}, got {self.update_kind[:80]!r} "
+                            f"(rule R25)")
         if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps > 0) == (self.local_epochs > 0):
             raise WireError(f"{where}: exactly one of local_steps / local_epochs must be > 0 "
-                            f"(got {self.local_steps}, {self.local_epochs})")
+                            f"(got {self.local_steps}, {self.local_epochs}) (rule R25)")
         if self.batch_size < 1 or self.lr <= 0 or self.prox_mu < 0 or self.max_seconds < 0:
-            raise WireError(f"{where}: batch_size >= 1, lr > 0, prox_mu >= 0, max_seconds >= 0 expected")
+            raise WireError(f"{where}: batch_size >= 1, lr > 0, prox_mu >= 0, max_seconds >= 0 expected (rule R25)")
         if not 0.0 < self.density <= 1.0:
-            raise WireError(f"{where}: density must be in (0, 1], got {self.density}")
+            raise WireError(f"{where}: density must be in (0, 1], got {self.density} (rule R25)")
         if self.block_size < 1 or self.dense_below < 0:
-            raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected")
+            raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected (rule R25)")
         return self
 
 
@@ -229,19 +230,16 @@ class Task(_Message):
     def from_bytes(cls, data: bytes) -> Task:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
+        federation, device = _get(o, "federation", str, w), _get(o, "device", str, w)
+        round_ = _nonneg(_get(o, "round", int, w), "round", w)
+        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
+        spec_hash, deadline = _get(o, "spec_hash", str, w), _get(o, "deadline", float, w)
         raw_plan = _get(o, "plan", dict, w)
-        plan_kwargs = {}
-        for key, kind in _PLAN_TYPES.items():
-            if key in raw_plan:
-                plan_kwargs[key] = _get(raw_plan, key, kind, f"{w}.plan")
-        try:
-            plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
-        except TypeError as exc:
-            raise WireError(f"{w}.plan: {exc}") from None
-        return cls(federation=_get(o, "federation", str, w), device=_get(o, "device", str, w),
-                   round=_nonneg(_get(o, "round", int, w), "round", w),
-                   model_version=_nonneg(_get(o, "model_version", int, w), "model_version", w),
-                   spec_hash=_get(o, "spec_hash", str, w), deadline=_get(o, "deadline", float, w), plan=plan)
+        plan_kwargs = {key: _get(raw_plan, key, kind, f"{w}.plan") for key, kind in _PLAN_TYPES.items()
+                       if key in raw_plan}
+        plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
+        return cls(federation=federation, device=device, round=round_, model_version=model_version,
+                   spec_hash=spec_hash, deadline=deadline, plan=plan)
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")
@@ -267,9 +265,11 @@ class Receipt(_Message):
     def from_bytes(cls, data: bytes) -> Receipt:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
+        device = _get(o, "device", str, w)
+        round_ = _nonneg(_get(o, "round", int, w), "round", w)
+        transfer_id = _get(o, "transfer_id", str, w)
         status = _get(o, "status", str, w)
         if status not in RECEIPT_STATUSES:
-            raise WireError(f"{w}: status must be one of {RECEIPT_STATUSES}, got {status!r}")
-        return cls(device=_get(o, "device", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
-                   transfer_id=_get(o, "transfer_id", str, w), status=status,
+            raise WireError(f"{w}: status must be one of {RECEIPT_STATUSES}, got {status[:80]!r} (rule R25)")
+        return cls(device=device, round=round_, transfer_id=transfer_id, status=status,
                    reason=_get(o, "reason", str, w, optional=True, default=""))

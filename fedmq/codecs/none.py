@@ -23,10 +23,10 @@ class DenseFloat32:
         """A dense :class:`SparseUpdate`. Raises CodecError (length), NonFiniteError."""
         view = as_view(payload)
         if len(view) != 4 * spec.size:
-            raise CodecError(f"codec none: payload of {len(view)} bytes, expected {4 * spec.size}")
+            raise CodecError(f"codec none: payload of {len(view)} bytes, expected {4 * spec.size} (rule R43)")
         vec = np.frombuffer(view, dtype="<f4").astype(np.float32)
         if not np.isfinite(vec).all():
-            raise NonFiniteError("codec none: NaN or Inf value")
+            raise NonFiniteError("codec none: NaN or Inf value (rule R44)")
         return SparseUpdate(None, vec, spec.size)
 
     def max_payload_bytes(self, spec: ParamSpec) -> int:

@@ -10,8 +10,10 @@ al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.fee
 Golomb 1966 / Rice 1979 for the index code.
 
 The decoder checks every size against the :class:`~fedmq.params.ParamSpec` before
-allocating and raises only :class:`~fedmq.errors.CodecError` (or its subclass
-:class:`~fedmq.errors.NonFiniteError`).
+allocating, applies the spec's refusal rules R26-R42 in their order and raises only
+:class:`~fedmq.errors.CodecError` (or its subclass :class:`~fedmq.errors.NonFiniteError`),
+with the rule id at the end of the message. Integer arithmetic is in Python ints or int64:
+``k * b`` reaches 2**36 and the size bound 2**35 per tensor, beyond 32 bits.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ _TOPK_SAMPLE = 1 << 16
 #: Largest Golomb-Rice parameter (remainder width in bits).
 MAX_RICE_BITS = 30
 _U32_MAX = 2**32 - 1
-#: Largest scale whose int8 multiples (|q| <= 127) stay finite in float32.
-_MAX_SCALE = float(np.float32(np.finfo(np.float32).max / np.float32(127)))
+#: Largest scale whose int8 multiples stay finite: 127 * s rounded to binary32 is FLT_MAX
+#: for s = 0x7c010203 and +inf for the next float32 up (0x7c010204, float32(FLT_MAX / 127),
+#: which is why the limit is a bit pattern rather than a division).
+MAX_SCALE_BITS = 0x7C010203
+_MAX_SCALE = np.frombuffer(struct.pack("<I", MAX_SCALE_BITS), dtype="<f4")[0].astype(np.float32)
 _HEADER = struct.Struct("<BII")      # format, block_size, n_tensors
 _SPARSE_HEAD = struct.Struct("<IBI")  # k, rice bits, unary stream bytes
 
@@ -166,7 +171,7 @@ class _Reader:
         end = self.pos + n
         if end > len(self.buf):
             raise CodecError(f"payload truncated: {what} needs {n} bytes at offset {self.pos}, "
-                             f"{len(self.buf) - self.pos} left")
+                             f"{len(self.buf) - self.pos} left (rule R27)")
         view = self.buf[self.pos:end]
         self.pos = end
         return view
@@ -181,17 +186,18 @@ def _read_scales(rd: _Reader, count: int, where: str) -> np.ndarray:
     # comparisons), cheaper than one array operation per rule; the rules tell failures apart.
     if not (scales.min() >= 0 and scales.max() <= _MAX_SCALE):
         if not np.isfinite(scales).all():
-            raise NonFiniteError(f"{where}: NaN or Inf scale")
+            raise NonFiniteError(f"{where}: NaN or Inf scale (rule R38)")
         if (scales < 0).any():
-            raise CodecError(f"{where}: negative scale")
-        raise NonFiniteError(f"{where}: scale above {_MAX_SCALE:.4g}, decoded values would be Inf")
+            raise CodecError(f"{where}: negative scale (rule R39)")
+        raise NonFiniteError(f"{where}: scale above {float(_MAX_SCALE):.8g} (0x{MAX_SCALE_BITS:08x}), decoded "
+                             f"values would be Inf (rule R40)")
     return scales
 
 
 def _read_values(rd: _Reader, count: int, scales: np.ndarray, block: int, where: str) -> np.ndarray:
     q = np.frombuffer(rd.take(count, f"{where} values"), dtype=np.int8)
     if q.min() == -128:
-        raise CodecError(f"{where}: int8 value -128 is outside the symmetric range -127..127")
+        raise CodecError(f"{where}: int8 value -128 is outside the symmetric range -127..127 (rule R41)")
     vals = q.astype(np.float32)
     nb = scales.shape[0]
     if nb == 1:
@@ -209,7 +215,7 @@ def _read_remainders(rd: _Reader, k: int, b: int, where: str) -> np.ndarray:
     nbits = k * b
     stream = rd.take(-(-nbits // 8), f"{where} remainder stream")
     if stream[-1] & ((1 << (-nbits % 8)) - 1):
-        raise CodecError(f"{where}: nonzero padding bits in the remainder stream")
+        raise CodecError(f"{where}: nonzero padding bits in the remainder stream (rule R36)")
     # Remainder i starts at bit i*b: read the big-endian 64-bit word at byte (i*b) >> 3,
     # which holds all of it (b + 7 <= 64), then shift and mask. One take() on an
     # overlapping, unaligned view of the bytes gathers every word at once: about 2.5x
@@ -232,21 +238,21 @@ def _read_indices(rd: _Reader, n: int, base: int, where: str) -> np.ndarray:
     """Kept positions of one sparse record, plus ``base``: int64 ``(k,)``, strictly increasing."""
     k, b, ulen = rd.unpack(_SPARSE_HEAD, f"{where} sparse header")
     if not 1 <= k <= n:
-        raise CodecError(f"{where}: {k} kept values declared, expected 1..{n}")
+        raise CodecError(f"{where}: {k} kept values declared, expected 1..{n} (rule R32)")
     if b > MAX_RICE_BITS or (1 << b) > n:
-        raise CodecError(f"{where}: Rice parameter {b} out of range for {n} elements")
+        raise CodecError(f"{where}: Rice parameter {b} out of range for {n} elements (rule R33)")
     # Indices lie in [0, n): the quotients sum to at most (n - k) >> b, so the unary stream
     # has at most k + ((n - k) >> b) bits. Checked before anything is allocated.
     max_ulen = -(-(k + ((n - k) >> b)) // 8)
     if not 1 <= ulen <= max_ulen:
-        raise CodecError(f"{where}: unary stream of {ulen} bytes, expected 1..{max_ulen}")
+        raise CodecError(f"{where}: unary stream of {ulen} bytes, expected 1..{max_ulen} (rule R34)")
     ubits = np.unpackbits(np.frombuffer(rd.take(ulen, f"{where} unary stream"), dtype=np.uint8))
     # nonzero on a bool view of the same bytes is about 4x faster than on uint8.
     ones = np.flatnonzero(ubits.view(np.bool_))
     if ones.shape[0] != k:
-        raise CodecError(f"{where}: unary stream holds {ones.shape[0]} codes, expected {k}")
+        raise CodecError(f"{where}: unary stream holds {ones.shape[0]} codes, expected {k} (rule R35)")
     if ones[-1] >> 3 != ulen - 1:
-        raise CodecError(f"{where}: unary stream has trailing bytes")
+        raise CodecError(f"{where}: unary stream has trailing bytes (rule R35)")
     # Code i ends at bit ones[i] after ones[i] - i zeros, the sum of quotients 0..i, so
     # idx[i] = sum_{j<=i} ((q_j << b) + r_j + 1) - 1 = ((ones[i] - i) << b) + i + sum_{j<=i} r_j,
     # computed in place without per-gap temporaries; the global offset goes in the same pass.
@@ -259,7 +265,7 @@ def _read_indices(rd: _Reader, n: int, base: int, where: str) -> np.ndarray:
     if b:
         idx += np.cumsum(_read_remainders(rd, k, b, where))
     if idx[-1] >= base + n:
-        raise CodecError(f"{where}: index {int(idx[-1]) - base} out of range for {n} elements")
+        raise CodecError(f"{where}: index {int(idx[-1]) - base} out of range for {n} elements (rule R37)")
     return idx
 
 
@@ -269,15 +275,15 @@ def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | Non
     view = as_view(payload)
     limit = _max_payload_bytes(spec)
     if len(view) > limit:
-        raise CodecError(f"payload of {len(view)} bytes exceeds the {limit}-byte bound for this ParamSpec")
+        raise CodecError(f"payload of {len(view)} bytes exceeds the {limit}-byte bound for this ParamSpec (rule R26)")
     rd = _Reader(view)
     fmt, block, ntensors = rd.unpack(_HEADER, "header")
     if fmt != TOPK_FORMAT:
-        raise CodecError(f"topk-int8 layout version {fmt}, expected {TOPK_FORMAT}")
+        raise CodecError(f"topk-int8 layout version {fmt}, expected {TOPK_FORMAT} (rule R28)")
     if block < 1:
-        raise CodecError("block size 0")
+        raise CodecError("block size 0 (rule R29)")
     if ntensors != len(spec.sizes):
-        raise CodecError(f"payload has {ntensors} tensors, ParamSpec has {len(spec.sizes)}")
+        raise CodecError(f"payload has {ntensors} tensors, ParamSpec has {len(spec.sizes)} (rule R30)")
     out: list[tuple[np.ndarray | None, np.ndarray]] = []
     for name, off, n in zip(spec.names, spec.offsets, spec.sizes):
         where = f"tensor {name!r}"
@@ -291,9 +297,9 @@ def _parse_topk(payload: object, spec: ParamSpec) -> list[tuple[np.ndarray | Non
             scales = _read_scales(rd, -(-k // block), where)
             out.append((idx, _read_values(rd, k, scales, block, where)))
         else:
-            raise CodecError(f"{where}: unknown record mode {mode}")
+            raise CodecError(f"{where}: unknown record mode {mode} (rule R31)")
     if rd.pos != len(view):
-        raise CodecError(f"{len(view) - rd.pos} trailing bytes after the last tensor")
+        raise CodecError(f"{len(view) - rd.pos} trailing bytes after the last tensor (rule R42)")
     return out
 
 

@@ -385,3 +385,49 @@ def test_none_codec_strictness() -> None:
     with pytest.raises(CodecError, match="unknown codec"):
         decode_sparse("lz4", b"", spec)
     assert issubclass(CodecError, WireError)
+
+
+# ---------------------------------------------------------------- the spec's exact arithmetic
+
+@pytest.mark.security
+def test_scale_limit_is_the_largest_float32_whose_int8_multiples_are_finite() -> None:
+    limit = np.frombuffer(struct.pack("<I", 0x7C010203), dtype="<f4")[0]
+    above = np.frombuffer(struct.pack("<I", 0x7C010204), dtype="<f4")[0]
+    with np.errstate(over="ignore"):
+        assert np.isfinite(np.float32(127) * limit) and np.isinf(np.float32(127) * above)
+    spec = _spec(10, 3)
+    ok = _header(512, 2) + _sparse([1], 0, [float(limit)], [-127]) + _OK_TAIL
+    assert np.isfinite(decode("topk-int8", ok, spec)).all()
+    for dense in (False, True):  # both record modes
+        bad = (_header(512, 2) + _sparse([1], 0, [float(above)], [127]) + _OK_TAIL if not dense else
+               _header(512, 2) + _sparse([1], 0, [1.0], [1]) + _dense([float(above)], [1, 2, 3]))
+        with pytest.raises(NonFiniteError, match=r"0x7c010203.*\(rule R40\)$"):
+            decode("topk-int8", bad, spec)
+
+
+def test_stochastic_rounding_draws_follow_the_spec() -> None:
+    # docs/wire-format.md: u = (w >> 8) * 2**-24 for consecutive 32-bit words w, the low half
+    # of each PCG64 output first; x = v * float32(1 / scale); q = clip(floor(x + u), -127, 127).
+    spec = _spec(3000, 40, 700)
+    x = np.random.default_rng(21).standard_normal(spec.size).astype(np.float32)
+    cfg = CodecConfig(density=0.02, block_size=16, dense_below=100, stochastic=True)
+    payload = encode(x, spec, cfg, np.random.default_rng(99))
+    su = decode_sparse("topk-int8", payload, spec)
+    assert su.indices is not None
+    raw = np.random.default_rng(99).bit_generator.random_raw(su.nnz)  # more than enough words
+    words = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1).astype(np.uint64)
+    u = ((words >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24))
+    used = 0
+    expect = []
+    for off, n in zip(spec.offsets, spec.sizes):
+        kept = su.indices[(su.indices >= off) & (su.indices < off + n)]
+        v = x[kept]
+        for start in range(0, v.shape[0], cfg.block_size):
+            block = v[start:start + cfg.block_size]
+            scale = np.float32(np.abs(block).max()) / np.float32(127)
+            inv = np.float32(1) / scale if scale > 0 else np.float32(0)
+            xs = (block * inv).astype(np.float32)
+            q = np.clip(np.floor(xs + u[used + start:used + start + block.shape[0]]), -127, 127)
+            expect.append(q.astype(np.float32) * scale)
+        used += v.shape[0]
+    np.testing.assert_array_equal(su.values, np.concatenate(expect).astype(np.float32))
