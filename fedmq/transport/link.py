@@ -33,22 +33,24 @@ __all__ = ["MQTT_MAX_PACKET", "Message", "MqttLink", "Publish", "Will", "publish
 log = logging.getLogger(__name__)
 
 class Publish:
-    """Handle of one publish; :meth:`wait` blocks until the broker acknowledged it (QoS 1)."""
+    """Handle of one publish; :meth:`wait` blocks until the broker acknowledged it (QoS 1).
 
-    __slots__ = ("_link", "_info", "topic", "qos")
+    Completion is what the link's ``on_publish`` saw for this message id after the publish
+    was queued (paho's own ``is_published()`` raises for a message queued while the link
+    was down, although paho sends it after the reconnect).
+    """
 
-    def __init__(self, link: MqttLink, info: paho.MQTTMessageInfo, topic: str, qos: int) -> None:
+    __slots__ = ("_link", "mid", "_after", "topic", "qos")
+
+    def __init__(self, link: MqttLink, mid: int, after: int, topic: str, qos: int) -> None:
         self._link = link
-        self._info = info
+        self.mid = mid
+        self._after = after
         self.topic = topic
         self.qos = qos
 
-    @property
-    def mid(self) -> int:
-        return self._info.mid
-
     def done(self) -> bool:
-        return self._info.is_published()
+        return self._link.acknowledged(self.mid, self._after)
 
     def wait(self, timeout: float) -> None:
         """Wait until the broker acknowledged the publish (PUBACK for QoS 1, written to the
@@ -59,21 +61,11 @@ class Publish:
             TransportError: not acknowledged within ``timeout`` seconds (paho keeps it queued
                 and still sends it later), or the broker refused it (reason code in the message).
         """
-        info = self._info
         link = self._link
-        deadline = time.monotonic() + timeout
-        # paho's own wait_for_publish() raises at once for a message queued while the link
-        # was down, although paho sends it after the reconnect; so wait for on_publish.
-        # paho runs on_publish just before it marks the message published, so the wait is
-        # sliced: the flag is set microseconds after the notification.
-        with link._state:  # noqa: SLF001  (the link's own condition, notified by on_publish)
-            while not info.is_published():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportError(f"publish to {self.topic!r} not acknowledged within {timeout:.1f} s "
-                                         f"(broker {link.settings.url}, connected={link.connected})")
-                link._state.wait(min(remaining, 0.05))  # noqa: SLF001
-        failure = link.publish_failure(info.mid)
+        if not link.wait_acknowledged(self.mid, self._after, timeout):
+            raise TransportError(f"publish to {self.topic!r} not acknowledged within {timeout:.1f} s "
+                                 f"(broker {link.settings.url}, connected={link.connected})")
+        failure = link.publish_failure(self.mid)
         if failure is not None:
             raise TransportError(f"broker refused publish to {self.topic!r}: {failure}")
 
@@ -110,6 +102,10 @@ class MqttLink:
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._ignored_subacks: set[int] = set()
         self._publish_failures: dict[int, str] = {}
+        # on_publish count and, per message id, the count at its last acknowledgement: a
+        # publish is done once its id was acknowledged after it was queued (ids wrap at 65535).
+        self._ack_seq = 0
+        self._acked: dict[int, int] = {}
         self.session_present = False
         #: Broker's Maximum Packet Size from the last CONNACK (bytes), None if it set none.
         self.broker_max_packet: int | None = None
@@ -201,7 +197,19 @@ class MqttLink:
         with self._state:
             if reason.is_failure:
                 self._publish_failures[mid] = f"{reason} (code {reason.value})"
+            self._ack_seq += 1
+            self._acked[mid] = self._ack_seq
             self._state.notify_all()
+
+    def acknowledged(self, mid: int, after: int) -> bool:
+        """True once publish ``mid`` (queued when the acknowledgement count was ``after``) is acknowledged."""
+        with self._state:
+            return self._acked.get(mid, 0) > after
+
+    def wait_acknowledged(self, mid: int, after: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`acknowledged`."""
+        with self._state:
+            return self._state.wait_for(lambda: self._acked.get(mid, 0) > after, timeout)
 
     def publish_failure(self, mid: int) -> str | None:
         """The broker's refusal of publish ``mid`` (reason and code), once; None if it was accepted."""
@@ -298,10 +306,12 @@ class MqttLink:
         if size > limit:
             raise TransportError(f"publish to {topic!r}: packet of {size} bytes exceeds the broker's maximum "
                                  f"packet size {limit} bytes; send it as a chunked blob")
+        with self._state:
+            after = self._ack_seq
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(f"publish to {topic!r}: paho's outgoing queue is full")
-        return Publish(self, info, topic, qos)
+        return Publish(self, info.mid, after, topic, qos)
 
     def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                      timeout: float = 30.0) -> None:
