@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import typer
 
@@ -159,10 +159,16 @@ def status(config: Path = CONFIG_OPT,
     typer.echo(json.dumps(doc, indent=2, allow_nan=False) if as_json else render_text(doc, now, last))
 
 
+def _export_format(value: str) -> str:
+    if value not in ("onnx", "safetensors"):
+        raise typer.BadParameter(f"expected onnx or safetensors, got {value!r}")
+    return value
+
+
 @app.command()
 def export(config: Path = CONFIG_OPT,
-           format: Literal["onnx", "safetensors"] = typer.Option("safetensors", "--format",
-                                                                 help="onnx or safetensors."),
+           format: str = typer.Option("safetensors", "--format", callback=_export_format,
+                                      help="onnx or safetensors."),
            out: Path = typer.Option(..., "--out", help="File to write (atomically).")) -> None:
     """Write the latest checkpointed global model as ONNX or safetensors."""
     cfg = _load(config)
