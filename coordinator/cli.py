@@ -3,23 +3,35 @@
 ``run`` shows live progress with rich on a terminal and writes plain ``key=value`` log
 lines otherwise (systemd, CI, pipes). SIGTERM and SIGINT end the run cleanly: a
 checkpoint being written is finished, the round in flight is abandoned (the next start
-reruns it) and the exit status is 0.
+reruns it) and the exit status is 0. ``run`` holds the state folder's lock
+(:mod:`coordinator.lock`): a second coordinator on the same folder exits 2 naming the
+folder and the pid holding it.
+
+``status [--json]`` reads the state folder (never writes it, so it can run beside a
+running coordinator): the fleet at a glance and the rounds summary (:mod:`coordinator.status`).
+
+Exit codes: 0 success; 2 bad flag, configuration or state (one line on stderr naming the
+option, path or holder); 1 any other fedmq error (e.g. the broker is unreachable).
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from coordinator.config import CoordinatorConfig, load_config
+from coordinator.lock import lock_state_dir
 from coordinator.service import Coordinator, Progress
-from coordinator.state import StateDB, load_checkpoint
+from coordinator.state import load_checkpoint
+from coordinator.status import build_status, render_text
 from fedmq.atomic import atomic_write_bytes
+from fedmq.cli import LogLevel, setup_logging
 from fedmq.errors import FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.params import ParamSpec, load_params
@@ -94,16 +106,24 @@ class _RichProgress:
 
 @app.command()
 def run(config: Path = CONFIG_OPT,
-        log_level: str = typer.Option("INFO", help="Python logging level.")) -> None:
+        log_level: LogLevel = typer.Option("INFO", case_sensitive=False,
+                                           help="DEBUG, INFO, WARNING or ERROR.")) -> None:
     """Run the federation's rounds (resuming from the state folder)."""
     cfg = _load(config)
     tty = sys.stderr.isatty()
-    if tty:
-        from rich.logging import RichHandler
-        logging.basicConfig(level=log_level.upper(), handlers=[RichHandler(show_path=False)], format="%(message)s")
-    else:
-        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                            format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+    setup_logging(log_level, rich=tty)
+    try:
+        lock = lock_state_dir(cfg.state_dir)
+    except FedmqError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        _run(cfg, tty)
+    finally:
+        lock.close()
+
+
+def _run(cfg: CoordinatorConfig, tty: bool) -> None:
     try:
         coord = Coordinator(cfg)
     except FedmqError as exc:
@@ -125,47 +145,33 @@ def run(config: Path = CONFIG_OPT,
 
 
 @app.command()
-def status(config: Path = CONFIG_OPT) -> None:
-    """Rounds and devices recorded in the state folder."""
+def status(config: Path = CONFIG_OPT,
+           as_json: bool = typer.Option(False, "--json", help="One JSON document (ISO 8601 UTC times) on stdout."),
+           last: int = typer.Option(10, "--last", min=1, help="Latest rounds listed in the text form.")) -> None:
+    """The fleet at a glance (online, last seen, rounds, bytes, rejections) and the rounds so far."""
     cfg = _load(config)
+    now = time.time()
     try:
-        ckpt = load_checkpoint(cfg.state_dir)
-        db = StateDB(cfg.state_dir)
+        doc = build_status(cfg.state_dir, now, cfg.federation, cfg.task)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        console = Console()
-        head = "no checkpoint yet" if ckpt is None else f"last finished round {ckpt.round}, model version {ckpt.version}"
-        console.print(f"federation {cfg.federation}, task {cfg.task}: {head}")
-        rounds = Table("round", "state", "version", "selected", "accepted", "rejected", "test acc", "bytes up",
-                       "bytes down", "wall s", title="rounds")
-        for r in db.rounds():
-            rounds.add_row(str(r["round"]), r["state"], str(r["model_version"]), str(r["participants"]),
-                           str(r["accepted"]), ", ".join(f"{k}:{v}" for k, v in r["rejected"].items()) or "-",
-                           _fmt(r["test_accuracy"]), f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{r['wall_s']:.1f}")
-        console.print(rounds)
-        devices = Table("device", "online", "task", "spec", "samples", "rounds", "bytes sent", "last seen",
-                        title="devices")
-        for d in db.devices():
-            devices.add_row(d.device, "yes" if d.online else "no", d.task, d.spec_hash, str(d.samples), str(d.rounds),
-                            f"{d.bytes_up:,}", _fmt(d.last_seen))
-        console.print(devices)
-    finally:
-        db.close()
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(doc, indent=2, allow_nan=False) if as_json else render_text(doc, now, last))
+
+
+def _export_format(value: str) -> str:
+    if value not in ("onnx", "safetensors"):
+        raise typer.BadParameter(f"expected onnx or safetensors, got {value!r}")
+    return value
 
 
 @app.command()
 def export(config: Path = CONFIG_OPT,
-           format: str = typer.Option("safetensors", "--format", help="onnx or safetensors."),
+           format: str = typer.Option("safetensors", "--format", callback=_export_format,
+                                      help="onnx or safetensors."),
            out: Path = typer.Option(..., "--out", help="File to write (atomically).")) -> None:
     """Write the latest checkpointed global model as ONNX or safetensors."""
     cfg = _load(config)
-    if format not in ("onnx", "safetensors"):
-        typer.echo(f"error: --format must be onnx or safetensors, got {format!r}", err=True)
-        raise typer.Exit(2)
     try:
         ckpt = load_checkpoint(cfg.state_dir)
         if ckpt is None:

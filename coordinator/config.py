@@ -14,6 +14,7 @@ Every option with its default, unit and effect is in docs/coordinator.md. Errors
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -206,9 +207,43 @@ def _env_value(text: str) -> Any:
         return text
 
 
+def known_options() -> list[str]:
+    """Every option of the configuration, dotted (``rounds``, ``broker.ca_file``, ...)."""
+    out = []
+    for name, field in CoordinatorConfig.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out += [f"{name}.{sub}" for sub in kind.model_fields]
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            out += [f"{name}.{f.name}" for f in dataclasses.fields(kind)]
+        else:
+            out.append(name)
+    return out
+
+
+def env_name(option: str) -> str:
+    """``round.deadline_s`` -> ``FEDMQ_COORDINATOR__ROUND__DEADLINE_S``."""
+    return ENV_PREFIX + option.replace(".", "__").upper()
+
+
+def _unknown_env(key: str, options: list[str]) -> ConfigError:
+    names = {env_name(o): o for o in options}
+    wanted = key.upper()
+    match = [v for v in names if v.startswith(wanted)] or difflib.get_close_matches(wanted, list(names), n=1,
+                                                                                   cutoff=0.5)
+    closest = f"; did you mean {match[0]} (option {names[match[0]]!r})?" if match else ""
+    return ConfigError(f"environment variable {key} matches no coordinator option{closest} (the options are "
+                       "listed in docs/coordinator.md)")
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Merge ``FEDMQ_COORDINATOR__A__B=value`` into ``data``; return the option names set."""
+    """Merge ``FEDMQ_COORDINATOR__A__B=value`` into ``data``; return the option names set.
+
+    Raises:
+        ConfigError: a variable with the prefix names no option (the closest is named).
+    """
     applied = []
+    options = known_options()
     for key, raw in sorted(environ.items()):
         if not key.upper().startswith(ENV_PREFIX):
             continue
@@ -216,6 +251,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         if not all(path):
             raise ConfigError(f"environment variable {key}: empty option level; expected "
                               f"{ENV_PREFIX}<OPTION>[__<OPTION>...]")
+        if ".".join(path) not in options:
+            raise _unknown_env(key, options)
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})

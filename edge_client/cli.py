@@ -17,11 +17,9 @@ is unreachable; systemd restarts the agent).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-import logging
 import signal
-import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn, Optional
 
@@ -29,6 +27,7 @@ import numpy as np
 import typer
 
 from edge_client.config import load_config
+from fedmq.cli import LogLevel, run_app, setup_logging
 from fedmq.errors import ConfigError, DataError, FedmqError, StateError, WireError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -47,10 +46,10 @@ def _fail(exc: FedmqError) -> NoReturn:
 
 @app.command()
 def run(config: Optional[Path] = ConfigOption,
-        log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR")) -> None:
+        log_level: LogLevel = typer.Option("INFO", case_sensitive=False,
+                                           help="DEBUG, INFO, WARNING or ERROR")) -> None:
     """Run the device agent until SIGTERM / SIGINT."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,4 +121,4 @@ def status(config: Optional[Path] = ConfigOption) -> None:
 
 
 def main() -> None:
-    app(prog_name="fedmq edge")
+    run_app(app, "fedmq edge")

@@ -1,9 +1,18 @@
 """Edge client configuration: one TOML file, every option overridable from the environment.
 
-The file is flat TOML (``key = value``, no tables). Each option ``name`` can be overridden
-by the environment variable ``FEDMQ_EDGE_<NAME>`` (upper case), e.g. ``FEDMQ_EDGE_DEVICE_ID``;
-environment values are strings, converted and validated like file values. Options, types,
-defaults and units are documented in docs/edge-client.md and on :class:`EdgeConfig`.
+The file has top-level options (``device_id``, ``task``, ...) and one table, ``[broker]``,
+named like the coordinator's: ``url``, ``protocol``, ``username_file``, ``password_file``,
+``ca_file``, ``cert_file``, ``key_file``, ``keepalive``, ``session_expiry``. The flat names
+of fedmq 0.1 (``broker_url``, ``tls_ca``, ``tls_cert``, ``tls_key``, top-level
+``username_file``, ...) still work; each logs one deprecation warning naming the file,
+the old and the new name.
+
+Each option can be overridden by the environment variable ``FEDMQ_EDGE_<OPTION>``, upper
+case, a table's options with the table's name in front (``FEDMQ_EDGE_DEVICE_ID``,
+``FEDMQ_EDGE_BROKER_CA_FILE``); values are strings, converted and validated like file
+values. A ``FEDMQ_EDGE_*`` variable that names no option is an error naming the closest
+option. Options, types, defaults and units are in docs/edge-client.md and on
+:class:`EdgeConfig` (whose attributes keep the 0.1 names: ``broker_url``, ``tls_ca``, ...).
 
 Under systemd (deploy/fedmq-edge.service):
 
@@ -19,6 +28,8 @@ what was expected.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +44,21 @@ from fedmq.transport.settings import parse_broker_url
 
 ENV_PREFIX = "FEDMQ_EDGE_"
 DEFAULT_FILE_NAME = "edge.toml"
+
+log = logging.getLogger(__name__)
+
+#: ``[broker]`` option -> :class:`EdgeConfig` attribute (same names as the coordinator's
+#: ``[broker]`` table, fedmq.transport.BrokerSettings).
+BROKER_OPTIONS = {"url": "broker_url", "protocol": "protocol", "username_file": "username_file",
+                  "password_file": "password_file", "ca_file": "tls_ca", "cert_file": "tls_cert",
+                  "key_file": "tls_key", "keepalive": "keepalive", "session_expiry": "session_expiry"}
+#: Attribute -> the option's name in the file (``broker.ca_file``) for messages.
+_FILE_NAMES = {attr: f"broker.{opt}" for opt, attr in BROKER_OPTIONS.items()}
+#: fedmq 0.1's flat top-level names, kept working (deprecated): old name -> attribute.
+DEPRECATED_NAMES = {attr: attr for attr in BROKER_OPTIONS.values()}
+#: Variables with the prefix that are not options: the agent's test hook (edge_client.agent).
+_NOT_OPTIONS = ("FEDMQ_EDGE_TEST_PAUSE_AT", "FEDMQ_EDGE_TEST_PAUSE_FILE")
+_warned: set[tuple[str, str]] = set()
 
 
 class EdgeConfig(BaseModel):
@@ -118,6 +144,89 @@ class EdgeConfig(BaseModel):
         return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def file_name(attr: str) -> str:
+    """The name of :class:`EdgeConfig` attribute ``attr`` in the file (``broker.ca_file``)."""
+    return _FILE_NAMES.get(attr, attr)
+
+
+def env_name(option: str) -> str:
+    """The environment variable of a file option: ``broker.ca_file`` -> ``FEDMQ_EDGE_BROKER_CA_FILE``."""
+    return ENV_PREFIX + option.replace(".", "_").upper()
+
+
+def _options() -> list[str]:
+    return [file_name(attr) for attr in EdgeConfig.model_fields]
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    # A truncated name ('ca' for 'ca_file') is too short for difflib's ratio.
+    match = [c for c in candidates if c.startswith(name)] or difflib.get_close_matches(name, candidates, n=1,
+                                                                                       cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _deprecated(source: str, old: str, new: str) -> None:
+    if (source, old) not in _warned:
+        _warned.add((source, old))
+        log.warning("%s: %s is deprecated, use %s (the old name keeps working for now)", source, old, new)
+
+
+def _from_file(raw: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The file's options as :class:`EdgeConfig` attributes (tables flattened, old names mapped)."""
+    out: dict[str, Any] = {}
+    tables = [k for k, v in raw.items() if isinstance(v, dict)]
+    for name in tables:
+        if name != "broker":
+            raise ConfigError(f"{file}: table [{name}] unknown; the only table is [broker]"
+                              f"{_closest(name, ['broker'])}")
+    for key, value in raw.get("broker", {}).items():
+        if key not in BROKER_OPTIONS:
+            raise ConfigError(f"{file}: option 'broker.{key}': unknown option{_closest(key, list(BROKER_OPTIONS))} "
+                              f"(expected some of {sorted(BROKER_OPTIONS)}; see docs/edge-client.md)")
+        out[BROKER_OPTIONS[key]] = value
+    for key, value in raw.items():
+        if key in tables:
+            continue
+        if key in DEPRECATED_NAMES:
+            attr = DEPRECATED_NAMES[key]
+            if attr in out:
+                raise ConfigError(f"{file}: option {key!r} and '{file_name(attr)}' both set; keep only "
+                                  f"'{file_name(attr)}' ({key!r} is its deprecated name)")
+            _deprecated(str(file), f"option {key!r}", f"'{file_name(attr)}' ([broker] table)")
+            out[attr] = value
+        elif key in EdgeConfig.model_fields:
+            out[key] = value
+        else:
+            raise ConfigError(f"{file}: option {key!r}: unknown option{_closest(key, _options())} "
+                              "(see docs/edge-client.md for the list)")
+    return out
+
+
+def _from_env(env: Mapping[str, str], file: Path) -> dict[str, str]:
+    """``FEDMQ_EDGE_*`` variables as :class:`EdgeConfig` attributes; unknown ones refused."""
+    current = {env_name(file_name(attr)): attr for attr in EdgeConfig.model_fields}
+    old = {env_name(name): attr for name, attr in DEPRECATED_NAMES.items()}
+    out: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in _NOT_OPTIONS:
+            continue
+        if var in current:
+            out[current[var]] = env[var]
+        elif var in old:
+            new = env_name(file_name(old[var]))
+            if new in env:
+                raise ConfigError(f"environment variables {var} and {new} both set; keep only {new} "
+                                  f"({var} is its deprecated name)")
+            _deprecated("environment", f"variable {var}", new)
+            out[old[var]] = env[var]
+        else:
+            hint = difflib.get_close_matches(var, list(current), n=1, cutoff=0.5)
+            closest = f"; did you mean {hint[0]} (option '{file_name(current[hint[0]])}')?" if hint else ""
+            raise ConfigError(f"environment variable {var} matches no edge client option{closest} (the "
+                              f"options of {file} are listed in docs/edge-client.md)")
+    return out
+
+
 def _default_path(environ: Mapping[str, str]) -> Path:
     conf_dir = environ.get("CONFIGURATION_DIRECTORY")
     if not conf_dir:
@@ -130,12 +239,11 @@ def _default_path(environ: Mapping[str, str]) -> Path:
 def _describe(errors: list[dict[str, Any]], source: str) -> str:
     lines = []
     for err in errors:
-        option = ".".join(str(p) for p in err["loc"]) or "(file)"
-        env = f" / ${ENV_PREFIX}{option.upper()}" if err["loc"] else ""
+        attr = ".".join(str(p) for p in err["loc"])
+        option = file_name(attr) if attr else "(file)"
+        env = f" / ${env_name(option)}" if err["loc"] else ""
         if err["type"] == "missing":
             lines.append(f"option {option!r}{env}: required, not set")
-        elif err["type"] == "extra_forbidden":
-            lines.append(f"option {option!r}: unknown option (see docs/edge-client.md for the list)")
         else:
             got = err.get("input")
             lines.append(f"option {option!r}{env}: {err['msg']} (got {got!r})")
@@ -159,28 +267,28 @@ def load_config(path: str | os.PathLike[str] | None = None,
         environ: environment to read ``FEDMQ_EDGE_*``, ``CONFIGURATION_DIRECTORY``,
             ``STATE_DIRECTORY`` and ``CREDENTIALS_DIRECTORY`` from (default ``os.environ``).
 
+    A deprecated (fedmq 0.1) option or variable name logs one warning per file and name
+    (logger ``edge_client.config``).
+
     Returns:
         The validated :class:`EdgeConfig`; relative paths resolved (credentials and TLS
         files against ``$CREDENTIALS_DIRECTORY`` when set, else the file's folder;
         ``data`` and ``state_dir`` against the file's folder).
 
     Raises:
-        ConfigError: the file is missing, unreadable or not TOML, an option is unknown,
-            missing or out of range, or a credential / TLS file does not exist. The
-            message names the file and each bad option with what was expected.
+        ConfigError: the file is missing, unreadable or not TOML, an option or a
+            ``FEDMQ_EDGE_*`` variable is unknown (the closest option is named), an option
+            is set under its old and its new name, missing or out of range, or a
+            credential / TLS file does not exist. The message names the file and each bad
+            option with what was expected.
     """
     env = os.environ if environ is None else environ
     file = Path(path) if path is not None else _default_path(env)
-    raw = read_toml(file)
-    nested = [k for k, v in raw.items() if isinstance(v, dict)]
-    if nested:
-        raise ConfigError(f"{file}: option(s) {nested} are tables; expected flat 'key = value' options")
+    overrides = _from_env(env, file)
+    raw = _from_file(read_toml(file), file)
     if "state_dir" not in raw and env.get("STATE_DIRECTORY"):
         raw["state_dir"] = env["STATE_DIRECTORY"].split(":")[0]
-    for name in EdgeConfig.model_fields:
-        value = env.get(ENV_PREFIX + name.upper())
-        if value is not None:
-            raw[name] = value
+    raw.update(overrides)
     try:
         cfg = EdgeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -195,11 +303,12 @@ def load_config(path: str | os.PathLike[str] | None = None,
     for name in ("tls_ca", "tls_cert", "tls_key", "username_file", "password_file"):
         resolved = _resolve(getattr(cfg, name), base, cred_dir)
         if resolved is not None and not resolved.is_file():
-            raise ConfigError(f"{file}: option {name!r}: file {resolved} does not exist "
+            raise ConfigError(f"{file}: option {file_name(name)!r}: file {resolved} does not exist "
                               f"(expected a readable file{'; $CREDENTIALS_DIRECTORY=' + cred_dir if cred_dir else ''})")
         updates[name] = resolved
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
-        raise ConfigError(f"{file}: options 'tls_cert' and 'tls_key' go together: set both or neither")
+        raise ConfigError(f"{file}: options 'broker.cert_file' and 'broker.key_file' go together: set both or "
+                          "neither")
     if (cfg.username_file is None) and cfg.password_file is not None:
-        raise ConfigError(f"{file}: option 'password_file' needs 'username_file' too")
+        raise ConfigError(f"{file}: option 'broker.password_file' needs 'broker.username_file' too")
     return cfg.model_copy(update=updates)

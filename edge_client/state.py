@@ -28,7 +28,6 @@ Crash-safety contract used by :mod:`edge_client.agent`:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from typing import IO
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.errors import StateError
 from fedmq.feedback import ErrorFeedback
+from fedmq.lockfile import LOCK_FILE, lock_folder
 from fedmq.params import ParamSpec
 
 STATE_FORMAT = 1
@@ -87,33 +87,19 @@ class Record:
     inflight: InFlight | None = None
 
 
-#: Lock file held (flock) by the one agent process that owns a state directory.
-LOCK_FILE = "lock"
-
-
 def lock_state_dir(root: str | os.PathLike[str]) -> IO[bytes]:
     """Take the exclusive lock of a state directory for this process (released when the
-    returned file is closed or the process dies, ``kill -9`` included).
+    returned file is closed or the process dies, ``kill -9`` included); see
+    :func:`fedmq.lockfile.lock_folder`.
 
     Two agents on one state directory would delete each other's files, so the second is
     refused.
 
     Raises:
-        StateError: another process holds the lock, or the folder cannot be written.
+        StateError: another process holds the lock (names the folder and its pid), or the
+            folder cannot be written.
     """
-    folder = Path(root)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / LOCK_FILE, "a+b")  # noqa: SIM115 - the caller holds it
-    except OSError as exc:
-        raise StateError(f"{folder}: cannot create the state directory ({exc})") from None
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise StateError(f"{folder}: state directory in use by another edge client process "
-                         "(each device needs its own state_dir)") from None
-    return fh
+    return lock_folder(root, "edge client", "each device needs its own state_dir")
 
 
 class DeviceState:

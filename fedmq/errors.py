@@ -34,6 +34,24 @@ class TransportError(FedmqError):
     """The broker refused us, a publish could not be completed in time, or a transfer failed."""
 
 
+class BrokerConnectError(TransportError):
+    """The first connection to the broker failed; ``cause`` says why, the message names
+    the broker URL and the underlying reason.
+
+    ``cause`` is one of ``"refused"`` (nothing listens on the port), ``"unresolvable"``
+    (the host name has no address), ``"unreachable"`` (no route, reset), ``"timeout"``
+    (no answer / no CONNACK in time), ``"tls"`` (handshake failed: certificate verify
+    failed, wrong host name, client certificate rejected), ``"not_authorised"`` (CONNACK
+    reason 134 bad user name or password, or 135 not authorised) or ``"refused_by_broker"``
+    (any other failing CONNACK reason code).
+    """
+
+    def __init__(self, message: str, cause: str, url: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.url = url
+
+
 class TransferError(TransportError):
     """A chunked transfer is inconsistent (hash mismatch, bad manifest, chunk out of range)."""
 

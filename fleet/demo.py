@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tomli_w
@@ -43,6 +43,7 @@ from coordinator.config import load_config
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition, save_npz_atomic
+from fedmq.cli import LogLevel, setup_logging
 from fedmq.codecs import codec_names
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
@@ -483,7 +484,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             dev_folder = work / "devices" / device
             save_npz_atomic(dev_folder / "data.npz", x, y)
             _write_toml(dev_folder / "edge.toml", {
-                "broker_url": broker_url, "protocol": protocol, "device_id": device, "federation": federation,
+                "broker": {"url": broker_url, "protocol": protocol}, "device_id": device, "federation": federation,
                 "task": task_name, "data": "data.npz", "state_dir": "state", "torch_threads": 1,
                 "holdout_fraction": sched.holdout_fraction, "seed": seed + int(device.rsplit("-", 1)[1])})
             configs.append(dev_folder / "edge.toml")
@@ -578,10 +579,12 @@ def demo_command(
     codec: str = typer.Option("topk-int8", help="topk-int8 (Top-K + int8 + error feedback) or none (dense float32)."),
     density: float = typer.Option(0.01, help="Fraction of each tensor's entries sent (topk-int8)."),
     broker: str = typer.Option(None, help="Broker URL (e.g. mqtt://127.0.0.1:1883); default: embedded broker."),
-    protocol: str = typer.Option("5", help="MQTT protocol with --broker: 5 or 3.1.1 (the embedded broker is 3.1.1)."),
+    protocol: Literal["5", "3.1.1"] = typer.Option("5", help="MQTT protocol with --broker: 5 or 3.1.1 (the embedded "
+                                                              "broker is 3.1.1)."),
     out: Path = typer.Option(None, help="Folder for summary.json, rounds.csv, model files and the plot."),
     seed: int = typer.Option(0, help="Seed of model initialisation, sampling and local shuffling."),
     deadline: float = typer.Option(60.0, help="Round deadline, seconds."),
+    log_level: LogLevel = typer.Option("WARNING", case_sensitive=False, help="DEBUG, INFO, WARNING or ERROR."),
     in_process: bool = typer.Option(False, "--in-process",
                                     help="Run the edge agents as threads of this process instead of one process "
                                          "each (needed with --broker memory)."),
@@ -590,6 +593,7 @@ def demo_command(
 
     --broker memory --in-process runs the same federation on the in-memory bus: the
     simulator that the learning benchmarks use."""
+    setup_logging(log_level)
     try:
         run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,

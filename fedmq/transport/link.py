@@ -9,9 +9,11 @@ broker announced in its CONNACK. See docs/wire-format.md and the field notes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -24,13 +26,58 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedmq.errors import TransportError
+from fedmq.errors import BrokerConnectError, TransportError
 from fedmq.transport.base import MQTT_MAX_PACKET, Message, Will, max_payload_for, publish_packet_size
 from fedmq.transport.settings import BrokerSettings
 
 __all__ = ["MQTT_MAX_PACKET", "Message", "MqttLink", "Publish", "Will", "publish_packet_size"]
 
 log = logging.getLogger(__name__)
+
+#: CONNACK reason codes that mean the credentials are wrong (MQTT 5 spec 3.2.2.2;
+#: paho maps the 3.1.1 return codes 4 and 5 onto them).
+_NOT_AUTHORISED = {134: "bad user name or password", 135: "not authorised"}
+
+
+def _socket_error(s: BrokerSettings, client_id: str, exc: OSError, timeout: float) -> BrokerConnectError:
+    """Name the cause of a failed socket connection or TLS handshake."""
+    where = f"cannot connect to broker {s.url} (client {client_id!r})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or str(exc)
+        return BrokerConnectError(f"{where}: TLS handshake failed: certificate verify failed: {reason} "
+                                  "(check ca_file and that the broker's certificate names this host)", "tls", s.url)
+    if isinstance(exc, ssl.SSLError):
+        return BrokerConnectError(f"{where}: TLS handshake failed: {exc.reason or exc} (is {s.host}:{s.port} a "
+                                  "TLS listener; are ca_file, cert_file and key_file the broker's?)", "tls", s.url)
+    if s.tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        # A refused TCP connection is ConnectionRefusedError; a reset of an accepted one
+        # comes from a peer that did not like our ClientHello: a plain-MQTT listener.
+        return BrokerConnectError(f"{where}: TLS handshake failed: the broker closed the connection "
+                                  f"({exc.strerror}); is {s.host}:{s.port} a TLS listener? (mqtts:// expects "
+                                  "one, mqtt:// is plain)", "tls", s.url)
+    if isinstance(exc, socket.gaierror):
+        return BrokerConnectError(f"{where}: host name {s.host!r} cannot be resolved ({exc.strerror})",
+                                  "unresolvable", s.url)
+    if isinstance(exc, ConnectionRefusedError):
+        return BrokerConnectError(f"{where}: connection refused by {s.host}:{s.port} (no broker listens on "
+                                  "that port: is it running, is the port right?)", "refused", s.url)
+    if isinstance(exc, TimeoutError):
+        return BrokerConnectError(f"{where}: no answer from {s.host}:{s.port} within {timeout:.1f} s",
+                                  "timeout", s.url)
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
+    return BrokerConnectError(f"{where}: {reason}", "unreachable", s.url)
+
+
+def _connack_error(s: BrokerSettings, client_id: str, reason: ReasonCode) -> BrokerConnectError:
+    """Name the cause of a failing CONNACK."""
+    where = f"broker {s.url} refused the connection of client {client_id!r}: {reason} (code {reason.value})"
+    if reason.value in _NOT_AUTHORISED:
+        user = s.username_file and f"username_file {s.username_file}" or (s.username and f"username {s.username!r}")
+        return BrokerConnectError(f"{where}: {_NOT_AUTHORISED[reason.value]}; check "
+                                  f"{user or 'the username (none set)'}, password_file and the broker's accounts",
+                                  "not_authorised", s.url)
+    return BrokerConnectError(where, "refused_by_broker", s.url)
+
 
 class Publish:
     """Handle of one publish; :meth:`wait` blocks until the broker acknowledged it (QoS 1).
@@ -97,7 +144,7 @@ class MqttLink:
         self._state = threading.Condition(self._lock)
         self._connected = False
         self._closing = False
-        self._connect_failure: str | None = None
+        self._connect_failure: ReasonCode | None = None
         self._subs: dict[str, int] = {}
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._ignored_subacks: set[int] = set()
@@ -148,7 +195,7 @@ class MqttLink:
         if reason.is_failure:
             log.warning("broker %s refused client %r: %s", self.settings.url, self.client_id, reason)
             with self._state:
-                self._connect_failure = f"{reason} (code {reason.value})"
+                self._connect_failure = reason
                 self._state.notify_all()
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
@@ -230,39 +277,56 @@ class MqttLink:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def connect(self, timeout: float | None = None) -> MqttLink:
-        """Start the network thread and wait for the first CONNACK.
+        """Open the connection and wait for the first CONNACK, then keep it up from the
+        network thread (reconnecting with backoff after any later drop).
+
+        The socket connection and TLS handshake are made here, synchronously, so that a
+        failure is reported at once with its cause (a refused port within milliseconds,
+        not after ``timeout``); nothing is left running after such a failure and calling
+        :meth:`connect` again retries.
 
         Args:
-            timeout: seconds to wait (``settings.connect_timeout`` when None). The link keeps
-                retrying in the background after a timeout only if it was not refused.
+            timeout: seconds the whole attempt may take, socket, TLS handshake and CONNACK
+                (``settings.connect_timeout`` when None). After a CONNACK timeout the link
+                keeps retrying in the background; after a refusal it does not.
 
         Raises:
-            TransportError: the broker refused the connection (bad credentials, not
-                authorised: reason in the message), or no CONNACK within ``timeout``.
+            BrokerConnectError: (a TransportError) naming the broker URL and the cause:
+                ``refused`` (nothing listens there), ``unresolvable`` (bad host name),
+                ``unreachable``, ``tls`` (with the reason, e.g. certificate verify failed),
+                ``not_authorised`` (CONNACK 134 bad user name or password / 135 not
+                authorised), ``refused_by_broker`` (another CONNACK reason) or
+                ``timeout`` (no answer or no CONNACK within ``timeout``).
         """
         timeout = self.settings.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         s = self.settings
-        props = None
-        clean_start: bool | int = paho.MQTT_CLEAN_START_FIRST_ONLY
-        if s.protocol == "5":
-            clean_start = not s.persistent
-            if s.persistent:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = int(s.session_expiry)
         if not self._started:
-            self._client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=clean_start,
-                                       properties=props)
+            props = None
+            clean_start: bool | int = paho.MQTT_CLEAN_START_FIRST_ONLY
+            if s.protocol == "5":
+                clean_start = not s.persistent
+                if s.persistent:
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = int(s.session_expiry)
+            self._client.connect_timeout = timeout
+            try:
+                self._client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=clean_start,
+                                     properties=props)
+            except OSError as exc:  # ssl.SSLError included
+                raise _socket_error(s, self.client_id, exc, timeout) from None
             self._client.loop_start()
             self._started = True
-        if not self.wait_connected(timeout):
+        if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             with self._state:
                 failure = self._connect_failure
             if failure is not None:
                 self.close()
-                raise TransportError(f"broker {s.url} refused the connection of client {self.client_id!r}: "
-                                     f"{failure}")
-            raise TransportError(f"no connection to broker {s.url} within {timeout:.1f} s "
-                                 f"(client {self.client_id!r})")
+                raise _connack_error(s, self.client_id, failure)
+            raise BrokerConnectError(f"cannot connect to broker {s.url} (client {self.client_id!r}): no CONNACK "
+                                     f"within {timeout:.1f} s (a TLS broker that rejected our client "
+                                     "certificate also looks like this: check cert_file / key_file)",
+                                     "timeout", s.url)
         return self
 
     def wait_connected(self, timeout: float) -> bool:

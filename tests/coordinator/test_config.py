@@ -111,3 +111,15 @@ def test_broker_table_is_validated_by_the_transport_settings(tmp_path):
         load_config(write(tmp_path, GOOD + '\n[broker]\nurl = "mqtts://h"\nca_file = "nope.pem"\n'), environ={})
     with pytest.raises(ConfigError, match="broker.*unknown option"):
         load_config(write(tmp_path, GOOD + '\n[broker]\nhost = "h"\n'), environ={})
+
+
+@pytest.mark.parametrize(("var", "closest"), [
+    ("FEDMQ_COORDINATOR__ROUNDZ", "FEDMQ_COORDINATOR__ROUNDS (option 'rounds')"),
+    ("FEDMQ_COORDINATOR__ROUND__DEADLINE", "FEDMQ_COORDINATOR__ROUND__DEADLINE_S (option 'round.deadline_s')"),
+    ("FEDMQ_COORDINATOR__BROKER__CAFILE", "FEDMQ_COORDINATOR__BROKER__CA_FILE (option 'broker.ca_file')"),
+])
+def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, closest):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, GOOD), environ={var: "3"})
+    assert str(err.value).startswith(f"environment variable {var} matches no coordinator option; "
+                                     f"did you mean {closest}?")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
+from broker.launch import free_port
 from edge_client.cli import app
 from fedmq.data import load_digits, save_npz_atomic
 from fedmq.messages import ModelPointer
@@ -26,18 +27,20 @@ from fedmq.transport.settings import BrokerSettings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(tmp_path: Path, **options: object) -> Path:
-    values = {"broker_url": "mqtt://127.0.0.1:1", "device_id": "dev-1", "federation": "fed",
-              "task": "digits-mlp", "data": str(tmp_path / "part.npz"), "state_dir": str(tmp_path / "state")}
+def _config(tmp_path: Path, broker_url: str = "mqtt://127.0.0.1:1", **options: object) -> Path:
+    values = {"device_id": "dev-1", "federation": "fed", "task": "digits-mlp", "data": str(tmp_path / "part.npz"),
+              "state_dir": str(tmp_path / "state")}
     values.update(options)
     path = tmp_path / "edge.toml"
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                    + f"[broker]\nurl = {json.dumps(broker_url)}\n")
     return path
 
 
-def _run_module(*args: str) -> subprocess.CompletedProcess:
+def _run_module(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_EDGE_")}
     env["PYTHONPATH"] = str(ROOT)
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "edge_client", *args], capture_output=True, text=True, env=env,
                           timeout=120, cwd=ROOT)
 
@@ -46,6 +49,32 @@ def test_bad_config_exits_2_naming_the_option(tmp_path):
     result = _run_module("run", "-c", str(_config(tmp_path, torch_threads=0)))
     assert result.returncode == 2
     assert "torch_threads" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_log_level_is_one_line_with_the_accepted_levels(tmp_path):
+    result = _run_module("run", "-c", str(_config(tmp_path)), "--log-level", "LOUD")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fedmq edge run: error: Invalid value for '--log-level': 'LOUD' is not one of 'debug', 'info', 'warning', "
+        "'error'. (see fedmq edge run --help)"]
+
+
+def test_typo_in_an_environment_variable_exits_2_naming_it(tmp_path):
+    result = _run_module("run", "-c", str(_config(tmp_path)), FEDMQ_EDGE_DEVICEID="dev-2")
+    assert result.returncode == 2
+    assert ("environment variable FEDMQ_EDGE_DEVICEID matches no edge client option; did you mean "
+            "FEDMQ_EDGE_DEVICE_ID (option 'device_id')?") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_refused_broker_is_reported_at_once_with_its_cause(tmp_path):
+    x, y = load_digits()
+    save_npz_atomic(tmp_path / "part.npz", x[:50], y[:50])
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    result = _run_module("run", "-c", str(_config(tmp_path, broker_url=url)))
+    assert result.returncode == 1
+    assert f"cannot connect to broker {url} (client 'dev-1'): connection refused" in result.stderr
     assert "Traceback" not in result.stderr
 
 

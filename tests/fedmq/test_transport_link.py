@@ -8,6 +8,7 @@ import ipaddress
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from broker.launch import BrokerLaunchError, start_mosquitto
+from broker.launch import BrokerLaunchError, free_port, start_mosquitto
 from fedmq import topics
-from fedmq.errors import ConfigError, TransportError
+from fedmq.errors import BrokerConnectError, ConfigError, TransportError
 from fedmq.messages import Status
 from fedmq.transport import BrokerSettings, MqttLink, parse_broker_url, publish_packet_size
 
@@ -146,11 +147,15 @@ def test_password_file_login_and_refusal(mosquitto_factory, tmp_path):
     link.publish_wait("fedmq/f/status/dev1", b"hello", timeout=WAIT)
     link.close()
     refused = MqttLink(BrokerSettings(url=broker.url, username="dev1", password_file=str(bad)), "dev1b")
-    with pytest.raises(TransportError, match="refused"):
+    with pytest.raises(BrokerConnectError, match="refused") as wrong:
         refused.connect(timeout=WAIT)
+    assert wrong.value.cause == "not_authorised" and wrong.value.url == broker.url
+    assert "username 'dev1'" in str(wrong.value) and broker.url in str(wrong.value)
+    assert "code 134" in str(wrong.value) or "code 135" in str(wrong.value)
     anonymous = MqttLink(BrokerSettings(url=broker.url), "anon")
-    with pytest.raises(TransportError, match="refused"):
+    with pytest.raises(BrokerConnectError, match="refused") as anon:
         anonymous.connect(timeout=WAIT)
+    assert anon.value.cause == "not_authorised" and "username (none set)" in str(anon.value)
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, san: x509.SubjectAlternativeName | None = None):
@@ -196,6 +201,65 @@ def test_tls_with_client_certificate(mosquitto_factory, tmp_path):
     assert inbox.get(timeout=WAIT).payload == b"over tls"
     link.close()
     no_client_cert = MqttLink(BrokerSettings(url=url, ca_file=ca_file, connect_timeout=1.5), "dev2")
-    with pytest.raises(TransportError):
+    with pytest.raises(BrokerConnectError) as info:
         no_client_cert.connect()
     no_client_cert.close()
+    # TLS 1.3: the broker rejects the missing certificate after our side of the handshake
+    # succeeded, so the client sees only a connection that never answers CONNECT.
+    assert info.value.cause == "timeout" and "cert_file" in str(info.value), str(info.value)
+
+
+def test_refused_port_is_reported_at_once_naming_url_and_cause():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    link = MqttLink(BrokerSettings(url=url, connect_timeout=WAIT), "dev1")
+    start = time.monotonic()
+    with pytest.raises(BrokerConnectError) as info:
+        link.connect()
+    # The cause is known from the socket: reporting it must not wait for the timeout.
+    assert time.monotonic() - start < 2.0
+    assert info.value.cause == "refused" and url in str(info.value) and "connection refused" in str(info.value)
+    assert not link._started  # noqa: SLF001 - nothing keeps retrying behind the caller's back
+
+
+def test_unresolvable_host_names_the_host():
+    link = MqttLink(BrokerSettings(url="mqtt://no-such-broker.invalid:1883", connect_timeout=WAIT), "dev1")
+    with pytest.raises(BrokerConnectError) as info:
+        link.connect()
+    assert info.value.cause == "unresolvable"
+    assert "'no-such-broker.invalid' cannot be resolved" in str(info.value)
+    assert "mqtt://no-such-broker.invalid:1883" in str(info.value)
+
+
+def test_tls_with_the_wrong_ca_says_certificate_verify_failed(mosquitto_factory, tmp_path):
+    ca_file, server_crt, server_pem = _ca_and_server(tmp_path / "right")
+    wrong_ca, _, _ = _ca_and_server(tmp_path / "wrong")
+    broker = mosquitto_factory(conf_text=f"cafile {ca_file}\ncertfile {server_crt}\nkeyfile {server_pem}\n"
+                                         "allow_anonymous true")
+    url = f"mqtts://127.0.0.1:{broker.port}"
+    link = MqttLink(BrokerSettings(url=url, ca_file=wrong_ca, connect_timeout=WAIT), "dev1")
+    start = time.monotonic()
+    with pytest.raises(BrokerConnectError) as info:
+        link.connect()
+    assert time.monotonic() - start < WAIT / 2
+    assert info.value.cause == "tls" and url in str(info.value)
+    assert "certificate verify failed" in str(info.value)
+    MqttLink(BrokerSettings(url=url, ca_file=ca_file), "dev1").connect().close()
+
+
+def test_tls_client_to_a_plain_listener_is_a_tls_error(mosquitto):
+    url = f"mqtts://127.0.0.1:{mosquitto.port}"
+    with pytest.raises(BrokerConnectError) as info:
+        MqttLink(BrokerSettings(url=url, connect_timeout=5.0), "dev1").connect()
+    assert info.value.cause == "tls" and "TLS handshake failed" in str(info.value), str(info.value)
+
+
+def _ca_and_server(folder: Path) -> tuple[str, str, str]:
+    folder.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedmq test CA {folder.name}")])
+    ca_file, _ = _write_pem(folder, "ca", _cert(f"fedmq test CA {folder.name}", ca_key, ca_name, ca_key, ca=True),
+                            ca_key)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("127.0.0.1", server_key, ca_name, ca_key, ca=False,
+                   san=x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    return (ca_file, *_write_pem(folder, "server", server, server_key))
