@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.presence import Device
-from coordinator.state import Checkpoint, Participation, RoundRecord, StateDB, save_checkpoint
+from coordinator.state import Checkpoint, ParticipationRecord, RoundRecord, StateDB, save_checkpoint
 from coordinator.status import ago
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def _config(tmp_path: Path, broker_url: str = "mqtt://127.0.0.1:1", **round_opti
     return path
 
 
-def _record(round_: int, closed: float, parts: list[Participation], accuracy: float | None) -> RoundRecord:
+def _record(round_: int, closed: float, parts: list[ParticipationRecord], accuracy: float | None) -> RoundRecord:
     rejected: dict[str, int] = {}
     for p in parts:
         if p.status == "rejected":
@@ -55,11 +55,11 @@ def _state(tmp_path: Path) -> float:
                              last_seen=now - 2 * 86400 - 60),
                       Device("pi-03", online=True, task="digits-mlp", spec_hash="ab12", samples=100,
                              last_seen=now - 20)])
-    db.write_round(_record(1, now - 600, [Participation("pi-01", "t1", "accepted", "", 300, 4100),
-                                          Participation("pi-02", "t2", "accepted", "", 250, 4000),
-                                          Participation("pi-03", "t3", "rejected", "stale", 100, 3900)], 0.61))
-    db.write_round(_record(2, now - 300, [Participation("pi-01", "t4", "accepted", "", 300, 4200),
-                                          Participation("pi-03", "", "no_answer")], 0.74))
+    db.write_round(_record(1, now - 600, [ParticipationRecord("pi-01", "t1", "accepted", "", 300, 4100),
+                                          ParticipationRecord("pi-02", "t2", "accepted", "", 250, 4000),
+                                          ParticipationRecord("pi-03", "t3", "rejected", "stale", 100, 3900)], 0.61))
+    db.write_round(_record(2, now - 300, [ParticipationRecord("pi-01", "t4", "accepted", "", 300, 4200),
+                                          ParticipationRecord("pi-03", "", "no_answer")], 0.74))
     db.close()
     save_checkpoint(state, Checkpoint(2, 2, np.zeros(4, np.float32), {}, {"task": "digits-mlp"}))
     return now
