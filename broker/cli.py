@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 from pathlib import Path
 
 import typer
@@ -75,14 +74,20 @@ def _toml(value: str) -> str:
 
 def _issue_account(name: str, role: str, *, passwd_file: Path, acl_file: Path, out_dir: Path | None,
                    ca_dir: Path, broker_url: str, cert: bool, hasher: str, replace: bool, days: int,
-                   federation: str) -> tuple[Path, dict[str, str]]:
+                   federation: str, reader: bool = False) -> tuple[Path, dict[str, str]]:
     """Shared part of add-device and add-coordinator: checks, credential files, password
-    entry, ACL. Returns the account folder and its files by role (``username``,
-    ``password``, ``ca``, ``cert``, ``key``), relative to that folder."""
+    entries, ACL. With ``reader`` (devices only) also the device's read-only companion
+    account (:func:`broker.credentials.reader_account`). Returns the account folder and
+    its files by role (``username``, ``password``, ``ca``, ``cert``, ``key``, and
+    ``predict_`` + each of these but ``ca`` for the companion), relative to that folder."""
     check_id(name, f"{role} name")
     check_id(federation, "federation")
+    if name.endswith(cred.READER_SUFFIX):
+        raise ConfigError(f"{role} name {name!r} ends in {cred.READER_SUFFIX!r}, which names the read-only companion "
+                          f"account of a device: choose another name")
     tls = _tls(broker_url)
-    accounts = cred.coordinator_accounts(acl_file)
+    acl = cred.read_acl(acl_file)
+    accounts = acl.coordinators
     users = cred.read_password_file(passwd_file)
     if role == "device" and name in accounts:
         raise cred.CredentialError(f"{name!r} is a coordinator account in {acl_file}; a device needs its own name")
@@ -92,6 +97,14 @@ def _issue_account(name: str, role: str, *, passwd_file: Path, acl_file: Path, o
     if name in users and not replace:
         raise cred.CredentialError(f"{name!r} already has a password in {passwd_file}; use --replace to issue new "
                                    f"credentials")
+    companion = cred.reader_account(name) if reader else None
+    if companion is not None:
+        if companion in accounts:
+            raise cred.CredentialError(f"{companion!r}, the companion account of device {name!r}, is a coordinator "
+                                       f"account in {acl_file}: rename one of them, or use --no-predict-account")
+        if companion in users and companion not in acl.readers and not replace:
+            raise cred.CredentialError(f"{companion!r}, the companion account of device {name!r}, already has a "
+                                       f"password in {passwd_file}; use --replace to issue new credentials")
     if hasher not in cred.HASHERS:
         raise ConfigError(f"--hasher {hasher!r} is unknown: expected one of {', '.join(cred.HASHERS)}")
     ca = cred.CaFiles(ca_dir)
@@ -101,30 +114,44 @@ def _issue_account(name: str, role: str, *, passwd_file: Path, acl_file: Path, o
     # Every check before the first write: a failed command leaves nothing half made.
     for path, what in ((passwd_file, "--passwd-file"), (acl_file, "--acl-file"), (folder / "password", "--out-dir")):
         _check_writable(path, what)
-    files = {"username": "username", "password": "password"}
-    password = cred.generate_password()
-    cred.write_file(folder / "username", f"{name}\n".encode(), 0o644, "user name file")
-    cred.write_file(folder / "password", f"{password}\n".encode(), 0o600, "password file")
+    identities = [(name, "")] + ([(companion, "predict_")] if companion is not None else [])
+    files: dict[str, str] = {}
+    passwords = {}
+    for user, prefix in identities:
+        stem = prefix.replace("_", "-")
+        passwords[user] = cred.generate_password()
+        cred.write_file(folder / f"{stem}username", f"{user}\n".encode(), 0o644, "user name file")
+        cred.write_file(folder / f"{stem}password", f"{passwords[user]}\n".encode(), 0o600, "password file")
+        files.update({f"{prefix}username": f"{stem}username", f"{prefix}password": f"{stem}password"})
+        if cert:
+            # The CN is the user name: the shipped TLS listener takes it as the identity.
+            cred.issue_client_cert(ca_dir, user, folder / f"{stem}client.crt", folder / f"{stem}client.key", days=days)
+            files.update({f"{prefix}cert": f"{stem}client.crt", f"{prefix}key": f"{stem}client.key"})
     if tls and ca.ca_cert.is_file():
         try:
-            shutil.copyfile(ca.ca_cert, folder / "ca.crt")
+            ca_pem = ca.ca_cert.read_bytes()
         except OSError as exc:
-            raise cred.CredentialError(f"{folder / 'ca.crt'}: cannot copy the CA certificate ({exc})") from None
+            raise cred.CredentialError(f"{ca.ca_cert}: cannot read the CA certificate ({exc})") from None
+        cred.write_file(folder / "ca.crt", ca_pem, 0o644, "CA certificate")
         files["ca"] = "ca.crt"
-    if cert:
-        cred.issue_client_cert(ca_dir, name, folder / "client.crt", folder / "client.key", days=days)
-        files.update(cert="client.crt", key="client.key")
-    used = cred.set_password(passwd_file, name, password, hasher=hasher)
+    used = {cred.set_password(passwd_file, user, passwords[user], hasher=hasher) for user, _ in identities}
     if role == "coordinator":
         feds = accounts.setdefault(name, [])
         if federation not in feds:
             feds.append(federation)
-    cred.write_acl(acl_file, accounts)
-    typer.echo(f"# {role} {name!r}: password entry in {passwd_file} ({used}), ACL {acl_file}, files in {folder}/",
-               err=True)
+        if len(feds) > 1:
+            typer.echo(f"# note: {name!r} now serves {', '.join(feds)}: the broker binds the client id to the user "
+                       f"name, so run one coordinator process per account (two would close each other's "
+                       f"connection); give each federation's coordinator its own account", err=True)
+    if companion is not None and companion not in acl.readers:
+        acl.readers.append(companion)
+    cred.write_acl(acl_file, acl)
+    extra = f" and read-only companion {companion!r}" if companion is not None else ""
+    typer.echo(f"# {role} {name!r}{extra}: password entries in {passwd_file} ({', '.join(sorted(used))}), ACL "
+               f"{acl_file}, files in {folder}/", err=True)
     if tls and "cert" not in files:
         typer.echo("# note: the shipped TLS listener requires a client certificate (require_certificate true); "
-                   "add --cert unless this broker is configured otherwise", err=True)
+                   "add --cert unless this broker is rendered with --tls-auth password", err=True)
     if tls and "ca" not in files:
         typer.echo(f"# note: no CA in {ca_dir}: the client will verify the broker against the system CAs", err=True)
     return folder, files
@@ -152,17 +179,23 @@ def add_device(name: str = typer.Argument(..., help="Device id; also its broker 
                ca_dir: Path = _CA_DIR, cert: bool = _CERT, broker_url: str = _URL,
                out_dir: Path | None = typer.Option(None, "--out-dir",
                                                    help="Folder for the device's files (default devices/NAME)."),
-               hasher: str = _HASHER, replace: bool = _REPLACE, days: int = _DAYS) -> None:
+               hasher: str = _HASHER, replace: bool = _REPLACE, days: int = _DAYS,
+               predict: bool = typer.Option(True, "--predict-account/--no-predict-account",
+                                            help="Also add the device's read-only companion account NAME.predict "
+                                                 "(reads global models and ONNX exports only), which "
+                                                 "'fedmq edge predict' uses beside the running agent.")) -> None:
     """Add a device account and print its edge-client configuration snippet (TOML).
 
     Files for the device (copy them next to its edge.toml, or into systemd's
-    $CREDENTIALS_DIRECTORY): username, password (0600), ca.crt, and with --cert
-    client.crt and client.key (0600).
+    $CREDENTIALS_DIRECTORY), in a folder of mode 0700: username, password (0600),
+    ca.crt, with --cert client.crt and client.key (0600, CN = NAME); and for the
+    companion account predict-username, predict-password (0600), with --cert
+    predict-client.crt and predict-client.key (0600, CN = NAME.predict).
     """
     try:
         folder, files = _issue_account(name, "device", passwd_file=passwd_file, acl_file=acl_file, out_dir=out_dir,
                                        ca_dir=ca_dir, broker_url=broker_url, cert=cert, hasher=hasher,
-                                       replace=replace, days=days, federation=federation)
+                                       replace=replace, days=days, federation=federation, reader=predict)
     except FedmqError as exc:
         raise _fail(str(exc)) from None
     lines = [f"# fedmq edge client, device {name}: broker settings. Paths are relative to edge.toml's folder",
@@ -172,7 +205,9 @@ def add_device(name: str = typer.Argument(..., help="Device id; also its broker 
              f"federation = {_toml(federation)}",
              f"username_file = {_toml(files['username'])}",
              f"password_file = {_toml(files['password'])}"]
-    for key, role in (("tls_ca", "ca"), ("tls_cert", "cert"), ("tls_key", "key")):
+    for key, role in (("tls_ca", "ca"), ("tls_cert", "cert"), ("tls_key", "key"),
+                      ("predict_username_file", "predict_username"), ("predict_password_file", "predict_password"),
+                      ("predict_tls_cert", "predict_cert"), ("predict_tls_key", "predict_key")):
         if role in files:
             lines.append(f"{key} = {_toml(files[role])}")
     typer.echo("\n".join(lines))
