@@ -7,7 +7,10 @@ Commands:
   device, optionally a client certificate) and the device's edge-client TOML snippet;
 * ``add-coordinator NAME``: a coordinator account, granted its federation's topic tree
   in the ACL;
-* ``run``: the embedded amqtt broker on loopback, for development only.
+* ``render``: the shipped mosquitto.conf for other folders, listeners (bind addresses,
+  ports) or TLS authentication (``--tls-auth certificate|password``);
+* ``run``: the embedded amqtt broker on loopback, for development only; ``run
+  --mosquitto``: mosquitto from the shipped configuration, for hosts without docker.
 
 Default paths are those broker/docker-compose.yml mounts, relative to the folder the
 command runs in (run it in broker/): ``auth/passwd``, ``auth/acl``, ``certs/``,
@@ -16,6 +19,7 @@ command runs in (run it in broker/): ``auth/passwd``, ``auth/acl``, ``certs/``,
 
 from __future__ import annotations
 
+import getpass
 import ipaddress
 import os
 from pathlib import Path
@@ -23,6 +27,7 @@ from pathlib import Path
 import typer
 
 from broker import credentials as cred
+from broker.conf import PLAIN_PORT, TLS_AUTH_MODES, TLS_PORT, BrokerDirs, check_bind, render_mosquitto_conf
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.topics import check_id
 
@@ -255,15 +260,109 @@ def _loopback(host: str) -> bool:
         return False
 
 
+_PLAIN_BIND = typer.Option("127.0.0.1", "--plain-bind",
+                           help="Address of the plain listener (passwords in clear, so loopback only).")
+_PLAIN_PORT = typer.Option(PLAIN_PORT, "--plain-port", help="TCP port of the plain listener.")
+_TLS_PORT = typer.Option(TLS_PORT, "--tls-port", help="TCP port of the TLS listener.")
+_TLS_AUTH = typer.Option("certificate", "--tls-auth",
+                         help="certificate: a client certificate from the CA is required and its CN is the user "
+                              "name (the password is not checked on TLS); password: server-authenticated TLS, "
+                              "user name and password (no client certificate).")
+_RUN_AS = typer.Option(None, "--run-as", help="Account mosquitto drops to when started as root (default: the "
+                                              "current user, who owns the 0600 secrets).")
+
+
+def _listener_options(plain_bind: str, plain_port: int, tls_bind: str, tls_port: int, tls_auth: str) -> str | None:
+    """Check the listener flags under their own names; returns the TLS bind address
+    (None for '*', every interface)."""
+    check_bind(plain_bind, "--plain-bind", loopback_only=True)
+    for value, flag in ((plain_port, "--plain-port"), (tls_port, "--tls-port")):
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"{flag} {value} is out of range: expected a TCP port 1..65535")
+    if plain_port == tls_port:
+        raise ConfigError(f"--plain-port and --tls-port are both {plain_port}: expected two different ports")
+    if tls_auth not in TLS_AUTH_MODES:
+        raise ConfigError(f"--tls-auth {tls_auth!r} is unknown: expected one of {', '.join(TLS_AUTH_MODES)}")
+    return None if tls_bind == "*" else check_bind(tls_bind, "--tls-bind")
+
+
+@app.command("render")
+def render(config_dir: Path = typer.Option(Path("/mosquitto/config"), "--config-dir",
+                                           help="Folder holding auth/passwd, auth/acl and certs/."),
+           data_dir: Path = typer.Option(Path("/mosquitto/data"), "--data-dir", help="Persistence folder."),
+           log_dir: Path = typer.Option(Path("/mosquitto/log"), "--log-dir", help="Folder of mosquitto.log."),
+           plain_bind: str = _PLAIN_BIND, plain_port: int = _PLAIN_PORT,
+           tls_bind: str = typer.Option("*", "--tls-bind",
+                                        help="Address of the TLS listener; '*' for every interface."),
+           tls_port: int = _TLS_PORT, tls_auth: str = _TLS_AUTH,
+           run_as: str | None = typer.Option(None, "--run-as", help="Append 'user NAME' (mosquitto's account "
+                                                                    "when started as root).")) -> None:
+    """Print the shipped mosquitto.conf for other folders, listeners or TLS authentication.
+
+    Only the /mosquitto/... folders, the two listener lines and, with --tls-auth
+    password, require_certificate and use_identity_as_username change. Redirect it to a
+    file, e.g. for the distribution's mosquitto: fedmq broker render --config-dir
+    /etc/mosquitto/fedmq ... > /etc/mosquitto/conf.d/fedmq.conf
+    """
+    try:
+        bind = _listener_options(plain_bind, plain_port, tls_bind, tls_port, tls_auth)
+        text = render_mosquitto_conf(BrokerDirs(config_dir, data_dir, log_dir), plain_port=plain_port,
+                                     tls_port=tls_port, plain_bind=plain_bind, tls_bind=bind,
+                                     tls_auth=tls_auth, run_as=run_as)
+    except FedmqError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(text, nl=False)
+
+
 @app.command("run")
-def run(host: str = typer.Option("127.0.0.1", "--host", help="Loopback address to listen on."),
-        port: int = typer.Option(1883, "--port", help="TCP port."),
-        verbose: bool = typer.Option(False, "--verbose", help="Log the broker at INFO level.")) -> None:
-    """Run the embedded broker (amqtt, MQTT 3.1.1) for development: anonymous, in memory,
-    loopback only. Use mosquitto (broker/docker-compose.yml) for a real fleet."""
+def run(mosquitto: bool = typer.Option(False, "--mosquitto",
+                                       help="Run mosquitto with the shipped configuration instead of the embedded "
+                                            "development broker."),
+        host: str | None = typer.Option(None, "--host", help="Embedded broker: loopback address (127.0.0.1)."),
+        port: int | None = typer.Option(None, "--port", help="Embedded broker: TCP port (1883)."),
+        verbose: bool = typer.Option(False, "--verbose", help="Embedded broker: log at INFO level."),
+        run_dir: Path | None = typer.Option(None, "--dir", help="--mosquitto: folder for the rendered "
+                                                                "mosquitto.conf, data/ and log/ (new, empty, or "
+                                                                "made by an earlier run)."),
+        config_dir: Path = typer.Option(Path("."), "--config-dir",
+                                        help="--mosquitto: folder holding auth/ and certs/ (where init-ca and "
+                                             "add-* ran)."),
+        plain_bind: str = _PLAIN_BIND, plain_port: int = _PLAIN_PORT,
+        tls_bind: str = typer.Option("127.0.0.1", "--tls-bind",
+                                     help="--mosquitto: address of the TLS listener; '*' for every interface "
+                                          "(to serve devices on the network)."),
+        tls_port: int = _TLS_PORT, tls_auth: str = _TLS_AUTH, run_as: str | None = _RUN_AS) -> None:
+    """Run a broker in the foreground until Ctrl-C or SIGTERM.
+
+    Without --mosquitto: the embedded broker (amqtt, MQTT 3.1.1) for development:
+    anonymous, in memory, loopback only. With --mosquitto: mosquitto from the shipped
+    configuration, rendered into --dir, with the accounts and certificates of
+    --config-dir; both listeners on loopback unless --tls-bind says otherwise. For
+    hosts without docker (broker/docker-compose.yml).
+    """
+    if mosquitto:
+        if host is not None or port is not None or verbose:
+            raise _fail("--host, --port and --verbose are options of the embedded broker: with --mosquitto use "
+                        "--plain-bind/--plain-port and --tls-bind/--tls-port")
+        if run_dir is None:
+            raise _fail("--mosquitto needs --dir DIR: the folder for the rendered configuration, data and log")
+        from broker import local
+
+        try:
+            bind = _listener_options(plain_bind, plain_port, tls_bind, tls_port, tls_auth)
+            prepared = local.prepare_run_dir(run_dir, config_dir, plain_bind=plain_bind, plain_port=plain_port,
+                                             tls_bind=bind, tls_port=tls_port, tls_auth=tls_auth,
+                                             run_as=run_as if run_as is not None else getpass.getuser())
+            status = local.run_foreground(prepared, on_ready=lambda line: typer.echo(line, err=True))
+        except FedmqError as exc:
+            raise _fail(str(exc)) from None
+        raise typer.Exit(code=status)
+    host = "127.0.0.1" if host is None else host
+    port = 1883 if port is None else port
     if not _loopback(host):
         raise _fail(f"--host {host!r} is not a loopback address: the embedded broker has no authentication "
-                    f"and is for development only; run mosquitto (broker/docker-compose.yml) for a fleet")
+                    f"and is for development only; run mosquitto (fedmq broker run --mosquitto, or "
+                    f"broker/docker-compose.yml) for a fleet")
     if not 1 <= port <= 65535:
         raise _fail(f"--port {port} is out of range: expected 1..65535")
     from broker import embedded  # amqtt is imported only by the one command that needs it

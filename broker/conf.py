@@ -159,5 +159,7 @@ def render_mosquitto_conf(dirs: BrokerDirs, *, plain_port: int = PLAIN_PORT, tls
             raise ConfigError(f"folder {str(target)!r} cannot appear in mosquitto.conf: no newline or '#'")
         text = text.replace(image_dir, f"{target}{os.sep}")
     if run_as is not None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", run_as):
+            raise ConfigError(f"run_as {run_as!r} is invalid: expected a system user name")
         text = text.rstrip("\n") + f"\n\n# Rendered for a local run.\nuser {run_as}\n"
     return text
