@@ -52,6 +52,13 @@ LEAF_DAYS = 825
 #: Seconds mosquitto_passwd may take to update a password file.
 MOSQUITTO_PASSWD_TIMEOUT = 30.0
 
+#: Mode of a folder of secrets fedmq creates (certs/, devices/NAME/, coordinators/NAME/):
+#: only the owner may list or enter it, whatever the umask.
+PRIVATE_DIR_MODE = 0o700
+#: Mode of the auth/ folder fedmq creates: the broker may enter it through its group
+#: (the docker image's mosquitto runs as gid 1883 and reads passwd, mode 0640, so).
+AUTH_DIR_MODE = 0o750
+
 HASHERS = ("auto", "mosquitto_passwd", "fedmq")
 _HASH = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
@@ -163,19 +170,12 @@ def set_password(path: Path, user: str, password: str, *, hasher: str = "auto") 
         raise CredentialError("mosquitto_passwd not found (PATH, /usr/bin, /usr/sbin): install mosquitto-clients "
                               "or use --hasher fedmq")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, AUTH_DIR_MODE)
+        before = path.stat() if path.exists() else None
         if binary is None:
             users[user] = hash_password(password)
-            before = path.stat() if path.exists() else None
             atomic_write_text(path, "".join(f"{name}:{encoded}\n" for name, encoded in users.items()))
-            if before is not None:
-                # The broker may read the file through its group (chgrp 1883, mode 0640 for
-                # the docker image): the new file keeps the old one's mode and group.
-                os.chmod(path, stat.S_IMODE(before.st_mode))
-                try:
-                    os.chown(path, -1, before.st_gid)
-                except PermissionError:
-                    pass
+            _keep_mode(path, before)
             return "fedmq"
         if not path.exists():
             # mosquitto_passwd without -c updates an existing file only; -c would need the
@@ -191,17 +191,89 @@ def set_password(path: Path, user: str, password: str, *, hasher: str = "auto") 
     if proc.returncode != 0:
         raise CredentialError(f"{binary} {path} {user} exited with status {proc.returncode}: "
                               f"{(proc.stderr or proc.stdout).strip()}")
+    try:
+        # mosquitto_passwd writes its new file through the caller's umask.
+        _keep_mode(path, before)
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot set the mode of the password file ({exc})") from None
     return "mosquitto_passwd"
 
 
-# --- ACL: coordinator accounts ---------------------------------------------------
+def _keep_mode(path: Path, before: os.stat_result | None) -> None:
+    """Give a rewritten password file the old file's mode and group, or 0600 when new.
 
-_ACCOUNTS_MARK = "# --- Accounts added by fedmq broker add-coordinator (do not edit by hand) ---"
+    The broker may read the file through its group (chgrp 1883, mode 0640 for the docker
+    image), so a rewrite must not take that away; a new file is the owner's only."""
+    if before is None:
+        os.chmod(path, 0o600)
+        return
+    os.chmod(path, stat.S_IMODE(before.st_mode))
+    try:
+        os.chown(path, -1, before.st_gid)
+    except PermissionError:
+        pass
 
 
-def coordinator_accounts(acl_path: Path) -> dict[str, list[str]]:
-    """Coordinator accounts of an ACL file: ``{user name: [federation, ...]}``, read from
-    its ``user NAME`` blocks of ``topic readwrite fedmq/F/#`` lines (a missing file has none).
+# --- ACL: coordinator and reader accounts ---------------------------------------
+
+_ACCOUNTS_MARK = "# --- Accounts added by fedmq broker add-coordinator / add-device (do not edit by hand) ---"
+#: Suffix of a device's read-only companion account (``pi-01.predict`` for ``pi-01``),
+#: made by ``fedmq broker add-device`` for a second connection of the device, such as
+#: ``fedmq edge predict`` beside the running agent: the broker binds client ids to user
+#: names, so a second connection under the device's own name would close the agent's.
+READER_SUFFIX = ".predict"
+
+
+def reader_account(device: str) -> str:
+    """The read-only companion account of ``device``: ``device + READER_SUFFIX``.
+
+    Raises:
+        ConfigError: the result is not a valid id (a device id longer than 56 characters).
+    """
+    return check_id(device + READER_SUFFIX, f"companion account of device {device!r} (at most "
+                    f"{64 - len(READER_SUFFIX)} characters before {READER_SUFFIX!r})")
+
+
+def reader_rules(shipped_acl: str | None = None) -> list[str]:
+    """The rules of a reader account's ``user`` block: one ``topic deny`` for every
+    device pattern of the shipped ACL that names ``%u``, cut at that level (``pattern
+    write fedmq/+/update/%u/#`` gives ``topic deny fedmq/+/update/#``).
+
+    mosquitto checks a user's own rules before the patterns and a deny ends the check,
+    so a reader keeps only the device rights that name no user: reading the global
+    models, their ONNX exports and round announcements. Derived from broker/acl so that a
+    device right added there is denied to readers without a second list to keep in step.
+    """
+    text = SHIPPED_ACL.read_text(encoding="utf-8") if shipped_acl is None else shipped_acl
+    rules: list[str] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "pattern" and "%u" in parts[2].split("/"):
+            levels = parts[2].split("/")
+            rule = "topic deny " + "/".join(levels[:levels.index("%u")] + ["#"])
+            if rule not in rules:
+                rules.append(rule)
+    return rules
+
+
+@dataclass
+class AclAccounts:
+    """The accounts of a deployed ACL file that have a ``user`` block.
+
+    Attributes:
+        coordinators: ``{user name: [federation, ...]}``: read and write on ``fedmq/F/#``.
+        readers: user names of read-only companion accounts (:data:`READER_SUFFIX`).
+    """
+
+    coordinators: dict[str, list[str]]
+    readers: list[str]
+
+
+def read_acl(acl_path: Path) -> AclAccounts:
+    """Accounts of an ACL file, read from its ``user NAME`` blocks (a missing file has none).
+
+    A block of ``topic readwrite fedmq/F/#`` lines is a coordinator account; a block of
+    exactly :func:`reader_rules` is a reader account.
 
     Raises:
         CredentialError: the file cannot be read, or a ``user`` block holds another rule
@@ -209,51 +281,80 @@ def coordinator_accounts(acl_path: Path) -> dict[str, list[str]]:
     """
     acl_path = Path(acl_path)
     if not acl_path.exists():
-        return {}
+        return AclAccounts({}, [])
     try:
         lines = acl_path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CredentialError(f"{acl_path}: cannot read ACL file ({exc})") from None
-    accounts: dict[str, list[str]] = {}
+    blocks: dict[str, list[tuple[int, str]]] = {}
     current: str | None = None
-    rule = re.compile(r"^topic readwrite fedmq/([A-Za-z0-9_.-]{1,64})/#$")
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("user "):
             current = line[5:].strip()
-            accounts.setdefault(current, [])
+            blocks.setdefault(current, [])
+        elif current is not None:
+            blocks[current].append((number, line))
+    coordinator_rule = re.compile(r"^topic readwrite fedmq/([A-Za-z0-9_.-]{1,64})/#$")
+    denies = reader_rules()
+    coordinators: dict[str, list[str]] = {}
+    readers: list[str] = []
+    for user, rules in blocks.items():
+        if rules and {line for _, line in rules} == set(denies):
+            readers.append(user)
             continue
-        if current is None:
-            continue
-        match = rule.match(line)
-        if not match:
-            raise CredentialError(f"{acl_path}:{number}: unexpected rule {line!r} in the block of user {current!r}: "
-                                  f"expected 'topic readwrite fedmq/FEDERATION/#' (fedmq rewrites these blocks)")
-        if match.group(1) not in accounts[current]:
-            accounts[current].append(match.group(1))
-    return accounts
+        feds = coordinators.setdefault(user, [])
+        for number, line in rules:
+            match = coordinator_rule.match(line)
+            if not match:
+                raise CredentialError(f"{acl_path}:{number}: unexpected rule {line!r} in the block of user {user!r}: "
+                                      f"expected 'topic readwrite fedmq/FEDERATION/#' (a coordinator) or exactly "
+                                      f"the rules of a reader account (fedmq rewrites these blocks)")
+            if match.group(1) not in feds:
+                feds.append(match.group(1))
+    return AclAccounts(coordinators, sorted(readers))
 
 
-def render_acl(accounts: dict[str, list[str]]) -> str:
+def coordinator_accounts(acl_path: Path) -> dict[str, list[str]]:
+    """Coordinator accounts of an ACL file: ``{user name: [federation, ...]}`` (see
+    :func:`read_acl`, whose errors it raises)."""
+    return read_acl(acl_path).coordinators
+
+
+def render_acl(accounts: dict[str, list[str]], readers: list[str] | tuple[str, ...] = ()) -> str:
     """The shipped ACL (broker/acl) followed by one ``user`` block per coordinator account,
-    granting it read and write on its federations' trees ``fedmq/F/#``."""
+    granting it read and write on its federations' trees ``fedmq/F/#``, and one per
+    reader account, denying it every device right that names its user (:func:`reader_rules`)."""
     text = SHIPPED_ACL.read_text(encoding="utf-8").rstrip("\n") + "\n"
-    if accounts:
+    if accounts or readers:
         text += f"\n{_ACCOUNTS_MARK}\n"
         for user in sorted(accounts):
             text += f"\nuser {user}\n" + "".join(f"topic readwrite fedmq/{fed}/#\n" for fed in accounts[user])
+        denies = "".join(f"{rule}\n" for rule in reader_rules())
+        for user in sorted(set(readers)):
+            text += f"\nuser {user}\n{denies}"
     return text
 
 
-def write_acl(acl_path: Path, accounts: dict[str, list[str]]) -> None:
-    """Write :func:`render_acl` to ``acl_path`` atomically (mode 0644: it holds no secret).
+def write_acl(acl_path: Path, accounts: dict[str, list[str]] | AclAccounts) -> None:
+    """Write :func:`render_acl` to ``acl_path`` atomically (mode 0644: it holds no secret;
+    a folder made for it gets mode 0750, see :data:`AUTH_DIR_MODE`).
+
+    Args:
+        acl_path: the deployed ACL file.
+        accounts: every account with a ``user`` block, or only the coordinator accounts
+            (then the file has no reader account).
 
     Raises:
         CredentialError: the folder cannot be written.
     """
-    write_file(Path(acl_path), render_acl(accounts).encode("utf-8"), 0o644, "ACL file")
+    if isinstance(accounts, AclAccounts):
+        text = render_acl(accounts.coordinators, accounts.readers)
+    else:
+        text = render_acl(accounts)
+    write_file(Path(acl_path), text.encode("utf-8"), 0o644, "ACL file", dir_mode=AUTH_DIR_MODE)
 
 
 # --- Certificates -----------------------------------------------------------------
@@ -281,15 +382,37 @@ class CaFiles:
         return self.folder / "server.key"
 
 
-def write_file(path: Path, data: bytes, mode: int, what: str) -> None:
+def make_dirs(folder: Path, mode: int) -> None:
+    """Create ``folder`` and its missing parents, each with exactly ``mode`` whatever the
+    umask (mkdir applies the umask; an explicit chmod follows). Folders that exist keep
+    their mode: an operator may have opened one to the broker's group on purpose.
+
+    Raises:
+        OSError: a folder cannot be created.
+    """
+    folder = Path(folder)
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir(mode=mode)
+        except FileExistsError:
+            continue  # made by someone else meanwhile: theirs, not ours to chmod
+        os.chmod(created, mode)
+
+
+def write_file(path: Path, data: bytes, mode: int, what: str, *, dir_mode: int = PRIVATE_DIR_MODE) -> None:
     """Write ``data`` to ``path`` atomically (fedmq.atomic) and set its mode (0600 for
     secrets: the temporary file is 0600 from the start, so a secret is never readable by
-    others, not even for an instant).
+    others, not even for an instant). Missing folders are created with ``dir_mode``.
 
     Raises:
         CredentialError: naming ``path`` and ``what`` it is, when it cannot be written.
     """
     try:
+        make_dirs(Path(path).parent, dir_mode)
         atomic_write_bytes(path, data)
         os.chmod(path, mode)
     except OSError as exc:

@@ -94,11 +94,24 @@ def fetch_latest_onnx(cfg: EdgeConfig, timeout: float = 30.0) -> bytes:
     """The latest ONNX export of the global model from the broker (``fedmq/F/onnx/latest``
     and the retained blob it points to), fetched on a short-lived clean connection.
 
+    It connects with the device's read-only companion account when the configuration
+    names one (``predict_*`` options): the broker binds the client id to the user name,
+    so a second connection under the device's own name would close the running agent's.
+
     Raises:
         TransferError: no export announced or not complete within ``timeout`` seconds.
         TransportError: the broker cannot be reached.
     """
     settings = broker_settings(cfg).with_(session_expiry=0, connect_timeout=timeout)
+    if cfg.predict_username_file is not None:
+        settings = settings.with_(username_file=str(cfg.predict_username_file),
+                                  password_file=str(cfg.predict_password_file))
+    if cfg.predict_tls_cert is not None:
+        settings = settings.with_(cert_file=str(cfg.predict_tls_cert), key_file=str(cfg.predict_tls_key))
+    if cfg.predict_username_file is None and cfg.predict_tls_cert is None:
+        log.warning("no predict_* credentials in the configuration: fetching the model as device %r, which closes "
+                    "a running agent's connection on a broker that binds client ids to user names (fedmq broker "
+                    "add-device makes the companion account %s)", cfg.device_id, f"{cfg.device_id}.predict")
     link = open_link(settings, client_id=f"{cfg.device_id}-predict-{secrets.token_hex(3)}")
     with link:
         _, blob = fetch_model(link, cfg.federation, kind="onnx", timeout=timeout)

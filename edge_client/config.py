@@ -94,6 +94,11 @@ class EdgeConfig(BaseModel):
             published again (same bytes, same transfer id).
         receipt_grace: seconds after the round's deadline to wait for a receipt before the
             update in flight is rolled back into the residual.
+        predict_username_file, predict_password_file, predict_tls_cert, predict_tls_key:
+            credentials of the device's read-only companion account (``DEVICE.predict``,
+            made by ``fedmq broker add-device``) that ``fedmq edge predict`` connects
+            with, so that it does not close the running agent's connection (the broker
+            binds the client id to the user name). Unset: predict uses the device's own.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -119,6 +124,10 @@ class EdgeConfig(BaseModel):
     fetch_timeout: float = Field(120.0, gt=0)
     receipt_timeout: float = Field(30.0, gt=0)
     receipt_grace: float = Field(30.0, ge=0)
+    predict_username_file: Path | None = None
+    predict_password_file: Path | None = None
+    predict_tls_cert: Path | None = None
+    predict_tls_key: Path | None = None
 
     @field_validator("device_id", "federation")
     @classmethod
@@ -300,7 +309,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         "data": cfg.data if cfg.data.is_absolute() else base / cfg.data,
         "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
     }
-    for name in ("tls_ca", "tls_cert", "tls_key", "username_file", "password_file"):
+    for name in ("tls_ca", "tls_cert", "tls_key", "username_file", "password_file", "predict_username_file",
+                 "predict_password_file", "predict_tls_cert", "predict_tls_key"):
         resolved = _resolve(getattr(cfg, name), base, cred_dir)
         if resolved is not None and not resolved.is_file():
             raise ConfigError(f"{file}: option {file_name(name)!r}: file {resolved} does not exist "
@@ -311,4 +321,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
                           "neither")
     if (cfg.username_file is None) and cfg.password_file is not None:
         raise ConfigError(f"{file}: option 'broker.password_file' needs 'broker.username_file' too")
+    if (cfg.predict_tls_cert is None) != (cfg.predict_tls_key is None):
+        raise ConfigError(f"{file}: options 'predict_tls_cert' and 'predict_tls_key' go together: set both or neither")
+    if (cfg.predict_username_file is None) != (cfg.predict_password_file is None):
+        raise ConfigError(f"{file}: options 'predict_username_file' and 'predict_password_file' go together: set "
+                          f"both or neither")
     return cfg.model_copy(update=updates)

@@ -31,12 +31,13 @@ class Peer:
 
     def __init__(self, port: int, user: str | None = None, password: str | None = None, *,
                  protocol: int = mqtt.MQTTv5, tls: dict[str, str] | None = None,
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None, client_id: str | None = None) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.port = port
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user or 'anon'}-{uuid.uuid4().hex[:8]}",
-                                  protocol=protocol)
+        if client_id is None:
+            client_id = f"{user or 'anon'}-{uuid.uuid4().hex[:8]}"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         if user is not None:
             self.client.username_pw_set(user, password)
         if tls is not None:
@@ -84,6 +85,17 @@ class Peer:
             if msg.topic == topic and msg.payload == payload:
                 return seen
 
+    def disconnects(self) -> list[Any]:
+        """Reason codes of the disconnects seen so far (drains the event queue)."""
+        seen = []
+        while True:
+            try:
+                kind, value = self.events.get_nowait()
+            except queue.Empty:
+                return seen
+            if kind == "disconnect":
+                seen.append(value)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -124,27 +136,29 @@ class Deployment:
 
 def make_account(name: str, role: str, *, passwd: Path, acl: Path, ca_dir: Path, root: Path,
                  federation: str = FED, hasher: str = "auto") -> Account:
-    """What add-device / add-coordinator do, through the library functions they call."""
+    """What add-device / add-coordinator do, through the library functions they call;
+    role ``reader`` is a device's read-only companion account (name ``DEVICE.predict``)."""
     folder = root / "accounts" / name
     password = cred.generate_password()
     cred.set_password(passwd, name, password, hasher=hasher)
     cred.issue_client_cert(ca_dir, name, folder / "client.crt", folder / "client.key")
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cred.CaFiles(ca_dir).ca_cert, folder / "ca.crt")
+    accounts = cred.read_acl(acl)
     if role == "coordinator":
-        accounts = cred.coordinator_accounts(acl)
-        accounts.setdefault(name, []).append(federation)
-        cred.write_acl(acl, accounts)
-    elif not acl.exists():
-        cred.write_acl(acl, {})
+        accounts.coordinators.setdefault(name, []).append(federation)
+    elif role == "reader":
+        accounts.readers.append(name)
+    cred.write_acl(acl, accounts)
     return Account(name, password, folder)
 
 
 def start_shipped_mosquitto(root: Path, setup: Callable[[Path, Path, Path], dict[str, Account]], *,
-                            make_ca: bool = True) -> Deployment:
+                            make_ca: bool = True, **render: Any) -> Deployment:
     """Lay out root/config like the docker image's /mosquitto/config, let ``setup(passwd,
     acl, ca_dir)`` add accounts (and make the CA in ca_dir when ``make_ca`` is False),
-    render broker/mosquitto.conf for it and start mosquitto."""
+    render broker/mosquitto.conf for it (``render``: more arguments of
+    :func:`render_mosquitto_conf`, such as ``tls_auth``) and start mosquitto."""
     dirs = BrokerDirs(root / "config", root / "data", root / "log")
     for folder in (dirs.config, dirs.data, dirs.log, dirs.certs):
         folder.mkdir(parents=True, exist_ok=True)
@@ -158,7 +172,8 @@ def start_shipped_mosquitto(root: Path, setup: Callable[[Path, Path, Path], dict
     conf = root / "mosquitto.conf"
     # Running as root, mosquitto would drop to user "mosquitto", which cannot read the
     # 0600 password file the test's user owns.
-    conf.write_text(render_mosquitto_conf(dirs, plain_port=plain_port, tls_port=tls_port, run_as=getpass.getuser()))
+    conf.write_text(render_mosquitto_conf(dirs, plain_port=plain_port, tls_port=tls_port, run_as=getpass.getuser(),
+                                         **render))
     # mosquitto opens its listeners in file order, the TLS one last: once it accepts, both do.
     broker = MosquittoProcess(root, tls_port, conf, mosquitto_binary())
     broker.start()
@@ -184,6 +199,22 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     dep.broker.kill()
 
 
+@pytest.fixture(scope="module")
+def identity_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """The shipped mosquitto with a coordinator ``coord`` of f1, devices ``dev-a`` and
+    ``dev-b``, and ``dev-a.predict``, dev-a's read-only companion account."""
+    root = tmp_path_factory.mktemp("identity")
+
+    def setup(passwd: Path, acl: Path, ca_dir: Path) -> dict[str, Account]:
+        common = {"passwd": passwd, "acl": acl, "ca_dir": ca_dir, "root": root}
+        return {name: make_account(name, role, **common) for name, role in
+                (("coord", "coordinator"), ("dev-a", "device"), ("dev-b", "device"), ("dev-a.predict", "reader"))}
+
+    dep = start_shipped_mosquitto(root, setup)
+    yield dep
+    dep.broker.kill()
+
+
 @pytest.fixture
 def peers() -> Iterator[Callable[..., Peer]]:
     """``peers(peer)`` registers a Peer to close after the test; ``peers(port, user,
@@ -202,12 +233,14 @@ def peers() -> Iterator[Callable[..., Peer]]:
 
 @pytest.fixture
 def shipped_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Deployment]]:
-    """``shipped_mosquitto(setup)``: :func:`start_shipped_mosquitto` in a new folder,
-    killed after the test."""
+    """``shipped_mosquitto(setup, **render)``: :func:`start_shipped_mosquitto` in a new
+    folder, killed after the test."""
     started: list[Deployment] = []
 
-    def start(setup: Callable[[Path, Path, Path], dict[str, Account]], *, make_ca: bool = True) -> Deployment:
-        dep = start_shipped_mosquitto(tmp_path_factory.mktemp("shipped-mosquitto"), setup, make_ca=make_ca)
+    def start(setup: Callable[[Path, Path, Path], dict[str, Account]], *, make_ca: bool = True,
+              **render: Any) -> Deployment:
+        dep = start_shipped_mosquitto(tmp_path_factory.mktemp("shipped-mosquitto"), setup, make_ca=make_ca,
+                                      **render)
         started.append(dep)
         return dep
 

@@ -50,15 +50,16 @@ def test_cli_accounts_work_with_the_shipped_mosquitto(shipped_mosquitto, peers, 
     assert cred.coordinator_accounts(dep.dirs.acl) == {"coord": ["f1"]}
 
     dev = snippets["dev1"]
-    assert dev["broker_url"] == "mqtts://localhost:8883" and dev["device_id"] == "dev1" and dev["federation"] == "f1"
-    dev_files = {key: folders["dev1"] / dev[key]
-                 for key in ("username_file", "password_file", "tls_ca", "tls_cert", "tls_key")}
-    assert mode(dev_files["password_file"]) == 0o600 and mode(dev_files["tls_key"]) == 0o600
+    assert dev["broker"]["url"] == "mqtts://localhost:8883" and dev["device_id"] == "dev1" \
+        and dev["federation"] == "f1"
+    dev_files = {key: folders["dev1"] / dev["broker"][key]
+                 for key in ("username_file", "password_file", "ca_file", "cert_file", "key_file")}
+    assert mode(dev_files["password_file"]) == 0o600 and mode(dev_files["key_file"]) == 0o600
     user = dev_files["username_file"].read_text().strip()
     password = dev_files["password_file"].read_text().strip()
-    device = peers(dep.tls_port, user, password, tls={"ca_certs": str(dev_files["tls_ca"]),
-                                                      "certfile": str(dev_files["tls_cert"]),
-                                                      "keyfile": str(dev_files["tls_key"])})
+    device = peers(dep.tls_port, user, password, tls={"ca_certs": str(dev_files["ca_file"]),
+                                                      "certfile": str(dev_files["cert_file"]),
+                                                      "keyfile": str(dev_files["key_file"])})
     device.connect_ok()
 
     co = snippets["coord"]["broker"]
@@ -80,9 +81,9 @@ def test_add_device_without_cert_prints_a_plain_snippet_and_a_note(tmp_path):
                     "--broker-url", "mqtt://127.0.0.1:1883", "--hasher", "fedmq")
     assert result.exit_code == 0, result.output
     snippet = tomllib.loads(result.stdout)
-    assert snippet["broker_url"] == "mqtt://127.0.0.1:1883"
-    assert not any(key.startswith("tls_") for key in snippet)
-    password = (tmp_path / "dev2" / snippet["password_file"]).read_text().strip()
+    assert snippet["broker"]["url"] == "mqtt://127.0.0.1:1883"
+    assert not any(key in snippet["broker"] for key in ("ca_file", "cert_file", "key_file"))
+    password = (tmp_path / "dev2" / snippet["broker"]["password_file"]).read_text().strip()
     users = cred.read_password_file(tmp_path / "auth/passwd")
     assert cred.verify_password(password, users["dev2"]) and not cred.verify_password(password + "x", users["dev2"])
     # The ACL is the shipped one, ready for the broker.

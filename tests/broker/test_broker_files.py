@@ -74,7 +74,9 @@ def test_render_refuses_bad_ports(tmp_path):
 def test_compose_mounts_every_path_the_configuration_names():
     compose = yaml.safe_load(COMPOSE.read_text())
     service = compose["services"]["mosquitto"]
-    assert service["image"] == "eclipse-mosquitto:2"
+    assert service["image"] == "eclipse-mosquitto:2.0.18"
+    assert service["healthcheck"]["test"] == yaml.safe_load(
+        (COMPOSE.parents[1] / "deploy/stack/compose.yml").read_text())["services"]["mosquitto"]["healthcheck"]["test"]
     assert service["ports"] == ["8883:8883"]  # TLS only; the plain listener stays in the container
     mounts = {}
     for volume in service["volumes"]:

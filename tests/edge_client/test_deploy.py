@@ -1,4 +1,6 @@
-"""The systemd unit passes `systemd-analyze verify` and has the settings the agent relies on."""
+"""The edge client's systemd unit passes `systemd-analyze verify` and has the settings the agent
+relies on. Both units' exposure bound and documentation links, the coordinator's unit and
+install.sh's dry runs: tests/deploy/."""
 
 from __future__ import annotations
 
