@@ -49,61 +49,64 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _payloads(n_distinct: int = 20) -> tuple[Any, list[bytes]]:
-    from fedmq.codecs import CodecConfig, encode
+def _updates(n_distinct: int = 20) -> tuple[Any, list[Any]]:
+    """The CNN's ParamSpec and ``n_distinct`` synthetic local results (random float32 updates)."""
+    from fedmq.fl.training import LocalResult
     from fedmq.params import ParamSpec
     from fedmq.tasks import get_task
 
     spec = ParamSpec.from_module(get_task("mnist-cnn").build_model(0))
     rng = np.random.default_rng(0)
-    cfg = CodecConfig(name="topk-int8", density=0.01)
-    return spec, [encode(rng.normal(size=spec.size).astype(np.float32), spec, cfg) for _ in range(n_distinct)]
+    return spec, [LocalResult(rng.normal(size=spec.size).astype(np.float32), "delta", 100, 1, 1, 0.0,
+                              {"train_loss": 0.5}) for _ in range(n_distinct)]
 
 
-def _envelope(spec: Any, payload: bytes, device: str) -> bytes:
-    from fedmq.envelope import ClientUpdate, encode_update
-    return encode_update(ClientUpdate(federation=FED, device=device, round=1, base_version=0, samples=100,
-                                      kind="delta", spec_hash=spec.hash, codec="topk-int8", payload=payload,
-                                      metrics={"train_loss": 0.5}))
+def _envelope(spec: Any, result: Any, device: str) -> bytes:
+    """A client update of ``device`` for round 1, built by the client-update pipeline
+    (Top-K 1% + int8; a fresh residual, so every envelope is the update itself)."""
+    from fedmq.feedback import ErrorFeedback
+    from fedmq.fl.client import package_update
+    from fedmq.messages import Task, TrainPlan
+
+    task = Task(FED, device, 1, 0, spec.hash, 0.0, TrainPlan(codec="topk-int8", density=0.01))
+    return package_update(result, task, federation=FED, device=device, spec=spec, feedback=ErrorFeedback(spec),
+                          seed=0).data
 
 
-def _gate(spec: Any, devices: list[str]) -> Any:
-    from fedmq.fl.rounds import RoundGate
+def _engine(spec: Any, devices: list[str]) -> Any:
+    """The coordinator's round engine with round 1 open for ``devices`` (no target closes it early)."""
+    from fedmq.fl.rounds import RoundEngine
     known = set(devices)
-    return RoundGate(FED, spec, 1, 0, "delta", frozenset(devices), known.__contains__, 32 << 20, None)
+    engine = RoundEngine(FED, spec, kind="delta", is_known=known.__contains__, max_update_bytes=32 << 20)
+    engine.open(1, 0, devices, len(devices) + 1, time.time() + 3600, time.time())
+    return engine
 
 
-def memory_path(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
-    from fedmq.fl.aggregation import WeightedMean
+def memory_path(spec: Any, payloads: list[Any], n: int) -> dict[str, Any]:
     from fedmq.fl.rounds import Accepted
 
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
-    gate = _gate(spec, devices)
-    acc = WeightedMean(spec.size)
+    engine = _engine(spec, devices)
     t = time.perf_counter()
     for i, (device, data) in enumerate(zip(devices, messages)):
-        res = gate.check(device, f"t{i}", data)
+        res = engine.offer(device, f"t{i}", data)
         assert isinstance(res, Accepted), res
-        acc.add(res.sparse, float(res.update.samples))
     seconds = time.perf_counter() - t
     return {"updates": n, "seconds": round(seconds, 3), "updates_per_s": round(n / seconds, 1),
             "envelope_bytes": len(messages[0])}
 
 
-def memory_growth(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
+def memory_growth(spec: Any, payloads: list[Any], n: int) -> dict[str, Any]:
     """RSS after 100 and after ``n`` updates of one round (envelopes built on the fly)."""
-    from fedmq.fl.aggregation import WeightedMean
     from fedmq.fl.rounds import Accepted
 
     devices = [f"d{i}" for i in range(n)]
-    gate = _gate(spec, devices)
-    acc = WeightedMean(spec.size)
+    engine = _engine(spec, devices)
     rss_100 = 0
     for i, device in enumerate(devices):
-        res = gate.check(device, f"t{i}", _envelope(spec, payloads[i % len(payloads)], device))
+        res = engine.offer(device, f"t{i}", _envelope(spec, payloads[i % len(payloads)], device))
         assert isinstance(res, Accepted)
-        acc.add(res.sparse, 100.0)
         if i + 1 == 100:
             rss_100 = _rss_bytes()
     rss_n = _rss_bytes()
@@ -111,7 +114,7 @@ def memory_growth(spec: Any, payloads: list[bytes], n: int) -> dict[str, Any]:
             "growth_fraction": round((rss_n - rss_100) / rss_100, 4)}
 
 
-def _publisher(url: str, devices: list[str], payloads: list[bytes], spec_dict: dict[str, Any], ready: Any,
+def _publisher(url: str, devices: list[str], payloads: list[Any], spec_dict: dict[str, Any], ready: Any,
                go: Any) -> None:
     from fedmq import topics
     from fedmq.params import ParamSpec
@@ -135,10 +138,9 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) ->
     from pathlib import Path
 
     from broker.launch import start_mosquitto
-    from fedmq.fl.aggregation import WeightedMean
     from coordinator.config import config_from_dict
     from coordinator.presence import Device
-    from coordinator.service import Coordinator, _RoundState
+    from coordinator.service import Coordinator
     from fedmq import topics
     from fedmq.transport.link import MqttLink
     from fedmq.transport.receiver import BlobReceiver
@@ -149,14 +151,15 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) ->
         try:
             cfg = config_from_dict({"federation": FED, "task": "mnist-cnn", "state_dir": str(Path(tmp) / "state"),
                                     "broker": {"url": broker.url}, "publish": {"onnx": False}})
-            coord = Coordinator(cfg)
+            # The coordinator's own message loop and round engine, with round 1 open for
+            # every publisher's devices (the rest of Coordinator.run is not on this path).
+            coord = Coordinator(cfg, link=MqttLink(cfg.broker, client_id="bench-coordinator", inflight=256))
             for d in devices:
                 coord.registry.devices[d] = Device(d, online=True, task="mnist-cnn", spec_hash=spec.hash)
-            coord.link = MqttLink(cfg.broker, client_id="bench-coordinator", inflight=256).connect()
+            coord.link.connect()
             coord.receiver = BlobReceiver(max_size=cfg.limits.max_update_bytes)
             coord.link.subscribe(topics.update_filter(FED), inbox=coord.inbox)
-            gate = _gate(spec, devices)
-            st = _RoundState(1, 0, devices, n, time.time() + 3600, time.time(), WeightedMean(spec.size))
+            engine = coord.engine = _engine(spec, devices)
             ctx = mp.get_context("spawn")
             go = ctx.Event()
             procs, readies = [], []
@@ -173,8 +176,8 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) ->
             t = time.perf_counter()
             go.set()
             last = time.monotonic()
-            while st.acc.count + sum(st.rejected.values()) < n and time.monotonic() - last < 30:
-                if coord._pump(gate, st, 1.0):
+            while engine.aggregate.count + sum(engine.rejected.values()) < n and time.monotonic() - last < 30:
+                if coord._pump(1.0):
                     last = time.monotonic()
             seconds = time.perf_counter() - t
             for p in procs:
@@ -182,15 +185,15 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int) ->
             coord.link.close()
         finally:
             broker.stop()
-    return {"updates_sent": n, "accepted": st.acc.count, "rejected": dict(st.rejected), "publishers": publishers,
-            "seconds": round(seconds, 3), "updates_per_s": round(st.acc.count / seconds, 1),
-            "bytes_up": st.bytes_up}
+    return {"updates_sent": n, "accepted": engine.aggregate.count, "rejected": dict(engine.rejected),
+            "publishers": publishers, "seconds": round(seconds, 3),
+            "updates_per_s": round(engine.aggregate.count / seconds, 1), "bytes_up": engine.bytes_up}
 
 
 def run(quick: bool) -> dict[str, Any]:
     import torch
     torch.set_num_threads(1)
-    spec, payloads = _payloads()
+    spec, payloads = _updates()
     n_mem = 1000 if quick else 5000
     mem = memory_path(spec, payloads, n_mem)
     wire = mosquitto_path(spec, payloads, 1000 if quick else 5000, publishers=2 if quick else 4)

@@ -22,6 +22,9 @@ import numpy as np
 from fedmq import topics
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.feedback import ErrorFeedback
+from fedmq.fl.client import package_update
+from fedmq.fl.training import LocalResult
 from fedmq.messages import Status, Task
 from fedmq.params import ParamSpec
 from fedmq.tasks import get_task
@@ -36,20 +39,23 @@ def update_vector(device: str, round_: int, size: int) -> np.ndarray:
 
 
 def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: int, mode: str) -> bytes:
+    """The envelope this device sends for ``task``: the product's client-update pipeline on
+    :func:`update_vector` (a fresh residual, so what is sent is the update itself), or, in
+    the attacking modes, bytes built by hand."""
     if mode == "garbage":
         return os.urandom(300)
     if mode == "nan":
         payload = bytearray(encode(np.zeros(spec.size, np.float32), spec, CodecConfig(name="none")))
         payload[0:4] = np.array([np.nan], np.float32).tobytes()
-        codec = "none"
-    else:
-        payload = encode(update_vector(device, task.round, spec.size), spec, CodecConfig.from_plan(task.plan))
-        codec = task.plan.codec
+        return encode_update(ClientUpdate(federation=fed, device=device, round=task.round,
+                                          base_version=task.model_version, samples=samples,
+                                          kind=task.plan.update_kind, spec_hash=spec.hash, codec="none",
+                                          payload=bytes(payload), metrics={}))
+    result = LocalResult(update_vector(device, task.round, spec.size), task.plan.update_kind, samples, 1, 1, 0.0,
+                         {"train_loss": 1.0 + samples / 1000})
     claimed = "good-0" if mode == "impostor" else device
-    return encode_update(ClientUpdate(federation=fed, device=claimed, round=task.round,
-                                      base_version=task.model_version, samples=samples, kind=task.plan.update_kind,
-                                      spec_hash=spec.hash, codec=codec, payload=bytes(payload),
-                                      metrics={"train_loss": 1.0 + samples / 1000}))
+    return package_update(result, task, federation=fed, device=claimed, spec=spec, feedback=ErrorFeedback(spec),
+                          seed=0).data
 
 
 def main(url: str, protocol: str, fed: str, device: str, mode: str, task_name: str, samples: str) -> None:

@@ -47,7 +47,7 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
         folder = tmp_path / "devices" / device
         save_npz_atomic(folder / "data.npz", x, y)
         _write_toml(folder / "edge.toml", {
-            "broker_url": mosquitto.url, "protocol": "5", "device_id": device, "federation": "crash",
+            "broker": {"url": mosquitto.url, "protocol": "5"}, "device_id": device, "federation": "crash",
             "task": "digits-mlp", "data": "data.npz", "state_dir": "state", "seed": int(device[-1])})
     save_npz_atomic(tmp_path / "test.npz", data.x_test, data.y_test)
     cfg = tmp_path / "coordinator.toml"

@@ -1,5 +1,7 @@
-"""End to end: a real device process, a real mosquitto, and a coordinator side written here
-with the real transport, envelope and codec (no mocks).
+"""End to end: a real device process, a real mosquitto, and a scripted coordinator side that
+chooses each receipt (accepted, rejected, none) to drive the agent through every path. What
+it receives is judged by the real round engine, and the updates the device should have
+trained are recomputed with the real client-update pipeline (no mocks).
 
 Invariant checked throughout (error feedback, Stich et al. 2018): everything the coordinator
 aggregated plus the device's residual plus the update in flight equals the sum of the true
@@ -23,7 +25,9 @@ import numpy as np
 import pytest
 
 from edge_client.localdata import load_local_data
-from fedmq.fl.training import split_holdout, train_local
+from fedmq.fl.client import train_for_task
+from fedmq.fl.rounds import Accepted, RoundEngine
+from fedmq.fl.training import split_holdout
 from fedmq import topics
 from fedmq.codecs import decode
 from fedmq.data import load_digits, save_npz_atomic
@@ -62,7 +66,7 @@ def _tail(log: Path | None) -> str:
 
 
 class Coordinator:
-    """The coordinator's side of the protocol, enough for one device."""
+    """The coordinator's side of the protocol for one device, with receipts chosen by the test."""
 
     def __init__(self, broker) -> None:
         self.link = MqttLink(BrokerSettings(url=broker.url, protocol=broker.protocol), client_id="coord").connect()
@@ -114,9 +118,9 @@ class Device:
         self.state = tmp / "state"
         self.config = tmp / "edge.toml"
         self.config.write_text(
-            f'broker_url = "{broker.url}"\nprotocol = "{broker.protocol}"\ndevice_id = "{DEV}"\n'
-            f'federation = "{FED}"\ntask = "{TASK}"\ndata = "{self.data}"\nstate_dir = "{self.state}"\n'
-            f"seed = {SEED}\nreceipt_timeout = 60\nreceipt_grace = 0\n")
+            f'device_id = "{DEV}"\nfederation = "{FED}"\ntask = "{TASK}"\ndata = "{self.data}"\n'
+            f'state_dir = "{self.state}"\nseed = {SEED}\nreceipt_timeout = 60\nreceipt_grace = 0\n'
+            f'[broker]\nurl = "{broker.url}"\nprotocol = "{broker.protocol}"\n')
         self.pause_file = tmp / "paused"
         self.log = tmp / "device.log"
         self.proc: subprocess.Popen | None = None
@@ -160,18 +164,22 @@ class Device:
 
 
 def true_update(coord: Coordinator, device: Device, round: int) -> np.ndarray:
-    """What the device trains for ``round``, recomputed here from the same inputs."""
+    """What the device trains for ``round``, recomputed with the client-update pipeline."""
     task = get_task(TASK)
     model = task.build_model(SEED)
     model_from_safetensors(coord.global_bytes, model, coord.spec)
     x, y = load_local_data(device.data, task)
     xt, yt, xv, yv = split_holdout(x, y, 0.1, SEED)
-    rng = np.random.default_rng([SEED, PLAN.seed, round])
-    return train_local(model, xt, yt, PLAN, rng=rng, max_seconds=300.0, x_val=xv, y_val=yv).update
+    round_task = Task(FED, DEV, round, 1, coord.spec.hash, 0.0, PLAN)
+    return train_for_task(model, xt, yt, round_task, seed=SEED, max_seconds=300.0, x_val=xv, y_val=yv).update
 
 
 def sent_vector(coord: Coordinator, data: bytes, round: int) -> np.ndarray:
-    update = decode_update(data, coord.spec)
+    engine = RoundEngine(FED, coord.spec, kind="delta", is_known=lambda d: d == DEV, max_update_bytes=1 << 24)
+    engine.open(round, 1, [DEV], 1, time.time() + 60, time.time())
+    outcome = engine.offer(DEV, "t", data)
+    assert isinstance(outcome, Accepted), outcome
+    update = outcome.update
     assert (update.device, update.round, update.base_version, update.kind) == (DEV, round, 1, "delta")
     assert {"train_loss", "val_loss", "val_accuracy"} <= set(update.metrics)
     return decode(update.codec, update.payload, coord.spec)
