@@ -119,10 +119,16 @@ class AggregationConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    """Bounds on client updates."""
+    """Bounds on client updates and on what the coordinator holds for transfers in assembly.
+
+    ``max_update_bytes`` applies together with the ParamSpec's own bound (the largest valid
+    envelope, :func:`fedmq.envelope.max_update_bytes`): the smaller one wins.
+    """
 
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     norm_bound: float | None = Field(None, gt=0)
+    max_transfers_per_device: int = Field(2, ge=1)
+    max_assembling_bytes: int = Field(256 * 1024 * 1024, ge=1024)
 
 
 class PublishConfig(_Section):

@@ -39,6 +39,7 @@ from coordinator.presence import DeviceRegistry
 from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.data import load_npz, load_split
+from fedmq.envelope import max_update_bytes
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
@@ -130,6 +131,8 @@ class Coordinator:
         self.link: Link = link if link is not None else open_link(config.broker,
                                                                    client_id=f"fedmq-coordinator-{self.fed}")
         self.engine: RoundEngine | None = None
+        #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
+        self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec))
         self.db: StateDB | None = None
 
     # -- control -------------------------------------------------------------------------
@@ -163,14 +166,13 @@ class Coordinator:
             vector, round_done, version = self._resume(state_dir)
             self._load_eval_data()
             self.link.connect()
-            self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s),
-                                         max_size=cfg.limits.max_update_bytes)
+            self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
             self._publish_model(vector, version, round_done)
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=cfg.limits.max_update_bytes, norm_bound=cfg.limits.norm_bound,
+                max_update_bytes=self._update_limit, norm_bound=cfg.limits.norm_bound,
                 aggregator=cfg.aggregation.rule, min_updates=cfg.round.min_updates, round=round_done,
                 base_version=version)
             while round_done < cfg.rounds and not self.stopping:
@@ -340,6 +342,14 @@ class Coordinator:
         device, transfer, part = parsed
         engine = self.engine
         assert engine is not None
+        if msg.retain:
+            # Every later subscription would replay it: never assembled, cleared at once.
+            self._clear_retained(msg.topic)
+            if part == "m":
+                self._answer(device, transfer, engine.refuse(device, transfer, "retained",
+                                                             "client update published as a retained message"),
+                             notify)
+            return
         self.registry.seen(device)
         dev = self.registry.devices.get(device)
         if dev is not None:
@@ -351,20 +361,42 @@ class Coordinator:
             # The manifest is parsed once, here, and its announced size judged before the
             # receiver allocates anything for the transfer.
             base = msg.topic[:-2]
-            limit = self.config.limits.max_update_bytes
             try:
                 manifest = Manifest.from_bytes(msg.payload)
             except WireError as exc:
                 self._answer(device, transfer, engine.refuse(device, transfer, "malformed", f"blob manifest: {exc}"),
                              notify)
                 return
-            if manifest.size > limit:
-                self._answer(device, transfer, engine.refuse(device, transfer, "oversized",
-                                                             f"{manifest.size} bytes announced, limit {limit}"), notify)
+            verdict = engine.admit(device, transfer, manifest.size) or self._capacity(device, base, manifest.size)
+            if isinstance(verdict, Rejected):
+                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail)
+            if verdict is not None:
+                self._answer(device, transfer, verdict, notify)
                 return
             blob = self.receiver.feed_manifest(base, manifest, msg.payload)
         if blob is not None:
             self._answer(device, transfer, engine.offer(device, transfer, blob.data), notify)
+
+    def _capacity(self, device: str, base: str, size: int) -> Rejected | None:
+        """``busy`` when admitting the transfer would exceed the assembly limits."""
+        limits = self.config.limits
+        if self.receiver.manifest(base) is not None:
+            return None  # a duplicate manifest of a transfer already in assembly
+        count, _ = self.receiver.pending_bytes(topics.update_base(self.fed, device, ""))
+        if count >= limits.max_transfers_per_device:
+            return Rejected("busy", f"{device!r} already has {count} transfers in assembly "
+                                    f"(limits.max_transfers_per_device {limits.max_transfers_per_device})")
+        _, total = self.receiver.pending_bytes()
+        if total + size > limits.max_assembling_bytes:
+            return Rejected("busy", f"{total} bytes in assembly, {size} more would exceed "
+                                    f"limits.max_assembling_bytes {limits.max_assembling_bytes}")
+        return None
+
+    def _clear_retained(self, topic: str) -> None:
+        try:
+            self.link.publish(topic, b"", retain=True)
+        except TransportError as exc:
+            log.warning("retained message on %s not cleared: %s", topic, exc)
 
     def _on_status(self, device: str, payload: bytes) -> None:
         if not payload:

@@ -38,6 +38,14 @@ non_finite           NaN or Inf in the payload
 norm_bound           L2 norm of the decoded update above ``norm_bound``
 ==================== ==========================================================
 
+Before a transfer's bytes arrive, :meth:`RoundEngine.admit` judges its manifest (device, announced
+size): a resend of a transfer already answered gets its :class:`Repeat` at once; ``oversized``,
+``unknown_device``, ``late``, ``unselected`` and ``duplicate`` are refused before anything is
+allocated for the transfer. The service adds two refusals of its own, counted the same way:
+``busy`` (the device, or all devices together, already have as many transfers or bytes in
+assembly as the limits allow) and ``retained`` (a client update published as a retained
+message: ignored and cleared).
+
 Decoding goes all the way (:func:`fedmq.codecs.decode_sparse` validates every index and
 value) before an update is accepted, so nothing half-checked reaches the accumulator.
 """
@@ -59,13 +67,13 @@ from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.params import ParamSpec
 
 REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
-           "unselected", "wrong_base_version", "duplicate", "non_finite", "norm_bound")
+           "unselected", "wrong_base_version", "duplicate", "non_finite", "norm_bound", "busy", "retained")
 
 #: Closed rounds remembered to tell ``late`` from ``wrong_round`` and to answer resends.
 LATE_HISTORY = 8
 
 #: Rejections that do not count as the device's answer to its round (it may still answer).
-_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch")
+_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch", "busy", "retained")
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,40 @@ class RoundEngine:
         return ClosedRound(record, delta)
 
     # -- answers -------------------------------------------------------------------------
+
+    def admit(self, device: str, transfer_id: str, size: int) -> Repeat | Rejected | None:
+        """Judge a transfer from its manifest, before anything is allocated for it.
+
+        Args:
+            device: the device level of the update topic.
+            transfer_id: the transfer level of the topic.
+            size: blob size the manifest announces (bytes).
+
+        Returns:
+            :class:`Repeat` for a transfer already answered (in this round or a remembered
+            one), :class:`Rejected` (not yet recorded: pass it to :meth:`refuse`), or None
+            when the blob may be assembled and then :meth:`offer`-ed.
+        """
+        for answers in (self._answers, *self._closed_answers.values()):
+            previous = answers.get(device)
+            if previous is not None and previous[0] == transfer_id:
+                round_ = self.round if answers is self._answers else next(
+                    r for r, a in self._closed_answers.items() if a is answers)
+                return Repeat(previous[1], previous[2], round_)
+        if size > self.max_update_bytes:
+            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None, self.round)
+        if not self.is_known(device):
+            return Rejected("unknown_device", f"no status ever seen from {device!r}", None, self.round)
+        if device not in self.selected:
+            if any(device in sel for sel in self._closed_selected.values()):
+                return Rejected("late", f"no round in progress selected {device!r}", None, self.round)
+            return Rejected("unselected", f"{device!r} was not selected for round {self.round}", None, self.round)
+        if not self.is_open:
+            return Rejected("late", f"round {self.round} is closed", None, self.round)
+        if device in self._answers:
+            return Rejected("duplicate", f"{device!r} already sent transfer {self._answers[device][0]} in round "
+                                         f"{self.round}", None, self.round)
+        return None
 
     def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its

@@ -14,7 +14,9 @@ Contract (every implementation):
 * :meth:`Link.publish` never sends a packet larger than the broker's Maximum Packet Size
   (it raises :class:`~fedmq.errors.TransportError` instead); :meth:`Link.max_payload` says
   how large a payload fits;
-* subscriptions are made again after every reconnect.
+* subscriptions are made again after every reconnect;
+* a message published retained arrives with ``retain`` True, live or replayed (MQTT 5
+  Retain As Published; with MQTT 3.1.1 only replayed ones are marked).
 """
 
 from __future__ import annotations

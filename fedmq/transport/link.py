@@ -383,7 +383,10 @@ class MqttLink:
         self.publish(topic, payload, qos=qos, retain=retain).wait(timeout)
 
     def _sub_options(self, qos: int) -> SubscribeOptions | int:
-        return SubscribeOptions(qos=qos) if self.settings.protocol == "5" else qos
+        # Retain As Published (MQTT 5.0, 3.8.3.1): a message published retained keeps its
+        # retain flag on live delivery too, so a receiver can tell (and refuse) retained
+        # client updates as they arrive, not only when a later subscription replays them.
+        return SubscribeOptions(qos=qos, retainAsPublished=True) if self.settings.protocol == "5" else qos
 
     def route(self, pattern: str, inbox: queue.SimpleQueue[Message]) -> None:
         """Send messages whose topic matches ``pattern`` (MQTT filter syntax) to ``inbox``

@@ -109,7 +109,8 @@ class MemoryBus:
             self.stats[(sender, "msgs_in")] += 1
             targets = list(self._clients.values())
         for link in targets:
-            if link._deliver(topic, payload, False):
+            # Retain As Published, as MqttLink subscribes with MQTT 5.
+            if link._deliver(topic, payload, retain):
                 self.stats[(link.client_id, "bytes_out")] += len(payload)
                 self.stats[(link.client_id, "msgs_out")] += 1
 

@@ -142,6 +142,11 @@ class BlobReceiver:
         """Base topics of the transfers in progress."""
         return list(self._transfers)
 
+    def pending_bytes(self, prefix: str = "") -> tuple[int, int]:
+        """``(transfers, bytes announced)`` in progress under base topics starting with ``prefix``."""
+        items = [t.manifest.size for b, t in self._transfers.items() if b.startswith(prefix)]
+        return len(items), sum(items)
+
     def is_done(self, base: str, transfer_id: bytes) -> bool:
         """True if this transfer was completed recently (within ``remember`` transfers)."""
         return (base, transfer_id) in self._done

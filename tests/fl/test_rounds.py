@@ -139,8 +139,11 @@ def test_late_after_close_and_in_the_next_round():
 def test_every_reason_has_a_test():
     import inspect
     import sys
+    from pathlib import Path
+    # busy and retained are the service's refusals: tests/coordinator/test_admission.py.
     src = inspect.getsource(sys.modules[__name__])
-    assert all(f'== "{r}"' in src for r in REASONS)
+    src += (Path(__file__).parents[1] / "coordinator" / "test_admission.py").read_text()
+    assert all(f'"{r}")' in src or f'== "{r}"' in src for r in REASONS), [r for r in REASONS if f'"{r}"' not in src]
 
 
 def test_target_reached_completes_the_round_and_later_answers_are_late():
@@ -191,3 +194,23 @@ def test_refusals_before_assembly_are_counted():
     out = g.engine.refuse("a", "t1", "oversized", "announced 1 GB")
     assert out.reason == "oversized" and out.round == 4
     assert g.engine.rejected == {"oversized": 1} and g.engine.complete is False
+
+
+def test_admission_judges_a_manifest_before_anything_is_allocated():
+    g = gate()
+    e = g.engine
+    assert e.admit("a", "t1", 1000) is None
+    assert e.admit("a", "t1", 2 << 20).reason == "oversized"
+    assert e.admit("z", "t1", 1000).reason == "unknown_device"
+    assert e.admit("c", "t1", 1000).reason == "unselected"
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    # The same transfer again: its receipt at once, without assembling it again.
+    assert e.admit("a", "t1", 1000) == Repeat("accepted", "", 4)
+    assert e.admit("a", "t2", 1000).reason == "duplicate"
+    g.close()
+    assert e.admit("b", "t3", 1000).reason == "late"
+    g.next_round(5, 3, ["c"])
+    assert e.admit("a", "t1", 1000) == Repeat("accepted", "", 4)
+    assert e.admit("b", "t4", 1000).reason == "late"
+    # admit() records nothing: refuse() counts what the caller refuses.
+    assert e.rejected == {}
