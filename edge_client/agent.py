@@ -47,6 +47,7 @@ import torch
 
 from edge_client.config import EdgeConfig
 from edge_client.localdata import load_local_data
+from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq.fl.client import package_update, train_for_task
@@ -56,6 +57,7 @@ from fedmq.atomic import atomic_write_text
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
 from fedmq.errors import FedmqError, TransportError, WireError
+from fedmq.metrics_http import MetricsServer
 from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
@@ -252,7 +254,13 @@ class EdgeAgent:
         link = self.link
         link.set_will(Will(topics.status(fed, dev), self._status(False), qos=1, retain=True))
         self.sender = BlobSender(link)
-        link.connect()
+        metrics = self._serve_metrics()
+        try:
+            link.connect()
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            raise
         try:
             self._connects_seen = link.connects
             link.subscribe([topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev)],
@@ -287,6 +295,19 @@ class EdgeAgent:
                 except TransportError as exc:
                     log.warning("offline status not acknowledged: %s", exc)
             link.close()
+            if metrics is not None:
+                metrics.close()
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """The Prometheus endpoint when ``metrics_port`` is set (edge_client.metrics)."""
+        cfg = self.cfg
+        if not cfg.metrics_port:
+            return None
+        collector = AgentCollector(self.counters, lambda: self.link.connected, lambda: self.state.record.last_round,
+                                   lambda: self.state.record.inflight is not None)
+        server = serve_agent_metrics(collector, cfg.metrics_address, cfg.metrics_port)
+        log.info("metrics on %s", server.url)
+        return server
 
     def _drain(self) -> None:
         """Handle every message already received, without waiting."""
