@@ -407,6 +407,9 @@ class Coordinator:
             log.warning("status of %s ignored: %s", device, exc)
             return
         self.registry.on_status(device, status)
+        for conflict in self.registry.conflict_reports():
+            assert self.db is not None
+            self.db.write_conflict(conflict)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""

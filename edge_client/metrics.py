@@ -18,8 +18,8 @@ metric                                          meaning
 ``fedmq_edge_repairs_total``                    chunk repair requests answered
 ``fedmq_edge_bad_messages_total``               malformed messages ignored
 ``fedmq_edge_late_tasks_total``                 tasks received after their deadline
-``fedmq_edge_duplicate_id_total``               times another agent was seen using this
-                                                device id (edge_client.duplicate)
+``fedmq_edge_duplicate_id_total``               reports and back-offs: another agent seems
+                                                to use this device id (edge_client.duplicate)
 ``fedmq_edge_connected``                        1 while the link to the broker is up
 ``fedmq_edge_last_round``                       last round this device finished (-1: none)
 ``fedmq_edge_update_in_flight``                 1 while a sent update awaits its receipt
@@ -47,7 +47,7 @@ COUNTERS = {
     "repairs": "Chunk repair requests answered.",
     "bad_messages": "Malformed messages ignored.",
     "late_tasks": "Tasks received after their round's deadline.",
-    "duplicate_id": "Times another agent was seen using this device id.",
+    "duplicate_id": "Reports and back-offs because another agent seems to use this device id.",
 }
 
 
