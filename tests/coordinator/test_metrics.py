@@ -64,7 +64,8 @@ class Prometheus:
         assert doc["status"] == "success", doc
         out = {}
         for item in doc["data"]["result"]:
-            labels = tuple(sorted((k, v) for k, v in item["metric"].items() if k not in ("__name__", "job", "instance")))
+            labels = tuple(sorted((k, v) for k, v in item["metric"].items()
+                                  if k not in ("__name__", "job", "instance")))
             out[labels] = float(item["value"][1])
         return out
 
