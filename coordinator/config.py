@@ -137,6 +137,20 @@ class PublishConfig(_Section):
     onnx: bool = True
 
 
+class MetricsConfig(_Section):
+    """The Prometheus metrics endpoint (coordinator.metrics): off while ``port`` is 0."""
+
+    port: int = Field(0, ge=0, le=65535)
+    address: str = "127.0.0.1"
+
+    @field_validator("address")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or "/" in value:
+            raise ValueError("expected an IP address or host name to bind, e.g. 127.0.0.1 or 0.0.0.0")
+        return value
+
+
 class CoordinatorConfig(_Section):
     """The whole coordinator configuration (see docs/coordinator.md).
 
@@ -159,6 +173,7 @@ class CoordinatorConfig(_Section):
     aggregation: AggregationConfig = AggregationConfig()
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("broker", mode="before")
     @classmethod

@@ -8,7 +8,8 @@
   :class:`fedmq.fl.aggregation.WeightedMean` (one model-sized accumulator);
 * how the global model steps: :mod:`fedmq.fl.server_opt`.
 
-A round ``r``: wait (up to ``round.wait_for_devices_s``) for enough eligible devices;
+A round ``r``: wait for ``round.min_devices`` eligible devices (after
+``round.wait_for_devices_s``, ``min_updates`` are enough; with fewer no round opens);
 select ``ceil(target * over_selection)`` of them with the generator of ``(seed, r)``;
 send each a retained :class:`fedmq.messages.Task`; announce the round; accept client
 updates until ``target`` are accepted, every selected device has answered, or the
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.presence import DeviceRegistry
 from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
@@ -56,6 +58,8 @@ log = logging.getLogger("fedmq.coordinator")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
+#: Seconds between two "waiting for devices" log lines.
+WAIT_LOG_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -105,6 +109,9 @@ class Coordinator:
         link: the connection to the broker, not yet connected (default:
             :func:`fedmq.transport.open_link` for ``config.broker``, chosen by the URL's
             scheme, with client id ``fedmq-coordinator-<federation>``).
+        metrics: where the run's Prometheus metrics go (:class:`coordinator.metrics.CoordinatorMetrics`);
+            the caller serves it. Default: a registry of this coordinator's own, served
+            during :meth:`run` on ``config.metrics`` when its ``port`` is set.
 
     Use :meth:`run` from the thread that should own the rounds; :meth:`stop` from any
     thread (or a signal handler) ends the run after the current step, keeping the last
@@ -115,8 +122,11 @@ class Coordinator:
         TransportError: the broker cannot be reached at start.
     """
 
-    def __init__(self, config: CoordinatorConfig, link: Link | None = None) -> None:
+    def __init__(self, config: CoordinatorConfig, link: Link | None = None,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self._serve_metrics = metrics is None and config.metrics.port > 0
         self.fed = config.federation
         self.task = get_task(config.task)
         self.model = self.task.build_model(config.seed)
@@ -158,12 +168,21 @@ class Coordinator:
             :class:`RunResult` with the records of the rounds this run finished.
         """
         cfg = self.config
-        notify = progress_callback or (lambda _p: None)
+        callback = progress_callback or (lambda _p: None)
+
+        def notify(p: Progress) -> None:
+            self.metrics.observe(p)
+            callback(p)
+
         state_dir = cfg.state_dir
         self.db = StateDB(state_dir)
         records: list[RoundRecord] = []
         try:
             vector, round_done, version = self._resume(state_dir)
+            self.metrics.started(version, *self._last_eval)
+            if self._serve_metrics:
+                served = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
+                log.info("metrics on %s", served.url)
             self._load_eval_data()
             self.link.connect()
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
@@ -185,6 +204,8 @@ class Coordinator:
                                 sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
             return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
         finally:
+            if self._serve_metrics:
+                self.metrics.close()
             self.link.close()
             self.db.close()
 
@@ -244,14 +265,24 @@ class Coordinator:
     # -- one round -----------------------------------------------------------------------
 
     def _wait_for_devices(self, round_: int, notify: Callable[[Progress], None]) -> list[str]:
+        """Eligible devices once there are enough: ``devices_to_wait_for``, or after
+        ``wait_for_devices_s`` at least ``min_updates`` (a round with fewer cannot succeed,
+        so none is opened: the wait goes on, logged every WAIT_LOG_INTERVAL_S). [] on stop."""
         cfg = self.config.round
         end = time.monotonic() + cfg.wait_for_devices_s
+        next_log = time.monotonic()
         while not self.stopping:
             eligible = self.registry.eligible(self.task.name, self.spec.hash)
-            if len(eligible) >= cfg.devices_to_wait_for or time.monotonic() >= end:
+            now = time.monotonic()
+            needed = max(cfg.min_updates, cfg.devices_to_wait_for if now < end else 0)
+            if len(eligible) >= needed:
                 return eligible
+            if now >= next_log:
+                log.info("waiting for devices: %d eligible (%d online), %d needed for round %d", len(eligible),
+                         self.registry.online_count(), needed, round_)
+                next_log = now + WAIT_LOG_INTERVAL_S
             notify(Progress("waiting", round_, online=self.registry.online_count()))
-            self._pump(min(_POLL_S * 5, max(0.0, end - time.monotonic())))
+            self._pump(_POLL_S * 5)
         return []
 
     def _run_round(self, r: int, version: int, vector: np.ndarray, engine: RoundEngine,
@@ -408,6 +439,9 @@ class Coordinator:
             log.warning("status of %s ignored: %s", device, exc)
             return
         self.registry.on_status(device, status)
+        for conflict in self.registry.conflict_reports():
+            assert self.db is not None
+            self.db.write_conflict(conflict)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""

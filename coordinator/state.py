@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from coordinator.presence import Device
+from coordinator.presence import Conflict, Device
 from fedmq.fl.rounds import ParticipationRecord, RoundRecord  # noqa: F401  (re-exported: the records are stored here)
 from fedmq.atomic import atomic_write_bytes
 from fedmq.errors import StateError
@@ -123,6 +123,8 @@ CREATE TABLE IF NOT EXISTS published (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER, task TEXT, spec_hash TEXT, samples INTEGER, software TEXT,
     last_seen REAL);
+CREATE TABLE IF NOT EXISTS conflicts (
+    device TEXT PRIMARY KEY, instances TEXT NOT NULL, first_seen REAL, last_seen REAL, turns INTEGER);
 """
 
 
@@ -167,6 +169,18 @@ class StateDB:
             self.conn.executemany(
                 "INSERT OR REPLACE INTO devices VALUES (?,?,?,?,?,?,?)",
                 [(d.device, int(d.online), d.task, d.spec_hash, d.samples, d.software, d.last_seen) for d in devices])
+
+    def write_conflict(self, conflict: Conflict) -> None:
+        """Record (or update) a device id that several agents use (coordinator.presence)."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO conflicts VALUES (?,?,?,?,?)",
+                              (conflict.device, json.dumps(conflict.instances), conflict.first_seen,
+                               conflict.last_seen, conflict.turns))
+
+    def conflicts(self) -> dict[str, Conflict]:
+        """Recorded duplicate device ids: device -> :class:`Conflict`."""
+        return {r[0]: Conflict(r[0], json.loads(r[1]), r[2], r[3], r[4])
+                for r in self.conn.execute("SELECT device, instances, first_seen, last_seen, turns FROM conflicts")}
 
     def delete_rounds_after(self, round_: int) -> None:
         """Drop rows of rounds after ``round_`` (left by a run whose checkpoint is older)."""

@@ -63,8 +63,10 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
         "rounds_summary": {...}, "rounds": [...]}``; per device ``online``, ``last_seen``
         (ISO) and ``last_seen_age_s``, ``rounds_taken_part`` (rounds it was selected for or
         sent an update in), ``accepted``, ``rejected`` (by reason), ``no_answer``,
-        ``bytes_up`` (client-update bytes received, manifests included); per round its
-        record with ``started`` / ``closed`` as ISO.
+        ``bytes_up`` (client-update bytes received, manifests included), ``duplicate_id``
+        (bool); ``duplicate_ids``: device ids several agents use (coordinator.presence),
+        each with ``instances``, ``turns``, ``first_seen``, ``last_seen``,
+        ``last_seen_age_s``; per round its record with ``started`` / ``closed`` as ISO.
 
     Raises:
         StateError: the checkpoint or the database is corrupt (names the path).
@@ -72,10 +74,16 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
     ckpt = load_checkpoint(state_dir)
     devices: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
+    duplicates: list[dict[str, Any]] = []
     if (state_dir / DB_NAME).is_file():
         db = StateDB(state_dir)
         try:
             rounds = db.rounds()
+            conflicts = db.conflicts()
+            duplicates = [{"device": c.device, "instances": c.instances, "turns": c.turns,
+                           "first_seen": iso(c.first_seen), "last_seen": iso(c.last_seen),
+                           "last_seen_age_s": _age(c.last_seen, now)} for c in sorted(conflicts.values(),
+                                                                                       key=lambda c: c.device)]
             per_device: dict[str, dict[str, Any]] = {}
             for device, rnd, status, reason, sent in db.conn.execute(
                     "SELECT device, round, status, reason, bytes_up FROM participations"):
@@ -97,7 +105,7 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
                                 "last_seen": iso(dev.last_seen), "last_seen_age_s": _age(dev.last_seen, now),
                                 "rounds_taken_part": len(d["rounds"]), "accepted": d["accepted"],
                                 "rejected": dict(sorted(d["rejected"].items())), "no_answer": d["no_answer"],
-                                "bytes_up": d["bytes_up"]})
+                                "bytes_up": d["bytes_up"], "duplicate_id": dev.device in conflicts})
         finally:
             db.close()
     for r in rounds:
@@ -125,7 +133,7 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
     return _finite({"federation": federation, "task": task, "state_dir": str(state_dir), "generated_at": iso(now),
                     "checkpoint": None if ckpt is None else {"round": ckpt.round, "model_version": ckpt.version},
                     "fleet": {"known": len(devices), "online": online, "offline": len(devices) - online},
-                    "devices": devices, "rounds_summary": summary, "rounds": rounds})
+                    "devices": devices, "duplicate_ids": duplicates, "rounds_summary": summary, "rounds": rounds})
 
 
 def _finite(obj: Any) -> Any:
@@ -167,6 +175,10 @@ def render_text(doc: dict[str, Any], now: float, last_rounds: int = 10) -> str:
                      str(d["no_answer"]), f"{d['bytes_up']:,}", str(d["samples"])))
     if doc["devices"]:
         lines += _table(rows)
+    for c in doc.get("duplicate_ids", []):
+        lines.append(f"DUPLICATE DEVICE ID {c['device']}: {len(c['instances'])} agents take turns on it (instances "
+                     f"{', '.join(c['instances'])}; {c['turns']} times, last {_since(c['last_seen'], now)}): each "
+                     f"closes the other's connection; give every device its own device_id")
     s = doc["rounds_summary"]
     lines += ["", f"rounds: {s['rounds']} ({s['closed']} closed, {s['failed']} failed)"]
     if s["rounds"]:

@@ -46,7 +46,9 @@ import numpy as np
 import torch
 
 from edge_client.config import EdgeConfig
+from edge_client.duplicate import TakeoverWatch
 from edge_client.localdata import load_local_data
+from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq.fl.client import package_update, train_for_task
@@ -56,6 +58,7 @@ from fedmq.atomic import atomic_write_text
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
 from fedmq.errors import FedmqError, TransportError, WireError
+from fedmq.metrics_http import MetricsServer
 from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
@@ -153,10 +156,15 @@ class EdgeAgent:
             scheme, with the device id as client id). The agent sets its last will on it.
         notifier: systemd notifier (from the environment when None).
         environ: environment for the test hook (``os.environ`` when None).
+        takeovers: how takeovers of the connection are judged (edge_client.duplicate; the
+            defaults when None: a third within 120 s backs off 30 s, doubling).
 
     Attributes:
         counters: ``rounds_trained``, ``updates_sent``, ``accepted``, ``rejected``,
-            ``rolled_back``, ``resends``, ``repairs``, ``bad_messages``, ``late_tasks``.
+            ``rolled_back``, ``resends``, ``repairs``, ``bad_messages``, ``late_tasks``,
+            ``duplicate_id`` (reports and back-offs: another agent seems to use this id).
+        instance: random id of this run, sent in every Status (tells two agents with one
+            device id apart).
 
     Raises:
         ConfigError: unknown task. DataError: missing or corrupt data (names the path).
@@ -164,7 +172,7 @@ class EdgeAgent:
     """
 
     def __init__(self, cfg: EdgeConfig, *, link: Link | None = None, notifier: Notifier | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, takeovers: TakeoverWatch | None = None) -> None:
         env = os.environ if environ is None else environ
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier(env)
@@ -180,6 +188,8 @@ class EdgeAgent:
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
         self.counters: Counter[str] = Counter()
+        self.instance = secrets.token_hex(6)
+        self.takeovers = takeovers if takeovers is not None else TakeoverWatch()
         self.link: Link = link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id)
         self.sender: BlobSender | None = None
         self._last_ping = 0.0
@@ -191,7 +201,8 @@ class EdgeAgent:
 
     def _status(self, online: bool) -> bytes:
         return Status(device=self.cfg.device_id, online=online, task=self.task_def.name, spec_hash=self.spec.hash,
-                      samples=len(self.y), software=f"fedmq-edge {__version__}", ts=time.time()).to_bytes()
+                      samples=len(self.y), software=f"fedmq-edge {__version__}", ts=time.time(),
+                      instance=self.instance).to_bytes()
 
     def _healthy_tick(self, worker: _Worker | None = None, limit: float = math.inf) -> None:
         """Ping the watchdog if the link is up and the worker (if any) is within its time
@@ -252,7 +263,13 @@ class EdgeAgent:
         link = self.link
         link.set_will(Will(topics.status(fed, dev), self._status(False), qos=1, retain=True))
         self.sender = BlobSender(link)
-        link.connect()
+        metrics = self._serve_metrics()
+        try:
+            link.connect()
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            raise
         try:
             self._connects_seen = link.connects
             link.subscribe([topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev)],
@@ -268,6 +285,7 @@ class EdgeAgent:
             if self.state.record.inflight is not None:
                 self._resume_inflight()
             while not stop.is_set():
+                self._check_takeovers(stop)
                 self._healthy_tick()
                 self._check_inflight()
                 if self._pending is not None and self.state.record.inflight is None:
@@ -287,6 +305,53 @@ class EdgeAgent:
                 except TransportError as exc:
                     log.warning("offline status not acknowledged: %s", exc)
             link.close()
+            if metrics is not None:
+                metrics.close()
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """The Prometheus endpoint when ``metrics_port`` is set (edge_client.metrics)."""
+        cfg = self.cfg
+        if not cfg.metrics_port:
+            return None
+        collector = AgentCollector(self.counters, lambda: self.link.connected, lambda: self.state.record.last_round,
+                                   lambda: self.state.record.inflight is not None)
+        server = serve_agent_metrics(collector, cfg.metrics_address, cfg.metrics_port)
+        log.info("metrics on %s", server.url)
+        return server
+
+    def _check_takeovers(self, stop: threading.Event) -> None:
+        """Report the broker closing this connection again and again right after accepting it
+        (edge_client.duplicate): another agent has this device id; back off so that it runs.
+
+        Raises:
+            TransportError: the broker cannot be reached again after the back-off.
+        """
+        link = self.link
+        verdict = self.takeovers.observe(link.taken_over + link.short_lived, time.monotonic())
+        if verdict is None:
+            return
+        dev = self.cfg.device_id
+        self.counters["duplicate_id"] += 1
+        if verdict == "report":
+            log.error("device %s: the broker keeps closing this connection right after accepting it: most likely "
+                      "another agent is configured with device id %r (the broker closes the older of two "
+                      "connections with one client id, in turn); give every device its own device_id and broker "
+                      "account", dev, dev)
+            return
+        pause = self.takeovers.backoff_s()
+        log.error("device %s: device id in use by another agent (connection closed 3 times within %.0f s): backing "
+                  "off %.0f s so that the other one runs, then connecting again; give every device its own "
+                  "device_id and broker account (this agent is instance %s)", dev, self.takeovers.window_s, pause,
+                  self.instance)
+        self.notifier.status(f"backing off {pause:.0f} s: device id {dev} in use by another agent")
+        self.link.close()
+        end = time.monotonic() + pause
+        while not stop.is_set() and time.monotonic() < end:
+            stop.wait(min(TICK, end - time.monotonic()))
+            if self.notifier.watchdog_interval is not None:
+                self.notifier.watchdog()  # waiting on purpose, not hung
+        if not stop.is_set():
+            self.link.connect()
 
     def _drain(self) -> None:
         """Handle every message already received, without waiting."""

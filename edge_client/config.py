@@ -99,6 +99,9 @@ class EdgeConfig(BaseModel):
             made by ``fedmq broker add-device``) that ``fedmq edge predict`` connects
             with, so that it does not close the running agent's connection (the broker
             binds the client id to the user name). Unset: predict uses the device's own.
+        metrics_port: TCP port of the agent's Prometheus endpoint (edge_client.metrics);
+            0 (default): none.
+        metrics_address: address the endpoint binds (default 127.0.0.1).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -128,6 +131,8 @@ class EdgeConfig(BaseModel):
     predict_password_file: Path | None = None
     predict_tls_cert: Path | None = None
     predict_tls_key: Path | None = None
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_address: str = "127.0.0.1"
 
     @field_validator("device_id", "federation")
     @classmethod

@@ -86,7 +86,9 @@ class Status(_Message):
     (``online=False``).
 
     Fields: device id; online flag; task name; ParamSpec hash (hex str); number of local
-    training samples; software version; ``ts`` wall-clock seconds since the epoch.
+    training samples; software version; ``ts`` wall-clock seconds since the epoch;
+    ``instance``: a random id of the agent's run (hex str, "" from older agents), so that
+    two agents configured with one device id can be told apart.
     """
 
     TYPE: ClassVar[str] = "status"
@@ -97,6 +99,7 @@ class Status(_Message):
     samples: int = 0
     software: str = ""
     ts: float = 0.0
+    instance: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Status:
@@ -108,7 +111,8 @@ class Status(_Message):
                    spec_hash=_get(o, "spec_hash", str, w, optional=True, default=""),
                    samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
                    software=_get(o, "software", str, w, optional=True, default=""),
-                   ts=_get(o, "ts", float, w, optional=True, default=0.0))
+                   ts=_get(o, "ts", float, w, optional=True, default=0.0),
+                   instance=_get(o, "instance", str, w, optional=True, default=""))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.config import load_config
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition, save_npz_atomic
@@ -414,7 +415,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
              samples_per_device: int | None = None, test_samples: int | None = None,
              aggregation: str = "weighted-mean",
-             write_files: bool = True, publish_onnx: bool = True, console: Console | None = None) -> dict[str, Any]:
+             write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
+             metrics: CoordinatorMetrics | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -432,6 +434,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             the test set (None: all).
         write_files: also write the model files and the plot (the simulator leaves them out).
         publish_onnx: the coordinator publishes an ONNX export with every version.
+        metrics: the coordinator's Prometheus metrics go there (the caller serves them and
+            keeps them after the run); None: a registry of the run's own, not served.
 
     Returns:
         the summary; ``"records"`` additionally holds every round's record (as dicts).
@@ -510,7 +514,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
 
         initial = task_def.build_model(seed)
         initial_accuracy = evaluate(initial, dataset.x_test, dataset.y_test)[1]
-        coordinator = Coordinator(load_config(coordinator_toml, environ={}))
+        coordinator = Coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
         previous = signal.getsignal(signal.SIGTERM)
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:

@@ -47,13 +47,14 @@ broker=(--passwd-file "$STACK/broker/auth/passwd" --acl-file "$STACK/broker/auth
 for i in $(seq 1 "$DEVICES"); do
   dev="dev-$i"
   snippet=$("${FEDMQ_CMD[@]}" broker add-device "$dev" "${broker[@]}" --out-dir "$STACK/devices/$dev")
+  # Top-level options first: add-device prints a [broker] table, which takes every key after it.
   cat > "$STACK/devices/$dev/edge.toml" <<TOML
-$snippet
 task = "digits-mlp"
 data = "data.npz"
 state_dir = "state"
 torch_threads = 1
 seed = $i
+$snippet
 TOML
 done
 cat > "$STACK/coordinator/coordinator.toml" <<TOML
@@ -80,6 +81,12 @@ min_devices = $DEVICES
 
 [evaluation]
 data = "test.npz"
+
+# Prometheus (deploy/stack/prometheus.yml) scrapes coordinator:9464 over the compose
+# network; the port is not published on the host.
+[metrics]
+port = 9464
+address = "0.0.0.0"
 TOML
 # Each device's share of the digits train set (the demo's IID split), and the test set.
 python3 - "$STACK" "$DEVICES" <<'PY'

@@ -104,12 +104,19 @@ class Link(Protocol):
         client_id: its MQTT client id.
         inbox: default queue of received :class:`Message`.
         connects: connections made so far (first connect and every reconnect).
+        taken_over: drops because another client connected with the same client id (the
+            broker closes the older connection; MQTT 5 reason 0x8E).
+        short_lived: other drops by the broker within seconds of the connect (a takeover by
+            a broker that gives no reason, mosquitto 2.0 and MQTT 3.1.1 among them, or a
+            broker refusing what the client sends).
     """
 
     settings: BrokerSettings
     client_id: str
     inbox: queue.SimpleQueue[Message]
     connects: int
+    taken_over: int
+    short_lived: int
 
     @property
     def connected(self) -> bool: ...

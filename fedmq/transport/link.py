@@ -33,6 +33,10 @@ from fedmq.transport.settings import BrokerSettings
 __all__ = ["MQTT_MAX_PACKET", "Message", "MqttLink", "Publish", "Will", "publish_packet_size"]
 
 log = logging.getLogger(__name__)
+#: MQTT 5 reason code of a DISCONNECT sent because another client took the session over.
+_SESSION_TAKEN_OVER = 0x8E
+#: A connection the broker closes within this many seconds of accepting it counts as short-lived.
+SHORT_LIVED_S = 5.0
 
 #: CONNACK reason codes that mean the credentials are wrong (MQTT 5 spec 3.2.2.2;
 #: paho maps the 3.1.1 return codes 4 and 5 onto them).
@@ -159,6 +163,12 @@ class MqttLink:
         #: Connections made (first connect and every reconnect) and drops seen.
         self.connects = 0
         self.disconnects = 0
+        #: Drops because another client connected with this client id (MQTT 5 DISCONNECT
+        #: reason 0x8E, session taken over); and other drops within SHORT_LIVED_S of the
+        #: connect (mosquitto 2.0 and MQTT 3.1.1 just close the socket on a takeover).
+        self.taken_over = 0
+        self.short_lived = 0
+        self._connected_at = 0.0
 
         v5 = settings.protocol == "5"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -203,6 +213,7 @@ class MqttLink:
             self.session_present = bool(flags.session_present)
             self.broker_max_packet = int(max_packet) if max_packet else None
             self._connected = True
+            self._connected_at = time.monotonic()
             self._connect_failure = None
             self.connects += 1
             subs = list(self._subs.items())
@@ -222,6 +233,10 @@ class MqttLink:
         with self._state:
             if self._connected:
                 self.disconnects += 1
+            if reason == _SESSION_TAKEN_OVER:
+                self.taken_over += 1
+            elif self._connected and not self._closing and time.monotonic() - self._connected_at < SHORT_LIVED_S:
+                self.short_lived += 1
             self._connected = False
             self._state.notify_all()
         if not self._closing:
@@ -302,6 +317,7 @@ class MqttLink:
         deadline = time.monotonic() + timeout
         s = self.settings
         if not self._started:
+            self._closing = False  # connect() after close(): reconnect after drops again
             props = None
             clean_start: bool | int = paho.MQTT_CLEAN_START_FIRST_ONLY
             if s.protocol == "5":

@@ -157,6 +157,10 @@ class MemoryLink:
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.connects = 0
         self.disconnects = 0
+        #: Drops because another link connected with this client id (the bus says so: no
+        #: drop is ever merely short-lived).
+        self.taken_over = 0
+        self.short_lived = 0
         self._lock = threading.Lock()
         self._connected = False
         self._will: Will | None = None
@@ -203,6 +207,7 @@ class MemoryLink:
                 return
             self._connected = False
             self.disconnects += 1
+            self.taken_over += 1
         will = self._will
         if will is not None:
             self.bus._publish(self.client_id, will.topic, will.payload, will.retain)

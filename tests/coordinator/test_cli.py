@@ -160,3 +160,34 @@ def test_bad_flags_are_one_line_with_the_accepted_values(tmp_path, args, accepte
     assert lines[0].startswith(f"fedmq coordinator {args[0]}: error: ") and args[1] in lines[0]
     assert all(a in lines[0] for a in accepted), lines[0]
     assert not (tmp_path / "state").exists()
+
+
+def test_run_with_no_devices_says_it_waits_and_stops_on_sigterm(tmp_path, mosquitto):
+    # Not a terminal (pipes): the plain mode. wait_for_devices_s is short, so the old
+    # behaviour (a failed round with 0 selected) would show as event=round_open.
+    cfg = _config(tmp_path, mosquitto.url, wait_for_devices_s=0.2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            line = proc.stderr.readline()
+            assert line, f"coordinator exited {proc.wait(WAIT)} without saying it waits"
+            if "waiting for devices: 0 eligible (0 online), 1 needed for round 1" in line:
+                break
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert proc.returncode == 0
+    assert "event=round_open" not in out
+    assert "event=finished version=0 rounds_this_run=0 stopped=true" in out
+    db = StateDB(tmp_path / "state")
+    try:
+        assert db.rounds() == []
+    finally:
+        db.close()

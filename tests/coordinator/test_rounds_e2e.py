@@ -7,10 +7,14 @@ computed here).
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -264,3 +268,74 @@ def test_sigterm_mid_round_keeps_the_checkpoint_and_exits_0(mosquitto, tmp_path,
     # Round 1 was checkpointed; round 2 is either checkpointed too (if it closed before
     # the signal was seen) or rerun by the next start. The run did not go on to round 4.
     assert load_checkpoint(tmp_path / "term").round in (1, 2)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _run_in_thread(coord: Coordinator) -> tuple[threading.Thread, queue.SimpleQueue, dict]:
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", coord.run(progress_callback=events.put)),
+                              daemon=True)
+    thread.start()
+    return thread, events, out
+
+
+def test_no_devices_waits_without_burning_rounds_until_one_comes(mosquitto, tmp_path):
+    fed = "empty"
+    # wait_for_devices_s is short: with 0 eligible the coordinator used to open (and fail) a round after it.
+    cfg = config(mosquitto, tmp_path, fed, rounds=1, round={"devices_per_round": 1, "wait_for_devices_s": 0.5})
+    lines = _Lines()
+    logger = logging.getLogger("fedmq.coordinator")
+    logger.addHandler(lines)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    devices: list[subprocess.Popen] = []
+    coord = Coordinator(cfg)
+    try:
+        thread, events, out = _run_in_thread(coord)
+        first = None
+        # Watch the coordinator wait well past wait_for_devices_s: only "waiting" events, no round.
+        while first is None or time.monotonic() - first < 3.0:
+            event = events.get(timeout=30)
+            assert event.kind == "waiting", event
+            first = first or time.monotonic()
+        db = StateDB(cfg.state_dir)
+        try:
+            assert db.rounds() == []
+        finally:
+            db.close()
+        assert "waiting for devices: 0 eligible (0 online), 1 needed for round 1" in lines.lines
+        devices = start_devices(mosquitto, fed, [("late-0", "good", 50)])
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        coord.stop()
+        stop_all(devices)
+        logger.removeHandler(lines)
+        logger.setLevel(old_level)
+    result = out["result"]
+    assert [(r.round, r.state, r.accepted) for r in result.records] == [(1, "closed", 1)]
+    assert not result.stopped and result.version == 1
+
+
+def test_a_stop_request_ends_the_wait_for_devices_promptly(mosquitto, tmp_path):
+    coord = Coordinator(config(mosquitto, tmp_path, "stopwait", rounds=1))
+    thread, events, out = _run_in_thread(coord)
+    try:
+        assert events.get(timeout=30).kind == "waiting"
+        stopped_at = time.monotonic()
+        coord.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    finally:
+        coord.stop()
+    assert time.monotonic() - stopped_at < 3.0
+    assert out["result"].stopped and out["result"].records == []

@@ -144,6 +144,8 @@ def test_init_script_makes_a_stack_the_shipped_broker_and_apps_accept(initialise
     assert not (stack / "broker/certs/ca.key").exists()
     coordinator = load_coordinator_config(stack / "coordinator/coordinator.toml", environ={})
     assert coordinator.broker.url == "mqtts://mosquitto:8883" and coordinator.broker.username == "coordinator"
+    # Prometheus scrapes coordinator:9464 from its own container: the endpoint listens on every interface.
+    assert (coordinator.metrics.port, coordinator.metrics.address) == (9464, "0.0.0.0")
     for i in (1, 2, 3):
         edge = load_edge_config(stack / f"devices/dev-{i}/edge.toml", environ={})
         assert edge.device_id == f"dev-{i}" and edge.data.is_file() and edge.predict_tls_cert.is_file()
