@@ -41,12 +41,12 @@ from fedmq.fl.sampling import select_devices
 from coordinator.state import Checkpoint, ParticipationRecord, RoundRecord, StateDB, load_checkpoint, save_checkpoint
 from fedmq.fl.rounds import Accepted, Rejected, Repeat, RoundGate
 from fedmq import topics
-from fedmq.data import load_npz, load_split
+from fedmq.data import load_split
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.params import ParamSpec, flatten_params, load_params
-from fedmq.tasks import evaluate, get_task
+from fedmq.tasks import get_task
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.link import Message, MqttLink
 from fedmq.transport.receiver import BlobReceiver
@@ -134,7 +134,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.fed = config.federation
-        self.task = get_task(config.task)
+        self.task = get_task(config.task, where=config.where("task"))
         self.model = self.task.build_model(config.seed)
         self.spec = ParamSpec.from_module(self.model)
         self.optimizer = config.server_optimizer.build()
@@ -241,10 +241,12 @@ class Coordinator:
         data = self.config.evaluation.data
         if data == "none":
             return
-        if data.endswith(".npz"):
-            x, y = load_npz(data)
+        if data == "task":
+            _, _, x, y = self.task.reference_split()
+        elif data in ("digits", "mnist10k"):
+            _, _, x, y = load_split(data)
         else:
-            _, _, x, y = load_split(self.task.dataset if data == "task" else data)
+            x, y = self.task.load_local(data, self.config.where("evaluation.data"))
         self._eval_data = (x, y)
 
     def _clear_inflight_tasks(self) -> None:
@@ -461,8 +463,9 @@ class Coordinator:
     def _evaluate(self, vector: np.ndarray) -> tuple[float | None, float | None]:
         if self._eval_data is None:
             return (None, None)
-        loss, acc = evaluate(self._module_of(vector), *self._eval_data, batch_size=self.config.evaluation.batch_size)
-        return (float(loss), float(acc))
+        metrics = self.task.evaluate(self._module_of(vector), *self._eval_data,
+                                     batch_size=self.config.evaluation.batch_size)
+        return (metrics["loss"], metrics.get("accuracy"))
 
     def _publish_model(self, vector: np.ndarray, version: int, round_: int) -> None:
         """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear

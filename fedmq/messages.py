@@ -87,7 +87,9 @@ class Status(_Message):
     (``online=False``).
 
     Fields: device id; online flag; task name; ParamSpec hash (hex str); number of local
-    training samples; software version; ``ts`` wall-clock seconds since the epoch.
+    training samples; software version; ``ts`` wall-clock seconds since the epoch;
+    ``refusal``: why the device refuses to train (e.g. its task's ParamSpec differs from the
+    federation's global model), ``""`` when it does not.
     """
 
     TYPE: ClassVar[str] = "status"
@@ -98,6 +100,7 @@ class Status(_Message):
     samples: int = 0
     software: str = ""
     ts: float = 0.0
+    refusal: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Status:
@@ -109,7 +112,8 @@ class Status(_Message):
                    spec_hash=_get(o, "spec_hash", str, w, optional=True, default=""),
                    samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
                    software=_get(o, "software", str, w, optional=True, default=""),
-                   ts=_get(o, "ts", float, w, optional=True, default=0.0))
+                   ts=_get(o, "ts", float, w, optional=True, default=0.0),
+                   refusal=_get(o, "refusal", str, w, optional=True, default=""))
 
 
 @dataclass(frozen=True)

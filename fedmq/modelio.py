@@ -28,11 +28,13 @@ import torch
 from fedmq.atomic import atomic_write_bytes
 from fedmq.errors import DataError, SpecMismatchError, WireError
 from fedmq.params import ParamSpec
-from fedmq.tasks import TaskDef, get_task
+from fedmq.tasks import Task, get_task
 
 #: ONNX operator set of exported models (onnxruntime >= 1.14 runs it).
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+#: ONNX metadata keys fedmq writes (``metadata_props``): the task's name and kind.
+ONNX_META_TASK, ONNX_META_KIND = "fedmq.task", "fedmq.kind"
 #: Largest safetensors JSON header accepted, bytes (the format's own limit is 100 MB; ours
 #: are a few KB, and a bound keeps a hostile length field from costing memory).
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -131,27 +133,30 @@ def model_from_safetensors(data: bytes, model: torch.nn.Module, spec: ParamSpec 
     return metadata
 
 
-def export_onnx(model: torch.nn.Module, task: TaskDef | str,
+def export_onnx(model: torch.nn.Module, task: Task | str,
                 path: str | os.PathLike[str] | None = None) -> bytes:
     """Export ``model`` to ONNX (opset :data:`ONNX_OPSET`), input ``"input"`` float32
-    ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32
-    ``(batch, num_classes)``.
+    ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32:
+    ``(batch, num_classes)`` for a classifier, the model's own output shape for a
+    regression task (the name is kept for both). The task's name and kind are stored in
+    the model's metadata (:data:`ONNX_META_TASK`, :data:`ONNX_META_KIND`).
 
-    The model is exported from a copy in eval mode; ``model`` itself is not changed.
+    The model is exported from a copy in eval mode, traced on the task's example inputs
+    (:meth:`fedmq.tasks.Task.example_batch`); ``model`` itself is not changed.
 
     Args:
-        task: the model's task (or its name), for the input shape.
+        task: the model's task (or a reference :func:`fedmq.tasks.get_task` resolves).
         path: if given, the bytes are also written there atomically.
 
     Returns:
         The serialised ONNX model (weights inline).
 
     Raises:
-        ConfigError: unknown task name. OSError: ``path`` cannot be written.
+        ConfigError: unknown task. OSError: ``path`` cannot be written.
     """
     task = get_task(task) if isinstance(task, str) else task
     frozen = copy.deepcopy(model).float().eval()
-    example = (torch.zeros((2, *task.input_shape), dtype=torch.float32),)
+    example = (torch.from_numpy(task.example_batch(2)),)
     # The exporter logs one warning per torchvision operator it cannot register (fedmq's models
     # use none) and torch's own pytree code trips a deprecation warning of torch; both only
     # hide real messages.
@@ -166,7 +171,11 @@ def export_onnx(model: torch.nn.Module, task: TaskDef | str,
                 output_names=[ONNX_OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     finally:
         registration_log.setLevel(previous_level)
-    data = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    for key, value in ((ONNX_META_TASK, task.name), (ONNX_META_KIND, task.kind)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = proto.SerializeToString()
     if path is not None:
         atomic_write_bytes(path, data)
     return data
@@ -206,10 +215,17 @@ class OnnxPredictor:
         self._input = inp.name
         #: Per-sample input shape (without the batch axis), as the model declares it.
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in inp.shape[1:])
+        meta = self._session.get_modelmeta().custom_metadata_map
+        #: ``"classification"`` or ``"regression"`` (from the model's metadata; models
+        #: exported before fedmq stored it are classifiers).
+        self.kind: str = meta.get(ONNX_META_KIND, "classification")
+        #: The task's name, ``""`` when the model does not say.
+        self.task: str = meta.get(ONNX_META_TASK, "")
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits, float32 ``(N, num_classes)``, for a batch x ``(N, *input_shape)``
-        (converted to float32).
+        """The model's output for a batch x ``(N, *input_shape)`` (converted to float32):
+        logits float32 ``(N, num_classes)`` of a classifier, predicted values of a
+        regression model.
 
         Raises:
             DataError: ``x`` does not have shape ``(N, *input_shape)``.
@@ -220,5 +236,9 @@ class OnnxPredictor:
         return self._session.run(None, {self._input: x})[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predicted classes, int64 ``(N,)`` (arg-max of :meth:`logits`)."""
-        return self.logits(x).argmax(axis=1).astype(np.int64)
+        """Predicted classes, int64 ``(N,)`` (arg-max of :meth:`logits`), or for a regression
+        model its predicted values, float32 (the output of :meth:`logits`)."""
+        out = self.logits(x)
+        if self.kind == "regression":
+            return out
+        return out.argmax(axis=1).astype(np.int64)
