@@ -59,10 +59,13 @@ class OnnxPredictor:
         #: The task's name, ``""`` when the model does not say.
         self.task: str = meta.get(ONNX_META_TASK, "")
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
+    def logits(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """The model's output for a batch x ``(N, *input_shape)`` (converted to float32):
         logits float32 ``(N, num_classes)`` of a classifier, predicted values of a
         regression model.
+
+        Args:
+            batch_size: samples per onnxruntime call (bounds memory only, not the result).
 
         Raises:
             DataError: ``x`` does not have shape ``(N, *input_shape)``.
@@ -70,7 +73,10 @@ class OnnxPredictor:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise DataError(f"input of shape {x.shape}, expected (N, {', '.join(map(str, self.input_shape))})")
-        return self._session.run(None, {self._input: x})[0]
+        # Batches bound the activations onnxruntime holds (the MNIST CNN's first layer is
+        # 100 KB per image), not the result.
+        return np.concatenate([self._session.run(None, {self._input: x[i:i + batch_size]})[0]
+                               for i in range(0, max(len(x), 1), batch_size)])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted classes, int64 ``(N,)`` (arg-max of :meth:`logits`), or for a regression
