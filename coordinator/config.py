@@ -232,7 +232,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict):
             continue
         value = node.get(path[-1])
-        if not isinstance(value, str) or (path[-1] == "data" and value in EVALUATION_KEYWORDS):
+        if not isinstance(value, str) or (path[-1] == "data" and (value in EVALUATION_KEYWORDS or not value)):
             continue
         if not Path(value).is_absolute():
             node[path[-1]] = str(base / value)
