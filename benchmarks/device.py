@@ -8,6 +8,11 @@ commit time (residual + update written atomically, fsync included), bytes sent p
 and the process's peak RSS. Targets (issue 5): compression under 5% of training time,
 peak RSS under 400 MB.
 
+Also (issue 13): the peak RSS of a predict-only device (onnxruntime on the CNN's ONNX
+export, 1,000 images, :mod:`fedmq.inference` without torch; target under 120 MB) and the
+installed size of the device install (the base dependencies of pyproject.toml and what they
+require, summed over each installed distribution's files).
+
 ``python -m benchmarks.device`` prints the JSON result; ``run(quick)`` returns it.
 """
 
@@ -81,6 +86,51 @@ def _worker(rounds: int, data: str) -> dict:
             "torch": torch.__version__, "cpu": _cpu()}
 
 
+def _predict_worker(model: str, inputs: str) -> dict:
+    """Predict-only device (the child): onnxruntime alone, no torch."""
+    import numpy as np
+
+    from fedmq.inference import OnnxPredictor
+
+    x = np.load(inputs, allow_pickle=False)
+    started = time.perf_counter()
+    classes = OnnxPredictor(model).predict(x)
+    return {"samples": int(len(classes)), "seconds": time.perf_counter() - started, "peak_rss_mb": _rss_mb(),
+            "torch_imported": "torch" in sys.modules}
+
+
+#: What a device installs: the base dependencies of pyproject.toml.
+DEVICE_REQUIREMENTS = ("torch", "numpy", "msgpack", "paho-mqtt", "onnxruntime", "safetensors", "typer", "pydantic")
+
+
+def install_size() -> dict:
+    """Installed bytes of the device install: every distribution the base requirements pull
+    in (their unconditional requirements, transitively), by the sizes of their files."""
+    import re
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    seen: dict[str, int] = {}
+    todo = list(DEVICE_REQUIREMENTS)
+    while todo:
+        name = re.split(r"[ ;<>=!~\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        size = 0
+        for f in dist.files or []:
+            try:
+                size += f.locate().stat().st_size
+            except OSError:
+                pass
+        seen[name] = size
+        todo += [r for r in (dist.requires or []) if "extra ==" not in r]
+    return {"total_mb": sum(seen.values()) / 1e6, "by_package_mb": {k: v / 1e6 for k, v in sorted(
+        seen.items(), key=lambda kv: -kv[1])}}
+
+
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -94,6 +144,8 @@ def _cpu() -> str:
 def run(quick: bool) -> dict:
     """Measure ``2`` (quick) or ``5`` rounds in a child process; returns the figures
     (seconds, bytes, MB) with the median per-round values at the top level."""
+    import numpy as np
+
     from fedmq.data import mnist10k_partitions, mnist10k_split, save_npz_atomic
 
     rounds = 2 if quick else 5
@@ -106,9 +158,22 @@ def run(quick: bool) -> dict:
         save_npz_atomic(data, x_train[part], y_train[part])
         proc = subprocess.run([sys.executable, "-m", "benchmarks.device", "--worker", str(rounds), str(data)],
                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"device benchmark worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"device benchmark worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        from fedmq.modelio import export_onnx
+        from fedmq.tasks import get_task
+
+        task = get_task("mnist-cnn")
+        export_onnx(task.build_model(0), task, Path(tmp) / "model.onnx")
+        np.save(Path(tmp) / "x.npy", x_train[:1000])
+        pred = subprocess.run([sys.executable, "-m", "benchmarks.device", "--predict", str(Path(tmp) / "model.onnx"),
+                               str(Path(tmp) / "x.npy")], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=600)
+        if pred.returncode != 0:
+            raise RuntimeError(f"predict worker failed ({pred.returncode}):\n{pred.stderr[-3000:]}")
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    predict = json.loads(pred.stdout.strip().splitlines()[-1])
+    size = install_size()
     rows = raw["rows"]
 
     def median(key: str) -> float:
@@ -123,8 +188,12 @@ def run(quick: bool) -> dict:
         "commit_s": median("commit_s"),
         "bytes_sent": int(bytes_sent), "compression_ratio": raw["dense_bytes"] / bytes_sent,
         "peak_rss_mb": raw["peak_rss_mb"], "rss_after_import_mb": raw["rss_after_import_mb"],
+        "predict_peak_rss_mb": predict["peak_rss_mb"], "predict_seconds_1000": predict["seconds"],
+        "predict_torch_imported": predict["torch_imported"], "device_install_mb": size["total_mb"],
+        "device_install_by_package_mb": size["by_package_mb"],
         "targets_met": {"compress_under_5pct_of_train": compress_s / train_s < 0.05,
-                        "peak_rss_under_400mb": raw["peak_rss_mb"] < 400},
+                        "peak_rss_under_400mb": raw["peak_rss_mb"] < 400,
+                        "predict_rss_under_120mb": predict["peak_rss_mb"] < 120},
     }
     result["tables"] = [{
         "title": "Per round, one core (median over rounds)",
@@ -133,6 +202,11 @@ def run(quick: bool) -> dict:
         "rows": [[f"{train_s:.2f}", f"{compress_s:.3f}", f"{compress_s / train_s:.1%}",
                   f"{result['commit_s']:.3f}", f"{int(bytes_sent):,}", f"{result['compression_ratio']:.0f}x",
                   f"{raw['peak_rss_mb']:.0f}"]],
+    }, {
+        "title": "Device install and predict-only device",
+        "columns": ["device install (MB)", "largest packages (MB)", "predict peak RSS (MB)", "predict 1,000 images (s)"],
+        "rows": [[f"{size['total_mb']:.0f}", ", ".join(f"{k} {v:.0f}" for k, v in list(size["by_package_mb"].items())[:4]),
+                  f"{predict['peak_rss_mb']:.0f}", f"{predict['seconds']:.3f}"]],
     }]
     result["notes"] = [f"{raw['samples']} samples, 1 epoch of batch 32 ({rows[0]['steps']} steps), density 1%, "
                        f"{raw['parameters']:,} parameters; CPU {raw['cpu']}, torch {raw['torch']}.",
@@ -146,7 +220,9 @@ def smoke() -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 4 and sys.argv[1] == "--predict":
+        print(json.dumps(_predict_worker(sys.argv[2], sys.argv[3])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(_worker(int(sys.argv[2]), sys.argv[3])))
     else:
         print(json.dumps(run(quick="--full" not in sys.argv), indent=2))

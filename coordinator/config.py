@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
 from fedmq.fl.aggregation import aggregator_names
@@ -91,6 +92,10 @@ class ServerOptimizerConfig(_Section):
         return make_server_optimizer(self.name, **hyper)
 
 
+#: ``evaluation.data`` values that name a data set rather than a path.
+EVALUATION_KEYWORDS = ("none", "digits", "mnist10k", "task")
+
+
 class EvaluationConfig(_Section):
     """Held-out data for the coordinator's evaluation of each new global model."""
 
@@ -100,9 +105,9 @@ class EvaluationConfig(_Section):
     @field_validator("data")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value in ("none", "digits", "mnist10k", "task") or value.endswith(".npz"):
+        if value:
             return value
-        raise ValueError("expected 'none', 'digits', 'mnist10k', 'task' or a path to an .npz file")
+        raise ValueError("expected 'none', 'digits', 'mnist10k', 'task' or a path the task's loader reads")
 
 
 class AggregationConfig(_Section):
@@ -174,6 +179,11 @@ class CoordinatorConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
+    _source: str = PrivateAttr("coordinator configuration")
+
+    def where(self, option: str) -> str:
+        """``"FILE: option 'NAME'"``: how errors about ``option`` name it."""
+        return f"{self._source}: option {option!r}"
 
     @field_validator("broker", mode="before")
     @classmethod
@@ -297,7 +307,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict):
             continue
         value = node.get(path[-1])
-        if not isinstance(value, str) or (path[-1] == "data" and not value.endswith(".npz")):
+        if not isinstance(value, str) or (path[-1] == "data" and (value in EVALUATION_KEYWORDS or not value)):
             continue
         if not Path(value).is_absolute():
             node[path[-1]] = str(base / value)
@@ -325,9 +335,11 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Coordin
         ConfigError: listing every invalid option with what was expected.
     """
     try:
-        return CoordinatorConfig.model_validate(dict(data))
+        cfg = CoordinatorConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    cfg._source = source
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,

@@ -40,7 +40,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.presence import DeviceRegistry
 from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
-from fedmq.data import load_npz, load_split
+from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
@@ -48,7 +48,7 @@ from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.params import ParamSpec, flatten_params, load_params
-from fedmq.tasks import evaluate, get_task
+from fedmq.tasks import get_task
 from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
@@ -128,7 +128,7 @@ class Coordinator:
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._serve_metrics = metrics is None and config.metrics.port > 0
         self.fed = config.federation
-        self.task = get_task(config.task)
+        self.task = get_task(config.task, where=config.where("task"))
         self.model = self.task.build_model(config.seed)
         self.spec = ParamSpec.from_module(self.model)
         self.optimizer = config.server_optimizer.build()
@@ -249,10 +249,12 @@ class Coordinator:
         data = self.config.evaluation.data
         if data == "none":
             return
-        if data.endswith(".npz"):
-            x, y = load_npz(data)
+        if data == "task":
+            _, _, x, y = self.task.reference_split()
+        elif data in ("digits", "mnist10k"):
+            _, _, x, y = load_split(data)
         else:
-            _, _, x, y = load_split(self.task.dataset if data == "task" else data)
+            x, y = self.task.load_local(data, self.config.where("evaluation.data"))
         self._eval_data = (x, y)
 
     def _clear_inflight_tasks(self) -> None:
@@ -479,8 +481,9 @@ class Coordinator:
     def _evaluate(self, vector: np.ndarray) -> tuple[float | None, float | None]:
         if self._eval_data is None:
             return (None, None)
-        loss, acc = evaluate(self._module_of(vector), *self._eval_data, batch_size=self.config.evaluation.batch_size)
-        return (float(loss), float(acc))
+        metrics = self.task.evaluate(self._module_of(vector), *self._eval_data,
+                                     batch_size=self.config.evaluation.batch_size)
+        return (metrics["loss"], metrics.get("accuracy"))
 
     def _publish_model(self, vector: np.ndarray, version: int, round_: int) -> None:
         """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear

@@ -47,19 +47,19 @@ import torch
 
 from edge_client.config import EdgeConfig
 from edge_client.duplicate import TakeoverWatch
-from edge_client.localdata import load_local_data
+from edge_client.localdata import LocalData
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
-from fedmq.fl.client import package_update, train_for_task
-from fedmq.fl.training import LocalResult, split_holdout
 from fedmq import __version__, topics
 from fedmq.atomic import atomic_write_text
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
-from fedmq.errors import FedmqError, TransportError, WireError
+from fedmq.errors import FedmqError, SpecMismatchError, TransportError, WireError
+from fedmq.fl.client import package_update, train_for_task
+from fedmq.fl.training import LocalResult
+from fedmq.messages import ModelPointer, Receipt, Status, Task
 from fedmq.metrics_http import MetricsServer
-from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
 from fedmq.tasks import get_task
@@ -179,11 +179,14 @@ class EdgeAgent:
         self.pause_at = env.get(PAUSE_ENV) or None
         self.pause_file = env.get(PAUSE_FILE_ENV) or None
         torch.set_num_threads(cfg.torch_threads)
-        self.task_def = get_task(cfg.task)
+        self.task_def = get_task(cfg.task, where=cfg.where("task"))
         self.model = self.task_def.build_model(cfg.seed)
         self.spec = ParamSpec.from_module(self.model)
-        x, y = load_local_data(cfg.data, self.task_def)
-        self.x, self.y, self.x_val, self.y_val = split_holdout(x, y, cfg.holdout_fraction, cfg.seed)
+        self.local = LocalData(cfg.data, self.task_def, where=cfg.where("data"),
+                               holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
+        self.x, self.y, self.x_val, self.y_val = self.local.x, self.local.y, self.local.x_val, self.local.y_val
+        #: Why this device refuses to train ("" while it does not), published in its status.
+        self.refusal = ""
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
@@ -202,7 +205,7 @@ class EdgeAgent:
     def _status(self, online: bool) -> bytes:
         return Status(device=self.cfg.device_id, online=online, task=self.task_def.name, spec_hash=self.spec.hash,
                       samples=len(self.y), software=f"fedmq-edge {__version__}", ts=time.time(),
-                      instance=self.instance).to_bytes()
+                      instance=self.instance, refusal=self.refusal).to_bytes()
 
     def _healthy_tick(self, worker: _Worker | None = None, limit: float = math.inf) -> None:
         """Ping the watchdog if the link is up and the worker (if any) is within its time
@@ -272,8 +275,8 @@ class EdgeAgent:
             raise
         try:
             self._connects_seen = link.connects
-            link.subscribe([topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev)],
-                           qos=1)
+            link.subscribe([topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev),
+                            topics.model_latest(fed)], qos=1)
             link.publish_wait(topics.status(fed, dev), self._status(True), retain=True)
             self.notifier.ready(f"online, last round {self.state.record.last_round}")
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
@@ -366,6 +369,15 @@ class EdgeAgent:
         fed, dev = self.cfg.federation, self.cfg.device_id
         if not msg.payload:
             return  # a cleared retained message
+        if msg.topic == topics.model_latest(fed):
+            try:
+                pointer = ModelPointer.from_bytes(msg.payload)
+            except WireError as exc:
+                self.counters["bad_messages"] += 1
+                log.warning("malformed model pointer on %s ignored: %s", msg.topic, exc)
+                return
+            self._on_model_pointer(pointer)  # raises SpecMismatchError: the run ends
+            return
         try:
             if msg.topic == topics.task(fed, dev):
                 self._on_task(Task.from_bytes(msg.payload))
@@ -382,6 +394,25 @@ class EdgeAgent:
             log.warning("malformed message on %s ignored: %s", msg.topic, exc)
         except TransportError as exc:
             log.warning("answering %s failed: %s (the sender retries)", msg.topic, exc)
+
+    def _refuse(self, reason: str) -> None:
+        """Publish the reason this device does not train in its retained status."""
+        if reason != self.refusal:
+            self.refusal = reason
+            log.error("refusing to train: %s", reason)
+            assert self.link is not None
+            self.link.publish(topics.status(self.cfg.federation, self.cfg.device_id), self._status(True), retain=True)
+
+    def _on_model_pointer(self, pointer: ModelPointer) -> None:
+        """The federation's global model is for another ParamSpec: say why in the status and
+        stop (exit code 2): a device with the wrong task must not take part."""
+        if pointer.spec_hash == self.spec.hash:
+            return
+        reason = (f"{self.cfg.where('task')}: task {self.task_def.name!r} has ParamSpec {self.spec.hash}, the "
+                  f"federation's global model ({topics.model_latest(self.cfg.federation)}) has {pointer.spec_hash}; "
+                  "expected the coordinator's task")
+        self._refuse(reason)
+        raise SpecMismatchError(reason)
 
     def _on_task(self, task: Task) -> None:
         cfg = self.cfg
@@ -492,8 +523,8 @@ class EdgeAgent:
     def _run_round(self, task: Task, stop: threading.Event) -> None:
         cfg = self.cfg
         if task.spec_hash != self.spec.hash:
-            log.error("round %d: task is for model %s, this device has %s (task %s): skipped", task.round,
-                      task.spec_hash, self.spec.hash, cfg.task)
+            self._refuse(f"round {task.round}: the task is for ParamSpec {task.spec_hash}, this device's task "
+                         f"{self.task_def.name!r} ({cfg.where('task')}) has {self.spec.hash}")
             self.state.finish_round(task.round, task.deadline)
             return
         if time.time() >= task.deadline:
@@ -510,12 +541,15 @@ class EdgeAgent:
             self.state.finish_round(task.round, task.deadline)
             return
 
+        if self.local.refresh():
+            self.x, self.y, self.x_val, self.y_val = self.local.x, self.local.y, self.local.x_val, self.local.y_val
+            self.link.publish(topics.status(cfg.federation, cfg.device_id), self._status(True), retain=True)
         plan = task.plan
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
         result: LocalResult | None = self._in_worker(
             lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                   x_val=self.x_val, y_val=self.y_val),
+                                   x_val=self.x_val, y_val=self.y_val, task_def=self.task_def),
             2 * cap + 60.0, stop)
         if result is None:
             return

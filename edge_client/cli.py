@@ -6,7 +6,8 @@ Commands:
   the configuration is ``$CONFIGURATION_DIRECTORY/edge.toml`` (systemd).
 * ``fedmq edge predict --input X.npy [--model FILE.onnx | -c FILE]``: onnxruntime inference
   with an ONNX export of the global model: the file given, or the latest export fetched
-  from the broker (``fedmq/F/onnx/latest``). Prints one predicted class per line.
+  from the broker (``fedmq/F/onnx/latest``). Prints one predicted class per line (a
+  regression model: its predicted values, space-separated, one sample per line).
 * ``fedmq edge status [-c FILE]``: the device's durable state as JSON (read only).
 
 Exit codes: 0 success; 2 bad configuration, data, model or state (the message names the
@@ -68,8 +69,9 @@ def predict(input: Path = typer.Option(..., "--input", "-i", help="samples, .npy
             config: Optional[Path] = ConfigOption,
             save_logits: Optional[Path] = typer.Option(None, help="also write the logits (N, classes) to this .npy"),
             timeout: float = typer.Option(30.0, help="seconds to wait for the model from the broker")) -> None:
-    """Predict classes of the samples in --input with the global model's ONNX export."""
-    from fedmq.modelio import OnnxPredictor
+    """Predict with the global model's ONNX export: classes of the samples in --input (a
+    regression model: its predicted values)."""
+    from fedmq.inference import OnnxPredictor
 
     try:
         x = _load_npy(input)
@@ -86,7 +88,11 @@ def predict(input: Path = typer.Option(..., "--input", "-i", help="samples, .npy
         _fail(exc)
     if save_logits is not None:
         np.save(save_logits, logits, allow_pickle=False)
-    typer.echo("\n".join(str(int(c)) for c in logits.argmax(axis=1)))
+    if predictor.kind == "regression":
+        rows = logits.reshape(len(logits), -1)
+        typer.echo("\n".join(" ".join(f"{v:.7g}" for v in row) for row in rows))
+    else:
+        typer.echo("\n".join(str(int(c)) for c in logits.argmax(axis=1)))
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from fedmq.errors import ConfigError
 from fedmq.settings_file import read_toml
@@ -76,9 +76,11 @@ class EdgeConfig(BaseModel):
         device_id: this device's id, 1-64 chars of ``[A-Za-z0-9_.-]``; also its MQTT
             client id and broker user name under the ACL of broker/acl.
         federation: federation id (same alphabet).
-        task: task name from the fedmq task registry (e.g. ``digits-mlp``, ``mnist-cnn``).
-        data: local training data: a ``.npz`` file with arrays ``x`` and ``y`` or a folder
-            of MNIST IDX files.
+        task: the task (docs/tasks.md): ``package.module:attribute``, a built-in name
+            (``digits-mlp``, ``mnist-cnn`` ...) or a name registered through the
+            ``fedmq.tasks`` entry points.
+        data: local training data, read by the task's loader (default: a ``.npz`` file with
+            arrays ``x`` and ``y`` or a folder of MNIST IDX files); read again when it changes.
         state_dir: folder of durable state (residual, update in flight, model cache).
         torch_threads: intra-op threads torch may use (>= 1).
         max_train_seconds: cap on local training per round, seconds (> 0); the task's
@@ -133,6 +135,11 @@ class EdgeConfig(BaseModel):
     predict_tls_key: Path | None = None
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_address: str = "127.0.0.1"
+    _source: str = PrivateAttr("edge configuration")
+
+    def where(self, option: str) -> str:
+        """``"FILE: option 'NAME'"``: how errors about ``option`` name it."""
+        return f"{self._source}: option {option!r}"
 
     @field_validator("device_id", "federation")
     @classmethod
@@ -331,4 +338,6 @@ def load_config(path: str | os.PathLike[str] | None = None,
     if (cfg.predict_username_file is None) != (cfg.predict_password_file is None):
         raise ConfigError(f"{file}: options 'predict_username_file' and 'predict_password_file' go together: set "
                           f"both or neither")
-    return cfg.model_copy(update=updates)
+    out = cfg.model_copy(update=updates)
+    out._source = str(file)
+    return out

@@ -1,49 +1,118 @@
-"""The device's local training data, read with fedmq's own loaders and checked against the task."""
+"""The device's local training data: read with the task's loader, checked against the task,
+and read again when it grows.
+
+A sensor may append to the device's data between rounds (a CSV, an SQLite log, a folder of
+new files). :class:`LocalData` remembers a cheap fingerprint of the data path (size and
+modification time in nanoseconds of the file, of an SQLite ``-wal`` / ``-journal``
+beside it, or of every file under a folder) and calls the task's loader again only when the
+fingerprint changed (:meth:`LocalData.refresh`, called at the start of each round).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from fedmq.data import load_mnist_dir, load_npz
 from fedmq.errors import DataError
-from fedmq.tasks import TaskDef
+from fedmq.fl.training import split_holdout
+from fedmq.tasks import Task
+
+log = logging.getLogger(__name__)
+
+#: Files looked at under a data folder for the fingerprint (bounds the cost of a refresh).
+MAX_FINGERPRINT_FILES = 10_000
 
 
-def load_local_data(path: str | os.PathLike[str], task: TaskDef) -> tuple[np.ndarray, np.ndarray]:
-    """Local samples for ``task`` from an ``.npz`` file (arrays ``x``, ``y``) or a folder of
-    MNIST IDX files (``t10k-*`` or ``train-*``, optionally gzipped).
-
-    Samples stored flat (e.g. 784 values for a ``(1, 28, 28)`` task) are reshaped to the
-    task's input shape when the element count matches.
+def load_local_data(path: str | os.PathLike[str], task: Task, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Local samples for ``task``: :meth:`fedmq.tasks.Task.load_local` (the task's loader,
+    by default an ``.npz`` with arrays ``x``, ``y`` or a folder of MNIST IDX files, then the
+    shape, dtype, label and value-range checks of docs/tasks.md).
 
     Returns:
-        ``(x, y)``: x float32 ``(N, *task.input_shape)``, y int64 ``(N,)`` in
-        ``[0, task.num_classes)``, N >= 1.
+        ``(x, y)``: x float32 ``(N, *task.input_shape)``; y int64 ``(N,)`` in
+        ``[0, task.num_classes)`` or float32 ``(N, *task.target_shape)``; N >= 1.
 
     Raises:
-        DataError: the path does not exist, a file is corrupt, the samples do not fit the
-            task's input shape or a label is out of range (the message names the path).
+        DataError: missing or corrupt data, or data that does not fit the task (the message
+            names ``where``, the path and what was expected).
     """
-    path = Path(path)
+    return task.load_local(path, where)
+
+
+def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """``(name, size, mtime_ns)`` of the data file and its SQLite companions, or of the files
+    under a data folder (at most :data:`MAX_FINGERPRINT_FILES`); empty when nothing exists."""
+    entries: list[Path] = []
     if path.is_dir():
-        prefix = "train" if any(path.glob("train-images-idx3-ubyte*")) else "t10k"
-        x, y = load_mnist_dir(path, prefix)
-    elif path.is_file():
-        x, y = load_npz(path)
+        for i, p in enumerate(sorted(path.rglob("*"))):
+            if i >= MAX_FINGERPRINT_FILES:
+                break
+            entries.append(p)
     else:
-        raise DataError(f"{path}: data file not found (expected an .npz file with arrays x and y, "
-                        "or a folder of MNIST IDX files)")
-    if len(y) == 0:
-        raise DataError(f"{path}: no samples")
-    if tuple(x.shape[1:]) != task.input_shape:
-        if int(np.prod(x.shape[1:])) != int(np.prod(task.input_shape)):
-            raise DataError(f"{path}: samples of shape {tuple(x.shape[1:])}, task {task.name!r} expects "
-                            f"{task.input_shape}")
-        x = x.reshape((len(x), *task.input_shape))
-    if int(y.max()) >= task.num_classes:
-        raise DataError(f"{path}: label {int(y.max())} out of range for task {task.name!r} "
-                        f"({task.num_classes} classes)")
-    return x, y
+        entries = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")]
+    out = []
+    for p in entries:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if not p.is_dir():
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class LocalData:
+    """A device's data, split into local training and held-out parts, kept up to date.
+
+    Args:
+        path: the configured data path. task: the device's task.
+        where: what errors name (configuration file and option).
+        holdout_fraction, seed: as :func:`fedmq.fl.training.split_holdout`.
+
+    Attributes:
+        x, y: local training samples; x_val, y_val: the held-out part (see load_local_data
+            for shapes and dtypes). samples: ``len(y) + len(y_val)``. loads: loader calls.
+
+    Raises (construction):
+        DataError: as :func:`load_local_data`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], task: Task, *, where: str, holdout_fraction: float,
+                 seed: int) -> None:
+        self.path = Path(path)
+        self.task = task
+        self.where = where
+        self.holdout_fraction = holdout_fraction
+        self.seed = seed
+        self.loads = 0
+        self._load(fingerprint(self.path))
+
+    def _load(self, fp: tuple[tuple[str, int, int], ...]) -> None:
+        x, y = load_local_data(self.path, self.task, self.where)
+        self.x, self.y, self.x_val, self.y_val = split_holdout(x, y, self.holdout_fraction, self.seed)
+        self.samples = len(y)
+        self._fingerprint = fp
+        self.loads += 1
+
+    def refresh(self) -> bool:
+        """Read the data again if its fingerprint changed. True when new data was loaded.
+
+        A failed read (a file caught half-written, a sample that does not fit) keeps the
+        data loaded before and is logged: the device goes on training on what it had.
+        """
+        fp = fingerprint(self.path)
+        if fp == self._fingerprint:
+            return False
+        before = self.samples
+        try:
+            self._load(fp)
+        except DataError as exc:
+            log.warning("local data changed but cannot be read again (%s); training on the %d samples read before",
+                        exc, before)
+            self._fingerprint = fp
+            return False
+        log.info("local data reloaded: %d samples (was %d)", self.samples, before)
+        return True

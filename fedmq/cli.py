@@ -1,8 +1,11 @@
 """The ``fedmq`` command line, and what every fedmq command shares.
 
 Sub-commands come from the ``fedmq.cli`` entry-point group (see pyproject.toml):
-``coordinator``, ``edge``, ``broker`` and ``demo``. Discovering them at run time keeps
-the shared library free of imports of the apps.
+``coordinator``, ``edge``, ``broker`` and ``demo``; ``new`` (a project template,
+:mod:`fedmq.project`) is the library's own. Discovering the apps at run time keeps the
+shared library free of imports of them, and only the sub-command asked for is imported:
+``fedmq edge ...`` on a device never imports the coordinator, the broker tools or the
+demo (nor what they depend on: matplotlib, scikit-learn, amqtt).
 
 Shared by the apps' commands:
 
@@ -93,8 +96,9 @@ def run_app(app: typer.Typer, prog_name: str, args: Sequence[str] | None = None)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def build_app() -> typer.Typer:
-    """Assemble the CLI from the installed entry points."""
+def build_app(only: str | None = None) -> typer.Typer:
+    """Assemble the CLI from the installed entry points (only the one named ``only`` when
+    it is one of them, so that the others are not imported)."""
     app = typer.Typer(no_args_is_help=True, add_completion=False,
                       help="fedmq: federated learning for fleets of small devices over MQTT.")
 
@@ -104,7 +108,13 @@ def build_app() -> typer.Typer:
             typer.echo(__version__)
             raise typer.Exit()
 
-    for ep in sorted(entry_points(group="fedmq.cli"), key=lambda e: e.name):
+    from fedmq.project import new_command
+
+    app.command("new")(new_command)
+    found = sorted(entry_points(group="fedmq.cli"), key=lambda e: e.name)
+    if only is not None and any(ep.name == only for ep in found):
+        found = [ep for ep in found if ep.name == only]
+    for ep in found:
         target = ep.load()
         if isinstance(target, typer.Typer):
             app.add_typer(target, name=ep.name)
@@ -114,7 +124,7 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    run_app(build_app(), "fedmq")
+    run_app(build_app(sys.argv[1] if len(sys.argv) > 1 else None), "fedmq")
 
 
 if __name__ == "__main__":

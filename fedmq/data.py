@@ -156,9 +156,14 @@ def load_mnist_dir(folder: str | os.PathLike[str], prefix: str = "t10k") -> tupl
     return x, labels.astype(np.int64)
 
 
-def load_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path: str | os.PathLike[str], convert: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A local data set from an ``.npz`` file with arrays ``x`` (samples) and ``y`` (labels),
     read without pickle.
+
+    Args:
+        convert: cast and check as class labels (below). False: x and y are returned with
+            their stored dtypes (numeric, same length), for :meth:`fedmq.tasks.Task.check_data`
+            to apply the task's rules (integer pixels, regression targets).
 
     Returns:
         ``(x, y)``: x float32 ``(N, ...)`` with at least 2 dimensions; y int64 ``(N,)``, >= 0.
@@ -184,6 +189,13 @@ def load_npz(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         # np.load raises ValueError for pickled/object arrays and unknown formats.
         raise DataError(f"{path}: not a readable .npz archive of plain arrays ({exc})") from None
+    if not convert:
+        for name, arr in (("x", x), ("y", y)):
+            if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+                raise DataError(f"{path}: {name} has dtype {arr.dtype}, expected a float or integer type")
+        if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{path}: expected x and y of the same length N, got x {x.shape} and y {y.shape}")
+        return x, y
     if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise DataError(f"{path}: expected x of shape (N, ...) and y of shape (N,), got x {x.shape} and y {y.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):

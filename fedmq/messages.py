@@ -89,6 +89,8 @@ class Status(_Message):
     training samples; software version; ``ts`` wall-clock seconds since the epoch;
     ``instance``: a random id of the agent's run (hex str, "" from older agents), so that
     two agents configured with one device id can be told apart.
+    ``refusal``: why the device refuses to train (e.g. its task's ParamSpec differs from the
+    federation's global model), ``""`` when it does not.
     """
 
     TYPE: ClassVar[str] = "status"
@@ -100,6 +102,7 @@ class Status(_Message):
     software: str = ""
     ts: float = 0.0
     instance: str = ""
+    refusal: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Status:
@@ -112,7 +115,8 @@ class Status(_Message):
                    samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
                    software=_get(o, "software", str, w, optional=True, default=""),
                    ts=_get(o, "ts", float, w, optional=True, default=0.0),
-                   instance=_get(o, "instance", str, w, optional=True, default=""))
+                   instance=_get(o, "instance", str, w, optional=True, default=""),
+                   refusal=_get(o, "refusal", str, w, optional=True, default=""))
 
 
 @dataclass(frozen=True)

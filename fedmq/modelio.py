@@ -8,8 +8,8 @@
 * :func:`export_onnx`: ONNX (opset 18) with a dynamic batch axis, through torch's
   ``torch.export``-based exporter (``dynamo=True``; the TorchScript exporter is deprecated
   since torch 2.9 and slated for removal).
-* :class:`OnnxPredictor`: onnxruntime inference on the CPU, for devices that run the model
-  without torch.
+* :class:`OnnxPredictor` (from :mod:`fedmq.inference`, which imports no torch):
+  onnxruntime inference on the CPU, for devices that run the model without torch.
 """
 
 from __future__ import annotations
@@ -20,19 +20,21 @@ import logging
 import os
 import struct
 import warnings
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedmq.atomic import atomic_write_bytes
-from fedmq.errors import DataError, SpecMismatchError, WireError
+from fedmq.errors import SpecMismatchError, WireError
+from fedmq.inference import ONNX_INPUT, ONNX_META_KIND, ONNX_META_TASK, ONNX_OUTPUT, OnnxPredictor
 from fedmq.params import ParamSpec
-from fedmq.tasks import TaskDef, get_task
+from fedmq.tasks import Task, get_task
 
 #: ONNX operator set of exported models (onnxruntime >= 1.14 runs it).
 ONNX_OPSET = 18
-ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+
+__all__ = ["MAX_HEADER_BYTES", "ONNX_INPUT", "ONNX_META_KIND", "ONNX_META_TASK", "ONNX_OPSET", "ONNX_OUTPUT",
+           "OnnxPredictor", "export_onnx", "model_from_safetensors", "model_to_safetensors"]
+
 #: Largest safetensors JSON header accepted, bytes (the format's own limit is 100 MB; ours
 #: are a few KB, and a bound keeps a hostile length field from costing memory).
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -131,27 +133,30 @@ def model_from_safetensors(data: bytes, model: torch.nn.Module, spec: ParamSpec 
     return metadata
 
 
-def export_onnx(model: torch.nn.Module, task: TaskDef | str,
+def export_onnx(model: torch.nn.Module, task: Task | str,
                 path: str | os.PathLike[str] | None = None) -> bytes:
     """Export ``model`` to ONNX (opset :data:`ONNX_OPSET`), input ``"input"`` float32
-    ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32
-    ``(batch, num_classes)``.
+    ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32:
+    ``(batch, num_classes)`` for a classifier, the model's own output shape for a
+    regression task (the name is kept for both). The task's name and kind are stored in
+    the model's metadata (:data:`ONNX_META_TASK`, :data:`ONNX_META_KIND`).
 
-    The model is exported from a copy in eval mode; ``model`` itself is not changed.
+    The model is exported from a copy in eval mode, traced on the task's example inputs
+    (:meth:`fedmq.tasks.Task.example_batch`); ``model`` itself is not changed.
 
     Args:
-        task: the model's task (or its name), for the input shape.
+        task: the model's task (or a reference :func:`fedmq.tasks.get_task` resolves).
         path: if given, the bytes are also written there atomically.
 
     Returns:
         The serialised ONNX model (weights inline).
 
     Raises:
-        ConfigError: unknown task name. OSError: ``path`` cannot be written.
+        ConfigError: unknown task. OSError: ``path`` cannot be written.
     """
     task = get_task(task) if isinstance(task, str) else task
     frozen = copy.deepcopy(model).float().eval()
-    example = (torch.zeros((2, *task.input_shape), dtype=torch.float32),)
+    example = (torch.from_numpy(task.example_batch(2)),)
     # The exporter logs one warning per torchvision operator it cannot register (fedmq's models
     # use none) and torch's own pytree code trips a deprecation warning of torch; both only
     # hide real messages.
@@ -166,59 +171,11 @@ def export_onnx(model: torch.nn.Module, task: TaskDef | str,
                 output_names=[ONNX_OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     finally:
         registration_log.setLevel(previous_level)
-    data = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    for key, value in ((ONNX_META_TASK, task.name), (ONNX_META_KIND, task.kind)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = proto.SerializeToString()
     if path is not None:
         atomic_write_bytes(path, data)
     return data
-
-
-class OnnxPredictor:
-    """Inference with onnxruntime on the CPU (no torch needed on the device).
-
-    Args:
-        data_or_path: ONNX bytes (from :func:`export_onnx`) or a path to an ``.onnx`` file.
-        threads: intra-op threads (1 keeps a small device responsive).
-
-    Raises:
-        DataError: the file is missing or not a valid ONNX model (names the path).
-        WireError: the bytes are not a valid ONNX model.
-    """
-
-    def __init__(self, data_or_path: bytes | str | os.PathLike[str], threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if isinstance(data_or_path, (bytes, bytearray, memoryview)):
-            source, where, error = bytes(data_or_path), "ONNX bytes", WireError
-        else:
-            path = Path(data_or_path)
-            if not path.is_file():
-                raise DataError(f"{path}: ONNX model file not found")
-            source, where, error = str(path), str(path), DataError
-        try:
-            self._session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise error(f"{where}: not a valid ONNX model ({str(exc)[:300]})") from None
-        inp = self._session.get_inputs()[0]
-        self._input = inp.name
-        #: Per-sample input shape (without the batch axis), as the model declares it.
-        self.input_shape: tuple[int, ...] = tuple(int(d) for d in inp.shape[1:])
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits, float32 ``(N, num_classes)``, for a batch x ``(N, *input_shape)``
-        (converted to float32).
-
-        Raises:
-            DataError: ``x`` does not have shape ``(N, *input_shape)``.
-        """
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise DataError(f"input of shape {x.shape}, expected (N, {', '.join(map(str, self.input_shape))})")
-        return self._session.run(None, {self._input: x})[0]
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predicted classes, int64 ``(N,)`` (arg-max of :meth:`logits`)."""
-        return self.logits(x).argmax(axis=1).astype(np.int64)

@@ -11,6 +11,9 @@ Default: scikit-learn's bundled handwritten digits (1,797 real 8x8 images; 1,437
 Top-K at density 1% with 8-bit values and error feedback.
 ``--data mnist --data-dir DIR`` uses MNIST IDX files; with the official t10k files (as in
 ``../shared/data/mnist-t10k``) it uses the MNIST-10k split of ``../shared/data/README.md``.
+``--task REF`` runs any task (docs/tasks.md: ``package.module:attribute``, a built-in or an
+entry-point name); a task with its own reference data set (``Task.reference_data``) is
+trained on that, each device's partition written in the task's format (``Task.save_data``).
 
 Outputs with ``--out DIR``: ``summary.json``, ``rounds.csv``, ``model.safetensors``,
 ``model.onnx``, ``progress.png``, plus the working files (configs, device logs, state).
@@ -43,19 +46,18 @@ from coordinator.config import load_config
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
-from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition, save_npz_atomic
+from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition
 from fedmq.cli import LogLevel, setup_logging
 from fedmq.codecs import codec_names
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
-from fedmq.tasks import evaluate, get_task
+from fedmq.tasks import Task, get_task
+from fedmq.tasks.builtin import DIGITS_PLAN, MNIST_PLAN
 
-#: Training settings the demo sends with each task, per data set. Chosen so that the digits
-#: demo reaches >= 90% test accuracy in 30 rounds with Top-K 1% + error feedback.
-DEMO_PLANS: dict[str, dict[str, Any]] = {
-    "digits": {"local_epochs": 5, "batch_size": 32, "lr": 0.1},
-    "mnist": {"local_epochs": 1, "batch_size": 32, "lr": 0.05},
-}
+#: Training settings the demo sends with each task, per data set (a task's own
+#: ``demo_plan`` wins). Chosen so that the digits demo reaches >= 90% test accuracy in 30
+#: rounds with Top-K 1% + error feedback.
+DEMO_PLANS: dict[str, dict[str, Any]] = {"digits": DIGITS_PLAN, "mnist": MNIST_PLAN}
 DEFAULT_TASKS = {"digits": "digits-mlp", "mnist": "mnist-cnn"}
 
 log = logging.getLogger("fedmq.demo")
@@ -108,6 +110,25 @@ def load_demo_data(data: str, data_dir: Path | None, devices: int, scheme: str, 
     return DemoData(name, [(x_tr[p], y_tr[p]) for p in parts], x_te, y_te)
 
 
+def load_task_data(task: Task, devices: int, scheme: str, alpha: float) -> DemoData:
+    """The task's reference data set (:meth:`fedmq.tasks.Task.reference_split`) cut into
+    ``devices`` partitions (Dirichlet label skew only for classification).
+
+    Raises:
+        ConfigError: no reference data, a Dirichlet partition of a regression task, or a
+            device left without data. DataError: the data does not fit the task.
+    """
+    x_tr, y_tr, x_te, y_te = task.reference_split()
+    if scheme == "dirichlet" and task.kind != "classification":
+        raise ConfigError(f"--partition dirichlet skews class labels; task {task.name!r} is a {task.kind} task: "
+                          "use --partition iid")
+    parts = partition(y_tr, devices, scheme, alpha)
+    if any(len(p) == 0 for p in parts):
+        raise ConfigError(f"partition {scheme!r} (alpha {alpha}) left a device without data; "
+                          "raise --alpha or use fewer --devices")
+    return DemoData(task.name, [(x_tr[p], y_tr[p]) for p in parts], x_te, y_te)
+
+
 def _write_toml(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
@@ -151,7 +172,7 @@ def _ratio(dense: int, sent: int) -> float:
 
 
 def write_outputs(out: Path, summary: dict[str, Any], records: list[RoundRecord], result: RunResult,
-                  task_name: str, *, model_files: bool = True) -> None:
+                  task: Task, *, model_files: bool = True) -> None:
     """Write summary.json and rounds.csv into ``out``, and with ``model_files`` also
     model.safetensors, model.onnx and progress.png."""
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +188,8 @@ def write_outputs(out: Path, summary: dict[str, Any], records: list[RoundRecord]
     if not model_files:
         return
     (out / "model.safetensors").write_bytes(model_to_safetensors(
-        result.model, {"task": task_name, "model_version": str(result.version)}))
-    (out / "model.onnx").write_bytes(export_onnx(result.model, task_name))
+        result.model, {"task": task.name, "model_version": str(result.version)}))
+    (out / "model.onnx").write_bytes(export_onnx(result.model, task))
     _plot(out / "progress.png", summary, records)
 
 
@@ -179,13 +200,18 @@ def _plot(path: Path, summary: dict[str, Any], records: list[RoundRecord]) -> No
     import matplotlib.pyplot as plt
 
     rounds = [r.round for r in records]
-    acc = [r.test_accuracy if r.test_accuracy is not None else float("nan") for r in records]
+    # A regression task has no accuracy: its test loss is plotted instead.
+    metric, label = ("test_accuracy", "test accuracy") if summary["initial_accuracy"] is not None else \
+        ("test_loss", "test loss")
+    acc = [getattr(r, metric) if getattr(r, metric) is not None else float("nan") for r in records]
     up = np.cumsum([r.bytes_up for r in records]) / 1e6
     dense = np.cumsum([r.dense_bytes_up for r in records]) / 1e6
     down = np.cumsum([r.bytes_down for r in records]) / 1e6
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot([0] + rounds, [summary["initial_accuracy"]] + acc, marker="o", ms=3)
-    ax1.set(xlabel="round", ylabel="test accuracy", title=f"{summary['task']}: global model accuracy", ylim=(0, 1))
+    ax1.plot([0] + rounds, [summary[metric.replace("test", "initial")]] + acc, marker="o", ms=3)
+    ax1.set(xlabel="round", ylabel=label, title=f"{summary['task']}: global model {label.removeprefix('test ')}")
+    if metric == "test_accuracy":
+        ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
     ax2.plot(rounds, up, label=f"uplink ({summary['codec']})")
     ax2.plot(rounds, dense, "--", label="uplink if dense float32")
@@ -199,10 +225,12 @@ def _plot(path: Path, summary: dict[str, Any], records: list[RoundRecord]) -> No
 
 
 def build_summary(task_name: str, devices: int, per_round: int, codec: str, density: float,
-                  records: list[RoundRecord], initial_accuracy: float, wall_seconds: float,
-                  broker_url: str) -> dict[str, Any]:
-    """The ``summary.json`` document (byte counts are MQTT payload bytes)."""
+                  records: list[RoundRecord], initial_accuracy: float | None, wall_seconds: float,
+                  broker_url: str, initial_loss: float | None = None) -> dict[str, Any]:
+    """The ``summary.json`` document (byte counts are MQTT payload bytes; accuracies are
+    None for a regression task, whose ``*_loss`` fields carry the result)."""
     closed = [r for r in records if r.test_accuracy is not None]
+    with_loss = [r for r in records if r.test_loss is not None]
     bytes_up = sum(r.bytes_up for r in records)
     dense_up = sum(r.dense_bytes_up for r in records)
     return {
@@ -215,7 +243,10 @@ def build_summary(task_name: str, devices: int, per_round: int, codec: str, dens
         "density": density if codec != "none" else 1.0,
         "initial_accuracy": initial_accuracy,
         "final_accuracy": closed[-1].test_accuracy if closed else initial_accuracy,
-        "best_accuracy": max([initial_accuracy] + [r.test_accuracy for r in closed]),
+        "best_accuracy": (max([initial_accuracy] + [r.test_accuracy for r in closed])
+                          if initial_accuracy is not None else None),
+        "initial_loss": initial_loss,
+        "final_loss": with_loss[-1].test_loss if with_loss else initial_loss,
         "accuracy_per_round": [r.test_accuracy for r in records],
         "bytes_up_total": bytes_up,
         "bytes_up_dense_equivalent": dense_up,
@@ -255,11 +286,12 @@ class _ProgressPrinter:
         if p.kind != "round_closed" or p.record is None:
             return
         r = p.record
-        acc = f"{r.test_accuracy * 100:5.1f}%" if r.test_accuracy is not None else "  n/a"
+        acc = f"acc {r.test_accuracy * 100:5.1f}%" if r.test_accuracy is not None else \
+            (f"loss {r.test_loss:.4g}" if r.test_loss is not None else "acc   n/a")
         rej = sum(r.rejected.values())
         self.console.print(
             f"round {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
-            f"acc {acc}  up {_human_bytes(r.bytes_up):>8s}  down {_human_bytes(r.bytes_down):>8s}  "
+            f"{acc}  up {_human_bytes(r.bytes_up):>8s}  down {_human_bytes(r.bytes_down):>8s}  "
             f"ratio {_ratio(r.dense_bytes_up, r.bytes_up):5.0f}x  {r.wall_s:4.1f} s",
             highlight=False)
 
@@ -449,10 +481,13 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
     _validate(devices, per_round, rounds, data, partition_scheme, alpha, codec, density, broker, protocol,
               deadline_s, devices_in, sched)
     task_name = task or DEFAULT_TASKS[data]
-    task_def = get_task(task_name)
+    task_def = get_task(task_name, where="--task")
     folder = _OutFolder(out)
     folder.check()
-    dataset = load_demo_data(data, data_dir, devices, partition_scheme, alpha)
+    if task_def.reference_data is not None:
+        dataset = load_task_data(task_def, devices, partition_scheme, alpha)
+    else:
+        dataset = load_demo_data(data, data_dir, devices, partition_scheme, alpha)
     if samples_per_device is not None or test_samples is not None:
         dataset = DemoData(dataset.name, [(x[:samples_per_device], y[:samples_per_device]) for x, y in dataset.parts],
                            dataset.x_test[:test_samples], dataset.y_test[:test_samples])
@@ -477,22 +512,27 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         else:
             broker_url = broker
         console.print(f"fedmq demo: {devices} devices ({devices_in}), {per_round} per round, {rounds} rounds, "
-                      f"task {task_name}, data {dataset.name} ({partition_scheme}), codec {codec}"
+                      f"task {task_def.name}, data {dataset.name} ({partition_scheme}), codec {codec}"
                       f"{f' density {density:g}' if codec != 'none' else ''}, broker {broker_url}"
                       f"{' (embedded)' if broker_proc else ''}", highlight=False)
         console.print(f"working folder: {work}", highlight=False)
 
-        save_npz_atomic(work / "test.npz", dataset.x_test, dataset.y_test)
+        # Every file in the task's own format: the coordinator reads its test set, and each
+        # device its partition, with the task's loader, as on a real fleet.
+        test_file = work / ("test" + Path(task_def.data_file).suffix)
+        task_def.write_local(test_file, dataset.x_test, dataset.y_test)
         configs = []
         for device, (x, y) in zip(ids, dataset.parts):
             dev_folder = work / "devices" / device
-            save_npz_atomic(dev_folder / "data.npz", x, y)
+            dev_folder.mkdir(parents=True, exist_ok=True)
+            task_def.write_local(dev_folder / task_def.data_file, x, y)
             _write_toml(dev_folder / "edge.toml", {
-                "broker": {"url": broker_url, "protocol": protocol}, "device_id": device, "federation": federation,
-                "task": task_name, "data": "data.npz", "state_dir": "state", "torch_threads": 1,
-                "holdout_fraction": sched.holdout_fraction, "seed": seed + int(device.rsplit("-", 1)[1])})
+                "device_id": device, "federation": federation, "task": task_name, "data": task_def.data_file,
+                "state_dir": "state", "torch_threads": 1, "holdout_fraction": sched.holdout_fraction,
+                "seed": seed + int(device.rsplit("-", 1)[1]),
+                "broker": {"url": broker_url, "protocol": protocol}})
             configs.append(dev_folder / "edge.toml")
-        plan_table = dict(DEMO_PLANS["digits" if data == "digits" else "mnist"])
+        plan_table = dict(task_def.demo_plan or DEMO_PLANS["digits" if data == "digits" else "mnist"])
         plan_table.update({"codec": codec, "density": density, "error_feedback": codec != "none"})
         plan_table.update(plan or {})
         coordinator_toml = work / "coordinator.toml"
@@ -507,13 +547,12 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "plan": plan_table,
             "server_optimizer": server_optimizer or {"name": "fedavg"},
             "aggregation": {"rule": aggregation},
-            "evaluation": {"data": "test.npz"},
+            "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
         })
         folder.record()
 
-        initial = task_def.build_model(seed)
-        initial_accuracy = evaluate(initial, dataset.x_test, dataset.y_test)[1]
+        initial = task_def.evaluate(task_def.build_model(seed), dataset.x_test, dataset.y_test)
         coordinator = Coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
         previous = signal.getsignal(signal.SIGTERM)
         in_main = threading.current_thread() is threading.main_thread()
@@ -543,10 +582,10 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             drop_bus(bus_name)
         folder.record()
     wall = time.monotonic() - started
-    summary = build_summary(task_name, devices, per_round, codec, density, result.records, initial_accuracy,
-                            wall, broker_url)
+    summary = build_summary(task_def.name, devices, per_round, codec, density, result.records,
+                            initial.get("accuracy"), wall, broker_url, initial_loss=initial["loss"])
     summary["devices_in"] = devices_in
-    write_outputs(work, summary, result.records, result, task_name, model_files=write_files)
+    write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
     _print_summary(console, summary, work)
     return dict(summary, records=[asdict(r) for r in result.records])
@@ -558,8 +597,10 @@ def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
     table.add_column("value", justify="right")
     table.add_row("task", s["task"])
     table.add_row("rounds (failed)", f"{s['rounds']} ({s['rounds_failed']})")
-    table.add_row("test accuracy: initial / final / best",
-                  f"{s['initial_accuracy']:.2%} / {s['final_accuracy']:.2%} / {s['best_accuracy']:.2%}")
+    if s["initial_accuracy"] is not None:
+        table.add_row("test accuracy: initial / final / best",
+                      f"{s['initial_accuracy']:.2%} / {s['final_accuracy']:.2%} / {s['best_accuracy']:.2%}")
+    table.add_row("test loss: initial / final", f"{s['initial_loss']:.4g} / {s['final_loss']:.4g}")
     table.add_row("client updates accepted / rejected", f"{s['updates_accepted']} / {s['updates_rejected']}")
     table.add_row("uplink bytes (dense float32 equivalent)",
                   f"{_human_bytes(s['bytes_up_total'])} ({_human_bytes(s['bytes_up_dense_equivalent'])})")
@@ -575,7 +616,8 @@ def demo_command(
     devices: int = typer.Option(10, help="Edge-client processes to start."),
     per_round: int = typer.Option(5, "--per-round", "--devices-per-round", help="Devices taking part per round."),
     rounds: int = typer.Option(30, help="Rounds to run."),
-    task: str = typer.Option("", help="Task (default: digits-mlp for digits, mnist-cnn for mnist)."),
+    task: str = typer.Option("", help="Task: package.module:attribute, a built-in or entry-point name "
+                                      "(default: digits-mlp for digits, mnist-cnn for mnist; docs/tasks.md)."),
     data: str = typer.Option("digits", help="digits (scikit-learn's bundled 8x8 digits) or mnist."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Folder of MNIST IDX files for --data mnist."),
     partition_: str = typer.Option("iid", "--partition", help="iid or dirichlet."),

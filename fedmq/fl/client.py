@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from fedmq.feedback import ErrorFeedback
 from fedmq.fl.training import LocalResult, train_local
 from fedmq.messages import Task
 from fedmq.params import ParamSpec
+
+if TYPE_CHECKING:
+    from fedmq.tasks import Task as TaskDef
 
 
 def training_rng(seed: int, plan_seed: int, round_: int) -> np.random.Generator:
@@ -61,7 +65,7 @@ class PackagedUpdate:
 
 def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: Task, *, seed: int,
                    max_seconds: float | None = None, x_val: np.ndarray | None = None,
-                   y_val: np.ndarray | None = None) -> LocalResult:
+                   y_val: np.ndarray | None = None, task_def: TaskDef | None = None) -> LocalResult:
     """Local training for ``task`` from the global model already loaded into ``model``.
 
     Args:
@@ -71,6 +75,8 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: T
         seed: the device's seed.
         max_seconds: cap on training time, seconds (None: the plan's own cap).
         x_val, y_val: local held-out samples for ``val_*`` metrics, or None.
+        task_def: the learning task (its loss and metrics; :mod:`fedmq.tasks`), None for
+            cross-entropy classification.
 
     Returns:
         :class:`fedmq.fl.training.LocalResult` (the update is float32 ``(d,)``).
@@ -78,7 +84,7 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: T
     plan = task.plan
     cap = plan.max_seconds if max_seconds is None else max_seconds
     return train_local(model, x, y, plan, rng=training_rng(seed, plan.seed, task.round), max_seconds=cap,
-                       x_val=x_val, y_val=y_val)
+                       x_val=x_val, y_val=y_val, task=task_def)
 
 
 def package_update(result: LocalResult, task: Task, *, federation: str, device: str, spec: ParamSpec,

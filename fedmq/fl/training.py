@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from fedmq.errors import ConfigError, DataError
 from fedmq.messages import TrainPlan
 from fedmq.params import ParamSpec, flatten_params, load_params
-from fedmq.tasks import evaluate
+from fedmq.tasks import Task, evaluate
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ class LocalResult:
         steps: minibatch steps actually done (fewer than planned when the time cap hit).
         planned_steps: minibatch steps the plan asked for.
         seconds: wall-clock training time, seconds (evaluation excluded).
-        metrics: ``train_loss`` (mean minibatch cross-entropy over the steps done, nats,
-            without the proximal term); ``val_loss`` and ``val_accuracy`` of the resulting
-            local model on the held-out set when one was given.
+        metrics: ``train_loss`` (mean minibatch loss over the steps done: the task's loss,
+            cross-entropy in nats without a task; the proximal term excluded); ``val_loss``
+            and ``val_<metric>`` (``val_accuracy``; ``val_mae``, ``val_rmse`` for
+            regression) of the resulting local model on the held-out set when one was given.
     """
 
     update: np.ndarray
@@ -77,13 +78,14 @@ def planned_steps(n: int, plan: TrainPlan) -> int:
 def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: TrainPlan, *,
                 global_vector: np.ndarray | None = None, rng: np.random.Generator,
                 max_seconds: float | None = None, x_val: np.ndarray | None = None,
-                y_val: np.ndarray | None = None) -> LocalResult:
+                y_val: np.ndarray | None = None, task: Task | None = None) -> LocalResult:
     """Train ``model`` on the local data and return the client update.
 
     Args:
         model: the task's module. With ``kind == "delta"`` it ends at the local model
             ``w_local``; with ``"gradient"`` its parameters are left at ``w_global``.
-        x: float32 ``(N, *input_shape)`` local samples; y: int64 ``(N,)`` labels.
+        x: float32 ``(N, *input_shape)`` local samples; y: int64 ``(N,)`` labels, or float32
+            ``(N, *target_shape)`` targets of a regression task.
         plan: update kind, ``local_steps`` / ``local_epochs``, ``batch_size``, ``lr``,
             ``prox_mu``, ``max_seconds`` (0 = no cap) are used; codec fields are not.
         global_vector: float32 ``(spec.size,)`` global model to train from; it is loaded into
@@ -93,6 +95,8 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
             ``plan.max_seconds`` applies). Training stops after the step during which the cap
             is reached; at least one step is always done.
         x_val, y_val: optional held-out set for ``val_loss`` / ``val_accuracy``.
+        task: the model's task, for its loss (:meth:`fedmq.tasks.Task.loss_fn`) and
+            metrics; ``None``: cross-entropy classification.
 
     Returns:
         :class:`LocalResult`.
@@ -121,7 +125,8 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
     anchors = [p.detach().clone() for p in params] if prox else []
 
     xt = torch.as_tensor(x, dtype=torch.float32)
-    yt = torch.as_tensor(y, dtype=torch.int64)
+    yt = task.target_tensor(y) if task is not None else torch.as_tensor(y, dtype=torch.int64)
+    loss_of = task.loss_fn if task is not None else F.cross_entropy
     model.train()
     for p in params:
         p.grad = None
@@ -129,7 +134,7 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
     steps = 0
     start = time.monotonic()
     for idx in _batches(n, plan.batch_size, rng):
-        loss = F.cross_entropy(model(xt[idx]), yt[idx])
+        loss = loss_of(model(xt[idx]), yt[idx])
         if kind == "delta":
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
@@ -157,7 +162,10 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
             p.grad = None
     metrics = {"train_loss": float(loss_sum) / steps}
     if x_val is not None and y_val is not None and len(y_val) > 0:
-        metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
+        if task is not None:
+            metrics.update({f"val_{k}": v for k, v in task.evaluate(model, x_val, y_val).items()})
+        else:
+            metrics["val_loss"], metrics["val_accuracy"] = evaluate(model, x_val, y_val)
     return LocalResult(update=update, kind=kind, samples=n, steps=steps, planned_steps=planned,
                        seconds=seconds, metrics=metrics)
 

@@ -97,8 +97,12 @@ def test_missing_file_bad_toml_and_missing_required(tmp_path):
 def test_evaluation_data_choices(tmp_path):
     cfg = load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "held.npz"\n'), environ={})
     assert cfg.evaluation.data == str(tmp_path / "held.npz")
+    # Any other value is a path read by the task's loader (checked at coordinator start).
+    cfg = load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "sensors/held.csv"\n'), environ={})
+    assert cfg.evaluation.data == str(tmp_path / "sensors" / "held.csv")
+    assert load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "task"\n'), environ={}).evaluation.data == "task"
     with pytest.raises(ConfigError, match="evaluation.data"):
-        load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = "imagenet"\n'), environ={})
+        load_config(write(tmp_path, GOOD + '\n[evaluation]\ndata = ""\n'), environ={})
 
 
 def test_broker_table_is_validated_by_the_transport_settings(tmp_path):
