@@ -18,6 +18,15 @@ Every received update gets a :class:`fedmq.messages.Receipt`. Retained tasks are
 when the round closes. After every round the model, the optimizer state and the round's
 record are checkpointed (coordinator.state) before anything is published, so a kill -9
 at any instant resumes from the last finished round and reruns the one in flight.
+
+Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_COORDINATOR``): the steps of
+:data:`PAUSE_POINTS` are ``selection`` (devices selected, no task published),
+``task_publish`` (the first task published, the others not yet), ``receipt`` (an update
+judged, its receipt not sent), ``checkpoint_write`` (the round's checkpoint written to its
+temporary file, not renamed), ``checkpoint_rename`` (checkpoint renamed, the database not
+written), ``model_publish`` (round recorded, the new global model not yet published) and
+``model_published`` (the new model published, the next round not selected). The
+fault-injection suite kills or restarts a process there.
 """
 
 from __future__ import annotations
@@ -49,9 +58,13 @@ from fedmq.tasks import evaluate, get_task
 from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
+from fedmq.testhooks import PauseHook
 from fedmq.transport.wire import Manifest
 
 log = logging.getLogger("fedmq.coordinator")
+
+PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
+                "model_published")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
@@ -131,6 +144,10 @@ class Coordinator:
                                                                    client_id=f"fedmq-coordinator-{self.fed}")
         self.engine: RoundEngine | None = None
         self.db: StateDB | None = None
+        self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
+
+    def _pause(self, point: str, round_: int) -> None:
+        self._hook(point, round_, lambda: self.stopping)
 
     # -- control -------------------------------------------------------------------------
 
@@ -264,12 +281,15 @@ class Coordinator:
         target = min(policy.target(len(eligible)), len(selected)) if selected else policy.target(len(eligible))
         started = time.time()
         deadline = started + cfg.round.deadline_s
+        self._pause("selection", r)
         self.db.set_inflight(selected)
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
-        for device in selected:
+        for i, device in enumerate(selected):
             task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
             self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
+            if i == 0:
+                self._pause("task_publish", r)
         self.link.publish(topics.round_announcement(self.fed),
                           RoundAnnouncement(r, version, deadline, "open").to_bytes(), retain=True)
         log.info("round %d: %d eligible, %d selected, target %d, deadline in %.1f s", r, len(eligible),
@@ -298,7 +318,9 @@ class Coordinator:
                       bytes_down=self._model_bytes * rec.participants)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._meta(), rec))
+                                                  self._meta(), rec),
+                        before_rename=lambda: self._pause("checkpoint_write", rec.round))
+        self._pause("checkpoint_rename", rec.round)
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
         for device in engine.selection:
@@ -308,7 +330,9 @@ class Coordinator:
                           RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes(),
                           retain=True)
         if closed.succeeded:
+            self._pause("model_publish", rec.round)
             self._publish_model(vector, rec.model_version, rec.round)
+            self._pause("model_published", rec.round)
         log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.target, rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
@@ -381,6 +405,7 @@ class Coordinator:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""
         engine = self.engine
         assert engine is not None
+        self._pause("receipt", engine.round)
         if isinstance(outcome, Repeat):
             self._receipt(device, outcome.round, transfer, outcome.status, outcome.reason)
             return

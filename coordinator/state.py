@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ class Checkpoint:
     record: RoundRecord | None = None
 
 
-def save_checkpoint(state_dir: Path, ckpt: Checkpoint) -> None:
+def save_checkpoint(state_dir: Path, ckpt: Checkpoint, *, before_rename: Callable[[], None] | None = None) -> None:
     """Write the checkpoint atomically (old or new file, never a torn one).
+
+    ``before_rename``: see :func:`fedmq.atomic.atomic_write_bytes` (a test hook).
 
     Raises:
         OSError: the state folder cannot be written.
@@ -70,7 +73,7 @@ def save_checkpoint(state_dir: Path, ckpt: Checkpoint) -> None:
     tensors.update({f"opt.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.optimizer_state.items()})
     meta = dict(ckpt.meta, format=CHECKPOINT_FORMAT, round=str(ckpt.round), version=str(ckpt.version),
                 record=ckpt.record.to_json() if ckpt.record is not None else "")
-    atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta))
+    atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta), before_rename=before_rename)
 
 
 def load_checkpoint(state_dir: Path) -> Checkpoint | None:

@@ -22,11 +22,14 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
 Only the main thread touches the durable state and the error-feedback memory; paho's
 callbacks only queue messages (fedmq.transport.MqttLink).
 
-Test hook: with ``FEDMQ_EDGE_TEST_PAUSE_AT`` set to ``training`` (model trained, nothing
-committed), ``publishing`` (update committed to disk, nothing published) or ``published``
-(update published, receipt not yet handled), the agent writes the point's name to the file
-``FEDMQ_EDGE_TEST_PAUSE_FILE`` and blocks there forever, so that a test can kill it at
-that exact point.
+Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_EDGE``): with ``FEDMQ_EDGE_TEST_PAUSE_AT``
+set to ``fetching`` (task taken, global model not yet fetched), ``training`` (model
+trained, nothing committed), ``publishing`` (update committed to disk, nothing published),
+``published`` (update published, receipt not yet handled) or ``receipt`` (receipt
+received, not yet committed or rolled back), optionally only in round
+``FEDMQ_EDGE_TEST_PAUSE_ROUND``, the agent writes the point's name to the file
+``FEDMQ_EDGE_TEST_PAUSE_FILE`` and waits there until that file is removed or the agent is
+stopped, so that a test can kill it, or restart the broker, at that exact point.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ from edge_client.state import DeviceState, lock_state_dir
 from fedmq.fl.client import package_update, train_for_task
 from fedmq.fl.training import LocalResult, split_holdout
 from fedmq import __version__, topics
-from fedmq.atomic import atomic_write_text
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
 from fedmq.errors import FedmqError, TransportError, WireError
@@ -60,6 +62,7 @@ from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
 from fedmq.tasks import get_task
+from fedmq.testhooks import PauseHook
 from fedmq.transport.flows import fetch_blob, fetch_model
 from fedmq.transport import Link, Message, Will, open_link
 from fedmq.transport.sender import BlobSender
@@ -67,9 +70,7 @@ from fedmq.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
-PAUSE_ENV = "FEDMQ_EDGE_TEST_PAUSE_AT"
-PAUSE_FILE_ENV = "FEDMQ_EDGE_TEST_PAUSE_FILE"
-PAUSE_POINTS = ("training", "publishing", "published")
+PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt")
 
 #: Longest wait of the main loop between two looks at its clocks, seconds.
 TICK = 1.0
@@ -155,8 +156,8 @@ class EdgeAgent:
         env = os.environ if environ is None else environ
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier(env)
-        self.pause_at = env.get(PAUSE_ENV) or None
-        self.pause_file = env.get(PAUSE_FILE_ENV) or None
+        self._hook = PauseHook("FEDMQ_EDGE", PAUSE_POINTS, env)
+        self._stop = threading.Event()
         torch.set_num_threads(cfg.torch_threads)
         self.task_def = get_task(cfg.task)
         self.model = self.task_def.build_model(cfg.seed)
@@ -209,13 +210,8 @@ class EdgeAgent:
                 return None
             self._healthy_tick(worker, limit)
 
-    def _pause(self, point: str) -> None:
-        if self.pause_at != point:
-            return
-        if self.pause_file:
-            atomic_write_text(self.pause_file, point)
-        log.warning("test hook: paused at %s (pid %d)", point, os.getpid())
-        threading.Event().wait()
+    def _pause(self, point: str, round_: int) -> None:
+        self._hook(point, round_, self._stop.is_set)
 
     def _sent_vector(self, data: bytes) -> np.ndarray:
         update = decode_update(data, self.spec)
@@ -234,6 +230,7 @@ class EdgeAgent:
             StateError: the state directory cannot be written.
         """
         stop = stop if stop is not None else threading.Event()
+        self._stop = stop
         cfg = self.cfg
         fed, dev = cfg.federation, cfg.device_id
         link = self.link
@@ -325,7 +322,7 @@ class EdgeAgent:
             # The coordinator moved on to a later round without answering ours.
             log.info("round %d superseded by round %d without a receipt: update rolled back", inflight.round,
                      task.round)
-            self._rollback()
+            self._rollback("superseded")
         if self._pending is None or task.round >= self._pending.round:
             self._pending = task
 
@@ -336,6 +333,7 @@ class EdgeAgent:
             log.info("receipt for round %d (%s) does not match the update in flight: ignored", receipt.round,
                      receipt.transfer_id)
             return
+        self._pause("receipt", inflight.round)
         assert self.sender is not None
         self.sender.acknowledge(self._base(inflight.transfer_id))
         if receipt.status == "accepted":
@@ -346,11 +344,11 @@ class EdgeAgent:
             self.counters["rejected"] += 1
             log.warning("round %d: update rejected (%s): rolled back into the residual", inflight.round,
                         receipt.reason)
-            self._rollback()
+            self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
 
-    def _rollback(self) -> None:
-        self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()))
+    def _rollback(self, reason: str) -> None:
+        self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()), reason)
         self.counters["rolled_back"] += 1
 
     def _check_inflight(self) -> None:
@@ -361,7 +359,7 @@ class EdgeAgent:
             log.warning("round %d: no receipt by the deadline: update rolled back into the residual", inflight.round)
             assert self.sender is not None
             self.sender.acknowledge(self._base(inflight.transfer_id))
-            self._rollback()
+            self._rollback("deadline")
         elif time.monotonic() - self._last_send >= self.cfg.receipt_timeout:
             self.counters["resends"] += 1
             self._send_inflight()
@@ -372,7 +370,7 @@ class EdgeAgent:
         if time.time() > inflight.deadline + self.cfg.receipt_grace:
             log.warning("round %d: update left in flight by the last run is past its deadline: rolled back",
                         inflight.round)
-            self._rollback()
+            self._rollback("deadline")
             return
         log.info("round %d: sending the update left in flight by the last run again (transfer %s)",
                  inflight.round, inflight.transfer_id)
@@ -423,6 +421,7 @@ class EdgeAgent:
             log.warning("round %d: deadline already passed: skipped", task.round)
             self.state.finish_round(task.round, task.deadline)
             return
+        self._pause("fetching", task.round)
         self.notifier.status(f"round {task.round}: fetching model {task.model_version}")
         try:
             if not self._load_global(task.model_version, stop):
@@ -442,7 +441,7 @@ class EdgeAgent:
         if result is None:
             return
         self.counters["rounds_trained"] += 1
-        self._pause("training")
+        self._pause("training", task.round)
 
         if time.time() >= task.deadline:
             # Too late to count: keep what it learned in the residual instead.
@@ -457,11 +456,11 @@ class EdgeAgent:
         inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=secrets.token_hex(16),
                                            base_version=task.model_version, deadline=task.deadline,
                                            with_feedback=plan.error_feedback)
-        self._pause("publishing")
+        self._pause("publishing", task.round)
         self.notifier.status(f"round {task.round}: sending update ({len(data)} bytes)")
         self._send_inflight()
         self.counters["updates_sent"] += 1
         log.info("round %d: update sent (%d bytes, transfer %s, %d steps in %.2f s, train loss %.4f)",
                  task.round, len(data), inflight.transfer_id, result.steps, result.seconds,
                  result.metrics.get("train_loss", float("nan")))
-        self._pause("published")
+        self._pause("published", task.round)

@@ -23,7 +23,13 @@ Crash-safety contract used by :mod:`edge_client.agent`:
   (``residual + update - sent``); rolling back adds ``sent`` (decoded from the saved
   bytes) once, in a commit of its own that also clears the in-flight record;
 * ``last_round`` is the highest round this device is done with (accepted, rejected or
-  past its deadline): a retained task for such a round is ignored.
+  past its deadline): a retained task for such a round is ignored;
+* the ledger (``state.json``'s ``ledger``, the last :data:`LEDGER_KEPT` transfers) records
+  each transfer's state in the same commit as the residual change it goes with: ``sent``
+  (committed, maybe published), ``accepted`` (the coordinator's receipt said so; no longer
+  in the residual) or ``rolled_back`` (back in the residual, with the reason). The
+  fault-injection suite checks it against the coordinator's database: a transfer must
+  never be both aggregated and rolled back.
 """
 
 from __future__ import annotations
@@ -43,6 +49,20 @@ from fedmq.params import ParamSpec
 
 STATE_FORMAT = 1
 MODELS_KEPT = 2
+#: Transfers kept in the ledger (the oldest are dropped first).
+LEDGER_KEPT = 64
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One transfer in the device ledger: ``state`` is ``sent``, ``accepted`` or
+    ``rolled_back`` (``reason``: the receipt's rejection reason, ``deadline`` when no receipt
+    came in time, ``superseded`` when a later round began without one)."""
+
+    round: int
+    transfer_id: str
+    state: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,12 @@ class Record:
     last_deadline: float = 0.0
     residual_file: str | None = None
     inflight: InFlight | None = None
+    ledger: tuple[LedgerEntry, ...] = ()
+
+    def with_entry(self, round: int, transfer_id: str, state: str, reason: str = "") -> tuple[LedgerEntry, ...]:
+        """The ledger with ``transfer_id``'s entry set (added last when new), bounded."""
+        kept = tuple(e for e in self.ledger if e.transfer_id != transfer_id)
+        return (kept + (LedgerEntry(round, transfer_id, state, reason),))[-LEDGER_KEPT:]
 
 
 #: Lock file held (flock) by the one agent process that owns a state directory.
@@ -156,7 +182,8 @@ class DeviceState:
             if raw.pop("format") != STATE_FORMAT:
                 raise ValueError("unknown format")
             inflight = raw.pop("inflight")
-            return Record(**raw, inflight=InFlight(**inflight) if inflight is not None else None)
+            ledger = tuple(LedgerEntry(**e) for e in raw.pop("ledger", []))
+            return Record(**raw, inflight=InFlight(**inflight) if inflight is not None else None, ledger=ledger)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.path}: not a fedmq device state of format {STATE_FORMAT} ({exc})") from None
 
@@ -234,7 +261,8 @@ class DeviceState:
         inflight = InFlight(round=round, transfer_id=transfer_id, base_version=base_version, deadline=deadline,
                             update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update),
                             feedback=with_feedback)
-        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight))
+        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight,
+                            ledger=self.record.with_entry(round, transfer_id, "sent")))
         return inflight
 
     def commit(self) -> None:
@@ -242,18 +270,21 @@ class DeviceState:
         inflight = self.record.inflight
         if inflight is None:
             return
-        self._write(replace(self.record, inflight=None, **self._done(inflight.round, inflight.deadline)))
+        self._write(replace(self.record, inflight=None, **self._done(inflight.round, inflight.deadline),
+                            ledger=self.record.with_entry(inflight.round, inflight.transfer_id, "accepted")))
 
-    def rollback(self, feedback: ErrorFeedback, sent) -> None:
+    def rollback(self, feedback: ErrorFeedback, sent, reason: str = "") -> None:
         """The in-flight update never reached the aggregate: put ``sent`` (float32
         (spec.size,), the decoded update) back into the residual and forget the update,
-        in one commit. Its round stays done: no second update is sent for it."""
+        in one commit. Its round stays done: no second update is sent for it.
+        ``reason`` goes into the ledger."""
         inflight = self.record.inflight
         if inflight is None:
             return
         if inflight.feedback:
             feedback.rollback(sent)
-        self.save_residual(feedback, inflight.round, inflight.deadline)
+        self.save_residual(feedback, inflight.round, inflight.deadline,
+                           _ledger=self.record.with_entry(inflight.round, inflight.transfer_id, "rolled_back", reason))
 
     def _done(self, round: int, deadline: float) -> dict[str, float | int]:
         if round > self.record.last_round:
@@ -262,13 +293,15 @@ class DeviceState:
             return {"last_round": round, "last_deadline": max(deadline, self.record.last_deadline)}
         return {}
 
-    def save_residual(self, feedback: ErrorFeedback, round: int, deadline: float = 0.0) -> None:
+    def save_residual(self, feedback: ErrorFeedback, round: int, deadline: float = 0.0, *,
+                      _ledger: tuple[LedgerEntry, ...] | None = None) -> None:
         """Commit ``feedback``'s residual with no update in flight and ``round`` done (e.g. an
         update finished after its round's deadline, kept in the residual instead of sent)."""
         seq = self.record.seq + 1
         residual_file = f"residual-{seq}.npy"
         feedback.save(self.root / residual_file)
         self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None,
+                            ledger=self.record.ledger if _ledger is None else _ledger,
                             **self._done(round, deadline)))
 
     def finish_round(self, round: int, deadline: float = 0.0) -> None:
