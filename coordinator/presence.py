@@ -42,10 +42,18 @@ class Device:
 
 
 class DeviceRegistry:
-    """Devices by id, fed with statuses; knows which are eligible for a round."""
+    """Devices by id, fed with statuses; knows which are eligible for a round.
 
-    def __init__(self) -> None:
+    Args:
+        max_devices: most devices kept; a status from a new device beyond it first evicts
+            the offline device seen longest ago (none offline: the new one is refused), so
+            a flood of statuses from made-up ids cannot grow the registry without bound.
+    """
+
+    def __init__(self, max_devices: int = 10_000) -> None:
         self.devices: dict[str, Device] = {}
+        self.max_devices = max_devices
+        self.refused = 0
 
     def restore(self, device: Device) -> None:
         """Put back a device loaded from the database (offline until its status arrives)."""
@@ -62,6 +70,9 @@ class DeviceRegistry:
             return None
         dev = self.devices.get(topic_device)
         if dev is None:
+            if len(self.devices) >= self.max_devices and not self._evict_one():
+                self.refused += 1
+                return None
             dev = self.devices[topic_device] = Device(topic_device)
         dev.online = status.online
         if status.online or status.spec_hash:
@@ -69,6 +80,13 @@ class DeviceRegistry:
             dev.samples, dev.software = status.samples, status.software
         dev.last_seen = time.time() if now is None else now
         return dev
+
+    def _evict_one(self) -> bool:
+        offline = [d for d in self.devices.values() if not d.online]
+        if not offline:
+            return False
+        del self.devices[min(offline, key=lambda d: d.last_seen).device]
+        return True
 
     def on_cleared(self, topic_device: str) -> None:
         """The retained status was cleared (empty payload): the device is gone."""

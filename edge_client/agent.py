@@ -13,11 +13,20 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    worker thread so the main loop keeps pinging the watchdog), compress with error
    feedback, commit residual + update to disk (:class:`edge_client.state.DeviceState`),
    then publish the update as a chunked blob under ``fedmq/F/update/D/T``;
-4. on the coordinator's Receipt: ``accepted`` commits; a rejection, or no receipt by the
-   round's deadline plus ``receipt_grace``, puts the sent update back into the residual
-   (the coordinator answers a resend of a transfer it already judged with its first
-   answer). Transfer requests are answered by resending chunks;
-   with no receipt after ``receipt_timeout`` seconds the whole update is sent again.
+4. on the coordinator's Receipt: ``accepted`` commits; a rejection puts the sent update
+   back into the residual. Transfer requests are answered by resending chunks. The
+   coordinator is the one authority on whether a transfer was aggregated: it answers a
+   resend of a transfer it already judged with the stored answer (from its database,
+   across its restarts), so the device never rolls back on its own guess. With no receipt
+   the whole update is sent again (same bytes, same transfer id): after
+   ``receipt_timeout`` seconds, at once after every reconnect to the broker, at once when
+   a task of a later round or a rerun of the same round arrives (the coordinator crashed
+   and lost it), and at the round's deadline plus ``receipt_grace``. A rerun of a round
+   whose update was already accepted sends that update again too (kept until the next
+   update is committed), so the rerun aggregates exactly what the lost run had.
+5. a global model that cannot be used (unreadable, non-finite, or training on it gives a
+   non-finite update) skips the round, says so in the status and the log, and the agent
+   goes on with the next task.
 
 Only the main thread touches the durable state and the error-feedback memory; paho's
 callbacks only queue messages (fedmq.transport.MqttLink).
@@ -57,7 +66,7 @@ from fedmq.fl.training import LocalResult, split_holdout
 from fedmq import __version__, topics
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
-from fedmq.errors import FedmqError, TransportError, WireError
+from fedmq.errors import FedmqError, NonFiniteError, TransportError, WireError
 from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
@@ -144,7 +153,8 @@ class EdgeAgent:
 
     Attributes:
         counters: ``rounds_trained``, ``updates_sent``, ``accepted``, ``rejected``,
-            ``rolled_back``, ``resends``, ``repairs``, ``bad_messages``, ``late_tasks``.
+            ``rolled_back``, ``resends``, ``repairs``, ``bad_messages``, ``late_tasks``,
+            ``bad_models``.
 
     Raises:
         ConfigError: unknown task. DataError: missing or corrupt data (names the path).
@@ -174,6 +184,7 @@ class EdgeAgent:
         self._last_send = 0.0
         self._connects_seen = 0
         self._pending: Task | None = None
+        self._asked_after_deadline = False
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -194,6 +205,11 @@ class EdgeAgent:
         if link.connected and link.connects != self._connects_seen:
             self._connects_seen = link.connects
             link.publish(topics.status(self.cfg.federation, self.cfg.device_id), self._status(True), retain=True)
+            if self.state.record.inflight is not None and worker is None:
+                # The broker may have restarted and lost what we sent: ask again now
+                # instead of after receipt_timeout.
+                self.counters["resends"] += 1
+                self._send_inflight()
 
     def _in_worker(self, fn: Callable[[], T], limit: float, stop: threading.Event) -> T | None:
         """Run ``fn`` off the main thread, pinging the watchdog while it stays within
@@ -256,7 +272,8 @@ class EdgeAgent:
                 self._check_inflight()
                 if self._pending is not None and self.state.record.inflight is None:
                     task, self._pending = self._pending, None
-                    self._run_round(task, stop)
+                    if self._wants(task):
+                        self._run_round(task, stop)
                     continue
                 try:
                     msg = link.inbox.get(timeout=min(TICK, self.notifier.watchdog_interval or TICK))
@@ -308,22 +325,50 @@ class EdgeAgent:
             self.counters["bad_messages"] += 1
             log.warning("task for %s/%s on this device's topic ignored", task.federation, task.device)
             return
-        inflight = self.state.record.inflight
         rec = self.state.record
-        rerun = task.round == rec.last_round and task.deadline > rec.last_deadline and inflight is None
-        if (task.round <= rec.last_round and not rerun) or (inflight is not None and task.round <= inflight.round):
-            log.debug("task for round %d ignored: already done or in flight", task.round)
-            return
-        if rerun:
-            # Same round, later deadline: the coordinator crashed before it checkpointed the
-            # round and runs it again; what this device sent for it was lost with the crash.
-            log.info("round %d is being rerun by the coordinator: training again", task.round)
+        inflight, settled = rec.inflight, rec.settled
         if inflight is not None:
-            # The coordinator moved on to a later round without answering ours.
-            log.info("round %d superseded by round %d without a receipt: update rolled back", inflight.round,
-                     task.round)
-            self._rollback("superseded")
-        if self._pending is None or task.round >= self._pending.round:
+            if task.round < inflight.round or (task.round == inflight.round and task.deadline <= inflight.deadline):
+                log.debug("task for round %d ignored: an update for round %d is in flight", task.round,
+                          inflight.round)
+                return
+            if task.round == inflight.round and task.model_version == inflight.base_version:
+                # A rerun of our round (the coordinator crashed and lost what we sent).
+                log.info("round %d is being rerun: sending the update in flight again", task.round)
+                self.state.reopen(task.deadline)
+            else:
+                # A later round began without our receipt: ask the coordinator (it answers a
+                # resend with what it decided) before anything is rolled back; the new task
+                # waits until the answer settles the update.
+                log.info("round %d began without a receipt for round %d: asking again", task.round,
+                         inflight.round)
+                self._keep_pending(task)
+            self.counters["resends"] += 1
+            self._send_inflight()
+            return
+        if settled is not None and task.round == settled.round and task.deadline > rec.last_deadline \
+                and task.model_version == settled.base_version:
+            # Same round, later deadline: the coordinator crashed before it checkpointed the
+            # round and lost the update it had accepted from us. Send the same bytes again.
+            log.info("round %d is being rerun by the coordinator: sending its accepted update again", task.round)
+            self.state.reopen(task.deadline)
+            self.counters["resends"] += 1
+            self._send_inflight()
+            return
+        if not self._wants(task):
+            log.debug("task for round %d ignored: already done", task.round)
+            return
+        if task.round == rec.last_round:
+            log.info("round %d is being rerun by the coordinator: training again", task.round)
+        self._keep_pending(task)
+
+    def _wants(self, task: Task) -> bool:
+        """True when ``task`` is for a round this device has not done (or a rerun of its last)."""
+        rec = self.state.record
+        return task.round > rec.last_round or (task.round == rec.last_round and task.deadline > rec.last_deadline)
+
+    def _keep_pending(self, task: Task) -> None:
+        if self._pending is None or (task.round, task.deadline) >= (self._pending.round, self._pending.deadline):
             self._pending = task
 
     def _on_receipt(self, receipt: Receipt) -> None:
@@ -355,11 +400,14 @@ class EdgeAgent:
         inflight = self.state.record.inflight
         if inflight is None:
             return
-        if time.time() > inflight.deadline + self.cfg.receipt_grace:
-            log.warning("round %d: no receipt by the deadline: update rolled back into the residual", inflight.round)
-            assert self.sender is not None
-            self.sender.acknowledge(self._base(inflight.transfer_id))
-            self._rollback("deadline")
+        past = time.time() > inflight.deadline + self.cfg.receipt_grace
+        if past and not self._asked_after_deadline:
+            # No receipt by the deadline: ask once now. Rolling back on a guess would put an
+            # update the coordinator aggregated (its receipt lost) back into the residual.
+            log.warning("round %d: no receipt by the deadline: asking the coordinator again", inflight.round)
+            self._asked_after_deadline = True
+            self.counters["resends"] += 1
+            self._send_inflight()
         elif time.monotonic() - self._last_send >= self.cfg.receipt_timeout:
             self.counters["resends"] += 1
             self._send_inflight()
@@ -367,11 +415,6 @@ class EdgeAgent:
     def _resume_inflight(self) -> None:
         inflight = self.state.record.inflight
         assert inflight is not None
-        if time.time() > inflight.deadline + self.cfg.receipt_grace:
-            log.warning("round %d: update left in flight by the last run is past its deadline: rolled back",
-                        inflight.round)
-            self._rollback("deadline")
-            return
         log.info("round %d: sending the update left in flight by the last run again (transfer %s)",
                  inflight.round, inflight.transfer_id)
         self._send_inflight()
@@ -381,6 +424,8 @@ class EdgeAgent:
         inflight = self.state.record.inflight
         assert inflight is not None and self.sender is not None
         self._last_send = time.monotonic()
+        if time.time() <= inflight.deadline + self.cfg.receipt_grace:
+            self._asked_after_deadline = False
         try:
             self.sender.send(self._base(inflight.transfer_id), self.state.read_inflight(), timeout=SEND_TIMEOUT)
         except TransportError as exc:
@@ -388,6 +433,13 @@ class EdgeAgent:
                         self.cfg.receipt_timeout)
 
     # -- one round ------------------------------------------------------------------------
+
+    def _skip_bad_model(self, task: Task, why: str) -> None:
+        """Skip a round whose global model cannot be used; the agent keeps serving."""
+        self.counters["bad_models"] += 1
+        log.error("round %d: global model %d unusable: %s: round skipped", task.round, task.model_version, why)
+        self.notifier.status(f"round {task.round}: global model {task.model_version} unusable ({why}); skipped")
+        self.state.finish_round(task.round, task.deadline)
 
     def _load_global(self, version: int, stop: threading.Event) -> bool:
         """Load global model ``version`` into the model, from the cache or the broker.
@@ -430,14 +482,21 @@ class EdgeAgent:
             log.error("round %d: global model %d unavailable (%s): skipped", task.round, task.model_version, exc)
             self.state.finish_round(task.round, task.deadline)
             return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self._skip_bad_model(task, "the global model has NaN or Inf parameters")
+            return
 
         plan = task.plan
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
-        result: LocalResult | None = self._in_worker(
-            lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                   x_val=self.x_val, y_val=self.y_val),
-            2 * cap + 60.0, stop)
+        try:
+            result: LocalResult | None = self._in_worker(
+                lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
+                                       x_val=self.x_val, y_val=self.y_val),
+                2 * cap + 60.0, stop)
+        except FedmqError as exc:
+            self._skip_bad_model(task, f"local training failed ({exc})")
+            return
         if result is None:
             return
         self.counters["rounds_trained"] += 1
@@ -450,8 +509,13 @@ class EdgeAgent:
                 self.feedback.rollback(result.update)
             self.state.save_residual(self.feedback, task.round, task.deadline)
             return
-        packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id, spec=self.spec,
-                                  feedback=self.feedback, seed=cfg.seed)
+        try:
+            packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
+                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed)
+        except NonFiniteError as exc:
+            # package_update leaves the residual unchanged when it refuses.
+            self._skip_bad_model(task, f"training on it gave a non-finite update ({exc})")
+            return
         data = packaged.data
         inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=secrets.token_hex(16),
                                            base_version=task.model_version, deadline=task.deadline,

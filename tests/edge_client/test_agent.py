@@ -286,13 +286,21 @@ def test_kill_after_publishing_settles_by_the_receipt_kept_in_the_session(coord,
     np.testing.assert_allclose(sent1 + sent2 + device.residual(coord.spec), truth, atol=2e-5)
 
 
-def test_no_receipt_by_the_deadline_rolls_back(coord, device):
+def test_no_receipt_by_the_deadline_asks_again_and_rolls_back_on_the_answer(coord, device):
     device.start()
     coord.task(1, deadline_in=8.0)
     tid, data = coord.next_update()
     sent = sent_vector(coord, data, 1)
-    # No receipt: after the deadline (receipt_grace = 0) the update returns to the residual.
-    wait_for(lambda: device.record()["inflight"] is None, 60, "rollback at the deadline", device.proc, device.log)
+    # No receipt by the deadline (receipt_grace = 0): the device does not guess. It sends the
+    # same transfer again (receipt_timeout is 60 s, so this is the deadline's question) and
+    # keeps the update in flight until the coordinator answers.
+    tid2, data2 = coord.next_update(timeout=30)
+    assert (tid2, data2) == (tid, data), "the same transfer was not sent again at the deadline"
+    assert device.record()["inflight"] is not None
+    coord.receipt(1, tid, "rejected", "late")
+    wait_for(lambda: device.record()["inflight"] is None, 60, "rollback on the answer", device.proc, device.log)
+    assert device.record()["ledger"][-1] == {"round": 1, "transfer_id": tid, "state": "rolled_back",
+                                             "reason": "late"}
     device.stop()
     rec = device.record()
     assert rec["last_round"] == 1
