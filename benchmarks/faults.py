@@ -39,9 +39,10 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -523,8 +524,116 @@ def run(quick: bool) -> dict[str, Any]:
     only = os.environ.get("FEDMQ_FAULTS_ONLY")
     if only:
         trials = [t for t in trials if any(s.strip() and s.strip() in t.name for s in only.split(","))]
-    ref, results = campaign(trials, work, log=main_log)
+    ref, results = campaign(trials, work, log=main_log) if trials else (None, [])
     print(format_table(results), flush=True)
-    return {"reference": {"accuracy": ref.accuracy, "wall_s": round(ref.wall_s, 1)},
-            "table": table_rows(results), **stall_figures(results),
-            "trials": [dict(asdict(r), trial=r.trial.name) for r in results]}
+    floods = {} if os.environ.get("FEDMQ_FAULTS_NO_FLOODS") else junk_floods(work / "floods")
+    rows = table_rows(results)
+    stalls = stall_figures(results)
+    return {
+        "tables": [
+            {"title": "Trials and failures per step and faulted process",
+             "columns": ["step", "process", "trials", "failures", "invariants broken"],
+             "rows": [[r["step"], r["process"], r["trials"], r["failures"], r["kinds"]] for r in rows]},
+            {"title": "Stall after a broker restart (seconds the fault cost)",
+             "columns": ["median s", "max s"], "rows": [[stalls["broker_stall_median_s"], stalls["broker_stall_max_s"]]]},
+            {"title": "Coordinator RSS under junk floods (MiB)",
+             "columns": ["flood", "before", "after", "growth"],
+             "rows": [[k, v["rss_before_mib"], v["rss_after_mib"], v["growth_mib"]] for k, v in floods.items()]},
+        ],
+        "reference": {"accuracy": ref.accuracy, "wall_s": round(ref.wall_s, 1)} if ref else None,
+        **stalls, "floods": floods,
+        "trials": [{"trial": r.trial.name, "failures": r.failures, "details": r.details, "wall_s": round(r.wall_s, 1),
+                    "held_s": round(r.held_s, 1), "stall_s": round(r.stall_s, 1), "accepted": r.accepted,
+                    "accuracy": r.accuracy} for r in results],
+        "notes": [f"{ROUNDS} rounds of {len(DEVICES)} devices, digits-mlp, deadline {DEADLINE_S:.0f} s; fault in round "
+                  f"{FAULT_ROUND}; stall bound {STALL_BOUND_S:.0f} s; accuracy tolerance {ACCURACY_TOLERANCE}"]}
+
+
+# --------------------------------------------------------------------------- junk floods
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _steady_rss(pid: int, quiet_s: float = 3.0, limit_s: float = 60.0) -> int:
+    """RSS once it has not grown by more than 1 MiB for ``quiet_s`` seconds."""
+    end = time.monotonic() + limit_s
+    last, since = _rss_bytes(pid), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.25)  # sampling another process's memory: nothing to wait on
+        now = _rss_bytes(pid)
+        if now > last + (1 << 20):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    return _rss_bytes(pid)
+
+
+def junk_floods(work: Path) -> dict[str, dict[str, float]]:
+    """Coordinator RSS (MiB) before and after each junk flood, each on a fresh coordinator
+    waiting for devices: 40 manifests announcing 32 MiB each from one device that sent a
+    valid status (no chunk follows); 2,000 made-up device ids announcing 512 KiB each;
+    5,000 statuses from made-up ids."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fedmq import topics
+    from fedmq.messages import Status
+    from fedmq.transport.wire import Manifest
+
+    def flood_40(pub: Any) -> None:
+        pub("status", topics.status("faults", "junk"), Status(device="junk", online=True, task="digits-mlp",
+                                                             spec_hash="x", samples=10, software="junk").to_bytes())
+        m = Manifest.build(b"\0" * 16, bytes(32 << 20), 256 << 10, inline=False)
+        for i in range(40):
+            body = Manifest(os.urandom(16), m.size, m.chunk_size, m.count, m.sha256, m.crcs).to_bytes()
+            pub("m", topics.blob_manifest(topics.update_base("faults", "junk", f"{i:032x}")), body)
+
+    def flood_ids(pub: Any) -> None:
+        m = Manifest.build(b"\0" * 16, bytes(512 << 10), 64 << 10, inline=False)
+        for i in range(2000):
+            body = Manifest(os.urandom(16), m.size, m.chunk_size, m.count, m.sha256, m.crcs).to_bytes()
+            pub("m", topics.blob_manifest(topics.update_base("faults", f"fake-{i}", f"{i:032x}")), body)
+
+    def flood_status(pub: Any) -> None:
+        for i in range(5000):
+            pub("status", topics.status("faults", f"fake-{i}"),
+                Status(device=f"fake-{i}", online=True, task="digits-mlp", spec_hash="x", samples=10,
+                       software="junk" * 50).to_bytes())
+
+    out = {}
+    for name, flood in (("40 x 32 MiB manifests", flood_40), ("2,000 ids x 512 KiB", flood_ids),
+                        ("5,000 statuses", flood_status)):
+        fleet = Fleet(work / name.split()[0].replace(",", ""),
+                      coordinator_overrides={"round": {"wait_for_devices_s": 600.0}})
+        try:
+            fleet.start_coordinator()
+            assert fleet.coordinator is not None
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="junk", protocol=mqtt.MQTTv5)
+            pointer = threading.Event()
+            client.on_message = lambda c, u, msg: pointer.set()
+            client.connect(fleet.broker.host, fleet.broker.port)
+            client.loop_start()
+            try:
+                # The initial model is published once the coordinator has subscribed.
+                client.subscribe(topics.model_latest("faults"), qos=1)
+                if not pointer.wait(90):
+                    raise RuntimeError(f"no model published; see {fleet.work}/coordinator.log")
+                before = _steady_rss(fleet.coordinator.pid)
+
+                def pub(kind: str, topic: str, payload: bytes) -> None:
+                    client.publish(topic, payload, qos=1, retain=kind == "status").wait_for_publish(10)
+
+                flood(pub)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            after = _steady_rss(fleet.coordinator.pid)
+            out[name] = {"rss_before_mib": round(before / 2**20, 1), "rss_after_mib": round(after / 2**20, 1),
+                         "growth_mib": round((after - before) / 2**20, 1)}
+        finally:
+            fleet.close()
+    return out

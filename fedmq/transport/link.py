@@ -35,20 +35,27 @@ log = logging.getLogger(__name__)
 class Publish:
     """Handle of one publish; :meth:`wait` blocks until the broker acknowledged it (QoS 1)."""
 
-    __slots__ = ("_link", "_info", "topic", "qos")
+    __slots__ = ("_link", "_info", "topic", "qos", "_queued")
 
     def __init__(self, link: MqttLink, info: paho.MQTTMessageInfo, topic: str, qos: int) -> None:
         self._link = link
         self._info = info
         self.topic = topic
         self.qos = qos
+        self._queued = info.rc == paho.MQTT_ERR_NO_CONN
+
+    def _published(self) -> bool:
+        if self._queued:
+            return self._info.mid in self._link._acked  # noqa: SLF001  (read under the link's condition)
+        return self._info.is_published()
 
     @property
     def mid(self) -> int:
         return self._info.mid
 
     def done(self) -> bool:
-        return self._info.is_published()
+        with self._link._state:  # noqa: SLF001
+            return self._published()
 
     def wait(self, timeout: float) -> None:
         """Wait until the broker acknowledged the publish (PUBACK for QoS 1, written to the
@@ -67,7 +74,7 @@ class Publish:
         # paho runs on_publish just before it marks the message published, so the wait is
         # sliced: the flag is set microseconds after the notification.
         with link._state:  # noqa: SLF001  (the link's own condition, notified by on_publish)
-            while not info.is_published():
+            while not self._published():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError(f"publish to {self.topic!r} not acknowledged within {timeout:.1f} s "
@@ -110,6 +117,10 @@ class MqttLink:
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._ignored_subacks: set[int] = set()
         self._publish_failures: dict[int, str] = {}
+        #: mids acknowledged by on_publish, for publishes queued while disconnected (their
+        #: paho handle's is_published() raises "not currently connected" forever). At most
+        #: 65,535 entries (MQTT packet ids are 16-bit); a queued publish drops its mid first.
+        self._acked: set[int] = set()
         self.session_present = False
         #: Broker's Maximum Packet Size from the last CONNACK (bytes), None if it set none.
         self.broker_max_packet: int | None = None
@@ -201,6 +212,7 @@ class MqttLink:
         with self._state:
             if reason.is_failure:
                 self._publish_failures[mid] = f"{reason} (code {reason.value})"
+            self._acked.add(mid)
             self._state.notify_all()
 
     def publish_failure(self, mid: int) -> str | None:
@@ -301,6 +313,11 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(f"publish to {topic!r}: paho's outgoing queue is full")
+        if info.rc == paho.MQTT_ERR_NO_CONN:
+            # Queued until the reconnect: an acknowledgement of an earlier message with the
+            # same (recycled) mid must not count for this one.
+            with self._state:
+                self._acked.discard(info.mid)
         return Publish(self, info, topic, qos)
 
     def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
