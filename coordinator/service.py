@@ -561,7 +561,8 @@ class Coordinator:
             self.rejections[outcome.reason] += 1
             log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
                      outcome.detail)
-            self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
+            if outcome.answer:
+                self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
         if notify is not None:
             notify(Progress("update", engine.round, len(engine.selection), engine.target, engine.aggregate.count,
                             sum(engine.rejected.values()), engine.deadline))

@@ -101,6 +101,8 @@ class Rejected:
     detail: str
     update: ClientUpdate | None = None
     round: int = -1
+    #: False: nothing to tell the device yet (no receipt is sent; it sends again).
+    answer: bool = True
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,11 @@ class RoundEngine:
                 return Repeat(*stored)
         if upd.round in self._closed_selected and upd.device in self._closed_selected[upd.round]:
             return reject("late", f"round {upd.round} is closed")
+        if upd.round == self.round + 1 and not self.is_open:
+            # The round about to open (a resumed coordinator about to rerun it, whose
+            # persistent session kept updates sent to the run that died): no verdict yet.
+            # The device sends it again when the round's task reaches it.
+            return Rejected("wrong_round", f"round {upd.round} is not open yet", upd, upd.round, answer=False)
         if upd.round != self.round:
             return reject("wrong_round", f"round {upd.round}, the round in progress is {self.round}")
         if upd.device not in self.selected:
