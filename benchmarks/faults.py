@@ -57,15 +57,15 @@ DEVICES = ("dev-0", "dev-1", "dev-2")
 ROUNDS = 3
 FAULT_ROUND = 2
 #: Round deadline of a trial, seconds.
-DEADLINE_S = 25.0
+DEADLINE_S = 45.0
 #: Largest accuracy drop (absolute) allowed where the schedule cannot give the same model.
 ACCURACY_TOLERANCE = 0.05
 #: Largest wall time one fault may cost, seconds.
 STALL_BOUND_S = 20.0
 #: Seconds a trial's coordinator may take in all before it counts as stuck.
-TRIAL_LIMIT_S = ROUNDS * DEADLINE_S + 90.0
+TRIAL_LIMIT_S = ROUNDS * DEADLINE_S + 120.0
 #: Seconds to wait for the hook to be reached.
-HOOK_WAIT_S = 90.0
+HOOK_WAIT_S = 240.0
 #: Seconds the devices get to settle their last transfers after the coordinator is done.
 SETTLE_S = 10.0
 
@@ -367,7 +367,8 @@ def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) 
         assert fleet.coordinator is not None
         if not _wait_file(pause, HOOK_WAIT_S, fleet):
             res.failures.append("hook")
-            res.details.append(f"{trial.point} never reached in round {FAULT_ROUND}")
+            res.details.append(f"{trial.point} never reached in round {FAULT_ROUND} within {HOOK_WAIT_S:.0f} s")
+            return res
         else:
             held = time.monotonic()
             if victim_name == "broker":
@@ -626,7 +627,7 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
             try:
                 # The initial model is published once the coordinator has subscribed.
                 client.subscribe(topics.model_latest("faults"), qos=1)
-                if not pointer.wait(90):
+                if not pointer.wait(240):
                     raise RuntimeError(f"no model published; see {fleet.work}/coordinator.log")
                 before = _steady_rss(fleet.coordinator.pid)
 
