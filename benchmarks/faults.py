@@ -522,11 +522,16 @@ def stall_figures(results: list[TrialResult]) -> dict[str, float | None]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """The campaign: every step x victim x mode once (quick: SIGKILL only)."""
+    """The campaign: every step x victim x mode once (quick: SIGKILL only).
+
+    Environment: ``FEDMQ_FAULTS_MODES`` (``kill``, ``term`` or both, comma-separated),
+    ``FEDMQ_FAULTS_ONLY`` (comma-separated parts of trial names, e.g. ``broker,training /``),
+    ``FEDMQ_FAULTS_NO_FLOODS`` (skip the junk floods)."""
     from benchmarks.harness import main_log
 
     work = Path(os.environ.get("FEDMQ_BENCH_OUT", ".")) / "faults"
-    trials = [t for t in all_trials() if not quick or t.mode == "kill"]
+    modes = [m.strip() for m in os.environ.get("FEDMQ_FAULTS_MODES", "kill" if quick else "kill,term").split(",")]
+    trials = [t for t in all_trials() if t.mode in modes]
     only = os.environ.get("FEDMQ_FAULTS_ONLY")
     if only:
         trials = [t for t in trials if any(s.strip() and s.strip() in t.name for s in only.split(","))]

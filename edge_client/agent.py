@@ -7,7 +7,8 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    ``Status(online=True, task, spec_hash, samples, software)``; subscribe to the device's
    task, receipt and transfer-request topics; tell systemd READY;
 2. an update left in flight by a previous run is sent again (same bytes, same transfer
-   id) or, past its round's deadline, rolled back into the residual;
+   id), and so is the last accepted one (the coordinator that accepted it may have died
+   before its checkpoint): the coordinator's answer settles either;
 3. for each task of a round not yet done: fetch the global model version it names (from
    the local cache when there), train (:func:`fedmq.fl.training.train_local`, in a
    worker thread so the main loop keeps pinging the watchdog), compress with error
@@ -66,7 +67,7 @@ from fedmq.fl.training import LocalResult, split_holdout
 from fedmq import __version__, topics
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
-from fedmq.errors import FedmqError, NonFiniteError, TransportError, WireError
+from fedmq.errors import FedmqError, NonFiniteError, TransferError, TransportError, WireError
 from fedmq.messages import Receipt, Status, Task
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
@@ -265,6 +266,11 @@ class EdgeAgent:
                 # A receipt the broker kept in our persistent session settles the update
                 # without sending it again.
                 self._drain()
+            if self.state.record.inflight is None and self.state.record.settled is not None:
+                # The last accepted update may have been accepted by a coordinator that died
+                # before its checkpoint, and rerun while we were away: ask (the coordinator
+                # answers with what its database says) instead of assuming it was aggregated.
+                self.state.reopen(self.state.record.settled.deadline)
             if self.state.record.inflight is not None:
                 self._resume_inflight()
             while not stop.is_set():
@@ -454,7 +460,21 @@ class EdgeAgent:
                 self.state.drop_model(version)
         base = topics.model_blob(self.cfg.federation, version)
         timeout = self.cfg.fetch_timeout
-        blob = self._in_worker(lambda: fetch_blob(self.link, base, timeout), timeout + 30.0, stop)
+        deadline = time.monotonic() + timeout
+
+        def fetch() -> Any:
+            while True:
+                try:
+                    return fetch_blob(self.link, base, max(1.0, deadline - time.monotonic()))
+                except TransferError:
+                    raise
+                except TransportError as exc:
+                    # The link dropped mid-fetch (a broker restart): fetch again once it is back.
+                    if time.monotonic() >= deadline or not self.link.wait_connected(deadline - time.monotonic()):
+                        raise
+                    log.info("global model %d: fetch interrupted (%s); fetching again", version, exc)
+
+        blob = self._in_worker(fetch, timeout + 30.0, stop)
         if blob is None:
             return False
         model_from_safetensors(blob.data, self.model, self.spec)
