@@ -334,9 +334,16 @@ class EdgeAgent:
         rec = self.state.record
         inflight, settled = rec.inflight, rec.settled
         if inflight is not None:
-            if task.round < inflight.round or (task.round == inflight.round and task.deadline <= inflight.deadline):
+            if task.round < inflight.round:
                 log.debug("task for round %d ignored: an update for round %d is in flight", task.round,
                           inflight.round)
+                return
+            if task.round == inflight.round and task.deadline <= inflight.deadline:
+                # Our round's task again: delivered after a reconnect, or published again by a
+                # coordinator restoring its retained state after a broker restart. Either way
+                # the coordinator may never have seen our update: ask again now.
+                self.counters["resends"] += 1
+                self._send_inflight()
                 return
             if task.round == inflight.round and task.model_version == inflight.base_version:
                 # A rerun of our round (the coordinator crashed and lost what we sent).

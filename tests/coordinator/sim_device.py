@@ -42,10 +42,16 @@ def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: i
         payload = bytearray(encode(np.zeros(spec.size, np.float32), spec, CodecConfig(name="none")))
         payload[0:4] = np.array([np.nan], np.float32).tobytes()
         codec = "none"
+    elif mode == "huge":
+        # Finite but enormous (values near 3e36): only a norm bound stops it.
+        payload = encode(np.full(spec.size, 3e36, np.float32), spec, CodecConfig(name="none"))
+        codec = "none"
     else:
         payload = encode(update_vector(device, task.round, spec.size), spec, CodecConfig.from_plan(task.plan))
         codec = task.plan.codec
     claimed = "good-0" if mode == "impostor" else device
+    if mode == "overweight":
+        samples = 2**63 - 1  # from its own credentials, otherwise valid
     return encode_update(ClientUpdate(federation=fed, device=claimed, round=task.round,
                                       base_version=task.model_version, samples=samples, kind=task.plan.update_kind,
                                       spec_hash=spec.hash, codec=codec, payload=bytes(payload),
