@@ -185,6 +185,7 @@ class EdgeAgent:
         self._last_send = 0.0
         self._connects_seen = 0
         self._pending: Task | None = None
+        self._tasks_seen: set[tuple[int, float]] = set()
         self._asked_after_deadline = False
 
     # -- helpers --------------------------------------------------------------------------
@@ -333,17 +334,21 @@ class EdgeAgent:
             return
         rec = self.state.record
         inflight, settled = rec.inflight, rec.settled
+        if inflight is None:
+            self._seen_task(task)
         if inflight is not None:
             if task.round < inflight.round:
                 log.debug("task for round %d ignored: an update for round %d is in flight", task.round,
                           inflight.round)
                 return
             if task.round == inflight.round and task.deadline <= inflight.deadline:
-                # Our round's task again: delivered after a reconnect, or published again by a
-                # coordinator restoring its retained state after a broker restart. Either way
-                # the coordinator may never have seen our update: ask again now.
-                self.counters["resends"] += 1
-                self._send_inflight()
+                # Our round's task seen again: delivered after a reconnect, or published again
+                # by a coordinator restoring its retained state after a broker restart. Either
+                # way the coordinator may never have seen our update: ask again now. (Its first
+                # sight after our own start follows the resend the start made.)
+                if self._seen_task(task):
+                    self.counters["resends"] += 1
+                    self._send_inflight()
                 return
             if task.round == inflight.round and task.model_version == inflight.base_version:
                 # A rerun of our round (the coordinator crashed and lost what we sent).
@@ -374,6 +379,15 @@ class EdgeAgent:
         if task.round == rec.last_round:
             log.info("round %d is being rerun by the coordinator: training again", task.round)
         self._keep_pending(task)
+
+    def _seen_task(self, task: Task) -> bool:
+        """True when this very task (round, deadline) arrived before in this run."""
+        key = (task.round, task.deadline)
+        seen = key in self._tasks_seen
+        if len(self._tasks_seen) >= 64:
+            self._tasks_seen.clear()
+        self._tasks_seen.add(key)
+        return seen
 
     def _wants(self, task: Task) -> bool:
         """True when ``task`` is for a round this device has not done (or a rerun of its last)."""
