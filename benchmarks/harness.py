@@ -11,7 +11,9 @@ Three modes:
 - ``quick``: every suite with ``quick=True``; about 10 minutes on 2 cores;
 - ``full``: every suite with ``quick=False``; longer (the whole learning matrix);
 - ``smoke``: the smallest case of the suites that define ``smoke() -> dict`` (seconds);
-  the others are recorded as skipped. Used by the test suite so the harness cannot rot.
+  the others are recorded as skipped. Used by the test suite so the harness cannot rot;
+- ``faults``: the fault-injection campaign (:mod:`benchmarks.faults`, ``quick=False``),
+  a suite of its own mode only: about an hour on 2 cores.
 
 BENCHMARKS.md keeps one generated block per mode between the markers
 ``<!-- bench:MODE:begin -->`` and ``<!-- bench:MODE:end -->``; text outside the
@@ -42,7 +44,7 @@ from fedmq.errors import ConfigError
 #: Version of the ``bench.json`` layout.
 BENCH_SCHEMA = 1
 
-MODES = ("quick", "full", "smoke")
+MODES = ("quick", "full", "smoke", "faults")
 
 #: Project root: BENCHMARKS.md lives here.
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,7 @@ class Suite:
         entry: the module's ``(quick: bool) -> dict`` function, default ``run``.
         smoke: the module's ``() -> dict`` smallest case for the smoke mode, default
             ``smoke`` (a module without it is recorded as skipped); None: none.
+        modes: the modes that run it.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Suite:
     title: str
     entry: str = "run"
     smoke: str | None = "smoke"
+    modes: tuple[str, ...] = ("quick", "full", "smoke")
 
 
 SUITES: tuple[Suite, ...] = (
@@ -78,6 +82,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("device", "benchmarks.device", "Device cost"),
     Suite("broker", "benchmarks.learning", "Through the real broker: `fedmq demo` against the in-process simulation",
           entry="broker_run", smoke=None),
+    Suite("faults", "benchmarks.faults", "Fault injection: kill -9 and restarts at every step of a round",
+          smoke=None, modes=("faults",)),
 )
 
 
@@ -257,6 +263,7 @@ def run_suites(mode: str, out_dir: str | os.PathLike[str], *, only: list[str] | 
     """
     if mode not in MODES:
         raise ConfigError(f"--suite must be one of {', '.join(MODES)}, got {mode!r}")
+    suites = tuple(s for s in suites if mode in s.modes)
     names = [s.name for s in suites]
     selected = list(suites)
     if only:

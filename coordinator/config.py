@@ -132,8 +132,13 @@ class LimitsConfig(_Section):
 
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     norm_bound: float | None = Field(None, gt=0)
+    norm_bound_factor: float | None = Field(10.0, gt=1.0)
+    norm_bound_warmup: int = Field(5, ge=1)
+    norm_bound_initial: float = Field(1000.0, gt=0)
+    max_samples: int = Field(1_000_000, ge=1)
+    max_pending_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_transfers_per_device: int = Field(2, ge=1)
-    max_assembling_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_devices: int = Field(10_000, ge=1)
 
 
 class PublishConfig(_Section):

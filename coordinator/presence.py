@@ -78,12 +78,20 @@ class Conflict:
 
 class DeviceRegistry:
     """Devices by id, fed with statuses; knows which are eligible for a round and which
-    ids two agents share (:attr:`conflicts`)."""
+    ids two agents share (:attr:`conflicts`).
 
-    def __init__(self) -> None:
+    Args:
+        max_devices: most devices kept; a status from a new device beyond it first evicts
+            the offline device seen longest ago (none offline: the new one is refused), so
+            a flood of statuses from made-up ids cannot grow the registry without bound.
+    """
+
+    def __init__(self, max_devices: int = 10_000) -> None:
         self.devices: dict[str, Device] = {}
         self.conflicts: dict[str, Conflict] = {}
         self._instances: dict[str, dict[str, float]] = {}   # device -> instance -> last seen
+        self.max_devices = max_devices
+        self.refused = 0
 
     def restore(self, device: Device) -> None:
         """Put back a device loaded from the database (offline until its status arrives)."""
@@ -100,6 +108,9 @@ class DeviceRegistry:
             return None
         dev = self.devices.get(topic_device)
         if dev is None:
+            if len(self.devices) >= self.max_devices and not self._evict_one():
+                self.refused += 1
+                return None
             dev = self.devices[topic_device] = Device(topic_device)
         now = time.time() if now is None else now
         self._track_instance(dev, status.instance, now)
@@ -143,6 +154,12 @@ class DeviceRegistry:
                             time.strftime("%H:%M:%S", time.localtime(c.first_seen)))
                 out.append(c)
         return out
+    def _evict_one(self) -> bool:
+        offline = [d for d in self.devices.values() if not d.online]
+        if not offline:
+            return False
+        del self.devices[min(offline, key=lambda d: d.last_seen).device]
+        return True
 
     def on_cleared(self, topic_device: str) -> None:
         """The retained status was cleared (empty payload): the device is gone."""

@@ -19,15 +19,26 @@ Every received update gets a :class:`fedmq.messages.Receipt`. Retained tasks are
 when the round closes. After every round the model, the optimizer state and the round's
 record are checkpointed (coordinator.state) before anything is published, so a kill -9
 at any instant resumes from the last finished round and reruns the one in flight.
+
+Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_COORDINATOR``): the steps of
+:data:`PAUSE_POINTS` are ``selection`` (devices selected, no task published),
+``task_publish`` (the first task published, the others not yet), ``receipt`` (an update
+judged, its receipt not sent), ``checkpoint_write`` (the round's checkpoint written to its
+temporary file, not renamed), ``checkpoint_rename`` (checkpoint renamed, the database not
+written), ``model_publish`` (round recorded, the new global model not yet published) and
+``model_published`` (the new model published, the next round not selected). The
+fault-injection suite kills or restarts a process there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,8 +49,9 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.presence import DeviceRegistry
-from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpoint
+from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
+from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
 from fedmq.errors import StateError, TransportError, WireError
@@ -52,14 +64,23 @@ from fedmq.tasks import get_task
 from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
+from fedmq.testhooks import PauseHook
 from fedmq.transport.wire import Manifest
 
 log = logging.getLogger("fedmq.coordinator")
+
+PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
+                "model_published")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
 #: Seconds between two "waiting for devices" log lines.
 WAIT_LOG_INTERVAL_S = 30.0
+
+#: MQTT 5 session expiry of the coordinator's link when ``broker.session_expiry`` is 0,
+#: seconds: the broker queues the client updates sent while the coordinator reconnects or
+#: restarts, instead of dropping them.
+SESSION_EXPIRY_S = 3600
 
 
 @dataclass
@@ -132,18 +153,34 @@ class Coordinator:
         self.model = self.task.build_model(config.seed)
         self.spec = ParamSpec.from_module(self.model)
         self.optimizer = config.server_optimizer.build()
-        self.registry = DeviceRegistry()
+        self.registry = DeviceRegistry(config.limits.max_devices)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
         self._model_bytes = 0
-        self.link: Link = link if link is not None else open_link(config.broker,
-                                                                   client_id=f"fedmq-coordinator-{self.fed}")
+        settings = config.broker
+        if settings.protocol == "5" and settings.session_expiry == 0:
+            settings = settings.with_(session_expiry=SESSION_EXPIRY_S)
+        self.link: Link = link if link is not None else open_link(settings, client_id=f"fedmq-coordinator-{self.fed}")
+        #: Retained round state (topic -> payload; b"" for a cleared task) to restore when
+        #: the broker may have lost it; the published model is restored from ``_model_at``.
+        self._retained: dict[str, bytes] = {}
+        self._model_at: tuple[int, int] | None = None
+        self._vector: np.ndarray | None = None
+        self._connects_seen = 0
+        #: Every rejection by reason, the ones outside a round and malformed messages included
+        #: (flushed into the database's ``rejections`` table).
+        self.rejections: Counter[str] = Counter()
+        self._receiver_seen: Counter[str] = Counter()
         self.engine: RoundEngine | None = None
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
         self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec))
         self.db: StateDB | None = None
+        self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
+
+    def _pause(self, point: str, round_: int) -> None:
+        self._hook(point, round_, lambda: self.stopping)
 
     # -- control -------------------------------------------------------------------------
 
@@ -183,17 +220,22 @@ class Coordinator:
             if self._serve_metrics:
                 served = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
                 log.info("metrics on %s", served.url)
+            self._vector = vector
             self._load_eval_data()
             self.link.connect()
+            self._connects_seen = self.link.connects
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
             self._publish_model(vector, version, round_done)
+            lim = cfg.limits
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=self._update_limit, norm_bound=cfg.limits.norm_bound,
+                max_update_bytes=self._update_limit, norm_bound=lim.norm_bound,
                 aggregator=cfg.aggregation.rule, min_updates=cfg.round.min_updates, round=round_done,
-                base_version=version)
+                base_version=version, max_samples=lim.max_samples, samples_of=self._announced_samples,
+                norm_factor=lim.norm_bound_factor, norm_warmup=lim.norm_bound_warmup,
+                norm_initial=lim.norm_bound_initial, norms=self._norms, lookup=self.db.transfer_outcome)
             while round_done < cfg.rounds and not self.stopping:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:
@@ -207,6 +249,7 @@ class Coordinator:
             if self._serve_metrics:
                 self.metrics.close()
             self.link.close()
+            self._flush_rejections()
             self.db.close()
 
     # -- start-up ------------------------------------------------------------------------
@@ -215,8 +258,15 @@ class Coordinator:
         return {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
                 "seed": str(self.config.seed), "federation": self.fed}
 
+    def _announced_samples(self, device: str) -> int:
+        dev = self.registry.devices.get(device)
+        return dev.samples if dev is not None else 0
+
     def _resume(self, state_dir: Path) -> tuple[np.ndarray, int, int]:
         assert self.db is not None
+        for path in remove_stale_temporaries(state_dir, (CHECKPOINT_NAME,)):
+            log.warning("removed %s, left by a run killed while writing its checkpoint", path)
+        self._norms: list[float] = []
         ckpt = load_checkpoint(state_dir)
         if ckpt is None:
             vector = flatten_params(self.model, self.spec)
@@ -235,6 +285,10 @@ class Coordinator:
                                  f"expected {self.spec.size}")
             self.optimizer.load_state_arrays(ckpt.optimizer_state, self.spec.size)
             vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
+            try:
+                self._norms = [float(n) for n in json.loads(ckpt.meta.get("norms", "[]"))]
+            except (ValueError, TypeError):
+                raise StateError(f"{state_dir}/{CHECKPOINT_NAME}: bad 'norms' metadata") from None
             if ckpt.record is not None:
                 # The checkpoint is written before the database: replay its record.
                 self.db.write_round(ckpt.record)
@@ -299,14 +353,17 @@ class Coordinator:
         target = min(policy.target(len(eligible)), len(selected)) if selected else policy.target(len(eligible))
         started = time.time()
         deadline = started + cfg.round.deadline_s
+        self._pause("selection", r)
         self.db.set_inflight(selected)
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
-        for device in selected:
+        for i, device in enumerate(selected):
             task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
-            self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
-        self.link.publish(topics.round_announcement(self.fed),
-                          RoundAnnouncement(r, version, deadline, "open").to_bytes(), retain=True)
+            self._publish_retained(topics.task(self.fed, device), task.to_bytes())
+            if i == 0:
+                self._pause("task_publish", r)
+        self._publish_retained(topics.round_announcement(self.fed),
+                               RoundAnnouncement(r, version, deadline, "open").to_bytes())
         log.info("round %d: %d eligible, %d selected, target %d, deadline in %.1f s", r, len(eligible),
                  len(selected), target, cfg.round.deadline_s)
         notify(Progress("round_open", r, len(selected), target, deadline=deadline,
@@ -326,33 +383,116 @@ class Coordinator:
         assert self.db is not None
         closed = engine.close(time.time())
         rec = closed.record
-        if closed.model_delta is not None:
-            self.optimizer.step(vector, closed.model_delta)
-            self._last_eval = self._evaluate(vector)
+        stepped = closed.model_delta is not None and self._step(vector, closed.model_delta, rec.round)
+        if closed.model_delta is not None and not stepped:
+            rec = replace(rec, state="failed", model_version=rec.base_version)
+            self.rejections["non_finite_model"] += 1
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
                       bytes_down=self._model_bytes * rec.participants)
+        meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in engine.norms]))
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._meta(), rec))
+                                                  meta, rec),
+                        before_rename=lambda: self._pause("checkpoint_write", rec.round))
+        self._pause("checkpoint_rename", rec.round)
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
+        self._flush_rejections()
+        for topic in [t for t, payload in self._retained.items() if payload == b""]:
+            del self._retained[topic]  # cleared a round ago: whatever the broker kept is gone by now
         for device in engine.selection:
-            self.link.publish(topics.task(self.fed, device), b"", retain=True)
+            self._publish_retained(topics.task(self.fed, device), b"")
         self.db.set_inflight([])
-        self.link.publish(topics.round_announcement(self.fed),
-                          RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes(),
-                          retain=True)
-        if closed.succeeded:
-            self._publish_model(vector, rec.model_version, rec.round)
+        self._publish_retained(topics.round_announcement(self.fed),
+                               RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes())
+        if stepped:
+            self._pause("model_publish", rec.round)
+            try:
+                self._publish_model(vector, rec.model_version, rec.round)
+            except TransportError as exc:
+                # The broker went away mid-publication: publish it again once reconnected.
+                log.warning("round %d: publishing model version %d failed (%s); republished on reconnect",
+                            rec.round, rec.model_version, exc)
+                self._model_at = (rec.model_version, rec.round)
+                self._connects_seen = -1
+            self._pause("model_published", rec.round)
         log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.target, rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
         return rec
 
+    def _step(self, vector: np.ndarray, delta: np.ndarray, round_: int) -> bool:
+        """Step the server optimizer on ``vector`` in place, unless the new global model
+        would be non-finite or evaluate to a non-finite loss: then ``vector`` and the
+        optimizer state stay as they were and False is returned (the round fails)."""
+        before = {k: v.copy() for k, v in self.optimizer.state_arrays().items()}
+        candidate = vector.copy()
+        self.optimizer.step(candidate, delta)
+        evaluation = self._evaluate(candidate) if np.isfinite(candidate).all() else (float("nan"), None)
+        if evaluation[0] is not None and not np.isfinite(evaluation[0]):
+            log.error("round %d: the new global model is non-finite or evaluates to loss %s: not published, "
+                      "the round fails and the model stays", round_, evaluation[0])
+            self.optimizer.load_state_arrays(before, self.spec.size)
+            self._module_of(vector)
+            return False
+        vector[:] = candidate
+        self._last_eval = evaluation
+        return True
+
+    # -- retained state --------------------------------------------------------------------
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish retained round state and remember it, to restore after a broker restart."""
+        self._retained[topic] = payload
+        self.link.publish(topic, payload, retain=True)
+
+    def _repair_retained(self) -> None:
+        """After a reconnect, publish the retained round state and the global model again.
+
+        mosquitto saves retained messages only every ``autosave_interval`` and on a clean
+        stop: after a kill -9 the model, its pointer, the tasks and the round announcement
+        may be gone, half there, or an older copy. Publishing them again (same bytes) is
+        harmless when they survived.
+        """
+        link = self.link
+        if not link.connected or link.connects == self._connects_seen:
+            return
+        seen = link.connects
+        try:
+            for topic, payload in list(self._retained.items()):
+                link.publish(topic, payload, retain=True)
+            if self._model_at is not None and self._vector is not None:
+                self._publish_model(self._vector, *self._model_at)
+        except TransportError as exc:
+            log.warning("restoring the retained state failed (%s); tried again", exc)
+            return
+        log.info("reconnected to the broker: retained round state and model version %s published again",
+                 self._model_at[0] if self._model_at else "-")
+        self._connects_seen = seen
+
+    def _flush_rejections(self) -> None:
+        """Add the rejections counted since the last flush (with the receiver's malformed
+        chunks and the presence registry's refusals) to the database."""
+        assert self.db is not None
+        receiver = getattr(self, "receiver", None)
+        sources = dict(receiver.stats) if receiver is not None else {}
+        sources["registry_full"] = self.registry.refused
+        for key, name in (("bad_messages", "malformed_chunk"), ("corrupt_chunks", "corrupt_chunk"),
+                          ("hash_mismatch", "hash_mismatch"), ("early_dropped", "early_dropped"),
+                          ("expired", "transfer_expired"), ("registry_full", "registry_full")):
+            now = int(sources.get(key, 0))
+            if now > self._receiver_seen[key]:
+                self.rejections[name] += now - self._receiver_seen[key]
+                self._receiver_seen[key] = now
+        if self.rejections:
+            self.db.add_rejections(self.rejections)
+            self.rejections.clear()
+
     # -- messages ------------------------------------------------------------------------
 
     def _pump(self, timeout: float, notify: Callable[[Progress], None] | None = None) -> bool:
         """Handle the messages waiting in the inbox (waiting up to ``timeout`` s for the first)."""
+        self._repair_retained()
         try:
             msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -382,6 +522,10 @@ class Coordinator:
                 self._answer(device, transfer, engine.refuse(device, transfer, "retained",
                                                              "client update published as a retained message"),
                              notify)
+            return
+        if device not in self.registry.devices:
+            # No status ever seen: not one of ours. Nothing is allocated or answered for it.
+            self.rejections["unknown_device"] += 1
             return
         self.registry.seen(device)
         dev = self.registry.devices.get(device)
@@ -420,9 +564,9 @@ class Coordinator:
             return Rejected("busy", f"{device!r} already has {count} transfers in assembly "
                                     f"(limits.max_transfers_per_device {limits.max_transfers_per_device})")
         _, total = self.receiver.pending_bytes()
-        if total + size > limits.max_assembling_bytes:
+        if total + size > limits.max_pending_bytes:
             return Rejected("busy", f"{total} bytes in assembly, {size} more would exceed "
-                                    f"limits.max_assembling_bytes {limits.max_assembling_bytes}")
+                                    f"limits.max_pending_bytes {limits.max_pending_bytes}")
         return None
 
     def _clear_retained(self, topic: str) -> None:
@@ -438,9 +582,11 @@ class Coordinator:
         try:
             status = Status.from_bytes(payload)
         except WireError as exc:
+            self.rejections["malformed_status"] += 1
             log.warning("status of %s ignored: %s", device, exc)
             return
-        self.registry.on_status(device, status)
+        if self.registry.on_status(device, status) is None and status.device != device:
+            self.rejections["device_mismatch"] += 1
         for conflict in self.registry.conflict_reports():
             assert self.db is not None
             self.db.write_conflict(conflict)
@@ -449,6 +595,7 @@ class Coordinator:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""
         engine = self.engine
         assert engine is not None
+        self._pause("receipt", engine.round)
         if isinstance(outcome, Repeat):
             self._receipt(device, outcome.round, transfer, outcome.status, outcome.reason)
             return
@@ -458,9 +605,11 @@ class Coordinator:
             self._receipt(device, outcome.round, transfer, "accepted", "")
         else:
             assert isinstance(outcome, Rejected)
+            self.rejections[outcome.reason] += 1
             log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
                      outcome.detail)
-            self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
+            if outcome.answer:
+                self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
         if notify is not None:
             notify(Progress("update", engine.round, len(engine.selection), engine.target, engine.aggregate.count,
                             sum(engine.rejected.values()), engine.deadline))
@@ -493,6 +642,7 @@ class Coordinator:
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
         self._model_bytes = len(blob)
+        self._model_at = (version, round_)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
         if self.config.publish.onnx:

@@ -9,7 +9,9 @@ round's record as JSON. The random generator of round ``r`` is derived from
 
 ``coordinator.sqlite`` holds ``rounds`` (one row per finished round), ``participations``
 (one row per selected device or received update per round) and ``devices`` (presence).
-``inflight`` lists the devices holding a retained task of the round in flight (cleared at
+``rejections`` counts every rejection by reason since the state folder was made: client
+updates (inside and outside a round), malformed statuses and chunks, statuses refused by
+a full presence registry, non-finite global models refused. ``inflight`` lists the devices holding a retained task of the round in flight (cleared at
 start after a kill), ``published`` the retained model / ONNX blobs (cleared when superseded).
 The checkpoint is the source of truth: it is written first, and the round record it
 carries is written into the database again at start (idempotent upsert), so a kill -9
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +63,10 @@ class Checkpoint:
     record: RoundRecord | None = None
 
 
-def save_checkpoint(state_dir: Path, ckpt: Checkpoint) -> None:
+def save_checkpoint(state_dir: Path, ckpt: Checkpoint, *, before_rename: Callable[[], None] | None = None) -> None:
     """Write the checkpoint atomically (old or new file, never a torn one).
+
+    ``before_rename``: see :func:`fedmq.atomic.atomic_write_bytes` (a test hook).
 
     Raises:
         OSError: the state folder cannot be written.
@@ -70,7 +75,7 @@ def save_checkpoint(state_dir: Path, ckpt: Checkpoint) -> None:
     tensors.update({f"opt.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.optimizer_state.items()})
     meta = dict(ckpt.meta, format=CHECKPOINT_FORMAT, round=str(ckpt.round), version=str(ckpt.version),
                 record=ckpt.record.to_json() if ckpt.record is not None else "")
-    atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta))
+    atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta), before_rename=before_rename)
 
 
 def load_checkpoint(state_dir: Path) -> Checkpoint | None:
@@ -116,6 +121,8 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS participations (
     round INTEGER NOT NULL, device TEXT NOT NULL, transfer_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
     samples INTEGER, bytes_up INTEGER, metrics TEXT, PRIMARY KEY (round, device, transfer_id));
+CREATE INDEX IF NOT EXISTS participations_transfer ON participations (device, transfer_id);
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (device TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS published (
     kind TEXT NOT NULL, version INTEGER NOT NULL, base TEXT NOT NULL, chunks INTEGER NOT NULL,
@@ -163,6 +170,33 @@ class StateDB:
                 "INSERT OR REPLACE INTO participations VALUES (?,?,?,?,?,?,?,?)",
                 [(rec.round, p.device, p.transfer_id, p.status, p.reason, p.samples, p.bytes_up,
                   json.dumps(p.metrics, sort_keys=True)) for p in rec.participations])
+
+    def transfer_outcome(self, device: str, transfer_id: str) -> tuple[str, str, int] | None:
+        """The stored answer to a transfer of ``device`` judged in a finished round:
+        ``(status, reason, round)``, or None when no finished round judged it. An update
+        accepted in a round that failed was not aggregated: ``("rejected", "late", r)``.
+        This is the one authority a device's resend after any crash is answered from."""
+        row = self.conn.execute(
+            "SELECT p.status, p.reason, p.round, r.state FROM participations p JOIN rounds r ON p.round = r.round "
+            "WHERE p.device = ? AND p.transfer_id = ? AND p.transfer_id != '' ORDER BY p.round DESC LIMIT 1",
+            (device, transfer_id)).fetchone()
+        if row is None:
+            return None
+        status, reason, round_, state = row
+        if status == "accepted" and state != "closed":
+            return ("rejected", "late", int(round_))
+        return (str(status), str(reason or ""), int(round_))
+
+    def add_rejections(self, counts: dict[str, int]) -> None:
+        """Add ``counts`` (reason -> number) to the ``rejections`` table."""
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO rejections VALUES (?, ?) ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
+                [(k, int(v)) for k, v in counts.items() if v])
+
+    def rejections(self) -> dict[str, int]:
+        """Every rejection counted so far, by reason."""
+        return {r: int(n) for r, n in self.conn.execute("SELECT reason, count FROM rejections ORDER BY reason")}
 
     def write_devices(self, devices: list[Device]) -> None:
         with self.conn:

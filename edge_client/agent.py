@@ -7,26 +7,39 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    ``Status(online=True, task, spec_hash, samples, software)``; subscribe to the device's
    task, receipt and transfer-request topics; tell systemd READY;
 2. an update left in flight by a previous run is sent again (same bytes, same transfer
-   id) or, past its round's deadline, rolled back into the residual;
+   id), and so is the last accepted one (the coordinator that accepted it may have died
+   before its checkpoint): the coordinator's answer settles either;
 3. for each task of a round not yet done: fetch the global model version it names (from
    the local cache when there), train (:func:`fedmq.fl.training.train_local`, in a
    worker thread so the main loop keeps pinging the watchdog), compress with error
    feedback, commit residual + update to disk (:class:`edge_client.state.DeviceState`),
    then publish the update as a chunked blob under ``fedmq/F/update/D/T``;
-4. on the coordinator's Receipt: ``accepted`` commits; a rejection, or no receipt by the
-   round's deadline plus ``receipt_grace``, puts the sent update back into the residual
-   (the coordinator answers a resend of a transfer it already judged with its first
-   answer). Transfer requests are answered by resending chunks;
-   with no receipt after ``receipt_timeout`` seconds the whole update is sent again.
+4. on the coordinator's Receipt: ``accepted`` commits; a rejection puts the sent update
+   back into the residual. Transfer requests are answered by resending chunks. The
+   coordinator is the one authority on whether a transfer was aggregated: it answers a
+   resend of a transfer it already judged with the stored answer (from its database,
+   across its restarts), so the device never rolls back on its own guess. With no receipt
+   the whole update is sent again (same bytes, same transfer id): after
+   ``receipt_timeout`` seconds, at once after every reconnect to the broker, at once when
+   a task of a later round or a rerun of the same round arrives (the coordinator crashed
+   and lost it), and at the round's deadline plus ``receipt_grace``. A rerun of a round
+   whose update was already accepted sends that update again too (kept until the next
+   update is committed), so the rerun aggregates exactly what the lost run had.
+5. a global model that cannot be used (unreadable, non-finite, or training on it gives a
+   non-finite update) skips the round, says so in the status and the log, and the agent
+   goes on with the next task.
 
 Only the main thread touches the durable state and the error-feedback memory; paho's
 callbacks only queue messages (fedmq.transport.MqttLink).
 
-Test hook: with ``FEDMQ_EDGE_TEST_PAUSE_AT`` set to ``training`` (model trained, nothing
-committed), ``publishing`` (update committed to disk, nothing published) or ``published``
-(update published, receipt not yet handled), the agent writes the point's name to the file
-``FEDMQ_EDGE_TEST_PAUSE_FILE`` and blocks there forever, so that a test can kill it at
-that exact point.
+Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_EDGE``): with ``FEDMQ_EDGE_TEST_PAUSE_AT``
+set to ``fetching`` (task taken, global model not yet fetched), ``training`` (model
+trained, nothing committed), ``publishing`` (update committed to disk, nothing published),
+``published`` (update published, receipt not yet handled) or ``receipt`` (receipt
+received, not yet committed or rolled back), optionally only in round
+``FEDMQ_EDGE_TEST_PAUSE_ROUND``, the agent writes the point's name to the file
+``FEDMQ_EDGE_TEST_PAUSE_FILE`` and waits there until that file is removed or the agent is
+stopped, so that a test can kill it, or restart the broker, at that exact point.
 """
 
 from __future__ import annotations
@@ -52,10 +65,9 @@ from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
-from fedmq.atomic import atomic_write_text
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
-from fedmq.errors import FedmqError, SpecMismatchError, TransportError, WireError
+from fedmq.errors import FedmqError, NonFiniteError, SpecMismatchError, TransferError, TransportError, WireError
 from fedmq.fl.client import package_update, train_for_task
 from fedmq.fl.training import LocalResult
 from fedmq.messages import ModelPointer, Receipt, Status, Task
@@ -63,6 +75,7 @@ from fedmq.metrics_http import MetricsServer
 from fedmq.modelio import model_from_safetensors
 from fedmq.params import ParamSpec
 from fedmq.tasks import get_task
+from fedmq.testhooks import PauseHook
 from fedmq.transport.flows import fetch_blob, fetch_model
 from fedmq.transport import Link, Message, Will, open_link
 from fedmq.transport.sender import BlobSender
@@ -70,9 +83,7 @@ from fedmq.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
-PAUSE_ENV = "FEDMQ_EDGE_TEST_PAUSE_AT"
-PAUSE_FILE_ENV = "FEDMQ_EDGE_TEST_PAUSE_FILE"
-PAUSE_POINTS = ("training", "publishing", "published")
+PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt")
 
 #: Longest wait of the main loop between two looks at its clocks, seconds.
 TICK = 1.0
@@ -162,7 +173,7 @@ class EdgeAgent:
     Attributes:
         counters: ``rounds_trained``, ``updates_sent``, ``accepted``, ``rejected``,
             ``rolled_back``, ``resends``, ``repairs``, ``bad_messages``, ``late_tasks``,
-            ``duplicate_id`` (reports and back-offs: another agent seems to use this id).
+            ``duplicate_id`` (reports and back-offs: another agent seems to use this id), ``bad_models``.
         instance: random id of this run, sent in every Status (tells two agents with one
             device id apart).
 
@@ -176,8 +187,8 @@ class EdgeAgent:
         env = os.environ if environ is None else environ
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier(env)
-        self.pause_at = env.get(PAUSE_ENV) or None
-        self.pause_file = env.get(PAUSE_FILE_ENV) or None
+        self._hook = PauseHook("FEDMQ_EDGE", PAUSE_POINTS, env)
+        self._stop = threading.Event()
         torch.set_num_threads(cfg.torch_threads)
         self.task_def = get_task(cfg.task, where=cfg.where("task"))
         self.model = self.task_def.build_model(cfg.seed)
@@ -199,6 +210,8 @@ class EdgeAgent:
         self._last_send = 0.0
         self._connects_seen = 0
         self._pending: Task | None = None
+        self._tasks_seen: set[tuple[int, float]] = set()
+        self._asked_after_deadline = False
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -220,6 +233,11 @@ class EdgeAgent:
         if link.connected and link.connects != self._connects_seen:
             self._connects_seen = link.connects
             link.publish(topics.status(self.cfg.federation, self.cfg.device_id), self._status(True), retain=True)
+            if self.state.record.inflight is not None and worker is None:
+                # The broker may have restarted and lost what we sent: ask again now
+                # instead of after receipt_timeout.
+                self.counters["resends"] += 1
+                self._send_inflight()
 
     def _in_worker(self, fn: Callable[[], T], limit: float, stop: threading.Event) -> T | None:
         """Run ``fn`` off the main thread, pinging the watchdog while it stays within
@@ -236,13 +254,8 @@ class EdgeAgent:
                 return None
             self._healthy_tick(worker, limit)
 
-    def _pause(self, point: str) -> None:
-        if self.pause_at != point:
-            return
-        if self.pause_file:
-            atomic_write_text(self.pause_file, point)
-        log.warning("test hook: paused at %s (pid %d)", point, os.getpid())
-        threading.Event().wait()
+    def _pause(self, point: str, round_: int) -> None:
+        self._hook(point, round_, self._stop.is_set)
 
     def _sent_vector(self, data: bytes) -> np.ndarray:
         update = decode_update(data, self.spec)
@@ -261,6 +274,7 @@ class EdgeAgent:
             StateError: the state directory cannot be written.
         """
         stop = stop if stop is not None else threading.Event()
+        self._stop = stop
         cfg = self.cfg
         fed, dev = cfg.federation, cfg.device_id
         link = self.link
@@ -285,6 +299,11 @@ class EdgeAgent:
                 # A receipt the broker kept in our persistent session settles the update
                 # without sending it again.
                 self._drain()
+            if self.state.record.inflight is None and self.state.record.settled is not None:
+                # The last accepted update may have been accepted by a coordinator that died
+                # before its checkpoint, and rerun while we were away: ask (the coordinator
+                # answers with what its database says) instead of assuming it was aggregated.
+                self.state.reopen(self.state.record.settled.deadline)
             if self.state.record.inflight is not None:
                 self._resume_inflight()
             while not stop.is_set():
@@ -293,7 +312,8 @@ class EdgeAgent:
                 self._check_inflight()
                 if self._pending is not None and self.state.record.inflight is None:
                     task, self._pending = self._pending, None
-                    self._run_round(task, stop)
+                    if self._wants(task):
+                        self._run_round(task, stop)
                     continue
                 try:
                     msg = link.inbox.get(timeout=min(TICK, self.notifier.watchdog_interval or TICK))
@@ -420,22 +440,70 @@ class EdgeAgent:
             self.counters["bad_messages"] += 1
             log.warning("task for %s/%s on this device's topic ignored", task.federation, task.device)
             return
-        inflight = self.state.record.inflight
         rec = self.state.record
-        rerun = task.round == rec.last_round and task.deadline > rec.last_deadline and inflight is None
-        if (task.round <= rec.last_round and not rerun) or (inflight is not None and task.round <= inflight.round):
-            log.debug("task for round %d ignored: already done or in flight", task.round)
-            return
-        if rerun:
-            # Same round, later deadline: the coordinator crashed before it checkpointed the
-            # round and runs it again; what this device sent for it was lost with the crash.
-            log.info("round %d is being rerun by the coordinator: training again", task.round)
+        inflight, settled = rec.inflight, rec.settled
+        if inflight is None:
+            self._seen_task(task)
         if inflight is not None:
-            # The coordinator moved on to a later round without answering ours.
-            log.info("round %d superseded by round %d without a receipt: update rolled back", inflight.round,
-                     task.round)
-            self._rollback()
-        if self._pending is None or task.round >= self._pending.round:
+            if task.round < inflight.round:
+                log.debug("task for round %d ignored: an update for round %d is in flight", task.round,
+                          inflight.round)
+                return
+            if task.round == inflight.round and task.deadline <= inflight.deadline:
+                # Our round's task seen again: delivered after a reconnect, or published again
+                # by a coordinator restoring its retained state after a broker restart. Either
+                # way the coordinator may never have seen our update: ask again now. (Its first
+                # sight after our own start follows the resend the start made.)
+                if self._seen_task(task):
+                    self.counters["resends"] += 1
+                    self._send_inflight()
+                return
+            if task.round == inflight.round and task.model_version == inflight.base_version:
+                # A rerun of our round (the coordinator crashed and lost what we sent).
+                log.info("round %d is being rerun: sending the update in flight again", task.round)
+                self.state.reopen(task.deadline)
+            else:
+                # A later round began without our receipt: ask the coordinator (it answers a
+                # resend with what it decided) before anything is rolled back; the new task
+                # waits until the answer settles the update.
+                log.info("round %d began without a receipt for round %d: asking again", task.round,
+                         inflight.round)
+                self._keep_pending(task)
+            self.counters["resends"] += 1
+            self._send_inflight()
+            return
+        if settled is not None and task.round == settled.round and task.deadline > rec.last_deadline \
+                and task.model_version == settled.base_version:
+            # Same round, later deadline: the coordinator crashed before it checkpointed the
+            # round and lost the update it had accepted from us. Send the same bytes again.
+            log.info("round %d is being rerun by the coordinator: sending its accepted update again", task.round)
+            self.state.reopen(task.deadline)
+            self.counters["resends"] += 1
+            self._send_inflight()
+            return
+        if not self._wants(task):
+            log.debug("task for round %d ignored: already done", task.round)
+            return
+        if task.round == rec.last_round:
+            log.info("round %d is being rerun by the coordinator: training again", task.round)
+        self._keep_pending(task)
+
+    def _seen_task(self, task: Task) -> bool:
+        """True when this very task (round, deadline) arrived before in this run."""
+        key = (task.round, task.deadline)
+        seen = key in self._tasks_seen
+        if len(self._tasks_seen) >= 64:
+            self._tasks_seen.clear()
+        self._tasks_seen.add(key)
+        return seen
+
+    def _wants(self, task: Task) -> bool:
+        """True when ``task`` is for a round this device has not done (or a rerun of its last)."""
+        rec = self.state.record
+        return task.round > rec.last_round or (task.round == rec.last_round and task.deadline > rec.last_deadline)
+
+    def _keep_pending(self, task: Task) -> None:
+        if self._pending is None or (task.round, task.deadline) >= (self._pending.round, self._pending.deadline):
             self._pending = task
 
     def _on_receipt(self, receipt: Receipt) -> None:
@@ -445,6 +513,7 @@ class EdgeAgent:
             log.info("receipt for round %d (%s) does not match the update in flight: ignored", receipt.round,
                      receipt.transfer_id)
             return
+        self._pause("receipt", inflight.round)
         assert self.sender is not None
         self.sender.acknowledge(self._base(inflight.transfer_id))
         if receipt.status == "accepted":
@@ -455,22 +524,25 @@ class EdgeAgent:
             self.counters["rejected"] += 1
             log.warning("round %d: update rejected (%s): rolled back into the residual", inflight.round,
                         receipt.reason)
-            self._rollback()
+            self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
 
-    def _rollback(self) -> None:
-        self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()))
+    def _rollback(self, reason: str) -> None:
+        self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()), reason)
         self.counters["rolled_back"] += 1
 
     def _check_inflight(self) -> None:
         inflight = self.state.record.inflight
         if inflight is None:
             return
-        if time.time() > inflight.deadline + self.cfg.receipt_grace:
-            log.warning("round %d: no receipt by the deadline: update rolled back into the residual", inflight.round)
-            assert self.sender is not None
-            self.sender.acknowledge(self._base(inflight.transfer_id))
-            self._rollback()
+        past = time.time() > inflight.deadline + self.cfg.receipt_grace
+        if past and not self._asked_after_deadline:
+            # No receipt by the deadline: ask once now. Rolling back on a guess would put an
+            # update the coordinator aggregated (its receipt lost) back into the residual.
+            log.warning("round %d: no receipt by the deadline: asking the coordinator again", inflight.round)
+            self._asked_after_deadline = True
+            self.counters["resends"] += 1
+            self._send_inflight()
         elif time.monotonic() - self._last_send >= self.cfg.receipt_timeout:
             self.counters["resends"] += 1
             self._send_inflight()
@@ -478,11 +550,6 @@ class EdgeAgent:
     def _resume_inflight(self) -> None:
         inflight = self.state.record.inflight
         assert inflight is not None
-        if time.time() > inflight.deadline + self.cfg.receipt_grace:
-            log.warning("round %d: update left in flight by the last run is past its deadline: rolled back",
-                        inflight.round)
-            self._rollback()
-            return
         log.info("round %d: sending the update left in flight by the last run again (transfer %s)",
                  inflight.round, inflight.transfer_id)
         self._send_inflight()
@@ -492,6 +559,8 @@ class EdgeAgent:
         inflight = self.state.record.inflight
         assert inflight is not None and self.sender is not None
         self._last_send = time.monotonic()
+        if time.time() <= inflight.deadline + self.cfg.receipt_grace:
+            self._asked_after_deadline = False
         try:
             self.sender.send(self._base(inflight.transfer_id), self.state.read_inflight(), timeout=SEND_TIMEOUT)
         except TransportError as exc:
@@ -499,6 +568,13 @@ class EdgeAgent:
                         self.cfg.receipt_timeout)
 
     # -- one round ------------------------------------------------------------------------
+
+    def _skip_bad_model(self, task: Task, why: str) -> None:
+        """Skip a round whose global model cannot be used; the agent keeps serving."""
+        self.counters["bad_models"] += 1
+        log.error("round %d: global model %d unusable: %s: round skipped", task.round, task.model_version, why)
+        self.notifier.status(f"round {task.round}: global model {task.model_version} unusable ({why}); skipped")
+        self.state.finish_round(task.round, task.deadline)
 
     def _load_global(self, version: int, stop: threading.Event) -> bool:
         """Load global model ``version`` into the model, from the cache or the broker.
@@ -513,7 +589,21 @@ class EdgeAgent:
                 self.state.drop_model(version)
         base = topics.model_blob(self.cfg.federation, version)
         timeout = self.cfg.fetch_timeout
-        blob = self._in_worker(lambda: fetch_blob(self.link, base, timeout), timeout + 30.0, stop)
+        deadline = time.monotonic() + timeout
+
+        def fetch() -> Any:
+            while True:
+                try:
+                    return fetch_blob(self.link, base, max(1.0, deadline - time.monotonic()))
+                except TransferError:
+                    raise
+                except TransportError as exc:
+                    # The link dropped mid-fetch (a broker restart): fetch again once it is back.
+                    if time.monotonic() >= deadline or not self.link.wait_connected(deadline - time.monotonic()):
+                        raise
+                    log.info("global model %d: fetch interrupted (%s); fetching again", version, exc)
+
+        blob = self._in_worker(fetch, timeout + 30.0, stop)
         if blob is None:
             return False
         model_from_safetensors(blob.data, self.model, self.spec)
@@ -532,6 +622,7 @@ class EdgeAgent:
             log.warning("round %d: deadline already passed: skipped", task.round)
             self.state.finish_round(task.round, task.deadline)
             return
+        self._pause("fetching", task.round)
         self.notifier.status(f"round {task.round}: fetching model {task.model_version}")
         try:
             if not self._load_global(task.model_version, stop):
@@ -540,6 +631,9 @@ class EdgeAgent:
             log.error("round %d: global model %d unavailable (%s): skipped", task.round, task.model_version, exc)
             self.state.finish_round(task.round, task.deadline)
             return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self._skip_bad_model(task, "the global model has NaN or Inf parameters")
+            return
 
         if self.local.refresh():
             self.x, self.y, self.x_val, self.y_val = self.local.x, self.local.y, self.local.x_val, self.local.y_val
@@ -547,14 +641,18 @@ class EdgeAgent:
         plan = task.plan
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
-        result: LocalResult | None = self._in_worker(
-            lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                   x_val=self.x_val, y_val=self.y_val, task_def=self.task_def),
-            2 * cap + 60.0, stop)
+        try:
+            result: LocalResult | None = self._in_worker(
+                lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
+                                       x_val=self.x_val, y_val=self.y_val, task_def=self.task_def),
+                2 * cap + 60.0, stop)
+        except FedmqError as exc:
+            self._skip_bad_model(task, f"local training failed ({exc})")
+            return
         if result is None:
             return
         self.counters["rounds_trained"] += 1
-        self._pause("training")
+        self._pause("training", task.round)
 
         if time.time() >= task.deadline:
             # Too late to count: keep what it learned in the residual instead.
@@ -563,17 +661,22 @@ class EdgeAgent:
                 self.feedback.rollback(result.update)
             self.state.save_residual(self.feedback, task.round, task.deadline)
             return
-        packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id, spec=self.spec,
-                                  feedback=self.feedback, seed=cfg.seed)
+        try:
+            packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
+                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed)
+        except NonFiniteError as exc:
+            # package_update leaves the residual unchanged when it refuses.
+            self._skip_bad_model(task, f"training on it gave a non-finite update ({exc})")
+            return
         data = packaged.data
         inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=secrets.token_hex(16),
                                            base_version=task.model_version, deadline=task.deadline,
                                            with_feedback=plan.error_feedback)
-        self._pause("publishing")
+        self._pause("publishing", task.round)
         self.notifier.status(f"round {task.round}: sending update ({len(data)} bytes)")
         self._send_inflight()
         self.counters["updates_sent"] += 1
         log.info("round %d: update sent (%d bytes, transfer %s, %d steps in %.2f s, train loss %.4f)",
                  task.round, len(data), inflight.transfer_id, result.steps, result.seconds,
                  result.metrics.get("train_loss", float("nan")))
-        self._pause("published")
+        self._pause("published", task.round)

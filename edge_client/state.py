@@ -23,7 +23,13 @@ Crash-safety contract used by :mod:`edge_client.agent`:
   (``residual + update - sent``); rolling back adds ``sent`` (decoded from the saved
   bytes) once, in a commit of its own that also clears the in-flight record;
 * ``last_round`` is the highest round this device is done with (accepted, rejected or
-  past its deadline): a retained task for such a round is ignored.
+  past its deadline): a retained task for such a round is ignored;
+* the ledger (``state.json``'s ``ledger``, the last :data:`LEDGER_KEPT` transfers) records
+  each transfer's state in the same commit as the residual change it goes with: ``sent``
+  (committed, maybe published), ``accepted`` (the coordinator's receipt said so; no longer
+  in the residual) or ``rolled_back`` (back in the residual, with the reason). The
+  fault-injection suite checks it against the coordinator's database: a transfer must
+  never be both aggregated and rolled back.
 """
 
 from __future__ import annotations
@@ -43,6 +49,20 @@ from fedmq.params import ParamSpec
 
 STATE_FORMAT = 1
 MODELS_KEPT = 2
+#: Transfers kept in the ledger (the oldest are dropped first).
+LEDGER_KEPT = 64
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One transfer in the device ledger: ``state`` is ``sent``, ``accepted`` or
+    ``rolled_back`` (``reason``: the receipt's rejection reason, ``deadline`` when no receipt
+    came in time, ``superseded`` when a later round began without one)."""
+
+    round: int
+    transfer_id: str
+    state: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,9 @@ class Record:
     ``spec_hash`` (ParamSpec hash the residual belongs to, "" when none), ``last_round``
     (-1 before the first round), ``last_deadline`` (deadline of that round's task, seconds
     since the epoch: a task for the same round with a later deadline is the coordinator
-    rerunning a round it lost in a crash), ``residual_file`` (None: all zeros) and ``inflight``."""
+    rerunning a round it lost in a crash), ``residual_file`` (None: all zeros), ``inflight``,
+    the ``ledger`` and ``settled``: the last accepted update, kept (with its bytes) until the
+    next update is committed, so that a rerun of its round gets the same bytes again."""
 
     seq: int = 0
     spec_hash: str = ""
@@ -85,6 +107,13 @@ class Record:
     last_deadline: float = 0.0
     residual_file: str | None = None
     inflight: InFlight | None = None
+    ledger: tuple[LedgerEntry, ...] = ()
+    settled: InFlight | None = None
+
+    def with_entry(self, round: int, transfer_id: str, state: str, reason: str = "") -> tuple[LedgerEntry, ...]:
+        """The ledger with ``transfer_id``'s entry set (added last when new), bounded."""
+        kept = tuple(e for e in self.ledger if e.transfer_id != transfer_id)
+        return (kept + (LedgerEntry(round, transfer_id, state, reason),))[-LEDGER_KEPT:]
 
 
 def lock_state_dir(root: str | os.PathLike[str]) -> IO[bytes]:
@@ -142,7 +171,10 @@ class DeviceState:
             if raw.pop("format") != STATE_FORMAT:
                 raise ValueError("unknown format")
             inflight = raw.pop("inflight")
-            return Record(**raw, inflight=InFlight(**inflight) if inflight is not None else None)
+            ledger = tuple(LedgerEntry(**e) for e in raw.pop("ledger", []))
+            settled = raw.pop("settled", None)
+            return Record(**raw, inflight=InFlight(**inflight) if inflight is not None else None, ledger=ledger,
+                          settled=InFlight(**settled) if settled is not None else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.path}: not a fedmq device state of format {STATE_FORMAT} ({exc})") from None
 
@@ -154,8 +186,9 @@ class DeviceState:
 
     def _collect_garbage(self) -> None:
         keep = {"state.json", "models", LOCK_FILE, self.record.residual_file}
-        if self.record.inflight is not None:
-            keep.add(self.record.inflight.update_file)
+        for kept in (self.record.inflight, self.record.settled):
+            if kept is not None:
+                keep.add(kept.update_file)
         for entry in self.root.iterdir():
             if entry.name not in keep and (entry.name.startswith(("residual-", "update-", ".")) and entry.is_file()):
                 entry.unlink(missing_ok=True)
@@ -220,7 +253,8 @@ class DeviceState:
         inflight = InFlight(round=round, transfer_id=transfer_id, base_version=base_version, deadline=deadline,
                             update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update),
                             feedback=with_feedback)
-        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight))
+        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight, settled=None,
+                            ledger=self.record.with_entry(round, transfer_id, "sent")))
         return inflight
 
     def commit(self) -> None:
@@ -228,18 +262,38 @@ class DeviceState:
         inflight = self.record.inflight
         if inflight is None:
             return
-        self._write(replace(self.record, inflight=None, **self._done(inflight.round, inflight.deadline)))
+        self._write(replace(self.record, inflight=None, settled=inflight, **self._done(inflight.round, inflight.deadline),
+                            ledger=self.record.with_entry(inflight.round, inflight.transfer_id, "accepted")))
 
-    def rollback(self, feedback: ErrorFeedback, sent) -> None:
+    def reopen(self, deadline: float) -> InFlight:
+        """Put the update in flight again for a rerun of its round with ``deadline``: the
+        settled (accepted) one when none is in flight, else the one in flight. The rerun
+        coordinator lost what the crashed one accepted; the same bytes under the same
+        transfer id make the rerun aggregate exactly what the first run would have.
+
+        Raises:
+            StateError: nothing in flight or settled.
+        """
+        current = self.record.inflight or self.record.settled
+        if current is None:
+            raise StateError(f"{self.path}: no client update to send again")
+        inflight = replace(current, deadline=max(deadline, current.deadline))
+        self._write(replace(self.record, inflight=inflight, settled=None,
+                            ledger=self.record.with_entry(inflight.round, inflight.transfer_id, "sent")))
+        return inflight
+
+    def rollback(self, feedback: ErrorFeedback, sent, reason: str = "") -> None:
         """The in-flight update never reached the aggregate: put ``sent`` (float32
         (spec.size,), the decoded update) back into the residual and forget the update,
-        in one commit. Its round stays done: no second update is sent for it."""
+        in one commit. Its round stays done: no second update is sent for it.
+        ``reason`` goes into the ledger."""
         inflight = self.record.inflight
         if inflight is None:
             return
         if inflight.feedback:
             feedback.rollback(sent)
-        self.save_residual(feedback, inflight.round, inflight.deadline)
+        self.save_residual(feedback, inflight.round, inflight.deadline, _settled=None,
+                           _ledger=self.record.with_entry(inflight.round, inflight.transfer_id, "rolled_back", reason))
 
     def _done(self, round: int, deadline: float) -> dict[str, float | int]:
         if round > self.record.last_round:
@@ -248,13 +302,15 @@ class DeviceState:
             return {"last_round": round, "last_deadline": max(deadline, self.record.last_deadline)}
         return {}
 
-    def save_residual(self, feedback: ErrorFeedback, round: int, deadline: float = 0.0) -> None:
+    def save_residual(self, feedback: ErrorFeedback, round: int, deadline: float = 0.0, *,
+                      _ledger: tuple[LedgerEntry, ...] | None = None, _settled: InFlight | None = None) -> None:
         """Commit ``feedback``'s residual with no update in flight and ``round`` done (e.g. an
         update finished after its round's deadline, kept in the residual instead of sent)."""
         seq = self.record.seq + 1
         residual_file = f"residual-{seq}.npy"
         feedback.save(self.root / residual_file)
-        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None,
+        self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=None, settled=_settled,
+                            ledger=self.record.ledger if _ledger is None else _ledger,
                             **self._done(round, deadline)))
 
     def finish_round(self, round: int, deadline: float = 0.0) -> None:

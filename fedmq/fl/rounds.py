@@ -29,13 +29,20 @@ malformed            envelope or payload cannot be decoded, wrong federation,
                      wrong update kind, fewer than 1 sample
 device_mismatch      envelope's device differs from the topic's device level
 unknown_device       no status ever seen from the device
-late                 for a round already closed that selected the device
+late                 for a round already closed that selected the device (a resend
+                     of a transfer already judged, in memory or in the database
+                     ``lookup`` reads, is a :class:`Repeat` of its first answer instead)
 wrong_round          for another round
 unselected           device not selected for this round
 wrong_base_version   trained from another global model version
 duplicate            a second, different update of the device in this round
+over_weighted        claims more samples than ``max_samples`` or than the device's
+                     own status announced
 non_finite           NaN or Inf in the payload
-norm_bound           L2 norm of the decoded update above ``norm_bound``
+norm_bound           L2 norm of the decoded update above the norm bound: ``norm_bound``
+                     when set, else ``norm_factor`` x the median L2 norm of the last
+                     :data:`NORM_HISTORY` accepted updates (``norm_initial`` until
+                     ``norm_warmup`` updates were accepted)
 ==================== ==========================================================
 
 Before a transfer's bytes arrive, :meth:`RoundEngine.admit` judges its manifest (device, announced
@@ -54,6 +61,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -67,7 +75,11 @@ from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.params import ParamSpec
 
 REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
-           "unselected", "wrong_base_version", "duplicate", "non_finite", "norm_bound", "busy", "retained")
+           "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound", "busy",
+           "retained")
+
+#: Accepted update norms the data-set norm bound is the median of.
+NORM_HISTORY = 100
 
 #: Closed rounds remembered to tell ``late`` from ``wrong_round`` and to answer resends.
 LATE_HISTORY = 8
@@ -98,6 +110,8 @@ class Rejected:
     detail: str
     update: ClientUpdate | None = None
     round: int = -1
+    #: False: nothing to tell the device yet (no receipt is sent; it sends again).
+    answer: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,19 +232,40 @@ class RoundEngine:
         aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`).
         min_updates: fewest accepted updates for a round to succeed.
         round, base_version: where a resumed coordinator stands (the last finished round).
+        max_samples: largest sample count an update may claim (its aggregation weight).
+        samples_of: the sample count a device's status announced (0: unknown); an update
+            claiming more is ``over_weighted``.
+        norm_factor: with no ``norm_bound``, the bound is this multiple of the median L2
+            norm of recent accepted updates (None: no bound at all).
+        norm_warmup: accepted updates before that median is trusted.
+        norm_initial: the bound until then (L2 norm).
+        norms: accepted update norms of earlier runs (oldest first), to resume the median.
+        lookup: the stored answer to a transfer judged in an earlier round
+            (``(device, transfer_id) -> (status, reason, round)`` or None): the coordinator's
+            database, the one authority on whether a transfer was aggregated.
 
     Thread safety: none; one thread owns the engine (the coordinator's round thread).
     """
 
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, norm_bound: float | None = None, aggregator: str = "weighted-mean",
-                 min_updates: int = 1, round: int = 0, base_version: int = 0) -> None:
+                 min_updates: int = 1, round: int = 0, base_version: int = 0, max_samples: int = 2**31 - 1,
+                 samples_of: Callable[[str], int] = lambda d: 0, norm_factor: float | None = None,
+                 norm_warmup: int = 5, norm_initial: float = math.inf, norms: Iterable[float] = (),
+                 lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
         self.federation = federation
         self.spec = spec
         self.kind = kind
         self.is_known = is_known
         self.max_update_bytes = max_update_bytes
         self.norm_bound = norm_bound
+        self.max_samples = max_samples
+        self.samples_of = samples_of
+        self.norm_factor = norm_factor
+        self.norm_warmup = norm_warmup
+        self.norm_initial = norm_initial
+        self.norms: deque[float] = deque((float(n) for n in norms), maxlen=NORM_HISTORY)
+        self.lookup = lookup
         self.aggregator_name = aggregator
         make_aggregator(aggregator, 0)  # an unknown rule fails at construction, not at the first round
         self.min_updates = min_updates
@@ -326,9 +361,10 @@ class RoundEngine:
             size: blob size the manifest announces (bytes).
 
         Returns:
-            :class:`Repeat` for a transfer already answered (in this round or a remembered
-            one), :class:`Rejected` (not yet recorded: pass it to :meth:`refuse`), or None
-            when the blob may be assembled and then :meth:`offer`-ed.
+            :class:`Repeat` for a transfer already answered (in this round, a remembered one
+            or, through ``lookup``, the database), :class:`Rejected` (not yet recorded: pass
+            it to :meth:`refuse`), or None when the blob may be assembled and then
+            :meth:`offer`-ed (always, between rounds, for a known device within the bound).
         """
         for answers in (self._answers, *self._closed_answers.values()):
             previous = answers.get(device)
@@ -336,16 +372,22 @@ class RoundEngine:
                 round_ = self.round if answers is self._answers else next(
                     r for r, a in self._closed_answers.items() if a is answers)
                 return Repeat(previous[1], previous[2], round_)
+        stored = self.lookup(device, transfer_id)
+        if stored is not None:
+            return Repeat(*stored)
         if size > self.max_update_bytes:
             return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None, self.round)
         if not self.is_known(device):
             return Rejected("unknown_device", f"no status ever seen from {device!r}", None, self.round)
+        if not self.is_open:
+            # Between rounds the update may be for the round about to open (a resumed
+            # coordinator's persistent session delivers what was sent to the run that died):
+            # it is assembled, within the service's limits, and offer() decides.
+            return None
         if device not in self.selected:
             if any(device in sel for sel in self._closed_selected.values()):
                 return Rejected("late", f"no round in progress selected {device!r}", None, self.round)
             return Rejected("unselected", f"{device!r} was not selected for round {self.round}", None, self.round)
-        if not self.is_open:
-            return Rejected("late", f"round {self.round} is closed", None, self.round)
         if device in self._answers:
             return Rejected("duplicate", f"{device!r} already sent transfer {self._answers[device][0]} in round "
                                          f"{self.round}", None, self.round)
@@ -376,6 +418,7 @@ class RoundEngine:
         if isinstance(outcome, Accepted):
             upd = outcome.update
             self.aggregate.add(outcome.sparse, float(upd.samples))
+            self.norms.append(outcome.norm)
             self.answered.add(device)
             if self.aggregate.count >= self.target:
                 # Complete from here on: updates already queued behind this one are late.
@@ -421,8 +464,17 @@ class RoundEngine:
         previous = answers.get(upd.device)
         if previous is not None and previous[0] == transfer_id:
             return Repeat(previous[1], previous[2], upd.round)
+        if upd.round != self.round or not self.is_open:
+            stored = self.lookup(upd.device, transfer_id)
+            if stored is not None:
+                return Repeat(*stored)
         if upd.round in self._closed_selected and upd.device in self._closed_selected[upd.round]:
             return reject("late", f"round {upd.round} is closed")
+        if upd.round == self.round + 1 and not self.is_open:
+            # The round about to open (a resumed coordinator about to rerun it, whose
+            # persistent session kept updates sent to the run that died): no verdict yet.
+            # The device sends it again when the round's task reaches it.
+            return Rejected("wrong_round", f"round {upd.round} is not open yet", upd, upd.round, answer=False)
         if upd.round != self.round:
             return reject("wrong_round", f"round {upd.round}, the round in progress is {self.round}")
         if upd.device not in self.selected:
@@ -447,6 +499,10 @@ class RoundEngine:
             return reject("malformed", f"update kind {upd.kind!r}, the round asked for {self.kind!r}")
         if upd.samples < 1:
             return reject("malformed", f"samples {upd.samples}, expected >= 1")
+        announced = self.samples_of(upd.device)
+        if upd.samples > self.max_samples or 0 < announced < upd.samples:
+            return reject("over_weighted", f"claims {upd.samples} samples; limit {self.max_samples}, "
+                                           f"its status announced {announced}")
         try:
             sparse = decode_sparse(upd.codec, upd.payload, self.spec)
         except NonFiniteError as exc:
@@ -458,6 +514,17 @@ class RoundEngine:
         norm = math.sqrt(float(np.square(sparse.values, dtype=np.float64).sum()))
         if not math.isfinite(norm):
             return reject("non_finite", f"L2 norm {norm}")
-        if self.norm_bound is not None and norm > self.norm_bound:
-            return reject("norm_bound", f"L2 norm {norm:.6g} above the bound {self.norm_bound:.6g}")
+        bound = self.current_norm_bound()
+        if bound is not None and norm > bound:
+            return reject("norm_bound", f"L2 norm {norm:.6g} above the bound {bound:.6g}")
         return Accepted(upd, sparse, norm)
+
+    def current_norm_bound(self) -> float | None:
+        """The L2 norm bound in force now (None: none)."""
+        if self.norm_bound is not None:
+            return self.norm_bound
+        if self.norm_factor is None:
+            return None
+        if len(self.norms) < self.norm_warmup:
+            return self.norm_initial
+        return self.norm_factor * float(np.median(np.fromiter(self.norms, dtype=np.float64)))

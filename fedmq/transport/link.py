@@ -99,6 +99,12 @@ class Publish:
         self._after = after
         self.topic = topic
         self.qos = qos
+        self._queued = info.rc == paho.MQTT_ERR_NO_CONN
+
+    def _published(self) -> bool:
+        if self._queued:
+            return self._info.mid in self._link._acked  # noqa: SLF001  (read under the link's condition)
+        return self._info.is_published()
 
     def done(self) -> bool:
         return self._link.acknowledged(self.mid, self._after)
@@ -441,14 +447,20 @@ class MqttLink:
         if not self.wait_connected(timeout):
             raise TransportError(f"subscribe {items[:3]}: not connected to {self.settings.url} within "
                                  f"{timeout:.1f} s")
+        connects = self.connects
         rc, mid = self._client.subscribe([(f, self._sub_options(qos)) for f in items])
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"subscribe {items[:3]}: link down (paho rc {rc}); made again on reconnect")
         with self._state:
-            got = self._state.wait_for(lambda: mid in self._subacks, max(0.0, deadline - time.monotonic()))
+            # A reconnect in between loses this SUBACK for good, but the reconnect made the
+            # subscription again (with the others): waiting on would only run out the timeout.
+            got = self._state.wait_for(lambda: mid in self._subacks or self.connects != connects,
+                                       max(0.0, deadline - time.monotonic()))
             reasons = self._subacks.pop(mid, None)
-            if not got:
+            if reasons is None:
                 self._ignored_subacks.add(mid)
+                if got:
+                    return
         if reasons is None:
             raise TransportError(f"no SUBACK for {items[:3]} within {timeout:.1f} s (broker {self.settings.url})")
         refused = [f for f, r in zip(items, reasons) if r.is_failure]

@@ -13,6 +13,7 @@ Usage: python tests/coordinator/sim_device.py URL PROTOCOL FED DEVICE MODE TASK 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import queue
 import sys
 import zlib
@@ -51,11 +52,17 @@ def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: i
                                           base_version=task.model_version, samples=samples,
                                           kind=task.plan.update_kind, spec_hash=spec.hash, codec="none",
                                           payload=bytes(payload), metrics={}))
-    result = LocalResult(update_vector(device, task.round, spec.size), task.plan.update_kind, samples, 1, 1, 0.0,
-                         {"train_loss": 1.0 + samples / 1000})
+    vector = update_vector(device, task.round, spec.size)
+    if mode == "huge":
+        # Finite but enormous (values near 3e36): only a norm bound stops it.
+        vector = np.full(spec.size, 3e36, np.float32)
+    if mode == "overweight":
+        samples = 2**63 - 1  # from its own credentials, otherwise valid
+    result = LocalResult(vector, task.plan.update_kind, samples, 1, 1, 0.0, {"train_loss": 1.0 + min(samples, 10**6) / 1000})
     claimed = "good-0" if mode == "impostor" else device
-    return package_update(result, task, federation=fed, device=claimed, spec=spec, feedback=ErrorFeedback(spec),
-                          seed=0).data
+    plan = task.plan if mode != "huge" else replace(task.plan, codec="none", error_feedback=False)
+    return package_update(result, replace(task, plan=plan), federation=fed, device=claimed, spec=spec,
+                          feedback=ErrorFeedback(spec), seed=0).data
 
 
 def main(url: str, protocol: str, fed: str, device: str, mode: str, task_name: str, samples: str) -> None:

@@ -77,18 +77,19 @@ def _receipt(receipts: queue.SimpleQueue) -> Receipt:
 def test_manifests_are_judged_before_anything_is_allocated(running) -> None:
     coord, peer, receipts, spec = running
     big = 512 << 10
-    # An unknown device and a known device before any round: refused, nothing in assembly.
+    # An unknown device: dropped, nothing allocated or answered.
     peer.publish_wait(topics.blob_manifest(topics.update_base(FED, "ghost", "t1")), _manifest(big))
     status = Status("dev-b", True, TASK, "0" * 16, 10)  # wrong spec: known, never eligible
     peer.publish_wait(topics.status(FED, "dev-b"), status.to_bytes(), retain=True)
-    peer.publish_wait(topics.blob_manifest(topics.update_base(FED, "dev-b", "t2")), _manifest(big))
-    r = _receipt(receipts)
-    assert (r.device, r.status, r.reason) == ("dev-b", "rejected", "unselected")
-
     # dev-a becomes eligible and is selected for round 1.
     peer.publish_wait(topics.status(FED, "dev-a"), Status("dev-a", True, TASK, spec.hash, 10).to_bytes(),
                       retain=True)
     assert _until(lambda: coord.engine is not None and coord.engine.is_open and "dev-a" in coord.engine.selected)
+    assert coord.receiver.pending_bytes() == (0, 0)
+    # A known device the round did not select: refused from its manifest.
+    peer.publish_wait(topics.blob_manifest(topics.update_base(FED, "dev-b", "t2")), _manifest(big))
+    r = _receipt(receipts)
+    assert (r.device, r.status, r.reason) == ("dev-b", "rejected", "unselected")
     # Two transfers in assembly are allowed, the third is refused as busy (not an answer:
     # the device may still send its update).
     for t in ("t4", "t5", "t6"):

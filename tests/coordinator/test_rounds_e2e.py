@@ -140,6 +140,37 @@ def test_garbage_is_rejected_counted_and_leaves_the_model_alone(mosquitto, tmp_p
     np.testing.assert_allclose(result.vector, want, rtol=0, atol=1e-7)
 
 
+def test_one_device_cannot_wreck_the_fleet(mosquitto, tmp_path):
+    # A claimed sample count of 2**63 - 1 and a finite update of norm ~1e38, both from a
+    # device's own credentials: rejected (over_weighted, and the default norm bound during
+    # its warm-up), counted in the database; the model is the mean of the honest two.
+    fed = "poison"
+    specs = [("good-0", "good", 30), ("good-1", "good", 90), ("huge-0", "huge", 10), ("fat-0", "overweight", 10)]
+    devices = start_devices(mosquitto, fed, specs)
+    try:
+        cfg = config(mosquitto, tmp_path, fed, rounds=1,
+                     round={"devices_per_round": 4, "min_updates": 2, "over_selection": 1.0, "deadline_s": 20.0,
+                            "min_devices": 4, "wait_for_devices_s": 240.0})
+        coord = Coordinator(cfg)
+        start = flatten_params(get_task(TASK).build_model(cfg.seed))
+        result = coord.run()
+    finally:
+        stop_all(devices)
+    (rec,) = result.records
+    assert rec.accepted == 2 and rec.rejected == {"norm_bound": 1, "over_weighted": 1}
+    spec = coord.spec
+    codec = CodecConfig.from_plan(cfg.plan)
+    deltas = [decode(codec.name, encode(sim_update(d, 1, spec.size), spec, codec), spec).astype(np.float64)
+              for d in ("good-0", "good-1")]
+    want = start + ((30 * deltas[0] + 90 * deltas[1]) / 120).astype(np.float32)
+    np.testing.assert_allclose(result.vector, want, rtol=0, atol=1e-7)
+    db = StateDB(cfg.state_dir)
+    try:
+        assert db.rejections() == {"norm_bound": 1, "over_weighted": 1}
+    finally:
+        db.close()
+
+
 def _toml(broker, state: Path, fed: str, rounds: int) -> str:
     return f"""
 federation = "{fed}"

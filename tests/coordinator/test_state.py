@@ -57,3 +57,55 @@ def test_round_record_row_is_flat():
     row = record().row()
     assert row["rejected_late"] == 1 and row["rejected_total"] == 1 and row["device_train_loss"] == 0.7
     assert all(not isinstance(v, (dict, list)) for v in row.values())
+
+
+def test_transfer_outcome_is_the_stored_answer(tmp_path):
+    db = StateDB(tmp_path)
+    try:
+        db.write_round(record(3))
+        failed = record(4)
+        failed.state = "failed"
+        failed.participations = [ParticipationRecord("a", "t4", "accepted", "", 10, 400)]
+        db.write_round(failed)
+        assert db.transfer_outcome("a", "t1") == ("accepted", "", 3)
+        assert db.transfer_outcome("b", "t2") == ("rejected", "late", 3)
+        # Accepted in a round that failed: never aggregated.
+        assert db.transfer_outcome("a", "t4") == ("rejected", "late", 4)
+        assert db.transfer_outcome("a", "nope") is None
+    finally:
+        db.close()
+
+
+def test_rejections_accumulate_across_runs(tmp_path):
+    db = StateDB(tmp_path)
+    db.add_rejections({"malformed_status": 2, "late": 1})
+    db.close()
+    db = StateDB(tmp_path)
+    try:
+        db.add_rejections({"late": 4, "unknown_device": 0})
+        assert db.rejections() == {"late": 5, "malformed_status": 2}
+    finally:
+        db.close()
+
+
+def test_a_checkpoint_write_killed_before_its_rename_leaves_a_temporary_that_is_removed(tmp_path):
+    from fedmq.atomic import remove_stale_temporaries
+
+    model = np.zeros(10, np.float32)
+    save_checkpoint(tmp_path, Checkpoint(1, 1, model, {}, {}))
+
+    class Killed(Exception):
+        pass
+
+    def die() -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, Checkpoint(2, 2, model + 1, {}, {}), before_rename=die)
+    # atomic_write_bytes removes its own temporary on an exception; a kill -9 cannot.
+    leftover = tmp_path / f".{CHECKPOINT_NAME}.abcd1234.tmp"
+    leftover.write_bytes(b"half")
+    other = tmp_path / ".someone-elses.abcd1234.tmp"
+    other.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path, (CHECKPOINT_NAME,)) == [leftover]
+    assert other.exists() and load_checkpoint(tmp_path).round == 1

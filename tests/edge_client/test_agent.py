@@ -283,10 +283,18 @@ def test_kill_after_publishing_settles_by_the_receipt_kept_in_the_session(coord,
     # The receipt goes out while the device is down: its MQTT 5 session keeps it.
     coord.receipt(1, tid, "accepted")
     device.start()
+    # Settled by the receipt kept in the session; then, as after every start, the last
+    # accepted update is sent once more as a question (its coordinator may have died before
+    # checkpointing the round). The coordinator answers with what it stored.
+    tid_again, data_again = coord.next_update()
+    assert (tid_again, data_again) == (tid, data)
+    coord.receipt(1, tid, "accepted")
+    wait_for(lambda: device.record()["inflight"] is None, 30, "settled again", device.proc, device.log)
     coord.task(2)
     tid2, data2 = coord.next_update()
-    assert decode_update(data2, coord.spec).round == 2, "round 1 must not be sent again once accepted"
-    assert coord.rx.stats["manifests"] == 2
+    assert decode_update(data2, coord.spec).round == 2, "round 1 must not be trained or sent as a new update"
+    assert coord.rx.stats["manifests"] == 3
+    assert [e["state"] for e in device.record()["ledger"]] == ["accepted", "sent"]
     sent1, sent2 = sent_vector(coord, data, 1), sent_vector(coord, data2, 2)
     device.stop()
     assert device.record()["last_round"] == 1
@@ -294,13 +302,21 @@ def test_kill_after_publishing_settles_by_the_receipt_kept_in_the_session(coord,
     np.testing.assert_allclose(sent1 + sent2 + device.residual(coord.spec), truth, atol=2e-5)
 
 
-def test_no_receipt_by_the_deadline_rolls_back(coord, device):
+def test_no_receipt_by_the_deadline_asks_again_and_rolls_back_on_the_answer(coord, device):
     device.start()
     coord.task(1, deadline_in=8.0)
     tid, data = coord.next_update()
     sent = sent_vector(coord, data, 1)
-    # No receipt: after the deadline (receipt_grace = 0) the update returns to the residual.
-    wait_for(lambda: device.record()["inflight"] is None, 60, "rollback at the deadline", device.proc, device.log)
+    # No receipt by the deadline (receipt_grace = 0): the device does not guess. It sends the
+    # same transfer again (receipt_timeout is 60 s, so this is the deadline's question) and
+    # keeps the update in flight until the coordinator answers.
+    tid2, data2 = coord.next_update(timeout=30)
+    assert (tid2, data2) == (tid, data), "the same transfer was not sent again at the deadline"
+    assert device.record()["inflight"] is not None
+    coord.receipt(1, tid, "rejected", "late")
+    wait_for(lambda: device.record()["inflight"] is None, 60, "rollback on the answer", device.proc, device.log)
+    assert device.record()["ledger"][-1] == {"round": 1, "transfer_id": tid, "state": "rolled_back",
+                                             "reason": "late"}
     device.stop()
     rec = device.record()
     assert rec["last_round"] == 1

@@ -67,10 +67,13 @@ def test_commit_and_rollback(tmp_path, spec):
     st.begin_update(fb, payload, round=1, transfer_id="a", base_version=0, deadline=1.0)
     st.commit()
     assert st.record.inflight is None and st.record.last_round == 1
-    assert not (tmp_path / "update-1.bin").exists()
+    # The accepted update is kept (settled) until the next one is committed: a rerun of
+    # round 1 gets the same bytes.
+    assert st.record.settled is not None and (tmp_path / "update-1.bin").read_bytes() == payload
 
     fb, update, payload, sent = _compress(spec, seed=1)
     st.begin_update(fb, payload, round=2, transfer_id="b", base_version=1, deadline=1.0)
+    assert st.record.settled is None and not (tmp_path / "update-1.bin").exists()
     st.rollback(fb, sent)
     again = DeviceState(tmp_path)
     assert again.record.inflight is None and again.record.last_round == 2
@@ -141,3 +144,19 @@ def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path):
         lock_state_dir(tmp_path / "state")
     held.close()  # released (as when the owner dies): the next agent gets it
     lock_state_dir(tmp_path / "state").close()
+
+
+def test_ledger_and_reopen_for_a_rerun(tmp_path, spec):
+    st = DeviceState(tmp_path)
+    st.load_feedback(spec)
+    fb, update, payload, sent = _compress(spec)
+    st.begin_update(fb, payload, round=3, transfer_id="t", base_version=2, deadline=10.0)
+    st.commit()
+    again = st.reopen(deadline=20.0)
+    assert again.transfer_id == "t" and again.deadline == 20.0
+    assert st.read_inflight() == payload and st.record.settled is None
+    st.rollback(fb, sent, "late")
+    ledger = DeviceState(tmp_path).record.ledger
+    assert [(e.round, e.transfer_id, e.state, e.reason) for e in ledger] == [(3, "t", "rolled_back", "late")]
+    # Rolled back: the residual holds the whole update again (nothing lost, nothing twice).
+    np.testing.assert_allclose(fb.residual, update, atol=1e-6)

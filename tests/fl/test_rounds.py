@@ -208,9 +208,41 @@ def test_admission_judges_a_manifest_before_anything_is_allocated():
     assert e.admit("a", "t1", 1000) == Repeat("accepted", "", 4)
     assert e.admit("a", "t2", 1000).reason == "duplicate"
     g.close()
-    assert e.admit("b", "t3", 1000).reason == "late"
+    # Between rounds: assembled and judged whole (it may be for the round about to open).
+    assert e.admit("b", "t3", 1000) is None
     g.next_round(5, 3, ["c"])
     assert e.admit("a", "t1", 1000) == Repeat("accepted", "", 4)
     assert e.admit("b", "t4", 1000).reason == "late"
     # admit() records nothing: refuse() counts what the caller refuses.
     assert e.rejected == {}
+
+
+def test_over_weighted_claims_are_rejected():
+    # A cap from the configuration, and the device's own announced sample count.
+    assert reason(gate(max_samples=100).check("a", "t", make(samples=2**63 - 1))) == "over_weighted"
+    assert reason(gate(samples_of=lambda d: 50).check("a", "t", make(samples=51))) == "over_weighted"
+    assert isinstance(gate(samples_of=lambda d: 50, max_samples=100).check("a", "t", make(samples=50)), Accepted)
+
+
+def test_norm_bound_from_the_data_after_warm_up():
+    g = gate(selected=("a", "b", "c"), norm_factor=10.0, norm_warmup=2, norm_initial=1e9)
+    first = g.check("a", "t1", make(device="a"))
+    assert isinstance(first, Accepted)
+    # Still warming up: the initial bound holds.
+    second = g.check("b", "t2", make(device="b", scale=5.0))
+    assert isinstance(second, Accepted)
+    median = float(np.median([first.norm, second.norm]))
+    assert g.engine.current_norm_bound() == 10.0 * median
+    assert reason(g.check("c", "t3", make(device="c", scale=1e4))) == "norm_bound"
+    # No factor: no bound at all, as before.
+    assert gate().engine.current_norm_bound() is None
+
+
+def test_a_resend_is_answered_from_the_stored_outcome_after_the_memory_is_gone():
+    # The coordinator restarted (a new engine) or the round left the engine's history: the
+    # database still says the transfer was aggregated, and a resend hears that, never
+    # "wrong_round", so the device does not roll back an update that is in the model.
+    stored = {("a", "t1"): ("accepted", "", 1)}
+    g = gate(lookup=lambda d, t: stored.get((d, t)))
+    assert g.check("a", "t1", make(round_=1)) == Repeat("accepted", "", 1)
+    assert reason(g.check("a", "t2", make(round_=1))) == "wrong_round"

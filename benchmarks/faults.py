@@ -1,0 +1,651 @@
+"""Fault injection: kill -9 or gracefully restart each process at each named step of a round.
+
+A trial is one small federation of real processes: mosquitto (the shipped persistence and
+queue settings of ``broker/mosquitto.conf``: ``autosave_interval 60``, persistent client
+sessions, queue limits), the real coordinator (``fedmq coordinator run``) and three real
+edge clients (``python -m edge_client run``) on the digits task, three rounds of three
+devices. One process (the *host*) is stopped at a named step of round 2 by its test hook
+(:mod:`fedmq.testhooks`); then the *victim* (the host itself, another process, or the
+broker) is killed with SIGKILL or stopped with SIGTERM and started again, and the host
+goes on. After the run each trial is checked against invariants:
+
+``stuck``          the coordinator did not finish its rounds within the time limit;
+``rounds``         a round is missing from the coordinator's database;
+``round_failed``   a round closed without an update (the fleet had three healthy devices);
+``double``         a transfer aggregated (SQLite ``participations``, accepted in a closed
+                   round) that the device's ledger says it rolled back into its residual;
+``lost``           a transfer the device's ledger says accepted that no closed round
+                   aggregated (its information is neither in the model nor in the residual);
+``unsettled``      a transfer still in flight on a device once the run is over;
+``unknown``        an aggregated transfer no device ledger knows;
+``model``          every round aggregated all three devices, yet the final global model is
+                   not bit-identical to the uninterrupted reference run's;
+``accuracy``       some round aggregated fewer: test accuracy more than
+                   :data:`ACCURACY_TOLERANCE` below the reference run's;
+``stall``          the fault cost more than :data:`STALL_BOUND_S` seconds: from the moment
+                   the faulted processes were started again (or let go) to the close of the
+                   first round closing after it, minus the reference run's median round time;
+``device_exit``    an edge client exited by itself (the systemd unit does not restart exit 2).
+
+:func:`run` runs the campaign (``python -m benchmarks run --suite faults``), tests/faults
+a short subset; :func:`format_table` prints step x process x trials x failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker.conf import SHIPPED_CONF
+from broker.launch import MosquittoProcess, start_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ("dev-0", "dev-1", "dev-2")
+ROUNDS = 3
+FAULT_ROUND = 2
+#: Round deadline of a trial, seconds.
+DEADLINE_S = 45.0
+#: Largest accuracy drop (absolute) allowed where the schedule cannot give the same model.
+ACCURACY_TOLERANCE = 0.05
+#: Largest wall time one fault may cost, seconds.
+STALL_BOUND_S = 20.0
+#: Seconds a trial's coordinator may take in all before it counts as stuck.
+TRIAL_LIMIT_S = ROUNDS * DEADLINE_S + 120.0
+#: Seconds to wait for the hook to be reached.
+HOOK_WAIT_S = 240.0
+#: Seconds the devices get to settle their last transfers after the coordinator is done.
+SETTLE_S = 10.0
+
+#: Steps of a round: (name in the table, process whose hook stops there, hook point).
+STEPS: tuple[tuple[str, str, str], ...] = (
+    ("selection", "coordinator", "selection"),
+    ("task publish", "coordinator", "task_publish"),
+    ("model fetch", "edge", "fetching"),
+    ("training", "edge", "training"),
+    ("update commit", "edge", "publishing"),
+    ("update publish", "edge", "published"),
+    ("receipt (coordinator)", "coordinator", "receipt"),
+    ("receipt (edge)", "edge", "receipt"),
+    ("checkpoint write", "coordinator", "checkpoint_write"),
+    ("checkpoint rename", "coordinator", "checkpoint_rename"),
+    ("model publish", "coordinator", "model_publish"),
+    ("model published", "coordinator", "model_published"),
+)
+VICTIMS = ("coordinator", "edge", "broker")
+MODES = ("kill", "term")
+
+# The settings of the shipped broker/mosquitto.conf that decide what survives a restart.
+_SHIPPED_KEYS = ("max_packet_size", "max_inflight_messages", "max_queued_messages", "max_queued_bytes",
+                 "queue_qos0_messages", "persistent_client_expiration", "autosave_interval", "set_tcp_nodelay")
+
+
+def shipped_persistence_conf() -> str:
+    """The persistence and queue lines of the shipped broker/mosquitto.conf, verbatim."""
+    lines = []
+    for line in SHIPPED_CONF.read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if parts and parts[0] in _SHIPPED_KEYS:
+            lines.append(line.strip())
+    missing = set(_SHIPPED_KEYS) - {line.split()[0] for line in lines}
+    if missing:
+        raise RuntimeError(f"{SHIPPED_CONF}: no {', '.join(sorted(missing))} line")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One fault: stop ``host``'s hook at ``point`` in round :data:`FAULT_ROUND`, then
+    ``mode`` (``kill``: SIGKILL, ``term``: SIGTERM) the ``victim`` and start it again."""
+
+    step: str
+    host: str
+    point: str
+    victim: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.step} / {self.victim} {self.mode}"
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    failures: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    held_s: float = 0.0
+    stall_s: float = 0.0
+    resumed_at: float = 0.0
+    accuracy: float | None = None
+    accepted: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Reference:
+    model: np.ndarray
+    accuracy: float | None
+    wall_s: float
+    round_s: float = 0.0
+
+
+def all_trials() -> list[Trial]:
+    """The whole matrix: every step x every victim x kill and SIGTERM."""
+    return [Trial(step, host, point, victim, mode) for step, host, point in STEPS for victim in VICTIMS
+            for mode in MODES]
+
+
+# --------------------------------------------------------------------------- one fleet
+
+def _write_toml(path: Path, data: dict[str, Any]) -> None:
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "TEST_PAUSE" not in k}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+class Fleet:
+    """The processes of one trial in ``work``: broker, coordinator, devices."""
+
+    def __init__(self, work: Path, *, edge_overrides: dict[str, Any] | None = None,
+                 coordinator_overrides: dict[str, Any] | None = None) -> None:
+        from fedmq.data import save_npz_atomic
+        from fleet.demo import load_demo_data
+
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.broker: MosquittoProcess = start_mosquitto(work / "broker", extra_conf=shipped_persistence_conf())
+        data = load_demo_data("digits", None, len(DEVICES), "iid", 0.5)
+        for i, (device, (x, y)) in enumerate(zip(DEVICES, data.parts)):
+            folder = work / "devices" / device
+            save_npz_atomic(folder / "data.npz", x, y)
+            cfg = {"broker_url": self.broker.url, "protocol": "5", "device_id": device, "federation": "faults",
+                   "task": "digits-mlp", "data": "data.npz", "state_dir": "state", "seed": i}
+            cfg.update(edge_overrides or {})
+            _write_toml(folder / "edge.toml", cfg)
+        save_npz_atomic(work / "test.npz", data.x_test, data.y_test)
+        cfg = {
+            "federation": "faults", "task": "digits-mlp", "rounds": ROUNDS, "seed": 1, "state_dir": "state",
+            "broker": {"url": self.broker.url, "protocol": "5"},
+            "round": {"devices_per_round": len(DEVICES), "min_updates": 1, "over_selection": 1.0,
+                      "deadline_s": DEADLINE_S, "min_devices": len(DEVICES), "wait_for_devices_s": 60.0},
+            "plan": {"local_epochs": 1, "lr": 0.1, "batch_size": 32},
+            "evaluation": {"data": "test.npz"}, "publish": {"onnx": False}}
+        for key, value in (coordinator_overrides or {}).items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        _write_toml(work / "coordinator.toml", cfg)
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.devices: dict[str, subprocess.Popen[bytes]] = {}
+        self.exits: list[tuple[str, int]] = []
+
+    def start_coordinator(self, **env: str) -> None:
+        log = open(self.work / "coordinator.log", "ab")  # noqa: SIM115 - the child keeps its copy
+        self.coordinator = subprocess.Popen(
+            [sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(self.work / "coordinator.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(**env), start_new_session=True)
+        log.close()
+
+    def start_device(self, device: str, **env: str) -> None:
+        folder = self.work / "devices" / device
+        log = open(folder / "edge.log", "ab")  # noqa: SIM115
+        self.devices[device] = subprocess.Popen(
+            [sys.executable, "-m", "edge_client", "run", "-c", str(folder / "edge.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(**env), start_new_session=True)
+        log.close()
+
+    def proc(self, name: str) -> subprocess.Popen[bytes] | None:
+        return self.coordinator if name == "coordinator" else self.devices.get(name)
+
+    def stop(self, name: str, mode: str) -> None:
+        """SIGKILL or SIGTERM process ``name`` (coordinator or a device id) and wait for it."""
+        proc = self.proc(name)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if mode == "kill" else signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart_broker(self, mode: str) -> None:
+        if mode == "kill":
+            self.broker.kill()
+        else:
+            self.broker.stop()
+        self.broker.start()
+
+    def device_exits(self) -> list[tuple[str, int]]:
+        """Devices that exited by themselves, with their status."""
+        return [(d, p.returncode) for d, p in self.devices.items() if p.poll() is not None]
+
+    def close(self) -> None:
+        procs = [p for p in [self.coordinator, *self.devices.values()] if p is not None and p.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.broker.kill()
+
+    # -- what the run left ----------------------------------------------------------------
+
+    def ledgers(self) -> dict[str, list[dict[str, Any]]]:
+        out = {}
+        for device in DEVICES:
+            path = self.work / "devices" / device / "state" / "state.json"
+            try:
+                out[device] = json.loads(path.read_text()).get("ledger", [])
+            except (OSError, ValueError):
+                out[device] = []
+        return out
+
+    def inflight(self) -> list[str]:
+        busy = []
+        for device in DEVICES:
+            path = self.work / "devices" / device / "state" / "state.json"
+            try:
+                if json.loads(path.read_text()).get("inflight") is not None:
+                    busy.append(device)
+            except (OSError, ValueError):
+                pass
+        return busy
+
+    def rounds(self) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(f"file:{self.work / 'state' / 'coordinator.sqlite'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT round, state, accepted, test_accuracy, wall_s, closed FROM rounds ORDER BY round")
+            return [dict(zip(("round", "state", "accepted", "test_accuracy", "wall_s", "closed"), r)) for r in rows]
+        finally:
+            conn.close()
+
+    def aggregated(self) -> set[tuple[str, str]]:
+        """(device, transfer id) of every update in the aggregate of a closed round."""
+        conn = sqlite3.connect(f"file:{self.work / 'state' / 'coordinator.sqlite'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT p.device, p.transfer_id FROM participations p JOIN rounds r "
+                                "ON p.round = r.round WHERE p.status = 'accepted' AND r.state = 'closed'")
+            return {(d, t) for d, t in rows}
+        finally:
+            conn.close()
+
+    def final_model(self) -> np.ndarray | None:
+        from coordinator.state import load_checkpoint
+
+        ckpt = load_checkpoint(self.work / "state")
+        return None if ckpt is None else ckpt.model
+
+
+def _wait_file(path: Path, limit: float, fleet: Fleet) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if path.exists():
+            return True
+        if fleet.coordinator is not None and fleet.coordinator.poll() is not None:
+            return False
+        time.sleep(0.05)  # the file is written by another process
+    return False
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], until: float) -> bool:
+    try:
+        proc.wait(timeout=max(0.1, until - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _settle(fleet: Fleet) -> None:
+    end = time.monotonic() + SETTLE_S
+    while time.monotonic() < end and fleet.inflight():
+        time.sleep(0.1)  # the devices write their state files; nothing else to wait on
+
+
+def reference_run(work: Path, **overrides: Any) -> Reference:
+    """The same fleet with no fault: its final model, accuracy and wall time."""
+    fleet = Fleet(work, **overrides)
+    try:
+        t0 = time.monotonic()
+        for device in DEVICES:
+            fleet.start_device(device)
+        fleet.start_coordinator()
+        assert fleet.coordinator is not None
+        if not _wait_exit(fleet.coordinator, time.monotonic() + TRIAL_LIMIT_S) or fleet.coordinator.returncode:
+            raise RuntimeError(f"the reference run did not finish; see {work}/coordinator.log")
+        wall = time.monotonic() - t0
+        rounds = fleet.rounds()
+        model = fleet.final_model()
+        assert model is not None
+        return Reference(model, rounds[-1]["test_accuracy"], wall, statistics.median(r["wall_s"] for r in rounds))
+    finally:
+        fleet.close()
+
+
+def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) -> TrialResult:
+    """Run one trial in ``work`` and check it against the invariants (module docstring)."""
+    res = TrialResult(trial)
+    fleet = Fleet(work, **overrides)
+    pause = work / "paused"
+    hook_env = {"TEST_PAUSE_AT": trial.point, "TEST_PAUSE_ROUND": str(FAULT_ROUND), "TEST_PAUSE_FILE": str(pause)}
+    host_name = "coordinator" if trial.host == "coordinator" else DEVICES[0]
+    victim_name = {"coordinator": "coordinator", "edge": DEVICES[0] if trial.host == "coordinator" else DEVICES[1],
+                   "broker": "broker"}[trial.victim]
+    if trial.victim == "edge" and trial.host == "edge":
+        victim_name = host_name
+    try:
+        t0 = time.monotonic()
+        for device in DEVICES:
+            prefix = "FEDMQ_EDGE_" if device == host_name else None
+            fleet.start_device(device, **({prefix + k: v for k, v in hook_env.items()} if prefix else {}))
+        fleet.start_coordinator(**({"FEDMQ_COORDINATOR_" + k: v for k, v in hook_env.items()}
+                                   if host_name == "coordinator" else {}))
+        assert fleet.coordinator is not None
+        if not _wait_file(pause, HOOK_WAIT_S, fleet):
+            res.failures.append("hook")
+            res.details.append(f"{trial.point} never reached in round {FAULT_ROUND} within {HOOK_WAIT_S:.0f} s")
+            return res
+        else:
+            held = time.monotonic()
+            if victim_name == "broker":
+                fleet.restart_broker(trial.mode)
+                pause.unlink()
+            elif victim_name == host_name:
+                fleet.stop(victim_name, trial.mode)
+                pause.unlink()
+                if victim_name == "coordinator":
+                    fleet.start_coordinator()
+                else:
+                    fleet.start_device(victim_name)
+            else:
+                fleet.stop(victim_name, trial.mode)
+                if victim_name == "coordinator":
+                    fleet.start_coordinator()
+                else:
+                    fleet.start_device(victim_name)
+                pause.unlink()
+            res.held_s = time.monotonic() - held
+            res.resumed_at = time.time()
+        assert fleet.coordinator is not None
+        finished = _wait_exit(fleet.coordinator, t0 + TRIAL_LIMIT_S)
+        res.wall_s = time.monotonic() - t0
+        if not finished:
+            res.failures.append("stuck")
+            res.details.append(f"coordinator not done after {TRIAL_LIMIT_S:.0f} s")
+        elif fleet.coordinator.returncode != 0:
+            res.failures.append("stuck")
+            res.details.append(f"coordinator exited with {fleet.coordinator.returncode}")
+        _settle(fleet)
+        exits = fleet.device_exits()
+        if exits:
+            res.failures.append("device_exit")
+            res.details.append(f"devices exited: {exits}")
+        _check(fleet, res, reference)
+    except Exception as exc:  # a broken trial is a failure of the trial, recorded, and the campaign goes on
+        res.failures.append("error")
+        res.details.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        fleet.close()
+    return res
+
+
+def _check(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
+    try:
+        rounds = fleet.rounds()
+    except sqlite3.Error as exc:
+        res.failures.append("rounds")
+        res.details.append(f"no database: {exc}")
+        return
+    res.accepted = [r["accepted"] for r in rounds]
+    if [r["round"] for r in rounds] != list(range(1, ROUNDS + 1)):
+        res.failures.append("rounds")
+        res.details.append(f"rounds recorded: {[r['round'] for r in rounds]}")
+    if any(r["state"] != "closed" for r in rounds):
+        res.failures.append("round_failed")
+        res.details.append(f"round states: {[(r['round'], r['state']) for r in rounds]}")
+    aggregated = fleet.aggregated()
+    ledgers = fleet.ledgers()
+    known = set()
+    for device, entries in ledgers.items():
+        for e in entries:
+            key = (device, e["transfer_id"])
+            known.add(key)
+            if e["state"] == "rolled_back" and key in aggregated:
+                res.failures.append("double")
+                res.details.append(f"{device} round {e['round']} {e['transfer_id'][:8]}: aggregated and rolled "
+                                   f"back ({e['reason']})")
+            elif e["state"] == "accepted" and key not in aggregated:
+                res.failures.append("lost")
+                res.details.append(f"{device} round {e['round']} {e['transfer_id'][:8]}: accepted, not aggregated")
+            elif e["state"] == "sent":
+                res.failures.append("unsettled")
+                res.details.append(f"{device} round {e['round']} {e['transfer_id'][:8]}: still in flight")
+    for key in sorted(aggregated - known):
+        res.failures.append("unknown")
+        res.details.append(f"{key[0]} {key[1][:8]}: aggregated, in no ledger")
+    model = fleet.final_model()
+    acc = rounds[-1]["test_accuracy"] if rounds else None
+    res.accuracy = acc
+    full = len(rounds) == ROUNDS and all(r["accepted"] == len(DEVICES) for r in rounds)
+    if full:
+        if model is None or not np.array_equal(model, ref.model):
+            res.failures.append("model")
+            diff = float(np.max(np.abs(model - ref.model))) if model is not None else float("nan")
+            res.details.append(f"final model differs from the reference (max |diff| {diff:.3g})")
+    elif acc is None or ref.accuracy is None or acc < ref.accuracy - ACCURACY_TOLERANCE:
+        res.failures.append("accuracy")
+        res.details.append(f"test accuracy {acc} against {ref.accuracy} (accepted per round {res.accepted})")
+    after = [r["closed"] for r in rounds if res.resumed_at and r["closed"] >= res.resumed_at]
+    res.stall_s = max(0.0, min(after) - res.resumed_at - ref.round_s) if after else float(TRIAL_LIMIT_S)
+    if res.stall_s > STALL_BOUND_S:
+        res.failures.append("stall")
+        res.details.append(f"the fault cost {res.stall_s:.1f} s")
+    res.failures = sorted(set(res.failures))
+
+
+# --------------------------------------------------------------------------- campaign
+
+def campaign(trials: list[Trial], work: Path, *, repeats: int = 1, log: Any = None) -> tuple[Reference,
+                                                                                            list[TrialResult]]:
+    """Run the reference, then each trial ``repeats`` times, in folders under ``work``."""
+    ref = reference_run(work / "reference")
+    results = []
+    for i, trial in enumerate(trials):
+        for k in range(repeats):
+            folder = work / f"t{i:03d}-{k}"
+            res = run_trial(trial, folder, ref)
+            results.append(res)
+            if log is not None:
+                log(f"[faults] {trial.name}: {'ok' if not res.failures else ','.join(res.failures)} "
+                    f"({res.wall_s:.0f} s, stall {res.stall_s:.1f} s) {'; '.join(res.details)}")
+    return ref, results
+
+
+def table_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
+    """One row per (step, victim): trials, failures, and the failure kinds seen."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for res in results:
+        key = (res.trial.step, res.trial.victim)
+        row = rows.setdefault(key, {"step": key[0], "process": key[1], "trials": 0, "failures": 0,
+                                    "kinds": Counter()})
+        row["trials"] += 1
+        if res.failures:
+            row["failures"] += 1
+            row["kinds"].update(res.failures)
+    out = []
+    for row in rows.values():
+        row["kinds"] = ", ".join(f"{k} {n}" for k, n in sorted(row["kinds"].items()))
+        out.append(row)
+    return out
+
+
+def format_table(results: list[TrialResult]) -> str:
+    """The campaign's table: step x process x trials x failures (and which invariants broke)."""
+    lines = [f"{'step':24s} {'process':12s} {'trials':>6s} {'failures':>8s}  invariants broken"]
+    for row in table_rows(results):
+        lines.append(f"{row['step']:24s} {row['process']:12s} {row['trials']:6d} {row['failures']:8d}  "
+                     f"{row['kinds']}")
+    total = sum(1 for r in results if r.failures)
+    lines.append(f"{'total':24s} {'':12s} {len(results):6d} {total:8d}")
+    return "\n".join(lines)
+
+
+def stall_figures(results: list[TrialResult]) -> dict[str, float | None]:
+    """Median and max stall seconds of the broker-restart trials."""
+    stalls = [r.stall_s for r in results if r.trial.victim == "broker" and "error" not in r.failures]
+    return {"broker_stall_median_s": round(statistics.median(stalls), 2) if stalls else None,
+            "broker_stall_max_s": round(max(stalls), 2) if stalls else None}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The campaign: every step x victim x mode once (quick: SIGKILL only).
+
+    Environment: ``FEDMQ_FAULTS_MODES`` (``kill``, ``term`` or both, comma-separated),
+    ``FEDMQ_FAULTS_ONLY`` (comma-separated parts of trial names, e.g. ``broker,training /``),
+    ``FEDMQ_FAULTS_NO_FLOODS`` (skip the junk floods)."""
+    from benchmarks.harness import main_log
+
+    work = Path(os.environ.get("FEDMQ_BENCH_OUT", ".")) / "faults"
+    modes = [m.strip() for m in os.environ.get("FEDMQ_FAULTS_MODES", "kill" if quick else "kill,term").split(",")]
+    trials = [t for t in all_trials() if t.mode in modes]
+    only = os.environ.get("FEDMQ_FAULTS_ONLY")
+    if only:
+        trials = [t for t in trials if any(s.strip() and s.strip() in t.name for s in only.split(","))]
+    ref, results = campaign(trials, work, log=main_log) if trials else (None, [])
+    print(format_table(results), flush=True)
+    floods = {} if os.environ.get("FEDMQ_FAULTS_NO_FLOODS") else junk_floods(work / "floods")
+    rows = table_rows(results)
+    stalls = stall_figures(results)
+    return {
+        "tables": [
+            {"title": "Trials and failures per step and faulted process",
+             "columns": ["step", "process", "trials", "failures", "invariants broken"],
+             "rows": [[r["step"], r["process"], r["trials"], r["failures"], r["kinds"]] for r in rows]},
+            {"title": "Stall after a broker restart (seconds the fault cost)",
+             "columns": ["median s", "max s"], "rows": [[stalls["broker_stall_median_s"], stalls["broker_stall_max_s"]]]},
+            {"title": "Coordinator RSS under junk floods (MiB)",
+             "columns": ["flood", "before", "after", "growth"],
+             "rows": [[k, v["rss_before_mib"], v["rss_after_mib"], v["growth_mib"]] for k, v in floods.items()]},
+        ],
+        "reference": {"accuracy": ref.accuracy, "wall_s": round(ref.wall_s, 1), "round_s": round(ref.round_s, 2)}
+        if ref else None,
+        **stalls, "floods": floods,
+        "trials": [{"trial": r.trial.name, "failures": r.failures, "details": r.details, "wall_s": round(r.wall_s, 1),
+                    "held_s": round(r.held_s, 1), "stall_s": round(r.stall_s, 1), "accepted": r.accepted,
+                    "accuracy": r.accuracy} for r in results],
+        "notes": [f"{ROUNDS} rounds of {len(DEVICES)} devices, digits-mlp, deadline {DEADLINE_S:.0f} s; fault in round "
+                  f"{FAULT_ROUND}; stall bound {STALL_BOUND_S:.0f} s; accuracy tolerance {ACCURACY_TOLERANCE}"]}
+
+
+# --------------------------------------------------------------------------- junk floods
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _steady_rss(pid: int, quiet_s: float = 3.0, limit_s: float = 60.0) -> int:
+    """RSS once it has not grown by more than 1 MiB for ``quiet_s`` seconds."""
+    end = time.monotonic() + limit_s
+    last, since = _rss_bytes(pid), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.25)  # sampling another process's memory: nothing to wait on
+        now = _rss_bytes(pid)
+        if now > last + (1 << 20):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    return _rss_bytes(pid)
+
+
+def junk_floods(work: Path) -> dict[str, dict[str, float]]:
+    """Coordinator RSS (MiB) before and after each junk flood, each on a fresh coordinator
+    waiting for devices: 40 manifests announcing 32 MiB each from one device that sent a
+    valid status (no chunk follows); 2,000 made-up device ids announcing 512 KiB each;
+    5,000 statuses from made-up ids."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fedmq import topics
+    from fedmq.messages import Status
+    from fedmq.transport.wire import Manifest
+
+    def flood_40(pub: Any) -> None:
+        pub("status", topics.status("faults", "junk"), Status(device="junk", online=True, task="digits-mlp",
+                                                             spec_hash="x", samples=10, software="junk").to_bytes())
+        m = Manifest.build(b"\0" * 16, bytes(32 << 20), 256 << 10, inline=False)
+        for i in range(40):
+            body = Manifest(os.urandom(16), m.size, m.chunk_size, m.count, m.sha256, m.crcs).to_bytes()
+            pub("m", topics.blob_manifest(topics.update_base("faults", "junk", f"{i:032x}")), body)
+
+    def flood_ids(pub: Any) -> None:
+        m = Manifest.build(b"\0" * 16, bytes(512 << 10), 64 << 10, inline=False)
+        for i in range(2000):
+            body = Manifest(os.urandom(16), m.size, m.chunk_size, m.count, m.sha256, m.crcs).to_bytes()
+            pub("m", topics.blob_manifest(topics.update_base("faults", f"fake-{i}", f"{i:032x}")), body)
+
+    def flood_status(pub: Any) -> None:
+        for i in range(5000):
+            pub("status", topics.status("faults", f"fake-{i}"),
+                Status(device=f"fake-{i}", online=True, task="digits-mlp", spec_hash="x", samples=10,
+                       software="junk" * 50).to_bytes())
+
+    out = {}
+    for name, flood in (("40 x 32 MiB manifests", flood_40), ("2,000 ids x 512 KiB", flood_ids),
+                        ("5,000 statuses", flood_status)):
+        fleet = Fleet(work / name.split()[0].replace(",", ""),
+                      coordinator_overrides={"round": {"wait_for_devices_s": 600.0}})
+        try:
+            fleet.start_coordinator()
+            assert fleet.coordinator is not None
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="junk", protocol=mqtt.MQTTv5)
+            pointer = threading.Event()
+            client.on_message = lambda c, u, msg: pointer.set()
+            client.connect(fleet.broker.host, fleet.broker.port)
+            client.loop_start()
+            try:
+                # The initial model is published once the coordinator has subscribed.
+                client.subscribe(topics.model_latest("faults"), qos=1)
+                if not pointer.wait(240):
+                    raise RuntimeError(f"no model published; see {fleet.work}/coordinator.log")
+                before = _steady_rss(fleet.coordinator.pid)
+
+                def pub(kind: str, topic: str, payload: bytes) -> None:
+                    client.publish(topic, payload, qos=1, retain=kind == "status").wait_for_publish(10)
+
+                flood(pub)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            after = _steady_rss(fleet.coordinator.pid)
+            out[name] = {"rss_before_mib": round(before / 2**20, 1), "rss_after_mib": round(after / 2**20, 1),
+                         "growth_mib": round((after - before) / 2**20, 1)}
+        finally:
+            fleet.close()
+    return out
