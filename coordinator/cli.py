@@ -17,7 +17,8 @@ from typing import Any
 import typer
 
 from coordinator.config import CoordinatorConfig, load_config
-from coordinator.service import Coordinator, Progress
+from coordinator.buffered import make_coordinator
+from coordinator.service import Progress
 from coordinator.state import StateDB, load_checkpoint
 from fedmq.atomic import atomic_write_bytes
 from fedmq.errors import FedmqError
@@ -105,7 +106,7 @@ def run(config: Path = CONFIG_OPT,
         logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                             format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
     try:
-        coord = Coordinator(cfg)
+        coord = make_coordinator(cfg)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

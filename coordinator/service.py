@@ -375,7 +375,16 @@ class Coordinator:
         except WireError as exc:
             log.warning("status of %s ignored: %s", device, exc)
             return
-        self.registry.on_status(device, status)
+        dev = self.registry.on_status(device, status)
+        if dev is not None and not dev.online:
+            self._went_offline(device)
+
+    def _went_offline(self, device: str) -> None:
+        """A device's offline status (its last will, or a clean leave) arrived: a selected
+        device that has not answered is counted as dropped at once, not at the deadline."""
+        engine = self.engine
+        if engine is not None and engine.drop(device):
+            log.info("round %d: %s went offline before answering: dropped", engine.round, device)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""
