@@ -99,7 +99,7 @@ class BufferedCoordinator(Coordinator):
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
                 max_update_bytes=cfg.limits.max_update_bytes, buffer_size=cfg.async_.buffer_size,
                 staleness=cfg.async_.staleness(), norm_bound=cfg.limits.norm_bound, aggregator=cfg.aggregation.rule,
-                step=step, version=version)
+                step=step, version=version, started=time.time())
             self._restore_answers(engine, step)
             self._replay_journal(engine, step)
             self.link.connect()

@@ -173,6 +173,10 @@ class EdgeAgent:
         self._last_send = 0.0
         self._connects_seen = 0
         self._pending: Task | None = None
+        #: Called on the training worker after local training with (task, result); the fleet
+        #: simulator (fleet/fleet.py) uses it for a device's compute speed and for dropout
+        #: mid-training. None on real devices.
+        self.pace: Callable[[Task, LocalResult], None] | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -411,6 +415,13 @@ class EdgeAgent:
         self.state.cache_model(version, blob.data)
         return True
 
+    def _train(self, task: Task, cap: float) -> LocalResult:
+        result = train_for_task(self.model, self.x, self.y, task, seed=self.cfg.seed, max_seconds=cap,
+                                x_val=self.x_val, y_val=self.y_val)
+        if self.pace is not None:
+            self.pace(task, result)
+        return result
+
     def _run_round(self, task: Task, stop: threading.Event) -> None:
         cfg = self.cfg
         if task.spec_hash != self.spec.hash:
@@ -435,10 +446,7 @@ class EdgeAgent:
         plan = task.plan
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
-        result: LocalResult | None = self._in_worker(
-            lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                   x_val=self.x_val, y_val=self.y_val),
-            2 * cap + 60.0, stop)
+        result: LocalResult | None = self._in_worker(lambda: self._train(task, cap), 2 * cap + 60.0, stop)
         if result is None:
             return
         self.counters["rounds_trained"] += 1

@@ -114,6 +114,7 @@ class BufferedEngine:
         aggregator: aggregation rule of the buffer (:func:`fedmq.fl.aggregation.make_aggregator`).
         step: server steps done so far (a resumed coordinator's last step).
         version: the global model version now.
+        started: when the first buffer started filling (seconds since the epoch; recorded).
 
     Raises:
         ConfigError: unknown aggregation rule, ``buffer_size`` < 1.
@@ -122,7 +123,7 @@ class BufferedEngine:
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, buffer_size: int, staleness: StalenessPolicy = StalenessPolicy(),
                  norm_bound: float | None = None, aggregator: str = "weighted-mean", step: int = 0,
-                 version: int = 0) -> None:
+                 version: int = 0, started: float = 0.0) -> None:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         self.federation = federation
@@ -138,7 +139,7 @@ class BufferedEngine:
         self.version = version
         self._answers: OrderedDict[tuple[str, str], tuple[str, str, int]] = OrderedDict()
         self._rounds_sent: dict[str, tuple[int, str]] = {}   # device -> (task round, transfer) of its last answer
-        self._start_buffer(0.0)
+        self._start_buffer(started)
 
     def _start_buffer(self, started: float) -> None:
         self.aggregate: Aggregator = make_aggregator(self.aggregator_name, self.spec.size)
