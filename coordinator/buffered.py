@@ -48,7 +48,7 @@ from fedmq.atomic import atomic_write_bytes
 from fedmq.envelope import encode_update
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundRecord
-from fedmq.messages import Task
+from fedmq.messages import RoundAnnouncement, Task
 from fedmq.transport import Link
 from fedmq.transport.flows import request_repairs
 from fedmq.transport.receiver import BlobReceiver
@@ -84,6 +84,9 @@ class BufferedCoordinator(Coordinator):
         self.answered: dict[str, int] = {}
         self._journal_seq = 0
         self._dispatches = 0
+        self._vector = np.zeros(0, dtype=np.float32)
+        self._records: list[RoundRecord] = []
+        self._notify: Callable[[Progress], None] = lambda _p: None
 
     # -- run -----------------------------------------------------------------------------
 
@@ -99,7 +102,8 @@ class BufferedCoordinator(Coordinator):
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
                 max_update_bytes=cfg.limits.max_update_bytes, buffer_size=cfg.async_.buffer_size,
                 staleness=cfg.async_.staleness(), norm_bound=cfg.limits.norm_bound, aggregator=cfg.aggregation.rule,
-                step=step, version=version, started=time.time())
+                step=step, version=version, started=time.time(), max_steps=cfg.rounds)
+            self._vector, self._records, self._notify = vector, records, notify
             self._restore_answers(engine, step)
             self._replay_journal(engine, step)
             self.link.connect()
@@ -111,11 +115,8 @@ class BufferedCoordinator(Coordinator):
             log.info("async mode: step %d, model version %d, buffer %d/%d after replay", step, version,
                      len(engine.buffer), engine.buffer_size)
             while engine.step < cfg.rounds and not self.stopping:
-                if engine.ready:
-                    rec = self._step(engine, vector)
-                    records.append(rec)
-                    notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,
-                                    sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
+                if engine.ready:  # a journal replayed full (killed between its last update and the step)
+                    self._step(engine)
                     continue
                 self._expire_leases()
                 self._dispatch(engine)
@@ -126,6 +127,11 @@ class BufferedCoordinator(Coordinator):
                     self.link.publish(topics.task(self.fed, device), b"", retain=True)
                 self.busy.clear()
                 self.db.set_inflight([])
+                # Acknowledged in order: once this is, every receipt before it left too
+                # (closing the link drops what paho still queues).
+                self.link.publish_wait(topics.round_announcement(self.fed),
+                                       RoundAnnouncement(engine.step, engine.version, 0.0, "closed").to_bytes(),
+                                       retain=True)
             return RunResult(records, self._module_of(vector), vector, engine.version,
                              stopped=engine.step < cfg.rounds)
         finally:
@@ -230,6 +236,10 @@ class BufferedCoordinator(Coordinator):
             if device in self.registry.devices:
                 self.registry.devices[device].rounds += 1
             self._receipt(device, outcome.round, transfer, "accepted", "")
+            if engine.ready:
+                # At once: the buffer holds exactly buffer_size updates, and an update queued
+                # behind this one goes into the next buffer.
+                self._step(engine)
         else:
             assert isinstance(outcome, Rejected)
             log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
@@ -245,8 +255,9 @@ class BufferedCoordinator(Coordinator):
 
     # -- the server step -----------------------------------------------------------------
 
-    def _step(self, engine: BufferedEngine, vector: np.ndarray) -> RoundRecord:
+    def _step(self, engine: BufferedEngine) -> RoundRecord:
         cfg = self.config
+        vector = self._vector
         assert self.db is not None
         closed = engine.flush(time.time())
         rec = closed.record
@@ -267,4 +278,7 @@ class BufferedCoordinator(Coordinator):
         log.info("step %d: %d updates (mean staleness %.2f), rejected %s, test accuracy %s, %.1f s", rec.round,
                  rec.accepted, rec.device_metrics.get("staleness", float("nan")), rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
+        self._records.append(rec)
+        self._notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,
+                              sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
         return rec

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -494,10 +494,19 @@ class Fleet:
                 lambda: sum(s.get("connected", 0) for s in self.latest.values()) >= n
                 or any(p.poll() is not None for p in self.procs), timeout) and self.connected() >= n
 
-    def totals(self) -> dict[str, Any]:
-        """Sums over the workers' last reports: connected, dropouts, counters, rss/pss (KiB), cpu_s."""
+    def wait_totals(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> bool:
+        """Wait until ``predicate(self.totals())`` holds at a worker report (True), or
+        ``timeout`` seconds pass (False)."""
         with self._cond:
-            reports = list(self.latest.values())
+            return self._cond.wait_for(lambda: predicate(self._totals()), timeout)
+
+    def totals(self) -> dict[str, Any]:
+        with self._cond:
+            return self._totals()
+
+    def _totals(self) -> dict[str, Any]:
+        """Sums over the workers' last reports: connected, dropouts, counters, rss/pss (KiB), cpu_s."""
+        reports = list(self.latest.values())
         out: dict[str, Any] = {"workers": len(reports), "connected": 0, "dropouts": 0, "rss": 0, "pss": 0,
                                "cpu_s": 0.0, "counters": {}}
         for r in reports:

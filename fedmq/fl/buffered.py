@@ -20,6 +20,7 @@ rejected with reason ``stale``: its receipt makes the device put it back into it
 (error feedback keeps what it learned for its next update).
 
 Checks of :meth:`BufferedEngine.offer`, in order (the first that fails is the reason):
+``finished`` (the last server step, ``max_steps``, is done: the update can count nowhere),
 ``oversized``, ``spec_mismatch``, ``malformed``, ``device_mismatch``, ``unknown_device``,
 ``wrong_base_version`` (trained from a version newer than the global model),
 ``duplicate`` (a second, different update of the device for the same task round),
@@ -52,7 +53,7 @@ from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, ParticipationRecord,
 from fedmq.fl.rounds import check_payload
 from fedmq.params import ParamSpec
 
-REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "wrong_base_version",
+REASONS = ("finished", "oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "wrong_base_version",
            "duplicate", "stale", "non_finite", "norm_bound")
 
 #: Transfers whose answer is remembered to answer resends (oldest forgotten first).
@@ -115,6 +116,7 @@ class BufferedEngine:
         step: server steps done so far (a resumed coordinator's last step).
         version: the global model version now.
         started: when the first buffer started filling (seconds since the epoch; recorded).
+        max_steps: the last server step; later updates are rejected as ``finished`` (None: no end).
 
     Raises:
         ConfigError: unknown aggregation rule, ``buffer_size`` < 1.
@@ -123,7 +125,7 @@ class BufferedEngine:
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, buffer_size: int, staleness: StalenessPolicy = StalenessPolicy(),
                  norm_bound: float | None = None, aggregator: str = "weighted-mean", step: int = 0,
-                 version: int = 0, started: float = 0.0) -> None:
+                 version: int = 0, started: float = 0.0, max_steps: int | None = None) -> None:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         self.federation = federation
@@ -137,6 +139,7 @@ class BufferedEngine:
         self.aggregator_name = aggregator
         self.step = step
         self.version = version
+        self.max_steps = max_steps
         self._answers: OrderedDict[tuple[str, str], tuple[str, str, int]] = OrderedDict()
         self._rounds_sent: dict[str, tuple[int, str]] = {}   # device -> (task round, transfer) of its last answer
         self._start_buffer(started)
@@ -224,6 +227,8 @@ class BufferedEngine:
         previous = self._answers.get((topic_device, transfer_id))
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return Rejected("finished", f"the last server step ({self.max_steps}) is done")
         if len(data) > self.max_update_bytes:
             return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
         try:
