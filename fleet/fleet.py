@@ -97,6 +97,8 @@ class FleetSpec(BaseModel):
         stats_interval_s: seconds between two statistics lines of a worker.
         edge: extra edge options for every device (docs/edge-client.md), e.g.
             ``{"receipt_timeout": 10}``.
+        credentials_dir: None (anonymous), or a folder with ``<device id>/username`` and
+            ``<device id>/password`` for each device (its broker account).
         heterogeneity: :class:`Heterogeneity`.
     """
 
@@ -115,6 +117,7 @@ class FleetSpec(BaseModel):
     connect_spread_s: float | None = Field(None, ge=0)
     stats_interval_s: float = Field(2.0, gt=0)
     edge: dict[str, Any] = Field(default_factory=dict)
+    credentials_dir: Path | None = None
     heterogeneity: Heterogeneity = Heterogeneity()
 
     def device_id(self, index: int) -> str:
@@ -304,6 +307,9 @@ class VirtualDevice:
         folder = spec.work_dir / "devices" / profile.device
         options = dict(receipt_timeout=15.0, receipt_grace=10.0, keepalive=30, fetch_timeout=60.0)
         options.update(spec.edge)
+        if spec.credentials_dir is not None:
+            options.update(username_file=spec.credentials_dir / profile.device / "username",
+                           password_file=spec.credentials_dir / profile.device / "password")
         self.cfg = EdgeConfig(broker_url=spec.broker_url, device_id=profile.device, federation=spec.federation,
                               task=spec.task, data=folder / "data.npz", state_dir=folder / "state",
                               seed=profile.index, torch_threads=1, **options)
