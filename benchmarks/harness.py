@@ -78,6 +78,7 @@ SUITES: tuple[Suite, ...] = (
     Suite("device", "benchmarks.device", "Device cost"),
     Suite("broker", "benchmarks.learning", "Through the real broker: `fedmq demo` against the in-process simulation",
           entry="broker_run", smoke=None),
+    Suite("scale", "benchmarks.scale", "Scale: virtual fleets against one mosquitto; sync vs buffered async"),
 )
 
 

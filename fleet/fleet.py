@@ -348,7 +348,11 @@ class VirtualDevice:
             # the agent's loop has ended.
             self.returned.wait()
             return
-        self.log.trainings.append((task.round, max(seconds, result.seconds), False))
+        spent = max(seconds, result.seconds)
+        self.log.trainings.append((task.round, spent, False))
+        # Reported with the update (envelope metrics), so the coordinator's records say how
+        # much device time each accepted update cost.
+        result.metrics["device_seconds"] = spent
         self.session.wait(max(0.0, seconds - result.seconds))
 
     def run(self) -> None:
