@@ -27,6 +27,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Many virtual devices (the real edge agent) against a real broker.")
 
 
+@app.callback()
+def _group() -> None:
+    """Many virtual devices (the real edge agent) against a real broker (docs/scale.md)."""
+
+
 @app.command()
 def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML file (docs/scale.md)."),
         broker: str = typer.Option(None, "--broker", help="Broker URL (overrides broker_url)."),

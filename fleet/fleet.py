@@ -56,6 +56,8 @@ from fedmq.settings_file import read_toml
 log = logging.getLogger("fedmq.fleet")
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a virtual device waits for its broker's CONNACK before it retries.
+CONNECT_TIMEOUT_S = 120.0
 _STARTED = time.monotonic()
 
 
@@ -93,7 +95,7 @@ class FleetSpec(BaseModel):
         seed: seed of every draw. prefix: device ids are ``<prefix>-<index>``.
         work_dir: folder of the devices' data and state, worker logs and results.
         connect_spread_s: devices start spread uniformly over this many seconds (None:
-            ``devices / 250``), so the broker is not hit by a connect storm.
+            ``devices / 100``), so the broker is not hit by a connect storm.
         stats_interval_s: seconds between two statistics lines of a worker.
         edge: extra edge options for every device (docs/edge-client.md), e.g.
             ``{"receipt_timeout": 10}``.
@@ -125,7 +127,7 @@ class FleetSpec(BaseModel):
 
     @property
     def spread_s(self) -> float:
-        return self.devices / 250.0 if self.connect_spread_s is None else self.connect_spread_s
+        return self.devices / 100.0 if self.connect_spread_s is None else self.connect_spread_s
 
 
 def load_fleet_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> FleetSpec:
@@ -175,8 +177,8 @@ def availability(spec: FleetSpec, index: int) -> Iterator[tuple[bool, float]]:
     h = spec.heterogeneity
     rng = np.random.default_rng([int(spec.seed), 2, index])
     if h.online_fraction >= 1.0:
-        yield True, math.inf
-        return
+        while True:  # online again after a dropout or a failed connect
+            yield True, math.inf
     online = bool(rng.random() < h.online_fraction)
     first = True
     while True:
@@ -327,7 +329,10 @@ class VirtualDevice:
         from fedmq.transport import open_link
         from fleet.netsim import ShapedLink
 
-        return ShapedLink(open_link(broker_settings(self.cfg), client_id=self.cfg.device_id),
+        # A loaded host takes seconds to answer hundreds of CONNECTs; the agent's default
+        # (10 s) would fail them and a retry storm would follow.
+        settings = broker_settings(self.cfg).with_(connect_timeout=CONNECT_TIMEOUT_S)
+        return ShapedLink(open_link(settings, client_id=self.cfg.device_id),
                           bandwidth=self.profile.bandwidth, latency_s=self.profile.latency_s, stop=self.session)
 
     @property
@@ -380,7 +385,7 @@ class VirtualDevice:
                 self.log.connect_failures += 1
                 log.warning("%s: %s", self.profile.device, exc)
                 self.agent.link.close()
-                self.stop.wait(1.0 + 4.0 * np.random.default_rng().random())  # jittered retry
+                self.stop.wait(1.0 + 9.0 * np.random.default_rng().random())  # jittered retry
             finally:
                 self.returned.set()
             if self._offline_after_drop > 0:
