@@ -437,8 +437,9 @@ def worker_main(spec_path: str, index: int) -> int:
         print(json.dumps(stats()), flush=True)
     for d in devices:
         d.session.set()
+    end = time.monotonic() + 20.0
     for t in threads:
-        t.join(timeout=10.0)
+        t.join(timeout=max(0.0, end - time.monotonic()))
     atomic_write_text(spec.work_dir / f"worker-{index}.json",
                       json.dumps({"stats": stats(True), "devices": [d.results() for d in devices]}))
     print(json.dumps(stats(True)), flush=True)
