@@ -148,7 +148,9 @@ class BufferedCoordinator(Coordinator):
         for s in range(max(1, step - _ANSWER_STEPS + 1), step + 1):
             for p in self.db.participations(s):
                 if p.transfer_id:
-                    engine.remember(p.device, p.transfer_id, p.status, p.reason, s)
+                    # The receipt names the task's round (the device matches it), not the step.
+                    engine.remember(p.device, p.transfer_id, p.status, p.reason,
+                                    int(p.metrics.get("task_round", s)))
 
     def _replay_journal(self, engine: BufferedEngine, step: int) -> None:
         """Put the updates accepted into the buffer of step ``step + 1`` back (same order);

@@ -31,8 +31,9 @@ was flushed.
 
 Each flush produces a :class:`fedmq.fl.rounds.RoundRecord` (``round`` = the server step,
 ``target`` = ``K``), so the coordinator's database, reports and checkpoints are the same
-as in synchronous mode. Accepted participations carry the metric ``staleness``; the
-record's ``device_metrics`` its sample-weighted mean.
+as in synchronous mode. Participations carry the metric ``task_round`` (the round the
+update's task named, which its receipt names too) and accepted ones ``staleness``; the
+record's ``device_metrics`` has their sample-weighted means.
 
 The engine is pure (no clock, broker or files) and owned by one thread.
 """
@@ -199,7 +200,7 @@ class BufferedEngine:
             self.buffer.append(Buffered(device, transfer_id, upd.round, upd.samples, stale, weight))
             self.samples += upd.samples
             self.discounted += weight
-            metrics = dict(upd.metrics, staleness=float(stale))
+            metrics = dict(upd.metrics, staleness=float(stale), task_round=float(upd.round))
             for key, value in metrics.items():
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + upd.samples * value
             self.parts.append(ParticipationRecord(device, transfer_id, "accepted", "", upd.samples, wire, metrics))
@@ -208,8 +209,9 @@ class BufferedEngine:
         assert isinstance(outcome, Rejected)
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         samples = outcome.update.samples if outcome.update is not None else 0
-        self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire))
         round_ = outcome.round if outcome.round >= 0 else self.step + 1
+        self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire,
+                                              {"task_round": float(round_)}))
         self._remember(device, transfer_id, ("rejected", outcome.reason, round_))
         return Rejected(outcome.reason, outcome.detail, outcome.update, round_)
 

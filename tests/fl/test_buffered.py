@@ -56,6 +56,8 @@ def test_buffer_steps_with_staleness_discounted_sample_weighted_mean():
     assert (rec.round, rec.base_version, rec.model_version, rec.accepted, rec.target) == (6, 5, 6, 3, 3)
     assert rec.device_metrics["staleness"] == pytest.approx((10 * 0 + 20 * 1 + 40 * 3) / 70)
     assert eng.version == 6 and not eng.buffer and not eng.ready
+    # the receipt of a resend after a restart must name the task's round, which the record keeps
+    assert sorted(p.metrics["task_round"] for p in rec.participations) == [3.0, 4.0, 6.0]
 
 
 def test_update_staler_than_the_maximum_is_rejected_as_stale_not_at_the_maximum():
