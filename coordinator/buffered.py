@@ -14,8 +14,9 @@ The loop:
 * **answers**: every update is judged by the engine at once and answered with a receipt:
   ``accepted`` (in the buffer, weighted by staleness) or ``rejected`` (``stale`` above
   ``max_staleness``, or a reason of the synchronous checks); nothing is rejected for
-  arriving late. A device is free again once answered, when its lease runs out, or when it
-  goes offline (its last will);
+  arriving late. A device is free again once answered or 60 s after its lease runs out
+  (going offline does not free it: it may come back and resend); after a restart the devices that held a task stay
+  busy for a new lease (they resend what the killed coordinator did not answer);
 * **step**: once the buffer holds ``buffer_size`` updates the server optimizer steps,
   the coordinator evaluates, checkpoints, writes the step's record (one row of ``rounds``,
   ``round`` = step) and publishes the new global model version.
@@ -56,6 +57,10 @@ from fedmq.transport.receiver import BlobReceiver
 log = logging.getLogger("fedmq.coordinator")
 
 _POLL_S = 0.2
+#: Seconds after a task's lease before its device may be sent another task: by then the
+#: agent has had its receipt or rolled the update back itself (its receipt_grace, 30 s by
+#: default), so a newer task never makes it roll back an update still counted here.
+LEASE_GRACE_S = 60.0
 JOURNAL_DIR = "buffer"
 #: Steps whose participations are read back at start to answer resends.
 _ANSWER_STEPS = 8
@@ -215,12 +220,24 @@ class BufferedCoordinator(Coordinator):
     def _expire_leases(self) -> None:
         now = time.time()
         for device, (_, lease) in list(self.busy.items()):
-            if now > lease:
+            if now > lease + LEASE_GRACE_S:
                 del self.busy[device]
 
+    def _clear_inflight_tasks(self) -> None:
+        """After a restart the devices that held a task still train or resend for it: they
+        stay busy (a new lease) instead of being sent a newer task, which would make them
+        roll back an update this coordinator may still accept."""
+        assert self.db is not None
+        engine = self.engine
+        assert isinstance(engine, BufferedEngine)
+        lease = time.time() + self.config.async_.task_timeout_s
+        for device in self.db.inflight_devices():
+            if self.answered.get(device, -1) < engine.step + 1:
+                self.busy[device] = (engine.step + 1, lease)
+
     def _went_offline(self, device: str) -> None:
-        # Its update may still come (a resend after reconnecting) and is judged as usual.
-        self.busy.pop(device, None)
+        """An offline device keeps its task until its lease ends: it may come back and resend
+        its update, and a newer task would make it roll that update back first."""
 
     # -- answers -------------------------------------------------------------------------
 
