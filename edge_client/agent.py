@@ -212,6 +212,10 @@ class EdgeAgent:
         self._pending: Task | None = None
         self._tasks_seen: set[tuple[int, float]] = set()
         self._asked_after_deadline = False
+        #: Called on the training worker after local training with (task, result); the fleet
+        #: simulator (fleet/fleet.py) uses it for a device's compute speed and for dropout
+        #: mid-training. None on real devices.
+        self.pace: Callable[[Task, LocalResult], None] | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -610,6 +614,13 @@ class EdgeAgent:
         self.state.cache_model(version, blob.data)
         return True
 
+    def _train(self, task: Task, cap: float) -> LocalResult:
+        result = train_for_task(self.model, self.x, self.y, task, seed=self.cfg.seed, max_seconds=cap,
+                                x_val=self.x_val, y_val=self.y_val, task_def=self.task_def)
+        if self.pace is not None:
+            self.pace(task, result)
+        return result
+
     def _run_round(self, task: Task, stop: threading.Event) -> None:
         cfg = self.cfg
         if task.spec_hash != self.spec.hash:
@@ -642,10 +653,7 @@ class EdgeAgent:
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
         try:
-            result: LocalResult | None = self._in_worker(
-                lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                       x_val=self.x_val, y_val=self.y_val, task_def=self.task_def),
-                2 * cap + 60.0, stop)
+            result: LocalResult | None = self._in_worker(lambda: self._train(task, cap), 2 * cap + 60.0, stop)
         except FedmqError as exc:
             self._skip_bad_model(task, f"local training failed ({exc})")
             return
