@@ -26,6 +26,7 @@ from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimiz
 from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
+from fedmq.codecs import CodecConfig, codec_names
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.settings_file import read_toml
@@ -129,6 +130,47 @@ class PublishConfig(_Section):
     onnx: bool = True
 
 
+class DownlinkConfig(_Section):
+    """How the global model reaches devices (docs/coordinator.md, ``[downlink]``).
+
+    ``codec`` ``topk-int8`` publishes each version as a compressed delta with server-side
+    error feedback (:mod:`fedmq.fl.downlink`); ``none`` publishes every version as a full
+    safetensors blob. ``density``, ``block_size`` and ``dense_below`` are the downlink
+    codec's (:class:`fedmq.codecs.CodecConfig`). ``window``: versions whose deltas stay
+    retained. ``snapshot_every``: a full safetensors snapshot every this many versions
+    (at most ``window``, so the deltas after the newest snapshot are always retained).
+    """
+
+    codec: str = "topk-int8"
+    density: float = Field(0.01, gt=0.0, le=1.0)
+    block_size: int = Field(512, ge=1, le=2**32 - 1)
+    dense_below: int = Field(1024, ge=0)
+    window: int = Field(20, ge=1)
+    snapshot_every: int = Field(10, ge=1)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_known(cls, value: str) -> str:
+        if value not in codec_names():
+            raise ValueError(f"unknown codec {value!r}, expected one of {codec_names()}")
+        return value
+
+    @model_validator(mode="after")
+    def _snapshot_within_window(self) -> DownlinkConfig:
+        if self.snapshot_every > self.window:
+            raise ValueError(f"snapshot_every ({self.snapshot_every}) must be at most window ({self.window}): "
+                             f"the deltas after the newest snapshot must stay retained")
+        return self
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec != "none"
+
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig(name=self.codec, density=self.density, block_size=self.block_size,
+                           dense_below=self.dense_below)
+
+
 class CoordinatorConfig(_Section):
     """The whole coordinator configuration (see docs/coordinator.md).
 
@@ -151,6 +193,7 @@ class CoordinatorConfig(_Section):
     aggregation: AggregationConfig = AggregationConfig()
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
+    downlink: DownlinkConfig = DownlinkConfig()
 
     @field_validator("broker", mode="before")
     @classmethod

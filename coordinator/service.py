@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,6 +41,10 @@ from coordinator.state import Checkpoint, StateDB, load_checkpoint, save_checkpo
 from fedmq import topics
 from fedmq.data import load_npz, load_split
 from fedmq.errors import StateError, TransportError, WireError
+from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.atomic import atomic_write_bytes, atomic_write_text
+from fedmq.fl import downlink
+from fedmq.fl.downlink import params_sha256
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
@@ -49,9 +54,13 @@ from fedmq.tasks import evaluate, get_task
 from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
+from fedmq.transport.sender import BlobSender
 from fedmq.transport.wire import Manifest
 
 log = logging.getLogger("fedmq.coordinator")
+
+PAUSE_ENV = "FEDMQ_COORDINATOR_TEST_PAUSE_AT"
+PAUSE_FILE_ENV = "FEDMQ_COORDINATOR_TEST_PAUSE_FILE"
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
@@ -127,6 +136,13 @@ class Coordinator:
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
         self._model_bytes = 0
+        # Compressed downlink (fedmq.fl.downlink): the server residual, the params hash of the
+        # published model, the newest snapshot, and the hash of version 0 (devices build it).
+        self._residual: np.ndarray | None = None
+        self._published_sha = ""
+        self._snapshot: ChainEntry | None = None
+        self._origin_sha = params_sha256(flatten_params(self.model, self.spec))
+        self._pause_at = os.environ.get(PAUSE_ENV) or None
         self.link: Link = link if link is not None else open_link(config.broker,
                                                                    client_id=f"fedmq-coordinator-{self.fed}")
         self.engine: RoundEngine | None = None
@@ -197,7 +213,9 @@ class Coordinator:
         ckpt = load_checkpoint(state_dir)
         if ckpt is None:
             vector = flatten_params(self.model, self.spec)
-            save_checkpoint(state_dir, Checkpoint(0, 0, vector, {}, self._meta()))
+            if self.config.downlink.compressed:
+                self._residual = np.zeros(self.spec.size, dtype=np.float32)
+            save_checkpoint(state_dir, Checkpoint(0, 0, vector, {}, self._meta(), downlink_residual=self._residual))
             self.db.delete_rounds_after(0)
             round_done, version = 0, 0
         else:
@@ -212,6 +230,13 @@ class Coordinator:
                                  f"expected {self.spec.size}")
             self.optimizer.load_state_arrays(ckpt.optimizer_state, self.spec.size)
             vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
+            if self.config.downlink.compressed:
+                # A checkpoint of a dense downlink starts with a zero residual.
+                self._residual = (ckpt.downlink_residual.copy() if ckpt.downlink_residual is not None
+                                  else np.zeros(self.spec.size, dtype=np.float32))
+            elif ckpt.downlink_residual is not None and np.any(ckpt.downlink_residual):
+                # Switching the downlink off publishes the server model itself: nothing is lost.
+                vector = downlink.server_model(vector, ckpt.downlink_residual)
             if ckpt.record is not None:
                 # The checkpoint is written before the database: replay its record.
                 self.db.write_round(ckpt.record)
@@ -268,7 +293,7 @@ class Coordinator:
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
         for device in selected:
-            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
+            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
             self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
         self.link.publish(topics.round_announcement(self.fed),
                           RoundAnnouncement(r, version, deadline, "open").to_bytes(), retain=True)
@@ -291,14 +316,19 @@ class Coordinator:
         assert self.db is not None
         closed = engine.close(time.time())
         rec = closed.record
+        delta_blob: bytes | None = None
         if closed.model_delta is not None:
-            self.optimizer.step(vector, closed.model_delta)
+            if self._residual is None:
+                self.optimizer.step(vector, closed.model_delta)
+            else:
+                delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version)
             self._last_eval = self._evaluate(vector)
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
                       bytes_down=self._model_bytes * rec.participants)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._meta(), rec))
+                                                  self._meta(), rec, self._residual))
+        self._pause("publishing")
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
         for device in engine.selection:
@@ -308,7 +338,7 @@ class Coordinator:
                           RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes(),
                           retain=True)
         if closed.succeeded:
-            self._publish_model(vector, rec.model_version, rec.round)
+            self._publish_model(vector, rec.model_version, rec.round, delta_blob)
         log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.target, rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
@@ -416,20 +446,114 @@ class Coordinator:
         loss, acc = evaluate(self._module_of(vector), *self._eval_data, batch_size=self.config.evaluation.batch_size)
         return (float(loss), float(acc))
 
-    def _publish_model(self, vector: np.ndarray, version: int, round_: int) -> None:
-        """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear
-        versions older than the previous one (devices of the round just closed may still
-        be fetching the previous one)."""
+    def _pause(self, point: str) -> None:
+        """Test hook (``FEDMQ_COORDINATOR_TEST_PAUSE_AT``): block forever at ``point`` after
+        writing its name to ``FEDMQ_COORDINATOR_TEST_PAUSE_FILE``, so a test can kill -9 here."""
+        if self._pause_at != point:
+            return
+        pause_file = os.environ.get(PAUSE_FILE_ENV)
+        if pause_file:
+            atomic_write_text(pause_file, point)
+        log.warning("test hook: paused at %s (pid %d)", point, os.getpid())
+        threading.Event().wait()
+
+    def _step_compressed(self, vector: np.ndarray, model_delta: np.ndarray, version: int) -> bytes:
+        """Step the server model ``published + residual``, compress its distance to the
+        published model (fedmq.fl.downlink), move ``vector`` (the published model) in place and
+        keep the delta blob on disk before the checkpoint names the version (a restart
+        republishes it). Returns the blob's bytes."""
+        assert self._residual is not None
+        server = downlink.server_model(vector, self._residual)
+        self.optimizer.step(server, model_delta)
+        base_sha = params_sha256(vector)
+        step = downlink.compress_step(vector, server, self.spec, self.config.downlink.codec_config())
+        blob = DeltaBlob(self.config.downlink.codec, self.spec.hash, version - 1, version, base_sha,
+                         params_sha256(step.published), step.payload).to_bytes()
+        self._delta_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._delta_path(version), blob)
+        vector[:] = step.published
+        self._residual = step.residual
+        return blob
+
+    def _delta_dir(self) -> Path:
+        return self.config.state_dir / "downlink"
+
+    def _delta_path(self, version: int) -> Path:
+        return self._delta_dir() / f"delta-{version}.bin"
+
+    def _retained_deltas(self, version: int) -> dict[int, Path]:
+        """Delta files of the window ending at ``version``; removes the ones this coordinator
+        wrote that fell out of it or belong to a version the checkpoint never reached."""
+        out: dict[int, Path] = {}
+        folder = self._delta_dir()
+        if not folder.is_dir():
+            return out
+        low = version - self.config.downlink.window
+        for path in folder.glob("delta-*.bin"):
+            try:
+                v = int(path.name[len("delta-"):-len(".bin")])
+            except ValueError:
+                continue
+            if low < v <= version:
+                out[v] = path
+            else:
+                path.unlink(missing_ok=True)
+        return out
+
+    def _publish_model(self, vector: np.ndarray, version: int, round_: int, delta_blob: bytes | None = None) -> None:
+        """Publish ``version``. Dense downlink: retained blob + pointer, then clear versions
+        older than the previous one (devices of the round just closed may still be fetching
+        the previous one). Compressed downlink: the version's delta blob, a snapshot every
+        ``snapshot_every`` versions (and at start), the version chain. Then the ONNX export."""
+        self._published_sha = params_sha256(vector) if self._residual is not None else ""
+        if self._residual is None:
+            self._publish_snapshot(vector, version, round_)
+        else:
+            self._publish_chain(vector, version, round_, delta_blob)
+        if self.config.publish.onnx:
+            model = self._module_of(vector)
+            onnx = export_onnx(model, self.task)
+            self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
+                               version, round_, "onnx")
+
+    def _publish_snapshot(self, vector: np.ndarray, version: int, round_: int) -> None:
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
         self._model_bytes = len(blob)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
-        if self.config.publish.onnx:
-            onnx = export_onnx(model, self.task)
-            self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
-                               version, round_, "onnx")
+        if self._residual is not None:
+            self._snapshot = ChainEntry(version, len(blob), hashlib.sha256(blob).hexdigest(), params_sha256(vector))
+
+    def _publish_chain(self, vector: np.ndarray, version: int, round_: int, delta_blob: bytes | None) -> None:
+        """Deltas of the window (the new one, or at start all of them: the broker may have lost
+        retained messages), the snapshot when due, then the chain; deltas that left the window
+        are cleared from the broker."""
+        assert self.db is not None
+        cfg = self.config.downlink
+        files = self._retained_deltas(version)
+        fresh = {version: delta_blob} if delta_blob is not None else {v: p.read_bytes() for v, p in files.items()}
+        entries: list[ChainEntry] = []
+        for v in sorted(files):
+            data = fresh.get(v)
+            if data is None:
+                data = files[v].read_bytes()
+            else:
+                base = topics.model_delta(self.fed, v)
+                info = BlobSender(self.link).send(base, data, retain=True, timeout=120.0)
+                self.db.add_published("delta", v, base, info.count)
+            entries.append(ChainEntry(v, len(data), hashlib.sha256(data).hexdigest(), DeltaBlob.from_bytes(data).sha256))
+        if self._snapshot is None or delta_blob is None or version % cfg.snapshot_every == 0:
+            self._publish_snapshot(vector, version, round_)
+        assert self._snapshot is not None
+        chain = ModelChain(self.spec.hash, cfg.codec, self.config.seed, self._origin_sha, version,
+                           self._published_sha, self._snapshot, tuple(entries))
+        self.link.publish_wait(topics.model_chain(self.fed), chain.to_bytes(), retain=True, timeout=30.0)
+        for old_version, old_base, count in self.db.published("delta"):
+            if old_version not in files:
+                clear_blob(self.link, old_base, count)
+                self.db.remove_published("delta", old_version)
 
     def _publish_blob(self, kind: str, base: str, latest: str, blob: bytes, version: int, round_: int,
                       fmt: str) -> None:

@@ -68,6 +68,12 @@ class EdgeConfig(BaseModel):
             published again (same bytes, same transfer id).
         receipt_grace: seconds after the round's deadline to wait for a receipt before the
             update in flight is rolled back into the residual.
+        model_follow: with a compressed downlink, fetch each new global model version as it
+            is published (one small delta each) instead of when a task names it. Off by
+            default: catching up when selected never downloads more (the same deltas, or a
+            snapshot when that is smaller) and skips versions a device is never asked to use.
+        delta_fetch_timeout: seconds to wait for one retained delta blob before falling back
+            to the snapshot (a cleared or lost delta never arrives).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +99,9 @@ class EdgeConfig(BaseModel):
     fetch_timeout: float = Field(120.0, gt=0)
     receipt_timeout: float = Field(30.0, gt=0)
     receipt_grace: float = Field(30.0, ge=0)
+    # Compressed downlink (docs/edge-client.md, "Keeping up with the global model").
+    model_follow: bool = False
+    delta_fetch_timeout: float = Field(10.0, gt=0)
 
     @field_validator("device_id", "federation")
     @classmethod

@@ -214,7 +214,9 @@ _PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
 class Task(_Message):
     """Per-device task on ``fedmq/F/task/D`` (retained, QoS 1): train from global model
     ``model_version`` for ``round`` and send a client update before ``deadline``
-    (wall-clock seconds since the epoch)."""
+    (wall-clock seconds since the epoch). ``model_sha256`` (64 hex chars) is the SHA-256
+    of that version's float32 parameter vector when the downlink is compressed (the device
+    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise."""
 
     TYPE: ClassVar[str] = "task"
     federation: str
@@ -224,6 +226,7 @@ class Task(_Message):
     spec_hash: str
     deadline: float
     plan: TrainPlan = field(default_factory=TrainPlan)
+    model_sha256: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
@@ -241,7 +244,8 @@ class Task(_Message):
         return cls(federation=_get(o, "federation", str, w), device=_get(o, "device", str, w),
                    round=_nonneg(_get(o, "round", int, w), "round", w),
                    model_version=_nonneg(_get(o, "model_version", int, w), "model_version", w),
-                   spec_hash=_get(o, "spec_hash", str, w), deadline=_get(o, "deadline", float, w), plan=plan)
+                   spec_hash=_get(o, "spec_hash", str, w), deadline=_get(o, "deadline", float, w), plan=plan,
+                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""))
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")

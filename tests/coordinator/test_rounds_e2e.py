@@ -46,7 +46,9 @@ def config(broker, tmp_path: Path, fed: str, **round_opts):
     round_cfg.update(round_opts.pop("round", {}))
     data = {"federation": fed, "task": TASK, "rounds": 2, "seed": 3, "state_dir": str(tmp_path / f"state-{fed}"),
             "broker": {"url": broker.url, "protocol": broker.protocol}, "round": round_cfg,
-            "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False}}
+            "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False},
+            # Dense downlink: these tests compute the expected global model exactly.
+            "downlink": {"codec": "none"}}
     data.update(round_opts)
     return config_from_dict(data)
 
