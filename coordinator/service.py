@@ -54,6 +54,7 @@ from fedmq.tasks import evaluate, get_task
 from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
+from fedmq.transport.counting import LINK_BYTES_IN, CountingLink
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.wire import Manifest
 
@@ -135,7 +136,6 @@ class Coordinator:
         self._stop = threading.Event()
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
-        self._model_bytes = 0
         # Compressed downlink (fedmq.fl.downlink): the server residual, the params hash of the
         # published model, the newest snapshot, and the hash of version 0 (devices build it).
         self._residual: np.ndarray | None = None
@@ -143,8 +143,8 @@ class Coordinator:
         self._snapshot: ChainEntry | None = None
         self._origin_sha = params_sha256(flatten_params(self.model, self.spec))
         self._pause_at = os.environ.get(PAUSE_ENV) or None
-        self.link: Link = link if link is not None else open_link(config.broker,
-                                                                   client_id=f"fedmq-coordinator-{self.fed}")
+        self.link = CountingLink(link if link is not None else open_link(config.broker,
+                                                                         client_id=f"fedmq-coordinator-{self.fed}"))
         self.engine: RoundEngine | None = None
         self.db: StateDB | None = None
 
@@ -324,7 +324,7 @@ class Coordinator:
                 delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version)
             self._last_eval = self._evaluate(vector)
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
-                      bytes_down=self._model_bytes * rec.participants)
+                      bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   self._meta(), rec, self._residual))
@@ -520,7 +520,6 @@ class Coordinator:
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
-        self._model_bytes = len(blob)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
         if self._residual is not None:

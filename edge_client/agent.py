@@ -39,6 +39,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -65,6 +66,7 @@ from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import get_task
 from fedmq.transport.flows import fetch_blob, fetch_model
 from fedmq.transport import Link, Message, Will, open_link
+from fedmq.transport.counting import LINK_BYTES_IN, LINK_BYTES_OUT, CountingLink
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.settings import BrokerSettings
 
@@ -170,7 +172,8 @@ class EdgeAgent:
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
         self.counters: Counter[str] = Counter()
-        self.link: Link = link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id)
+        self.link = CountingLink(link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id))
+        self._reported = self.link.traffic.snapshot()
         self.sender: BlobSender | None = None
         self._last_ping = 0.0
         self._last_send = 0.0
@@ -600,6 +603,12 @@ class EdgeAgent:
                 self.feedback.rollback(result.update)
             self.state.save_residual(self.feedback, task.round, task.deadline)
             return
+        # What this link carried since the last update, reported with this one (counting).
+        traffic = self.link.traffic.snapshot()
+        result = replace(result, metrics=dict(result.metrics, **{
+            LINK_BYTES_IN: float(traffic["bytes_in"] - self._reported["bytes_in"]),
+            LINK_BYTES_OUT: float(traffic["bytes_out"] - self._reported["bytes_out"])}))
+        self._reported = traffic
         packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id, spec=self.spec,
                                   feedback=self.feedback, seed=cfg.seed)
         data = packaged.data
