@@ -147,11 +147,12 @@ def status(config: Path = CONFIG_OPT) -> None:
                            str(r["accepted"]), ", ".join(f"{k}:{v}" for k, v in r["rejected"].items()) or "-",
                            _fmt(r["test_accuracy"]), f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{r['wall_s']:.1f}")
         console.print(rounds)
-        devices = Table("device", "online", "task", "spec", "samples", "rounds", "bytes sent", "last seen",
-                        title="devices")
+        devices = Table("device", "online", "task", "spec", "samples", "rounds", "bytes sent", "bytes received",
+                        "last seen", title="devices")
+        received = db.bytes_down_by_device()
         for d in db.devices():
             devices.add_row(d.device, "yes" if d.online else "no", d.task, d.spec_hash, str(d.samples), str(d.rounds),
-                            f"{d.bytes_up:,}", _fmt(d.last_seen))
+                            f"{d.bytes_up:,}", f"{received.get(d.device, 0):,}", _fmt(d.last_seen))
         console.print(devices)
     finally:
         db.close()

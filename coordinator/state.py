@@ -210,6 +210,12 @@ class StateDB:
                               software=row[5], last_seen=row[6], rounds=int(rounds or 0), bytes_up=int(sent or 0)))
         return out
 
+    def bytes_down_by_device(self) -> dict[str, int]:
+        """Device -> payload bytes the broker delivered to it, as it reported with its updates
+        (client-update metric ``link_bytes_in``, summed over its participations)."""
+        return {row[0]: int(row[1] or 0) for row in self.conn.execute(
+            "SELECT device, SUM(json_extract(metrics, '$.link_bytes_in')) FROM participations GROUP BY device")}
+
     def participations(self, round_: int) -> list[ParticipationRecord]:
         return [ParticipationRecord(device=r[0], transfer_id=r[1], status=r[2], reason=r[3] or "", samples=r[4] or 0,
                               bytes_up=r[5] or 0, metrics=json.loads(r[6] or "{}"))
