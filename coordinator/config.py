@@ -130,6 +130,17 @@ class PublishConfig(_Section):
     onnx: bool = True
 
 
+class ExportConfig(_Section):
+    """When the ONNX export is made and published (with ``publish.onnx`` on).
+
+    ``onnx_every``: every this many versions, plus the version a run starts from and the last
+    one it makes; 0: only those two. Exporting costs 0.6-0.7 s whatever the model size, so
+    exporting every version put most of a small model's round time on the critical path.
+    """
+
+    onnx_every: int = Field(10, ge=0)
+
+
 class DownlinkConfig(_Section):
     """How the global model reaches devices (docs/coordinator.md, ``[downlink]``).
 
@@ -194,6 +205,7 @@ class CoordinatorConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
     downlink: DownlinkConfig = DownlinkConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("broker", mode="before")
     @classmethod

@@ -140,6 +140,7 @@ class Coordinator:
         # published model, the newest snapshot, and the hash of version 0 (devices build it).
         self._residual: np.ndarray | None = None
         self._published_sha = ""
+        self._onnx_published = False
         self._snapshot: ChainEntry | None = None
         self._origin_sha = params_sha256(flatten_params(self.model, self.spec))
         self._pause_at = os.environ.get(PAUSE_ENV) or None
@@ -504,13 +505,17 @@ class Coordinator:
         """Publish ``version``. Dense downlink: retained blob + pointer, then clear versions
         older than the previous one (devices of the round just closed may still be fetching
         the previous one). Compressed downlink: the version's delta blob, a snapshot every
-        ``snapshot_every`` versions (and at start), the version chain. Then the ONNX export."""
+        ``snapshot_every`` versions (and at start), the version chain. Then the ONNX export when
+        due (``export.onnx_every``, the first version of a run and the last round's)."""
         self._published_sha = params_sha256(vector) if self._residual is not None else ""
         if self._residual is None:
             self._publish_snapshot(vector, version, round_)
         else:
             self._publish_chain(vector, version, round_, delta_blob)
-        if self.config.publish.onnx:
+        every = self.config.export.onnx_every
+        due = not self._onnx_published or round_ >= self.config.rounds or (every > 0 and version % every == 0)
+        if self.config.publish.onnx and due:
+            self._onnx_published = True
             model = self._module_of(vector)
             onnx = export_onnx(model, self.task)
             self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,

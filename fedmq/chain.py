@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+import numpy as np
 
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import codec_names
-from fedmq.errors import WireError
+from fedmq.errors import SpecMismatchError, WireError
+from fedmq.fl.downlink import apply_delta, params_sha256
 from fedmq.messages import _get, _nonneg, _unpack  # one strict msgpack reader for every control message
+from fedmq.params import ParamSpec
 
 DELTA_MAGIC = b"FMQD"
 DELTA_LAYOUT = 1
@@ -75,6 +78,26 @@ class DeltaBlob:
                 raise WireError(f"delta blob: {what} must be 64 lower-case hex chars, got {h[:80]!r}")
         if not (0 <= self.base_version < self.version <= _U63) or self.version != self.base_version + 1:
             raise WireError(f"delta blob: versions {self.base_version} -> {self.version}, expected V-1 -> V")
+
+    def apply(self, published: np.ndarray, spec: ParamSpec) -> np.ndarray:
+        """Version ``self.version``'s float32 ``(spec.size,)`` vector from version
+        ``base_version``'s (:func:`fedmq.fl.downlink.apply_delta`), both hashes verified.
+
+        Raises:
+            SpecMismatchError: another ParamSpec. WireError: ``published`` is not the base
+            version (SHA-256), or the result's SHA-256 differs. CodecError: bad payload.
+        """
+        if self.spec_hash != spec.hash:
+            raise SpecMismatchError(f"delta {self.version}: ParamSpec {self.spec_hash}, the model has {spec.hash}")
+        if params_sha256(published) != self.base_sha256:
+            raise WireError(f"delta {self.version}: base SHA-256 does not match the model held (not version "
+                            f"{self.base_version})")
+        out = apply_delta(published, self.codec, self.payload, spec)
+        got = params_sha256(out)
+        if got != self.sha256:
+            raise WireError(f"delta {self.version}: SHA-256 after applying is {got[:12]}, the blob says "
+                            f"{self.sha256[:12]}")
+        return out
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> DeltaBlob:
