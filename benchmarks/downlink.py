@@ -38,6 +38,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "compressed-fedavgm": ("topk-int8", {"server_optimizer": {"name": "fedavgm", "momentum": 0.5}}),
     "compressed-eta1.5": ("topk-int8", {"server_optimizer": {"name": "fedavg", "eta": 1.5}}),
     "compressed-down5": ("topk-int8", {"downlink": {"density": 0.05}}),
+    "compressed-warmup": ("topk-int8", {"warmup": {"rounds": 5, "start": 0.25}}),
+    "compressed-warmup-fedavgm": ("topk-int8", {"warmup": {"rounds": 5, "start": 0.25},
+                                                "server_optimizer": {"name": "fedavgm", "momentum": 0.5}}),
 }
 
 

@@ -27,6 +27,7 @@ from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
 from fedmq.codecs import CodecConfig, codec_names
+from fedmq.fl.downlink import warmup_density
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.settings_file import read_toml
@@ -141,6 +142,18 @@ class ExportConfig(_Section):
     onnx_every: int = Field(10, ge=0)
 
 
+class WarmupConfig(_Section):
+    """Density warm-up of both codecs (docs/coordinator.md, ``[warmup]``): for the first
+    ``rounds`` rounds the uplink plan's and the downlink's density go geometrically from
+    ``start`` down to their configured values (Lin et al. 2018, DGC). 0 rounds: off."""
+
+    rounds: int = Field(0, ge=0)
+    start: float = Field(0.25, gt=0.0, le=1.0)
+
+    def density(self, target: float, round_: int) -> float:
+        return warmup_density(target, round_, self.rounds, self.start)
+
+
 class DownlinkConfig(_Section):
     """How the global model reaches devices (docs/coordinator.md, ``[downlink]``).
 
@@ -206,6 +219,7 @@ class CoordinatorConfig(_Section):
     publish: PublishConfig = PublishConfig()
     downlink: DownlinkConfig = DownlinkConfig()
     export: ExportConfig = ExportConfig()
+    warmup: WarmupConfig = WarmupConfig()
 
     @field_validator("broker", mode="before")
     @classmethod

@@ -293,6 +293,8 @@ class Coordinator:
         self.db.set_inflight(selected)
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
+        if plan.codec != "none":
+            plan = replace(plan, density=cfg.warmup.density(plan.density, r))
         for device in selected:
             task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
             self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
@@ -322,7 +324,7 @@ class Coordinator:
             if self._residual is None:
                 self.optimizer.step(vector, closed.model_delta)
             else:
-                delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version)
+                delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version, rec.round)
             self._last_eval = self._evaluate(vector)
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
@@ -458,7 +460,7 @@ class Coordinator:
         log.warning("test hook: paused at %s (pid %d)", point, os.getpid())
         threading.Event().wait()
 
-    def _step_compressed(self, vector: np.ndarray, model_delta: np.ndarray, version: int) -> bytes:
+    def _step_compressed(self, vector: np.ndarray, model_delta: np.ndarray, version: int, round_: int) -> bytes:
         """Step the server model ``published + residual``, compress its distance to the
         published model (fedmq.fl.downlink), move ``vector`` (the published model) in place and
         keep the delta blob on disk before the checkpoint names the version (a restart
@@ -467,7 +469,9 @@ class Coordinator:
         server = downlink.server_model(vector, self._residual)
         self.optimizer.step(server, model_delta)
         base_sha = params_sha256(vector)
-        step = downlink.compress_step(vector, server, self.spec, self.config.downlink.codec_config())
+        codec = self.config.downlink.codec_config()
+        codec = replace(codec, density=self.config.warmup.density(codec.density, round_))
+        step = downlink.compress_step(vector, server, self.spec, codec)
         blob = DeltaBlob(self.config.downlink.codec, self.spec.hash, version - 1, version, base_sha,
                          params_sha256(step.published), step.payload).to_bytes()
         self._delta_dir().mkdir(parents=True, exist_ok=True)

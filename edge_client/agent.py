@@ -252,8 +252,11 @@ class EdgeAgent:
         link.connect()
         try:
             self._connects_seen = link.connects
-            link.subscribe([topics.model_chain(fed), topics.task(fed, dev), topics.receipt(fed, dev),
-                            topics.transfer_requests(fed, dev)], qos=1)
+            # A follower keeps the version chain subscribed; the others read it when a task
+            # needs it (each chain update is a few KB that a device not selected has no use for).
+            link.subscribe(([topics.model_chain(fed)] if cfg.model_follow else [])
+                           + [topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev)],
+                           qos=1)
             link.publish_wait(topics.status(fed, dev), self._status(True), retain=True)
             self.notifier.ready(f"online, last round {self.state.record.last_round}")
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
@@ -428,15 +431,24 @@ class EdgeAgent:
 
         Raises: TransferError when none comes within ``fetch_timeout`` seconds."""
         end = time.monotonic() + self.cfg.fetch_timeout
-        while self._chain is None or self._chain.latest < version:
-            if stop.is_set() or time.monotonic() >= end:
-                raise TransferError(f"no version chain naming version {version} within "
-                                    f"{self.cfg.fetch_timeout:.0f} s on {topics.model_chain(self.cfg.federation)}")
-            try:
-                msg = self.link.inbox.get(timeout=TICK)
-            except queue.Empty:
-                continue
-            self._handle(msg)
+        topic = topics.model_chain(self.cfg.federation)
+        subscribed = False
+        try:
+            while self._chain is None or self._chain.latest < version:
+                if stop.is_set() or time.monotonic() >= end:
+                    raise TransferError(f"no version chain naming version {version} within "
+                                        f"{self.cfg.fetch_timeout:.0f} s on {topic}")
+                if not subscribed and not self.cfg.model_follow:
+                    self.link.subscribe(topic, timeout=max(1.0, end - time.monotonic()))  # the retained chain
+                    subscribed = True
+                try:
+                    msg = self.link.inbox.get(timeout=TICK)
+                except queue.Empty:
+                    continue
+                self._handle(msg)
+        finally:
+            if subscribed:
+                self.link.unsubscribe(topic)
         return self._chain
 
     def _held_version(self, chain: ModelChain, target: int) -> tuple[int, np.ndarray] | None:

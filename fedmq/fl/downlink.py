@@ -102,6 +102,16 @@ def compress_step(published: np.ndarray, server_model: np.ndarray, spec: ParamSp
     return DownlinkStep(payload, new, x - new, new - p)
 
 
+def warmup_density(target: float, round_: int, rounds: int, start: float) -> float:
+    """Density of round ``round_`` (from 1) under a density warm-up (Lin et al. 2018, "Deep
+    Gradient Compression", arXiv 1712.01887: sparsity raised exponentially over the first
+    epochs): geometric from ``start`` in round 1 to ``target`` after ``rounds`` rounds, then
+    ``target``. ``rounds`` 0, or ``start <= target``, is no warm-up."""
+    if rounds <= 0 or round_ > rounds or start <= target:
+        return target
+    return float(start * (target / start) ** ((round_ - 1) / rounds))
+
+
 def server_model(published: np.ndarray, residual: np.ndarray) -> np.ndarray:
     """The server optimizer's model ``x = p + r`` (float32, a new array). Raises
     SpecMismatchError when the shapes differ."""
