@@ -33,11 +33,10 @@ from fleet.demo import DEFAULT_TASKS, DEMO_PLANS, load_demo_data
 #: name -> (uplink codec, coordinator overrides). "dense" is FedAvg with float32 both ways.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("none", {"downlink": {"codec": "none"}}),
-    "uplink-only": ("topk-int8", {"downlink": {"codec": "none"}}),
-    "compressed": ("topk-int8", {}),
-    "compressed-fedavgm": ("topk-int8", {"server_optimizer": {"name": "fedavgm", "momentum": 0.5}}),
-    "compressed-eta1.5": ("topk-int8", {"server_optimizer": {"name": "fedavg", "eta": 1.5}}),
-    "compressed-down5": ("topk-int8", {"downlink": {"density": 0.05}}),
+    "uplink-only": ("topk-int8", {"downlink": {"codec": "none"}, "warmup": {"rounds": 0}}),
+    "compressed": ("topk-int8", {"warmup": {"rounds": 0}}),
+    "compressed-fedavgm": ("topk-int8", {"warmup": {"rounds": 0},
+                                         "server_optimizer": {"name": "fedavgm", "momentum": 0.5}}),
     "compressed-warmup": ("topk-int8", {"warmup": {"rounds": 5, "start": 0.25}}),
     "compressed-warmup-fedavgm": ("topk-int8", {"warmup": {"rounds": 5, "start": 0.25},
                                                 "server_optimizer": {"name": "fedavgm", "momentum": 0.5}}),
