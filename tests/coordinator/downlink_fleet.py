@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator, Progress
 from edge_client.agent import EdgeAgent
@@ -131,7 +129,3 @@ def hashes_match(agents: dict[str, HashingAgent], published: dict[int, str]) -> 
             if want is not None and want != sha:
                 bad.append(f"{name} round {round_} version {version}: {sha[:12]} != {want[:12]}")
     return bad
-
-
-def vector_sha(vector: np.ndarray) -> str:
-    return params_sha256(np.asarray(vector, dtype=np.float32))
