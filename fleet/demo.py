@@ -352,7 +352,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                   "over_selection": 1.0, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
                   "min_devices": per_round},
         "plan": plan,
-        # Compressed runs: server momentum and a density warm-up close the gap to dense FedAvg
+        # Compressed runs: server momentum closes most of the gap to dense FedAvg
         # (BENCHMARKS.md); a dense run is plain FedAvg, the reference.
         "server_optimizer": ({"name": "fedavgm", "momentum": 0.5} if downlink != "none" else {"name": "fedavg"}),
         "evaluation": {"data": "test.npz"},
