@@ -29,7 +29,8 @@ from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecConfig, codec_names
+from fedmq.fl.downlink import warmup_density
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.settings_file import read_toml
@@ -177,6 +178,72 @@ class MetricsConfig(_Section):
         return value
 
 
+class ExportConfig(_Section):
+    """When the ONNX export is made and published (with ``publish.onnx`` on).
+
+    ``onnx_every``: every this many versions, plus the version a run starts from and the last
+    one it makes; 0: only those two. Exporting costs 0.6-0.7 s whatever the model size, so
+    exporting every version put most of a small model's round time on the critical path.
+    """
+
+    onnx_every: int = Field(10, ge=0)
+
+
+class WarmupConfig(_Section):
+    """Density warm-up of both codecs (docs/coordinator.md, ``[warmup]``): for the first
+    ``rounds`` rounds the uplink plan's and the downlink's density go geometrically from
+    ``start`` down to their configured values (Lin et al. 2018, DGC). 0 rounds: off, the
+    default: on digits (BENCHMARKS.md) 5 rounds from 0.25 added 0.3 pp on top of server
+    momentum but 70% more uplink bytes, and on the CNN its first rounds would cost several MB."""
+
+    rounds: int = Field(0, ge=0)
+    start: float = Field(0.25, gt=0.0, le=1.0)
+
+    def density(self, target: float, round_: int) -> float:
+        return warmup_density(target, round_, self.rounds, self.start)
+
+
+class DownlinkConfig(_Section):
+    """How the global model reaches devices (docs/coordinator.md, ``[downlink]``).
+
+    ``codec`` ``topk-int8`` publishes each version as a compressed delta with server-side
+    error feedback (:mod:`fedmq.fl.downlink`); ``none`` publishes every version as a full
+    safetensors blob. ``density``, ``block_size`` and ``dense_below`` are the downlink
+    codec's (:class:`fedmq.codecs.CodecConfig`). ``window``: versions whose deltas stay
+    retained. ``snapshot_every``: a full safetensors snapshot every this many versions
+    (at most ``window``, so the deltas after the newest snapshot are always retained).
+    """
+
+    codec: str = "topk-int8"
+    density: float = Field(0.01, gt=0.0, le=1.0)
+    block_size: int = Field(512, ge=1, le=2**32 - 1)
+    dense_below: int = Field(1024, ge=0)
+    window: int = Field(20, ge=1)
+    snapshot_every: int = Field(10, ge=1)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_known(cls, value: str) -> str:
+        if value not in codec_names():
+            raise ValueError(f"unknown codec {value!r}, expected one of {codec_names()}")
+        return value
+
+    @model_validator(mode="after")
+    def _snapshot_within_window(self) -> DownlinkConfig:
+        if self.snapshot_every > self.window:
+            raise ValueError(f"snapshot_every ({self.snapshot_every}) must be at most window ({self.window}): "
+                             f"the deltas after the newest snapshot must stay retained")
+        return self
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec != "none"
+
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig(name=self.codec, density=self.density, block_size=self.block_size,
+                           dense_below=self.dense_below)
+
+
 class CoordinatorConfig(_Section):
     """The whole coordinator configuration (see docs/coordinator.md).
 
@@ -206,6 +273,9 @@ class CoordinatorConfig(_Section):
     def where(self, option: str) -> str:
         """``"FILE: option 'NAME'"``: how errors about ``option`` name it."""
         return f"{self._source}: option {option!r}"
+    downlink: DownlinkConfig = DownlinkConfig()
+    export: ExportConfig = ExportConfig()
+    warmup: WarmupConfig = WarmupConfig()
 
     @field_validator("broker", mode="before")
     @classmethod

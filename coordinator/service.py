@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,6 +56,10 @@ from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
 from fedmq.errors import StateError, TransportError, WireError
+from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.atomic import atomic_write_bytes, atomic_write_text
+from fedmq.fl import downlink
+from fedmq.fl.downlink import params_sha256
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
@@ -65,12 +70,14 @@ from fedmq.transport import Link, Message, open_link
 from fedmq.transport.flows import clear_blob, publish_model, request_repairs
 from fedmq.transport.receiver import BlobReceiver
 from fedmq.testhooks import PauseHook
+from fedmq.transport.counting import LINK_BYTES_IN, CountingLink
+from fedmq.transport.sender import BlobSender
 from fedmq.transport.wire import Manifest
 
 log = logging.getLogger("fedmq.coordinator")
 
 PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
-                "model_published")
+                "model_published", "publishing")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
@@ -162,7 +169,8 @@ class Coordinator:
         settings = config.broker
         if settings.protocol == "5" and settings.session_expiry == 0:
             settings = settings.with_(session_expiry=SESSION_EXPIRY_S)
-        self.link: Link = link if link is not None else open_link(settings, client_id=f"fedmq-coordinator-{self.fed}")
+        self.link = CountingLink(link if link is not None else open_link(settings,
+                                                                         client_id=f"fedmq-coordinator-{self.fed}"))
         #: Retained round state (topic -> payload; b"" for a cleared task) to restore when
         #: the broker may have lost it; the published model is restored from ``_model_at``.
         self._retained: dict[str, bytes] = {}
@@ -173,6 +181,13 @@ class Coordinator:
         #: (flushed into the database's ``rejections`` table).
         self.rejections: Counter[str] = Counter()
         self._receiver_seen: Counter[str] = Counter()
+        # Compressed downlink (fedmq.fl.downlink): the server residual, the params hash of the
+        # published model, the newest snapshot, and the hash of version 0 (devices build it).
+        self._residual: np.ndarray | None = None
+        self._published_sha = ""
+        self._onnx_published = False
+        self._snapshot: ChainEntry | None = None
+        self._origin_sha = params_sha256(flatten_params(self.model, self.spec))
         self.engine: RoundEngine | None = None
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
         self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec))
@@ -270,7 +285,9 @@ class Coordinator:
         ckpt = load_checkpoint(state_dir)
         if ckpt is None:
             vector = flatten_params(self.model, self.spec)
-            save_checkpoint(state_dir, Checkpoint(0, 0, vector, {}, self._meta()))
+            if self.config.downlink.compressed:
+                self._residual = np.zeros(self.spec.size, dtype=np.float32)
+            save_checkpoint(state_dir, Checkpoint(0, 0, vector, {}, self._meta(), downlink_residual=self._residual))
             self.db.delete_rounds_after(0)
             round_done, version = 0, 0
         else:
@@ -289,6 +306,13 @@ class Coordinator:
                 self._norms = [float(n) for n in json.loads(ckpt.meta.get("norms", "[]"))]
             except (ValueError, TypeError):
                 raise StateError(f"{state_dir}/{CHECKPOINT_NAME}: bad 'norms' metadata") from None
+            if self.config.downlink.compressed:
+                # A checkpoint of a dense downlink starts with a zero residual.
+                self._residual = (ckpt.downlink_residual.copy() if ckpt.downlink_residual is not None
+                                  else np.zeros(self.spec.size, dtype=np.float32))
+            elif ckpt.downlink_residual is not None and np.any(ckpt.downlink_residual):
+                # Switching the downlink off publishes the server model itself: nothing is lost.
+                vector = downlink.server_model(vector, ckpt.downlink_residual)
             if ckpt.record is not None:
                 # The checkpoint is written before the database: replay its record.
                 self.db.write_round(ckpt.record)
@@ -357,8 +381,10 @@ class Coordinator:
         self.db.set_inflight(selected)
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
+        if plan.codec != "none":
+            plan = replace(plan, density=cfg.warmup.density(plan.density, r))
         for i, device in enumerate(selected):
-            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan)
+            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
             self._publish_retained(topics.task(self.fed, device), task.to_bytes())
             if i == 0:
                 self._pause("task_publish", r)
@@ -383,18 +409,26 @@ class Coordinator:
         assert self.db is not None
         closed = engine.close(time.time())
         rec = closed.record
-        stepped = closed.model_delta is not None and self._step(vector, closed.model_delta, rec.round)
+        stepped = False
+        delta_blob: bytes | None = None
+        if closed.model_delta is not None:
+            if self._residual is None:
+                stepped = self._step(vector, closed.model_delta, rec.round)
+            else:
+                delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version, rec.round)
+                stepped = delta_blob is not None
         if closed.model_delta is not None and not stepped:
             rec = replace(rec, state="failed", model_version=rec.base_version)
             self.rejections["non_finite_model"] += 1
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
-                      bytes_down=self._model_bytes * rec.participants)
+                      bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in engine.norms]))
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  meta, rec),
+                                                  meta, rec, self._residual),
                         before_rename=lambda: self._pause("checkpoint_write", rec.round))
         self._pause("checkpoint_rename", rec.round)
+        self._pause("publishing", rec.round)
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
         self._flush_rejections()
@@ -408,7 +442,7 @@ class Coordinator:
         if stepped:
             self._pause("model_publish", rec.round)
             try:
-                self._publish_model(vector, rec.model_version, rec.round)
+                self._publish_model(vector, rec.model_version, rec.round, delta_blob)
             except TransportError as exc:
                 # The broker went away mid-publication: publish it again once reconnected.
                 log.warning("round %d: publishing model version %d failed (%s); republished on reconnect",
@@ -644,21 +678,121 @@ class Coordinator:
                                      batch_size=self.config.evaluation.batch_size)
         return (metrics["loss"], metrics.get("accuracy"))
 
-    def _publish_model(self, vector: np.ndarray, version: int, round_: int) -> None:
-        """Publish ``version`` (retained blob + pointer, and its ONNX export), then clear
-        versions older than the previous one (devices of the round just closed may still
-        be fetching the previous one)."""
+    def _step_compressed(self, vector: np.ndarray, model_delta: np.ndarray, version: int,
+                         round_: int) -> bytes | None:
+        """Step the server model ``published + residual``, compress its distance to the
+        published model (fedmq.fl.downlink), move ``vector`` (the published model) in place and
+        keep the delta blob on disk before the checkpoint names the version (a restart
+        republishes it). Returns the blob's bytes, or None (nothing changed, the round fails)
+        when the new global model would be non-finite or evaluate to a non-finite loss."""
+        assert self._residual is not None
+        before = {k: v.copy() for k, v in self.optimizer.state_arrays().items()}
+        server = downlink.server_model(vector, self._residual)
+        self.optimizer.step(server, model_delta)
+        base_sha = params_sha256(vector)
+        codec = self.config.downlink.codec_config()
+        codec = replace(codec, density=self.config.warmup.density(codec.density, round_))
+        step = downlink.compress_step(vector, server, self.spec, codec) if np.isfinite(server).all() else None
+        evaluation = self._evaluate(step.published) if step is not None else (float("nan"), None)
+        if step is None or (evaluation[0] is not None and not np.isfinite(evaluation[0])):
+            log.error("round %d: the new global model is non-finite or evaluates to loss %s: not published, "
+                      "the round fails and the model stays", round_, evaluation[0])
+            self.optimizer.load_state_arrays(before, self.spec.size)
+            self._module_of(vector)
+            return None
+        blob = DeltaBlob(self.config.downlink.codec, self.spec.hash, version - 1, version, base_sha,
+                         params_sha256(step.published), step.payload).to_bytes()
+        self._delta_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._delta_path(version), blob)
+        vector[:] = step.published
+        self._residual = step.residual
+        self._last_eval = evaluation
+        return blob
+
+    def _delta_dir(self) -> Path:
+        return self.config.state_dir / "downlink"
+
+    def _delta_path(self, version: int) -> Path:
+        return self._delta_dir() / f"delta-{version}.bin"
+
+    def _retained_deltas(self, version: int) -> dict[int, Path]:
+        """Delta files of the window ending at ``version``; removes the ones this coordinator
+        wrote that fell out of it or belong to a version the checkpoint never reached."""
+        out: dict[int, Path] = {}
+        folder = self._delta_dir()
+        if not folder.is_dir():
+            return out
+        low = version - self.config.downlink.window
+        for path in folder.glob("delta-*.bin"):
+            try:
+                v = int(path.name[len("delta-"):-len(".bin")])
+            except ValueError:
+                continue
+            if low < v <= version:
+                out[v] = path
+            else:
+                path.unlink(missing_ok=True)
+        return out
+
+    def _publish_model(self, vector: np.ndarray, version: int, round_: int, delta_blob: bytes | None = None) -> None:
+        """Publish ``version``. Dense downlink: retained blob + pointer, then clear versions
+        older than the previous one (devices of the round just closed may still be fetching
+        the previous one). Compressed downlink: the version's delta blob, a snapshot every
+        ``snapshot_every`` versions (and at start), the version chain. Then the ONNX export when
+        due (``export.onnx_every``, the first version of a run and the last round's)."""
+        self._published_sha = params_sha256(vector) if self._residual is not None else ""
+        self._model_at = (version, round_)
+        if self._residual is None:
+            self._publish_snapshot(vector, version, round_)
+        else:
+            self._publish_chain(vector, version, round_, delta_blob)
+        every = self.config.export.onnx_every
+        due = not self._onnx_published or round_ >= self.config.rounds or (every > 0 and version % every == 0)
+        if self.config.publish.onnx and due:
+            self._onnx_published = True
+            model = self._module_of(vector)
+            onnx = export_onnx(model, self.task)
+            self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
+                               version, round_, "onnx")
+
+    def _publish_snapshot(self, vector: np.ndarray, version: int, round_: int) -> None:
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
         self._model_bytes = len(blob)
-        self._model_at = (version, round_)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
-        if self.config.publish.onnx:
-            onnx = export_onnx(model, self.task)
-            self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
-                               version, round_, "onnx")
+        if self._residual is not None:
+            self._snapshot = ChainEntry(version, len(blob), hashlib.sha256(blob).hexdigest(), params_sha256(vector))
+
+    def _publish_chain(self, vector: np.ndarray, version: int, round_: int, delta_blob: bytes | None) -> None:
+        """Deltas of the window (the new one, or at start all of them: the broker may have lost
+        retained messages), the snapshot when due, then the chain; deltas that left the window
+        are cleared from the broker."""
+        assert self.db is not None
+        cfg = self.config.downlink
+        files = self._retained_deltas(version)
+        fresh = {version: delta_blob} if delta_blob is not None else {v: p.read_bytes() for v, p in files.items()}
+        entries: list[ChainEntry] = []
+        for v in sorted(files):
+            data = fresh.get(v)
+            if data is None:
+                data = files[v].read_bytes()
+            else:
+                base = topics.model_delta(self.fed, v)
+                info = BlobSender(self.link).send(base, data, retain=True, timeout=120.0)
+                self.db.add_published("delta", v, base, info.count)
+            entries.append(ChainEntry(v, len(data), hashlib.sha256(data).hexdigest(), DeltaBlob.from_bytes(data).sha256))
+        if self._snapshot is None or delta_blob is None or version % cfg.snapshot_every == 0:
+            self._publish_snapshot(vector, version, round_)
+        assert self._snapshot is not None
+        chain = ModelChain(self.spec.hash, cfg.codec, self.config.seed, self._origin_sha, version,
+                           self._published_sha, self._snapshot, tuple(entries))
+        self.link.publish_wait(topics.model_chain(self.fed), chain.to_bytes(), retain=True, timeout=30.0)
+        for old_version, old_base, count in self.db.published("delta"):
+            if old_version not in files:
+                clear_blob(self.link, old_base, count)
+                self.db.remove_published("delta", old_version)
 
     def _publish_blob(self, kind: str, base: str, latest: str, blob: bytes, version: int, round_: int,
                       fmt: str) -> None:

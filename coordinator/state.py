@@ -2,7 +2,9 @@
 
 ``checkpoint.safetensors`` (written atomically with :func:`fedmq.atomic.atomic_write_bytes`
 after every round, never pickle) holds the global model (``model``, float32 (d,)), the
-server optimizer's state arrays (``opt.<name>``, float32 (d,)) and metadata: the last
+server optimizer's state arrays (``opt.<name>``, float32 (d,)), with a compressed downlink
+the server residual (``downlink.residual``, float32 (d,); the model is then the *published*
+one, bit for bit what devices hold) and metadata: the last
 finished round, the model version, task, ParamSpec hash, optimizer name, and the last
 round's record as JSON. The random generator of round ``r`` is derived from
 ``(seed, r)`` (fedmq.fl.sampling.round_rng), so no generator state is saved.
@@ -40,6 +42,8 @@ from fedmq.errors import StateError
 CHECKPOINT_FORMAT = "fedmq-coordinator-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DB_NAME = "coordinator.sqlite"
+#: Checkpoint tensor holding the server residual of a compressed downlink.
+DOWNLINK_RESIDUAL = "downlink.residual"
 
 
 @dataclass
@@ -53,6 +57,9 @@ class Checkpoint:
         optimizer_state: server optimizer arrays, float32 (d,) each.
         meta: task, spec_hash, optimizer, seed (checked on resume).
         record: the last round's record (None before the first round).
+        downlink_residual: float32 (d,) server residual of a compressed downlink (what the
+            downlink codec has not sent yet; the server model is ``model + residual``), or
+            None with downlink codec ``none``.
     """
 
     round: int
@@ -61,6 +68,7 @@ class Checkpoint:
     optimizer_state: dict[str, np.ndarray]
     meta: dict[str, str]
     record: RoundRecord | None = None
+    downlink_residual: np.ndarray | None = None
 
 
 def save_checkpoint(state_dir: Path, ckpt: Checkpoint, *, before_rename: Callable[[], None] | None = None) -> None:
@@ -73,6 +81,8 @@ def save_checkpoint(state_dir: Path, ckpt: Checkpoint, *, before_rename: Callabl
     """
     tensors = {"model": np.ascontiguousarray(ckpt.model, dtype=np.float32)}
     tensors.update({f"opt.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.optimizer_state.items()})
+    if ckpt.downlink_residual is not None:
+        tensors[DOWNLINK_RESIDUAL] = np.ascontiguousarray(ckpt.downlink_residual, dtype=np.float32)
     meta = dict(ckpt.meta, format=CHECKPOINT_FORMAT, round=str(ckpt.round), version=str(ckpt.version),
                 record=ckpt.record.to_json() if ckpt.record is not None else "")
     atomic_write_bytes(state_dir / CHECKPOINT_NAME, st_save(tensors, metadata=meta), before_rename=before_rename)
@@ -109,7 +119,11 @@ def load_checkpoint(state_dir: Path) -> Checkpoint | None:
     model = tensors["model"]
     if model.dtype != np.float32 or model.ndim != 1:
         raise StateError(f"{path}: model must be a float32 vector, got {model.dtype} {model.shape}")
-    return Checkpoint(round_, version, model, opt, meta, record)
+    residual = tensors.get(DOWNLINK_RESIDUAL)
+    if residual is not None and (residual.dtype != np.float32 or residual.shape != model.shape):
+        raise StateError(f"{path}: downlink residual must be float32 {model.shape}, got {residual.dtype} "
+                         f"{residual.shape}")
+    return Checkpoint(round_, version, model, opt, meta, record, residual)
 
 
 _SCHEMA = """
@@ -243,6 +257,12 @@ class StateDB:
             out.append(Device(device=row[0], online=bool(row[1]), task=row[2], spec_hash=row[3], samples=row[4],
                               software=row[5], last_seen=row[6], rounds=int(rounds or 0), bytes_up=int(sent or 0)))
         return out
+
+    def bytes_down_by_device(self) -> dict[str, int]:
+        """Device -> payload bytes the broker delivered to it, as it reported with its updates
+        (client-update metric ``link_bytes_in``, summed over its participations)."""
+        return {row[0]: int(row[1] or 0) for row in self.conn.execute(
+            "SELECT device, SUM(json_extract(metrics, '$.link_bytes_in')) FROM participations GROUP BY device")}
 
     def participations(self, round_: int) -> list[ParticipationRecord]:
         return [ParticipationRecord(device=r[0], transfer_id=r[1], status=r[2], reason=r[3] or "", samples=r[4] or 0,

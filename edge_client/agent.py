@@ -52,6 +52,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -67,17 +68,21 @@ from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
 from fedmq.codecs import decode
 from fedmq.envelope import decode_update
+from fedmq.chain import DeltaBlob, ModelChain
 from fedmq.errors import FedmqError, NonFiniteError, SpecMismatchError, TransferError, TransportError, WireError
+from fedmq.fl import downlink
 from fedmq.fl.client import package_update, train_for_task
+from fedmq.fl.downlink import params_sha256
 from fedmq.fl.training import LocalResult
 from fedmq.messages import ModelPointer, Receipt, Status, Task
 from fedmq.metrics_http import MetricsServer
-from fedmq.modelio import model_from_safetensors
-from fedmq.params import ParamSpec
+from fedmq.modelio import model_from_safetensors, model_to_safetensors
+from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import get_task
 from fedmq.testhooks import PauseHook
 from fedmq.transport.flows import fetch_blob, fetch_model
 from fedmq.transport import Link, Message, Will, open_link
+from fedmq.transport.counting import LINK_BYTES_IN, LINK_BYTES_OUT, CountingLink
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.settings import BrokerSettings
 
@@ -204,7 +209,8 @@ class EdgeAgent:
         self.counters: Counter[str] = Counter()
         self.instance = secrets.token_hex(6)
         self.takeovers = takeovers if takeovers is not None else TakeoverWatch()
-        self.link: Link = link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id)
+        self.link = CountingLink(link if link is not None else open_link(broker_settings(cfg), client_id=cfg.device_id))
+        self._reported = self.link.traffic.snapshot()
         self.sender: BlobSender | None = None
         self._last_ping = 0.0
         self._last_send = 0.0
@@ -216,6 +222,10 @@ class EdgeAgent:
         #: simulator (fleet/fleet.py) uses it for a device's compute speed and for dropout
         #: mid-training. None on real devices.
         self.pace: Callable[[Task, LocalResult], None] | None = None
+        # Compressed downlink: the newest version chain seen, and the global model version
+        # this device holds (float32 vector, apart from the model training changes).
+        self._chain: ModelChain | None = None
+        self._held: tuple[int, np.ndarray] | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -293,8 +303,11 @@ class EdgeAgent:
             raise
         try:
             self._connects_seen = link.connects
-            link.subscribe([topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev),
-                            topics.model_latest(fed)], qos=1)
+            # A follower keeps the version chain subscribed; the others read it when a task
+            # needs it (each chain update is a few KB that a device not selected has no use for).
+            link.subscribe(([topics.model_chain(fed)] if cfg.model_follow else [])
+                           + [topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev),
+                              topics.model_latest(fed)], qos=1)
             link.publish_wait(topics.status(fed, dev), self._status(True), retain=True)
             self.notifier.ready(f"online, last round {self.state.record.last_round}")
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
@@ -318,6 +331,9 @@ class EdgeAgent:
                     task, self._pending = self._pending, None
                     if self._wants(task):
                         self._run_round(task, stop)
+                    continue
+                if self._should_follow():
+                    self._follow(stop)
                     continue
                 try:
                     msg = link.inbox.get(timeout=min(TICK, self.notifier.watchdog_interval or TICK))
@@ -407,6 +423,10 @@ class EdgeAgent:
                 self._on_task(Task.from_bytes(msg.payload))
             elif msg.topic == topics.receipt(fed, dev):
                 self._on_receipt(Receipt.from_bytes(msg.payload))
+            elif msg.topic == topics.model_chain(fed):
+                chain = ModelChain.from_bytes(msg.payload)
+                if self._chain is None or chain.latest >= self._chain.latest:
+                    self._chain = chain
             elif msg.topic == topics.transfer_requests(fed, dev):
                 assert self.sender is not None
                 if self.sender.handle_request(msg.payload, timeout=SEND_TIMEOUT):
@@ -580,9 +600,132 @@ class EdgeAgent:
         self.notifier.status(f"round {task.round}: global model {task.model_version} unusable ({why}); skipped")
         self.state.finish_round(task.round, task.deadline)
 
-    def _load_global(self, version: int, stop: threading.Event) -> bool:
-        """Load global model ``version`` into the model, from the cache or the broker.
+    def _should_follow(self) -> bool:
+        chain = self._chain
+        return (self.cfg.model_follow and chain is not None and chain.spec_hash == self.spec.hash
+                and (self._held is None or self._held[0] < chain.latest))
+
+    def _follow(self, stop: threading.Event) -> None:
+        """Fetch the newest version now (``model_follow``): one delta per version."""
+        chain = self._chain
+        assert chain is not None
+        try:
+            self._load_global(chain.latest, stop, chain.latest_sha256)
+        except FedmqError as exc:
+            log.warning("following version %d failed (%s): retried with the next chain", chain.latest, exc)
+            self._chain = None
+
+    def _wait_for_chain(self, version: int, stop: threading.Event) -> ModelChain:
+        """The version chain once it names ``version`` (it is published before any task for it).
+
+        Raises: TransferError when none comes within ``fetch_timeout`` seconds."""
+        end = time.monotonic() + self.cfg.fetch_timeout
+        topic = topics.model_chain(self.cfg.federation)
+        subscribed = False
+        try:
+            while self._chain is None or self._chain.latest < version:
+                if stop.is_set() or time.monotonic() >= end:
+                    raise TransferError(f"no version chain naming version {version} within "
+                                        f"{self.cfg.fetch_timeout:.0f} s on {topic}")
+                if not subscribed and not self.cfg.model_follow:
+                    self.link.subscribe(topic, timeout=max(1.0, end - time.monotonic()))  # the retained chain
+                    subscribed = True
+                try:
+                    msg = self.link.inbox.get(timeout=TICK)
+                except queue.Empty:
+                    continue
+                self._handle(msg)
+        finally:
+            if subscribed:
+                self.link.unsubscribe(topic)
+        return self._chain
+
+    def _held_version(self, chain: ModelChain, target: int) -> tuple[int, np.ndarray] | None:
+        """The newest version at most ``target`` this device holds: in memory, in the cache,
+        or version 0 built from the task and the federation's seed when its hash matches."""
+        if self._held is not None and self._held[0] <= target:
+            return self._held
+        for version in reversed(self.state.cached_versions()):
+            if version > target:
+                continue
+            data = self.state.cached_model(version)
+            try:
+                model_from_safetensors(data or b"", self.model, self.spec)
+            except WireError as exc:
+                log.warning("cached model version %d unusable (%s): dropped", version, exc)
+                self.state.drop_model(version)
+                continue
+            return version, flatten_params(self.model, self.spec)
+        origin = flatten_params(self.task_def.build_model(chain.seed), self.spec)
+        if params_sha256(origin) == chain.origin_sha256:
+            return 0, origin
+        log.warning("version 0 built from seed %d does not match the announced hash (another torch build or "
+                    "platform?): the snapshot is downloaded", chain.seed)
+        return None
+
+    def _catch_up(self, chain: ModelChain, held: tuple[int, np.ndarray] | None, version: int,
+                  expected: str) -> np.ndarray:
+        """Download what the catch-up rule picks (fedmq.fl.downlink.plan_catch_up) and return
+        version ``version``'s vector, verified against ``expected``; on a missing or corrupt
+        delta, a gap or a hash mismatch, log why and take the snapshot path instead.
+
+        Raises: TransferError / WireError when the snapshot path fails too."""
+        sizes = chain.delta_sizes()
+        avoid = False
+        while True:
+            plan = downlink.plan_catch_up(None if held is None else held[0], version, sizes, chain.snapshot.version,
+                                          chain.snapshot.size, avoid_deltas=avoid)
+            if plan is None:
+                raise TransferError(f"version {version} cannot be reached from the chain (snapshot "
+                                    f"{chain.snapshot.version}, deltas {sorted(sizes)[:3]}..)")
+            log.info("catching up to version %d: %s (%d bytes)", version, plan.reason, plan.cost)
+            try:
+                return self._apply_plan(chain, plan, held, version, expected)
+            except FedmqError as exc:
+                if plan.snapshot is not None:
+                    raise
+                log.warning("delta path to version %d failed (%s): falling back to the snapshot", version, exc)
+                self.counters["downlink_fallbacks"] += 1
+                avoid = True
+
+    def _apply_plan(self, chain: ModelChain, plan: downlink.CatchUp, held: tuple[int, np.ndarray] | None,
+                    version: int, expected: str) -> np.ndarray:
+        fed = self.cfg.federation
+        if plan.snapshot is not None:
+            blob = fetch_blob(self.link, topics.model_blob(fed, plan.snapshot), self.cfg.fetch_timeout)
+            if blob.sha256 != chain.snapshot.blob_sha256:
+                raise TransferError(f"snapshot {plan.snapshot}: blob sha256 {blob.sha256[:12]} differs from the "
+                                    f"chain's {chain.snapshot.blob_sha256[:12]}")
+            model = self.task_def.build_model(chain.seed)
+            model_from_safetensors(blob.data, model, self.spec)
+            vec = flatten_params(model, self.spec)
+            if params_sha256(vec) != chain.snapshot.sha256:
+                raise TransferError(f"snapshot {plan.snapshot}: parameter hash differs from the chain's")
+        else:
+            assert held is not None
+            vec = held[1]
+        for v in plan.deltas:
+            entry = chain.entry(v)
+            assert entry is not None
+            blob = fetch_blob(self.link, topics.model_delta(fed, v), self.cfg.delta_fetch_timeout)
+            if blob.sha256 != entry.blob_sha256:
+                raise TransferError(f"delta {v}: blob sha256 {blob.sha256[:12]} differs from the chain's")
+            delta = DeltaBlob.from_bytes(blob.data)
+            if delta.version != v:
+                raise TransferError(f"delta blob on the topic of version {v} is for version {delta.version}")
+            vec = delta.apply(vec, self.spec)
+            self.counters["deltas_applied"] += 1
+        got = params_sha256(vec)
+        if got != expected:
+            raise TransferError(f"version {version}: parameter hash {got[:12]} after applying, expected {expected[:12]}")
+        return vec
+
+    def _load_global(self, version: int, stop: threading.Event, expected_sha256: str = "") -> bool:
+        """Load global model ``version`` into the model, from the cache or the broker (with a
+        compressed downlink, ``expected_sha256`` set: through the version chain).
         False when stop was requested."""
+        if expected_sha256:
+            return self._load_chained(version, stop, expected_sha256)
         cached = self.state.cached_model(version)
         if cached is not None:
             try:
@@ -621,6 +764,26 @@ class EdgeAgent:
             self.pace(task, result)
         return result
 
+    def _load_chained(self, version: int, stop: threading.Event, expected: str) -> bool:
+        if self._held is not None and self._held[0] == version and params_sha256(self._held[1]) == expected:
+            load_params(self.model, self._held[1], self.spec)
+            return True
+        chain = self._wait_for_chain(version, stop)
+        held = self._held_version(chain, version)
+        if held is not None and held[0] == version and params_sha256(held[1]) == expected:
+            vec = held[1]
+        else:
+            limit = self.cfg.fetch_timeout + 30.0 * (1 + version - (held[0] if held else 0))
+            result = self._in_worker(lambda: self._catch_up(chain, held, version, expected), limit, stop)
+            if result is None:
+                return False
+            vec = result
+        load_params(self.model, vec, self.spec)
+        self._held = (version, vec)
+        self.state.cache_model(version, model_to_safetensors(self.model, {"version": str(version),
+                                                                          "sha256": expected}))
+        return True
+
     def _run_round(self, task: Task, stop: threading.Event) -> None:
         cfg = self.cfg
         if task.spec_hash != self.spec.hash:
@@ -636,7 +799,7 @@ class EdgeAgent:
         self._pause("fetching", task.round)
         self.notifier.status(f"round {task.round}: fetching model {task.model_version}")
         try:
-            if not self._load_global(task.model_version, stop):
+            if not self._load_global(task.model_version, stop, task.model_sha256):
                 return
         except FedmqError as exc:
             log.error("round %d: global model %d unavailable (%s): skipped", task.round, task.model_version, exc)
@@ -669,6 +832,12 @@ class EdgeAgent:
                 self.feedback.rollback(result.update)
             self.state.save_residual(self.feedback, task.round, task.deadline)
             return
+        # What this link carried since the last update, reported with this one (counting).
+        traffic = self.link.traffic.snapshot()
+        result = replace(result, metrics=dict(result.metrics, **{
+            LINK_BYTES_IN: float(traffic["bytes_in"] - self._reported["bytes_in"]),
+            LINK_BYTES_OUT: float(traffic["bytes_out"] - self._reported["bytes_out"])}))
+        self._reported = traffic
         try:
             packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
                                       spec=self.spec, feedback=self.feedback, seed=cfg.seed)

@@ -104,6 +104,12 @@ class EdgeConfig(BaseModel):
         metrics_port: TCP port of the agent's Prometheus endpoint (edge_client.metrics);
             0 (default): none.
         metrics_address: address the endpoint binds (default 127.0.0.1).
+        model_follow: with a compressed downlink, fetch each new global model version as it
+            is published (one small delta each) instead of when a task names it. Off by
+            default: catching up when selected never downloads more (the same deltas, or a
+            snapshot when that is smaller) and skips versions a device is never asked to use.
+        delta_fetch_timeout: seconds to wait for one retained delta blob before falling back
+            to the snapshot (a cleared or lost delta never arrives).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +146,9 @@ class EdgeConfig(BaseModel):
     def where(self, option: str) -> str:
         """``"FILE: option 'NAME'"``: how errors about ``option`` name it."""
         return f"{self._source}: option {option!r}"
+    # Compressed downlink (docs/edge-client.md, "Keeping up with the global model").
+    model_follow: bool = False
+    delta_fetch_timeout: float = Field(10.0, gt=0)
 
     @field_validator("device_id", "federation")
     @classmethod

@@ -223,7 +223,9 @@ _PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
 class Task(_Message):
     """Per-device task on ``fedmq/F/task/D`` (retained, QoS 1): train from global model
     ``model_version`` for ``round`` and send a client update before ``deadline``
-    (wall-clock seconds since the epoch)."""
+    (wall-clock seconds since the epoch). ``model_sha256`` (64 hex chars) is the SHA-256
+    of that version's float32 parameter vector when the downlink is compressed (the device
+    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise."""
 
     TYPE: ClassVar[str] = "task"
     federation: str
@@ -233,6 +235,7 @@ class Task(_Message):
     spec_hash: str
     deadline: float
     plan: TrainPlan = field(default_factory=TrainPlan)
+    model_sha256: str = ""
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
@@ -247,7 +250,8 @@ class Task(_Message):
                        if key in raw_plan}
         plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
         return cls(federation=federation, device=device, round=round_, model_version=model_version,
-                   spec_hash=spec_hash, deadline=deadline, plan=plan)
+                   spec_hash=spec_hash, deadline=deadline, plan=plan,
+                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""))
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")

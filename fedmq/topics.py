@@ -11,6 +11,8 @@ topic                                    direction              retained   conte
 fedmq/F/status/D                         device -> all          yes        Status (and last will)
 fedmq/F/model/latest                     coordinator -> all     yes        ModelPointer
 fedmq/F/model/V/...                      coordinator -> all     yes        blob: global model version V
+fedmq/F/model/chain                      coordinator -> all     yes        ModelChain (compressed downlink)
+fedmq/F/model/delta/V/...                coordinator -> all     yes        blob: DeltaBlob, version V-1 -> V
 fedmq/F/onnx/latest                      coordinator -> all     yes        ModelPointer (ONNX export)
 fedmq/F/onnx/V/...                       coordinator -> all     yes        blob: ONNX export of version V
 fedmq/F/round                            coordinator -> all     yes        RoundAnnouncement
@@ -69,6 +71,16 @@ def model_latest(fed: str) -> str:
 def model_blob(fed: str, version: int) -> str:
     """Base topic of the retained chunked blob holding global model ``version``."""
     return f"{ROOT}/{fed}/model/{int(version)}"
+
+
+def model_chain(fed: str) -> str:
+    """Retained version chain of a compressed downlink (:class:`fedmq.chain.ModelChain`)."""
+    return f"{ROOT}/{fed}/model/chain"
+
+
+def model_delta(fed: str, version: int) -> str:
+    """Base topic of the retained blob holding the delta that produces global model ``version``."""
+    return f"{ROOT}/{fed}/model/delta/{int(version)}"
 
 
 def onnx_latest(fed: str) -> str:

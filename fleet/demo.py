@@ -53,6 +53,7 @@ from fedmq.errors import ConfigError, FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.builtin import DIGITS_PLAN, MNIST_PLAN
+from fedmq.transport.counting import LINK_BYTES_IN
 
 #: Training settings the demo sends with each task, per data set (a task's own
 #: ``demo_plan`` wins). Chosen so that the digits demo reaches >= 90% test accuracy in 30
@@ -207,6 +208,7 @@ def _plot(path: Path, summary: dict[str, Any], records: list[RoundRecord]) -> No
     up = np.cumsum([r.bytes_up for r in records]) / 1e6
     dense = np.cumsum([r.dense_bytes_up for r in records]) / 1e6
     down = np.cumsum([r.bytes_down for r in records]) / 1e6
+    dense_down = np.cumsum([summary["dense_model_bytes"] * r.participants for r in records]) / 1e6
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot([0] + rounds, [summary[metric.replace("test", "initial")]] + acc, marker="o", ms=3)
     ax1.set(xlabel="round", ylabel=label, title=f"{summary['task']}: global model {label.removeprefix('test ')}")
@@ -215,7 +217,8 @@ def _plot(path: Path, summary: dict[str, Any], records: list[RoundRecord]) -> No
     ax1.grid(alpha=0.3)
     ax2.plot(rounds, up, label=f"uplink ({summary['codec']})")
     ax2.plot(rounds, dense, "--", label="uplink if dense float32")
-    ax2.plot(rounds, down, ":", label="downlink (global model)")
+    ax2.plot(rounds, down, label=f"downlink ({summary['downlink_codec']})")
+    ax2.plot(rounds, dense_down, ":", label="downlink if dense (whole model per task)")
     ax2.set(xlabel="round", ylabel="cumulative MB", yscale="log", title="bytes on the wire")
     ax2.legend()
     ax2.grid(alpha=0.3)
@@ -224,11 +227,28 @@ def _plot(path: Path, summary: dict[str, Any], records: list[RoundRecord]) -> No
     plt.close(fig)
 
 
+def _per_device(records: list[RoundRecord]) -> dict[str, dict[str, int]]:
+    """Device -> bytes down (its link's count, reported with its updates) and up (client-update blobs)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        for p in r.participations:
+            if not p.transfer_id:
+                continue
+            d = out.setdefault(p.device, {"bytes_down": 0, "bytes_up": 0})
+            d["bytes_down"] += int(p.metrics.get(LINK_BYTES_IN, 0.0))
+            d["bytes_up"] += p.bytes_up
+    return dict(sorted(out.items()))
+
+
 def build_summary(task_name: str, devices: int, per_round: int, codec: str, density: float,
                   records: list[RoundRecord], initial_accuracy: float | None, wall_seconds: float,
-                  broker_url: str, initial_loss: float | None = None) -> dict[str, Any]:
-    """The ``summary.json`` document (byte counts are MQTT payload bytes; accuracies are
-    None for a regression task, whose ``*_loss`` fields carry the result)."""
+                  broker_url: str, initial_loss: float | None = None, *, downlink_codec: str = "none",
+                  downlink_density: float = 1.0, dense_model_bytes: int = 0,
+                  coordinator_traffic: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ``summary.json`` document (byte counts are MQTT payload bytes as the links counted them:
+    ``bytes_down_total`` what the broker delivered to the devices, reported by each with its
+    updates; ``coordinator_link`` the coordinator's own connection; accuracies are None for a
+    regression task, whose ``*_loss`` fields carry the result)."""
     closed = [r for r in records if r.test_accuracy is not None]
     with_loss = [r for r in records if r.test_loss is not None]
     bytes_up = sum(r.bytes_up for r in records)
@@ -252,6 +272,12 @@ def build_summary(task_name: str, devices: int, per_round: int, codec: str, dens
         "bytes_up_dense_equivalent": dense_up,
         "uplink_ratio": _ratio(dense_up, bytes_up),
         "bytes_down_total": sum(r.bytes_down for r in records),
+        "bytes_down_dense_equivalent": dense_model_bytes * sum(r.participants for r in records),
+        "downlink_codec": downlink_codec,
+        "downlink_density": downlink_density if downlink_codec != "none" else 1.0,
+        "dense_model_bytes": dense_model_bytes,
+        "bytes_per_device": _per_device(records),
+        "coordinator_link": coordinator_traffic or {},
         "updates_accepted": sum(r.accepted for r in records),
         "updates_rejected": sum(sum(r.rejected.values()) for r in records),
         "rejected_by_reason": _sum_reasons(records),
@@ -307,7 +333,10 @@ class Scheduling:
         min_updates: accepted updates a round needs (None: ``ceil(per_round / 2)``).
     """
 
-    over_selection: float = 1.3
+    #: No over-selection: closing on the first answers biased who counts (the slowest,
+    #: largest devices were never aggregated on non-IID data; BENCHMARKS.md, "Downlink
+    #: compression and accuracy parity").
+    over_selection: float = 1.0
     min_devices: int | None = None
     holdout_fraction: float = 0.1
     min_updates: int | None = None
@@ -441,7 +470,8 @@ class _Threads:
 
 def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: str | None = None,
              data: str = "digits", data_dir: Path | None = None, partition_scheme: str = "iid",
-             alpha: float = 0.5, codec: str = "topk-int8", density: float = 0.01, broker: str | None = None,
+             alpha: float = 0.5, codec: str = "topk-int8", density: float = 0.01, downlink: str | None = None,
+             downlink_density: float = 0.01, broker: str | None = None,
              protocol: str = "5", out: Path | None = None, seed: int = 0, deadline_s: float = 60.0,
              devices_in: str = "processes", scheduling: Scheduling | None = None,
              plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
@@ -491,6 +521,11 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
     if samples_per_device is not None or test_samples is not None:
         dataset = DemoData(dataset.name, [(x[:samples_per_device], y[:samples_per_device]) for x, y in dataset.parts],
                            dataset.x_test[:test_samples], dataset.y_test[:test_samples])
+    downlink = downlink or codec  # a dense run is dense both ways
+    if downlink not in codec_names():
+        raise ConfigError(f"--downlink {downlink!r}: expected one of {codec_names()}")
+    if not 0 < downlink_density <= 1:
+        raise ConfigError(f"--downlink-density {downlink_density}: expected a fraction in (0, 1]")
 
     federation = "demo"
     ids = [f"device-{i:02d}" for i in range(devices)]
@@ -545,7 +580,11 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                       "over_selection": sched.over_selection, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
                       "min_devices": sched.min_devices or per_round},
             "plan": plan_table,
-            "server_optimizer": server_optimizer or {"name": "fedavg"},
+            # Compressed runs: server momentum closes most of the gap to dense FedAvg
+            # (BENCHMARKS.md); a dense run is plain FedAvg, the reference.
+            "server_optimizer": server_optimizer or ({"name": "fedavgm", "momentum": 0.5} if downlink != "none"
+                                                     else {"name": "fedavg"}),
+            "downlink": {"codec": downlink, "density": downlink_density},
             "aggregation": {"rule": aggregation},
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
@@ -583,7 +622,10 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         folder.record()
     wall = time.monotonic() - started
     summary = build_summary(task_def.name, devices, per_round, codec, density, result.records,
-                            initial.get("accuracy"), wall, broker_url, initial_loss=initial["loss"])
+                            initial.get("accuracy"), wall, broker_url, initial_loss=initial["loss"],
+                            downlink_codec=downlink, downlink_density=downlink_density,
+                            dense_model_bytes=len(model_to_safetensors(task_def.build_model(seed))),
+                            coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
@@ -605,7 +647,12 @@ def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
     table.add_row("uplink bytes (dense float32 equivalent)",
                   f"{_human_bytes(s['bytes_up_total'])} ({_human_bytes(s['bytes_up_dense_equivalent'])})")
     table.add_row("uplink compression ratio", f"{s['uplink_ratio']:.1f}x")
-    table.add_row("downlink bytes", _human_bytes(s["bytes_down_total"]))
+    table.add_row("downlink bytes (dense: whole model per task)",
+                  f"{_human_bytes(s['bytes_down_total'])} ({_human_bytes(s['bytes_down_dense_equivalent'])})")
+    coord = s.get("coordinator_link") or {}
+    if coord:
+        table.add_row("coordinator link: sent / received",
+                      f"{_human_bytes(coord['bytes_out'])} / {_human_bytes(coord['bytes_in'])}")
     table.add_row("wall time", f"{s['wall_seconds']:.1f} s")
     console.print(table)
     console.print(f"outputs in {work}: summary.json rounds.csv model.safetensors model.onnx progress.png",
@@ -624,6 +671,9 @@ def demo_command(
     alpha: float = typer.Option(0.5, help="Dirichlet concentration for --partition dirichlet."),
     codec: str = typer.Option("topk-int8", help="topk-int8 (Top-K + int8 + error feedback) or none (dense float32)."),
     density: float = typer.Option(0.01, help="Fraction of each tensor's entries sent (topk-int8)."),
+    downlink: str = typer.Option("", help="Downlink codec: topk-int8 (compressed deltas) or none (whole model); "
+                                          "default: the same as --codec."),
+    downlink_density: float = typer.Option(0.01, "--downlink-density", help="Downlink Top-K density."),
     broker: str = typer.Option(None, help="Broker URL (e.g. mqtt://127.0.0.1:1883); default: embedded broker."),
     protocol: Literal["5", "3.1.1"] = typer.Option("5", help="MQTT protocol with --broker: 5 or 3.1.1 (the embedded "
                                                               "broker is 3.1.1)."),
@@ -643,6 +693,7 @@ def demo_command(
     try:
         run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
+                 downlink=downlink or None, downlink_density=downlink_density,
                  broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
                  devices_in="threads" if in_process else "processes")
     except FedmqError as exc:

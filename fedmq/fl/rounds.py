@@ -160,7 +160,9 @@ class RoundRecord:
             (None without evaluation data).
         device_metrics: sample-weighted mean of the metrics accepted devices reported.
         bytes_up: payload bytes of every received client-update blob, manifests included.
-        bytes_down: global model blob bytes x devices sent a task.
+        bytes_down: payload bytes the broker delivered to the devices that answered, as each
+            counted on its own link since its previous update (metric ``link_bytes_in``:
+            model deltas, snapshots, chunks, manifests, control messages).
         dense_bytes_up: float32 bytes of the same number of uncompressed updates (4 d each).
         started, closed: wall-clock seconds since the epoch; wall_s: closed - started.
     """
@@ -458,8 +460,9 @@ class RoundEngine:
                 self.dropped.discard(device)
                 self.parts.pop((device, ""), None)
         samples = outcome.update.samples if outcome.update is not None else 0
+        metrics = dict(outcome.update.metrics) if outcome.update is not None else {}
         self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "rejected", outcome.reason,
-                                                                samples, wire)
+                                                                samples, wire, metrics)
         if outcome.round < 0:
             outcome = Rejected(outcome.reason, outcome.detail, outcome.update, self.round)
         return outcome

@@ -50,7 +50,10 @@ def config(broker, tmp_path: Path, fed: str, **round_opts):
     round_cfg.update(round_opts.pop("round", {}))
     data = {"federation": fed, "task": TASK, "rounds": 2, "seed": 3, "state_dir": str(tmp_path / f"state-{fed}"),
             "broker": {"url": broker.url, "protocol": broker.protocol}, "round": round_cfg,
-            "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False}}
+            "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False},
+            # Dense downlink, no density warm-up: these tests compute the expected global model
+            # exactly from the plan's density.
+            "downlink": {"codec": "none"}, "warmup": {"rounds": 0}}
     data.update(round_opts)
     return config_from_dict(data)
 
@@ -195,6 +198,8 @@ name = "fedadam"
 eta = 0.01
 [publish]
 onnx = false
+[warmup]
+rounds = 0
 """
 
 
