@@ -99,12 +99,6 @@ class Publish:
         self._after = after
         self.topic = topic
         self.qos = qos
-        self._queued = info.rc == paho.MQTT_ERR_NO_CONN
-
-    def _published(self) -> bool:
-        if self._queued:
-            return self._info.mid in self._link._acked  # noqa: SLF001  (read under the link's condition)
-        return self._info.is_published()
 
     def done(self) -> bool:
         return self._link.acknowledged(self.mid, self._after)
