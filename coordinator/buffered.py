@@ -33,6 +33,8 @@ update counts exactly once, whatever instant the coordinator dies at.
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import time
 from collections.abc import Callable
@@ -66,12 +68,13 @@ JOURNAL_DIR = "buffer"
 _ANSWER_STEPS = 8
 
 
-def make_coordinator(config: CoordinatorConfig, link: Link | None = None) -> Coordinator:
+def make_coordinator(config: CoordinatorConfig, link: Link | None = None, **kwargs: Any) -> Coordinator:
     """The coordinator for ``config``'s mode: :class:`BufferedCoordinator` for
-    ``[round] mode = "async"``, else :class:`coordinator.service.Coordinator`."""
+    ``[round] mode = "async"``, else :class:`coordinator.service.Coordinator` (``kwargs``:
+    its keyword arguments, e.g. ``metrics``)."""
     if config.round.mode == "async":
-        return BufferedCoordinator(config, link)
-    return Coordinator(config, link)
+        return BufferedCoordinator(config, link, **kwargs)
+    return Coordinator(config, link, **kwargs)
 
 
 class BufferedCoordinator(Coordinator):
@@ -81,8 +84,8 @@ class BufferedCoordinator(Coordinator):
     :class:`coordinator.service.Coordinator`.
     """
 
-    def __init__(self, config: CoordinatorConfig, link: Link | None = None) -> None:
-        super().__init__(config, link)
+    def __init__(self, config: CoordinatorConfig, link: Link | None = None, **kwargs: Any) -> None:
+        super().__init__(config, link, **kwargs)
         #: device -> (task round, lease end in seconds since the epoch).
         self.busy: dict[str, tuple[int, float]] = {}
         #: device -> last task round it answered (or the step its journaled update is for).
@@ -102,6 +105,13 @@ class BufferedCoordinator(Coordinator):
         records: list[RoundRecord] = []
         try:
             vector, step, version = self._resume(cfg.state_dir)
+            if self._residual is not None:
+                # The version chain's server-side error feedback is stepped per synchronous
+                # round; buffered steps publish whole models (docs/scale.md).
+                log.warning("async mode publishes the whole global model each step: [downlink] codec %r is "
+                            "not used", cfg.downlink.codec)
+                vector = vector + self._residual
+                self._residual = None
             self._load_eval_data()
             engine = self.engine = BufferedEngine(  # type: ignore[assignment]
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,

@@ -215,6 +215,20 @@ class BufferedEngine:
         self._remember(device, transfer_id, ("rejected", outcome.reason, round_))
         return Rejected(outcome.reason, outcome.detail, outcome.update, round_)
 
+    def admit(self, device: str, transfer_id: str, size: int) -> Repeat | Rejected | None:
+        """Judge a transfer from its manifest, before anything is allocated for it (as
+        :meth:`fedmq.fl.rounds.RoundEngine.admit`; every known device may send at any time):
+        a resend of an answered transfer gets its :class:`Repeat` at once, a size above the
+        bound or an unknown device is refused, anything else is assembled and offered."""
+        previous = self._answers.get((device, transfer_id))
+        if previous is not None:
+            return Repeat(previous[0], previous[1], previous[2])
+        if size > self.max_update_bytes:
+            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}")
+        if not self.is_known(device):
+            return Rejected("unknown_device", f"no status ever seen from {device!r}")
+        return None
+
     def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
         manifest, ``malformed`` manifest)."""

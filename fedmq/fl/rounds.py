@@ -517,6 +517,9 @@ class RoundEngine:
         return outcome
 
     def _check_content(self, upd: ClientUpdate) -> Accepted | Rejected:
+        def reject(reason: str, detail: str) -> Rejected:
+            return Rejected(reason, detail, upd, upd.round)
+
         if upd.base_version != self.base_version:
             return reject("wrong_base_version", f"trained from version {upd.base_version}, "
                                                 f"round {self.round} trains from {self.base_version}")

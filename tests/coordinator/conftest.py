@@ -22,8 +22,9 @@ def coordinator_cli() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
 
     def start(cfg: Path) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        with open(cfg.parent / "coordinator.log", "a") as log:  # read it when a test fails
+            proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(cfg)],
+                                    env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         started.append(proc)
         return proc
 
