@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from fedmq.errors import ConfigError
 from fedmq.settings_file import read_toml
+from fedmq.testhooks import hook_variables
 from fedmq.topics import check_id
 from fedmq.transport.settings import parse_broker_url
 
@@ -57,7 +58,7 @@ _FILE_NAMES = {attr: f"broker.{opt}" for opt, attr in BROKER_OPTIONS.items()}
 #: fedmq 0.1's flat top-level names, kept working (deprecated): old name -> attribute.
 DEPRECATED_NAMES = {attr: attr for attr in BROKER_OPTIONS.values()}
 #: Variables with the prefix that are not options: the agent's test hook (edge_client.agent).
-_NOT_OPTIONS = ("FEDMQ_EDGE_TEST_PAUSE_AT", "FEDMQ_EDGE_TEST_PAUSE_FILE")
+_NOT_OPTIONS = hook_variables("FEDMQ_EDGE")
 _warned: set[tuple[str, str]] = set()
 
 

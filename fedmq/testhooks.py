@@ -32,6 +32,19 @@ from fedmq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: The variables a hook reads, without the process prefix.
+VARIABLES = ("TEST_PAUSE_AT", "TEST_PAUSE_ROUND", "TEST_PAUSE_FILE")
+
+
+def hook_variables(prefix: str) -> tuple[str, ...]:
+    """The environment variables the hook of a process with ``prefix`` reads.
+
+    A configuration loader that refuses unknown variables with its prefix must let these
+    through (``edge_client.config``).
+    """
+    return tuple(f"{prefix}_{name}" for name in VARIABLES)
+
+
 #: How often a paused process looks at its pause file and stop flag, seconds.
 POLL_S = 0.02
 

@@ -115,6 +115,14 @@ def test_unknown_environment_variable_is_refused_naming_the_closest_option(tmp_p
     assert f"environment variable {var} matches no edge client option; did you mean {closest}?" in str(err.value)
 
 
+def test_the_test_hook_variables_are_not_refused_as_options(tmp_path):
+    # The fault-injection suite pauses a device at a step of one round with all three.
+    env = {"FEDMQ_EDGE_TEST_PAUSE_AT": "training", "FEDMQ_EDGE_TEST_PAUSE_ROUND": "2",
+           "FEDMQ_EDGE_TEST_PAUSE_FILE": str(tmp_path / "paused")}
+    cfg = load_config(_write(tmp_path, BASE), environ=env)
+    assert cfg.device_id
+
+
 @pytest.mark.parametrize("extra, broker, words", [
     ('torch_threads = 0\n', BROKER, ["torch_threads", "FEDMQ_EDGE_TORCH_THREADS", "greater than or equal to 1"]),
     ('holdout_fraction = 0.9\n', BROKER, ["holdout_fraction", "less than 0.5"]),

@@ -22,10 +22,12 @@ CI_TRIALS = (
     # mosquitto killed after the new model was published (before its autosave): the retained
     # model and round state are gone and the coordinator must restore them.
     ("model published", "broker", "kill"),
-    # The coordinator-kill (training) and edge-kill (update publish) trials fail on this main
-    # since the downlink and admission changes merged (the fault suite passed them on its own
-    # branch); they run in the full suite, `python -m benchmarks run --suite faults`, until
-    # fixed (issue 16 stays open).
+    # The coordinator killed while a device trains: the rerun round must reach the devices
+    # that answered the interrupted one.
+    ("training", "coordinator", "kill"),
+    # A device killed right after publishing its update: after its restart it asks the
+    # coordinator (one authority) instead of rolling back an aggregated update.
+    ("update publish", "edge", "kill"),
 )
 
 
