@@ -796,6 +796,11 @@ class EdgeAgent:
             if not self._load_global(task.model_version, stop, task.model_sha256):
                 return
         except FedmqError as exc:
+            if stop.is_set():
+                # A stop (SIGTERM) cut the fetch short: the round is not done, the next start
+                # answers its task (still retained) if the deadline allows.
+                log.info("round %d: stopped while fetching global model %d", task.round, task.model_version)
+                return
             log.error("round %d: global model %d unavailable (%s): skipped", task.round, task.model_version, exc)
             self.state.finish_round(task.round, task.deadline)
             return

@@ -28,6 +28,9 @@ CI_TRIALS = (
     # A device killed right after publishing its update: after its restart it asks the
     # coordinator (one authority) instead of rolling back an aggregated update.
     ("update publish", "edge", "kill"),
+    # A device stopped gracefully (SIGTERM) while it fetches the global model: the stop must
+    # not mark the round done, or the restarted device ignores the round's task.
+    ("model fetch", "edge", "term"),
 )
 
 
