@@ -47,7 +47,7 @@ class RoundConfig(_Section):
 
     devices_per_round: StrictInt | float = 10
     min_updates: int = Field(1, ge=1)
-    over_selection: float = Field(1.3, ge=1.0, le=10.0)
+    over_selection: float = Field(1.0, ge=1.0, le=10.0)
     deadline_s: float = Field(60.0, gt=0)
     wait_for_devices_s: float = Field(60.0, ge=0)
     min_devices: int | None = Field(None, ge=1)
@@ -102,6 +102,9 @@ class EvaluationConfig(_Section):
 
     data: str = "none"
     batch_size: int = Field(512, ge=1)
+    #: Held-out samples a new global model's loss must be finite on before it is published
+    #: (0: no gate); the full evaluation runs in the background (coordinator.evaluation).
+    gate_samples: int = Field(256, ge=0)
 
     @field_validator("data")
     @classmethod

@@ -39,8 +39,9 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_loss
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.presence import DeviceRegistry
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
@@ -165,6 +167,12 @@ class Coordinator:
         self._stop = threading.Event()
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
+        self._evaluator: BackgroundEvaluator | None = None
+        #: Closed rounds whose evaluation may still run, oldest first; each is reported
+        #: (``round_closed``) once it and every older one are evaluated.
+        self._pending: deque[tuple[RoundRecord, Future[Evaluation] | None]] = deque()
+        self._records: list[RoundRecord] = []
+        self._notify: Callable[[Progress], None] = lambda _p: None
         self._model_bytes = 0
         settings = config.broker
         if settings.protocol == "5" and settings.session_expiry == 0:
@@ -228,15 +236,16 @@ class Coordinator:
 
         state_dir = cfg.state_dir
         self.db = StateDB(state_dir)
-        records: list[RoundRecord] = []
+        records = self._records = []
+        self._notify = notify
         try:
+            self._load_eval_data()
             vector, round_done, version = self._resume(state_dir)
             self.metrics.started(version, *self._last_eval)
             if self._serve_metrics:
                 served = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
                 log.info("metrics on %s", served.url)
             self._vector = vector
-            self._load_eval_data()
             self.link.connect()
             self._connects_seen = self.link.connects
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
@@ -255,12 +264,14 @@ class Coordinator:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:
                     break
-                records.append(rec)
                 round_done, version = rec.round, rec.model_version
-                notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,
-                                sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
+                self._report_evaluated(wait=False)
+            self._report_evaluated(wait=True)
             return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
         finally:
+            if self._evaluator is not None:
+                self._evaluator.close(wait=False)
+                self._evaluator = None
             if self._serve_metrics:
                 self.metrics.close()
             self.link.close()
@@ -314,9 +325,18 @@ class Coordinator:
                 # Switching the downlink off publishes the server model itself: nothing is lost.
                 vector = downlink.server_model(vector, ckpt.downlink_residual)
             if ckpt.record is not None:
-                # The checkpoint is written before the database: replay its record.
-                self.db.write_round(ckpt.record)
-                self._last_eval = (ckpt.record.test_loss, ckpt.record.test_accuracy)
+                # The checkpoint is written before the database (and before the round's model
+                # is evaluated): replay its record with the evaluation the database has, or
+                # evaluate the model now when the run was killed before that finished.
+                rec = ckpt.record
+                if rec.test_loss is None and self._eval_data is not None and rec.state == "closed":
+                    stored = self.db.evaluation(rec.round)
+                    loss, acc = stored if stored is not None else evaluate_vector(
+                        self.task, self.model, self.spec, vector, *self._eval_data,
+                        batch_size=self.config.evaluation.batch_size)
+                    rec = replace(rec, test_loss=loss, test_accuracy=acc)
+                self.db.write_round(rec)
+                self._last_eval = (rec.test_loss, rec.test_accuracy)
             self.db.delete_rounds_after(round_done)
             log.info("resumed from round %d, model version %d", round_done, version)
         for dev in self.db.devices():
@@ -334,6 +354,9 @@ class Coordinator:
         else:
             x, y = self.task.load_local(data, self.config.where("evaluation.data"))
         self._eval_data = (x, y)
+        if self._evaluator is None:
+            self._evaluator = BackgroundEvaluator(self.task, self.task.build_model(self.config.seed), self.spec,
+                                                  self._eval_data, self.config.evaluation.batch_size)
 
     def _clear_inflight_tasks(self) -> None:
         """Clear retained tasks left by a round that was in flight when we were killed."""
@@ -420,7 +443,7 @@ class Coordinator:
         if closed.model_delta is not None and not stepped:
             rec = replace(rec, state="failed", model_version=rec.base_version)
             self.rejections["non_finite_model"] += 1
-        rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
+        rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in engine.norms]))
         # Durable first (the checkpoint is the source of truth), then visible.
@@ -450,10 +473,37 @@ class Coordinator:
                 self._model_at = (rec.model_version, rec.round)
                 self._connects_seen = -1
             self._pause("model_published", rec.round)
-        log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
-                 rec.accepted, rec.target, rec.rejected or "{}",
-                 "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
+        evaluation = self._evaluator.submit(vector) if stepped and self._evaluator is not None else None
+        self._pending.append((rec, evaluation))
         return rec
+
+    def _report_evaluated(self, wait: bool) -> None:
+        """Report the closed rounds whose evaluation finished (all of them when ``wait``), in
+        round order: their test loss and accuracy into the database, then ``round_closed``."""
+        assert self.db is not None
+        while self._pending:
+            rec, evaluation = self._pending[0]
+            if evaluation is not None:
+                if not wait and not evaluation.done():
+                    return
+                try:
+                    loss, acc = evaluation.result()
+                except Exception:  # noqa: BLE001 - a failed evaluation must not end the run
+                    log.exception("round %d: evaluating model version %d failed", rec.round, rec.model_version)
+                    loss, acc = None, None
+                if loss is not None and not np.isfinite(loss):
+                    log.error("round %d: model version %d evaluates to test loss %s", rec.round, rec.model_version,
+                              loss)
+                rec = replace(rec, test_loss=loss, test_accuracy=acc)
+                self.db.set_evaluation(rec.round, loss, acc)
+                self._last_eval = (loss, acc)
+            self._pending.popleft()
+            self._records.append(rec)
+            log.info("round %d %s: accepted %d/%d, rejected %s, test accuracy %s, %.1f s", rec.round, rec.state,
+                     rec.accepted, rec.target, rec.rejected or "{}",
+                     "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
+            self._notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,
+                                  sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
 
     def _step(self, vector: np.ndarray, delta: np.ndarray, round_: int) -> bool:
         """Step the server optimizer on ``vector`` in place, unless the new global model
@@ -462,15 +512,14 @@ class Coordinator:
         before = {k: v.copy() for k, v in self.optimizer.state_arrays().items()}
         candidate = vector.copy()
         self.optimizer.step(candidate, delta)
-        evaluation = self._evaluate(candidate) if np.isfinite(candidate).all() else (float("nan"), None)
-        if evaluation[0] is not None and not np.isfinite(evaluation[0]):
+        loss = self._gate(candidate) if np.isfinite(candidate).all() else float("nan")
+        if loss is not None and not np.isfinite(loss):
             log.error("round %d: the new global model is non-finite or evaluates to loss %s: not published, "
-                      "the round fails and the model stays", round_, evaluation[0])
+                      "the round fails and the model stays", round_, loss)
             self.optimizer.load_state_arrays(before, self.spec.size)
             self._module_of(vector)
             return False
         vector[:] = candidate
-        self._last_eval = evaluation
         return True
 
     # -- retained state --------------------------------------------------------------------
@@ -526,6 +575,7 @@ class Coordinator:
 
     def _pump(self, timeout: float, notify: Callable[[Progress], None] | None = None) -> bool:
         """Handle the messages waiting in the inbox (waiting up to ``timeout`` s for the first)."""
+        self._report_evaluated(wait=False)
         self._repair_retained()
         try:
             msg = self.inbox.get(timeout=timeout)
@@ -661,12 +711,11 @@ class Coordinator:
         load_params(self.model, vector, self.spec)
         return self.model
 
-    def _evaluate(self, vector: np.ndarray) -> tuple[float | None, float | None]:
-        if self._eval_data is None:
-            return (None, None)
-        metrics = self.task.evaluate(self._module_of(vector), *self._eval_data,
-                                     batch_size=self.config.evaluation.batch_size)
-        return (metrics["loss"], metrics.get("accuracy"))
+    def _gate(self, vector: np.ndarray) -> float | None:
+        """The loss of a candidate global model on the first ``evaluation.gate_samples``
+        held-out samples (coordinator.evaluation.gate_loss); None without evaluation data."""
+        return gate_loss(self.task, self.model, self.spec, vector, self._eval_data,
+                         self.config.evaluation.gate_samples)
 
     def _step_compressed(self, vector: np.ndarray, model_delta: np.ndarray, version: int,
                          round_: int) -> bytes | None:
@@ -683,10 +732,10 @@ class Coordinator:
         codec = self.config.downlink.codec_config()
         codec = replace(codec, density=self.config.warmup.density(codec.density, round_))
         step = downlink.compress_step(vector, server, self.spec, codec) if np.isfinite(server).all() else None
-        evaluation = self._evaluate(step.published) if step is not None else (float("nan"), None)
-        if step is None or (evaluation[0] is not None and not np.isfinite(evaluation[0])):
+        loss = self._gate(step.published) if step is not None else float("nan")
+        if step is None or (loss is not None and not np.isfinite(loss)):
             log.error("round %d: the new global model is non-finite or evaluates to loss %s: not published, "
-                      "the round fails and the model stays", round_, evaluation[0])
+                      "the round fails and the model stays", round_, loss)
             self.optimizer.load_state_arrays(before, self.spec.size)
             self._module_of(vector)
             return None
@@ -696,7 +745,6 @@ class Coordinator:
         atomic_write_bytes(self._delta_path(version), blob)
         vector[:] = step.published
         self._residual = step.residual
-        self._last_eval = evaluation
         return blob
 
     def _delta_dir(self) -> Path:

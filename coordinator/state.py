@@ -185,6 +185,19 @@ class StateDB:
                 [(rec.round, p.device, p.transfer_id, p.status, p.reason, p.samples, p.bytes_up,
                   json.dumps(p.metrics, sort_keys=True)) for p in rec.participations])
 
+    def set_evaluation(self, round_: int, loss: float | None, accuracy: float | None) -> None:
+        """Store the test loss and accuracy of round ``round_``'s global model (evaluated
+        after the round was written)."""
+        with self.conn:
+            self.conn.execute("UPDATE rounds SET test_loss = ?, test_accuracy = ? WHERE round = ?",
+                              (loss, accuracy, round_))
+
+    def evaluation(self, round_: int) -> tuple[float | None, float | None] | None:
+        """``(test_loss, test_accuracy)`` stored for round ``round_``; None when the round is
+        not stored or was not evaluated."""
+        row = self.conn.execute("SELECT test_loss, test_accuracy FROM rounds WHERE round = ?", (round_,)).fetchone()
+        return None if row is None or row[0] is None else (row[0], row[1])
+
     def transfer_outcome(self, device: str, transfer_id: str) -> tuple[str, str, int] | None:
         """The stored answer to a transfer of ``device`` judged in a finished round:
         ``(status, reason, round)``, or None when no finished round judged it. An update
