@@ -129,7 +129,7 @@ class EdgeConfig(BaseModel):
     state_dir: Path
     torch_threads: int = Field(1, ge=1, le=256)
     max_train_seconds: float = Field(300.0, gt=0)
-    holdout_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=0.5)
     seed: int = 0
     keepalive: int = Field(30, ge=5, le=3600)
     session_expiry: int = Field(7 * 24 * 3600, ge=0)

@@ -338,7 +338,7 @@ class Scheduling:
     #: compression and accuracy parity").
     over_selection: float = 1.0
     min_devices: int | None = None
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = 0.0
     min_updates: int | None = None
 
 

@@ -29,12 +29,13 @@ class SelectionPolicy:
             eligible devices, rounded up); the round closes early once this many client
             updates are accepted (its *target*).
         min_updates: fewest accepted updates for a round to succeed at its deadline.
-        over_selection: factor >= 1 applied to the target when selecting, default 1.3.
+        over_selection: factor >= 1 applied to the target when selecting, default 1.0 (over-selecting and closing on the first
+            answers biases participation towards fast devices; docs/coordinator.md).
     """
 
     devices_per_round: int | float
     min_updates: int = 1
-    over_selection: float = 1.3
+    over_selection: float = 1.0
 
     def target(self, eligible: int) -> int:
         """Accepted updates that close the round early, given ``eligible`` devices."""

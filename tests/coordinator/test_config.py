@@ -40,7 +40,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_file_is_read_and_relative_paths_follow_the_file(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), environ={})
-    assert cfg.rounds == 5 and cfg.round.devices_per_round == 4 and cfg.round.over_selection == 1.3
+    assert cfg.rounds == 5 and cfg.round.devices_per_round == 4 and cfg.round.over_selection == 1.0
     assert cfg.plan.local_steps == 3 and cfg.plan.lr == 0.1
     assert cfg.state_dir == tmp_path / "state"
     opt = cfg.server_optimizer.build()

@@ -44,6 +44,8 @@ from fedmq.transport.settings import BrokerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 FED, DEV, TASK, SEED = "fed", "dev-1", "digits-mlp", 0
+#: A local hold-out, so that the val_* metrics of a client update are checked too.
+HOLDOUT = 0.1
 PLAN = TrainPlan(local_steps=6, local_epochs=0, batch_size=32, lr=0.1, density=0.05, seed=3)
 
 pytestmark = pytest.mark.timeout(180)
@@ -120,6 +122,7 @@ class Device:
         self.config.write_text(
             f'device_id = "{DEV}"\nfederation = "{FED}"\ntask = "{TASK}"\ndata = "{self.data}"\n'
             f'state_dir = "{self.state}"\nseed = {SEED}\nreceipt_timeout = 60\nreceipt_grace = 0\n'
+            f'holdout_fraction = {HOLDOUT}\n'
             f'[broker]\nurl = "{broker.url}"\nprotocol = "{broker.protocol}"\n')
         self.pause_file = tmp / "paused"
         self.log = tmp / "device.log"
@@ -169,7 +172,7 @@ def true_update(coord: Coordinator, device: Device, round: int) -> np.ndarray:
     model = task.build_model(SEED)
     model_from_safetensors(coord.global_bytes, model, coord.spec)
     x, y = load_local_data(device.data, task)
-    xt, yt, xv, yv = split_holdout(x, y, 0.1, SEED)
+    xt, yt, xv, yv = split_holdout(x, y, HOLDOUT, SEED)
     round_task = Task(FED, DEV, round, 1, coord.spec.hash, 0.0, PLAN)
     return train_for_task(model, xt, yt, round_task, seed=SEED, max_seconds=300.0, x_val=xv, y_val=yv).update
 

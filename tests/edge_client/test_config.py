@@ -34,7 +34,7 @@ def _write(tmp_path: Path, text: str, broker: str = BROKER) -> Path:
 def test_defaults_and_relative_paths(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), environ={})
     assert cfg.broker_url == "mqtt://127.0.0.1:1884"
-    assert cfg.protocol == "5" and cfg.torch_threads == 1 and cfg.holdout_fraction == 0.1
+    assert cfg.protocol == "5" and cfg.torch_threads == 1 and cfg.holdout_fraction == 0.0
     assert cfg.data == tmp_path.resolve() / "data.npz"
     assert cfg.state_dir == tmp_path.resolve() / "state"
     assert cfg.username_file is None and cfg.keepalive == 30 and cfg.session_expiry == 604800
