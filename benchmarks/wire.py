@@ -38,6 +38,7 @@ from rich.console import Console
 
 from benchmarks.faults import shipped_persistence_conf
 from broker.launch import start_mosquitto
+from fedmq.data import shared_data_dir
 from fedmq.errors import FedmqError
 from fleet.demo import run_demo
 
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="folder for the runs (created; must not exist)")
     args = ap.parse_args()
+    if args.data == "mnist" and args.data_dir is None:
+        args.data_dir = shared_data_dir() / "mnist-t10k"  # the MNIST-10k split
     args.out.mkdir(parents=True, exist_ok=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for partition in args.partition or ["iid"]:
