@@ -46,6 +46,10 @@ from fleet.demo import run_demo
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "dense": {"codec": "none"},
+    # Candidates tried for accuracy parity (BENCHMARKS.md): server momentum and server lr.
+    "fedavgm-0.7": {"server_optimizer": {"name": "fedavgm", "momentum": 0.7}},
+    "fedavgm-0.9": {"server_optimizer": {"name": "fedavgm", "momentum": 0.9}},
+    "fedavgm-0.5-eta-1.5": {"server_optimizer": {"name": "fedavgm", "momentum": 0.5, "eta": 1.5}},
 }
 
 _CONNECTED = re.compile(r"New client connected from 127\.0\.0\.1:(\d+) as (\S+)")
