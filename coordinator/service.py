@@ -619,11 +619,21 @@ class Coordinator:
             self.rejections["malformed_status"] += 1
             log.warning("status of %s ignored: %s", device, exc)
             return
-        if self.registry.on_status(device, status) is None and status.device != device:
+        dev = self.registry.on_status(device, status)
+        if dev is None and status.device != device:
             self.rejections["device_mismatch"] += 1
+        if dev is not None and not dev.online:
+            self._went_offline(device)
         for conflict in self.registry.conflict_reports():
             assert self.db is not None
             self.db.write_conflict(conflict)
+
+    def _went_offline(self, device: str) -> None:
+        """A device's offline status (its last will, or a clean leave) arrived: a selected
+        device that has not answered is counted as dropped at once, not at the deadline."""
+        engine = self.engine
+        if engine is not None and engine.drop(device):
+            log.info("round %d: %s went offline before answering: dropped", engine.round, device)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""

@@ -44,6 +44,7 @@ from rich.table import Table
 
 from coordinator.config import load_config
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.buffered import make_coordinator
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition
@@ -476,7 +477,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              devices_in: str = "processes", scheduling: Scheduling | None = None,
              plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
              samples_per_device: int | None = None, test_samples: int | None = None,
-             aggregation: str = "weighted-mean",
+             aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
              metrics: CoordinatorMetrics | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
@@ -575,7 +576,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "federation": federation, "task": task_name, "rounds": rounds, "seed": seed,
             "state_dir": "coordinator-state",
             "broker": {"url": broker_url, "protocol": protocol},
-            "round": {"devices_per_round": per_round,
+            "round": {"mode": round_mode, "devices_per_round": per_round,
                       "min_updates": sched.min_updates or max(1, math.ceil(per_round / 2)),
                       "over_selection": sched.over_selection, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
                       "min_devices": sched.min_devices or per_round},
@@ -592,7 +593,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         folder.record()
 
         initial = task_def.evaluate(task_def.build_model(seed), dataset.x_test, dataset.y_test)
-        coordinator = Coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
+        coordinator = make_coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
         previous = signal.getsignal(signal.SIGTERM)
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:

@@ -130,8 +130,9 @@ Outcome = Accepted | Rejected | Repeat
 class ParticipationRecord:
     """One device's part in one round.
 
-    ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
-    sent nothing in time). ``bytes_up``: blob bytes received (manifest included).
+    ``status``: ``accepted``, ``rejected`` (with ``reason``), ``no_answer`` (selected,
+    sent nothing in time) or ``dropped`` (selected, went offline (its last will fired)
+    before it answered, see :meth:`RoundEngine.drop`). ``bytes_up``: blob bytes received (manifest included).
     """
 
     device: str
@@ -289,6 +290,7 @@ class RoundEngine:
         self.rejected: dict[str, int] = {}
         self.parts: dict[tuple[str, str], ParticipationRecord] = {}
         self.answered: set[str] = set()
+        self.dropped: set[str] = set()
         self.bytes_up = 0
         self.received = 0
         self._wire: dict[tuple[str, str], int] = {}
@@ -323,7 +325,7 @@ class RoundEngine:
 
     @property
     def complete(self) -> bool:
-        """True once the target is reached or every selected device has answered."""
+        """True once the target is reached or every selected device has answered or dropped."""
         return self.aggregate.count >= self.target or self.answered >= self.selected
 
     def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
@@ -395,6 +397,23 @@ class RoundEngine:
                                          f"{self.round}", None, self.round)
         return None
 
+    def drop(self, device: str) -> bool:
+        """Count a selected device that went offline (its last will fired) before it answered
+        as ``dropped`` now, so that the round does not wait for it until the deadline; the
+        round is :attr:`complete` once every selected device has answered or dropped. An
+        update it still sends while the round is open is judged as usual and replaces the
+        ``dropped`` record.
+
+        Returns:
+            True when the device was counted (round open, device selected, no answer yet).
+        """
+        if not self.is_open or device not in self.selected or device in self.answered:
+            return False
+        self.answered.add(device)
+        self.dropped.add(device)
+        self.parts[(device, "")] = ParticipationRecord(device, status="dropped")
+        return True
+
     def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
         manifest, ``malformed`` manifest): counted like any rejection."""
@@ -422,6 +441,9 @@ class RoundEngine:
             self.aggregate.add(outcome.sparse, float(upd.samples))
             self.norms.append(outcome.norm)
             self.answered.add(device)
+            if device in self.dropped:
+                self.dropped.discard(device)
+                self.parts.pop((device, ""), None)
             if self.aggregate.count >= self.target:
                 # Complete from here on: updates already queued behind this one are late.
                 self.is_open = False
@@ -434,6 +456,9 @@ class RoundEngine:
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         if device in self.selected and outcome.reason not in _NOT_AN_ANSWER:
             self.answered.add(device)
+            if device in self.dropped and self.is_open:
+                self.dropped.discard(device)
+                self.parts.pop((device, ""), None)
         samples = outcome.update.samples if outcome.update is not None else 0
         metrics = dict(outcome.update.metrics) if outcome.update is not None else {}
         self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "rejected", outcome.reason,
@@ -531,3 +556,31 @@ class RoundEngine:
         if len(self.norms) < self.norm_warmup:
             return self.norm_initial
         return self.norm_factor * float(np.median(np.fromiter(self.norms, dtype=np.float64)))
+
+
+def check_payload(upd: ClientUpdate, spec: ParamSpec, *, kind: str, norm_bound: float | None) -> Accepted | Rejected:
+    """The checks of a client update's content, shared by the synchronous and the buffered
+    engine: update kind, sample count, a full decode (:func:`fedmq.codecs.decode_sparse`),
+    finiteness and the L2 norm bound. Returns :class:`Accepted` (decoded, not yet added
+    anywhere) or :class:`Rejected` with ``malformed``, ``non_finite`` or ``norm_bound``."""
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(reason, detail, upd, upd.round)
+
+    if upd.kind != kind:
+        return reject("malformed", f"update kind {upd.kind!r}, the federation asks for {kind!r}")
+    if upd.samples < 1:
+        return reject("malformed", f"samples {upd.samples}, expected >= 1")
+    try:
+        sparse = decode_sparse(upd.codec, upd.payload, spec)
+    except NonFiniteError as exc:
+        return reject("non_finite", str(exc))
+    except WireError as exc:
+        return reject("malformed", str(exc))
+    # Not SparseUpdate.l2_norm: its np.dot goes through multi-threaded BLAS, which on a
+    # busy host costs milliseconds per call in thread wake-ups (measured 7.8 ms vs 0.01 ms).
+    norm = math.sqrt(float(np.square(sparse.values, dtype=np.float64).sum()))
+    if not math.isfinite(norm):
+        return reject("non_finite", f"L2 norm {norm}")
+    if norm_bound is not None and norm > norm_bound:
+        return reject("norm_bound", f"L2 norm {norm:.6g} above the bound {norm_bound:.6g}")
+    return Accepted(upd, sparse, norm)

@@ -246,3 +246,21 @@ def test_a_resend_is_answered_from_the_stored_outcome_after_the_memory_is_gone()
     g = gate(lookup=lambda d, t: stored.get((d, t)))
     assert g.check("a", "t1", make(round_=1)) == Repeat("accepted", "", 1)
     assert reason(g.check("a", "t2", make(round_=1))) == "wrong_round"
+
+
+def test_selected_device_gone_offline_is_dropped_and_the_round_completes_without_it():
+    g = gate(selected=("a", "b"), target=2)
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    assert not g.engine.complete
+    assert g.engine.drop("b") and g.engine.complete
+    assert not g.engine.drop("b") and not g.engine.drop("c")  # counted once; c was not selected
+    rec = g.close().record
+    assert {p.device: p.status for p in rec.participations} == {"a": "accepted", "b": "dropped"}
+
+
+def test_dropped_device_that_still_answers_in_time_is_accepted():
+    g = gate(selected=("a", "b"), target=2)
+    g.engine.drop("b")
+    assert isinstance(g.check("b", "t2", make(device="b")), Accepted)
+    rec = g.close().record
+    assert {(p.device, p.status) for p in rec.participations} == {("a", "no_answer"), ("b", "accepted")}
