@@ -371,9 +371,13 @@ class VirtualDevice:
                 self.stop.wait(seconds)
                 continue
             if not first:
+                from fedmq.transport.counting import CountingLink
+
                 self.session = threading.Event()
                 self.link = self._new_link()
-                self.agent.link = self.link
+                # The agent counts what its link carries (bytes_down of its updates): the new
+                # connection adds to the same counters.
+                self.agent.link = CountingLink(self.link, self.agent.link.traffic)
             first = False
             self.returned.clear()
             if math.isfinite(seconds):

@@ -14,11 +14,12 @@ is closed, so the coordinator sees exactly what a dead device causes.
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Any
 
 from fedmq.errors import TransportError
-from fedmq.transport import Link, Will
+from fedmq.transport import Link, Message, Will
 from fedmq.transport.base import PublishHandle
 
 
@@ -48,6 +49,16 @@ class ShapedLink:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._link, name)
+
+    # The wrapped link delivers into its own inbox: a wrapper above this one (the agent's
+    # CountingLink) that replaces the inbox must replace the wrapped link's, or nothing arrives.
+    @property
+    def inbox(self) -> queue.SimpleQueue[Message]:
+        return self._link.inbox
+
+    @inbox.setter
+    def inbox(self, inbox: queue.SimpleQueue[Message]) -> None:
+        self._link.inbox = inbox
 
     def set_will(self, will: Will | None) -> None:
         self._will = will
