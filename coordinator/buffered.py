@@ -53,6 +53,7 @@ from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundRecord
 from fedmq.messages import RoundAnnouncement, Task
 from fedmq.transport import Link
+from fedmq.transport.counting import LINK_BYTES_IN
 from fedmq.transport.flows import request_repairs
 from fedmq.transport.receiver import BlobReceiver
 
@@ -105,13 +106,6 @@ class BufferedCoordinator(Coordinator):
         records: list[RoundRecord] = []
         try:
             vector, step, version = self._resume(cfg.state_dir)
-            if self._residual is not None:
-                # The version chain's server-side error feedback is stepped per synchronous
-                # round; buffered steps publish whole models (docs/scale.md).
-                log.warning("async mode publishes the whole global model each step: [downlink] codec %r is "
-                            "not used", cfg.downlink.codec)
-                vector = vector + self._residual
-                self._residual = None
             self._load_eval_data()
             engine = self.engine = BufferedEngine(  # type: ignore[assignment]
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
@@ -122,6 +116,7 @@ class BufferedCoordinator(Coordinator):
             self._restore_answers(engine, step)
             self._replay_journal(engine, step)
             self.link.connect()
+            self._connects_seen = self.link.connects
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.async_.task_timeout_s),
                                          max_size=cfg.limits.max_update_bytes)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
@@ -131,7 +126,7 @@ class BufferedCoordinator(Coordinator):
                      len(engine.buffer), engine.buffer_size)
             while engine.step < cfg.rounds and not self.stopping:
                 if engine.ready:  # a journal replayed full (killed between its last update and the step)
-                    self._step(engine)
+                    self._server_step(engine)
                     continue
                 self._expire_leases()
                 self._dispatch(engine)
@@ -151,6 +146,7 @@ class BufferedCoordinator(Coordinator):
                              stopped=engine.step < cfg.rounds)
         finally:
             self.link.close()
+            self._flush_rejections()
             self.db.close()
 
     # -- start-up ------------------------------------------------------------------------
@@ -219,8 +215,12 @@ class BufferedCoordinator(Coordinator):
         rng = np.random.default_rng([int(cfg.seed), next_round, self._dispatches])
         chosen = [idle[i] for i in sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False))]
         lease = time.time() + cfg.async_.task_timeout_s
+        plan = cfg.plan
+        if plan.codec != "none":
+            plan = replace(plan, density=cfg.warmup.density(plan.density, next_round))
         for device in chosen:
-            task = Task(self.fed, device, next_round, engine.version, self.spec.hash, lease, cfg.plan)
+            task = Task(self.fed, device, next_round, engine.version, self.spec.hash, lease, plan,
+                        self._published_sha)
             self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
             self.busy[device] = (next_round, lease)
         assert self.db is not None
@@ -268,9 +268,10 @@ class BufferedCoordinator(Coordinator):
             if engine.ready:
                 # At once: the buffer holds exactly buffer_size updates, and an update queued
                 # behind this one goes into the next buffer.
-                self._step(engine)
+                self._server_step(engine)
         else:
             assert isinstance(outcome, Rejected)
+            self.rejections[outcome.reason] += 1
             log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
                      outcome.detail)
             self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
@@ -284,28 +285,43 @@ class BufferedCoordinator(Coordinator):
 
     # -- the server step -----------------------------------------------------------------
 
-    def _step(self, engine: BufferedEngine) -> RoundRecord:
+    def _server_step(self, engine: BufferedEngine) -> RoundRecord:
+        """Empty the buffer into one server step, as a synchronous round closes: the server
+        optimizer steps (on ``published + residual`` with a compressed downlink, whose delta
+        is compressed with server-side error feedback), then evaluation, checkpoint, record,
+        publication. A step whose new global model would be non-finite fails: the model,
+        the optimizer state and the version stay."""
         cfg = self.config
         vector = self._vector
         assert self.db is not None
         closed = engine.flush(time.time())
         rec = closed.record
         assert closed.model_delta is not None
-        self.optimizer.step(vector, closed.model_delta)
-        self._last_eval = self._evaluate(vector)
+        delta_blob: bytes | None = None
+        if self._residual is None:
+            stepped = self._step(vector, closed.model_delta, rec.round)
+        else:
+            delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version, rec.round)
+            stepped = delta_blob is not None
+        if not stepped:
+            rec = replace(rec, state="failed", model_version=rec.base_version)
+            engine.version = rec.base_version
+            self.rejections["non_finite_model"] += 1
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
-                      bytes_down=self._model_bytes * rec.participants)
+                      bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         # Durable first (the checkpoint is the source of truth), then the journal goes.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._meta(), rec))
+                                                  self._meta(), rec, self._residual))
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
+        self._flush_rejections()
         folder = self._journal(rec.round)
         if folder.is_dir():
             self._delete_journal(folder)
-        self._publish_model(vector, rec.model_version, rec.round)
-        log.info("step %d: %d updates (mean staleness %.2f), rejected %s, test accuracy %s, %.1f s", rec.round,
-                 rec.accepted, rec.device_metrics.get("staleness", float("nan")), rec.rejected or "{}",
+        if stepped:
+            self._publish_model(vector, rec.model_version, rec.round, delta_blob)
+        log.info("step %d %s: %d updates (mean staleness %.2f), rejected %s, test accuracy %s, %.1f s", rec.round,
+                 rec.state, rec.accepted, rec.device_metrics.get("staleness", float("nan")), rec.rejected or "{}",
                  "n/a" if rec.test_accuracy is None else f"{rec.test_accuracy:.4f}", rec.wall_s)
         self._records.append(rec)
         self._notify(Progress("round_closed", rec.round, rec.participants, rec.target, rec.accepted,

@@ -165,7 +165,6 @@ class Coordinator:
         self._stop = threading.Event()
         self._eval_data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_eval: tuple[float | None, float | None] = (None, None)
-        self._model_bytes = 0
         settings = config.broker
         if settings.protocol == "5" and settings.session_expiry == 0:
             settings = settings.with_(session_expiry=SESSION_EXPIRY_S)
@@ -759,7 +758,6 @@ class Coordinator:
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
-        self._model_bytes = len(blob)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
         if self._residual is not None:
