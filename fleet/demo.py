@@ -346,6 +346,7 @@ class Scheduling:
 #: Where device agents run: ``processes`` (one OS process each, exactly as on a fleet) or
 #: ``threads`` (one thread each in this process; the only way onto the in-memory bus).
 DEVICE_MODES = ("processes", "threads")
+ROUND_MODES = ("sync", "async")
 PROTOCOLS = ("5", "3.1.1")
 MARKER = ".fedmq-demo.json"
 
@@ -406,7 +407,7 @@ class _OutFolder:
 
 def _validate(devices: int, per_round: int, rounds: int, data: str, partition_scheme: str, alpha: float,
               codec: str, density: float, broker: str | None, protocol: str, deadline_s: float,
-              devices_in: str, scheduling: Scheduling) -> None:
+              devices_in: str, scheduling: Scheduling, round_mode: str) -> None:
     if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
         raise ConfigError(f"need --devices >= 1, 1 <= --per-round <= --devices and --rounds >= 1 "
                           f"(got {devices}, {per_round}, {rounds})")
@@ -424,6 +425,8 @@ def _validate(devices: int, per_round: int, rounds: int, data: str, partition_sc
         raise ConfigError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
     if not deadline_s > 0:
         raise ConfigError(f"--deadline {deadline_s}: expected seconds > 0")
+    if round_mode not in ROUND_MODES:
+        raise ConfigError(f"--mode {round_mode!r}: expected one of {ROUND_MODES}")
     if devices_in not in DEVICE_MODES:
         raise ConfigError(f"devices_in {devices_in!r}: expected one of {DEVICE_MODES}")
     if broker is not None and broker.startswith("memory") and devices_in != "threads":
@@ -493,6 +496,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         plan: train-plan keys over the demo's (e.g. ``local_epochs``, ``lr``).
         server_optimizer: the ``[server_optimizer]`` table (default FedAvg).
         aggregation: the ``[aggregation] rule``.
+        round_mode: ``sync`` (rounds) or ``async`` (FedBuff: ``per_round`` updates per server
+            step, ``rounds`` server steps, ``deadline_s`` a task's lease).
         samples_per_device, test_samples: keep only the first N samples of each partition / of
             the test set (None: all).
         write_files: also write the model files and the plot (the simulator leaves them out).
@@ -510,7 +515,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
     console = console or Console(soft_wrap=True)
     sched = scheduling or Scheduling()
     _validate(devices, per_round, rounds, data, partition_scheme, alpha, codec, density, broker, protocol,
-              deadline_s, devices_in, sched)
+              deadline_s, devices_in, sched, round_mode)
     task_name = task or DEFAULT_TASKS[data]
     task_def = get_task(task_name, where="--task")
     folder = _OutFolder(out)
@@ -589,6 +594,10 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "aggregation": {"rule": aggregation},
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
+            # Async: K = --per-round updates per server step, every device may train at once,
+            # a task's lease is the round deadline.
+            **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
+               if round_mode == "async" else {}),
         })
         folder.record()
 
@@ -682,6 +691,8 @@ def demo_command(
     seed: int = typer.Option(0, help="Seed of model initialisation, sampling and local shuffling."),
     deadline: float = typer.Option(60.0, help="Round deadline, seconds."),
     log_level: LogLevel = typer.Option("WARNING", case_sensitive=False, help="DEBUG, INFO, WARNING or ERROR."),
+    mode: str = typer.Option("sync", help="sync (rounds) or async (buffered asynchronous aggregation, FedBuff: "
+                                          "--per-round updates per server step, --rounds server steps)."),
     in_process: bool = typer.Option(False, "--in-process",
                                     help="Run the edge agents as threads of this process instead of one process "
                                          "each (needed with --broker memory)."),
@@ -696,7 +707,7 @@ def demo_command(
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
                  downlink=downlink or None, downlink_density=downlink_density,
                  broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes")
+                 devices_in="threads" if in_process else "processes", round_mode=mode)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
