@@ -101,17 +101,19 @@ class BufferedCoordinator(Coordinator):
 
     def run(self, progress_callback: Callable[[Progress], None] | None = None) -> RunResult:
         cfg = self.config
-        notify = progress_callback or (lambda _p: None)
+        notify = self._observed(progress_callback)
         self.db = StateDB(cfg.state_dir)
         records: list[RoundRecord] = []
         try:
             vector, step, version = self._resume(cfg.state_dir)
+            self._start_metrics(version)
             self._load_eval_data()
             engine = self.engine = BufferedEngine(  # type: ignore[assignment]
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=cfg.limits.max_update_bytes, buffer_size=cfg.async_.buffer_size,
-                staleness=cfg.async_.staleness(), norm_bound=cfg.limits.norm_bound, aggregator=cfg.aggregation.rule,
-                step=step, version=version, started=time.time(), max_steps=cfg.rounds)
+                max_update_bytes=self._update_limit, buffer_size=cfg.async_.buffer_size,
+                staleness=cfg.async_.staleness(), checks=self._update_checks(), aggregator=cfg.aggregation.rule,
+                step=step, version=version, started=time.time(), max_steps=cfg.rounds,
+                task_round_of=lambda d: self.busy[d][0] if d in self.busy else None)
             self._vector, self._records, self._notify = vector, records, notify
             self._restore_answers(engine, step)
             self._replay_journal(engine, step)
@@ -133,6 +135,9 @@ class BufferedCoordinator(Coordinator):
                 self._pump(_POLL_S, notify)
                 request_repairs(self.link, self.fed, self.receiver)
             if not self.stopping:
+                # What is already queued hears ``finished`` for its own round (the device rolls
+                # it back into its residual) instead of resending to a coordinator that left.
+                self._pump(0.0, notify)
                 for device in list(self.busy):
                     self.link.publish(topics.task(self.fed, device), b"", retain=True)
                 self.busy.clear()
@@ -145,9 +150,7 @@ class BufferedCoordinator(Coordinator):
             return RunResult(records, self._module_of(vector), vector, engine.version,
                              stopped=engine.step < cfg.rounds)
         finally:
-            self.link.close()
-            self._flush_rejections()
-            self.db.close()
+            self._close_run()
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -311,7 +314,7 @@ class BufferedCoordinator(Coordinator):
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         # Durable first (the checkpoint is the source of truth), then the journal goes.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._meta(), rec, self._residual))
+                                                  self._checkpoint_meta(engine.checks), rec, self._residual))
         self.db.write_round(rec)
         self.db.write_devices(list(self.registry.devices.values()))
         self._flush_rejections()

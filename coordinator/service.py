@@ -60,7 +60,7 @@ from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
+from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
@@ -219,21 +219,13 @@ class Coordinator:
             :class:`RunResult` with the records of the rounds this run finished.
         """
         cfg = self.config
-        callback = progress_callback or (lambda _p: None)
-
-        def notify(p: Progress) -> None:
-            self.metrics.observe(p)
-            callback(p)
-
+        notify = self._observed(progress_callback)
         state_dir = cfg.state_dir
         self.db = StateDB(state_dir)
         records: list[RoundRecord] = []
         try:
             vector, round_done, version = self._resume(state_dir)
-            self.metrics.started(version, *self._last_eval)
-            if self._serve_metrics:
-                served = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
-                log.info("metrics on %s", served.url)
+            self._start_metrics(version)
             self._vector = vector
             self._load_eval_data()
             self.link.connect()
@@ -242,14 +234,11 @@ class Coordinator:
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
             self._publish_model(vector, version, round_done)
-            lim = cfg.limits
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=self._update_limit, norm_bound=lim.norm_bound,
-                aggregator=cfg.aggregation.rule, min_updates=cfg.round.min_updates, round=round_done,
-                base_version=version, max_samples=lim.max_samples, samples_of=self._announced_samples,
-                norm_factor=lim.norm_bound_factor, norm_warmup=lim.norm_bound_warmup,
-                norm_initial=lim.norm_bound_initial, norms=self._norms, lookup=self.db.transfer_outcome)
+                max_update_bytes=self._update_limit, aggregator=cfg.aggregation.rule,
+                min_updates=cfg.round.min_updates, round=round_done, base_version=version,
+                checks=self._update_checks(), lookup=self.db.transfer_outcome)
             while round_done < cfg.rounds and not self.stopping:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:
@@ -260,17 +249,48 @@ class Coordinator:
                                 sum(rec.rejected.values()), online=self.registry.online_count(), record=rec))
             return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
         finally:
-            if self._serve_metrics:
-                self.metrics.close()
-            self.link.close()
-            self._flush_rejections()
-            self.db.close()
+            self._close_run()
+
+    def _observed(self, callback: Callable[[Progress], None] | None) -> Callable[[Progress], None]:
+        """``callback`` with every event counted in :attr:`metrics` first."""
+        def notify(p: Progress) -> None:
+            self.metrics.observe(p)
+            if callback is not None:
+                callback(p)
+        return notify
+
+    def _start_metrics(self, version: int) -> None:
+        """Set the metrics to the resumed model and serve them on ``[metrics]`` when asked."""
+        self.metrics.started(version, *self._last_eval)
+        if self._serve_metrics:
+            served = self.metrics.serve(self.config.metrics.address, self.config.metrics.port)
+            log.info("metrics on %s", served.url)
+
+    def _close_run(self) -> None:
+        if self._serve_metrics:
+            self.metrics.close()
+        self.link.close()
+        self._flush_rejections()
+        assert self.db is not None
+        self.db.close()
 
     # -- start-up ------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, str]:
         return {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
                 "seed": str(self.config.seed), "federation": self.fed}
+
+    def _checkpoint_meta(self, checks: UpdateChecks) -> dict[str, str]:
+        """:meth:`_meta` with the accepted update norms (restored by :meth:`_resume`)."""
+        return dict(self._meta(), norms=json.dumps([round(n, 6) for n in checks.norms]))
+
+    def _update_checks(self) -> UpdateChecks:
+        """The claim and content checks of ``[limits]`` (data-set norm bound on by default),
+        resumed with the norms of the checkpoint; the same in both modes."""
+        lim = self.config.limits
+        return UpdateChecks(max_samples=lim.max_samples, samples_of=self._announced_samples,
+                            norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
+                            norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial, norms=self._norms)
 
     def _announced_samples(self, device: str) -> int:
         dev = self.registry.devices.get(device)
@@ -421,7 +441,7 @@ class Coordinator:
             self.rejections["non_finite_model"] += 1
         rec = replace(rec, test_loss=self._last_eval[0], test_accuracy=self._last_eval[1],
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
-        meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in engine.norms]))
+        meta = self._checkpoint_meta(engine.checks)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   meta, rec, self._residual),

@@ -20,14 +20,22 @@ rejected with reason ``stale``: its receipt makes the device put it back into it
 (error feedback keeps what it learned for its next update).
 
 Checks of :meth:`BufferedEngine.offer`, in order (the first that fails is the reason):
-``finished`` (the last server step, ``max_steps``, is done: the update can count nowhere),
 ``oversized``, ``spec_mismatch``, ``malformed``, ``device_mismatch``, ``unknown_device``,
+``finished`` (the last server step, ``max_steps``, is done: the update can count nowhere),
 ``wrong_base_version`` (trained from a version newer than the global model),
 ``duplicate`` (a second, different update of the device for the same task round),
-``stale``, then the content checks of :func:`fedmq.fl.rounds.check_payload`
-(``malformed``, ``non_finite``, ``norm_bound``). A resend of a transfer already judged is a
+``stale``, then the claim and content checks of the synchronous engine, the same
+:class:`fedmq.fl.rounds.UpdateChecks` object type (``malformed`` kind or sample count,
+``over_weighted``, ``non_finite``, ``norm_bound`` with the data-set bound: a multiple of the
+median norm of recent accepted updates). A resend of a transfer already judged is a
 :class:`fedmq.fl.rounds.Repeat` with the first answer, also after the buffer it went into
 was flushed.
+
+Every rejection names the round of the update's task (the one its receipt must name for the
+device to match it): the envelope's round once it decodes, else the round of the task the
+coordinator says the device holds (``task_round_of``), else the step in progress. So an
+update that arrives after the last step is decoded before it is refused as ``finished``: the
+device matches the receipt, rolls the update back into its residual and stops resending.
 
 Each flush produces a :class:`fedmq.fl.rounds.RoundRecord` (``round`` = the server step,
 ``target`` = ``K``), so the coordinator's database, reports and checkpoints are the same
@@ -51,11 +59,11 @@ from fedmq.envelope import decode_update
 from fedmq.errors import ConfigError, SpecMismatchError, WireError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, ParticipationRecord, Rejected, Repeat, RoundRecord
-from fedmq.fl.rounds import check_payload
+from fedmq.fl.rounds import UpdateChecks
 from fedmq.params import ParamSpec
 
-REASONS = ("finished", "oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "wrong_base_version",
-           "duplicate", "stale", "non_finite", "norm_bound")
+REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "finished",
+           "wrong_base_version", "duplicate", "stale", "over_weighted", "non_finite", "norm_bound")
 
 #: Transfers whose answer is remembered to answer resends (oldest forgotten first).
 ANSWER_HISTORY = 100_000
@@ -112,12 +120,16 @@ class BufferedEngine:
         max_update_bytes: largest client-update blob accepted (bytes).
         buffer_size: ``K``, accepted updates per server step (>= 1).
         staleness: the staleness weight and the maximum staleness.
-        norm_bound: largest L2 norm accepted (None: no bound).
+        checks: the claim and content checks with their norm history
+            (:class:`fedmq.fl.rounds.UpdateChecks`, as the synchronous engine's; default: no
+            sample cap beyond 2**31 - 1, no norm bound).
         aggregator: aggregation rule of the buffer (:func:`fedmq.fl.aggregation.make_aggregator`).
         step: server steps done so far (a resumed coordinator's last step).
         version: the global model version now.
         started: when the first buffer started filling (seconds since the epoch; recorded).
         max_steps: the last server step; later updates are rejected as ``finished`` (None: no end).
+        task_round_of: the round of the task a device holds (None: none known), named by the
+            receipt of a transfer refused before its envelope could be read.
 
     Raises:
         ConfigError: unknown aggregation rule, ``buffer_size`` < 1.
@@ -125,8 +137,9 @@ class BufferedEngine:
 
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, buffer_size: int, staleness: StalenessPolicy = StalenessPolicy(),
-                 norm_bound: float | None = None, aggregator: str = "weighted-mean", step: int = 0,
-                 version: int = 0, started: float = 0.0, max_steps: int | None = None) -> None:
+                 checks: UpdateChecks | None = None, aggregator: str = "weighted-mean", step: int = 0,
+                 version: int = 0, started: float = 0.0, max_steps: int | None = None,
+                 task_round_of: Callable[[str], int | None] = lambda d: None) -> None:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         self.federation = federation
@@ -136,7 +149,8 @@ class BufferedEngine:
         self.max_update_bytes = max_update_bytes
         self.buffer_size = buffer_size
         self.staleness = staleness
-        self.norm_bound = norm_bound
+        self.checks = checks if checks is not None else UpdateChecks()
+        self.task_round_of = task_round_of
         self.aggregator_name = aggregator
         self.step = step
         self.version = version
@@ -197,6 +211,7 @@ class BufferedEngine:
             stale = self.version - upd.base_version
             weight = upd.samples * self.staleness.weight(stale)
             self.aggregate.add(outcome.sparse, weight)
+            self.checks.accepted(outcome.norm)
             self.buffer.append(Buffered(device, transfer_id, upd.round, upd.samples, stale, weight))
             self.samples += upd.samples
             self.discounted += weight
@@ -209,7 +224,7 @@ class BufferedEngine:
         assert isinstance(outcome, Rejected)
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         samples = outcome.update.samples if outcome.update is not None else 0
-        round_ = outcome.round if outcome.round >= 0 else self.step + 1
+        round_ = outcome.round if outcome.round >= 0 else self._round_of(device)
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire,
                                               {"task_round": float(round_)}))
         self._remember(device, transfer_id, ("rejected", outcome.reason, round_))
@@ -224,10 +239,16 @@ class BufferedEngine:
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
         if size > self.max_update_bytes:
-            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}")
+            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None,
+                            self._round_of(device))
         if not self.is_known(device):
-            return Rejected("unknown_device", f"no status ever seen from {device!r}")
+            return Rejected("unknown_device", f"no status ever seen from {device!r}", None, self._round_of(device))
         return None
+
+    def _round_of(self, device: str) -> int:
+        """The round a receipt names when the update's envelope could not be read."""
+        task_round = self.task_round_of(device)
+        return task_round if task_round is not None else self.step + 1
 
     def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
@@ -236,15 +257,14 @@ class BufferedEngine:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", reason, 0,
                                               self._wire.pop((device, transfer_id), 0)))
-        self._remember(device, transfer_id, ("rejected", reason, self.step + 1))
-        return Rejected(reason, detail, None, self.step + 1)
+        round_ = self._round_of(device)
+        self._remember(device, transfer_id, ("rejected", reason, round_))
+        return Rejected(reason, detail, None, round_)
 
     def _judge(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
         previous = self._answers.get((topic_device, transfer_id))
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
-        if self.max_steps is not None and self.step >= self.max_steps:
-            return Rejected("finished", f"the last server step ({self.max_steps}) is done")
         if len(data) > self.max_update_bytes:
             return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
         try:
@@ -265,6 +285,8 @@ class BufferedEngine:
             return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
         if not self.is_known(upd.device):
             return reject("unknown_device", f"no status ever seen from {upd.device!r}")
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return reject("finished", f"the last server step ({self.max_steps}) is done")
         if upd.base_version > self.version:
             return reject("wrong_base_version", f"trained from version {upd.base_version}, the global model is "
                                                 f"at version {self.version}")
@@ -275,7 +297,7 @@ class BufferedEngine:
         if stale > self.staleness.max_staleness:
             return reject("stale", f"staleness {stale} (trained from version {upd.base_version}, global model at "
                                    f"{self.version}) above the maximum {self.staleness.max_staleness}")
-        return check_payload(upd, self.spec, kind=self.kind, norm_bound=self.norm_bound)
+        return self.checks.check(upd, self.spec, self.kind)
 
     # -- the server step -----------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from fedmq.codecs import CodecConfig, decode, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine, StalenessPolicy
-from fedmq.fl.rounds import Accepted, Rejected, Repeat
+from fedmq.fl.rounds import Accepted, Rejected, Repeat, UpdateChecks
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
@@ -110,3 +110,51 @@ def test_remembered_answers_survive_a_restart():
 def test_flush_of_an_empty_buffer_raises():
     with pytest.raises(ValueError):
         engine().flush(0.0)
+
+
+def test_claim_and_content_checks_are_the_synchronous_ones():
+    # The same UpdateChecks object type as RoundEngine: the sample cap, the device's own
+    # announced count, and the data-set norm bound (median of recent accepted norms).
+    checks = UpdateChecks(max_samples=100, samples_of=lambda d: 50 if d == "b" else 0, norm_factor=3.0,
+                          norm_warmup=2, norm_initial=1e9)
+    eng = BufferedEngine("f", SPEC, kind="delta", is_known=lambda d: True, max_update_bytes=1 << 20, buffer_size=10,
+                         checks=checks, step=2, version=2)
+    out = eng.offer("a", "t1", make("a", 3, 2, samples=101))
+    assert isinstance(out, Rejected) and out.reason == "over_weighted" and out.round == 3
+    out = eng.offer("b", "t2", make("b", 3, 2, samples=51))
+    assert isinstance(out, Rejected) and out.reason == "over_weighted"
+    first = eng.offer("c", "t3", make("c", 3, 2, seed=1))
+    second = eng.offer("d", "t4", make("d", 3, 2, seed=2))
+    assert isinstance(first, Accepted) and isinstance(second, Accepted)
+    assert list(checks.norms) == [first.norm, second.norm]
+    assert checks.current_norm_bound() == pytest.approx(3.0 * np.median([first.norm, second.norm]))
+    big = encode_update(ClientUpdate(federation="f", device="e", round=3, base_version=2, samples=10, kind="delta",
+                                     spec_hash=SPEC.hash, codec="topk-int8", metrics={},
+                                     payload=encode(np.full(SPEC.size, 50.0, np.float32), SPEC, CFG)))
+    out = eng.offer("e", "t5", big)
+    assert isinstance(out, Rejected) and out.reason == "norm_bound"
+    assert eng.rejected == {"over_weighted": 2, "norm_bound": 1} and len(eng.buffer) == 2
+
+
+def test_after_the_last_step_an_update_is_refused_for_its_own_task_round():
+    # The device matches a receipt by round and transfer: one naming the step after the
+    # last would be ignored and the update resent forever.
+    eng = engine(k=1, version=0)
+    eng.max_steps = 1
+    assert isinstance(eng.offer("a", "t1", make("a", 1, 0)), Accepted)
+    eng.flush(1.0)
+    late = eng.offer("b", "t2", make("b", 1, 0))
+    assert isinstance(late, Rejected) and (late.reason, late.round) == ("finished", 1)
+    again = eng.offer("b", "t2", make("b", 1, 0))
+    assert isinstance(again, Repeat) and (again.status, again.reason, again.round) == ("rejected", "finished", 1)
+
+
+def test_a_transfer_refused_unread_names_the_round_of_the_task_its_device_holds():
+    eng = engine(k=2, version=4)
+    eng.task_round_of = {"a": 3}.get
+    assert eng.admit("a", "t1", 1 << 30).round == 3          # oversized, from the manifest
+    assert eng.refuse("a", "t2", "malformed", "bad manifest").round == 3
+    out = eng.offer("a", "t3", b"\x00garbage")
+    assert isinstance(out, Rejected) and (out.reason, out.round) == ("malformed", 3)
+    # no task known: the step in progress
+    assert eng.refuse("z", "t4", "malformed", "bad manifest").round == 5

@@ -3,7 +3,7 @@
 import msgpack
 import numpy as np
 
-from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine
+from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine, UpdateChecks
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
@@ -25,10 +25,11 @@ class _Gate:
     """An engine with round 4 (base version 2) open for a and b; ``check`` is ``offer``."""
 
     def __init__(self, selected=("a", "b"), target=10, **kw):
-        args = dict(kind="delta", is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20,
-                    norm_bound=None)
+        args = dict(kind="delta", is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20)
+        checks = {k: kw.pop(k) for k in ("norm_bound", "max_samples", "samples_of", "norm_factor", "norm_warmup",
+                                         "norm_initial", "norms") if k in kw}
         args.update(kw)
-        self.engine = RoundEngine("f", SPEC, round=3, base_version=2, **args)
+        self.engine = RoundEngine("f", SPEC, round=3, base_version=2, checks=UpdateChecks(**checks), **args)
         self.engine.open(4, 2, list(selected), target, deadline=100.0, started=0.0)
 
     def check(self, device, transfer, data):
