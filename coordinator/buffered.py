@@ -179,8 +179,11 @@ class BufferedCoordinator(Coordinator):
         if not folder.is_dir():
             return
         # Every journaled update passed the checks once, its device included (a device first
-        # seen in this buffer is not in the database yet).
+        # seen in this buffer is not in the database yet), and its sample count against the
+        # status the device announced then (the database may hold an older one). The norm
+        # bound needs no exception: the checkpoint's norms and the same order repeat it.
         is_known, engine.is_known = engine.is_known, lambda _d: True
+        samples_of, engine.checks.samples_of = engine.checks.samples_of, lambda _d: 0
         for path in sorted(folder.glob("*.bin")):
             seq, device, transfer = path.stem.split("+", 2)
             self._journal_seq = max(self._journal_seq, int(seq))
@@ -192,6 +195,7 @@ class BufferedCoordinator(Coordinator):
                             outcome)
                 path.unlink()
         engine.is_known = is_known
+        engine.checks.samples_of = samples_of
 
     @staticmethod
     def _delete_journal(folder: Path) -> None:
