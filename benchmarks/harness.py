@@ -84,6 +84,7 @@ SUITES: tuple[Suite, ...] = (
           entry="broker_run", smoke=None),
     Suite("faults", "benchmarks.faults", "Fault injection: kill -9 and restarts at every step of a round",
           smoke=None, modes=("faults",)),
+    Suite("scale", "benchmarks.scale", "Scale: virtual fleets against one mosquitto; sync vs buffered async"),
 )
 
 

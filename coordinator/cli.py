@@ -26,9 +26,10 @@ from typing import Any
 import typer
 
 from coordinator.config import CoordinatorConfig, load_config
+from coordinator.buffered import make_coordinator
 from coordinator.lock import lock_state_dir
-from coordinator.service import Coordinator, Progress
-from coordinator.state import load_checkpoint
+from coordinator.service import Progress
+from coordinator.state import StateDB, load_checkpoint
 from coordinator.status import build_status, render_text
 from fedmq.atomic import atomic_write_bytes
 from fedmq.cli import LogLevel, setup_logging
@@ -125,7 +126,7 @@ def run(config: Path = CONFIG_OPT,
 
 def _run(cfg: CoordinatorConfig, tty: bool) -> None:
     try:
-        coord = Coordinator(cfg)
+        coord = make_coordinator(cfg)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

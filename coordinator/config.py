@@ -26,6 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, Vali
 
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
 from fedmq.fl.aggregation import aggregator_names
+from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
 from fedmq.codecs import CodecConfig, codec_names
@@ -51,6 +52,7 @@ class RoundConfig(_Section):
     deadline_s: float = Field(60.0, gt=0)
     wait_for_devices_s: float = Field(60.0, ge=0)
     min_devices: int | None = Field(None, ge=1)
+    mode: Literal["sync", "async"] = "sync"
 
     @field_validator("devices_per_round")
     @classmethod
@@ -75,6 +77,20 @@ class RoundConfig(_Section):
     def devices_to_wait_for(self) -> int:
         """Eligible devices to wait for before selecting (``min_devices``, else ``min_updates``)."""
         return self.min_devices if self.min_devices is not None else self.min_updates
+
+
+class AsyncConfig(_Section):
+    """Buffered asynchronous aggregation (``[round] mode = "async"``; FedBuff, see
+    :mod:`fedmq.fl.buffered`): the server steps every ``buffer_size`` accepted updates."""
+
+    buffer_size: int = Field(10, ge=1)
+    concurrency: int = Field(20, ge=1)
+    staleness_exponent: float = Field(0.5, ge=0.0, le=10.0)
+    max_staleness: int = Field(20, ge=0)
+    task_timeout_s: float = Field(300.0, gt=0)
+
+    def staleness(self) -> StalenessPolicy:
+        return StalenessPolicy(self.staleness_exponent, self.max_staleness)
 
 
 class ServerOptimizerConfig(_Section):
@@ -238,7 +254,7 @@ class CoordinatorConfig(_Section):
     by its own validation (``BrokerSettings.from_mapping``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True)
 
     federation: str
     task: str
@@ -247,6 +263,7 @@ class CoordinatorConfig(_Section):
     state_dir: Path = Path("coordinator-state")
     broker: BrokerSettings = BrokerSettings()
     round: RoundConfig = RoundConfig()
+    async_: AsyncConfig = Field(AsyncConfig(), alias="async")
     plan: TrainPlan = TrainPlan()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()

@@ -5,7 +5,8 @@ process-wide default one, so that tests and several coordinators in one process 
 their numbers apart) and turns the service's :class:`coordinator.service.Progress` events
 into metrics (:meth:`CoordinatorMetrics.observe`). Counters move when a round closes, from
 its :class:`fedmq.fl.rounds.RoundRecord`, so what Prometheus shows adds up to the records
-in the state folder (``rounds.csv``, ``fedmq coordinator status``).
+in the state folder (``rounds.csv``, ``fedmq coordinator status``). In buffered asynchronous
+mode a server step is a round: its ``round_closed`` event carries the step's record.
 
 =========================================== ========= ===========================================
 metric                                      type      meaning
@@ -18,7 +19,9 @@ metric                                      type      meaning
                                                       (accepted or rejected) in the latest round
 ``fedmq_updates_accepted_total``            counter   client updates added into an aggregate
 ``fedmq_updates_rejected_total{reason}``    counter   client updates rejected, by reason
-                                                      (:data:`fedmq.fl.rounds.REASONS`)
+                                                      (:data:`fedmq.fl.rounds.REASONS`,
+                                                      async mode's ``stale`` and ``finished``
+                                                      too)
 ``fedmq_bytes_total{direction}``            counter   ``up``: client-update bytes received
                                                       (manifests included); ``down``: global
                                                       model bytes x devices sent a task
@@ -38,6 +41,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fedmq.fl.buffered import REASONS as BUFFERED_REASONS
 from fedmq.fl.rounds import REASONS, ParticipationRecord, RoundRecord
 from fedmq.metrics_http import MetricsServer, serve_metrics
 
@@ -91,7 +95,7 @@ class CoordinatorMetrics:
         # Every label value exists from the start, so that a query sees 0, not "no data".
         for state in ("closed", "failed"):
             self.rounds.labels(state)
-        for reason in REASONS:
+        for reason in dict.fromkeys(REASONS + BUFFERED_REASONS):
             self.rejected.labels(reason)
         for direction in ("up", "down"):
             self.bytes.labels(direction)

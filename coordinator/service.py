@@ -62,7 +62,7 @@ from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord
+from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
@@ -173,7 +173,6 @@ class Coordinator:
         self._pending: deque[tuple[RoundRecord, Future[Evaluation] | None]] = deque()
         self._records: list[RoundRecord] = []
         self._notify: Callable[[Progress], None] = lambda _p: None
-        self._model_bytes = 0
         settings = config.broker
         if settings.protocol == "5" and settings.session_expiry == 0:
             settings = settings.with_(session_expiry=SESSION_EXPIRY_S)
@@ -228,12 +227,7 @@ class Coordinator:
             :class:`RunResult` with the records of the rounds this run finished.
         """
         cfg = self.config
-        callback = progress_callback or (lambda _p: None)
-
-        def notify(p: Progress) -> None:
-            self.metrics.observe(p)
-            callback(p)
-
+        notify = self._observed(progress_callback)
         state_dir = cfg.state_dir
         self.db = StateDB(state_dir)
         records = self._records = []
@@ -241,10 +235,7 @@ class Coordinator:
         try:
             self._load_eval_data()
             vector, round_done, version = self._resume(state_dir)
-            self.metrics.started(version, *self._last_eval)
-            if self._serve_metrics:
-                served = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
-                log.info("metrics on %s", served.url)
+            self._start_metrics(version)
             self._vector = vector
             self.link.connect()
             self._connects_seen = self.link.connects
@@ -252,14 +243,11 @@ class Coordinator:
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
             self._publish_model(vector, version, round_done)
-            lim = cfg.limits
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=self._update_limit, norm_bound=lim.norm_bound,
-                aggregator=cfg.aggregation.rule, min_updates=cfg.round.min_updates, round=round_done,
-                base_version=version, max_samples=lim.max_samples, samples_of=self._announced_samples,
-                norm_factor=lim.norm_bound_factor, norm_warmup=lim.norm_bound_warmup,
-                norm_initial=lim.norm_bound_initial, norms=self._norms, lookup=self.db.transfer_outcome)
+                max_update_bytes=self._update_limit, aggregator=cfg.aggregation.rule,
+                min_updates=cfg.round.min_updates, round=round_done, base_version=version,
+                checks=self._update_checks(), lookup=self.db.transfer_outcome)
             while round_done < cfg.rounds and not self.stopping:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:
@@ -269,20 +257,51 @@ class Coordinator:
             self._report_evaluated(wait=True)
             return RunResult(records, self._module_of(vector), vector, version, stopped=round_done < cfg.rounds)
         finally:
-            if self._evaluator is not None:
-                self._evaluator.close(wait=False)
-                self._evaluator = None
-            if self._serve_metrics:
-                self.metrics.close()
-            self.link.close()
-            self._flush_rejections()
-            self.db.close()
+            self._close_run()
+
+    def _observed(self, callback: Callable[[Progress], None] | None) -> Callable[[Progress], None]:
+        """``callback`` with every event counted in :attr:`metrics` first."""
+        def notify(p: Progress) -> None:
+            self.metrics.observe(p)
+            if callback is not None:
+                callback(p)
+        return notify
+
+    def _start_metrics(self, version: int) -> None:
+        """Set the metrics to the resumed model and serve them on ``[metrics]`` when asked."""
+        self.metrics.started(version, *self._last_eval)
+        if self._serve_metrics:
+            served = self.metrics.serve(self.config.metrics.address, self.config.metrics.port)
+            log.info("metrics on %s", served.url)
+
+    def _close_run(self) -> None:
+        if self._evaluator is not None:
+            self._evaluator.close(wait=False)
+            self._evaluator = None
+        if self._serve_metrics:
+            self.metrics.close()
+        self.link.close()
+        self._flush_rejections()
+        assert self.db is not None
+        self.db.close()
 
     # -- start-up ------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, str]:
         return {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
                 "seed": str(self.config.seed), "federation": self.fed}
+
+    def _checkpoint_meta(self, checks: UpdateChecks) -> dict[str, str]:
+        """:meth:`_meta` with the accepted update norms (restored by :meth:`_resume`)."""
+        return dict(self._meta(), norms=json.dumps([round(n, 6) for n in checks.norms]))
+
+    def _update_checks(self) -> UpdateChecks:
+        """The claim and content checks of ``[limits]`` (data-set norm bound on by default),
+        resumed with the norms of the checkpoint; the same in both modes."""
+        lim = self.config.limits
+        return UpdateChecks(max_samples=lim.max_samples, samples_of=self._announced_samples,
+                            norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
+                            norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial, norms=self._norms)
 
     def _announced_samples(self, device: str) -> int:
         dev = self.registry.devices.get(device)
@@ -445,7 +464,7 @@ class Coordinator:
             self.rejections["non_finite_model"] += 1
         rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
-        meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in engine.norms]))
+        meta = self._checkpoint_meta(engine.checks)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   meta, rec, self._residual),
@@ -669,11 +688,21 @@ class Coordinator:
             self.rejections["malformed_status"] += 1
             log.warning("status of %s ignored: %s", device, exc)
             return
-        if self.registry.on_status(device, status) is None and status.device != device:
+        dev = self.registry.on_status(device, status)
+        if dev is None and status.device != device:
             self.rejections["device_mismatch"] += 1
+        if dev is not None and not dev.online:
+            self._went_offline(device)
         for conflict in self.registry.conflict_reports():
             assert self.db is not None
             self.db.write_conflict(conflict)
+
+    def _went_offline(self, device: str) -> None:
+        """A device's offline status (its last will, or a clean leave) arrived: a selected
+        device that has not answered is counted as dropped at once, not at the deadline."""
+        engine = self.engine
+        if engine is not None and engine.drop(device):
+            log.info("round %d: %s went offline before answering: dropped", engine.round, device)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""
@@ -797,7 +826,6 @@ class Coordinator:
         model = self._module_of(vector)
         blob = model_to_safetensors(model, {"version": str(version), "round": str(round_),
                                             "spec_hash": self.spec.hash, "task": self.task.name})
-        self._model_bytes = len(blob)
         self._publish_blob("model", topics.model_blob(self.fed, version), topics.model_latest(self.fed), blob,
                            version, round_, "safetensors")
         if self._residual is not None:

@@ -218,6 +218,10 @@ class EdgeAgent:
         self._pending: Task | None = None
         self._tasks_seen: set[tuple[int, float]] = set()
         self._asked_after_deadline = False
+        #: Called on the training worker after local training with (task, result); the fleet
+        #: simulator (fleet/fleet.py) uses it for a device's compute speed and for dropout
+        #: mid-training. None on real devices.
+        self.pace: Callable[[Task, LocalResult], None] | None = None
         # Compressed downlink: the newest version chain seen, and the global model version
         # this device holds (float32 vector, apart from the model training changes).
         self._chain: ModelChain | None = None
@@ -756,6 +760,8 @@ class EdgeAgent:
     def _train(self, task: Task, cap: float) -> LocalResult:
         result = train_for_task(self.model, self.x, self.y, task, seed=self.cfg.seed, max_seconds=cap,
                                 x_val=self.x_val, y_val=self.y_val, task_def=self.task_def)
+        if self.pace is not None:
+            self.pace(task, result)
         return result
 
     def _load_chained(self, version: int, stop: threading.Event, expected: str) -> bool:
@@ -815,10 +821,7 @@ class EdgeAgent:
         cap = min(c for c in (plan.max_seconds, cfg.max_train_seconds) if c > 0)
         self.notifier.status(f"round {task.round}: training")
         try:
-            result: LocalResult | None = self._in_worker(
-                lambda: train_for_task(self.model, self.x, self.y, task, seed=cfg.seed, max_seconds=cap,
-                                       x_val=self.x_val, y_val=self.y_val, task_def=self.task_def),
-                2 * cap + 60.0, stop)
+            result: LocalResult | None = self._in_worker(lambda: self._train(task, cap), 2 * cap + 60.0, stop)
         except FedmqError as exc:
             self._skip_bad_model(task, f"local training failed ({exc})")
             return

@@ -44,6 +44,7 @@ from rich.table import Table
 
 from coordinator.config import load_config
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.buffered import make_coordinator
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition
@@ -345,6 +346,7 @@ class Scheduling:
 #: Where device agents run: ``processes`` (one OS process each, exactly as on a fleet) or
 #: ``threads`` (one thread each in this process; the only way onto the in-memory bus).
 DEVICE_MODES = ("processes", "threads")
+ROUND_MODES = ("sync", "async")
 PROTOCOLS = ("5", "3.1.1")
 MARKER = ".fedmq-demo.json"
 
@@ -405,7 +407,7 @@ class _OutFolder:
 
 def _validate(devices: int, per_round: int, rounds: int, data: str, partition_scheme: str, alpha: float,
               codec: str, density: float, broker: str | None, protocol: str, deadline_s: float,
-              devices_in: str, scheduling: Scheduling) -> None:
+              devices_in: str, scheduling: Scheduling, round_mode: str) -> None:
     if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
         raise ConfigError(f"need --devices >= 1, 1 <= --per-round <= --devices and --rounds >= 1 "
                           f"(got {devices}, {per_round}, {rounds})")
@@ -423,6 +425,8 @@ def _validate(devices: int, per_round: int, rounds: int, data: str, partition_sc
         raise ConfigError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
     if not deadline_s > 0:
         raise ConfigError(f"--deadline {deadline_s}: expected seconds > 0")
+    if round_mode not in ROUND_MODES:
+        raise ConfigError(f"--mode {round_mode!r}: expected one of {ROUND_MODES}")
     if devices_in not in DEVICE_MODES:
         raise ConfigError(f"devices_in {devices_in!r}: expected one of {DEVICE_MODES}")
     if broker is not None and broker.startswith("memory") and devices_in != "threads":
@@ -476,7 +480,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              devices_in: str = "processes", scheduling: Scheduling | None = None,
              plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
              samples_per_device: int | None = None, test_samples: int | None = None,
-             aggregation: str = "weighted-mean",
+             aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
              metrics: CoordinatorMetrics | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
@@ -492,6 +496,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         plan: train-plan keys over the demo's (e.g. ``local_epochs``, ``lr``).
         server_optimizer: the ``[server_optimizer]`` table (default FedAvg).
         aggregation: the ``[aggregation] rule``.
+        round_mode: ``sync`` (rounds) or ``async`` (FedBuff: ``per_round`` updates per server
+            step, ``rounds`` server steps, ``deadline_s`` a task's lease).
         samples_per_device, test_samples: keep only the first N samples of each partition / of
             the test set (None: all).
         write_files: also write the model files and the plot (the simulator leaves them out).
@@ -509,7 +515,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
     console = console or Console(soft_wrap=True)
     sched = scheduling or Scheduling()
     _validate(devices, per_round, rounds, data, partition_scheme, alpha, codec, density, broker, protocol,
-              deadline_s, devices_in, sched)
+              deadline_s, devices_in, sched, round_mode)
     task_name = task or DEFAULT_TASKS[data]
     task_def = get_task(task_name, where="--task")
     folder = _OutFolder(out)
@@ -575,7 +581,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "federation": federation, "task": task_name, "rounds": rounds, "seed": seed,
             "state_dir": "coordinator-state",
             "broker": {"url": broker_url, "protocol": protocol},
-            "round": {"devices_per_round": per_round,
+            "round": {"mode": round_mode, "devices_per_round": per_round,
                       "min_updates": sched.min_updates or max(1, math.ceil(per_round / 2)),
                       "over_selection": sched.over_selection, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
                       "min_devices": sched.min_devices or per_round},
@@ -588,11 +594,15 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "aggregation": {"rule": aggregation},
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
+            # Async: K = --per-round updates per server step, every device may train at once,
+            # a task's lease is the round deadline.
+            **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
+               if round_mode == "async" else {}),
         })
         folder.record()
 
         initial = task_def.evaluate(task_def.build_model(seed), dataset.x_test, dataset.y_test)
-        coordinator = Coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
+        coordinator = make_coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
         previous = signal.getsignal(signal.SIGTERM)
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -681,6 +691,8 @@ def demo_command(
     seed: int = typer.Option(0, help="Seed of model initialisation, sampling and local shuffling."),
     deadline: float = typer.Option(60.0, help="Round deadline, seconds."),
     log_level: LogLevel = typer.Option("WARNING", case_sensitive=False, help="DEBUG, INFO, WARNING or ERROR."),
+    mode: str = typer.Option("sync", help="sync (rounds) or async (buffered asynchronous aggregation, FedBuff: "
+                                          "--per-round updates per server step, --rounds server steps)."),
     in_process: bool = typer.Option(False, "--in-process",
                                     help="Run the edge agents as threads of this process instead of one process "
                                          "each (needed with --broker memory)."),
@@ -695,7 +707,7 @@ def demo_command(
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
                  downlink=downlink or None, downlink_density=downlink_density,
                  broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes")
+                 devices_in="threads" if in_process else "processes", round_mode=mode)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

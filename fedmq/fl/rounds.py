@@ -45,6 +45,9 @@ norm_bound           L2 norm of the decoded update above the norm bound: ``norm_
                      ``norm_warmup`` updates were accepted)
 ==================== ==========================================================
 
+The last four (with the kind and sample-count ``malformed`` checks) are :class:`UpdateChecks`,
+the same object the buffered engine (:mod:`fedmq.fl.buffered`) judges content with.
+
 Before a transfer's bytes arrive, :meth:`RoundEngine.admit` judges its manifest (device, announced
 size): a resend of a transfer already answered gets its :class:`Repeat` at once; ``oversized``,
 ``unknown_device``, ``late``, ``unselected`` and ``duplicate`` are refused before anything is
@@ -130,8 +133,9 @@ Outcome = Accepted | Rejected | Repeat
 class ParticipationRecord:
     """One device's part in one round.
 
-    ``status``: ``accepted``, ``rejected`` (with ``reason``), or ``no_answer`` (selected,
-    sent nothing in time). ``bytes_up``: blob bytes received (manifest included).
+    ``status``: ``accepted``, ``rejected`` (with ``reason``), ``no_answer`` (selected,
+    sent nothing in time) or ``dropped`` (selected, went offline (its last will fired)
+    before it answered, see :meth:`RoundEngine.drop`). ``bytes_up``: blob bytes received (manifest included).
     """
 
     device: str
@@ -230,18 +234,11 @@ class RoundEngine:
         kind: update kind the plan asks for (``delta`` or ``gradient``).
         is_known: tells whether a device id was ever seen (the presence registry).
         max_update_bytes: largest client-update blob accepted (bytes).
-        norm_bound: largest L2 norm accepted (None: no bound).
         aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`).
         min_updates: fewest accepted updates for a round to succeed.
         round, base_version: where a resumed coordinator stands (the last finished round).
-        max_samples: largest sample count an update may claim (its aggregation weight).
-        samples_of: the sample count a device's status announced (0: unknown); an update
-            claiming more is ``over_weighted``.
-        norm_factor: with no ``norm_bound``, the bound is this multiple of the median L2
-            norm of recent accepted updates (None: no bound at all).
-        norm_warmup: accepted updates before that median is trusted.
-        norm_initial: the bound until then (L2 norm).
-        norms: accepted update norms of earlier runs (oldest first), to resume the median.
+        checks: the claim and content checks with their norm history (:class:`UpdateChecks`;
+            default: no sample cap beyond 2**31 - 1, no norm bound).
         lookup: the stored answer to a transfer judged in an earlier round
             (``(device, transfer_id) -> (status, reason, round)`` or None): the coordinator's
             database, the one authority on whether a transfer was aggregated.
@@ -250,23 +247,15 @@ class RoundEngine:
     """
 
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
-                 max_update_bytes: int, norm_bound: float | None = None, aggregator: str = "weighted-mean",
-                 min_updates: int = 1, round: int = 0, base_version: int = 0, max_samples: int = 2**31 - 1,
-                 samples_of: Callable[[str], int] = lambda d: 0, norm_factor: float | None = None,
-                 norm_warmup: int = 5, norm_initial: float = math.inf, norms: Iterable[float] = (),
+                 max_update_bytes: int, aggregator: str = "weighted-mean", min_updates: int = 1, round: int = 0,
+                 base_version: int = 0, checks: UpdateChecks | None = None,
                  lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
         self.federation = federation
         self.spec = spec
         self.kind = kind
         self.is_known = is_known
         self.max_update_bytes = max_update_bytes
-        self.norm_bound = norm_bound
-        self.max_samples = max_samples
-        self.samples_of = samples_of
-        self.norm_factor = norm_factor
-        self.norm_warmup = norm_warmup
-        self.norm_initial = norm_initial
-        self.norms: deque[float] = deque((float(n) for n in norms), maxlen=NORM_HISTORY)
+        self.checks = checks if checks is not None else UpdateChecks()
         self.lookup = lookup
         self.aggregator_name = aggregator
         make_aggregator(aggregator, 0)  # an unknown rule fails at construction, not at the first round
@@ -289,6 +278,7 @@ class RoundEngine:
         self.rejected: dict[str, int] = {}
         self.parts: dict[tuple[str, str], ParticipationRecord] = {}
         self.answered: set[str] = set()
+        self.dropped: set[str] = set()
         self.bytes_up = 0
         self.received = 0
         self._wire: dict[tuple[str, str], int] = {}
@@ -323,7 +313,7 @@ class RoundEngine:
 
     @property
     def complete(self) -> bool:
-        """True once the target is reached or every selected device has answered."""
+        """True once the target is reached or every selected device has answered or dropped."""
         return self.aggregate.count >= self.target or self.answered >= self.selected
 
     def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
@@ -395,6 +385,23 @@ class RoundEngine:
                                          f"{self.round}", None, self.round)
         return None
 
+    def drop(self, device: str) -> bool:
+        """Count a selected device that went offline (its last will fired) before it answered
+        as ``dropped`` now, so that the round does not wait for it until the deadline; the
+        round is :attr:`complete` once every selected device has answered or dropped. An
+        update it still sends while the round is open is judged as usual and replaces the
+        ``dropped`` record.
+
+        Returns:
+            True when the device was counted (round open, device selected, no answer yet).
+        """
+        if not self.is_open or device not in self.selected or device in self.answered:
+            return False
+        self.answered.add(device)
+        self.dropped.add(device)
+        self.parts[(device, "")] = ParticipationRecord(device, status="dropped")
+        return True
+
     def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
         manifest, ``malformed`` manifest): counted like any rejection."""
@@ -420,8 +427,11 @@ class RoundEngine:
         if isinstance(outcome, Accepted):
             upd = outcome.update
             self.aggregate.add(outcome.sparse, float(upd.samples))
-            self.norms.append(outcome.norm)
+            self.checks.accepted(outcome.norm)
             self.answered.add(device)
+            if device in self.dropped:
+                self.dropped.discard(device)
+                self.parts.pop((device, ""), None)
             if self.aggregate.count >= self.target:
                 # Complete from here on: updates already queued behind this one are late.
                 self.is_open = False
@@ -434,6 +444,9 @@ class RoundEngine:
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         if device in self.selected and outcome.reason not in _NOT_AN_ANSWER:
             self.answered.add(device)
+            if device in self.dropped and self.is_open:
+                self.dropped.discard(device)
+                self.parts.pop((device, ""), None)
         samples = outcome.update.samples if outcome.update is not None else 0
         metrics = dict(outcome.update.metrics) if outcome.update is not None else {}
         self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "rejected", outcome.reason,
@@ -498,8 +511,61 @@ class RoundEngine:
         if upd.base_version != self.base_version:
             return reject("wrong_base_version", f"trained from version {upd.base_version}, "
                                                 f"round {self.round} trains from {self.base_version}")
-        if upd.kind != self.kind:
-            return reject("malformed", f"update kind {upd.kind!r}, the round asked for {self.kind!r}")
+        return self.checks.check(upd, self.spec, self.kind)
+
+    def current_norm_bound(self) -> float | None:
+        """The L2 norm bound in force now (None: none)."""
+        return self.checks.current_norm_bound()
+
+    @property
+    def norms(self) -> deque[float]:
+        """Accepted update L2 norms, oldest first (the data-set norm bound's history)."""
+        return self.checks.norms
+
+
+class UpdateChecks:
+    """The checks of a client update's claims and content, shared by the synchronous
+    (:class:`RoundEngine`) and the buffered (:class:`fedmq.fl.buffered.BufferedEngine`)
+    engine, with the accepted update norms the data-set norm bound is the median of.
+
+    In order: update kind, sample count (``malformed`` below 1), ``over_weighted`` (more
+    samples than ``max_samples`` or than the device's own status announced), a full decode
+    (:func:`fedmq.codecs.decode_sparse`; ``non_finite`` for NaN or Inf, ``malformed``),
+    ``non_finite`` L2 norm, ``norm_bound``.
+
+    Args:
+        max_samples: largest sample count an update may claim (its aggregation weight).
+        samples_of: the sample count a device's status announced (0: unknown).
+        norm_bound: largest L2 norm accepted; when set, the data-set bound is off.
+        norm_factor: with no ``norm_bound``, the bound is this multiple of the median L2
+            norm of the last :data:`NORM_HISTORY` accepted updates (None: no bound at all).
+        norm_warmup: accepted updates before that median is trusted.
+        norm_initial: the bound until then (L2 norm).
+        norms: accepted update norms of earlier runs (oldest first), to resume the median
+            (the coordinator keeps them in its checkpoint's ``norms`` metadata).
+    """
+
+    def __init__(self, *, max_samples: int = 2**31 - 1, samples_of: Callable[[str], int] = lambda d: 0,
+                 norm_bound: float | None = None, norm_factor: float | None = None, norm_warmup: int = 5,
+                 norm_initial: float = math.inf, norms: Iterable[float] = ()) -> None:
+        self.max_samples = max_samples
+        self.samples_of = samples_of
+        self.norm_bound = norm_bound
+        self.norm_factor = norm_factor
+        self.norm_warmup = norm_warmup
+        self.norm_initial = norm_initial
+        self.norms: deque[float] = deque((float(n) for n in norms), maxlen=NORM_HISTORY)
+
+    def check(self, upd: ClientUpdate, spec: ParamSpec, kind: str) -> Accepted | Rejected:
+        """Judge ``upd`` (an envelope whose identity and round the engine already checked)
+        against ParamSpec ``spec`` and the plan's update ``kind``. Returns :class:`Accepted`
+        (decoded, added nowhere yet: call :meth:`accepted` once it is) or :class:`Rejected`
+        naming the update's own round."""
+        def reject(reason: str, detail: str) -> Rejected:
+            return Rejected(reason, detail, upd, upd.round)
+
+        if upd.kind != kind:
+            return reject("malformed", f"update kind {upd.kind!r}, the plan asks for {kind!r}")
         if upd.samples < 1:
             return reject("malformed", f"samples {upd.samples}, expected >= 1")
         announced = self.samples_of(upd.device)
@@ -507,7 +573,7 @@ class RoundEngine:
             return reject("over_weighted", f"claims {upd.samples} samples; limit {self.max_samples}, "
                                            f"its status announced {announced}")
         try:
-            sparse = decode_sparse(upd.codec, upd.payload, self.spec)
+            sparse = decode_sparse(upd.codec, upd.payload, spec)
         except NonFiniteError as exc:
             return reject("non_finite", str(exc))
         except WireError as exc:
@@ -521,6 +587,10 @@ class RoundEngine:
         if bound is not None and norm > bound:
             return reject("norm_bound", f"L2 norm {norm:.6g} above the bound {bound:.6g}")
         return Accepted(upd, sparse, norm)
+
+    def accepted(self, norm: float) -> None:
+        """Count the L2 norm of an update that went into an aggregate (the median's history)."""
+        self.norms.append(norm)
 
     def current_norm_bound(self) -> float | None:
         """The L2 norm bound in force now (None: none)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmq.errors import ConfigError, DataError, FedmqError, WireError
+
+#: torch's default generator is one per process: agents on threads of one process (the fleet,
+#: the in-process demo) seeding it at once would draw each other's initial weights, and then
+#: version 0 built on a device would not match the coordinator's.
+_SEEDED_BUILD = threading.Lock()
 
 #: What a model predicts.
 KINDS = ("classification", "regression")
@@ -159,12 +165,13 @@ class Task:
     def build_model(self, seed: int) -> nn.Module:
         """A freshly initialised model, identical for identical ``seed`` (torch's default
         initialisation drawn from ``torch.manual_seed(seed)``; the caller's global RNG state
-        is left untouched). Returned in eval mode; float32 parameters on the CPU.
+        is left untouched; thread-safe against other calls). Returned in eval mode; float32
+        parameters on the CPU.
 
         Raises:
             ConfigError: ``build`` did not return a ``torch.nn.Module``.
         """
-        with torch.random.fork_rng(devices=[]):
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.build()
         if not isinstance(model, nn.Module):

@@ -68,12 +68,13 @@ class CountingLink:
     """``link`` with :attr:`traffic` counters; every other attribute is the wrapped link's.
 
     Wrap before the first subscription: the wrapped link's default inbox is replaced by a
-    counting one.
+    counting one. ``traffic``: counters to add to (default: new ones), e.g. those of the
+    link this one replaces after a reconnect with a new connection.
     """
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, traffic: Traffic | None = None) -> None:
         self._link = link
-        self.traffic = Traffic()
+        self.traffic = traffic if traffic is not None else Traffic()
         link.inbox = _CountingQueue(self.traffic)
 
     def __getattr__(self, name: str) -> Any:

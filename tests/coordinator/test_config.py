@@ -127,3 +127,19 @@ def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, cl
         load_config(write(tmp_path, GOOD), environ={var: "3"})
     assert str(err.value).startswith(f"environment variable {var} matches no coordinator option; "
                                      f"did you mean {closest}?")
+
+
+def test_async_mode_and_its_section(tmp_path: Path) -> None:
+    from coordinator.buffered import BufferedCoordinator, make_coordinator
+
+    path = tmp_path / "c.toml"
+    path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "async"\n'
+                    '[async]\nbuffer_size = 4\nstaleness_exponent = 1.0\nmax_staleness = 3\n')
+    cfg = load_config(path, environ={})
+    assert cfg.round.mode == "async" and cfg.async_.buffer_size == 4 and cfg.async_.concurrency == 20
+    assert cfg.async_.staleness().weight(3) == pytest.approx(0.25)
+    assert isinstance(make_coordinator(cfg), BufferedCoordinator)
+    path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "later"\n[async]\nbuffer_size = 0\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "round.mode" in str(err.value) and "async.buffer_size" in str(err.value)

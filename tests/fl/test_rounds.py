@@ -3,7 +3,7 @@
 import msgpack
 import numpy as np
 
-from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine
+from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine, UpdateChecks
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
@@ -25,10 +25,11 @@ class _Gate:
     """An engine with round 4 (base version 2) open for a and b; ``check`` is ``offer``."""
 
     def __init__(self, selected=("a", "b"), target=10, **kw):
-        args = dict(kind="delta", is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20,
-                    norm_bound=None)
+        args = dict(kind="delta", is_known=lambda d: d in {"a", "b", "c"}, max_update_bytes=1 << 20)
+        checks = {k: kw.pop(k) for k in ("norm_bound", "max_samples", "samples_of", "norm_factor", "norm_warmup",
+                                         "norm_initial", "norms") if k in kw}
         args.update(kw)
-        self.engine = RoundEngine("f", SPEC, round=3, base_version=2, **args)
+        self.engine = RoundEngine("f", SPEC, round=3, base_version=2, checks=UpdateChecks(**checks), **args)
         self.engine.open(4, 2, list(selected), target, deadline=100.0, started=0.0)
 
     def check(self, device, transfer, data):
@@ -246,3 +247,21 @@ def test_a_resend_is_answered_from_the_stored_outcome_after_the_memory_is_gone()
     g = gate(lookup=lambda d, t: stored.get((d, t)))
     assert g.check("a", "t1", make(round_=1)) == Repeat("accepted", "", 1)
     assert reason(g.check("a", "t2", make(round_=1))) == "wrong_round"
+
+
+def test_selected_device_gone_offline_is_dropped_and_the_round_completes_without_it():
+    g = gate(selected=("a", "b"), target=2)
+    assert isinstance(g.check("a", "t1", make()), Accepted)
+    assert not g.engine.complete
+    assert g.engine.drop("b") and g.engine.complete
+    assert not g.engine.drop("b") and not g.engine.drop("c")  # counted once; c was not selected
+    rec = g.close().record
+    assert {p.device: p.status for p in rec.participations} == {"a": "accepted", "b": "dropped"}
+
+
+def test_dropped_device_that_still_answers_in_time_is_accepted():
+    g = gate(selected=("a", "b"), target=2)
+    g.engine.drop("b")
+    assert isinstance(g.check("b", "t2", make(device="b")), Accepted)
+    rec = g.close().record
+    assert {(p.device, p.status) for p in rec.participations} == {("a", "no_answer"), ("b", "accepted")}

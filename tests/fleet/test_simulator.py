@@ -109,3 +109,20 @@ def test_a_new_link_is_one_module_and_a_registry_line(tmp_path: Path) -> None:
     # Coordinator and every device published through the new link.
     assert plugin.PUBLISHES["fedmq-coordinator-demo"] > 0
     assert {d for d in plugin.PUBLISHES if d.startswith("device-")} == {"device-00", "device-01", "device-02"}
+
+
+def test_the_demo_runs_buffered_asynchronous_aggregation(tmp_path: Path) -> None:
+    import tomllib
+
+    from fedmq.errors import ConfigError
+
+    out = _run(tmp_path, broker="memory", devices_in="threads", round_mode="async", rounds=3)
+    cfg = tomllib.loads((tmp_path / "coordinator.toml").read_text())
+    assert cfg["round"]["mode"] == "async" and cfg["async"]["buffer_size"] == 2
+    # K = --per-round updates per server step; the buffered engine records their staleness.
+    assert out["rounds_failed"] == 0 and out["updates_accepted"] == 3 * 2
+    assert all(r["accepted"] == 2 and "staleness" in r["device_metrics"] for r in out["records"])
+    assert 0 < out["bytes_down_total"] < out["bytes_down_dense_equivalent"]  # the compressed downlink
+    assert out["final_accuracy"] > out["initial_accuracy"]
+    with pytest.raises(ConfigError, match="--mode"):
+        _run(tmp_path / "bad", broker="memory", devices_in="threads", round_mode="later")

@@ -150,3 +150,31 @@ def test_onnx_export_of_user_tasks_matches_torch(ref: str, tmp_path: Path) -> No
         np.testing.assert_allclose(np.array(lines, dtype=np.float32), want.reshape(-1), rtol=1e-4, atol=1e-4)
     else:
         assert [int(v) for v in lines] == list(want.argmax(axis=1))
+
+
+def test_models_built_on_many_threads_at_once_are_the_seeded_model() -> None:
+    import threading
+
+    from fedmq.params import ParamSpec, flatten_params
+
+    task = get_task("digits-mlp")
+
+    def vector() -> np.ndarray:
+        model = task.build_model(0)
+        return flatten_params(model, ParamSpec.from_module(model))
+
+    want = vector()
+    built: list[np.ndarray] = []
+    for _ in range(5):
+        start = threading.Barrier(6)
+
+        def build() -> None:
+            start.wait()
+            built.append(vector())
+
+        threads = [threading.Thread(target=build) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(built) == 30 and all(np.array_equal(v, want) for v in built)
