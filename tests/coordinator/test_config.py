@@ -47,6 +47,18 @@ def test_file_is_read_and_relative_paths_follow_the_file(tmp_path):
     assert opt.name == "fedadam" and opt.eta == 0.01 and opt.tau == 1e-3
 
 
+def test_the_default_server_optimizer_is_fedavgm_with_momentum_0_7(tmp_path):
+    # The best measured with the default codecs (Top-K 1% both ways; BENCHMARKS.md).
+    opt = load_config(write(tmp_path, GOOD.replace('name = "fedadam"\neta = 0.01\n', "")), environ={}
+                      ).server_optimizer.build()
+    assert (opt.name, opt.momentum, opt.eta) == ("fedavgm", 0.7, 1.0)
+    named = load_config(write(tmp_path, GOOD.replace('name = "fedadam"\neta = 0.01', 'name = "fedavgm"')), environ={})
+    assert named.server_optimizer.build().momentum == 0.7
+    own = load_config(write(tmp_path, GOOD.replace('name = "fedadam"\neta = 0.01', 'name = "fedavgm"\nmomentum = 0.9')),
+                      environ={})
+    assert own.server_optimizer.build().momentum == 0.9
+
+
 def test_environment_overrides_win(tmp_path):
     env = {"FEDMQ_COORDINATOR__ROUNDS": "9", "FEDMQ_COORDINATOR__ROUND__DEVICES_PER_ROUND": "0.5",
            "fedmq_coordinator__broker__url": "mqtt://h:1", "OTHER": "x"}
