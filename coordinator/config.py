@@ -52,6 +52,10 @@ class RoundConfig(_Section):
     deadline_s: float = Field(60.0, gt=0)
     wait_for_devices_s: float = Field(60.0, ge=0)
     min_devices: int | None = Field(None, ge=1)
+    #: Seconds a selected device that went offline (last will, clean leave) before answering
+    #: has to come back before it is counted as ``dropped`` (0: at once). A device restarted
+    #: by systemd after a crash is back within a few seconds and still answers its task.
+    drop_grace_s: float = Field(10.0, ge=0)
     mode: Literal["sync", "async"] = "sync"
 
     @field_validator("devices_per_round")

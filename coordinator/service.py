@@ -173,6 +173,9 @@ class Coordinator:
         self._pending: deque[tuple[RoundRecord, Future[Evaluation] | None]] = deque()
         self._records: list[RoundRecord] = []
         self._notify: Callable[[Progress], None] = lambda _p: None
+        #: Selected devices of the open round that went offline before answering, with the
+        #: time.monotonic() they did: dropped after ``round.drop_grace_s`` unless back online.
+        self._gone: dict[str, float] = {}
         settings = config.broker
         if settings.protocol == "5" and settings.session_expiry == 0:
             settings = settings.with_(session_expiry=SESSION_EXPIRY_S)
@@ -421,6 +424,7 @@ class Coordinator:
         deadline = started + cfg.round.deadline_s
         self._pause("selection", r)
         self.db.set_inflight(selected)
+        self._gone.clear()
         engine.open(r, version, selected, target, deadline, started)
         plan = cfg.plan
         if plan.codec != "none":
@@ -442,6 +446,7 @@ class Coordinator:
                 break
             self._pump(min(_POLL_S, remaining), notify)
             request_repairs(self.link, self.fed, self.receiver)
+            self._drop_gone(engine)
         if self.stopping:
             return None
         return self._close_round(engine, vector)
@@ -693,16 +698,33 @@ class Coordinator:
             self.rejections["device_mismatch"] += 1
         if dev is not None and not dev.online:
             self._went_offline(device)
+        elif dev is not None:
+            self._gone.pop(device, None)
         for conflict in self.registry.conflict_reports():
             assert self.db is not None
             self.db.write_conflict(conflict)
 
     def _went_offline(self, device: str) -> None:
         """A device's offline status (its last will, or a clean leave) arrived: a selected
-        device that has not answered is counted as dropped at once, not at the deadline."""
+        device that has not answered is counted as dropped once ``round.drop_grace_s`` pass
+        without it coming back (at once when 0), not at the deadline."""
         engine = self.engine
-        if engine is not None and engine.drop(device):
-            log.info("round %d: %s went offline before answering: dropped", engine.round, device)
+        if engine is None or not engine.is_open or device not in engine.selected or device in engine.answered:
+            return
+        if device not in self._gone:
+            self._gone[device] = time.monotonic()
+            log.info("round %d: %s went offline before answering", engine.round, device)
+        self._drop_gone(engine)
+
+    def _drop_gone(self, engine: RoundEngine) -> None:
+        """Count as dropped the devices offline for ``round.drop_grace_s`` or more."""
+        now = time.monotonic()
+        for device, since in list(self._gone.items()):
+            if now - since >= self.config.round.drop_grace_s:
+                del self._gone[device]
+                if engine.drop(device):
+                    log.info("round %d: %s did not come back within %.0f s: dropped", engine.round, device,
+                             self.config.round.drop_grace_s)
 
     def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
         """Send the receipt the engine's outcome calls for; count the device's rounds."""
