@@ -37,10 +37,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.launch import start_mosquitto
 from coordinator.buffered import make_coordinator
 from coordinator.config import config_from_dict
+from fedmq.tasks.builtin import MNIST_PLAN
 from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, memory_kib, raise_nofile
 
 PLAN = {"local_epochs": 5, "lr": 0.3, "batch_size": 16, "density": 0.25}
 TASK = "digits-logreg"
+#: ``--task`` of the modes part -> (fleet data, local samples per device, train plan).
+MODE_TASKS: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "digits-logreg": ("digits", 32, PLAN),
+    # The McMahan CNN on the MNIST-10k split, the demo's plan (1 local epoch).
+    "mnist-cnn": ("mnist10k", 160, MNIST_PLAN),
+}
 
 
 class _SysBytes:
@@ -75,10 +82,11 @@ class _SysBytes:
 
 
 def _coordinator_config(work: Path, url: str, fed: str, rounds: int, round_: dict[str, Any],
-                        async_: dict[str, Any] | None = None) -> Any:
+                        async_: dict[str, Any] | None = None, task: str = TASK,
+                        plan: dict[str, Any] | None = None) -> Any:
     return config_from_dict({
-        "federation": fed, "task": TASK, "rounds": rounds, "seed": 1, "state_dir": str(work / f"coord-{fed}"),
-        "broker": {"url": url}, "round": round_, "async": async_ or {}, "plan": PLAN,
+        "federation": fed, "task": task, "rounds": rounds, "seed": 1, "state_dir": str(work / f"coord-{fed}"),
+        "broker": {"url": url}, "round": round_, "async": async_ or {}, "plan": plan or PLAN,
         "evaluation": {"data": str(work / "fleet" / "test.npz")}, "publish": {"onnx": False}})
 
 
@@ -123,9 +131,11 @@ def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path)
     return out
 
 
-def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, work: Path) -> list[dict[str, Any]]:
+def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, work: Path,
+          task: str = TASK) -> list[dict[str, Any]]:
     """Sync against async on the same heterogeneous fleet, each for at most ``seconds``;
-    the wall time to each test accuracy in ``targets``."""
+    the wall time to each test accuracy in ``targets``. ``task``: a key of MODE_TASKS."""
+    data, samples, plan = MODE_TASKS[task]
     het = Heterogeneity(compute_s=1.0, speed_sigma=1.0, online_fraction=0.8, mean_online_s=60.0, dropout=0.05,
                         rejoin_s=20.0, bandwidth=2e5, bandwidth_sigma=0.5, latency_s=0.05)
     rows = []
@@ -133,14 +143,14 @@ def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, wo
         raise_nofile(n + 2048)
         folder = work / mode
         broker = start_mosquitto(folder / "broker", extra_conf="sys_interval 1\nmax_connections -1")
-        spec = FleetSpec(broker_url=broker.url, federation=mode, task=TASK, devices=n, processes=processes, seed=7,
-                         work_dir=folder / "fleet", heterogeneity=het)
+        spec = FleetSpec(broker_url=broker.url, federation=mode, task=task, devices=n, processes=processes, seed=7,
+                         work_dir=folder / "fleet", heterogeneity=het, data=data, samples_per_device=samples)
         per_round = max(2, n // 10)
         cfg = _coordinator_config(folder, broker.url, mode, 10_000,
                                   {"mode": mode, "devices_per_round": per_round,
                                    "deadline_s": 15.0, "min_devices": per_round, "wait_for_devices_s": 60.0},
                                   {"buffer_size": per_round // 2, "concurrency": int(per_round * 1.3),
-                                   "max_staleness": 20, "task_timeout_s": 60.0})
+                                   "max_staleness": 20, "task_timeout_s": 60.0}, task=task, plan=plan)
         sysb = _SysBytes(broker.port)
         try:
             with Fleet(spec) as fleet:
@@ -194,7 +204,8 @@ def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, wo
     return rows
 
 
-def run(quick: bool = True, *, only: str | None = None, sizes: list[int] | None = None) -> dict[str, Any]:
+def run(quick: bool = True, *, only: str | None = None, sizes: list[int] | None = None,
+        task: str = TASK, devices: int | None = None, seconds: float | None = None) -> dict[str, Any]:
     """The suite's entry point (benchmarks.harness)."""
     out: dict[str, Any] = {"tables": [], "notes": []}
     with tempfile.TemporaryDirectory(prefix="fedmq-scale-") as tmp:
@@ -210,13 +221,14 @@ def run(quick: bool = True, *, only: str | None = None, sizes: list[int] | None 
                                   "columns": cols, "rows": [[p[c] for c in cols] for p in points]})
         if only in (None, "modes"):
             targets = (0.9, 0.95, 0.96)
-            rows = modes(100 if quick else 200, 120.0 if quick else 240.0, targets, 2, work / "modes")
+            rows = modes(devices or (100 if quick else 200), seconds or (120.0 if quick else 240.0), targets, 2,
+                         work / "modes", task=task)
             out["modes"] = rows
             cols = ["mode", "devices", "wall_s", "steps", *[f"time_to_{t}_s" for t in targets], "final_accuracy",
                     "updates_accepted",
                     "trainings", "device_s_total", "device_s_wasted", "wasted_fraction", "broker_bytes_in",
                     "broker_bytes_out", "update_bytes_up"]
-            out["tables"].append({"title": "Sync vs buffered async (FedBuff), same heterogeneous fleet",
+            out["tables"].append({"title": f"Sync vs buffered async (FedBuff), same heterogeneous fleet, {task}",
                                   "columns": cols, "rows": [[r[c] for c in cols] for r in rows]})
     return out
 
@@ -231,9 +243,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=("scale", "modes"))
     p.add_argument("--sizes", default="", help="comma-separated fleet sizes for the scale part")
+    p.add_argument("--task", default=TASK, choices=sorted(MODE_TASKS), help="task of the modes part")
+    p.add_argument("--devices", type=int, help="fleet size of the modes part (default 200, quick 100)")
+    p.add_argument("--seconds", type=float, help="seconds per mode in the modes part (default 240, quick 120)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()] or None
-    print(json.dumps(run(args.quick, only=args.only, sizes=sizes), indent=1, default=str))
+    print(json.dumps(run(args.quick, only=args.only, sizes=sizes, task=args.task, devices=args.devices,
+                         seconds=args.seconds), indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.config import FEDAVGM_MOMENTUM, load_config
+from coordinator.config import FEDAVGM_ETA, FEDAVGM_MOMENTUM, load_config
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.buffered import make_coordinator
 from coordinator.service import Coordinator, Progress, RunResult
@@ -588,7 +588,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "plan": plan_table,
             # Compressed runs: server momentum closes most of the gap to dense FedAvg
             # (BENCHMARKS.md); a dense run is plain FedAvg, the reference.
-            "server_optimizer": server_optimizer or ({"name": "fedavgm", "momentum": FEDAVGM_MOMENTUM} if downlink != "none"
+            "server_optimizer": server_optimizer or ({"name": "fedavgm", "momentum": FEDAVGM_MOMENTUM,
+                                                                       "eta": FEDAVGM_ETA} if downlink != "none"
                                                      else {"name": "fedavg"}),
             "downlink": {"codec": downlink, "density": downlink_density},
             "aggregation": {"rule": aggregation},
