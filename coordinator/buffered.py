@@ -93,6 +93,8 @@ class BufferedCoordinator(Coordinator):
         self.answered: dict[str, int] = {}
         self._journal_seq = 0
         self._dispatches = 0
+        #: (device, task round, transfer) of the journaled updates replayed at start, to receipt.
+        self._replayed: list[tuple[str, int, str]] = []
         self._vector = np.zeros(0, dtype=np.float32)
 
     # -- run -----------------------------------------------------------------------------
@@ -121,6 +123,9 @@ class BufferedCoordinator(Coordinator):
                                          max_size=cfg.limits.max_update_bytes)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
+            for device, round_, transfer in self._replayed:
+                self._receipt(device, round_, transfer, "accepted", "")
+            self._replayed.clear()
             self._publish_model(vector, version, step)
             log.info("async mode: step %d, model version %d, buffer %d/%d after replay", step, version,
                      len(engine.buffer), engine.buffer_size)
@@ -189,6 +194,9 @@ class BufferedCoordinator(Coordinator):
             outcome = engine.offer(device, transfer, path.read_bytes())
             if isinstance(outcome, Accepted):
                 self.answered[device] = outcome.round
+                # Journaled before its receipt was sent: the kill may have lost that receipt,
+                # and a device resending after the federation's last step hears nobody.
+                self._replayed.append((device, outcome.round, transfer))
             else:
                 log.warning("journaled update %s not accepted on replay (%s): dropped from the buffer", path.name,
                             outcome)

@@ -51,9 +51,9 @@ def config(broker, tmp_path: Path, fed: str, **round_opts):
     data = {"federation": fed, "task": TASK, "rounds": 2, "seed": 3, "state_dir": str(tmp_path / f"state-{fed}"),
             "broker": {"url": broker.url, "protocol": broker.protocol}, "round": round_cfg,
             "plan": {"density": 0.1, "dense_below": 16}, "publish": {"onnx": False},
-            # Dense downlink, no density warm-up: these tests compute the expected global model
-            # exactly from the plan's density.
-            "downlink": {"codec": "none"}, "warmup": {"rounds": 0}}
+            # Dense downlink, no density warm-up, FedAvg: these tests compute the expected global
+            # model exactly, as the weighted mean of the decoded updates.
+            "downlink": {"codec": "none"}, "warmup": {"rounds": 0}, "server_optimizer": {"name": "fedavg"}}
     data.update(round_opts)
     return config_from_dict(data)
 
