@@ -29,6 +29,19 @@ STOP_TIMEOUT = 10.0
 LOOPBACK = "127.0.0.1"
 
 
+
+def terminate(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM ``proc`` and wait up to ``timeout`` seconds, then SIGKILL it; nothing if it
+    has already exited."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 class BrokerLaunchError(FedmqError):
     """A broker binary is missing, or the broker exited or did not listen in time."""
 
@@ -135,15 +148,8 @@ class _BrokerProcess:
     def stop(self) -> None:
         """SIGTERM and wait (mosquitto saves its persistence file); kill after STOP_TIMEOUT s.
         Does nothing if already stopped."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self._proc is not None:
+            terminate(self._proc)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: nothing is saved. Does nothing if already stopped."""

@@ -19,7 +19,7 @@ from types import FrameType
 
 from broker.conf import BrokerDirs, render_mosquitto_conf
 from broker.credentials import PRIVATE_DIR_MODE, CredentialError, make_dirs, write_file
-from broker.launch import START_TIMEOUT, STOP_TIMEOUT, _wait_accepting, mosquitto_binary
+from broker.launch import START_TIMEOUT, _wait_accepting, mosquitto_binary, terminate
 
 #: File that marks a run folder as made by :func:`prepare_run_dir`, so that a second run
 #: reuses it (persistence kept) while a folder of someone else's is refused.
@@ -123,13 +123,7 @@ def run_foreground(broker: LocalBroker, *, on_ready=print) -> int:  # noqa: ANN0
                  f"mqtts://{tls_host}:{tls_port}; configuration {broker.conf}, log {broker.log}; Ctrl-C to stop")
         return proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
