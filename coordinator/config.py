@@ -229,7 +229,7 @@ class DownlinkConfig(_Section):
 
     ``codec`` ``topk-int8`` publishes each version as a compressed delta with server-side
     error feedback (:mod:`fedmq.fl.downlink`); ``none`` publishes every version as a full
-    safetensors blob. ``density``, ``block_size`` and ``dense_below`` are the downlink
+    safetensors blob. ``density``, ``block_size``, ``dense_below`` and ``topk`` are the downlink
     codec's (:class:`fedmq.codecs.CodecConfig`). ``window``: versions whose deltas stay
     retained. ``snapshot_every``: a full safetensors snapshot every this many versions
     (at most ``window``, so the deltas after the newest snapshot are always retained).
@@ -239,6 +239,7 @@ class DownlinkConfig(_Section):
     density: float = Field(0.01, gt=0.0, le=1.0)
     block_size: int = Field(512, ge=1, le=2**32 - 1)
     dense_below: int = Field(1024, ge=0)
+    topk: Literal["global", "per-tensor"] = "global"
     window: int = Field(20, ge=1)
     snapshot_every: int = Field(10, ge=1)
 
@@ -262,7 +263,7 @@ class DownlinkConfig(_Section):
 
     def codec_config(self) -> CodecConfig:
         return CodecConfig(name=self.codec, density=self.density, block_size=self.block_size,
-                           dense_below=self.dense_below)
+                           dense_below=self.dense_below, topk=self.topk)
 
 
 class CoordinatorConfig(_Section):

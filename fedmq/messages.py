@@ -176,7 +176,9 @@ class TrainPlan:
     ``max_seconds`` caps local training time (seconds, 0 = no cap). ``codec``,
     ``density`` (fraction of entries kept per tensor), ``block_size`` (kept values per
     float32 scale), ``dense_below`` (tensors with fewer elements go dense int8) and
-    ``stochastic`` (stochastic rounding) configure the codec (fedmq.codecs.CodecConfig).
+    ``stochastic`` (stochastic rounding) and ``topk`` (``global``: the kept entries are
+    chosen across the whole update; ``per-tensor``: each tensor keeps ``density`` of its own)
+    configure the codec (fedmq.codecs.CodecConfig).
     ``error_feedback`` False disables the residual (for ablations only).
     """
 
@@ -194,6 +196,7 @@ class TrainPlan:
     stochastic: bool = False
     error_feedback: bool = True
     seed: int = 0
+    topk: str = "global"
 
     def validate(self, where: str = "train plan") -> TrainPlan:
         """Raises: WireError when a field is out of range."""
@@ -209,13 +212,15 @@ class TrainPlan:
             raise WireError(f"{where}: density must be in (0, 1], got {self.density} (rule R25)")
         if self.block_size < 1 or self.dense_below < 0:
             raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected (rule R25)")
+        if self.topk not in ("global", "per-tensor"):
+            raise WireError(f"{where}: topk must be global or per-tensor, got {self.topk[:80]!r} (rule R25)")
         return self
 
 
 _PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
     "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
     "prox_mu": float, "max_seconds": float, "codec": str, "density": float, "block_size": int,
-    "dense_below": int, "stochastic": bool, "error_feedback": bool, "seed": int,
+    "dense_below": int, "stochastic": bool, "error_feedback": bool, "seed": int, "topk": str,
 }
 
 

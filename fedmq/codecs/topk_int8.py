@@ -1,7 +1,9 @@
-"""Codec ``topk-int8``: per-tensor Top-K, int8 values, Golomb-Rice coded indices.
+"""Codec ``topk-int8``: Top-K, int8 values, Golomb-Rice coded indices.
 
-Byte layout in docs/wire-format.md, "Codec topk-int8". Top-K by magnitude **per tensor**
-(at least one entry per tensor), symmetric int8 values with one float32 scale per block of
+Byte layout in docs/wire-format.md, "Codec topk-int8". Top-K by magnitude, recorded **per
+tensor** (at least one entry per tensor); the kept entries are chosen across the whole
+update (``topk = "global"``, the default) or per tensor (see
+:attr:`fedmq.codecs.CodecConfig.topk`), symmetric int8 values with one float32 scale per block of
 kept values, indices as gaps coded with Golomb-Rice (unary quotients and fixed-width
 remainders in two separate bit streams, so that both directions are vectorised). Each
 tensor falls back to dense int8 when that is not larger, and tensors with fewer than
@@ -135,17 +137,54 @@ def _dense_record(x: np.ndarray, block: int, stochastic: bool, rng: np.random.Ge
     return [bytes((MODE_DENSE,)), scales.astype("<f4").tobytes(), q.tobytes()]
 
 
+def _goes_sparse(n: int, config: CodecConfig) -> bool:
+    """Whether a tensor of ``n`` elements is a Top-K candidate (else always a dense record)."""
+    return not (n < config.dense_below or config.kept(n) == n)
+
+
+def global_allocation(vec: np.ndarray, spec: ParamSpec, config: CodecConfig) -> dict[int, np.ndarray]:
+    """Kept positions per sparse-candidate tensor under ``topk = "global"``.
+
+    The budget is the per-tensor rule's, ``K = sum(config.kept(n))`` over the tensors that go
+    sparse (``n >= dense_below`` and ``kept(n) < n``); it is spent on the ``K`` entries of
+    largest ``|vec|`` among those tensors (ties broken arbitrarily), and a tensor that gets
+    none keeps its largest one, so the total is at most ``K + T - 1`` for ``T`` candidates.
+
+    Args:
+        vec: float32 ``(spec.size,)``, finite.
+
+    Returns:
+        tensor index (ParamSpec order) -> sorted int64 positions within that tensor, at
+        least one and at most ``n`` (all ``n``: the encoder writes a dense record). Tensors
+        that always go dense are absent.
+    """
+    cands = [(t, off, n) for t, (off, n) in enumerate(zip(spec.offsets, spec.sizes)) if _goes_sparse(n, config)]
+    if not cands:
+        return {}
+    budget = sum(config.kept(n) for _, _, n in cands)
+    flat = np.concatenate([vec[off:off + n] for _, off, n in cands])
+    chosen = _top_k(flat, budget) if budget < flat.shape[0] else np.arange(flat.shape[0], dtype=np.int64)
+    starts = np.cumsum([0] + [n for _, _, n in cands])
+    cut = np.searchsorted(chosen, starts)
+    out: dict[int, np.ndarray] = {}
+    for i, (t, off, n) in enumerate(cands):
+        idx = chosen[cut[i]:cut[i + 1]] - starts[i]
+        out[t] = idx if idx.shape[0] else _top_k(vec[off:off + n], 1)
+    return out
+
+
 def _encode_topk(vec: np.ndarray, spec: ParamSpec, config: CodecConfig, rng: np.random.Generator | None) -> bytes:
     block = config.block_size
     parts = [_HEADER.pack(TOPK_FORMAT, block, len(spec.sizes))]
-    for off, n in zip(spec.offsets, spec.sizes):
+    chosen = global_allocation(vec, spec, config) if config.topk == "global" else None
+    for t, (off, n) in enumerate(zip(spec.offsets, spec.sizes)):
         x = vec[off:off + n]
-        k = config.kept(n)
         dense_size = 1 + 4 * -(-n // block) + n
-        if n < config.dense_below or k == n:
+        if not _goes_sparse(n, config) or (chosen is not None and chosen[t].shape[0] == n):
             parts += _dense_record(x, block, config.stochastic, rng)
             continue
-        idx = _top_k(x, k)
+        idx = chosen[t] if chosen is not None else _top_k(x, config.kept(n))
+        k = idx.shape[0]
         gaps = np.diff(idx, prepend=-1) - 1
         b, qsum = _rice_bits(gaps, n)
         unary_len = -(-(qsum + k) // 8)

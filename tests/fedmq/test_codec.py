@@ -76,7 +76,8 @@ def _cases(draw):  # type: ignore[no-untyped-def]
         x[np.random.default_rng(seed + 1).random(spec.size) < 0.5] = 0.0
     cfg = CodecConfig(density=draw(st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0])),
                       block_size=draw(st.sampled_from([1, 7, 64, 512])),
-                      dense_below=draw(st.sampled_from([0, 100, 1024])))
+                      dense_below=draw(st.sampled_from([0, 100, 1024])),
+                      topk=draw(st.sampled_from(["global", "per-tensor"])))
     return spec, x, cfg
 
 
@@ -93,14 +94,17 @@ def test_topk_round_trip_properties(case) -> None:  # type: ignore[no-untyped-de
     if su.indices is not None:
         assert np.all(np.diff(su.indices) > 0) and su.indices[0] >= 0 and su.indices[-1] < spec.size
     idx = np.arange(spec.size) if su.indices is None else su.indices
+    sent = np.zeros(spec.size, dtype=bool)
+    sent[idx] = True
+    candidates = [(off, n) for off, n in zip(spec.offsets, spec.sizes) if n >= cfg.dense_below and cfg.kept(n) < n]
     for off, n in zip(spec.offsets, spec.sizes):
         xt, yt = x[off:off + n], y[off:off + n]
         local = idx[(idx >= off) & (idx < off + n)] - off
         k = cfg.kept(n)
         assert local.shape[0] >= 1  # at least one entry per tensor
-        if n < cfg.dense_below:
+        if (off, n) not in candidates:
             assert local.shape[0] == n
-        else:
+        elif cfg.topk == "per-tensor":
             assert local.shape[0] in (k, n)  # Top-K, or the dense fallback
         # every value sent is within half an int8 step of the truth (step bound by the tensor's max)
         amax = float(np.abs(xt).max())
@@ -112,13 +116,24 @@ def test_topk_round_trip_properties(case) -> None:  # type: ignore[no-untyped-de
             rest[local] = False
             assert np.abs(xt[local]).min() >= np.abs(xt[rest]).max()
             assert not yt[rest].any()
+    if cfg.topk == "global" and candidates:
+        # one budget across the candidates: every entry above the budget-th largest magnitude
+        # is sent, and the sparse records together keep at most budget + one per tensor
+        mags = np.concatenate([np.abs(x[off:off + n]) for off, n in candidates])
+        was_sent = np.concatenate([sent[off:off + n] for off, n in candidates])
+        budget = sum(cfg.kept(n) for _, n in candidates)
+        if budget < mags.shape[0]:
+            tau = np.sort(mags)[::-1][budget - 1]
+            assert was_sent[mags > tau].all()
+        sparse_kept = [int(sent[off:off + n].sum()) for off, n in candidates if sent[off:off + n].sum() < n]
+        assert sum(sparse_kept) <= budget + len(candidates) - 1
 
 
 def test_top_k_keeps_exactly_the_largest_entries_per_tensor() -> None:
     spec = _spec(5000, 2000, 50)
     rng = np.random.default_rng(3)
     x = rng.standard_normal(spec.size).astype(np.float32)
-    cfg = CodecConfig(density=0.01, dense_below=100)
+    cfg = CodecConfig(density=0.01, dense_below=100, topk="per-tensor")
     su = decode_sparse("topk-int8", encode(x, spec, cfg), spec)
     idx = su.indices
     assert idx is not None
@@ -129,6 +144,42 @@ def test_top_k_keeps_exactly_the_largest_entries_per_tensor() -> None:
         else:
             expect = np.sort(np.argsort(-np.abs(x[off:off + n]))[:cfg.kept(n)])
             np.testing.assert_array_equal(local, expect)
+
+
+def test_global_top_k_spends_the_budget_where_the_update_is_largest() -> None:
+    # Tensor 1 (an "output layer", 2,000 entries) moves ten times more than tensor 0: under
+    # global selection it gets the whole 70-entry budget that per-tensor selection splits
+    # 50 / 20, tensor 0 keeps its largest entry, and tensor 2 (below dense_below) goes dense.
+    spec = _spec(5000, 2000, 50)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(spec.size).astype(np.float32)
+    x[5000:7000] *= 10.0
+    counts = {}
+    for mode in ("per-tensor", "global"):
+        su = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=0.01, dense_below=100, topk=mode)), spec)
+        assert su.indices is not None
+        counts[mode] = [int(((su.indices >= off) & (su.indices < off + n)).sum())
+                        for off, n in zip(spec.offsets, spec.sizes)]
+    assert counts["per-tensor"] == [50, 20, 50]
+    assert counts["global"] == [1, 70, 50]
+    expect = [int(np.argmax(np.abs(x[:5000])))] + sorted(5000 + np.argsort(-np.abs(x[5000:7000]))[:70])
+    np.testing.assert_array_equal(su.indices[su.indices < 7000], expect)
+
+
+def test_global_top_k_keeps_one_entry_of_a_tensor_the_budget_missed() -> None:
+    spec = _spec(3000, 3000)
+    x = np.full(spec.size, 1e-3, dtype=np.float32)
+    x[:3000] = np.linspace(1.0, 2.0, 3000, dtype=np.float32)
+    x[4321] = 5e-3
+    su = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=0.01, dense_below=0)), spec)
+    assert su.indices is not None
+    assert list(su.indices[su.indices >= 3000]) == [4321]  # its largest, though below the budget
+    assert int((su.indices < 3000).sum()) == 60
+
+
+def test_unknown_topk_mode_is_refused() -> None:
+    with pytest.raises(CodecError, match="topk"):
+        CodecConfig(topk="layer")
 
 
 @pytest.mark.parametrize("layout", ["normal", "mostly_zero", "spikes_on_stride", "spikes_off_stride", "ties"])

@@ -78,7 +78,8 @@ def build() -> dict[str, bytes]:
         files[f"{name}.decoded.npy"] = _npy(decode(cfg.name, payload, SPECS[spec]))
         cases.append({"name": name, "kind": "payload", "spec": spec, "codec": cfg.name, "valid": True,
                       "encoder": True, "config": {"density": cfg.density, "block_size": cfg.block_size,
-                                 "dense_below": cfg.dense_below, "stochastic": cfg.stochastic},
+                                 "dense_below": cfg.dense_below, "stochastic": cfg.stochastic,
+                                 "topk": cfg.topk},
                       "rng_seed": seed})
         return payload
 
@@ -87,11 +88,17 @@ def build() -> dict[str, bytes]:
         cases.append({"name": name, "kind": kind, "spec": spec, "codec": codec, "valid": False,
                       "error": error, "why": why})
 
-    tiny = valid("tiny-topk", "tiny", _tiny_input(), CodecConfig(density=0.05, block_size=512, dense_below=0))
-    small = valid("small-topk", "small", _small_input(), CodecConfig(density=0.02, block_size=16, dense_below=64))
-    valid("small-dense-fallback", "small", _small_input(), CodecConfig(density=0.9, block_size=16, dense_below=64))
+    # Per-tensor selection (these vectors predate global selection and keep their bytes).
+    tiny = valid("tiny-topk", "tiny", _tiny_input(),
+                 CodecConfig(density=0.05, block_size=512, dense_below=0, topk="per-tensor"))
+    small = valid("small-topk", "small", _small_input(),
+                  CodecConfig(density=0.02, block_size=16, dense_below=64, topk="per-tensor"))
+    valid("small-dense-fallback", "small", _small_input(),
+          CodecConfig(density=0.9, block_size=16, dense_below=64, topk="per-tensor"))
     valid("small-stochastic", "small", _small_input(),
-          CodecConfig(density=0.1, block_size=32, dense_below=64, stochastic=True), seed=7)
+          CodecConfig(density=0.1, block_size=32, dense_below=64, stochastic=True, topk="per-tensor"), seed=7)
+    # The default, global selection: the same budget spent across the sparse tensors.
+    valid("small-topk-global", "small", _small_input(), CodecConfig(density=0.02, block_size=16, dense_below=64))
     valid("small-none", "small", _small_input(), CodecConfig(name="none"))
 
     update = ClientUpdate(federation="demo", device="pi-01", round=12, base_version=11, samples=800,
