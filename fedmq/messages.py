@@ -192,7 +192,7 @@ class TrainPlan:
     codec: str = "topk-int8"
     density: float = 0.01
     block_size: int = 512
-    dense_below: int = 1024
+    dense_below: int = 4096  # fedmq.codecs.base.DENSE_BELOW (messages imports no codec)
     stochastic: bool = False
     error_feedback: bool = True
     seed: int = 0

@@ -245,7 +245,7 @@ def test_none_codec_is_exact() -> None:
 def test_sparse_update_add_into_l2_norm_and_shape_checks() -> None:
     spec = _spec(3000, 10)
     x = np.random.default_rng(7).standard_normal(spec.size).astype(np.float32)
-    payload = encode(x, spec, CodecConfig(density=0.05))
+    payload = encode(x, spec, CodecConfig(density=0.05, dense_below=1024))
     dense = decode("topk-int8", payload, spec)
     su = decode_sparse("topk-int8", payload, spec)
     acc = np.zeros(spec.size, dtype=np.float64)
@@ -293,6 +293,12 @@ def test_each_tensor_falls_back_to_the_cheaper_record() -> None:
     assert len(p) == 9 + 2 * dense_record and p[9] == 0 and p[9 + dense_record] == 0
     p = encode(x, spec, CodecConfig(density=0.05))
     assert len(p) < 9 + 2 * dense_record and p[9] == 1
+
+
+def test_plan_and_codec_share_the_dense_below_default() -> None:
+    from fedmq.codecs.base import DENSE_BELOW
+    assert TrainPlan().dense_below == CodecConfig().dense_below == DENSE_BELOW == 4096
+    assert CodecConfig.from_plan(TrainPlan()) == CodecConfig()
 
 
 def test_dense_below_sends_small_tensors_whole() -> None:
