@@ -207,5 +207,16 @@ def run(quick: bool) -> dict[str, Any]:
     }
 
 
+def smoke() -> dict[str, Any]:
+    """The harness's smoke case: 20 updates in memory and 20 through mosquitto (one publisher),
+    so that the coordinator's message loop, driven here outside ``Coordinator.run``, cannot rot
+    unnoticed. No targets."""
+    import torch
+    torch.set_num_threads(1)
+    spec, payloads = _updates(4)
+    return {"model": "mnist-cnn", "memory_path": memory_path(spec, payloads, 20),
+            "mosquitto_path": mosquitto_path(spec, payloads, 20, publishers=1)}
+
+
 if __name__ == "__main__":
     print(json.dumps(run(quick="--full" not in sys.argv[1:]), indent=1))

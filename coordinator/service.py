@@ -504,6 +504,8 @@ class Coordinator:
     def _report_evaluated(self, wait: bool) -> None:
         """Report the closed rounds whose evaluation finished (all of them when ``wait``), in
         round order: their test loss and accuracy into the database, then ``round_closed``."""
+        if not self._pending:
+            return
         assert self.db is not None
         while self._pending:
             rec, evaluation = self._pending[0]

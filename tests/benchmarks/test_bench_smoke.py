@@ -107,3 +107,16 @@ def test_missing_and_failing_suites_are_recorded_and_the_rest_runs(tmp_path: Pat
     text = md.read_text(encoding="utf-8")
     assert "**missing**" in text and "boom at True" in text
     assert "| answer | 42 |" in text and "| 2 | 20 |" in text
+
+
+def test_ingest_smoke_drives_the_coordinators_message_loop(tmp_path: Path) -> None:
+    # benchmarks/ingest.py pumps the coordinator's inbox outside Coordinator.run; a change to
+    # that loop (the background evaluation's reporting) once broke it with an AssertionError.
+    proc = _bench(["run", "--suite", "smoke", "--only", "ingest", "--out", str(tmp_path), "--no-markdown"],
+                  timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    suite = json.loads((tmp_path / "bench.json").read_text())["suites"]["ingest"]
+    assert suite["status"] == "ok", suite.get("traceback")
+    assert suite["result"]["memory_path"]["updates"] == 20
+    wire = suite["result"]["mosquitto_path"]
+    assert wire["accepted"] == wire["updates_sent"] == 20 and wire["rejected"] == {}
