@@ -141,10 +141,11 @@ def summarize(case: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     at which 95% is first reached (None counts as never)."""
     finals = sorted(r["final_accuracy"] for r in runs)
     bests = [r["best_accuracy"] for r in runs]
-    r95 = sorted((r["first_round_95"] or 10**9) for r in runs)
+    never = 10**9
+    r95 = statistics.median(r["first_round_95"] or never for r in runs)
     return {"summary": case, "seeds": [r["seed"] for r in runs], "final_mean": statistics.fmean(finals),
             "final_median": statistics.median(finals), "final_min": finals[0], "best_mean": statistics.fmean(bests),
-            "round_95_median": (lambda m: None if m >= 10**9 else m)(statistics.median(r95)),
+            "round_95_median": None if r95 >= never else r95,
             "devices_bytes_down_mean": statistics.fmean(r["devices_bytes_down"] for r in runs),
             "devices_bytes_up_mean": statistics.fmean(r["devices_bytes_up"] for r in runs)}
 

@@ -30,10 +30,9 @@ from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
 from fedmq.codecs import CodecConfig, codec_names
-from fedmq.codecs.base import DENSE_BELOW
 from fedmq.fl.downlink import warmup_density
 from fedmq.errors import ConfigError, WireError
-from fedmq.messages import TrainPlan
+from fedmq.messages import DENSE_BELOW, TOPK_MODES, TrainPlan
 from fedmq.settings_file import read_toml
 from fedmq.transport.settings import BrokerSettings
 
@@ -240,7 +239,7 @@ class DownlinkConfig(_Section):
     density: float = Field(0.01, gt=0.0, le=1.0)
     block_size: int = Field(512, ge=1, le=2**32 - 1)
     dense_below: int = Field(DENSE_BELOW, ge=0)
-    topk: Literal["global", "per-tensor"] = "global"
+    topk: Literal[TOPK_MODES] = "global"  # type: ignore[valid-type]
     window: int = Field(20, ge=1)
     snapshot_every: int = Field(10, ge=1)
 

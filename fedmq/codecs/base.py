@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError
+from fedmq.messages import DENSE_BELOW, TOPK_MODES
 from fedmq.params import ParamSpec
 
 if TYPE_CHECKING:
@@ -90,15 +91,6 @@ def codec_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-#: How Top-K shares the kept entries among tensors (:attr:`CodecConfig.topk`).
-TOPK_MODES = ("global", "per-tensor")
-#: Default :attr:`CodecConfig.dense_below`, in elements: smaller tensors go dense int8 (biases,
-#: and the output layers of small models: the digits MLP's 2,560-entry output layer; on the
-#: digits demo this closed the last 0.25 pp to dense FedAvg, BENCHMARKS.md). Nothing of the
-#: MNIST CNN lies between 1,024 (the previous default) and 4,096.
-DENSE_BELOW = 4096
-
-
 @dataclass(frozen=True)
 class CodecConfig:
     """Codec settings (the device side; decoding needs none of them).
@@ -110,7 +102,8 @@ class CodecConfig:
         block_size: kept values per float32 scale, 1..2**32-1. Default 512 (about 0.06 bits
             per kept value of overhead, relative L2 error of the int8 step near 1.5e-2).
         dense_below: tensors with fewer elements go dense (still int8). Default
-            :data:`DENSE_BELOW` (4096), so that biases and small output layers are sent whole.
+            :data:`fedmq.messages.DENSE_BELOW` (4096 elements), so that biases and small output
+            layers are sent whole.
         stochastic: stochastic instead of round-to-nearest rounding (unbiased, noisier).
         topk: how the kept entries are shared among the tensors that go sparse.
             ``"global"`` (default): the same budget, ``sum(k)`` of the per-tensor rule, is

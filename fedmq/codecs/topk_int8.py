@@ -163,7 +163,7 @@ def global_allocation(vec: np.ndarray, spec: ParamSpec, config: CodecConfig) -> 
         return {}
     budget = sum(config.kept(n) for _, _, n in cands)
     flat = np.concatenate([vec[off:off + n] for _, off, n in cands])
-    chosen = _top_k(flat, budget) if budget < flat.shape[0] else np.arange(flat.shape[0], dtype=np.int64)
+    chosen = _top_k(flat, budget)  # budget < flat.size: every candidate keeps kept(n) < n
     starts = np.cumsum([0] + [n for _, _, n in cands])
     cut = np.searchsorted(chosen, starts)
     out: dict[int, np.ndarray] = {}

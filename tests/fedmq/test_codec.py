@@ -296,7 +296,7 @@ def test_each_tensor_falls_back_to_the_cheaper_record() -> None:
 
 
 def test_plan_and_codec_share_the_dense_below_default() -> None:
-    from fedmq.codecs.base import DENSE_BELOW
+    from fedmq.messages import DENSE_BELOW
     assert TrainPlan().dense_below == CodecConfig().dense_below == DENSE_BELOW == 4096
     assert CodecConfig.from_plan(TrainPlan()) == CodecConfig()
 
