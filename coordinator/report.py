@@ -644,7 +644,7 @@ def render_html(run: RunData) -> str:
 <div class="cards" id="headline">{"".join(cards)}</div>
 <section id="quality"><h2>Accuracy and loss over rounds</h2>{quality}</section>
 <section id="traffic"><h2>Bytes per round, up and down, against dense float32</h2>{traffic}</section>
-<section id="participation"><h2>ParticipationRecord per device and round</h2>
+<section id="participation"><h2>Participation per device and round</h2>
 <div class="scroll">{_heatmap(run, colors)}</div>{_legend(colors)}</section>
 <section id="devices"><h2>Devices</h2><div class="scroll"><table>
 <thead><tr><th>device</th><th class="n">samples</th><th class="n">selected</th><th class="n">accepted</th>

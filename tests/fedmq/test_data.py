@@ -26,10 +26,19 @@ def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return data.mnist10k_split()
 
 
-def test_shared_data_dir_defaults_to_the_folder_beside_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_data_dir_defaults_to_the_folder_beside_the_project(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    # A project laid out in a temporary folder, so that the test holds wherever the checkout lies
+    # (CI clones it with a shared/ beside it; a developer's clone may have none).
     monkeypatch.delenv("FEDMQ_SHARED_DATA", raising=False)
-    project_root = Path(data.__file__).resolve().parent.parent
-    assert data.shared_data_dir() == (project_root.parent / "shared" / "data").resolve()
+    project_root = tmp_path / "project"
+    project_root.mkdir()
+    monkeypatch.setattr(data, "_PROJECT_ROOT", project_root)
+    expected = tmp_path / "shared" / "data"
+    with pytest.raises(DataError, match=str(expected)):
+        data.shared_data_dir()
+    expected.mkdir(parents=True)
+    assert data.shared_data_dir() == expected.resolve()
 
 
 def test_shared_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
