@@ -78,6 +78,11 @@ def raw_public(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def public_pem(key: X25519PublicKey) -> bytes:
+    """A public key as the key file holds it (SubjectPublicKeyInfo PEM, ``seal-key.pub``)."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def key_id(key: X25519PublicKey) -> bytes:
     """The 8-byte id of a coordinator public key: SHA-256 of its raw bytes, truncated."""
     return hashlib.sha256(raw_public(key)).digest()[:KEY_ID_BYTES]
@@ -212,14 +217,14 @@ def load_or_create_key(state_dir: str | os.PathLike[str]) -> CoordinatorKey:
         _create_once(private_path, fresh)
     private = _load_private(private_path)
     public = private.public_key()
-    public_pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = public_pem(public)
     public_path = folder / PUBLIC_KEY_FILE
     try:
         current = public_path.read_bytes()
     except FileNotFoundError:
         current = b""
-    if current != public_pem:
-        atomic_write_bytes(public_path, public_pem)
+    if current != pem:
+        atomic_write_bytes(public_path, pem)
     return CoordinatorKey(private, public, folder)
 
 
