@@ -57,7 +57,7 @@ from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
-from fedmq.sealing import SEAL_OVERHEAD, SealError, is_sealed, load_or_create_key
+from fedmq.sealing import SEAL_OVERHEAD, CoordinatorKey, SealError, is_sealed, load_or_create_key
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
@@ -202,8 +202,9 @@ class Coordinator:
         self.engine: RoundEngine | None = None
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
         self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec) + SEAL_OVERHEAD)
-        #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state folder.
-        self.seal_key = load_or_create_key(config.state_dir)
+        #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state
+        #: folder: loaded, or made on the first start, by :meth:`_resume`.
+        self.seal_key: CoordinatorKey | None = None
         self.db: StateDB | None = None
         self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
 
@@ -318,6 +319,7 @@ class Coordinator:
         for path in remove_stale_temporaries(state_dir, (CHECKPOINT_NAME,)):
             log.warning("removed %s, left by a run killed while writing its checkpoint", path)
         self._norms: list[float] = []
+        self.seal_key = load_or_create_key(state_dir)
         ckpt = load_checkpoint(state_dir)
         if ckpt is None:
             vector = flatten_params(self.model, self.spec)
@@ -678,6 +680,7 @@ class Coordinator:
             if self.config.sealing.required:
                 return engine.refuse(device, transfer, "unsealed", "a plain client update, [sealing] required is set")
             return data
+        assert self.seal_key is not None
         try:
             return self.seal_key.open_update(data, federation=self.fed, device=device, transfer_id=transfer)
         except SealError as exc:
