@@ -83,7 +83,8 @@ def product_path(quick: bool, out: str) -> dict[str, Any]:
     for seal in (False, True):
         t = time.perf_counter()
         s = run_demo(devices=4, per_round=4, rounds=2 if quick else 5, task="mnist-cnn", data="mnist",
-                     data_dir=shared_data_dir() / MNIST_T10K_DIR, broker="memory", devices_in="threads", out=f"{out}/{'sealed' if seal else 'plain'}",
+                     data_dir=shared_data_dir() / MNIST_T10K_DIR, broker="memory", devices_in="threads",
+                     out=f"{out}/{'sealed' if seal else 'plain'}",
                      write_files=False, publish_onnx=False, seal=seal)
         runs["sealed" if seal else "plain"] = {
             "updates_accepted": s["updates_accepted"], "bytes_up_total": s["bytes_up_total"],

@@ -193,7 +193,8 @@ class SecAggClient:
                 plain = _SUITE.decrypt(ct, self._c, info=_info(p.round, sender, self.device))
             except InvalidTag:
                 raise SecAggError(f"round {p.round}: shares from {sender!r} do not open") from None
-            self._held[sender] = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
+            self._held[sender] = (int.from_bytes(plain[:SHARE_BYTES], "big"),
+                                  int.from_bytes(plain[SHARE_BYTES:], "big"))
         y = ring.encode(q) + prg(self._b, p.k, ring.mask)
         for v in sorted(shares):
             mask = prg(pairwise_seed(self._s, X25519PublicKey.from_public_bytes(self._keys[v].s_public), p.round,

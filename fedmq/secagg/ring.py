@@ -41,7 +41,8 @@ class RingSpec:
     max_devices: int
 
     def __post_init__(self) -> None:
-        if not (self.clip > 0 and self.scale > 0 and self.max_devices >= 1) or not math.isfinite(self.clip * self.scale):
+        valid = self.clip > 0 and self.scale > 0 and self.max_devices >= 1
+        if not valid or not math.isfinite(self.clip * self.scale):
             raise RingError(f"clip > 0, scale > 0 and max_devices >= 1 expected, got {self}")
         if self.bits > MAX_BITS:
             raise RingError(f"{self.max_devices} inputs of |q| <= {self.qmax} need {self.bits} bits, at most "

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmq.secagg import AdvertisedKeys, RingError, RingSpec, RoundParams, SecAggClient, SecAggError, SecAggServer, common_support
+from fedmq.secagg import (AdvertisedKeys, RingError, RingSpec, RoundParams, SecAggClient, SecAggError, SecAggServer,
+                          common_support)
 from fedmq.secagg.protocol import UnmaskRequest, UnmaskResponse
 from fedmq.secagg.shamir import ShamirError, combine, split
 
