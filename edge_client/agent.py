@@ -556,6 +556,11 @@ class EdgeAgent:
             self.counters["rejected"] += 1
             log.warning("round %d: update rejected (%s): rolled back into the residual", inflight.round,
                         receipt.reason)
+            if receipt.reason == "bad_seal":
+                log.error("round %d: the coordinator could not open this device's sealed update: it holds another "
+                          "key than the one pinned here (%s), or the update was altered on the way; if its key "
+                          "changed, provision the device with the current one", inflight.round,
+                          self.cfg.coordinator_key)
             self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
 
