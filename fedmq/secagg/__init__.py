@@ -17,7 +17,7 @@ Threat model and what it does not protect: docs/security.md.
 from fedmq.secagg.protocol import (AdvertisedKeys, RoundParams, SecAggClient, SecAggError, SecAggServer,
                                    UnmaskRequest, UnmaskResponse)
 from fedmq.secagg.ring import RingError, RingSpec
-from fedmq.secagg.support import SupportError, common_support
+from fedmq.secagg.support import SupportError, common_support, values_on_support
 
 __all__ = ["AdvertisedKeys", "RingError", "RingSpec", "RoundParams", "SecAggClient", "SecAggError", "SecAggServer",
-           "SupportError", "UnmaskRequest", "UnmaskResponse", "common_support"]
+           "SupportError", "UnmaskRequest", "UnmaskResponse", "common_support", "values_on_support"]

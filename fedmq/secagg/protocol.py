@@ -23,6 +23,11 @@ masked input, U4 answered the unmasking request.
 
 A round fails cleanly (:class:`SecAggError`, phase ``failed``, no sum) when fewer than t
 devices sent masked inputs or any secret the unmasking needs has fewer than t shares.
+
+Sizing: a survivor's self-mask seed needs t of its degree neighbours to answer the unmasking,
+so degree and t follow the expected dropout and the collusion to resist (Bell et al. 2020,
+section 4): the defaults (degree 2 ceil(log2 n), t = degree // 2 + 1) suit low dropout; at
+30% over 100 devices, degree 28 and t = 10 (benchmarks/secagg.py).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from fedmq.errors import FedmqError
 from fedmq.secagg.masking import default_degree, harary_graph, pairwise_seed, prg
 from fedmq.secagg.ring import RingSpec
-from fedmq.secagg.shamir import SHARE_BYTES, ShamirError, combine, split
+from fedmq.secagg.shamir import PRIME, SHARE_BYTES, ShamirError, combine, split
 
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -291,6 +296,9 @@ class SecAggServer:
                 or not set(response.s_shares) <= set(self.request.dropped):
             raise SecAggError(f"round {self.params.round}: unmasking response of {response.device!r} holds shares "
                               f"the request did not ask for")
+        if not all(0 <= v < PRIME for v in (*response.b_shares.values(), *response.s_shares.values())):
+            raise SecAggError(f"round {self.params.round}: unmasking response of {response.device!r} holds a share "
+                              f"outside the field")
         x = self.params.x_of(response.device)
         for owner, share in response.b_shares.items():
             self.b_shares.setdefault(owner, {})[x] = share

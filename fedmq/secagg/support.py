@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from fedmq.errors import FedmqError
+from fedmq.secagg.ring import RingSpec
 
 
 class SupportError(FedmqError):
@@ -51,3 +52,23 @@ def common_support(size: int, k: int, *, last_change: np.ndarray | None, seed: i
     rest = np.setdiff1d(np.arange(size, dtype=np.int64), chosen, assume_unique=True)
     picked = np.random.default_rng([int(seed), int(round_), 0x5EC]).choice(rest, size=drawn, replace=False)
     return np.sort(np.concatenate([chosen, picked.astype(np.int64)]))
+
+
+def values_on_support(vector: np.ndarray, support: np.ndarray, ring: RingSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A device's input for a secure round, with what it sends for its error feedback.
+
+    Args:
+        vector: float32 ``(size,)``, the residual plus this round's update.
+        support: the round's :func:`common_support`, int64 ``(k,)``.
+        ring: the round's ring.
+
+    Returns:
+        ``(q, sent)``: the ring integers on the support, int64 ``(k,)``, and float32
+        ``(size,)`` holding what they stand for on the support and zero elsewhere. The new
+        residual is ``vector - sent``: everything off the support, and the clipping and
+        rounding error on it, stays on the device.
+    """
+    q = ring.quantize(vector[support])
+    sent = np.zeros(vector.shape, dtype=np.float32)
+    sent[support] = ring.dequantize(q)
+    return q, sent

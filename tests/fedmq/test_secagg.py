@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedmq.secagg import (AdvertisedKeys, RingError, RingSpec, RoundParams, SecAggClient, SecAggError, SecAggServer,
-                          common_support)
+                          common_support, values_on_support)
 from fedmq.secagg.protocol import UnmaskRequest, UnmaskResponse
 from fedmq.secagg.shamir import ShamirError, combine, split
 
@@ -144,3 +144,17 @@ def test_common_support_is_seeded_and_keeps_the_largest_changes() -> None:
     assert not np.array_equal(s, common_support(size, k, last_change=change, seed=1, round_=5))
     first = common_support(size, k, last_change=None, seed=1, round_=1)
     assert len(np.unique(first)) == k
+
+
+def test_values_on_support_leave_the_rest_in_the_residual() -> None:
+    size = 1000
+    vector = np.random.default_rng(0).normal(0.0, 0.02, size).astype(np.float32)
+    vector[7] = 1.0  # beyond the clip: the excess stays on the device
+    support = common_support(size, 50, last_change=np.abs(vector), seed=0, round_=1)
+    q, sent = values_on_support(vector, support, RING)
+    residual = vector - sent
+    assert q.shape == (50,) and not sent[np.setdiff1d(np.arange(size), support)].any()
+    np.testing.assert_array_equal(residual[np.setdiff1d(np.arange(size), support)],
+                                  vector[np.setdiff1d(np.arange(size), support)])
+    assert 7 in support and sent[7] == np.float32(RING.qmax / RING.scale) and residual[7] > 0.9
+    assert np.abs(residual[support][np.abs(vector[support]) < RING.clip]).max() <= 0.5 / RING.scale + 1e-9
