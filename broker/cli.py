@@ -4,7 +4,8 @@ Commands:
 
 * ``init-ca DIR``: a local CA and the broker's server certificate;
 * ``add-device NAME``: a device account (password entry, credential files for the
-  device, optionally a client certificate) and the device's edge-client TOML snippet;
+  device, optionally a client certificate, the coordinator's public key the device seals
+  its client updates to) and the device's edge-client TOML snippet;
 * ``add-coordinator NAME``: a coordinator account, granted its federation's topic tree
   in the ACL;
 * ``render``: the shipped mosquitto.conf for other folders, listeners (bind addresses,
@@ -29,6 +30,7 @@ import typer
 from broker import credentials as cred
 from broker.conf import PLAIN_PORT, TLS_AUTH_MODES, TLS_PORT, BrokerDirs, check_bind, render_mosquitto_conf
 from fedmq.errors import ConfigError, FedmqError
+from fedmq.sealing import fingerprint, load_public_key, public_pem
 from fedmq.topics import check_id
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -188,21 +190,37 @@ def add_device(name: str = typer.Argument(..., help="Device id; also its broker 
                predict: bool = typer.Option(True, "--predict-account/--no-predict-account",
                                             help="Also add the device's read-only companion account NAME.predict "
                                                  "(reads global models and ONNX exports only), which "
-                                                 "'fedmq edge predict' uses beside the running agent.")) -> None:
+                                                 "'fedmq edge predict' uses beside the running agent."),
+               coordinator_key: Path | None = typer.Option(
+                   None, "--coordinator-key",
+                   help="The coordinator's public key (seal-key.pub in its state folder, made by its first start "
+                        "or 'fedmq coordinator seal-key'): written beside the device's credentials as "
+                        "coordinator.pub; the device seals every client update to it and pins it.")) -> None:
     """Add a device account and print its edge-client configuration snippet (TOML).
 
     Files for the device (copy them next to its edge.toml, or into systemd's
     $CREDENTIALS_DIRECTORY), in a folder of mode 0700: username, password (0600),
     ca.crt, with --cert client.crt and client.key (0600, CN = NAME); and for the
     companion account predict-username, predict-password (0600), with --cert
-    predict-client.crt and predict-client.key (0600, CN = NAME.predict).
+    predict-client.crt and predict-client.key (0600, CN = NAME.predict); with
+    --coordinator-key coordinator.pub (0644), the key the device seals its updates to.
     """
     try:
+        # Checked before anything is written: a bad key file leaves no half-made account.
+        sealing_key = load_public_key(coordinator_key) if coordinator_key is not None else None
         folder, files = _issue_account(name, "device", passwd_file=passwd_file, acl_file=acl_file, out_dir=out_dir,
                                        ca_dir=ca_dir, broker_url=broker_url, cert=cert, hasher=hasher,
                                        replace=replace, days=days, federation=federation, reader=predict)
-    except FedmqError as exc:
+        if sealing_key is not None:
+            cred.write_file(folder / "coordinator.pub", public_pem(sealing_key), 0o644, "coordinator public key")
+    except (FedmqError, OSError) as exc:
         raise _fail(str(exc)) from None
+    if sealing_key is not None:
+        typer.echo(f"# client updates sealed to coordinator key {fingerprint(sealing_key)[:16]}... "
+                   f"({folder}/coordinator.pub)", err=True)
+    else:
+        typer.echo("# note: no --coordinator-key: this device's client updates travel in the clear through the "
+                   "broker (docs/security.md)", err=True)
     lines = [f"# fedmq edge client, device {name}. Paths are relative to edge.toml's folder",
              f"# (or $CREDENTIALS_DIRECTORY): copy {folder}/* there. Add task, data and state_dir.",
              f"device_id = {_toml(name)}",
@@ -211,6 +229,8 @@ def add_device(name: str = typer.Argument(..., help="Device id; also its broker 
                       ("predict_tls_cert", "predict_cert"), ("predict_tls_key", "predict_key")):
         if role in files:
             lines.append(f"{key} = {_toml(files[role])}")
+    if sealing_key is not None:
+        lines.append(f"coordinator_key = {_toml('coordinator.pub')}")
     lines += ["", "[broker]", f"url = {_toml(broker_url)}",
               f"username_file = {_toml(files['username'])}",
               f"password_file = {_toml(files['password'])}"]

@@ -36,6 +36,7 @@ from fedmq.cli import LogLevel, setup_logging
 from fedmq.errors import FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
 from fedmq.params import ParamSpec, load_params
+from fedmq.sealing import fingerprint, load_or_create_key
 from fedmq.tasks import get_task
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -158,6 +159,21 @@ def status(config: Path = CONFIG_OPT,
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(doc, indent=2, allow_nan=False) if as_json else render_text(doc, now, last))
+
+
+@app.command("seal-key")
+def seal_key(config: Path = CONFIG_OPT) -> None:
+    """Print the path of the coordinator's public key (seal-key.pub in the state folder),
+    creating the key pair there first if this coordinator has none yet: give the file to
+    'fedmq broker add-device --coordinator-key' so that devices seal their updates to it."""
+    cfg = _load(config)
+    try:
+        key = load_or_create_key(cfg.state_dir)
+    except (FedmqError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"# fingerprint {fingerprint(key.public)}", err=True)
+    typer.echo(str(key.public_path))
 
 
 def _export_format(value: str) -> str:

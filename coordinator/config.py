@@ -179,6 +179,19 @@ class LimitsConfig(_Section):
     max_devices: int = Field(10_000, ge=1)
 
 
+class SealingConfig(_Section):
+    """Sealed client updates (fedmq.sealing; docs/security.md).
+
+    The coordinator always holds a key pair (``seal-key.pem`` / ``seal-key.pub`` in
+    ``state_dir``, created on first start) and opens every sealed update. ``required``
+    (default false, so devices provisioned before sealing keep working) refuses plain
+    envelopes with the reason ``unsealed``: set it once every device has the coordinator's
+    public key (``fedmq broker add-device --coordinator-key``).
+    """
+
+    required: bool = False
+
+
 class PublishConfig(_Section):
     """What is published with each global model version."""
 
@@ -289,6 +302,7 @@ class CoordinatorConfig(_Section):
     aggregation: AggregationConfig = AggregationConfig()
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
+    sealing: SealingConfig = SealingConfig()
     metrics: MetricsConfig = MetricsConfig()
     _source: str = PrivateAttr("coordinator configuration")
 

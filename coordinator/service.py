@@ -57,6 +57,7 @@ from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
+from fedmq.sealing import SEAL_OVERHEAD, CoordinatorKey, SealError, is_sealed, load_or_create_key
 from fedmq.errors import StateError, TransportError, WireError
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
@@ -200,7 +201,10 @@ class Coordinator:
         self._origin_sha = params_sha256(flatten_params(self.model, self.spec))
         self.engine: RoundEngine | None = None
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
-        self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec))
+        self._update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec) + SEAL_OVERHEAD)
+        #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state
+        #: folder: loaded, or made on the first start, by :meth:`_resume`.
+        self.seal_key: CoordinatorKey | None = None
         self.db: StateDB | None = None
         self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
 
@@ -315,6 +319,7 @@ class Coordinator:
         for path in remove_stale_temporaries(state_dir, (CHECKPOINT_NAME,)):
             log.warning("removed %s, left by a run killed while writing its checkpoint", path)
         self._norms: list[float] = []
+        self.seal_key = load_or_create_key(state_dir)
         ckpt = load_checkpoint(state_dir)
         if ckpt is None:
             vector = flatten_params(self.model, self.spec)
@@ -662,7 +667,24 @@ class Coordinator:
                 return
             blob = self.receiver.feed_manifest(base, manifest, msg.payload)
         if blob is not None:
-            self._answer(device, transfer, engine.offer(device, transfer, blob.data), notify)
+            data = self._unseal(device, transfer, blob.data)
+            outcome = data if isinstance(data, Rejected) else engine.offer(device, transfer, data)
+            self._answer(device, transfer, outcome, notify)
+
+    def _unseal(self, device: str, transfer: str, data: bytes) -> bytes | Rejected:
+        """The envelope inside a sealed update, a plain envelope as it is (unless sealing is
+        required), or the refusal: ``unsealed`` or ``bad_seal`` (counted like every reason)."""
+        engine = self.engine
+        assert engine is not None
+        if not is_sealed(data):
+            if self.config.sealing.required:
+                return engine.refuse(device, transfer, "unsealed", "a plain client update, [sealing] required is set")
+            return data
+        assert self.seal_key is not None
+        try:
+            return self.seal_key.open_update(data, federation=self.fed, device=device, transfer_id=transfer)
+        except SealError as exc:
+            return engine.refuse(device, transfer, "bad_seal", str(exc))
 
     def _capacity(self, device: str, base: str, size: int) -> Rejected | None:
         """``busy`` when admitting the transfer would exceed the assembly limits."""

@@ -79,6 +79,7 @@ from fedmq.metrics_http import MetricsServer
 from fedmq.modelio import model_from_safetensors, model_to_safetensors
 from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import get_task
+from fedmq.sealing import load_public_key, pin_key, seal_update
 from fedmq.testhooks import PauseHook
 from fedmq.transport.flows import fetch_blob, fetch_model
 from fedmq.transport import Link, Message, Will, open_link
@@ -185,6 +186,9 @@ class EdgeAgent:
     Raises:
         ConfigError: unknown task. DataError: missing or corrupt data (names the path).
         StateError: corrupt state directory (names the path).
+        ConfigError: ``coordinator_key`` is unreadable or not an X25519 public key.
+        KeyPinError: ``coordinator_key`` differs from the key this device pinned, or is unset
+            while one is pinned (fedmq.sealing.pin_key).
     """
 
     def __init__(self, cfg: EdgeConfig, *, link: Link | None = None, notifier: Notifier | None = None,
@@ -206,6 +210,10 @@ class EdgeAgent:
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
+        #: The coordinator's pinned public key: client updates are sealed to it (None: sent in the clear).
+        self.coordinator_key = load_public_key(cfg.coordinator_key) if cfg.coordinator_key is not None else None
+        pin_key(cfg.state_dir, self.coordinator_key, cfg.where("coordinator_key")
+                + (f" ({cfg.coordinator_key})" if cfg.coordinator_key is not None else ""))
         self.counters: Counter[str] = Counter()
         self.instance = secrets.token_hex(6)
         self.takeovers = takeovers if takeovers is not None else TakeoverWatch()
@@ -548,6 +556,11 @@ class EdgeAgent:
             self.counters["rejected"] += 1
             log.warning("round %d: update rejected (%s): rolled back into the residual", inflight.round,
                         receipt.reason)
+            if receipt.reason == "bad_seal":
+                log.error("round %d: the coordinator could not open this device's sealed update: it holds another "
+                          "key than the one pinned here (%s), or the update was altered on the way; if its key "
+                          "changed, provision the device with the current one", inflight.round,
+                          self.cfg.coordinator_key)
             self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
 
@@ -586,7 +599,7 @@ class EdgeAgent:
         if time.time() <= inflight.deadline + self.cfg.receipt_grace:
             self._asked_after_deadline = False
         try:
-            self.sender.send(self._base(inflight.transfer_id), self.state.read_inflight(), timeout=SEND_TIMEOUT)
+            self.sender.send(self._base(inflight.transfer_id), self.state.read_wire(), timeout=SEND_TIMEOUT)
         except TransportError as exc:
             log.warning("round %d: publishing the update failed (%s); retried in %.0f s", inflight.round, exc,
                         self.cfg.receipt_timeout)
@@ -851,11 +864,17 @@ class EdgeAgent:
             self._skip_bad_model(task, f"training on it gave a non-finite update ({exc})")
             return
         data = packaged.data
-        inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=secrets.token_hex(16),
+        transfer_id = secrets.token_hex(16)
+        sealed = None
+        if self.coordinator_key is not None:
+            sealed = seal_update(data, self.coordinator_key, federation=cfg.federation, device=cfg.device_id,
+                                 transfer_id=transfer_id)
+        inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=transfer_id,
                                            base_version=task.model_version, deadline=task.deadline,
-                                           with_feedback=plan.error_feedback)
+                                           with_feedback=plan.error_feedback, sealed=sealed)
         self._pause("publishing", task.round)
-        self.notifier.status(f"round {task.round}: sending update ({len(data)} bytes)")
+        self.notifier.status(f"round {task.round}: sending update ({len(data if sealed is None else sealed)} bytes"
+                             f"{', sealed' if sealed is not None else ''})")
         self._send_inflight()
         self.counters["updates_sent"] += 1
         log.info("round %d: update sent (%d bytes, transfer %s, %d steps in %.2f s, train loss %.4f)",

@@ -105,6 +105,12 @@ class EdgeConfig(BaseModel):
         metrics_port: TCP port of the agent's Prometheus endpoint (edge_client.metrics);
             0 (default): none.
         metrics_address: address the endpoint binds (default 127.0.0.1).
+        coordinator_key: the coordinator's public key (``seal-key.pub``, written beside the
+            device's credentials by ``fedmq broker add-device --coordinator-key``). Set: every
+            client update is sealed to it (fedmq.sealing; the broker relays only ciphertext)
+            and the device pins it in its state folder, refusing a changed key. Unset
+            (default): updates travel as plain envelopes, unless the device pinned a key
+            before, which it then refuses to drop.
         model_follow: with a compressed downlink, fetch each new global model version as it
             is published (one small delta each) instead of when a task names it. Off by
             default: catching up when selected never downloads more (the same deltas, or a
@@ -142,6 +148,7 @@ class EdgeConfig(BaseModel):
     predict_tls_key: Path | None = None
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_address: str = "127.0.0.1"
+    coordinator_key: Path | None = None
     _source: str = PrivateAttr("edge configuration")
 
     def where(self, option: str) -> str:
@@ -332,7 +339,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
     }
     for name in ("tls_ca", "tls_cert", "tls_key", "username_file", "password_file", "predict_username_file",
-                 "predict_password_file", "predict_tls_cert", "predict_tls_key"):
+                 "predict_password_file", "predict_tls_cert", "predict_tls_key", "coordinator_key"):
         resolved = _resolve(getattr(cfg, name), base, cred_dir)
         if resolved is not None and not resolved.is_file():
             raise ConfigError(f"{file}: option {file_name(name)!r}: file {resolved} does not exist "

@@ -5,6 +5,8 @@ Layout of the state directory (``state_dir`` / ``$STATE_DIRECTORY``)::
     state.json                commit record, rewritten atomically (the only commit point)
     residual-<seq>.npy        error-feedback residual, float32 (spec.size,), .npy (never pickle)
     update-<seq>.bin          exact bytes of the client update in flight (encoded ClientUpdate)
+    sealed-<seq>.bin          the same update sealed to the coordinator's key (fedmq.sealing):
+                              the bytes published, when the device seals
     models/<version>.safetensors   cached global model versions (the last 2 kept)
 
 ``state.json`` names the residual file and the in-flight update file of the same sequence
@@ -79,6 +81,8 @@ class InFlight:
         size: their length, bytes.
         feedback: the update was compressed with error feedback (False: the residual did
             not change, so a rollback leaves it alone).
+        sealed_file, sealed_sha256: the sealed update (the bytes published) and its digest,
+            "" when the device sends the envelope itself.
     """
 
     round: int
@@ -89,6 +93,8 @@ class InFlight:
     sha256: str
     size: int
     feedback: bool = True
+    sealed_file: str = ""
+    sealed_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,9 +194,10 @@ class DeviceState:
         keep = {"state.json", "models", LOCK_FILE, self.record.residual_file}
         for kept in (self.record.inflight, self.record.settled):
             if kept is not None:
-                keep.add(kept.update_file)
+                keep.update((kept.update_file, kept.sealed_file))
         for entry in self.root.iterdir():
-            if entry.name not in keep and (entry.name.startswith(("residual-", "update-", ".")) and entry.is_file()):
+            if entry.name not in keep and (entry.name.startswith(("residual-", "update-", "sealed-", "."))
+                                           and entry.is_file()):
                 entry.unlink(missing_ok=True)
 
     # -- residual and in-flight update ------------------------------------------------
@@ -232,13 +239,35 @@ class DeviceState:
             raise StateError(f"{path}: in-flight client update corrupt (size or sha256 differs from state.json)")
         return data
 
+    def read_wire(self) -> bytes:
+        """The bytes of the update in flight as published: the sealed update when the device
+        seals, else the envelope (:meth:`read_inflight`).
+
+        Raises:
+            StateError: no update is in flight, or a file is missing or corrupt.
+        """
+        inflight = self.record.inflight
+        if inflight is None or not inflight.sealed_file:
+            return self.read_inflight()
+        path = self.root / inflight.sealed_file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"{path}: sealed client update unreadable ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != inflight.sealed_sha256:
+            raise StateError(f"{path}: sealed client update corrupt (sha256 differs from state.json)")
+        return data
+
     def begin_update(self, feedback: ErrorFeedback, update: bytes, *, round: int, transfer_id: str,
-                     base_version: int, deadline: float, with_feedback: bool = True) -> InFlight:
+                     base_version: int, deadline: float, with_feedback: bool = True,
+                     sealed: bytes | None = None) -> InFlight:
         """Commit the residual after compression together with the update about to be sent.
 
         Args:
             feedback: error-feedback state whose residual already had the sent part removed.
-            update: encoded ClientUpdate bytes, exactly as they will be published.
+            update: encoded ClientUpdate bytes (published as they are unless ``sealed``).
+            sealed: the same update sealed to the coordinator's key, exactly as it will be
+                published, or None.
 
         Returns:
             The in-flight record now on disk.
@@ -250,9 +279,14 @@ class DeviceState:
         residual_file, update_file = f"residual-{seq}.npy", f"update-{seq}.bin"
         feedback.save(self.root / residual_file)
         atomic_write_bytes(self.root / update_file, update)
+        sealed_file = ""
+        if sealed is not None:
+            sealed_file = f"sealed-{seq}.bin"
+            atomic_write_bytes(self.root / sealed_file, sealed)
         inflight = InFlight(round=round, transfer_id=transfer_id, base_version=base_version, deadline=deadline,
                             update_file=update_file, sha256=hashlib.sha256(update).hexdigest(), size=len(update),
-                            feedback=with_feedback)
+                            feedback=with_feedback, sealed_file=sealed_file,
+                            sealed_sha256=hashlib.sha256(sealed).hexdigest() if sealed is not None else "")
         self._write(replace(self.record, seq=seq, residual_file=residual_file, inflight=inflight, settled=None,
                             ledger=self.record.with_entry(round, transfer_id, "sent")))
         return inflight

@@ -52,6 +52,7 @@ from fedmq.cli import LogLevel, setup_logging
 from fedmq.codecs import codec_names
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.modelio import export_onnx, model_to_safetensors
+from fedmq.sealing import load_or_create_key
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.builtin import DIGITS_PLAN, MNIST_PLAN
 from fedmq.transport.counting import LINK_BYTES_IN
@@ -482,7 +483,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              samples_per_device: int | None = None, test_samples: int | None = None,
              aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
-             metrics: CoordinatorMetrics | None = None) -> dict[str, Any]:
+             metrics: CoordinatorMetrics | None = None, seal: bool = True) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -502,6 +503,9 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             the test set (None: all).
         write_files: also write the model files and the plot (the simulator leaves them out).
         publish_onnx: the coordinator publishes an ONNX export with every version.
+        seal: devices seal their client updates to the coordinator's key (fedmq.sealing),
+            provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
+            coordinator requires it (default); False: plain envelopes, as before sealing.
         metrics: the coordinator's Prometheus metrics go there (the caller serves them and
             keeps them after the run); None: a registry of the run's own, not served.
 
@@ -563,6 +567,9 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         test_file = work / ("test" + Path(task_def.data_file).suffix)
         task_def.write_local(test_file, dataset.x_test, dataset.y_test)
         configs = []
+        # The coordinator's key pair, made where the coordinator finds it; each device gets the
+        # public key beside its configuration, as provisioning gives it to a real device.
+        public_pem = load_or_create_key(work / "coordinator-state").public_path.read_bytes() if seal else b""
         for device, (x, y) in zip(ids, dataset.parts):
             dev_folder = work / "devices" / device
             dev_folder.mkdir(parents=True, exist_ok=True)
@@ -571,7 +578,10 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                 "device_id": device, "federation": federation, "task": task_name, "data": task_def.data_file,
                 "state_dir": "state", "torch_threads": 1, "holdout_fraction": sched.holdout_fraction,
                 "seed": seed + int(device.rsplit("-", 1)[1]),
-                "broker": {"url": broker_url, "protocol": protocol}})
+                "broker": {"url": broker_url, "protocol": protocol},
+                **({"coordinator_key": "coordinator.pub"} if seal else {})})
+            if seal:
+                (dev_folder / "coordinator.pub").write_bytes(public_pem)
             configs.append(dev_folder / "edge.toml")
         plan_table = dict(task_def.demo_plan or DEMO_PLANS["digits" if data == "digits" else "mnist"])
         plan_table.update({"codec": codec, "density": density, "error_feedback": codec != "none"})
@@ -595,6 +605,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "aggregation": {"rule": aggregation},
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
+            "sealing": {"required": seal},
             # Async: K = --per-round updates per server step, every device may train at once,
             # a task's lease is the round deadline.
             **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
@@ -638,6 +649,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                             dense_model_bytes=len(model_to_safetensors(task_def.build_model(seed))),
                             coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
+    summary["sealed"] = seal
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
     _print_summary(console, summary, work)
@@ -697,6 +709,9 @@ def demo_command(
     in_process: bool = typer.Option(False, "--in-process",
                                     help="Run the edge agents as threads of this process instead of one process "
                                          "each (needed with --broker memory)."),
+    seal: bool = typer.Option(True, "--seal/--no-seal",
+                              help="Devices seal their client updates to the coordinator's public key, so the "
+                                   "broker relays only ciphertext (docs/security.md); --no-seal: plain updates."),
 ) -> None:
     """Run a demo federation: embedded broker, N edge-client processes, the coordinator.
 
@@ -708,7 +723,7 @@ def demo_command(
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
                  downlink=downlink or None, downlink_density=downlink_density,
                  broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes", round_mode=mode)
+                 devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

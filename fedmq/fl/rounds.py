@@ -54,7 +54,9 @@ size): a resend of a transfer already answered gets its :class:`Repeat` at once;
 allocated for the transfer. The service adds two refusals of its own, counted the same way:
 ``busy`` (the device, or all devices together, already have as many transfers or bytes in
 assembly as the limits allow) and ``retained`` (a client update published as a retained
-message: ignored and cleared).
+message: ignored and cleared); and two of sealing (:mod:`fedmq.sealing`): ``unsealed`` (a plain
+envelope while ``[sealing] required``) and ``bad_seal`` (a sealed update that does not open
+with the coordinator's key: another key, tampered, or bound to another device or transfer).
 
 Decoding goes all the way (:func:`fedmq.codecs.decode_sparse` validates every index and
 value) before an update is accepted, so nothing half-checked reaches the accumulator.
@@ -79,7 +81,7 @@ from fedmq.params import ParamSpec
 
 REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
            "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound", "busy",
-           "retained")
+           "retained", "unsealed", "bad_seal")
 
 #: Accepted update norms the data-set norm bound is the median of.
 NORM_HISTORY = 100

@@ -197,7 +197,8 @@ def test_report_of_a_bare_state_folder_matches_the_summary(demo_run: Path, tmp_p
     result = _fedmq("report", str(state), "--out", str(out))
     assert result.returncode == 0, result.stderr
     # The report wrote nothing into the folder: what is there is the coordinator's own.
-    assert set(os.listdir(state)) <= {"coordinator.sqlite", "checkpoint.safetensors", "downlink", "lock"}
+    assert set(os.listdir(state)) <= {"coordinator.sqlite", "checkpoint.safetensors", "downlink", "lock",
+                                      "seal-key.pem", "seal-key.pub"}
     summary = json.loads((demo_run / "summary.json").read_text())
     dom = _dom(out, tmp_path / "profile")
     cards = {a["data-key"]: a for a in dom.find("div", "card")}

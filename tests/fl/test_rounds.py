@@ -141,9 +141,11 @@ def test_every_reason_has_a_test():
     import inspect
     import sys
     from pathlib import Path
-    # busy and retained are the service's refusals: tests/coordinator/test_admission.py.
+    # busy and retained are the service's refusals: tests/coordinator/test_admission.py;
+    # unsealed and bad_seal its sealing refusals: tests/coordinator/test_sealing.py.
     src = inspect.getsource(sys.modules[__name__])
     src += (Path(__file__).parents[1] / "coordinator" / "test_admission.py").read_text()
+    src += (Path(__file__).parents[1] / "coordinator" / "test_sealing.py").read_text()
     assert all(f'"{r}")' in src or f'== "{r}"' in src for r in REASONS), [r for r in REASONS if f'"{r}"' not in src]
 
 
