@@ -92,6 +92,14 @@ WAIT_LOG_INTERVAL_S = 30.0
 SESSION_EXPIRY_S = 3600
 
 
+def _manifest_round(payload: bytes) -> int | None:
+    """The round a client update's manifest names, None when it names none or is unreadable."""
+    try:
+        return Manifest.from_bytes(payload).round
+    except WireError:
+        return None
+
+
 @dataclass
 class Progress:
     """One progress event for ``Coordinator.run(progress_callback=...)``.
@@ -630,7 +638,8 @@ class Coordinator:
             self._clear_retained(msg.topic)
             if part == "m":
                 self._answer(device, transfer, engine.refuse(device, transfer, "retained",
-                                                             "client update published as a retained message"),
+                                                             "client update published as a retained message",
+                                                             _manifest_round(msg.payload)),
                              notify)
             return
         if device not in self.registry.devices:
@@ -654,9 +663,10 @@ class Coordinator:
                 self._answer(device, transfer, engine.refuse(device, transfer, "malformed", f"blob manifest: {exc}"),
                              notify)
                 return
-            verdict = engine.admit(device, transfer, manifest.size) or self._capacity(device, base, manifest.size)
+            verdict = (engine.admit(device, transfer, manifest.size, manifest.round)
+                       or self._capacity(device, base, manifest.size))
             if isinstance(verdict, Rejected):
-                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail)
+                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail, manifest.round)
             if verdict is not None:
                 self._answer(device, transfer, verdict, notify)
                 return

@@ -586,7 +586,10 @@ class EdgeAgent:
         if time.time() <= inflight.deadline + self.cfg.receipt_grace:
             self._asked_after_deadline = False
         try:
-            self.sender.send(self._base(inflight.transfer_id), self.state.read_inflight(), timeout=SEND_TIMEOUT)
+            # The manifest names the round, so a refusal decided before the blob is assembled
+            # still names this update's round (and settles it).
+            self.sender.send(self._base(inflight.transfer_id), self.state.read_inflight(), timeout=SEND_TIMEOUT,
+                             round_=inflight.round)
         except TransportError as exc:
             log.warning("round %d: publishing the update failed (%s); retried in %.0f s", inflight.round, exc,
                         self.cfg.receipt_timeout)
