@@ -666,13 +666,18 @@ class Coordinator:
             verdict = (engine.admit(device, transfer, manifest.size, manifest.round)
                        or self._capacity(device, base, manifest.size))
             if isinstance(verdict, Rejected):
-                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail, manifest.round)
+                # A device refused busy with none of its transfers in assembly settles on the
+                # receipt (rolls its update back) and sends nothing more: its answer. While one
+                # is in assembly, that one may still be its update.
+                own, _ = self.receiver.pending_bytes(topics.update_base(self.fed, device, ""))
+                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail, manifest.round,
+                                        answered=(own == 0) if verdict.reason == "busy" else None)
             if verdict is not None:
                 self._answer(device, transfer, verdict, notify)
                 return
             blob = self.receiver.feed_manifest(base, manifest, msg.payload)
         if blob is not None:
-            self._answer(device, transfer, engine.offer(device, transfer, blob.data), notify)
+            self._answer(device, transfer, engine.offer(device, transfer, blob.data, blob.round), notify)
 
     def _capacity(self, device: str, base: str, size: int) -> Rejected | None:
         """``busy`` when admitting the transfer would exceed the assembly limits."""

@@ -198,9 +198,11 @@ class BufferedEngine:
 
     # -- answers -------------------------------------------------------------------------
 
-    def offer(self, device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
+    def offer(self, device: str, transfer_id: str, data: bytes | memoryview, round_: int | None = None) -> Outcome:
         """Judge one client-update blob received under ``device``'s update topic; an
-        accepted one goes into the buffer at once with weight ``samples * w(staleness)``."""
+        accepted one goes into the buffer at once with weight ``samples * w(staleness)``.
+        ``round_``: the task round the transfer's manifest named, which a refusal of an
+        envelope that cannot be read names."""
         outcome = self._judge(device, transfer_id, data)
         if isinstance(outcome, Repeat):
             return outcome
@@ -224,11 +226,11 @@ class BufferedEngine:
         assert isinstance(outcome, Rejected)
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         samples = outcome.update.samples if outcome.update is not None else 0
-        round_ = outcome.round if outcome.round >= 0 else self._round_of(device)
+        named = outcome.round if outcome.round >= 0 else self._round_of(device, round_)
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire,
-                                              {"task_round": float(round_)}))
-        self._remember(device, transfer_id, ("rejected", outcome.reason, round_))
-        return Rejected(outcome.reason, outcome.detail, outcome.update, round_)
+                                              {"task_round": float(named)}))
+        self._remember(device, transfer_id, ("rejected", outcome.reason, named))
+        return Rejected(outcome.reason, outcome.detail, outcome.update, named)
 
     def admit(self, device: str, transfer_id: str, size: int,
               round_: int | None = None) -> Repeat | Rejected | None:
@@ -256,10 +258,12 @@ class BufferedEngine:
         task_round = self.task_round_of(device)
         return task_round if task_round is not None else self.step + 1
 
-    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None) -> Rejected:
+    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None, *,
+               answered: bool | None = None) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
         manifest, ``malformed`` manifest, the service's ``busy`` and ``retained``), naming
-        ``round_`` (the round its manifest names) when given."""
+        ``round_`` (the round its manifest names) when given. ``answered`` is
+        :meth:`fedmq.fl.rounds.RoundEngine.refuse`'s; no round waits for an answer here."""
         self.received += 1
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         named = self._round_of(device, round_)

@@ -96,9 +96,10 @@ LATE_HISTORY = 8
 
 #: Rejections that do not count as the device's answer to its round (it may still answer).
 #: Any other refusal of a selected device counts when its receipt names the round in
-#: progress (``busy`` and ``retained`` included): the device settles on that receipt and
-#: sends nothing more for the round, so the round must not wait for it.
-_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch")
+#: progress (``retained`` included): the device settles on that receipt and sends nothing
+#: more for the round, so the round must not wait for it. ``busy`` counts when the service
+#: says so (:meth:`RoundEngine.refuse`'s ``answered``).
+_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch", "busy")
 
 
 @dataclass(frozen=True)
@@ -425,16 +426,22 @@ class RoundEngine:
         self.parts[(device, "")] = ParticipationRecord(device, status="dropped")
         return True
 
-    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None) -> Rejected:
+    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None, *,
+               answered: bool | None = None) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
         manifest, ``malformed`` manifest, the service's ``busy`` and ``retained``): counted
         like any rejection. The refusal names ``round_`` (the round the manifest names)
-        when given, else the round in progress."""
+        when given, else the round in progress. ``answered``: whether it counts as a selected
+        device's answer to the round in progress (None: by the reason, see ``_NOT_AN_ANSWER``;
+        it never counts when it names another round)."""
         named = self.round if round_ is None else round_
-        return self._record(device, transfer_id, Rejected(reason, detail, None, named))
+        return self._record(device, transfer_id, Rejected(reason, detail, None, named), answered)
 
-    def offer(self, device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
+    def offer(self, device: str, transfer_id: str, data: bytes | memoryview, round_: int | None = None) -> Outcome:
         """Judge one client-update blob received under ``device``'s update topic.
+
+        ``round_``: the round the transfer's manifest named; a refusal of an envelope that
+        cannot be read names it (else the round in progress), any other answer the envelope's.
 
         Accepted updates are added into the aggregate at once (weight: their sample count);
         a second, different update of the device in the round is a ``duplicate``; a resend of
@@ -445,9 +452,12 @@ class RoundEngine:
         outcome = self._judge(device, transfer_id, data)
         if isinstance(outcome, Repeat):
             return outcome
+        if isinstance(outcome, Rejected) and outcome.round < 0 and round_ is not None:
+            outcome = Rejected(outcome.reason, outcome.detail, outcome.update, round_)
         return self._record(device, transfer_id, outcome)
 
-    def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected) -> Accepted | Rejected:
+    def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected,
+                answered: bool | None = None) -> Accepted | Rejected:
         self.received += 1
         wire = self._wire.pop((device, transfer_id), 0)
         if isinstance(outcome, Accepted):
@@ -468,7 +478,8 @@ class RoundEngine:
                                                                     wire, dict(upd.metrics))
             return outcome
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
-        if device in self.selected and outcome.reason not in _NOT_AN_ANSWER and outcome.round in (-1, self.round):
+        counts = outcome.reason not in _NOT_AN_ANSWER if answered is None else answered
+        if device in self.selected and counts and outcome.round in (-1, self.round):
             self.answered.add(device)
             if device in self.dropped and self.is_open:
                 self.dropped.discard(device)
