@@ -289,7 +289,10 @@ class Receipt(_Message):
 
     ``status`` is ``accepted`` (the update is in the aggregate of ``round``) or
     ``rejected`` with ``reason`` (one of the coordinator's rejection reasons, e.g.
-    ``late``, ``duplicate``, ``malformed``). ``transfer_id`` names the update transfer.
+    ``late``, ``duplicate``, ``malformed``). ``transfer_id`` names the update transfer and
+    ``round`` the update's own round (its envelope's, or the one its manifest names when the
+    refusal came before the envelope was read), never merely the round in progress: the
+    device settles the update whose round and transfer these are.
     """
 
     TYPE: ClassVar[str] = "receipt"
