@@ -30,8 +30,8 @@ goes on. After the run each trial is checked against invariants:
 Liveness beside the trials (:mod:`fleet.liveness`): seeded random schedules on the in-memory
 bus with a virtual clock (late updates, duplicates, garbage manifests before or after a
 device's genuine update, over-selection, failed rounds, coordinator and device restarts),
-each checked for nothing unsettled (every update a device sent settles within a round of
-being sent), no round waiting until its deadline for a device whose update already settled,
+each checked for nothing unsettled (every update a device sent settles, within a round of
+the last time it was sent), no round waiting until its deadline for a device whose update already settled,
 nothing accepted twice and device and coordinator agreeing on every settled update;
 ``FEDMQ_FAULTS_SCHEDULES`` schedules (default 300, quick; 3000, full).
 
@@ -584,7 +584,8 @@ def run(quick: bool) -> dict[str, Any]:
                   f"{FAULT_ROUND}; stall bound {STALL_BOUND_S:.0f} s; accuracy tolerance {ACCURACY_TOLERANCE}",
                   f"unsettled transfers after the trials: {sum(r.unsettled for r in results)}",
                   f"liveness: {schedules} seeded schedules (seeds 0-{schedules - 1}), every update settled within "
-                  f"{SETTLE_BOUND} round of being sent; faults drawn {liveness['faults']}; violations "
+                  f"{SETTLE_BOUND} round of its last send, at most {liveness['max_rounds_to_settle']} rounds after "
+                  f"its first; faults drawn {liveness['faults']}; violations "
                   f"{liveness['violations'][:5] or 'none'}"]}
 
 
