@@ -2,14 +2,15 @@
 
 Every client update a device sends must settle (the device commits it, or rolls it back into
 its residual, on the coordinator's receipt naming the update's round and transfer), within a
-round of the last time it was sent, and no round may wait until its deadline for a device whose update
-for it has already settled. :func:`run_schedule` plays one seeded schedule and checks both,
-with the safety invariants of the fault suite beside them.
+round of the last time it was sent, and no round may wait until its deadline for a device
+whose update for it has already settled. :func:`run_schedule` plays one seeded schedule and
+checks both, with the safety invariants of the fault suite beside them (nothing accepted
+twice; device and coordinator agree on every settled update).
 
-What runs: the coordinator's own message handling (``Coordinator._handle``: status, manifest
-admission, the service's ``busy`` / ``retained`` refusals, blob assembly, the round engine,
-receipts) and its round engine and state database, over a :class:`fedmq.transport.memory.MemoryBus`,
-with real manifests (``BlobSender``), envelopes and codec payloads. The round loop (selection
+What runs: the coordinator's own message handling (``Coordinator._handle``: statuses,
+manifest admission within the service's limits, blob assembly, receipts), its round engine
+and its state database, over a :class:`fedmq.transport.memory.MemoryBus`, with real manifests
+(``BlobSender``), envelopes and codec payloads. The round loop (selection
 with the real sampler, open, close at completion or deadline, restart) is driven here on a
 virtual clock of ticks, so a schedule is exact and fast. Devices are a model of
 :class:`edge_client.agent.EdgeAgent`'s settlement rules (docs/edge-client.md, steps 3-4): one
