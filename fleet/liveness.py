@@ -5,7 +5,8 @@ its residual, on the coordinator's receipt naming the update's round and transfe
 round of the last time it was sent, and no round may wait until its deadline for a device
 whose update for it has already settled. :func:`run_schedule` plays one seeded schedule and
 checks both, with the safety invariants of the fault suite beside them (nothing accepted
-twice; device and coordinator agree on every settled update).
+twice; device and coordinator agree on every settled update) and the protocol's rule that a
+receipt names the round of the update it answers.
 
 What runs: the coordinator's own message handling (``Coordinator._handle``: statuses,
 manifest admission within the service's limits, blob assembly, receipts), its round engine
@@ -242,8 +243,14 @@ class _Device:
 
     def on_receipt(self, receipt: Receipt) -> None:
         inflight = self.inflight
-        if inflight is None or receipt.round != inflight.round or receipt.transfer_id != inflight.transfer:
+        if inflight is None or receipt.transfer_id != inflight.transfer:
             return  # as the agent: it does not match the update in flight
+        if receipt.round != inflight.round:
+            # The agent settles on it all the same (the transfer names the update), but the
+            # protocol says every receipt names the round of the update it answers.
+            self.sim.result.violations.append(
+                f"receipt for {self.name}'s update {inflight.transfer} of round {inflight.round} names round "
+                f"{receipt.round}")
         inflight.settled_in, inflight.status, inflight.reason = self.sim.engine.round, receipt.status, receipt.reason
         self.kept = (inflight, self.data) if receipt.status == "accepted" else None
         self.inflight = None
