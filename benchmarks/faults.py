@@ -31,8 +31,9 @@ Liveness beside the trials (:mod:`fleet.liveness`): seeded random schedules on t
 bus with a virtual clock (late updates, duplicates, garbage manifests before or after a
 device's genuine update, over-selection, failed rounds, coordinator and device restarts),
 each checked for nothing unsettled (every update a device sent settles, within a round of
-the last time it was sent), no round waiting until its deadline for a device whose update already settled,
-nothing accepted twice and device and coordinator agreeing on every settled update;
+the last time it was sent), no round waiting until its deadline for a device whose update
+already settled, every receipt naming its update's round, nothing accepted twice, and device
+and coordinator agreeing on every settled update;
 ``FEDMQ_FAULTS_SCHEDULES`` schedules (default 300, quick; 3000, full).
 
 :func:`run` runs the campaign (``python -m benchmarks run --suite faults``), tests/faults
