@@ -1,8 +1,9 @@
 """Every client update settles, through mosquitto: the real coordinator and real edge agents
-(threads). A malformed manifest on a selected device's update topic as round 1 opens counts as
-that device's answer; its genuine update reaches the coordinator only after round 2 opened.
-The ``late`` receipt names round 1 (the update's own round), so the agent rolls the update back,
-trains for round 2 and answers it: no later round waits for the device until its deadline."""
+(threads), issue 27's scenario. A malformed manifest on a selected device's update topic as
+round 1 opens counts as that device's answer; its genuine update reaches the coordinator only
+after round 2, which did not select it, opened, and is refused ``late`` from its manifest. The
+receipt names round 1 (the update's own round), so the agent rolls the update back, and the
+later rounds that select the device get its updates: none waits until its deadline."""
 
 from __future__ import annotations
 
@@ -28,12 +29,11 @@ PER_ROUND = 2
 ROUNDS = 6
 #: The federation seed of ``coordinator_config``: the selection of every round follows from it.
 SEED = 3
-VICTIM = "dev0"
 
 
 class HeldUplink:
-    """The victim's link: its client-update publishes wait while ``held`` until ``release``
-    is set (a slow uplink), everything else passes. Every other attribute is the link's."""
+    """The victim's link: its client-update publishes wait until ``release`` is set (a slow
+    uplink), everything else passes. Every other attribute is the link's."""
 
     def __init__(self, link: Link, device: str) -> None:
         self._link = link
