@@ -27,6 +27,15 @@ goes on. After the run each trial is checked against invariants:
                    first round closing after it, minus the reference run's median round time;
 ``device_exit``    an edge client exited by itself (the systemd unit does not restart exit 2).
 
+Liveness beside the trials (:mod:`fleet.liveness`): seeded random schedules on the in-memory
+bus with a virtual clock (late updates, duplicates, garbage manifests before or after a
+device's genuine update, over-selection, failed rounds, coordinator and device restarts),
+each checked for nothing unsettled (every update a device sent settles, within a round of
+the last time it was sent), no round waiting until its deadline for a device whose update
+already settled, every receipt naming its update's round, nothing accepted twice, and device
+and coordinator agreeing on every settled update;
+``FEDMQ_FAULTS_SCHEDULES`` schedules (default 300, quick; 3000, full).
+
 :func:`run` runs the campaign (``python -m benchmarks run --suite faults``), tests/faults
 a short subset; :func:`format_table` prints step x process x trials x failures.
 """
@@ -132,6 +141,8 @@ class TrialResult:
     resumed_at: float = 0.0
     accuracy: float | None = None
     accepted: list[int] = field(default_factory=list)
+    #: Transfers still in flight on a device once the run was over (invariant ``unsettled``).
+    unsettled: int = 0
 
 
 @dataclass
@@ -442,6 +453,7 @@ def _check(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
                 res.failures.append("lost")
                 res.details.append(f"{device} round {e['round']} {e['transfer_id'][:8]}: accepted, not aggregated")
             elif e["state"] == "sent":
+                res.unsettled += 1
                 res.failures.append("unsettled")
                 res.details.append(f"{device} round {e['round']} {e['transfer_id'][:8]}: still in flight")
     for key in sorted(aggregated - known):
@@ -525,9 +537,11 @@ def run(quick: bool) -> dict[str, Any]:
     """The campaign: every step x victim x mode once (quick: SIGKILL only).
 
     Environment: ``FEDMQ_FAULTS_MODES`` (``kill``, ``term`` or both, comma-separated),
-    ``FEDMQ_FAULTS_ONLY`` (comma-separated parts of trial names, e.g. ``broker,training /``),
-    ``FEDMQ_FAULTS_NO_FLOODS`` (skip the junk floods)."""
+    ``FEDMQ_FAULTS_ONLY`` (comma-separated parts of trial names, e.g. ``broker,training /``;
+    ``none``: no trial), ``FEDMQ_FAULTS_NO_FLOODS`` (skip the junk floods),
+    ``FEDMQ_FAULTS_SCHEDULES`` (liveness schedules, default 300 quick, 3000 full; 0: none)."""
     from benchmarks.harness import main_log
+    from fleet.liveness import SETTLE_BOUND, run_schedules
 
     work = Path(os.environ.get("FEDMQ_BENCH_OUT", ".")) / "faults"
     modes = [m.strip() for m in os.environ.get("FEDMQ_FAULTS_MODES", "kill" if quick else "kill,term").split(",")]
@@ -540,6 +554,10 @@ def run(quick: bool) -> dict[str, Any]:
     floods = {} if os.environ.get("FEDMQ_FAULTS_NO_FLOODS") else junk_floods(work / "floods")
     rows = table_rows(results)
     stalls = stall_figures(results)
+    schedules = int(os.environ.get("FEDMQ_FAULTS_SCHEDULES", 300 if quick else 3000))
+    liveness = run_schedules(range(schedules))
+    main_log(f"liveness: {schedules} schedules, {liveness['updates']} updates, {liveness['settled']} settled, "
+             f"{len(liveness['violations'])} violations")
     return {
         "tables": [
             {"title": "Trials and failures per step and faulted process",
@@ -547,18 +565,29 @@ def run(quick: bool) -> dict[str, Any]:
              "rows": [[r["step"], r["process"], r["trials"], r["failures"], r["kinds"]] for r in rows]},
             {"title": "Stall after a broker restart (seconds the fault cost)",
              "columns": ["median s", "max s"], "rows": [[stalls["broker_stall_median_s"], stalls["broker_stall_max_s"]]]},
+            {"title": "Liveness: random schedules on the in-memory bus (fleet.liveness)",
+             "columns": ["schedules", "rounds", "updates sent", "settled", "most rounds to settle",
+                         "rounds closed by their deadline", "failed rounds", "violations"],
+             "rows": [[liveness["schedules"], liveness["rounds"], liveness["updates"], liveness["settled"],
+                       liveness["max_rounds_to_settle"], liveness["deadline_rounds"], liveness["failed_rounds"],
+                       len(liveness["violations"])]]},
             {"title": "Coordinator RSS under junk floods (MiB)",
              "columns": ["flood", "before", "after", "growth"],
              "rows": [[k, v["rss_before_mib"], v["rss_after_mib"], v["growth_mib"]] for k, v in floods.items()]},
         ],
         "reference": {"accuracy": ref.accuracy, "wall_s": round(ref.wall_s, 1), "round_s": round(ref.round_s, 2)}
         if ref else None,
-        **stalls, "floods": floods,
+        **stalls, "floods": floods, "liveness": liveness,
         "trials": [{"trial": r.trial.name, "failures": r.failures, "details": r.details, "wall_s": round(r.wall_s, 1),
                     "held_s": round(r.held_s, 1), "stall_s": round(r.stall_s, 1), "accepted": r.accepted,
-                    "accuracy": r.accuracy} for r in results],
+                    "accuracy": r.accuracy, "unsettled": r.unsettled} for r in results],
         "notes": [f"{ROUNDS} rounds of {len(DEVICES)} devices, digits-mlp, deadline {DEADLINE_S:.0f} s; fault in round "
-                  f"{FAULT_ROUND}; stall bound {STALL_BOUND_S:.0f} s; accuracy tolerance {ACCURACY_TOLERANCE}"]}
+                  f"{FAULT_ROUND}; stall bound {STALL_BOUND_S:.0f} s; accuracy tolerance {ACCURACY_TOLERANCE}",
+                  f"unsettled transfers after the trials: {sum(r.unsettled for r in results)}",
+                  f"liveness: {schedules} seeded schedules (seeds 0-{schedules - 1}), every update settled within "
+                  f"{SETTLE_BOUND} round of its last send, at most {liveness['max_rounds_to_settle']} rounds after "
+                  f"its first; faults drawn {liveness['faults']}; violations "
+                  f"{liveness['violations'][:5] or 'none'}"]}
 
 
 # --------------------------------------------------------------------------- junk floods

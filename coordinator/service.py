@@ -93,6 +93,14 @@ WAIT_LOG_INTERVAL_S = 30.0
 SESSION_EXPIRY_S = 3600
 
 
+def _manifest_round(payload: bytes) -> int | None:
+    """The round a client update's manifest names, None when it names none or is unreadable."""
+    try:
+        return Manifest.from_bytes(payload).round
+    except WireError:
+        return None
+
+
 @dataclass
 class Progress:
     """One progress event for ``Coordinator.run(progress_callback=...)``.
@@ -635,7 +643,8 @@ class Coordinator:
             self._clear_retained(msg.topic)
             if part == "m":
                 self._answer(device, transfer, engine.refuse(device, transfer, "retained",
-                                                             "client update published as a retained message"),
+                                                             "client update published as a retained message",
+                                                             _manifest_round(msg.payload)),
                              notify)
             return
         if device not in self.registry.devices:
@@ -659,32 +668,40 @@ class Coordinator:
                 self._answer(device, transfer, engine.refuse(device, transfer, "malformed", f"blob manifest: {exc}"),
                              notify)
                 return
-            verdict = engine.admit(device, transfer, manifest.size) or self._capacity(device, base, manifest.size)
+            verdict = (engine.admit(device, transfer, manifest.size, manifest.round)
+                       or self._capacity(device, base, manifest.size))
             if isinstance(verdict, Rejected):
-                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail)
+                # A device refused busy with none of its transfers in assembly settles on the
+                # receipt (rolls its update back) and sends nothing more: its answer. While one
+                # is in assembly, that one may still be its update.
+                own, _ = self.receiver.pending_bytes(topics.update_base(self.fed, device, ""))
+                verdict = engine.refuse(device, transfer, verdict.reason, verdict.detail, manifest.round,
+                                        answered=(own == 0) if verdict.reason == "busy" else None)
             if verdict is not None:
                 self._answer(device, transfer, verdict, notify)
                 return
             blob = self.receiver.feed_manifest(base, manifest, msg.payload)
         if blob is not None:
-            data = self._unseal(device, transfer, blob.data)
-            outcome = data if isinstance(data, Rejected) else engine.offer(device, transfer, data)
+            data = self._unseal(device, transfer, blob.data, blob.round)
+            outcome = data if isinstance(data, Rejected) else engine.offer(device, transfer, data, blob.round)
             self._answer(device, transfer, outcome, notify)
 
-    def _unseal(self, device: str, transfer: str, data: bytes) -> bytes | Rejected:
+    def _unseal(self, device: str, transfer: str, data: bytes, round_: int | None) -> bytes | Rejected:
         """The envelope inside a sealed update, a plain envelope as it is (unless sealing is
-        required), or the refusal: ``unsealed`` or ``bad_seal`` (counted like every reason)."""
+        required), or the refusal: ``unsealed`` or ``bad_seal`` (counted like every reason), naming
+        ``round_``, the round the transfer's manifest named (None: the round in progress)."""
         engine = self.engine
         assert engine is not None
         if not is_sealed(data):
             if self.config.sealing.required:
-                return engine.refuse(device, transfer, "unsealed", "a plain client update, [sealing] required is set")
+                return engine.refuse(device, transfer, "unsealed", "a plain client update, [sealing] required is set",
+                                     round_)
             return data
         assert self.seal_key is not None
         try:
             return self.seal_key.open_update(data, federation=self.fed, device=device, transfer_id=transfer)
         except SealError as exc:
-            return engine.refuse(device, transfer, "bad_seal", str(exc))
+            return engine.refuse(device, transfer, "bad_seal", str(exc), round_)
 
     def _capacity(self, device: str, base: str, size: int) -> Rejected | None:
         """``busy`` when admitting the transfer would exceed the assembly limits."""

@@ -202,17 +202,20 @@ class StateDB:
         """The stored answer to a transfer of ``device`` judged in a finished round:
         ``(status, reason, round)``, or None when no finished round judged it. An update
         accepted in a round that failed was not aggregated: ``("rejected", "late", r)``.
+        ``round`` is the round the receipt named: the update's own (a refusal of an update
+        of another round carries it as the metric ``task_round``), which the device matches.
         This is the one authority a device's resend after any crash is answered from."""
         row = self.conn.execute(
-            "SELECT p.status, p.reason, p.round, r.state FROM participations p JOIN rounds r ON p.round = r.round "
+            "SELECT p.status, p.reason, p.round, r.state, json_extract(p.metrics, '$.task_round') "
+            "FROM participations p JOIN rounds r ON p.round = r.round "
             "WHERE p.device = ? AND p.transfer_id = ? AND p.transfer_id != '' ORDER BY p.round DESC LIMIT 1",
             (device, transfer_id)).fetchone()
         if row is None:
             return None
-        status, reason, round_, state = row
+        status, reason, round_, state, named = row
         if status == "accepted" and state != "closed":
             return ("rejected", "late", int(round_))
-        return (str(status), str(reason or ""), int(round_))
+        return (str(status), str(reason or ""), int(round_ if named is None else named))
 
     def add_rejections(self, counts: dict[str, int]) -> None:
         """Add ``counts`` (reason -> number) to the ``rejections`` table."""

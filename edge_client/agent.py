@@ -540,11 +540,16 @@ class EdgeAgent:
 
     def _on_receipt(self, receipt: Receipt) -> None:
         inflight = self.state.record.inflight
-        if receipt.device != self.cfg.device_id or inflight is None or receipt.round != inflight.round \
-                or receipt.transfer_id != inflight.transfer_id:
+        if receipt.device != self.cfg.device_id or inflight is None or receipt.transfer_id != inflight.transfer_id:
             log.info("receipt for round %d (%s) does not match the update in flight: ignored", receipt.round,
                      receipt.transfer_id)
             return
+        if receipt.round != inflight.round:
+            # The transfer id (random, one per update) names the update; a coordinator that
+            # names another round (one from before issue 27, or its database's answer from
+            # then) still answers this update, and ignoring it would keep it in flight forever.
+            log.warning("receipt for transfer %s names round %d, the update is for round %d: settled on it",
+                        receipt.transfer_id, receipt.round, inflight.round)
         self._pause("receipt", inflight.round)
         assert self.sender is not None
         self.sender.acknowledge(self._base(inflight.transfer_id))
@@ -599,7 +604,10 @@ class EdgeAgent:
         if time.time() <= inflight.deadline + self.cfg.receipt_grace:
             self._asked_after_deadline = False
         try:
-            self.sender.send(self._base(inflight.transfer_id), self.state.read_wire(), timeout=SEND_TIMEOUT)
+            # The manifest names the round, so a refusal decided before the blob is assembled
+            # still names this update's round (and settles it).
+            self.sender.send(self._base(inflight.transfer_id), self.state.read_wire(), timeout=SEND_TIMEOUT,
+                             round_=inflight.round)
         except TransportError as exc:
             log.warning("round %d: publishing the update failed (%s); retried in %.0f s", inflight.round, exc,
                         self.cfg.receipt_timeout)

@@ -119,6 +119,10 @@ class Status(_Message):
                    refusal=_get(o, "refusal", str, w, optional=True, default=""))
 
 
+#: Blob formats a ``ModelPointer`` may name (docs/wire-format.md, rule R25).
+MODEL_FORMATS = ("safetensors", "onnx")
+
+
 @dataclass(frozen=True)
 class ModelPointer(_Message):
     """Retained pointer on ``fedmq/F/model/latest`` (and ``onnx/latest``) to the newest
@@ -140,7 +144,13 @@ class ModelPointer(_Message):
         return cls(version=_nonneg(_get(o, "version", int, w), "version", w),
                    spec_hash=_get(o, "spec_hash", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
                    size=_nonneg(_get(o, "size", int, w), "size", w), sha256=_get(o, "sha256", str, w),
-                   format=_get(o, "format", str, w, optional=True, default="safetensors"))
+                   format=_format(_get(o, "format", str, w, optional=True, default="safetensors"), w))
+
+
+def _format(value: str, where: str) -> str:
+    if value not in MODEL_FORMATS:
+        raise WireError(f"{where}: format must be one of {MODEL_FORMATS}, got {value[:80]!r} (rule R25)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -279,7 +289,10 @@ class Receipt(_Message):
 
     ``status`` is ``accepted`` (the update is in the aggregate of ``round``) or
     ``rejected`` with ``reason`` (one of the coordinator's rejection reasons, e.g.
-    ``late``, ``duplicate``, ``malformed``). ``transfer_id`` names the update transfer.
+    ``late``, ``duplicate``, ``malformed``). ``transfer_id`` names the update transfer and
+    ``round`` the update's own round (its envelope's, or the one its manifest names when the
+    refusal came before the envelope was read), never merely the round in progress: the
+    device settles the update whose round and transfer these are.
     """
 
     TYPE: ClassVar[str] = "receipt"

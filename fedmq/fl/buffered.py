@@ -198,9 +198,11 @@ class BufferedEngine:
 
     # -- answers -------------------------------------------------------------------------
 
-    def offer(self, device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
+    def offer(self, device: str, transfer_id: str, data: bytes | memoryview, round_: int | None = None) -> Outcome:
         """Judge one client-update blob received under ``device``'s update topic; an
-        accepted one goes into the buffer at once with weight ``samples * w(staleness)``."""
+        accepted one goes into the buffer at once with weight ``samples * w(staleness)``.
+        ``round_``: the task round the transfer's manifest named, which a refusal of an
+        envelope that cannot be read names."""
         outcome = self._judge(device, transfer_id, data)
         if isinstance(outcome, Repeat):
             return outcome
@@ -224,42 +226,51 @@ class BufferedEngine:
         assert isinstance(outcome, Rejected)
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         samples = outcome.update.samples if outcome.update is not None else 0
-        round_ = outcome.round if outcome.round >= 0 else self._round_of(device)
+        named = outcome.round if outcome.round >= 0 else self._round_of(device, round_)
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire,
-                                              {"task_round": float(round_)}))
-        self._remember(device, transfer_id, ("rejected", outcome.reason, round_))
-        return Rejected(outcome.reason, outcome.detail, outcome.update, round_)
+                                              {"task_round": float(named)}))
+        self._remember(device, transfer_id, ("rejected", outcome.reason, named))
+        return Rejected(outcome.reason, outcome.detail, outcome.update, named)
 
-    def admit(self, device: str, transfer_id: str, size: int) -> Repeat | Rejected | None:
+    def admit(self, device: str, transfer_id: str, size: int,
+              round_: int | None = None) -> Repeat | Rejected | None:
         """Judge a transfer from its manifest, before anything is allocated for it (as
         :meth:`fedmq.fl.rounds.RoundEngine.admit`; every known device may send at any time):
         a resend of an answered transfer gets its :class:`Repeat` at once, a size above the
-        bound or an unknown device is refused, anything else is assembled and offered."""
+        bound or an unknown device is refused, anything else is assembled and offered.
+        ``round_``: the task round the manifest names (None: it names none)."""
         previous = self._answers.get((device, transfer_id))
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
         if size > self.max_update_bytes:
             return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None,
-                            self._round_of(device))
+                            self._round_of(device, round_))
         if not self.is_known(device):
-            return Rejected("unknown_device", f"no status ever seen from {device!r}", None, self._round_of(device))
+            return Rejected("unknown_device", f"no status ever seen from {device!r}", None,
+                            self._round_of(device, round_))
         return None
 
-    def _round_of(self, device: str) -> int:
-        """The round a receipt names when the update's envelope could not be read."""
+    def _round_of(self, device: str, named: int | None = None) -> int:
+        """The round a receipt names when the update's envelope could not be read: the one
+        its manifest ``named``, else the round of the task the device holds, else the next step."""
+        if named is not None:
+            return named
         task_round = self.task_round_of(device)
         return task_round if task_round is not None else self.step + 1
 
-    def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
+    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None, *,
+               answered: bool | None = None) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
-        manifest, ``malformed`` manifest)."""
+        manifest, ``malformed`` manifest, the service's ``busy`` and ``retained``), naming
+        ``round_`` (the round its manifest names) when given. ``answered`` is
+        :meth:`fedmq.fl.rounds.RoundEngine.refuse`'s; no round waits for an answer here."""
         self.received += 1
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        named = self._round_of(device, round_)
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", reason, 0,
-                                              self._wire.pop((device, transfer_id), 0)))
-        round_ = self._round_of(device)
-        self._remember(device, transfer_id, ("rejected", reason, round_))
-        return Rejected(reason, detail, None, round_)
+                                              self._wire.pop((device, transfer_id), 0), {"task_round": float(named)}))
+        self._remember(device, transfer_id, ("rejected", reason, named))
+        return Rejected(reason, detail, None, named)
 
     def _judge(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
         previous = self._answers.get((topic_device, transfer_id))

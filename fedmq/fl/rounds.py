@@ -49,14 +49,22 @@ The last four (with the kind and sample-count ``malformed`` checks) are :class:`
 the same object the buffered engine (:mod:`fedmq.fl.buffered`) judges content with.
 
 Before a transfer's bytes arrive, :meth:`RoundEngine.admit` judges its manifest (device, announced
-size): a resend of a transfer already answered gets its :class:`Repeat` at once; ``oversized``,
-``unknown_device``, ``late``, ``unselected`` and ``duplicate`` are refused before anything is
-allocated for the transfer. The service adds two refusals of its own, counted the same way:
-``busy`` (the device, or all devices together, already have as many transfers or bytes in
-assembly as the limits allow) and ``retained`` (a client update published as a retained
-message: ignored and cleared); and two of sealing (:mod:`fedmq.sealing`): ``unsealed`` (a plain
-envelope while ``[sealing] required``) and ``bad_seal`` (a sealed update that does not open
-with the coordinator's key: another key, tampered, or bound to another device or transfer).
+size, the round it names): a resend of a transfer already answered gets its :class:`Repeat` at
+once; ``oversized``, ``unknown_device``, ``late``, ``wrong_round``, ``unselected`` and
+``duplicate`` are refused before anything is allocated for the transfer. The service adds two
+refusals of its own, counted the same way: ``busy`` (the device, or all devices together,
+already have as many transfers or bytes in assembly as the limits allow) and ``retained`` (a
+client update published as a retained message: ignored and cleared); and two of sealing
+(:mod:`fedmq.sealing`): ``unsealed`` (a plain envelope while ``[sealing] required``) and
+``bad_seal`` (a sealed update that does not open with the coordinator's key: another key,
+tampered, or bound to another device or transfer).
+
+Every answer names the round of the update it answers, so the device recognises it and
+settles the update (commits it, or rolls it back into its residual): after decoding the
+envelope's ``round``; before, the round the manifest names (a manifest that names none gets
+the round in progress). A refusal of an update of another round is recorded in the round in
+progress with the metric ``task_round`` (the round it named), which the database's answer to
+a resend names again.
 
 Decoding goes all the way (:func:`fedmq.codecs.decode_sparse` validates every index and
 value) before an update is accepted, so nothing half-checked reaches the accumulator.
@@ -90,7 +98,11 @@ NORM_HISTORY = 100
 LATE_HISTORY = 8
 
 #: Rejections that do not count as the device's answer to its round (it may still answer).
-_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch", "busy", "retained")
+#: Any other refusal of a selected device counts when its receipt names the round in
+#: progress (``retained`` included): the device settles on that receipt and sends nothing
+#: more for the round, so the round must not wait for it. ``busy`` counts when the service
+#: says so (:meth:`RoundEngine.refuse`'s ``answered``).
+_NOT_AN_ANSWER = ("late", "wrong_round", "device_mismatch", "busy")
 
 
 @dataclass(frozen=True)
@@ -346,45 +358,58 @@ class RoundEngine:
 
     # -- answers -------------------------------------------------------------------------
 
-    def admit(self, device: str, transfer_id: str, size: int) -> Repeat | Rejected | None:
+    def admit(self, device: str, transfer_id: str, size: int,
+              round_: int | None = None) -> Repeat | Rejected | None:
         """Judge a transfer from its manifest, before anything is allocated for it.
 
         Args:
             device: the device level of the update topic.
             transfer_id: the transfer level of the topic.
             size: blob size the manifest announces (bytes).
+            round_: the round the manifest says the update answers
+                (:attr:`fedmq.transport.wire.Manifest.round`), or None when it does not say.
 
         Returns:
             :class:`Repeat` for a transfer already answered (in this round, a remembered one
             or, through ``lookup``, the database), :class:`Rejected` (not yet recorded: pass
             it to :meth:`refuse`), or None when the blob may be assembled and then
             :meth:`offer`-ed (always, between rounds, for a known device within the bound).
+            A refusal names ``round_`` when given (so the device that sent the update
+            recognises its receipt and settles the update), else the round in progress.
         """
         for answers in (self._answers, *self._closed_answers.values()):
             previous = answers.get(device)
             if previous is not None and previous[0] == transfer_id:
-                round_ = self.round if answers is self._answers else next(
+                answered_round = self.round if answers is self._answers else next(
                     r for r, a in self._closed_answers.items() if a is answers)
-                return Repeat(previous[1], previous[2], round_)
+                return Repeat(previous[1], previous[2], answered_round)
         stored = self.lookup(device, transfer_id)
         if stored is not None:
             return Repeat(*stored)
+        named = self.round if round_ is None else round_
         if size > self.max_update_bytes:
-            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None, self.round)
+            return Rejected("oversized", f"{size} bytes announced, limit {self.max_update_bytes}", None, named)
         if not self.is_known(device):
-            return Rejected("unknown_device", f"no status ever seen from {device!r}", None, self.round)
+            return Rejected("unknown_device", f"no status ever seen from {device!r}", None, named)
         if not self.is_open:
             # Between rounds the update may be for the round about to open (a resumed
             # coordinator's persistent session delivers what was sent to the run that died):
             # it is assembled, within the service's limits, and offer() decides.
             return None
+        if round_ is not None:
+            # The checks of _judge on the round the manifest names, in the same order.
+            if device in self._closed_selected.get(round_, ()):
+                return Rejected("late", f"round {round_} is closed", None, round_)
+            if round_ != self.round:
+                return Rejected("wrong_round", f"round {round_}, the round in progress is {self.round}", None,
+                                round_)
         if device not in self.selected:
             if any(device in sel for sel in self._closed_selected.values()):
-                return Rejected("late", f"no round in progress selected {device!r}", None, self.round)
-            return Rejected("unselected", f"{device!r} was not selected for round {self.round}", None, self.round)
+                return Rejected("late", f"no round in progress selected {device!r}", None, named)
+            return Rejected("unselected", f"{device!r} was not selected for round {self.round}", None, named)
         if device in self._answers:
             return Rejected("duplicate", f"{device!r} already sent transfer {self._answers[device][0]} in round "
-                                         f"{self.round}", None, self.round)
+                                         f"{self.round}", None, named)
         return None
 
     def drop(self, device: str) -> bool:
@@ -404,13 +429,22 @@ class RoundEngine:
         self.parts[(device, "")] = ParticipationRecord(device, status="dropped")
         return True
 
-    def refuse(self, device: str, transfer_id: str, reason: str, detail: str) -> Rejected:
+    def refuse(self, device: str, transfer_id: str, reason: str, detail: str, round_: int | None = None, *,
+               answered: bool | None = None) -> Rejected:
         """Record a transfer refused before its blob was assembled (``oversized`` from its
-        manifest, ``malformed`` manifest): counted like any rejection."""
-        return self._record(device, transfer_id, Rejected(reason, detail, None, self.round))
+        manifest, ``malformed`` manifest, the service's ``busy`` and ``retained``): counted
+        like any rejection. The refusal names ``round_`` (the round the manifest names)
+        when given, else the round in progress. ``answered``: whether it counts as a selected
+        device's answer to the round in progress (None: by the reason, see ``_NOT_AN_ANSWER``;
+        it never counts when it names another round)."""
+        named = self.round if round_ is None else round_
+        return self._record(device, transfer_id, Rejected(reason, detail, None, named), answered)
 
-    def offer(self, device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
+    def offer(self, device: str, transfer_id: str, data: bytes | memoryview, round_: int | None = None) -> Outcome:
         """Judge one client-update blob received under ``device``'s update topic.
+
+        ``round_``: the round the transfer's manifest named; a refusal of an envelope that
+        cannot be read names it (else the round in progress), any other answer the envelope's.
 
         Accepted updates are added into the aggregate at once (weight: their sample count);
         a second, different update of the device in the round is a ``duplicate``; a resend of
@@ -421,9 +455,12 @@ class RoundEngine:
         outcome = self._judge(device, transfer_id, data)
         if isinstance(outcome, Repeat):
             return outcome
+        if isinstance(outcome, Rejected) and outcome.round < 0 and round_ is not None:
+            outcome = Rejected(outcome.reason, outcome.detail, outcome.update, round_)
         return self._record(device, transfer_id, outcome)
 
-    def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected) -> Accepted | Rejected:
+    def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected,
+                answered: bool | None = None) -> Accepted | Rejected:
         self.received += 1
         wire = self._wire.pop((device, transfer_id), 0)
         if isinstance(outcome, Accepted):
@@ -444,13 +481,17 @@ class RoundEngine:
                                                                     wire, dict(upd.metrics))
             return outcome
         self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
-        if device in self.selected and outcome.reason not in _NOT_AN_ANSWER:
+        counts = outcome.reason not in _NOT_AN_ANSWER if answered is None else answered
+        if device in self.selected and counts and outcome.round in (-1, self.round):
             self.answered.add(device)
             if device in self.dropped and self.is_open:
                 self.dropped.discard(device)
                 self.parts.pop((device, ""), None)
         samples = outcome.update.samples if outcome.update is not None else 0
         metrics = dict(outcome.update.metrics) if outcome.update is not None else {}
+        if outcome.round >= 0 and outcome.round != self.round:
+            # The round the receipt named, for the database's answer to a resend (transfer_outcome).
+            metrics["task_round"] = float(outcome.round)
         self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "rejected", outcome.reason,
                                                                 samples, wire, metrics)
         if outcome.round < 0:

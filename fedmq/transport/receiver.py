@@ -23,13 +23,15 @@ log = logging.getLogger(__name__)
 class CompletedBlob:
     """A blob received whole and verified against its SHA-256.
 
-    Attributes: base topic; transfer id (32 hex chars); the bytes; SHA-256 (hex).
+    Attributes: base topic; transfer id (32 hex chars); the bytes; SHA-256 (hex); the round
+    its manifest names (:attr:`fedmq.transport.wire.Manifest.round`, None when none).
     """
 
     base: str
     transfer_id: str
     data: bytes
     sha256: str
+    round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,7 @@ class BlobReceiver:
         while len(self._done) > self.remember:
             self._done.popitem(last=False)
         self.stats["completed"] += 1
-        return CompletedBlob(base, m.id_hex, data, digest.hex())
+        return CompletedBlob(base, m.id_hex, data, digest.hex(), m.round)
 
     def _resume(self) -> None:
         assert self.spool is not None

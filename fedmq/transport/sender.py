@@ -63,7 +63,8 @@ class BlobSender:
         worst_topic = topics.blob_chunk(base, 10**9)
         return max(1, min(self.chunk_size, self.link.max_payload(worst_topic) - CHUNK_HEADER.size))
 
-    def send(self, base: str, data: bytes, *, retain: bool = False, timeout: float = 60.0) -> BlobInfo:
+    def send(self, base: str, data: bytes, *, retain: bool = False, timeout: float = 60.0,
+             round_: int | None = None) -> BlobInfo:
         """Publish ``data`` under ``base`` and wait until the broker acknowledged every message.
 
         The broker's PUBACK is not delivery to subscribers (a broker drops QoS 1 messages
@@ -75,6 +76,8 @@ class BlobSender:
             data: the blob (any size up to 2 GiB).
             retain: publish manifest and chunks as retained messages (global model).
             timeout: seconds for the whole transfer, reconnects included.
+            round_: for a client update, the round it answers, written into the manifest
+                (:attr:`fedmq.transport.wire.Manifest.round`).
 
         Raises:
             TransportError: not acknowledged in time, or refused by the broker.
@@ -83,7 +86,7 @@ class BlobSender:
         data = bytes(data)
         chunk = self.effective_chunk_size(base)
         inline = len(data) <= chunk
-        manifest = Manifest.build(os.urandom(16), data, chunk, inline=inline)
+        manifest = Manifest.build(os.urandom(16), data, chunk, inline=inline, round_=round_)
         body = manifest.to_bytes()
         if len(body) > self.link.max_payload(topics.blob_manifest(base)):
             raise TransferError(f"blob {base!r}: manifest of {len(body)} bytes ({manifest.count} chunks) exceeds the "

@@ -50,6 +50,9 @@ class Manifest:
         crcs: CRC-32 of each chunk, 4 bytes each, big-endian (locates a corrupted chunk so
             only that one is fetched again; the SHA-256 is what is trusted).
         inline: the whole blob when it fits in the manifest, else None.
+        round: client updates only: the round the update answers (the envelope's
+            ``round``), so that a transfer refused before it is assembled gets a receipt
+            naming its own round; None when the sender did not say (other blobs).
     """
 
     transfer_id: bytes
@@ -59,6 +62,7 @@ class Manifest:
     sha256: bytes
     crcs: bytes = b""
     inline: bytes | None = None
+    round: int | None = None
 
     TYPE = "blob_manifest"
 
@@ -74,13 +78,14 @@ class Manifest:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     @classmethod
-    def build(cls, transfer_id: bytes, data: bytes | memoryview, chunk_size: int, *, inline: bool) -> Manifest:
-        """Manifest for ``data`` cut in ``chunk_size`` chunks, or inline."""
+    def build(cls, transfer_id: bytes, data: bytes | memoryview, chunk_size: int, *, inline: bool,
+              round_: int | None = None) -> Manifest:
+        """Manifest for ``data`` cut in ``chunk_size`` chunks, or inline; ``round_`` as :attr:`round`."""
         digest = hashlib.sha256(data).digest()
         if inline:
-            return cls(transfer_id, len(data), 0, 0, digest, b"", bytes(data))
+            return cls(transfer_id, len(data), 0, 0, digest, b"", bytes(data), round_)
         return cls(transfer_id, len(data), chunk_size, math.ceil(len(data) / chunk_size), digest,
-                   chunk_crcs(data, chunk_size))
+                   chunk_crcs(data, chunk_size), None, round_)
 
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE, "id": self.transfer_id, "size": self.size,
@@ -88,6 +93,8 @@ class Manifest:
                                 "crc": self.crcs}
         if self.inline is not None:
             body["d"] = self.inline
+        if self.round is not None:
+            body["round"] = self.round
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
@@ -109,7 +116,7 @@ class Manifest:
             raise WireError(f"{w}: expected v={PROTOCOL_VERSION} type={w!r}, got v={o.get('v')!r} "
                             f"type={o.get('type')!r}")
         tid, size, chunk, count, digest = (o.get(k) for k in ("id", "size", "chunk", "count", "sha256"))
-        crcs, inline = o.get("crc", b""), o.get("d")
+        crcs, inline, round_ = o.get("crc", b""), o.get("d"), o.get("round")
         if not (isinstance(tid, bytes) and len(tid) == 16):
             raise WireError(f"{w}: 'id' must be 16 bytes")
         if not (isinstance(digest, bytes) and len(digest) == 32):
@@ -117,6 +124,9 @@ class Manifest:
         for key, value in (("size", size), ("chunk", chunk), ("count", count)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise WireError(f"{w}: {key!r} must be an integer >= 0, got {value!r}")
+        if round_ is not None and (not isinstance(round_, int) or isinstance(round_, bool)
+                                   or not 0 <= round_ < 2**63):
+            raise WireError(f"{w}: 'round' must be an integer in 0..2^63-1, got {round_!r}")
         if size > max_size:
             raise WireError(f"{w}: blob of {size} bytes exceeds the {max_size}-byte limit")
         if not isinstance(crcs, bytes) or (inline is not None and not isinstance(inline, bytes)):
@@ -130,7 +140,7 @@ class Manifest:
                 raise WireError(f"{w}: count {count} does not match size {size} / chunk {chunk}")
             if len(crcs) != 4 * count:
                 raise WireError(f"{w}: 'crc' must hold 4 bytes per chunk ({4 * count}), got {len(crcs)}")
-        return cls(tid, size, chunk, count, digest, crcs, inline)
+        return cls(tid, size, chunk, count, digest, crcs, inline, round_)
 
 
 def pack_chunk(transfer_id: bytes, index: int, data: bytes | memoryview) -> bytes:

@@ -92,7 +92,7 @@ def main(url: str, protocol: str, fed: str, device: str, mode: str, task_name: s
             continue
         answered.add((task.round, task.deadline))
         data = client_update(fed, device, task, spec, n, mode)
-        sender.send(topics.update_base(fed, device, f"r{task.round}-{os.urandom(4).hex()}"), data)
+        sender.send(topics.update_base(fed, device, f"r{task.round}-{os.urandom(4).hex()}"), data, round_=task.round)
 
 
 if __name__ == "__main__":

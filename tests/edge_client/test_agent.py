@@ -327,6 +327,20 @@ def test_no_receipt_by_the_deadline_asks_again_and_rolls_back_on_the_answer(coor
     assert not np.allclose(sent, 0)
 
 
+def test_a_receipt_for_the_transfer_in_flight_settles_it_whatever_round_it_names(coord, device):
+    device.start()
+    coord.task(1)
+    tid, _ = coord.next_update()
+    coord.receipt(1, "f" * 32, "rejected", "late")  # another transfer: not this update's answer
+    # A coordinator from before issue 27 named the round in progress in a refusal decided
+    # from the manifest: the transfer id still names this update, so the device settles.
+    coord.receipt(2, tid, "rejected", "late")
+    wait_for(lambda: device.record()["inflight"] is None, 60, "rollback on the answer", device.proc, device.log)
+    assert [e for e in device.record()["ledger"] if e["state"] != "sent"] == [
+        {"round": 1, "transfer_id": tid, "state": "rolled_back", "reason": "late"}]
+    device.stop()
+
+
 def test_watchdog_keeps_pinging_while_training(coord, device, tmp_path):
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
