@@ -154,6 +154,10 @@ class PrivacyGuard:
         except (ValueError, TypeError, KeyError) as exc:
             raise StateError(f"{where}: bad 'privacy' metadata: {exc}") from None
 
+    def model_metadata(self) -> dict[str, str]:
+        """The (epsilon, delta) of the global model as published now, for its ONNX export."""
+        return model_metadata(self.epsilon, self.cfg.delta, self.sigma, self.ledger.rounds_charged)
+
     # -- a round -------------------------------------------------------------------------
 
     @property
@@ -247,3 +251,29 @@ class PrivacyGuard:
             fraction = noisy / self._denominator + 0.5
             self.clip_norm *= math.exp(-self.cfg.clip_learning_rate * (fraction - self.cfg.target_quantile))
         return eps
+
+
+def model_metadata(epsilon: float, delta: float, sigma: float, rounds: int) -> dict[str, str]:
+    """String metadata of a model trained with differential privacy (ONNX ``metadata_props``):
+    ``dp_epsilon``, ``dp_delta``, ``dp_noise_multiplier``, ``dp_rounds_charged``."""
+    return {"dp_epsilon": f"{epsilon:.6g}", "dp_delta": f"{delta:g}", "dp_noise_multiplier": f"{sigma:.6g}",
+            "dp_rounds_charged": str(rounds)}
+
+
+def checkpoint_privacy(config: CoordinatorConfig, meta: dict[str, str], where: str) -> dict[str, str] | None:
+    """The privacy metadata of a checkpoint (its ``privacy`` metadata, for ``[privacy]`` of
+    ``config``), or None when the checkpoint was not trained with differential privacy.
+
+    Raises:
+        StateError: unreadable metadata (``where`` names the file)."""
+    text = meta.get("privacy")
+    if text is None:
+        return None
+    try:
+        obj = json.loads(text)
+        ledger = PrivacyLedger.from_json(json.dumps(obj["ledger"]), config.privacy.sampling, config.privacy.delta,
+                                         where)
+        sigma = float(obj["sigma"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StateError(f"{where}: bad 'privacy' metadata: {exc}") from None
+    return model_metadata(ledger.epsilon(), config.privacy.delta, sigma, ledger.rounds_charged)

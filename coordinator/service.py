@@ -279,6 +279,8 @@ class Coordinator:
     def _start_metrics(self, version: int) -> None:
         """Set the metrics to the resumed model and serve them on ``[metrics]`` when asked."""
         self.metrics.started(version, *self._last_eval)
+        if self.privacy is not None:
+            self.metrics.spent(self.privacy.epsilon)
         if self._serve_metrics:
             served = self.metrics.serve(self.config.metrics.address, self.config.metrics.port)
             log.info("metrics on %s", served.url)
@@ -872,7 +874,8 @@ class Coordinator:
         if self.config.publish.onnx and due:
             self._onnx_published = True
             model = self._module_of(vector)
-            onnx = export_onnx(model, self.task)
+            onnx = export_onnx(model, self.task,
+                               metadata=self.privacy.model_metadata() if self.privacy is not None else None)
             self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
                                version, round_, "onnx")
 
