@@ -154,6 +154,13 @@ class PrivacyGuard:
         except (ValueError, TypeError, KeyError) as exc:
             raise StateError(f"{where}: bad 'privacy' metadata: {exc}") from None
 
+    def summary(self) -> dict[str, object]:
+        """What a run summary (``summary.json``) says about its privacy."""
+        return {"epsilon": self.epsilon, "delta": self.cfg.delta, "noise_multiplier": self.sigma,
+                "clip_norm": self.clip_norm, "noise": self.cfg.noise, "sampling": self.cfg.sampling,
+                "rounds_charged": self.ledger.rounds_charged, "target_epsilon": self.cfg.target_epsilon,
+                "budget_exhausted": self.exhausted or None}
+
     def model_metadata(self) -> dict[str, str]:
         """The (epsilon, delta) of the global model as published now, for its ONNX export."""
         return model_metadata(self.epsilon, self.cfg.delta, self.sigma, self.ledger.rounds_charged)
