@@ -30,7 +30,7 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import dp_accounting
 from dp_accounting import rdp
@@ -117,10 +117,10 @@ class PrivacyLedger:
         self.delta = float(delta)
         self.charges: list[RoundCharge] = []
         self._accountant = new_accountant(sampling)
-        groups = Counter(c.check() for c in charges)
-        for charge, count in groups.items():
-            self._check_sampling(charge)
-            self._accountant.compose(charge.event(), count)
+        groups = Counter(replace(c.check(), round=0) for c in charges)
+        for shape, count in groups.items():
+            self._check_sampling(shape)
+            self._accountant.compose(shape.event(), count)
         self.charges = list(charges)
 
     def _check_sampling(self, charge: RoundCharge) -> None:
