@@ -230,7 +230,9 @@ class PrivacyGuard:
         return (self.sigma ** -2 - (2 * count_std) ** -2) ** -0.5
 
     def _count_std(self) -> float:
-        return self.cfg.count_stddev if self.cfg.count_stddev is not None else self._denominator / 20.0
+        # Andrew et al. suggest m / 20; at least sigma, so that the updates' own noise stays
+        # within 1.16 sigma on a small fleet.
+        return self.cfg.count_stddev if self.cfg.count_stddev is not None else max(self._denominator / 20.0, self.sigma)
 
     def aggregator(self, size: int) -> NoisySum:
         """The round's aggregate (the round engine's aggregator factory)."""
@@ -239,8 +241,9 @@ class PrivacyGuard:
         return NoisySum(size, noise_std=std, denominator=self._denominator, rng=self._rng)
 
     def check_adaptive(self) -> None:
-        """Raises ConfigError when the count noise is too small for adaptive clipping (2 std <= sigma)."""
-        if self.adaptive and 2 * self._count_std() <= self.sigma:
+        """Raises ConfigError when the configured count noise is too small for adaptive clipping
+        (2 count_stddev <= sigma)."""
+        if self.adaptive and self.cfg.count_stddev is not None and 2 * self.cfg.count_stddev <= self.sigma:
             raise ConfigError(f"privacy: adaptive clipping needs count_stddev > sigma / 2 = {self.sigma / 2:.4g}, "
                               f"got {self._count_std():.4g}")
 
