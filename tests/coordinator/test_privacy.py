@@ -157,3 +157,20 @@ def test_a_round_past_the_budget_is_not_opened_and_epsilon_is_everywhere(tmp_pat
     assert result.exit_code == 0, result.output
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert float(props["dp_epsilon"]) == pytest.approx(two, rel=1e-5) and props["dp_delta"] == "1e-05"
+
+
+def test_distributed_noise_federation_charges_the_noise_of_the_survivors(tmp_path: Path) -> None:
+    from coordinator.state import load_checkpoint
+
+    table = demo_privacy(4, 2, 3, 0.0, 1.5, 5.0, 1e-5, False, "distributed")
+    summary = run_demo(devices=4, per_round=2, rounds=3, broker="memory", devices_in="threads", codec="none",
+                       out=tmp_path / "run", write_files=False, publish_onnx=False, privacy=table,
+                       samples_per_device=40, test_samples=200, deadline_s=30.0)
+    # Real agents clipped and added their share: nothing was above the clip norm's allowance.
+    assert summary["updates_rejected"] == 0 and summary["updates_accepted"] > 0
+    ledger = json.loads(load_checkpoint(tmp_path / "run" / "coordinator-state").meta["privacy"])["ledger"]
+    closed = {r["round"]: r["accepted"] for r in summary["records"] if r["state"] == "closed"}
+    assert [c["round"] for c in ledger] == sorted(closed)
+    for charge in ledger:
+        m = charge["rate"] * charge["population"]
+        assert charge["sigma"] == pytest.approx(1.5 * math.sqrt(closed[charge["round"]] / m), rel=1e-9)
