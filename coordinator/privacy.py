@@ -93,8 +93,9 @@ class PrivacyGuard:
         exhausted: set when a round was not opened for the budget (the reason).
 
     Raises:
-        ConfigError: no noise multiplier reaches the target (calibration), or calibration
-            lacks ``sampling_rate`` / ``population``.
+        ConfigError: no noise multiplier reaches the target (calibration), calibration lacks
+            ``sampling_rate`` / ``population``, or a configured ``count_stddev`` is not above
+            sigma / 2 (adaptive clipping).
     """
 
     def __init__(self, config: CoordinatorConfig, spec: ParamSpec) -> None:
@@ -114,6 +115,7 @@ class PrivacyGuard:
         self._selected = 0
         self._rate = 0.0
         self._denominator = 1.0
+        self._check_adaptive()
         log.info("differential privacy: %s noise, sigma %.4g, clip norm %.4g, %s sampling, delta %g, budget %s",
                  p.noise, self.sigma, self.clip_norm, p.sampling, p.delta,
                  "none" if p.target_epsilon is None else f"epsilon {p.target_epsilon}")
@@ -240,7 +242,7 @@ class PrivacyGuard:
         std = 0.0 if self.cfg.noise == "distributed" else self._update_sigma() * self.clip_norm
         return NoisySum(size, noise_std=std, denominator=self._denominator, rng=self._rng)
 
-    def check_adaptive(self) -> None:
+    def _check_adaptive(self) -> None:
         """Raises ConfigError when the configured count noise is too small for adaptive clipping
         (2 count_stddev <= sigma)."""
         if self.adaptive and self.cfg.count_stddev is not None and 2 * self.cfg.count_stddev <= self.sigma:

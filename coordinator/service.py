@@ -165,8 +165,6 @@ class Coordinator:
         self.optimizer = config.server_optimizer.build()
         #: Differential privacy (``[privacy] enabled``; coordinator/privacy.py), else None.
         self.privacy = PrivacyGuard(config, self.spec) if config.privacy.enabled else None
-        if self.privacy is not None:
-            self.privacy.check_adaptive()
         self.registry = DeviceRegistry(config.limits.max_devices)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stop = threading.Event()

@@ -86,7 +86,7 @@ def test_adaptive_clipping_needs_a_valid_bit_and_moves_the_clip_norm() -> None:
     guard.charge(1, 1)
     assert guard.clip_norm != before and math.isfinite(guard.clip_norm)
     with pytest.raises(ConfigError, match="count_stddev"):
-        PrivacyGuard(_config(noise_multiplier=2.0, adaptive_clipping=True, count_stddev=0.5), SPEC).check_adaptive()
+        PrivacyGuard(_config(noise_multiplier=2.0, adaptive_clipping=True, count_stddev=0.5), SPEC)
 
 
 def test_the_charge_equals_an_independent_computation_and_distributed_noise_charges_the_survivors() -> None:
