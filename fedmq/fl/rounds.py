@@ -252,8 +252,8 @@ class RoundEngine:
     """
 
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
-                 max_update_bytes: int, aggregator: str | Callable[[int], Aggregator] = "weighted-mean", min_updates: int = 1, round: int = 0,
-                 base_version: int = 0, checks: UpdateChecks | None = None,
+                 max_update_bytes: int, aggregator: str | Callable[[int], Aggregator] = "weighted-mean",
+                 min_updates: int = 1, round: int = 0, base_version: int = 0, checks: UpdateChecks | None = None,
                  lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
         self.federation = federation
         self.spec = spec
