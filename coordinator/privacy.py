@@ -4,8 +4,8 @@
 few points of a round, what DP-FedAvg (McMahan et al. 2018) needs:
 
 * selecting (:meth:`PrivacyGuard.select`): ``poisson`` sampling (each eligible device with
-  probability ``q``, the round's generator of ``(seed, r)``) or the coordinator's uniform
-  sampling without replacement, then :meth:`PrivacyGuard.admits`: a round that would spend
+  probability ``q``) or the coordinator's uniform sampling without replacement, both from a
+  generator seeded with operating-system entropy (``[privacy] noise_seed`` in tests), then :meth:`PrivacyGuard.admits`: a round that would spend
   past ``[privacy] target_epsilon`` is not opened;
 * the task's plan carries the clip norm and, under distributed noise, each device's noise
   share (:meth:`PrivacyGuard.plan`);
@@ -101,7 +101,10 @@ class PrivacyGuard:
     def __init__(self, config: CoordinatorConfig, spec: ParamSpec) -> None:
         p = config.privacy
         self.cfg = p
-        self.seed = config.seed
+        # Amplification by sampling holds only for a sample nobody outside the coordinator can
+        # predict: not the configuration's seed (a restarted coordinator samples afresh, which a
+        # data-independent selection allows; the round is still charged once).
+        self._sampling_seed = p.noise_seed if p.noise_seed is not None else secrets.randbits(64)
         self.policy = config.round.participation()
         self.size = spec.size
         self.adaptive = p.adaptive_clipping
@@ -181,12 +184,12 @@ class PrivacyGuard:
         if self.cfg.sampling == "poisson":
             rate = self.cfg.sampling_rate or min(1.0, self.policy.selection_size(n) / max(n, 1))
             pool = sorted(set(eligible))
-            picks = round_rng(self.seed, round_).random(len(pool)) < rate
+            picks = round_rng(self._sampling_seed, round_).random(len(pool)) < rate
             selected = [d for d, hit in zip(pool, picks) if hit]
             self._rate, self._selected = rate, len(selected)
             self._denominator = max(rate * n, 1.0)
             return selected, len(selected)
-        selected = select_devices(eligible, self.policy, self.seed, round_)
+        selected = select_devices(eligible, self.policy, self._sampling_seed, round_)
         self._rate, self._selected = 0.0, len(selected)
         target = min(self.policy.target(n), len(selected))
         self._denominator = float(max(target, 1))
