@@ -19,7 +19,7 @@ from coordinator.config import config_from_dict
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.privacy import PrivacyChecks, PrivacyGuard
 from coordinator.report import load_run, render_html
-from coordinator.status import build_status
+from coordinator.status import build_status, render_text
 from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
@@ -149,6 +149,7 @@ def test_a_round_past_the_budget_is_not_opened_and_epsilon_is_everywhere(tmp_pat
     assert "epsilon" in rows[0].split(",")
     status = build_status(run / "coordinator-state", 0.0, delta=1e-5)
     assert status["rounds_summary"]["epsilon"] == pytest.approx(two, rel=1e-9)
+    assert f"differential privacy: epsilon {two:.4g} spent at delta 1e-05" in render_text(status, 0.0)
     assert 'data-key="epsilon"' in render_html(load_run(run))
     assert json.loads((run / "summary.json").read_text())["privacy"]["epsilon"] == pytest.approx(two, rel=1e-9)
     out = tmp_path / "model.onnx"
