@@ -28,6 +28,7 @@ import typer
 from coordinator.config import CoordinatorConfig, load_config
 from coordinator.buffered import make_coordinator
 from coordinator.lock import lock_state_dir
+from coordinator.privacy import checkpoint_privacy
 from coordinator.service import Progress
 from coordinator.state import StateDB, load_checkpoint
 from coordinator.status import build_status, render_text
@@ -63,7 +64,7 @@ class _PlainProgress:
         elif p.kind == "round_closed" and p.record is not None:
             row = p.record.row()
             fields = ("round", "state", "model_version", "participants", "accepted", "rejected_total", "test_accuracy",
-                      "test_loss", "bytes_up", "bytes_down", "wall_s")
+                      "test_loss", "bytes_up", "bytes_down", "wall_s", "epsilon")
             print("event=round_closed " + " ".join(f"{k}={_fmt(row[k])}" for k in fields), flush=True)
 
 
@@ -154,7 +155,8 @@ def status(config: Path = CONFIG_OPT,
     cfg = _load(config)
     now = time.time()
     try:
-        doc = build_status(cfg.state_dir, now, cfg.federation, cfg.task)
+        doc = build_status(cfg.state_dir, now, cfg.federation, cfg.task,
+                           cfg.privacy.delta if cfg.privacy.enabled else None)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -198,7 +200,7 @@ def export(config: Path = CONFIG_OPT,
         model = task.build_model(cfg.seed)
         load_params(model, ckpt.model, ParamSpec.from_module(model))
         if format == "onnx":
-            export_onnx(model, task, out)
+            export_onnx(model, task, out, metadata=checkpoint_privacy(cfg, ckpt.meta, str(cfg.state_dir)))
         else:
             atomic_write_bytes(out, model_to_safetensors(model, {"version": str(ckpt.version),
                                                                  "round": str(ckpt.round), "task": task.name}))

@@ -161,6 +161,42 @@ class AggregationConfig(_Section):
         return value
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg; docs/privacy.md): off unless ``enabled``.
+
+    ``noise_multiplier`` sigma (the noise on the sum of clipped updates has standard deviation
+    sigma x ``clip_norm``) or, when unset, the smallest sigma for which ``rounds`` rounds
+    (default: the top-level ``rounds``) spend at most ``target_epsilon`` at ``delta``; that
+    calibration needs ``sampling_rate`` (``poisson``) or ``population`` (``without-replacement``:
+    ``devices_per_round`` x ``over_selection`` of ``population``). ``target_epsilon`` is the
+    privacy budget: a round that would spend past it is not opened.
+    """
+
+    enabled: bool = False
+    noise: Literal["central", "distributed"] = "central"
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    rounds: int | None = Field(None, ge=1)
+    sampling: Literal["poisson", "without-replacement"] = "poisson"
+    sampling_rate: float | None = Field(None, gt=0, le=1)
+    population: int | None = Field(None, ge=1)
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    count_stddev: float | None = Field(None, gt=0)
+    noise_seed: int | None = None
+
+    @model_validator(mode="after")
+    def _budget_or_sigma(self) -> PrivacyConfig:
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy needs noise_multiplier or target_epsilon (to calibrate it from)")
+        if self.adaptive_clipping and self.noise == "distributed":
+            raise ValueError("adaptive_clipping needs central noise (its count noise is the coordinator's)")
+        return self
+
+
 class LimitsConfig(_Section):
     """Bounds on client updates and on what the coordinator holds for transfers in assembly.
 
@@ -304,6 +340,7 @@ class CoordinatorConfig(_Section):
     publish: PublishConfig = PublishConfig()
     sealing: SealingConfig = SealingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     _source: str = PrivateAttr("coordinator configuration")
 
     def where(self, option: str) -> str:
@@ -349,6 +386,21 @@ class CoordinatorConfig(_Section):
             return value.validate("plan")
         except WireError as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _privacy_applies(self) -> CoordinatorConfig:
+        if not self.privacy.enabled:
+            return self
+        if self.round.mode == "async":
+            raise ValueError("privacy: asynchronous rounds (FedBuff) are not accounted; use [round] mode = \"sync\" "
+                             "with differential privacy")
+        if self.aggregation.rule != "weighted-mean":
+            raise ValueError(f"privacy: the coordinator sums clipped updates with uniform weights; aggregation rule "
+                             f"{self.aggregation.rule!r} is not accounted (keep \"weighted-mean\")")
+        if self.privacy.noise == "distributed" and self.plan.codec != "none":
+            raise ValueError("privacy: distributed noise needs [plan] codec = \"none\" (a noise share must reach "
+                             "every coordinate unquantized)")
+        return self
 
     @model_validator(mode="after")
     def _optimizer_options_apply(self) -> CoordinatorConfig:

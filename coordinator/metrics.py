@@ -28,6 +28,9 @@ metric                                      type      meaning
 ``fedmq_model_version``                     gauge     the current global model version
 ``fedmq_test_accuracy``, ``fedmq_test_loss`` gauge    the coordinator's evaluation of the
                                                       current model (NaN until evaluated)
+``fedmq_privacy_epsilon``                   gauge     epsilon the global model has spent at
+                                                      ``[privacy] delta`` (NaN without
+                                                      differential privacy; docs/privacy.md)
 =========================================== ========= ===========================================
 
 Every metric carries no federation label: one coordinator serves one federation and the
@@ -92,6 +95,10 @@ class CoordinatorMetrics:
                                                           "evaluated).", registry=r)
         self.test_loss = Gauge("fedmq_test_loss", "Test loss of the current global model (NaN until evaluated).",
                                registry=r)
+        self.privacy_epsilon = Gauge("fedmq_privacy_epsilon", "Epsilon spent by the current global model at "
+                                                              "[privacy] delta (NaN without differential privacy).",
+                                     registry=r)
+        self.privacy_epsilon.set(math.nan)
         # Every label value exists from the start, so that a query sees 0, not "no data".
         for state in ("closed", "failed"):
             self.rounds.labels(state)
@@ -151,6 +158,12 @@ class CoordinatorMetrics:
         self.bytes.labels("down").inc(rec.bytes_down)
         self.model_version.set(rec.model_version)
         self._evaluation(rec.test_loss, rec.test_accuracy)
+        if rec.epsilon is not None:
+            self.privacy_epsilon.set(rec.epsilon)
+
+    def spent(self, epsilon: float) -> None:
+        """The epsilon spent so far (a resumed run under differential privacy)."""
+        self.privacy_epsilon.set(epsilon)
 
     def _evaluation(self, loss: float | None, accuracy: float | None) -> None:
         if accuracy is not None:

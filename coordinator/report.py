@@ -36,6 +36,7 @@ from typing import Any
 
 import typer
 
+from coordinator.config import PrivacyConfig
 from coordinator.state import CHECKPOINT_NAME, DB_NAME
 from fedmq import __version__
 from fedmq.atomic import atomic_write_text
@@ -124,6 +125,13 @@ def find_state_dir(run_dir: Path) -> tuple[Path, Path | None]:
                       "coordinator-state/ in a demo run) in it or in a sub-folder")
 
 
+def _epsilons(conn: sqlite3.Connection) -> dict[int, float]:
+    """Round -> epsilon spent (differential privacy); a database from before privacy has no such table."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'privacy'").fetchone() is None:
+        return {}
+    return {int(r[0]): float(r[1]) for r in conn.execute("SELECT round, epsilon FROM privacy")}
+
+
 def load_run(run_dir: Path) -> RunData:
     """Read a run folder or a coordinator state folder (nothing is written).
 
@@ -179,12 +187,14 @@ def _read_db(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], li
             "SELECT round, device, transfer_id, status, reason, samples, bytes_up FROM participations "
             "ORDER BY round, device, transfer_id")]
         devices = [dict(r) for r in conn.execute("SELECT * FROM devices ORDER BY device")]
+        epsilons = _epsilons(conn)
     except sqlite3.Error as exc:
         raise ReportError(f"{path}: not a coordinator database with rounds, participations and devices "
                           f"tables ({exc})") from None
     finally:
         conn.close()
     for r in rounds:
+        r["epsilon"] = epsilons.get(r["round"])
         try:
             r["rejected"] = json.loads(r["rejected"] or "{}")
         except ValueError:
@@ -604,6 +614,13 @@ def render_html(run: RunData) -> str:
         _card("updates_rejected", "rejected updates", str(head.updates_rejected), rejected_sub, head.updates_rejected,
               "warn" if head.updates_rejected else ""),
     ]
+    epsilon = next((r["epsilon"] for r in reversed(run.rounds) if r.get("epsilon") is not None), None)
+    if epsilon is not None:
+        delta = ((run.config or {}).get("privacy") or {}).get("delta", PrivacyConfig().delta)
+        cards.insert(2, _card("epsilon", "differential privacy", f"epsilon {epsilon:.3g}", f"at delta {delta:g}",
+                              epsilon, "warn" if epsilon > 10 else "good"))
+    eps_cell = (lambda r: f'<td class="n">{"-" if r.get("epsilon") is None else format(r["epsilon"], ".3g")}</td>'
+                ) if epsilon is not None else (lambda r: "")
 
     dev_rows = []
     for d in device_table(run):
@@ -623,7 +640,7 @@ def render_html(run: RunData) -> str:
         f'<td class="n">{r["accepted"]}/{r["participants"]}</td>'
         f'<td>{_e(", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "-")}</td>'
         f'<td class="n">{_fmt_pct(r["test_accuracy"])}</td>'
-        f'<td class="n">{_fmt_loss(r["test_loss"])}</td>'
+        f'<td class="n">{_fmt_loss(r["test_loss"])}</td>{eps_cell(r)}'
         f'<td class="n">{_fmt_bytes(r["bytes_up"])}</td><td class="n">{_fmt_bytes(r["bytes_down"])}</td>'
         f'<td class="n">{_fmt_ratio(r["dense_bytes_up"] / r["bytes_up"] if r["bytes_up"] else math.nan)}</td>'
         f'<td class="n">{r["wall_s"]:.1f} s</td></tr>' for r in run.rounds)
@@ -653,7 +670,7 @@ def render_html(run: RunData) -> str:
 <tbody>{"".join(dev_rows)}</tbody></table></div></section>
 <section id="rounds"><details><summary>Rounds ({len(run.rounds)})</summary><div class="scroll"><table>
 <thead><tr><th class="n">round</th><th>state</th><th class="n">version</th><th class="n">accepted</th>
-<th>rejected</th><th class="n">accuracy</th><th class="n">loss</th><th class="n">up</th><th class="n">down</th>
+<th>rejected</th><th class="n">accuracy</th><th class="n">loss</th>{'<th class="n">epsilon</th>' if epsilon is not None else ""}<th class="n">up</th><th class="n">down</th>
 <th class="n">ratio</th><th class="n">wall</th></tr></thead>
 <tbody>{round_rows}</tbody></table></div></details></section>
 <section id="configuration"><h2>Configuration</h2><table>

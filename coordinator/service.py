@@ -52,6 +52,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_loss
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.presence import DeviceRegistry
+from coordinator.privacy import PrivacyChecks, PrivacyGuard
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
@@ -171,6 +172,8 @@ class Coordinator:
         self.model = self.task.build_model(config.seed)
         self.spec = ParamSpec.from_module(self.model)
         self.optimizer = config.server_optimizer.build()
+        #: Differential privacy (``[privacy] enabled``; coordinator/privacy.py), else None.
+        self.privacy = PrivacyGuard(config, self.spec) if config.privacy.enabled else None
         self.registry = DeviceRegistry(config.limits.max_devices)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -260,7 +263,8 @@ class Coordinator:
             self._publish_model(vector, version, round_done)
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=self._update_limit, aggregator=cfg.aggregation.rule,
+                max_update_bytes=self._update_limit,
+                aggregator=cfg.aggregation.rule if self.privacy is None else self.privacy.aggregator,
                 min_updates=cfg.round.min_updates, round=round_done, base_version=version,
                 checks=self._update_checks(), lookup=self.db.transfer_outcome)
             while round_done < cfg.rounds and not self.stopping:
@@ -285,6 +289,8 @@ class Coordinator:
     def _start_metrics(self, version: int) -> None:
         """Set the metrics to the resumed model and serve them on ``[metrics]`` when asked."""
         self.metrics.started(version, *self._last_eval)
+        if self.privacy is not None:
+            self.metrics.spent(self.privacy.epsilon)
         if self._serve_metrics:
             served = self.metrics.serve(self.config.metrics.address, self.config.metrics.port)
             log.info("metrics on %s", served.url)
@@ -308,12 +314,20 @@ class Coordinator:
 
     def _checkpoint_meta(self, checks: UpdateChecks) -> dict[str, str]:
         """:meth:`_meta` with the accepted update norms (restored by :meth:`_resume`)."""
-        return dict(self._meta(), norms=json.dumps([round(n, 6) for n in checks.norms]))
+        meta = dict(self._meta(), norms=json.dumps([round(n, 6) for n in checks.norms]))
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.meta()
+        return meta
 
     def _update_checks(self) -> UpdateChecks:
         """The claim and content checks of ``[limits]`` (data-set norm bound on by default),
         resumed with the norms of the checkpoint; the same in both modes."""
         lim = self.config.limits
+        if self.privacy is not None:
+            # Under DP the clip norm replaces the data-set norm bound (a data-dependent rule is
+            # not post-processing of the noisy aggregate).
+            return PrivacyChecks(self.privacy, max_samples=lim.max_samples, samples_of=self._announced_samples,
+                                 norms=self._norms)
         return UpdateChecks(max_samples=lim.max_samples, samples_of=self._announced_samples,
                             norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
                             norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial, norms=self._norms)
@@ -348,6 +362,8 @@ class Coordinator:
                                  f"expected {self.spec.size}")
             self.optimizer.load_state_arrays(ckpt.optimizer_state, self.spec.size)
             vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
+            if self.privacy is not None:
+                self.privacy.restore(ckpt.meta.get("privacy"), f"{state_dir}/{CHECKPOINT_NAME}")
             try:
                 self._norms = [float(n) for n in json.loads(ckpt.meta.get("norms", "[]"))]
             except (ValueError, TypeError):
@@ -431,8 +447,14 @@ class Coordinator:
         if self.stopping:
             return None
         policy = cfg.round.participation()
-        selected = select_devices(eligible, policy, cfg.seed, r)
-        target = min(policy.target(len(eligible)), len(selected)) if selected else policy.target(len(eligible))
+        if self.privacy is not None:
+            selected, target = self.privacy.select(eligible, r)
+            if not self.privacy.admits(r):
+                self.stop()
+                return None
+        else:
+            selected = select_devices(eligible, policy, cfg.seed, r)
+            target = min(policy.target(len(eligible)), len(selected)) if selected else policy.target(len(eligible))
         started = time.time()
         deadline = started + cfg.round.deadline_s
         self._pause("selection", r)
@@ -442,6 +464,8 @@ class Coordinator:
         plan = cfg.plan
         if plan.codec != "none":
             plan = replace(plan, density=cfg.warmup.density(plan.density, r))
+        if self.privacy is not None:
+            plan = self.privacy.plan(plan)
         for i, device in enumerate(selected):
             task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
             self._publish_retained(topics.task(self.fed, device), task.to_bytes())
@@ -469,6 +493,12 @@ class Coordinator:
         assert self.db is not None
         closed = engine.close(time.time())
         rec = closed.record
+        if self.privacy is not None:
+            # Charged with the checkpoint below, before the noisy model can be published
+            # (coordinator/privacy.py, "When a round is charged").
+            eps = (self.privacy.charge(rec.round, rec.accepted) if closed.model_delta is not None
+                   else self.privacy.epsilon)
+            rec = replace(rec, epsilon=eps)
         stepped = False
         delta_blob: bytes | None = None
         if closed.model_delta is not None:
@@ -881,7 +911,8 @@ class Coordinator:
         if self.config.publish.onnx and due:
             self._onnx_published = True
             model = self._module_of(vector)
-            onnx = export_onnx(model, self.task)
+            onnx = export_onnx(model, self.task,
+                               metadata=self.privacy.model_metadata() if self.privacy is not None else None)
             self._publish_blob("onnx", topics.onnx_blob(self.fed, version), topics.onnx_latest(self.fed), onnx,
                                version, round_, "onnx")
 

@@ -136,6 +136,7 @@ CREATE TABLE IF NOT EXISTS participations (
     round INTEGER NOT NULL, device TEXT NOT NULL, transfer_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
     samples INTEGER, bytes_up INTEGER, metrics TEXT, PRIMARY KEY (round, device, transfer_id));
 CREATE INDEX IF NOT EXISTS participations_transfer ON participations (device, transfer_id);
+CREATE TABLE IF NOT EXISTS privacy (round INTEGER PRIMARY KEY, epsilon REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (device TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS published (
@@ -184,6 +185,8 @@ class StateDB:
                 "INSERT OR REPLACE INTO participations VALUES (?,?,?,?,?,?,?,?)",
                 [(rec.round, p.device, p.transfer_id, p.status, p.reason, p.samples, p.bytes_up,
                   json.dumps(p.metrics, sort_keys=True)) for p in rec.participations])
+            if rec.epsilon is not None:
+                self.conn.execute("INSERT OR REPLACE INTO privacy VALUES (?,?)", (rec.round, rec.epsilon))
 
     def set_evaluation(self, round_: int, loss: float | None, accuracy: float | None) -> None:
         """Store the test loss and accuracy of round ``round_``'s global model (evaluated
@@ -251,13 +254,16 @@ class StateDB:
         with self.conn:
             self.conn.execute("DELETE FROM rounds WHERE round > ?", (round_,))
             self.conn.execute("DELETE FROM participations WHERE round > ?", (round_,))
+            self.conn.execute("DELETE FROM privacy WHERE round > ?", (round_,))
 
     def rounds(self) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM rounds ORDER BY round")
         cols = [c[0] for c in cur.description]
+        epsilons = dict(self.conn.execute("SELECT round, epsilon FROM privacy").fetchall())
         out = []
         for row in cur.fetchall():
             rec = dict(zip(cols, row))
+            rec["epsilon"] = epsilons.get(rec["round"])
             rec["rejected"] = json.loads(rec["rejected"] or "{}")
             rec["device_metrics"] = json.loads(rec["device_metrics"] or "{}")
             out.append(rec)

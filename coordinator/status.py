@@ -47,7 +47,8 @@ def _age(ts: float | None, now: float) -> float | None:
     return None if ts is None else round(now - ts, 3)
 
 
-def build_status(state_dir: Path, now: float, federation: str = "", task: str = "") -> dict[str, Any]:
+def build_status(state_dir: Path, now: float, federation: str = "", task: str = "",
+                 delta: float | None = None) -> dict[str, Any]:
     """The status document of the coordinator state in ``state_dir``.
 
     Reads only: a folder without a database yet gives empty lists (nothing is created).
@@ -56,6 +57,8 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
         state_dir: the coordinator's ``state_dir``.
         now: the current time, seconds since the epoch (ages are measured against it).
         federation, task: from the configuration, copied into the document.
+        delta: ``[privacy] delta`` when differential privacy is on (the ``epsilon`` of the
+            rounds summary is at this delta), else None.
 
     Returns:
         ``{"federation", "task", "state_dir", "generated_at", "checkpoint": {"round",
@@ -129,6 +132,8 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
         "updates_rejected": dict(sorted(reasons.items())),
         "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
         "mean_wall_s": sum(r["wall_s"] for r in rounds) / len(rounds) if rounds else None,
+        "epsilon": next((r["epsilon"] for r in reversed(rounds) if r.get("epsilon") is not None), None),
+        "delta": delta,
     }
     return _finite({"federation": federation, "task": task, "state_dir": str(state_dir), "generated_at": iso(now),
                     "checkpoint": None if ckpt is None else {"round": ckpt.round, "model_version": ckpt.version},
@@ -187,6 +192,8 @@ def render_text(doc: dict[str, Any], now: float, last_rounds: int = 10) -> str:
                   f"  test accuracy: last {_pct(s['last_test_accuracy'])}, best {_pct(s['best_test_accuracy'])}",
                   f"  updates accepted {s['updates_accepted']}, rejected {rejected}",
                   f"  bytes up {s['bytes_up']:,}, down {s['bytes_down']:,}; mean round {s['mean_wall_s']:.1f} s"]
+        if s.get("epsilon") is not None:
+            lines.append(f"  differential privacy: epsilon {s['epsilon']:.4g} spent at delta {s['delta']:g}")
         rows = [("round", "state", "version", "accepted", "rejected", "test acc", "bytes up", "wall s", "closed")]
         for r in doc["rounds"][-last_rounds:]:
             rows.append((str(r["round"]), r["state"], str(r["model_version"]), f"{r['accepted']}/{r['participants']}",

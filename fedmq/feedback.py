@@ -23,6 +23,7 @@ from fedmq.atomic import atomic_write_bytes
 from fedmq.codecs import CodecConfig, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
 from fedmq.params import ParamSpec
+from fedmq.privacy.clipping import encode_clipped
 
 
 class ErrorFeedback:
@@ -50,7 +51,7 @@ class ErrorFeedback:
         return arr
 
     def compress(self, update: np.ndarray, config: CodecConfig, *, enabled: bool = True,
-                 rng: np.random.Generator | None = None) -> tuple[bytes, np.ndarray]:
+                 rng: np.random.Generator | None = None, clip_norm: float = 0.0) -> tuple[bytes, np.ndarray]:
         """Compress ``update`` with error feedback.
 
         Args:
@@ -59,6 +60,9 @@ class ErrorFeedback:
             enabled: False compresses ``update`` alone and leaves the residual untouched
                 (ablations without error feedback).
             rng: stochastic-rounding noise source (see :func:`fedmq.codecs.encode`).
+            clip_norm: > 0: what is sent is clipped so that its decoded L2 norm is at most
+                this (:func:`fedmq.privacy.clipping.encode_clipped`); what clipping removes
+                stays in the residual like everything else not sent. 0: no clipping.
 
         Returns:
             ``(payload, sent)``: the codec payload and float32 ``(spec.size,)``, exactly what
@@ -70,8 +74,11 @@ class ErrorFeedback:
         """
         upd = self._vector(update, "update")
         target = self.residual + upd if enabled else upd
-        payload = encode(target, self.spec, config, rng)
-        sent = decode(config.name, payload, self.spec)
+        if clip_norm > 0:
+            payload, sent = encode_clipped(target, self.spec, config, clip_norm, rng)
+        else:
+            payload = encode(target, self.spec, config, rng)
+            sent = decode(config.name, payload, self.spec)
         if enabled:
             target -= sent
             self.residual = target

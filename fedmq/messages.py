@@ -201,6 +201,11 @@ class TrainPlan:
     chosen across the whole update; ``per-tensor``: each tensor keeps ``density`` of its own)
     configure the codec (fedmq.codecs.CodecConfig).
     ``error_feedback`` False disables the residual (for ablations only).
+    ``clip_norm`` (L2 norm, 0 = no clipping) bounds what the device sends under differential
+    privacy: the vector the coordinator decodes has norm <= ``clip_norm``
+    (:mod:`fedmq.privacy.clipping`); ``noise_std`` (0 = none) is the standard deviation of the
+    Gaussian noise share the device adds to every coordinate under distributed noise
+    (docs/privacy.md).
     """
 
     update_kind: str = "delta"
@@ -218,6 +223,8 @@ class TrainPlan:
     error_feedback: bool = True
     seed: int = 0
     topk: str = "global"
+    clip_norm: float = 0.0
+    noise_std: float = 0.0
 
     def validate(self, where: str = "train plan") -> TrainPlan:
         """Raises: WireError when a field is out of range."""
@@ -235,6 +242,11 @@ class TrainPlan:
             raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected (rule R25)")
         if self.topk not in TOPK_MODES:
             raise WireError(f"{where}: topk must be global or per-tensor, got {self.topk[:80]!r} (rule R25)")
+        if not (0.0 <= self.clip_norm < math.inf and 0.0 <= self.noise_std < math.inf):
+            raise WireError(f"{where}: clip_norm and noise_std must be finite and >= 0, got {self.clip_norm}, "
+                            f"{self.noise_std} (rule R25)")
+        if self.noise_std > 0 and (self.codec != "none" or self.clip_norm == 0):
+            raise WireError(f"{where}: a noise share (noise_std > 0) needs codec none and a clip_norm (rule R25)")
         return self
 
 
@@ -242,6 +254,7 @@ _PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
     "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
     "prox_mu": float, "max_seconds": float, "codec": str, "density": float, "block_size": int,
     "dense_below": int, "stochastic": bool, "error_feedback": bool, "seed": int, "topk": str,
+    "clip_norm": float, "noise_std": float,
 }
 
 

@@ -134,7 +134,7 @@ def model_from_safetensors(data: bytes, model: torch.nn.Module, spec: ParamSpec 
 
 
 def export_onnx(model: torch.nn.Module, task: Task | str,
-                path: str | os.PathLike[str] | None = None) -> bytes:
+                path: str | os.PathLike[str] | None = None, metadata: dict[str, str] | None = None) -> bytes:
     """Export ``model`` to ONNX (opset :data:`ONNX_OPSET`), input ``"input"`` float32
     ``(batch, *task.input_shape)`` with a dynamic batch axis, output ``"logits"`` float32:
     ``(batch, num_classes)`` for a classifier, the model's own output shape for a
@@ -147,6 +147,8 @@ def export_onnx(model: torch.nn.Module, task: Task | str,
     Args:
         task: the model's task (or a reference :func:`fedmq.tasks.get_task` resolves).
         path: if given, the bytes are also written there atomically.
+        metadata: more string metadata for the model (e.g. the ``dp_epsilon`` and ``dp_delta``
+            of a model trained with differential privacy, docs/privacy.md).
 
     Returns:
         The serialised ONNX model (weights inline).
@@ -172,7 +174,7 @@ def export_onnx(model: torch.nn.Module, task: Task | str,
     finally:
         registration_log.setLevel(previous_level)
     proto = program.model_proto
-    for key, value in ((ONNX_META_TASK, task.name), (ONNX_META_KIND, task.kind)):
+    for key, value in ((ONNX_META_TASK, task.name), (ONNX_META_KIND, task.kind), *(metadata or {}).items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     data = proto.SerializeToString()

@@ -80,6 +80,8 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         if coord is not None and not stop.is_set():
             result = coord.run()
             summary["rounds"] = [r.row() for r in result.records]
+            if getattr(coord, "privacy", None) is not None:
+                summary["privacy"] = coord.privacy.summary()
             for r in result.records:
                 print(json.dumps({"event": "round", "round": r.round, "accepted": r.accepted,
                                   "test_accuracy": r.test_accuracy, "wall_s": round(r.wall_s, 3)}), flush=True)

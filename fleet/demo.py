@@ -483,7 +483,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              samples_per_device: int | None = None, test_samples: int | None = None,
              aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
-             metrics: CoordinatorMetrics | None = None, seal: bool = True) -> dict[str, Any]:
+             metrics: CoordinatorMetrics | None = None, seal: bool = True,
+             privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -508,6 +509,9 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             coordinator requires it (default); False: plain envelopes, as before sealing.
         metrics: the coordinator's Prometheus metrics go there (the caller serves them and
             keeps them after the run); None: a registry of the run's own, not served.
+        privacy: the ``[privacy]`` table (differential privacy, docs/privacy.md; ``enabled`` is
+            implied); None: none. The summary then has a ``privacy`` entry (epsilon spent, delta,
+            noise multiplier, clip norm).
 
     Returns:
         the summary; ``"records"`` additionally holds every round's record (as dicts).
@@ -603,6 +607,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                                                      else {"name": "fedavg"}),
             "downlink": {"codec": downlink, "density": downlink_density},
             "aggregation": {"rule": aggregation},
+            **({"privacy": dict(privacy, enabled=True)} if privacy else {}),
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
             "sealing": {"required": seal},
@@ -650,6 +655,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                             coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
     summary["sealed"] = seal
+    if coordinator.privacy is not None:
+        summary["privacy"] = coordinator.privacy.summary()
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
     _print_summary(console, summary, work)
@@ -677,9 +684,36 @@ def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
         table.add_row("coordinator link: sent / received",
                       f"{_human_bytes(coord['bytes_out'])} / {_human_bytes(coord['bytes_in'])}")
     table.add_row("wall time", f"{s['wall_seconds']:.1f} s")
+    dp = s.get("privacy")
+    if dp:
+        table.add_row("differential privacy", f"epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} "
+                                              f"(sigma {dp['noise_multiplier']:.3g}, clip {dp['clip_norm']:.3g})")
     console.print(table)
+    if dp:
+        console.print(
+            f"privacy: this model is ({dp['epsilon']:.3g}, {dp['delta']:g})-differentially private at the level of a "
+            f"device{'' if dp['epsilon'] <= 3 else ' - a weak guarantee'}. With {s['devices']} devices and "
+            f"{s['devices_per_round']} per round the noise needed for a small epsilon would swamp the model; "
+            f"useful models at epsilon <= 3 need hundreds of devices per round (docs/privacy.md)."
+            + (f" Stopped early: {dp['budget_exhausted']}." if dp.get("budget_exhausted") else ""),
+            highlight=False)
     console.print(f"outputs in {work}: summary.json rounds.csv model.safetensors model.onnx progress.png",
                   highlight=False)
+
+
+def demo_privacy(devices: int, per_round: int, rounds: int, epsilon: float, noise_multiplier: float,
+                 clip_norm: float, delta: float, adaptive_clipping: bool, noise: str) -> dict[str, Any]:
+    """The ``[privacy]`` table of ``fedmq demo --privacy``: Poisson sampling at rate
+    ``per_round / devices``; sigma as given, else calibrated from ``epsilon`` over ``rounds``,
+    else 1.0."""
+    table: dict[str, Any] = {"clip_norm": clip_norm, "delta": delta, "adaptive_clipping": adaptive_clipping,
+                             "noise": noise, "sampling": "poisson", "sampling_rate": min(1.0, per_round / devices),
+                             "rounds": rounds}
+    if epsilon > 0:
+        table["target_epsilon"] = epsilon
+    if noise_multiplier > 0 or epsilon <= 0:
+        table["noise_multiplier"] = noise_multiplier if noise_multiplier > 0 else 1.0
+    return table
 
 
 def demo_command(
@@ -712,6 +746,20 @@ def demo_command(
     seal: bool = typer.Option(True, "--seal/--no-seal",
                               help="Devices seal their client updates to the coordinator's public key, so the "
                                    "broker relays only ciphertext (docs/security.md); --no-seal: plain updates."),
+    privacy: bool = typer.Option(False, "--privacy", help="Client-level differential privacy (DP-FedAvg with "
+                                                          "an accountant; docs/privacy.md)."),
+    epsilon: float = typer.Option(0.0, "--epsilon", help="With --privacy: the privacy budget (target epsilon); "
+                                                         "0: none, only --noise-multiplier."),
+    noise_multiplier: float = typer.Option(0.0, "--noise-multiplier",
+                                           help="With --privacy: sigma (0: calibrated from --epsilon, or 1.0)."),
+    clip_norm: float = typer.Option(1.0, "--clip-norm", help="With --privacy: clip norm C of a client update."),
+    delta: float = typer.Option(1e-5, "--delta", help="With --privacy: delta of the (epsilon, delta) guarantee."),
+    adaptive_clipping: bool = typer.Option(False, "--adaptive-clipping",
+                                           help="With --privacy: the clip norm follows the median update norm "
+                                                "(Andrew et al. 2021)."),
+    dp_noise: str = typer.Option("central", "--dp-noise",
+                                 help="With --privacy: central (the coordinator adds the noise) or distributed "
+                                      "(each device adds its share; needs --codec none)."),
 ) -> None:
     """Run a demo federation: embedded broker, N edge-client processes, the coordinator.
 
@@ -723,7 +771,9 @@ def demo_command(
                  data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
                  downlink=downlink or None, downlink_density=downlink_density,
                  broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal)
+                 devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
+                 privacy=demo_privacy(devices, per_round, rounds, epsilon, noise_multiplier, clip_norm, delta,
+                                      adaptive_clipping, dp_noise) if privacy else None)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

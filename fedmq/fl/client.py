@@ -12,7 +12,10 @@ deadline between them (an update trained too late is kept in the residual instea
 2. :func:`package_update` adds the update into the residual, encodes it with the plan's
    codec (:func:`fedmq.codecs.encode`), takes what was sent out of the residual
    (:class:`fedmq.feedback.ErrorFeedback`; plain compression when the plan turns error
-   feedback off) and builds the :class:`fedmq.envelope.ClientUpdate` envelope.
+   feedback off) and builds the :class:`fedmq.envelope.ClientUpdate` envelope. Under
+   differential privacy (``plan.clip_norm`` > 0) what is sent is clipped to the clip norm as
+   the coordinator decodes it, and under distributed noise (``plan.noise_std`` > 0) the
+   device's Gaussian noise share is added to it (:mod:`fedmq.privacy.clipping`).
 
 :func:`client_update` chains both.
 """
@@ -20,18 +23,20 @@ deadline between them (an update trained too late is kept in the residual instea
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecConfig, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.feedback import ErrorFeedback
 from fedmq.fl.training import LocalResult, train_local
 from fedmq.messages import Task
 from fedmq.params import ParamSpec
+from fedmq.privacy.clipping import l2_norm, noise_share
 
 if TYPE_CHECKING:
     from fedmq.tasks import Task as TaskDef
@@ -53,8 +58,9 @@ class PackagedUpdate:
 
     Attributes:
         data: the envelope bytes (docs/wire-format.md, "Client update envelope").
-        sent: float32 ``(d,)``: exactly what the coordinator will decode; put it back into the
-            residual (:meth:`ErrorFeedback.rollback`) if the update is never aggregated.
+        sent: float32 ``(d,)``: exactly what the coordinator will decode (less the noise share
+            under distributed noise); put it back into the residual
+            (:meth:`ErrorFeedback.rollback`) if the update is never aggregated.
         codec: the codec's name.
     """
 
@@ -95,15 +101,29 @@ def package_update(result: LocalResult, task: Task, *, federation: str, device: 
     compression error, quantization included); without it the residual is left as it is.
     Non-finite metrics are left out of the envelope (the decoder would refuse them).
 
+    With ``task.plan.clip_norm`` > 0 the decoded payload has L2 norm at most the clip norm
+    and the metric ``dp_unclipped`` says (1.0 / 0.0) whether the vector the device meant to
+    send already was within it (the bit adaptive clipping counts; Andrew et al. 2021). With
+    ``task.plan.noise_std`` > 0 (codec ``none``) a fresh Gaussian noise share from the
+    operating system's entropy is added after clipping; ``sent`` stays the clipped vector
+    without noise (what a rollback puts back into the residual).
+
     Raises:
         NonFiniteError: NaN or Inf in the update (the residual is unchanged).
         CodecError: the plan names an unknown codec or invalid codec settings.
     """
     plan = task.plan
     codec = CodecConfig.from_plan(plan)
-    payload, sent = feedback.compress(result.update, codec, enabled=plan.error_feedback,
-                                      rng=rounding_rng(seed, plan.seed, task.round))
+    rng = rounding_rng(seed, plan.seed, task.round)
     metrics = dict(result.metrics, steps=float(result.steps), train_seconds=result.seconds)
+    if plan.clip_norm > 0:
+        wanted = feedback.residual + result.update if plan.error_feedback else result.update
+        metrics["dp_unclipped"] = float(l2_norm(wanted) <= plan.clip_norm)
+    payload, sent = feedback.compress(result.update, codec, enabled=plan.error_feedback, rng=rng,
+                                      clip_norm=plan.clip_norm)
+    if plan.noise_std > 0:
+        noisy = sent + noise_share(spec.size, plan.noise_std, np.random.default_rng(secrets.randbits(128)))
+        payload = encode(noisy, spec, codec)
     data = encode_update(ClientUpdate(
         federation=federation, device=device, round=task.round, base_version=task.model_version,
         samples=result.samples, kind=result.kind, spec_hash=spec.hash, codec=codec.name, payload=payload,

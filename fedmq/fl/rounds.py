@@ -182,6 +182,8 @@ class RoundRecord:
             model deltas, snapshots, chunks, manifests, control messages).
         dense_bytes_up: float32 bytes of the same number of uncompressed updates (4 d each).
         started, closed: wall-clock seconds since the epoch; wall_s: closed - started.
+        epsilon: under differential privacy, the epsilon spent up to and including this round at
+            the configured delta (docs/privacy.md); None without.
     """
 
     round: int
@@ -202,6 +204,7 @@ class RoundRecord:
     closed: float
     wall_s: float
     participations: list[ParticipationRecord] = field(default_factory=list)
+    epsilon: float | None = None
 
     def row(self) -> dict[str, Any]:
         """Flat dict: ``rejected_<reason>`` and ``device_<metric>`` columns, no per-device list."""
@@ -248,7 +251,9 @@ class RoundEngine:
         kind: update kind the plan asks for (``delta`` or ``gradient``).
         is_known: tells whether a device id was ever seen (the presence registry).
         max_update_bytes: largest client-update blob accepted (bytes).
-        aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`).
+        aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`), or a
+            factory ``size -> Aggregator`` called at every :meth:`open` (the coordinator's
+            noisy sum under differential privacy, :mod:`fedmq.privacy.aggregation`).
         min_updates: fewest accepted updates for a round to succeed.
         round, base_version: where a resumed coordinator stands (the last finished round).
         checks: the claim and content checks with their norm history (:class:`UpdateChecks`;
@@ -261,8 +266,8 @@ class RoundEngine:
     """
 
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
-                 max_update_bytes: int, aggregator: str = "weighted-mean", min_updates: int = 1, round: int = 0,
-                 base_version: int = 0, checks: UpdateChecks | None = None,
+                 max_update_bytes: int, aggregator: str | Callable[[int], Aggregator] = "weighted-mean",
+                 min_updates: int = 1, round: int = 0, base_version: int = 0, checks: UpdateChecks | None = None,
                  lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
         self.federation = federation
         self.spec = spec
@@ -271,8 +276,9 @@ class RoundEngine:
         self.max_update_bytes = max_update_bytes
         self.checks = checks if checks is not None else UpdateChecks()
         self.lookup = lookup
-        self.aggregator_name = aggregator
-        make_aggregator(aggregator, 0)  # an unknown rule fails at construction, not at the first round
+        self._make_aggregator: Callable[[int], Aggregator] = (
+            (lambda size: make_aggregator(aggregator, size)) if isinstance(aggregator, str) else aggregator)
+        self._make_aggregator(0)  # an unknown rule fails at construction, not at the first round
         self.min_updates = min_updates
         self.round = round
         self.base_version = base_version
@@ -282,7 +288,7 @@ class RoundEngine:
         self.target = 0
         self.deadline = 0.0
         self.started = 0.0
-        self.aggregate: Aggregator = make_aggregator(aggregator, spec.size)
+        self.aggregate: Aggregator = self._make_aggregator(spec.size)
         self._answers: dict[str, tuple[str, str, str]] = {}   # device -> (transfer, status, reason)
         self._closed_selected: dict[int, frozenset[str]] = {}
         self._closed_answers: dict[int, dict[str, tuple[str, str, str]]] = {}
@@ -321,7 +327,7 @@ class RoundEngine:
         self.selected = frozenset(self.selection)
         self.target, self.deadline, self.started = target, deadline, started
         self._answers = {}
-        self.aggregate = make_aggregator(self.aggregator_name, self.spec.size)
+        self.aggregate = self._make_aggregator(self.spec.size)
         self._reset_counters()
         self.is_open = True
 
