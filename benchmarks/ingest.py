@@ -47,16 +47,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 TARGETS = {"memory_updates_per_s": 5000.0, "mosquitto_updates_per_s": 2000.0, "rss_growth_fraction": 0.10}
-#: Stages of the profile summary: (label, file suffix, function name), cumulative time.
+#: Stages of the profile summary: (label, file suffix, function names), cumulative time.
 STAGES = (
-    ("offer (envelope, checks, aggregation, bookkeeping)", "fedmq/fl/rounds.py", "offer"),
-    ("envelope decode (strict msgpack)", "fedmq/envelope.py", "decode_update"),
-    ("update checks (decode included)", "fedmq/fl/rounds.py", "check"),
-    ("codec decode (topk-int8)", "fedmq/codecs/__init__.py", "decode_sparse"),
-    ("aggregate (WeightedMean.add)", "fedmq/fl/aggregation.py", "add"),
-    ("blob reassembly (manifest, chunks, SHA-256)", "fedmq/transport/receiver.py", "feed"),
-    ("receipt (publish)", "coordinator/service.py", "_answer"),
-    ("coordinator message handling", "coordinator/service.py", "_handle"),
+    ("offer (envelope, checks, aggregation, bookkeeping)", "fedmq/fl/rounds.py", ("offer",)),
+    ("envelope decode (strict msgpack)", "fedmq/envelope.py", ("decode_update",)),
+    ("update checks (decode included)", "fedmq/fl/rounds.py", ("check",)),
+    ("codec decode (topk-int8)", "fedmq/codecs/__init__.py", ("decode_sparse",)),
+    ("aggregate (WeightedMean.add)", "fedmq/fl/aggregation.py", ("add",)),
+    ("blob reassembly (manifest, chunks, SHA-256)", "fedmq/transport/receiver.py", ("feed", "feed_manifest")),
+    ("manifest parse", "fedmq/transport/wire.py", ("from_bytes",)),
+    ("receipt (publish)", "coordinator/service.py", ("_answer",)),
+    ("coordinator message handling", "coordinator/service.py", ("_handle",)),
 )
 FED = "bench"
 
@@ -109,9 +110,9 @@ def _summary(profiler: Any, updates: int) -> dict[str, Any]:
 
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     stages: dict[str, float] = {}
-    for label, suffix, func in STAGES:
+    for label, suffix, funcs in STAGES:
         cum = sum(ct for (path, _, name), (_, _, _, ct, _) in stats.items()
-                  if name == func and path.endswith(suffix))
+                  if name in funcs and path.endswith(suffix))
         if cum:
             stages[label] = round(cum / updates * 1e6, 1)
     top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:8]
