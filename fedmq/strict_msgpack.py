@@ -178,7 +178,8 @@ def unpack_map(data: bytes | bytearray | memoryview, where: str, limits: Limits 
     buf = memoryview(data)
     if buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")
-    fast = _canonical(buf, limits)
+    # bytes, not the view: comparing bytes with a memoryview goes element by element.
+    fast = _canonical(data if type(data) is bytes else buf.tobytes(), limits)
     if fast is not None:
         return fast
     rd = _Reader(buf, limits, where)
@@ -191,7 +192,7 @@ def unpack_map(data: bytes | bytearray | memoryview, where: str, limits: Limits 
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 
-def _canonical(buf: memoryview, lim: Limits) -> dict[str, Any] | None:
+def _canonical(buf: bytes, lim: Limits) -> dict[str, Any] | None:
     """The fast path of :func:`unpack_map`: the map when ``buf`` is exactly what
     ``msgpack.packb(map, use_bin_type=True)`` writes for it and the map keeps every rule,
     else None (the strict reader then finds the first rule broken).
