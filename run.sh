@@ -7,7 +7,7 @@
 # Both create .venv (Python 3.11+) and install fedmq with its dependencies on first use.
 # torch is pinned to a CPU build: 2.13.0, with the PyTorch CPU index as an extra index, so
 # that pip takes the "+cpu" wheel where it is available instead of several GB of CUDA
-# packages. `test` also installs mosquitto, Chromium and Prometheus (Debian/Ubuntu packages)
+# packages. `test` also installs mosquitto, Chromium, Prometheus and RabbitMQ (Debian/Ubuntu packages)
 # when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,11 +55,15 @@ PY
 ensure_test_tools() {
     # Real parts for the tests: mosquitto (brokers), Chromium (the run report is rendered
     # headless), Prometheus (scrapes the coordinator's metrics; the tests run the binary,
-    # never the system service). Installed together so that apt runs once.
+    # never the system service), RabbitMQ (a broker cluster). Installed together so that
+    # apt runs once.
     local missing=()
     if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then missing+=(mosquitto mosquitto-clients); fi
     if ! command -v chromium >/dev/null; then missing+=(chromium); fi
     if [ ! -x /usr/bin/prometheus ]; then missing+=(prometheus); fi
+    # RabbitMQ (with its MQTT plugin) for the broker-cluster test; the test starts its own
+    # nodes on loopback from /usr/lib/rabbitmq/bin, never the system service.
+    if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then missing+=(rabbitmq-server); fi
     if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
