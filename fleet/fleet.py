@@ -5,7 +5,9 @@ A fleet of ``devices`` virtual devices runs in ``processes`` worker processes
 Every virtual device is an unchanged :class:`edge_client.agent.EdgeAgent` on its own thread,
 with its own MQTT connection (client id = device id), its own state folder and its own
 local data; one process holds hundreds of them, sharing the interpreter, torch and the
-task code. Torch runs one thread per process.
+task code. Torch runs one thread per process. With ``network = "shared"`` the same agents
+are driven event by event from a few threads, and their connections by one network loop
+per process (fleet/stepper.py): thousands per process.
 
 Heterogeneity (:class:`Heterogeneity`, every draw seeded by ``seed`` and the device's index,
 so a fleet is the same fleet on every run):

@@ -102,12 +102,7 @@ class NetworkLoop:
                     except BlockingIOError:
                         pass
                     continue
-                client = link._client
-                if mask & selectors.EVENT_READ:
-                    client.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.loop_write()
-                self._interest(link)
+                self._guarded(link, mask)
             self._apply_commands()
             now = time.monotonic()
             if now >= next_misc:
@@ -120,6 +115,19 @@ class NetworkLoop:
                 if when <= now:
                     del self._reconnect_at[link]
                     self._reconnect(link)
+
+    def _guarded(self, link: SharedLoopLink, mask: int) -> None:
+        # One link's failure must not stop the loop that drives thousands of others.
+        client = link._client
+        try:
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                client.loop_write()
+            self._interest(link)
+        except Exception:
+            # paho's keepalive check (loop_misc) drops a connection that stops answering.
+            log.exception("client %r: error in the network loop", link.client_id)
 
     def _apply_commands(self) -> None:
         with self._lock:
