@@ -29,8 +29,10 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    non-finite update) skips the round, says so in the status and the log, and the agent
    goes on with the next task.
 
-Only the main thread touches the durable state and the error-feedback memory; paho's
-callbacks only queue messages (fedmq.transport.MqttLink).
+Only the thread running the agent's loop touches the durable state and the error-feedback
+memory (:meth:`EdgeAgent.run`; or one :meth:`EdgeAgent.step` at a time, from whichever thread
+the fleet simulator's stepper gives it: fleet/stepper.py); paho's callbacks only queue
+messages (fedmq.transport.MqttLink).
 
 Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_EDGE``): with ``FEDMQ_EDGE_TEST_PAUSE_AT``
 set to ``fetching`` (task taken, global model not yet fetched), ``training`` (model
@@ -326,6 +328,7 @@ class EdgeAgent:
         except BaseException:
             if self._metrics is not None:
                 self._metrics.close()
+                self._metrics = None
             raise
         try:
             self._connects_seen = link.connects
