@@ -108,6 +108,9 @@ class NetworkLoop:
             if now >= next_misc:
                 next_misc = now + MISC_INTERVAL_S
                 for link in list(self._links):
+                    if link._closing and link._client.socket() is None:
+                        self._links.discard(link)
+                        continue
                     link._client.loop_misc()
                     self._interest(link)
                     self._watch(link, now)
@@ -143,10 +146,12 @@ class NetworkLoop:
                 link._client.loop_write()
                 self._interest(link)
             elif kind == "release":
-                # close() queued the DISCONNECT: write it (paho closes the socket after it).
+                # close() queued the DISCONNECT: write it (paho closes the socket after it;
+                # a link whose socket is still open is dropped by the next look once it is).
                 link._client.loop_write()
-                self._links.discard(link)
                 self._reconnect_at.pop(link, None)
+                if link._client.socket() is None:
+                    self._links.discard(link)
 
     def _register(self, link: SharedLoopLink, sock: Any) -> None:
         try:
