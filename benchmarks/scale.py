@@ -2,9 +2,11 @@
 
 Two parts (``python -m benchmarks.scale [--quick] [--only scale|modes] [--sizes 100,1000]``):
 
-* **scale**: for each fleet size, every device connects, then synchronous rounds of
-  ``per_round`` selected devices run (digits-logreg, 32 samples per device, every device
-  online, no slow-down). Reported: time until all are connected, rounds closed on time
+* **scale**: for each fleet size (default 1,000 and 10,000; quick 100 and 1,000), every
+  device connects, then synchronous rounds of a tenth of the fleet run (digits-logreg, 32
+  samples per device, every device online, no slow-down), in about 1,250 devices per worker
+  process with ``network = "shared"`` (one network loop per process, event-driven agents;
+  ``--network threads``: two threads per device). Reported: time until all are connected, rounds closed on time
   (all selected devices accepted before the deadline), round wall time, the
   coordinator's CPU seconds per round and RSS (it runs in this process), the broker's
   RSS and the fleet's PSS (total and per device);
@@ -90,14 +92,16 @@ def _coordinator_config(work: Path, url: str, fed: str, rounds: int, round_: dic
         "evaluation": {"data": str(work / "fleet" / "test.npz")}, "publish": {"onnx": False}})
 
 
-def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path) -> dict[str, Any]:
-    """One fleet size: connect, run ``rounds`` synchronous rounds, measure (module docstring)."""
+def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path,
+                network: str = "shared") -> dict[str, Any]:
+    """One fleet size: connect, run ``rounds`` synchronous rounds, measure (module docstring).
+    ``network``: the fleet's ``network`` option (``shared``: one network loop per worker)."""
     raise_nofile(n + 2048)
     broker = start_mosquitto(work / "broker", extra_conf="max_connections -1")
     deadline = 60.0
     spec = FleetSpec(broker_url=broker.url, federation="scale", task=TASK, devices=n, processes=processes, seed=1,
-                     work_dir=work / "fleet", heterogeneity=Heterogeneity(compute_s=0.5))
-    out: dict[str, Any] = {"devices": n, "per_round": per_round, "processes": processes}
+                     work_dir=work / "fleet", heterogeneity=Heterogeneity(compute_s=0.5), network=network)
+    out: dict[str, Any] = {"devices": n, "per_round": per_round, "processes": processes, "network": network}
     try:
         t0 = time.monotonic()
         with Fleet(spec) as fleet:
@@ -112,6 +116,7 @@ def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path)
             result = coord.run()
             cpu = cpu_seconds() - cpu0
             totals = fleet.totals()
+            out["threads_per_worker"] = max((s.get("threads", 0) for s in fleet.latest.values()), default=0)
             out["coordinator_rss_mib"] = round(memory_kib().get("rss", 0) / 1024, 1)
             out["broker_rss_mib"] = round(memory_kib(broker.pid or 0).get("rss", 0) / 1024, 1)
             fleet.stop()
@@ -204,20 +209,28 @@ def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, wo
     return rows
 
 
+def scale_processes(n: int) -> int:
+    """Worker processes for a fleet of ``n`` devices: about 1,250 devices each, at least 4."""
+    return max(4, -(-n // 1250))
+
+
 def run(quick: bool = True, *, only: str | None = None, sizes: list[int] | None = None,
-        task: str = TASK, devices: int | None = None, seconds: float | None = None) -> dict[str, Any]:
+        task: str = TASK, devices: int | None = None, seconds: float | None = None,
+        network: str = "shared") -> dict[str, Any]:
     """The suite's entry point (benchmarks.harness)."""
     out: dict[str, Any] = {"tables": [], "notes": []}
     with tempfile.TemporaryDirectory(prefix="fedmq-scale-") as tmp:
         work = Path(tmp)
         if only in (None, "scale"):
-            points = [scale_point(s, min(100, s), 2 if quick else 3, 4, work / f"scale-{s}")
-                      for s in (sizes or ([100, 1000] if quick else [100, 1000, 2000, 3000]))]
+            points = [scale_point(s, max(1, s // 10), 2 if quick else 3, scale_processes(s), work / f"scale-{s}",
+                                  network)
+                      for s in (sizes or ([100, 1000] if quick else [1000, 10000]))]
             out["scale"] = points
-            cols = ["devices", "per_round", "connected", "connect_s", "rounds_on_time", "rounds", "round_s_mean",
+            cols = ["devices", "network", "processes", "threads_per_worker", "per_round", "connected", "connect_s",
+                    "rounds_on_time", "rounds", "round_s_mean",
                     "round_s_max", "coordinator_cpu_s_per_round", "coordinator_rss_mib", "broker_rss_mib",
                     "fleet_pss_mib", "fleet_pss_kib_per_device"]
-            out["tables"].append({"title": "Fleet size (digits-logreg, sync rounds, 4 worker processes)",
+            out["tables"].append({"title": "Fleet size (digits-logreg, sync rounds of a tenth of the fleet)",
                                   "columns": cols, "rows": [[p[c] for c in cols] for p in points]})
         if only in (None, "modes"):
             targets = (0.9, 0.95, 0.96)
@@ -243,13 +256,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=("scale", "modes"))
     p.add_argument("--sizes", default="", help="comma-separated fleet sizes for the scale part")
+    p.add_argument("--network", default="shared", choices=("shared", "threads"),
+                   help="the fleet's network option in the scale part (shared: one network loop per worker)")
     p.add_argument("--task", default=TASK, choices=sorted(MODE_TASKS), help="task of the modes part")
     p.add_argument("--devices", type=int, help="fleet size of the modes part (default 200, quick 100)")
     p.add_argument("--seconds", type=float, help="seconds per mode in the modes part (default 240, quick 120)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()] or None
     print(json.dumps(run(args.quick, only=args.only, sizes=sizes, task=args.task, devices=args.devices,
-                         seconds=args.seconds), indent=1, default=str))
+                         seconds=args.seconds, network=args.network), indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ Lifecycle (docs/edge-client.md has the sequence diagram):
    non-finite update) skips the round, says so in the status and the log, and the agent
    goes on with the next task.
 
-Only the main thread touches the durable state and the error-feedback memory; paho's
-callbacks only queue messages (fedmq.transport.MqttLink).
+Only the thread running the agent's loop touches the durable state and the error-feedback
+memory (:meth:`EdgeAgent.run`; or one :meth:`EdgeAgent.step` at a time, from whichever thread
+the fleet simulator's stepper gives it: fleet/stepper.py); paho's callbacks only queue
+messages (fedmq.transport.MqttLink).
 
 Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_EDGE``): with ``FEDMQ_EDGE_TEST_PAUSE_AT``
 set to ``fetching`` (task taken, global model not yet fetched), ``training`` (model
@@ -234,6 +236,7 @@ class EdgeAgent:
         # this device holds (float32 vector, apart from the model training changes).
         self._chain: ModelChain | None = None
         self._held: tuple[int, np.ndarray] | None = None
+        self._metrics: MetricsServer | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -289,25 +292,43 @@ class EdgeAgent:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Connect and serve tasks until ``stop`` is set (SIGTERM / SIGINT in the CLI).
+        """Connect and serve tasks until ``stop`` is set (SIGTERM / SIGINT in the CLI):
+        :meth:`start`, :meth:`step` until stopped, :meth:`finish`.
 
         Raises:
             TransportError: the broker refused the connection or cannot be reached at start.
             StateError: the state directory cannot be written.
         """
         stop = stop if stop is not None else threading.Event()
+        self.start(stop)
+        try:
+            while not stop.is_set():
+                self.step(stop, min(TICK, self.notifier.watchdog_interval or TICK))
+        finally:
+            self.finish()
+
+    def start(self, stop: threading.Event) -> None:
+        """Connect, subscribe, publish the online status and resend what the last run left
+        in flight; then call :meth:`step` until ``stop`` is set and :meth:`finish` once.
+        (The fleet simulator drives thousands of agents this way from a few threads.)
+
+        Raises:
+            TransportError: the broker refused the connection or cannot be reached.
+            StateError: the state directory cannot be written.
+        """
         self._stop = stop
         cfg = self.cfg
         fed, dev = cfg.federation, cfg.device_id
         link = self.link
         link.set_will(Will(topics.status(fed, dev), self._status(False), qos=1, retain=True))
         self.sender = BlobSender(link)
-        metrics = self._serve_metrics()
+        self._metrics = self._serve_metrics()
         try:
             link.connect()
         except BaseException:
-            if metrics is not None:
-                metrics.close()
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
             raise
         try:
             self._connects_seen = link.connects
@@ -331,33 +352,49 @@ class EdgeAgent:
                 self.state.reopen(self.state.record.settled.deadline)
             if self.state.record.inflight is not None:
                 self._resume_inflight()
-            while not stop.is_set():
-                self._check_takeovers(stop)
-                self._healthy_tick()
-                self._check_inflight()
-                if self._pending is not None and self.state.record.inflight is None:
-                    task, self._pending = self._pending, None
-                    if self._wants(task):
-                        self._run_round(task, stop)
-                    continue
-                if self._should_follow():
-                    self._follow(stop)
-                    continue
-                try:
-                    msg = link.inbox.get(timeout=min(TICK, self.notifier.watchdog_interval or TICK))
-                except queue.Empty:
-                    continue
-                self._handle(msg)
-        finally:
-            self.notifier.stopping()
-            if link.connected:
-                try:
-                    link.publish_wait(topics.status(fed, dev), self._status(False), retain=True, timeout=5.0)
-                except TransportError as exc:
-                    log.warning("offline status not acknowledged: %s", exc)
-            link.close()
-            if metrics is not None:
-                metrics.close()
+        except BaseException:
+            self.finish()
+            raise
+
+    def step(self, stop: threading.Event, wait: float) -> bool:
+        """One turn of the agent's loop: clocks (watchdog, resends, takeovers), then a pending
+        task's round, or one message (waiting up to ``wait`` seconds for it; 0: none).
+
+        Returns: True when it did something (more may be waiting), False when idle.
+        Raises: as :meth:`run` (SpecMismatchError ends the run).
+        """
+        self._check_takeovers(stop)
+        self._healthy_tick()
+        self._check_inflight()
+        if self._pending is not None and self.state.record.inflight is None:
+            task, self._pending = self._pending, None
+            if self._wants(task):
+                self._run_round(task, stop)
+            return True
+        if self._should_follow():
+            self._follow(stop)
+            return True
+        try:
+            msg = self.link.inbox.get(timeout=wait) if wait > 0 else self.link.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        self._handle(msg)
+        return True
+
+    def finish(self) -> None:
+        """Publish the offline status (when connected) and close the link; after :meth:`start`."""
+        fed, dev = self.cfg.federation, self.cfg.device_id
+        link = self.link
+        self.notifier.stopping()
+        if link.connected:
+            try:
+                link.publish_wait(topics.status(fed, dev), self._status(False), retain=True, timeout=5.0)
+            except TransportError as exc:
+                log.warning("offline status not acknowledged: %s", exc)
+        link.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def _serve_metrics(self) -> MetricsServer | None:
         """The Prometheus endpoint when ``metrics_port`` is set (edge_client.metrics)."""

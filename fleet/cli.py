@@ -39,6 +39,9 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         devices: int = typer.Option(None, "--devices", "-n", help="Number of virtual devices."),
         processes: int = typer.Option(None, "--processes", "-p", help="Worker processes."),
         seed: int = typer.Option(None, "--seed", help="Seed of every draw."),
+        network: str = typer.Option(None, "--network",
+                                    help="threads (two threads per device) or shared (one network loop per worker "
+                                         "process, event-driven agents: ten thousand devices)."),
         work_dir: Path = typer.Option(None, "--work", help="Folder of the devices' data and state."),
         coordinator: Path = typer.Option(None, "--coordinator",
                                          help="Coordinator TOML: run it here once the devices are connected."),
@@ -52,7 +55,8 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
     try:
         spec = load_fleet_spec(config, {"broker_url": broker, "federation": federation, "devices": devices,
-                                        "processes": processes, "seed": seed, "work_dir": work_dir})
+                                        "processes": processes, "seed": seed, "work_dir": work_dir,
+                                        "network": network})
         coord = None
         if coordinator is not None:
             from coordinator.buffered import make_coordinator

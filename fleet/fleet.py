@@ -5,7 +5,9 @@ A fleet of ``devices`` virtual devices runs in ``processes`` worker processes
 Every virtual device is an unchanged :class:`edge_client.agent.EdgeAgent` on its own thread,
 with its own MQTT connection (client id = device id), its own state folder and its own
 local data; one process holds hundreds of them, sharing the interpreter, torch and the
-task code. Torch runs one thread per process.
+task code. Torch runs one thread per process. With ``network = "shared"`` the same agents
+are driven event by event from a few threads, and their connections by one network loop
+per process (fleet/stepper.py): thousands per process.
 
 Heterogeneity (:class:`Heterogeneity`, every draw seeded by ``seed`` and the device's index,
 so a fleet is the same fleet on every run):
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmq.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
@@ -58,6 +60,9 @@ log = logging.getLogger("fedmq.fleet")
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a virtual device waits for its broker's CONNACK before it retries.
 CONNECT_TIMEOUT_S = 120.0
+#: Seconds between two steps of an idle agent with ``network = "shared"`` (its clocks: resends,
+#: status after a reconnect); a message on its inbox steps it at once.
+TICK_S = 2.0
 _STARTED = time.monotonic()
 
 
@@ -102,6 +107,11 @@ class FleetSpec(BaseModel):
         credentials_dir: None (anonymous), or a folder with ``<device id>/username`` and
             ``<device id>/password`` for each device (its broker account).
         heterogeneity: :class:`Heterogeneity`.
+        network: ``threads`` (each device: its agent's thread and paho's network thread;
+            about 3,000 devices per machine) or ``shared`` (fleet/stepper.py: one network
+            loop per worker process and event-driven agent steps on ``step_threads``
+            threads; ten thousand devices; no availability periods or dropout).
+        step_threads: pool threads per worker process that step agents (``shared``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -121,6 +131,16 @@ class FleetSpec(BaseModel):
     edge: dict[str, Any] = Field(default_factory=dict)
     credentials_dir: Path | None = None
     heterogeneity: Heterogeneity = Heterogeneity()
+    network: str = Field("threads", pattern="^(threads|shared)$")
+    step_threads: int = Field(16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _shared_supports(self) -> FleetSpec:
+        h = self.heterogeneity
+        if self.network == "shared" and (h.online_fraction < 1.0 or h.dropout > 0):
+            raise ValueError("network = 'shared' runs always-online devices: set heterogeneity.online_fraction = 1 "
+                             "and dropout = 0, or use network = 'threads'")
+        return self
 
     def device_id(self, index: int) -> str:
         return f"{self.prefix}-{index:05d}"
@@ -301,11 +321,16 @@ class _DeviceLog:
 class VirtualDevice:
     """One virtual device: its agent, its periods online and offline, its dropouts."""
 
-    def __init__(self, spec: FleetSpec, profile: DeviceProfile, timers: _Timers, stop: threading.Event) -> None:
+    def __init__(self, spec: FleetSpec, profile: DeviceProfile, timers: _Timers | None, stop: threading.Event,
+                 netloop: Any = None) -> None:
         from edge_client.agent import EdgeAgent
         from edge_client.config import EdgeConfig
 
         self.spec, self.profile, self.timers, self.stop = spec, profile, timers, stop
+        #: The worker's shared network loop (``network = "shared"``), else None; ``wake`` is
+        #: called on it when a message arrives (fleet/stepper.py schedules the agent's step).
+        self.netloop = netloop
+        self.wake: Callable[[], None] | None = None
         folder = spec.work_dir / "devices" / profile.device
         options = dict(receipt_timeout=15.0, receipt_grace=10.0, keepalive=30, fetch_timeout=60.0)
         options.update(spec.edge)
@@ -332,6 +357,13 @@ class VirtualDevice:
         # A loaded host takes seconds to answer hundreds of CONNECTs; the agent's default
         # (10 s) would fail them and a retry storm would follow.
         settings = broker_settings(self.cfg).with_(connect_timeout=CONNECT_TIMEOUT_S)
+        if self.netloop is not None:
+            from fedmq.transport.netloop import SharedLoopLink
+
+            inner = SharedLoopLink(settings, client_id=self.cfg.device_id, loop=self.netloop)
+            inner.on_inbox = lambda: self.wake() if self.wake is not None else None
+            return ShapedLink(inner, bandwidth=self.profile.bandwidth, latency_s=self.profile.latency_s,
+                              stop=self.session)
         return ShapedLink(open_link(settings, client_id=self.cfg.device_id),
                           bandwidth=self.profile.bandwidth, latency_s=self.profile.latency_s, stop=self.session)
 
@@ -371,13 +403,8 @@ class VirtualDevice:
                 self.stop.wait(seconds)
                 continue
             if not first:
-                from fedmq.transport.counting import CountingLink
-
                 self.session = threading.Event()
-                self.link = self._new_link()
-                # The agent counts what its link carries (bytes_down of its updates): the new
-                # connection adds to the same counters.
-                self.agent.link = CountingLink(self.link, self.agent.link.traffic)
+                self.renew_link()
             first = False
             self.returned.clear()
             if math.isfinite(seconds):
@@ -396,6 +423,15 @@ class VirtualDevice:
                 self.stop.wait(self._offline_after_drop)
                 self._offline_after_drop = 0.0
 
+    def renew_link(self) -> None:
+        """A new connection for the next session."""
+        from fedmq.transport.counting import CountingLink
+
+        self.link = self._new_link()
+        # The agent counts what its link carries (bytes_down of its updates): the new
+        # connection adds to the same counters.
+        self.agent.link = CountingLink(self.link, self.agent.link.traffic)
+
     def results(self) -> dict[str, Any]:
         return {"device": self.profile.device, "profile": asdict(self.profile), "counters": dict(self.agent.counters),
                 "trainings": self.log.trainings, "sessions": self.log.sessions, "dropouts": self.log.dropouts,
@@ -413,9 +449,18 @@ def worker_main(spec_path: str, index: int) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    timers = _Timers()
     mine = [p for p in device_profiles(spec) if p.index % spec.processes == index]
-    devices = [VirtualDevice(spec, p, timers, stop) for p in mine]
+    stepper = None
+    if spec.network == "shared":
+        from fedmq.transport.netloop import NetworkLoop
+        from fleet.stepper import Stepper
+
+        netloop = NetworkLoop()
+        devices = [VirtualDevice(spec, p, None, stop, netloop) for p in mine]
+        stepper = Stepper(devices, spec.step_threads, TICK_S, stop)
+    else:
+        timers = _Timers()
+        devices = [VirtualDevice(spec, p, timers, stop) for p in mine]
     built = time.monotonic() - _STARTED
     threads = []
     spread = spec.spread_s
@@ -424,6 +469,9 @@ def worker_main(spec_path: str, index: int) -> int:
         delay = start + spread * (n / max(1, len(devices))) - time.monotonic()
         if delay > 0 and stop.wait(delay):
             break
+        if stepper is not None:
+            stepper.start_device(n)
+            continue
         t = threading.Thread(target=dev.run, daemon=True, name=dev.profile.device)
         t.start()
         threads.append(t)
@@ -434,11 +482,14 @@ def worker_main(spec_path: str, index: int) -> int:
             for k, v in d.agent.counters.items():
                 counters[k] = counters.get(k, 0) + v
         return {"worker": index, "devices": len(devices), "connected": sum(d.connected for d in devices),
+                "threads": threading.active_count(),
                 "dropouts": sum(d.log.dropouts for d in devices), "counters": counters,
                 "cpu_s": cpu_seconds(), "build_s": round(built, 3), **memory_kib(), "final": final}
 
     while not stop.wait(spec.stats_interval_s):
         print(json.dumps(stats()), flush=True)
+    if stepper is not None:
+        stepper.close()
     for d in devices:
         d.session.set()
     end = time.monotonic() + 20.0

@@ -331,7 +331,7 @@ class MqttLink:
                                      properties=props)
             except OSError as exc:  # ssl.SSLError included
                 raise _socket_error(s, self.client_id, exc, timeout) from None
-            self._client.loop_start()
+            self._start_network()
             self._started = True
         if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             with self._state:
@@ -344,6 +344,16 @@ class MqttLink:
                                      "certificate also looks like this: check cert_file / key_file)",
                                      "timeout", s.url)
         return self
+
+    def _start_network(self) -> None:
+        """Start driving the connection: paho's own network thread (one per link). A subclass
+        that shares one network loop among many links (fedmq.transport.netloop) hands the
+        client to that loop instead."""
+        self._client.loop_start()
+
+    def _stop_network(self) -> None:
+        """Stop driving the connection (after the DISCONNECT was queued)."""
+        self._client.loop_stop()
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until connected (True) or a refusal / timeout (False)."""
@@ -359,7 +369,7 @@ class MqttLink:
             self._state.notify_all()
         if self._started:
             self._client.disconnect()
-            self._client.loop_stop()
+            self._stop_network()
             self._started = False
 
     def __enter__(self) -> MqttLink:
