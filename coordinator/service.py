@@ -250,7 +250,8 @@ class Coordinator:
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
                 max_update_bytes=self._update_limit, aggregator=cfg.aggregation.rule,
                 min_updates=cfg.round.min_updates, round=round_done, base_version=version,
-                checks=self._update_checks(), lookup=self.db.transfer_outcome)
+                checks=self._update_checks(), lookup=self.db.transfer_outcome,
+                aggregator_options=cfg.aggregation.options())
             while round_done < cfg.rounds and not self.stopping:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:

@@ -65,7 +65,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -235,6 +235,7 @@ class RoundEngine:
         is_known: tells whether a device id was ever seen (the presence registry).
         max_update_bytes: largest client-update blob accepted (bytes).
         aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`).
+        aggregator_options: the rule's options (``[aggregation]``; each rule takes its own).
         min_updates: fewest accepted updates for a round to succeed.
         round, base_version: where a resumed coordinator stands (the last finished round).
         checks: the claim and content checks with their norm history (:class:`UpdateChecks`;
@@ -249,7 +250,8 @@ class RoundEngine:
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, aggregator: str = "weighted-mean", min_updates: int = 1, round: int = 0,
                  base_version: int = 0, checks: UpdateChecks | None = None,
-                 lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
+                 lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None,
+                 aggregator_options: Mapping[str, Any] | None = None) -> None:
         self.federation = federation
         self.spec = spec
         self.kind = kind
@@ -258,7 +260,9 @@ class RoundEngine:
         self.checks = checks if checks is not None else UpdateChecks()
         self.lookup = lookup
         self.aggregator_name = aggregator
-        make_aggregator(aggregator, 0)  # an unknown rule fails at construction, not at the first round
+        self.aggregator_options = dict(aggregator_options or {})
+        # an unknown rule or a bad option fails at construction, not at the first round
+        make_aggregator(aggregator, 0, self.aggregator_options)
         self.min_updates = min_updates
         self.round = round
         self.base_version = base_version
@@ -268,7 +272,7 @@ class RoundEngine:
         self.target = 0
         self.deadline = 0.0
         self.started = 0.0
-        self.aggregate: Aggregator = make_aggregator(aggregator, spec.size)
+        self.aggregate: Aggregator = make_aggregator(aggregator, spec.size, self.aggregator_options)
         self._answers: dict[str, tuple[str, str, str]] = {}   # device -> (transfer, status, reason)
         self._closed_selected: dict[int, frozenset[str]] = {}
         self._closed_answers: dict[int, dict[str, tuple[str, str, str]]] = {}
@@ -307,7 +311,7 @@ class RoundEngine:
         self.selected = frozenset(self.selection)
         self.target, self.deadline, self.started = target, deadline, started
         self._answers = {}
-        self.aggregate = make_aggregator(self.aggregator_name, self.spec.size)
+        self.aggregate = make_aggregator(self.aggregator_name, self.spec.size, self.aggregator_options)
         self._reset_counters()
         self.is_open = True
 
