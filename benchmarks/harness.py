@@ -85,6 +85,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("faults", "benchmarks.faults", "Fault injection: kill -9 and restarts at every step of a round",
           smoke=None, modes=("faults",)),
     Suite("scale", "benchmarks.scale", "Scale: virtual fleets against one mosquitto; sync vs buffered async"),
+    Suite("robust", "benchmarks.robust", "Robust aggregation against Byzantine devices through mosquitto",
+          smoke=None, modes=("full",)),
 )
 
 

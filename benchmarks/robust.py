@@ -3,7 +3,9 @@
 For every cell (aggregation rule x attack x Byzantine fraction) one ``fedmq fleet run -c
 fleet.toml --coordinator coordinator.toml`` runs in its own process against one mosquitto
 on loopback: virtual devices (the real edge agent; the Byzantine ones poison their data
-or their update, fleet/adversary.py) on a Dirichlet(``alpha``) label-skewed split, the
+or their update, fleet/adversary.py) on a Dirichlet(``alpha``) label-skewed split, each
+with its own broker account (password file, the shipped ACL, client id bound to the user
+name; ``--anonymous`` to skip), the
 real coordinator with ``[aggregation] rule``, the shipped defaults both ways (Top-K +
 int8 + error feedback up, the compressed downlink, FedAvgM, the data-set norm bound).
 Reported per cell: the final test accuracy (the coordinator's own evaluation), the
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from broker import credentials as cred
 from broker.launch import start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,17 +47,44 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 
 
+COORDINATOR = "robust-coordinator"
+
+
+def _accounts(work: Path, devices: int, feds: list[str]) -> tuple[str, Path]:
+    """Broker accounts: one per device id (``vd-<index>``, the fleet's ids) and the
+    coordinator's, granted the ``feds`` trees; the devices' rights are the shipped ACL's
+    patterns on their user name. Returns mosquitto's security section and the fleet's
+    ``credentials_dir``."""
+    passwd, acl, creds = work / "auth" / "passwd", work / "auth" / "acl", work / "creds"
+    for name in [f"vd-{i:05d}" for i in range(devices)] + [COORDINATOR]:
+        password = cred.generate_password()
+        cred.set_password(passwd, name, password, hasher="fedmq")
+        (creds / name).mkdir(parents=True)
+        (creds / name / "username").write_text(name + "\n")
+        (creds / name / "password").write_text(password + "\n")
+    cred.write_acl(acl, {COORDINATOR: feds})
+    conf = (f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+            "use_username_as_clientid true\n")
+    return conf, creds
+
+
 def _cell(args: argparse.Namespace, work: Path, broker_url: str, rule: str, attack: str, fraction: float,
-          index: int) -> dict[str, Any]:
+          index: int, creds: Path | None) -> dict[str, Any]:
     fed = f"rb{index}"
     folder = work / fed
     folder.mkdir(parents=True)
     fleet_file, coord_file = folder / "fleet.toml", folder / "coordinator.toml"
-    fleet_file.write_text(tomli_w.dumps({
+    fleet: dict[str, Any] = {
         "broker_url": broker_url, "federation": fed, "task": args.task, "devices": args.devices,
         "processes": args.processes, "data": args.data, "samples_per_device": args.samples, "seed": args.seed,
         "work_dir": str(folder / "fleet"), "partition": "dirichlet", "alpha": args.alpha,
-        "adversary": {"attack": attack, "fraction": fraction, "target": 0}}))
+        "adversary": {"attack": attack, "fraction": fraction, "target": 0}}
+    broker: dict[str, Any] = {"url": broker_url}
+    if creds is not None:
+        fleet["credentials_dir"] = str(creds)
+        broker.update(username_file=str(creds / COORDINATOR / "username"),
+                      password_file=str(creds / COORDINATOR / "password"))
+    fleet_file.write_text(tomli_w.dumps(fleet))
     plan = dict(PLANS.get(args.task, {}))
     if args.density is not None:
         plan["density"] = args.density
@@ -63,7 +93,7 @@ def _cell(args: argparse.Namespace, work: Path, broker_url: str, rule: str, atta
     aggregation: dict[str, Any] = {"rule": rule, "unsent": args.unsent}
     coord_file.write_text(tomli_w.dumps({
         "federation": fed, "task": args.task, "rounds": args.rounds, "seed": args.seed,
-        "state_dir": str(folder / "coordinator"), "broker": {"url": broker_url},
+        "state_dir": str(folder / "coordinator"), "broker": broker,
         "round": {"devices_per_round": args.per_round, "over_selection": 1.0, "deadline_s": args.deadline,
                   "min_devices": args.devices, "wait_for_devices_s": 120.0},
         "plan": plan, "aggregation": aggregation,
@@ -119,11 +149,12 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     cells = [(rule, "none", 0.0) for rule in args.rules if 0.0 in args.fractions]
     cells += [(rule, attack, f) for f in args.fractions if f > 0 for attack in args.attacks for rule in args.rules]
     work = Path(tempfile.mkdtemp(prefix="fedmq-robust-"))
-    broker = start_mosquitto(work / "broker", extra_conf="max_connections -1")
+    conf, creds = (None, None) if args.anonymous else _accounts(work, args.devices, [f"rb{i}" for i in range(len(cells))])
+    broker = start_mosquitto(work / "broker", extra_conf="max_connections -1", conf_text=conf)
     rows = []
     try:
         for i, (rule, attack, f) in enumerate(cells):
-            row = _cell(args, work, broker.url, rule, attack, f, i)
+            row = _cell(args, work, broker.url, rule, attack, f, i, creds)
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -174,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unsent", default="abstain", help="[aggregation] unsent for median / trimmed mean")
     p.add_argument("--density", type=float, default=None, help="[plan] density (default: the shipped one)")
     p.add_argument("--dense-below", type=int, default=None, help="[plan] dense_below (default: the shipped one)")
+    p.add_argument("--anonymous", action="store_true", help="no broker accounts (anonymous mosquitto)")
     p.add_argument("--cell-timeout", type=float, default=1800.0, help="seconds one cell may take")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     return p
