@@ -107,29 +107,31 @@ def poison_data(adversary: Adversary, x: np.ndarray, y: np.ndarray, classes: int
     return x, y
 
 
-class _Board:
-    """The colluders' shared honest updates (one per worker process)."""
+class Colluders:
+    """The honest updates the ``little-is-enough`` devices of one process share (the last
+    :data:`BOARD`); devices train on their own threads, hence the lock."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.updates: deque[np.ndarray] = deque(maxlen=BOARD)
 
 
-_BOARD = _Board()
+#: The colluders of this worker process.
+COLLUDERS = Colluders()
 
 
-def poison_update(adversary: Adversary, update: np.ndarray) -> None:
+def poison_update(adversary: Adversary, update: np.ndarray, colluders: Colluders = COLLUDERS) -> None:
     """Rewrite a Byzantine device's client update in place (float32 ``(d,)``) for the
-    update attacks (``sign-flip``, ``scale``, ``little-is-enough``); the data attacks
-    leave it as trained."""
+    update attacks (``sign-flip``, ``scale``, ``little-is-enough`` with ``colluders``);
+    the data attacks leave it as trained."""
     if adversary.attack == "sign-flip":
         update *= -1.0
     elif adversary.attack == "scale":
         update *= adversary.scale
     elif adversary.attack == "little-is-enough":
-        with _BOARD.lock:
-            _BOARD.updates.append(update.copy())
-            board = np.stack(_BOARD.updates) if len(_BOARD.updates) > 1 else None
+        with colluders.lock:
+            colluders.updates.append(update.copy())
+            board = np.stack(colluders.updates) if len(colluders.updates) > 1 else None
         if board is not None:
             update[:] = board.mean(axis=0) - adversary.z * board.std(axis=0)
 

@@ -56,6 +56,7 @@ import math
 
 import numpy as np
 
+from fedmq.codecs import SparseUpdate
 from fedmq.errors import ConfigError
 from fedmq.fl.aggregation import register_aggregator
 
@@ -69,11 +70,11 @@ class _KeptUpdates:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.updates: list = []
+        self.updates: list[SparseUpdate] = []
         self.weights: list[float] = []
         self.count = 0
 
-    def add(self, update, weight: float) -> None:
+    def add(self, update: SparseUpdate, weight: float) -> None:
         """Keep ``update`` (a decoded, validated :class:`fedmq.codecs.SparseUpdate`).
 
         Raises:
@@ -200,7 +201,7 @@ def _tolerated(n: int, byzantine: float) -> int:
     return max(0, min(math.floor(byzantine * n + 1e-9), (n - 3) // 2))
 
 
-def _squared_distances(updates: list, size: int) -> np.ndarray:
+def _squared_distances(updates: list[SparseUpdate], size: int) -> np.ndarray:
     """``(n, n)`` float64 squared Euclidean distances between updates read as vectors with
     unsent coordinates zero, from their inner products (one model-sized scratch vector)."""
     n = len(updates)
@@ -323,8 +324,7 @@ class CenteredClipping(_KeptUpdates):
             # mean_i s_i (x_i - v) = (1/n) sum_i s_i x_i - v mean(s): v stays the only dense term.
             step = np.zeros(self.size, dtype=np.float64)
             for u, s in zip(self.updates, scale):
-                if s > 0:
-                    u.add_into(step, float(s) / n)
+                u.add_into(step, float(s) / n)
             v = v * (1.0 - float(scale.mean())) + step
         return v.astype(np.float32)
 

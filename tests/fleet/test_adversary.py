@@ -12,7 +12,7 @@ from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from fedmq.data import load_npz
 from fedmq.errors import ConfigError
-from fleet.adversary import Adversary, add_trigger, attack_success_rate, poison_data, poison_update
+from fleet.adversary import Adversary, Colluders, add_trigger, attack_success_rate, poison_data, poison_update
 from fleet.fleet import Fleet, FleetSpec, Heterogeneity, load_fleet_spec, prepare
 
 
@@ -76,9 +76,10 @@ def test_update_attacks_rewrite_the_update_in_place() -> None:
     poison_update(Adversary(attack="label-flip"), u)
     assert u.tolist() == [-3.0, 6.0]
     first, second = np.array([1.0, 0.0], np.float32), np.array([3.0, 2.0], np.float32)
-    alie = Adversary(attack="little-is-enough", z=1.0)
-    poison_update(alie, first)
-    poison_update(alie, second)
+    alie, colluders = Adversary(attack="little-is-enough", z=1.0), Colluders()
+    poison_update(alie, first, colluders)
+    assert first.tolist() == [1.0, 0.0]  # alone on the board: nothing to hide behind
+    poison_update(alie, second, colluders)
     # the second colluder sees both honest updates: mean - std per coordinate
     np.testing.assert_allclose(second, [2.0 - 1.0, 1.0 - 1.0])
 
