@@ -183,15 +183,15 @@ class TrimmedMean(_Coordinatewise):
         coords, start, sent, zeros, neg, val = self._groups()
         n = sent + zeros
         cut = np.floor(self.trim * n + 1e-9).astype(np.int64)
-        # Sum of the first r values in rank order = the first min(r, neg) sent values plus
-        # the sent non-negative ones past the zeros: a prefix sum over the sorted entries.
-        prefix = np.concatenate([[0.0], np.cumsum(val)])
-
-        def ranked_sum(r: np.ndarray) -> np.ndarray:
-            k = np.minimum(r, neg) + np.maximum(0, r - neg - zeros)
-            return prefix[start + k] - prefix[start]
-
-        out[coords] = (ranked_sum(n - cut) - ranked_sum(cut)) / (n - 2 * cut)
+        # Each sent value's rank among its coordinate's values: its place among the sent
+        # ones, moved past the zeros if it is not negative. Only the kept values are summed
+        # (never a difference of running sums, which an attacker's 1e30 would swamp).
+        group = np.repeat(np.arange(len(coords)), sent)
+        local = np.arange(len(val)) - start[group]
+        rank = np.where(local < neg[group], local, local + zeros[group])
+        kept = (rank >= cut[group]) & (rank < (n - cut)[group])
+        total = np.bincount(group, weights=np.where(kept, val, 0.0), minlength=len(coords))
+        out[coords] = total / (n - 2 * cut)
         return out
 
 

@@ -194,3 +194,34 @@ def test_options_reach_the_rule_and_bad_ones_are_refused():
     with pytest.raises(ValueError):
         CoordinateMedian(4).add(dense([[1, 2, 3, 4]])[0], float("nan"))
 
+
+
+def test_the_round_engine_runs_a_robust_rule_with_its_options_round_after_round():
+    from fedmq.codecs import CodecConfig, encode
+    from fedmq.envelope import ClientUpdate, encode_update
+    from fedmq.fl.rounds import Accepted, RoundEngine
+    from fedmq.params import ParamSpec
+
+    spec = ParamSpec(("w",), ((6,),), ("float32",))
+    cfg = CodecConfig(name="none")
+
+    def update(device, round_, values):
+        return encode_update(ClientUpdate(federation="f", device=device, round=round_, base_version=round_ - 1,
+                                          samples=10, kind="delta", spec_hash=spec.hash, codec="none",
+                                          payload=encode(np.asarray(values, np.float32), spec, cfg), metrics={}))
+
+    with pytest.raises(ConfigError):
+        RoundEngine("f", spec, kind="delta", is_known=lambda d: True, max_update_bytes=1 << 16,
+                    aggregator="trimmed-mean", aggregator_options={"trim": 0.7})
+    engine = RoundEngine("f", spec, kind="delta", is_known=lambda d: True, max_update_bytes=1 << 16,
+                         aggregator="trimmed-mean", aggregator_options={"trim": 0.25, "byzantine": 0.1})
+    devices = ["a", "b", "c", "d"]
+    for round_ in (1, 2):
+        engine.open(round_, round_ - 1, devices, 4, deadline=100.0, started=0.0)
+        rows = [[1] * 6, [2] * 6, [3] * 6, [1000] * 6]
+        for d, row in zip(devices, rows):
+            assert isinstance(engine.offer(d, f"t{d}{round_}", update(d, round_, row)), Accepted)
+        closed = engine.close(10.0)
+        # 4 values, one cut at each end: the mean of 2 and 3, not the 1000
+        np.testing.assert_allclose(closed.model_delta, [2.5] * 6)
+        assert isinstance(engine.aggregate, TrimmedMean) and engine.aggregate.trim == 0.25
