@@ -225,3 +225,13 @@ def test_the_round_engine_runs_a_robust_rule_with_its_options_round_after_round(
         # 4 values, one cut at each end: the mean of 2 and 3, not the 1000
         np.testing.assert_allclose(closed.model_delta, [2.5] * 6)
         assert isinstance(engine.aggregate, TrimmedMean) and engine.aggregate.trim == 0.25
+
+
+def test_the_buffered_engine_builds_each_buffer_with_the_rule_and_its_options():
+    from fedmq.fl.buffered import BufferedEngine
+    from fedmq.params import ParamSpec
+
+    spec = ParamSpec(("w",), ((6,),), ("float32",))
+    engine = BufferedEngine("f", spec, kind="delta", is_known=lambda d: True, max_update_bytes=1 << 16,
+                            buffer_size=3, aggregator="median", aggregator_options={"unsent": "zero", "trim": 0.1})
+    assert isinstance(engine.aggregate, CoordinateMedian) and engine.aggregate.unsent == "zero"
