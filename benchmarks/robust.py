@@ -160,16 +160,20 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         broker.kill()
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "quick")}
-    return {"setup": setup, "rows": rows, "table": table(rows)}
+    columns, body = grid(rows)
+    title = (f"Final test accuracy % (backdoor: / attack success %), {args.task}, {args.devices} devices, "
+             f"{args.per_round} a round, {args.rounds} rounds, Dirichlet({args.alpha})")
+    return {"setup": setup, "rows": rows, "table": table(rows),
+            "tables": [{"title": title, "columns": columns, "rows": body}]}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (attack, fraction), one column per rule; accuracy, and the
-    attack success rate after a slash for the backdoor."""
+def grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """``(columns, rows)``: one row per (attack, fraction), one column per rule; accuracy in
+    %, and the attack success rate in % after a slash for the backdoor."""
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     keys = list(dict.fromkeys((r["attack"], r["fraction"]) for r in rows))
     by = {(r["rule"], r["attack"], r["fraction"]): r for r in rows}
-    lines = ["| attack | Byzantine | " + " | ".join(rules) + " |", "| --- | --- |" + " --- |" * len(rules)]
+    out = []
     for attack, f in keys:
         cells = []
         for rule in rules:
@@ -181,8 +185,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             if "attack_success" in r:
                 text += f" / {100 * r['attack_success']:.0f}"
             cells.append(text)
-        lines.append(f"| {attack} | {100 * f:.0f}% | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        out.append([attack, f"{100 * f:.0f}%", *cells])
+    return ["attack", "Byzantine", *rules], out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """:func:`grid` as Markdown."""
+    columns, body = grid(rows)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def parser() -> argparse.ArgumentParser:
