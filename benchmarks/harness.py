@@ -87,6 +87,8 @@ SUITES: tuple[Suite, ...] = (
     Suite("scale", "benchmarks.scale", "Scale: virtual fleets against one mosquitto; sync vs buffered async"),
     Suite("privacy", "benchmarks.privacy", "Privacy: accuracy against epsilon through mosquitto (`fedmq fleet`)",
           smoke=None),
+    Suite("robust", "benchmarks.robust", "Robust aggregation against Byzantine devices through mosquitto",
+          smoke=None, modes=("full",)),
 )
 
 

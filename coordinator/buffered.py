@@ -113,7 +113,8 @@ class BufferedCoordinator(Coordinator):
                 max_update_bytes=self._update_limit, buffer_size=cfg.async_.buffer_size,
                 staleness=cfg.async_.staleness(), checks=self._update_checks(), aggregator=cfg.aggregation.rule,
                 step=step, version=version, started=time.time(), max_steps=cfg.rounds,
-                task_round_of=lambda d: self.busy[d][0] if d in self.busy else None)
+                task_round_of=lambda d: self.busy[d][0] if d in self.busy else None,
+                aggregator_options=cfg.aggregation.options())
             self._vector, self._records, self._notify = vector, records, notify
             self._restore_answers(engine, step)
             self._replay_journal(engine, step)

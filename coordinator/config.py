@@ -152,6 +152,18 @@ class AggregationConfig(_Section):
     """How accepted client updates are combined (the :class:`fedmq.fl.aggregation.Aggregator` seam)."""
 
     rule: str = "weighted-mean"
+    #: Robust rules (fedmq.fl.robust, docs/robust.md); each rule takes the options it has.
+    #: What an unsent coordinate counts as for ``median`` and ``trimmed-mean``.
+    unsent: Literal["abstain", "zero"] = "abstain"
+    #: ``trimmed-mean``: fraction of values cut at each end of every coordinate.
+    trim: float = Field(0.2, ge=0, lt=0.5)
+    #: ``krum`` / ``multi-krum``: fraction of a round's updates assumed Byzantine.
+    byzantine: float = Field(0.2, ge=0, lt=0.5)
+    #: ``multi-krum``: updates averaged (0: the round's updates minus the tolerated Byzantine).
+    select: int = Field(0, ge=0)
+    #: ``centered-clipping``: clip radius tau (L2, update units; 0: median distance) and iterations.
+    clip_radius: float = Field(0.0, ge=0)
+    clip_iterations: int = Field(3, ge=1)
 
     @field_validator("rule")
     @classmethod
@@ -159,6 +171,10 @@ class AggregationConfig(_Section):
         if value not in aggregator_names():
             raise ValueError(f"unknown aggregation rule {value!r}, expected one of {aggregator_names()}")
         return value
+
+    def options(self) -> dict[str, Any]:
+        """The options offered to the rule (:func:`fedmq.fl.aggregation.make_aggregator`)."""
+        return self.model_dump(exclude={"rule"})
 
 
 class PrivacyConfig(_Section):

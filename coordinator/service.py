@@ -266,7 +266,8 @@ class Coordinator:
                 max_update_bytes=self._update_limit,
                 aggregator=cfg.aggregation.rule if self.privacy is None else self.privacy.aggregator,
                 min_updates=cfg.round.min_updates, round=round_done, base_version=version,
-                checks=self._update_checks(), lookup=self.db.transfer_outcome)
+                checks=self._update_checks(), lookup=self.db.transfer_outcome,
+                aggregator_options=cfg.aggregation.options())
             while round_done < cfg.rounds and not self.stopping:
                 rec = self._run_round(round_done + 1, version, vector, engine, notify)
                 if rec is None:

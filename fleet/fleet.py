@@ -23,7 +23,11 @@ so a fleet is the same fleet on every run):
   part way through (its last will is published, :meth:`fleet.netsim.ShapedLink.vanish`);
   it comes back after an offline period of mean ``rejoin_s`` seconds, from its state folder;
 * uplink: ``bandwidth`` bytes/s (median; log-normal with ``bandwidth_sigma``) and
-  ``latency_s`` per message (:class:`fleet.netsim.ShapedLink`).
+  ``latency_s`` per message (:class:`fleet.netsim.ShapedLink`);
+* data: ``samples_per_device`` samples each, IID or label-skewed (``partition =
+  "dirichlet"``: class shares drawn from Dirichlet(``alpha``) per device);
+* Byzantine devices (``[adversary]``, :mod:`fleet.adversary`): a seeded fraction poisons
+  its data or its client updates; each is still the real agent with its own connection.
 
 Workers print one JSON line of statistics every ``stats_interval_s`` seconds (devices
 connected, counters, RSS and PSS of the process) and write ``worker-<index>.json`` (every
@@ -46,10 +50,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fleet.adversary import Adversary, byzantine_indices, poison_data, poison_update
 
 from fedmq.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
@@ -96,7 +102,10 @@ class FleetSpec(BaseModel):
         devices: number of virtual devices (>= 1); processes: worker processes (>= 1).
         data: ``digits`` or ``mnist10k`` (the train split; ``mnist10k`` needs the shared data).
         samples_per_device: local samples per device, drawn without replacement from the
-            train split (IID; a device's draw depends on the seed and its index).
+            train split (a device's draw depends on the seed and its index).
+        partition: ``iid`` (uniform draw) or ``dirichlet`` (label skew: the device's class
+            shares ~ Dirichlet(``alpha``), Hsu et al. 2019, then its samples per class drawn
+            from that class).
         seed: seed of every draw. prefix: device ids are ``<prefix>-<index>``.
         work_dir: folder of the devices' data and state, worker logs and results.
         connect_spread_s: devices start spread uniformly over this many seconds (None:
@@ -112,6 +121,7 @@ class FleetSpec(BaseModel):
             loop per worker process and event-driven agent steps on ``step_threads``
             threads; ten thousand devices; no availability periods or dropout).
         step_threads: pool threads per worker process that step agents (``shared``).
+        adversary: :class:`fleet.adversary.Adversary` (``[adversary]``: Byzantine devices).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -123,6 +133,8 @@ class FleetSpec(BaseModel):
     processes: int = Field(4, ge=1, le=256)
     data: str = "digits"
     samples_per_device: int = Field(32, ge=2)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)
     seed: int = 0
     prefix: str = "vd"
     work_dir: Path
@@ -141,6 +153,7 @@ class FleetSpec(BaseModel):
             raise ValueError("network = 'shared' runs always-online devices: set heterogeneity.online_fraction = 1 "
                              "and dropout = 0, or use network = 'threads'")
         return self
+    adversary: Adversary = Adversary()
 
     def device_id(self, index: int) -> str:
         return f"{self.prefix}-{index:05d}"
@@ -149,10 +162,15 @@ class FleetSpec(BaseModel):
     def spread_s(self) -> float:
         return self.devices / 100.0 if self.connect_spread_s is None else self.connect_spread_s
 
+    @property
+    def byzantine(self) -> frozenset[int]:
+        """Indices of the Byzantine devices (:func:`fleet.adversary.byzantine_indices`)."""
+        return byzantine_indices(self.adversary, self.devices, self.seed)
+
 
 def load_fleet_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> FleetSpec:
-    """Read a fleet TOML file (the :class:`FleetSpec` fields, ``[heterogeneity]`` and
-    ``[edge]`` tables) and apply ``overrides``.
+    """Read a fleet TOML file (the :class:`FleetSpec` fields, ``[heterogeneity]``,
+    ``[adversary]`` and ``[edge]`` tables) and apply ``overrides``.
 
     Raises:
         ConfigError: unreadable file or invalid option (names the file and option).
@@ -238,12 +256,24 @@ def prepare(spec: FleetSpec) -> Path:
         raise ConfigError(f"samples_per_device {spec.samples_per_device} exceeds the {len(y_tr)} training samples "
                           f"of {spec.data}")
     work = spec.work_dir
+    classes = int(y_tr.max()) + 1
+    by_class = [np.flatnonzero(y_tr == c) for c in range(classes)]
+    byzantine = spec.byzantine
     for i in range(spec.devices):
         folder = work / "devices" / spec.device_id(i)
         if (folder / "data.npz").is_file():
             continue
-        idx = np.random.default_rng([int(spec.seed), 4, i]).choice(len(y_tr), spec.samples_per_device, replace=False)
-        save_npz_atomic(folder / "data.npz", x_tr[idx], y_tr[idx])
+        rng = np.random.default_rng([int(spec.seed), 4, i])
+        if spec.partition == "dirichlet":
+            counts = rng.multinomial(spec.samples_per_device, rng.dirichlet(np.full(classes, spec.alpha)))
+            idx = np.concatenate([rng.choice(by_class[c], n, replace=n > len(by_class[c]))
+                                  for c, n in enumerate(counts)])
+        else:
+            idx = rng.choice(len(y_tr), spec.samples_per_device, replace=False)
+        x, y = x_tr[idx], y_tr[idx]
+        if i in byzantine:
+            x, y = poison_data(spec.adversary, x, y, classes, rng)
+        save_npz_atomic(folder / "data.npz", x, y)
     save_npz_atomic(work / "test.npz", x_te, y_te)
     path = work / "fleet.json"
     atomic_write_text(path, spec.model_dump_json(indent=1))
@@ -345,6 +375,7 @@ class VirtualDevice:
         self.link = self._new_link()
         self.agent = EdgeAgent(self.cfg, link=self.link, environ={})  # type: ignore[arg-type]
         self.agent.pace = self._pace
+        self.byzantine = profile.index in spec.byzantine
         self.log = _DeviceLog()
         self._drops = dropout_draws(spec, profile.index)
         self._offline_after_drop = 0.0
@@ -385,6 +416,8 @@ class VirtualDevice:
             # the agent's loop has ended.
             self.returned.wait()
             return
+        if self.byzantine:
+            poison_update(self.spec.adversary, result.update)
         spent = max(seconds, result.seconds)
         self.log.trainings.append((task.round, spent, False))
         # Reported with the update (envelope metrics), so the coordinator's records say how
@@ -433,7 +466,8 @@ class VirtualDevice:
         self.agent.link = CountingLink(self.link, self.agent.link.traffic)
 
     def results(self) -> dict[str, Any]:
-        return {"device": self.profile.device, "profile": asdict(self.profile), "counters": dict(self.agent.counters),
+        return {"device": self.profile.device, "profile": asdict(self.profile), "byzantine": self.byzantine,
+                "counters": dict(self.agent.counters),
                 "trainings": self.log.trainings, "sessions": self.log.sessions, "dropouts": self.log.dropouts,
                 "connect_failures": self.log.connect_failures, "bytes_sent": self.link.bytes_sent}
 

@@ -18,8 +18,9 @@ result independent of arrival order to far below float32 resolution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,11 +54,12 @@ class Aggregator(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[[int], Aggregator]] = {}
+_REGISTRY: dict[str, Callable[..., Aggregator]] = {}
 
 
-def register_aggregator(name: str, factory: Callable[[int], Aggregator]) -> None:
-    """Make ``factory(size) -> Aggregator`` available as the rule ``name``.
+def register_aggregator(name: str, factory: Callable[..., Aggregator]) -> None:
+    """Make ``factory(size, **options) -> Aggregator`` available as the rule ``name``
+    (its keyword parameters are the rule's options, see :func:`make_aggregator`).
 
     Raises:
         ConfigError: another factory is registered under ``name``.
@@ -73,17 +75,24 @@ def aggregator_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def make_aggregator(name: str, size: int) -> Aggregator:
+def make_aggregator(name: str, size: int, options: Mapping[str, Any] | None = None) -> Aggregator:
     """A fresh aggregator of rule ``name`` for a model of ``size`` parameters.
 
+    Args:
+        options: settings offered to the rule (``[aggregation]`` of the coordinator's
+            configuration); the rule takes those its factory has a keyword parameter for
+            and ignores the others, so one configuration serves every rule.
+
     Raises:
-        ConfigError: unknown rule (the message lists the registered ones).
+        ConfigError: unknown rule (the message lists the registered ones), or an option the
+            rule refuses.
     """
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown aggregation rule {name!r}, expected one of {aggregator_names()}") from None
-    return factory(size)
+    accepted = inspect.signature(factory).parameters
+    return factory(size, **{k: v for k, v in (options or {}).items() if k in accepted and k != "size"})
 
 
 class WeightedMean:
@@ -147,3 +156,7 @@ def model_delta(mean_update: np.ndarray, kind: str) -> np.ndarray:
     if kind == "gradient":
         return -mean_update
     raise ValueError(f"update kind must be one of {UPDATE_KINDS}, got {kind!r}")
+
+
+# The robust rules register themselves; imported last because they build on this module.
+from fedmq.fl import robust as _robust  # noqa: E402,F401

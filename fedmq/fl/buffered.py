@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,7 @@ class BufferedEngine:
             (:class:`fedmq.fl.rounds.UpdateChecks`, as the synchronous engine's; default: no
             sample cap beyond 2**31 - 1, no norm bound).
         aggregator: aggregation rule of the buffer (:func:`fedmq.fl.aggregation.make_aggregator`).
+        aggregator_options: the rule's options (``[aggregation]``; each rule takes its own).
         step: server steps done so far (a resumed coordinator's last step).
         version: the global model version now.
         started: when the first buffer started filling (seconds since the epoch; recorded).
@@ -139,7 +141,8 @@ class BufferedEngine:
                  max_update_bytes: int, buffer_size: int, staleness: StalenessPolicy = StalenessPolicy(),
                  checks: UpdateChecks | None = None, aggregator: str = "weighted-mean", step: int = 0,
                  version: int = 0, started: float = 0.0, max_steps: int | None = None,
-                 task_round_of: Callable[[str], int | None] = lambda d: None) -> None:
+                 task_round_of: Callable[[str], int | None] = lambda d: None,
+                 aggregator_options: Mapping[str, Any] | None = None) -> None:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         self.federation = federation
@@ -152,6 +155,7 @@ class BufferedEngine:
         self.checks = checks if checks is not None else UpdateChecks()
         self.task_round_of = task_round_of
         self.aggregator_name = aggregator
+        self.aggregator_options = dict(aggregator_options or {})
         self.step = step
         self.version = version
         self.max_steps = max_steps
@@ -160,7 +164,7 @@ class BufferedEngine:
         self._start_buffer(started)
 
     def _start_buffer(self, started: float) -> None:
-        self.aggregate: Aggregator = make_aggregator(self.aggregator_name, self.spec.size)
+        self.aggregate: Aggregator = make_aggregator(self.aggregator_name, self.spec.size, self.aggregator_options)
         self.buffer: list[Buffered] = []
         self.samples = 0
         self.discounted = 0.0

@@ -75,7 +75,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -254,6 +254,8 @@ class RoundEngine:
         aggregator: aggregation rule (:func:`fedmq.fl.aggregation.make_aggregator`), or a
             factory ``size -> Aggregator`` called at every :meth:`open` (the coordinator's
             noisy sum under differential privacy, :mod:`fedmq.privacy.aggregation`).
+        aggregator_options: the rule's options (``[aggregation]``; each rule takes its own), for a
+            rule given by name.
         min_updates: fewest accepted updates for a round to succeed.
         round, base_version: where a resumed coordinator stands (the last finished round).
         checks: the claim and content checks with their norm history (:class:`UpdateChecks`;
@@ -268,7 +270,8 @@ class RoundEngine:
     def __init__(self, federation: str, spec: ParamSpec, *, kind: str, is_known: Callable[[str], bool],
                  max_update_bytes: int, aggregator: str | Callable[[int], Aggregator] = "weighted-mean",
                  min_updates: int = 1, round: int = 0, base_version: int = 0, checks: UpdateChecks | None = None,
-                 lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None) -> None:
+                 lookup: Callable[[str, str], tuple[str, str, int] | None] = lambda d, t: None,
+                 aggregator_options: Mapping[str, Any] | None = None) -> None:
         self.federation = federation
         self.spec = spec
         self.kind = kind
@@ -276,9 +279,12 @@ class RoundEngine:
         self.max_update_bytes = max_update_bytes
         self.checks = checks if checks is not None else UpdateChecks()
         self.lookup = lookup
+        self.aggregator_options = dict(aggregator_options or {})
         self._make_aggregator: Callable[[int], Aggregator] = (
-            (lambda size: make_aggregator(aggregator, size)) if isinstance(aggregator, str) else aggregator)
-        self._make_aggregator(0)  # an unknown rule fails at construction, not at the first round
+            (lambda size: make_aggregator(aggregator, size, self.aggregator_options))
+            if isinstance(aggregator, str) else aggregator)
+        # an unknown rule or a bad option fails at construction, not at the first round
+        self._make_aggregator(0)
         self.min_updates = min_updates
         self.round = round
         self.base_version = base_version
