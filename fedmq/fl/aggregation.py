@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fedmq.errors import ConfigError
+from fedmq.fl import robust
 from fedmq.messages import UPDATE_KINDS
 
 
@@ -136,6 +137,8 @@ class WeightedMean:
 
 
 register_aggregator("weighted-mean", WeightedMean)
+for _name, _factory in robust.RULES.items():
+    register_aggregator(_name, _factory)
 
 
 def model_delta(mean_update: np.ndarray, kind: str) -> np.ndarray:
@@ -157,6 +160,3 @@ def model_delta(mean_update: np.ndarray, kind: str) -> np.ndarray:
         return -mean_update
     raise ValueError(f"update kind must be one of {UPDATE_KINDS}, got {kind!r}")
 
-
-# The robust rules register themselves; imported last because they build on this module.
-from fedmq.fl import robust as _robust  # noqa: E402,F401

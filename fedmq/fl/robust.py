@@ -58,7 +58,6 @@ import numpy as np
 
 from fedmq.codecs import SparseUpdate
 from fedmq.errors import ConfigError
-from fedmq.fl.aggregation import register_aggregator
 
 #: ``unsent`` choices of the coordinate-wise rules (module docstring).
 UNSENT_MODES = ("abstain", "zero")
@@ -329,8 +328,7 @@ class CenteredClipping(_KeptUpdates):
         return v.astype(np.float32)
 
 
-register_aggregator("median", CoordinateMedian)
-register_aggregator("trimmed-mean", TrimmedMean)
-register_aggregator("krum", Krum)
-register_aggregator("multi-krum", MultiKrum)
-register_aggregator("centered-clipping", CenteredClipping)
+#: The rules of this module by their ``[aggregation] rule`` names (registered by
+#: :mod:`fedmq.fl.aggregation`, which imports this module: the import runs one way).
+RULES = {"median": CoordinateMedian, "trimmed-mean": TrimmedMean, "krum": Krum, "multi-krum": MultiKrum,
+         "centered-clipping": CenteredClipping}
