@@ -38,6 +38,7 @@ from fleet.fleet import Fleet, FleetSpec
 
 FED = "sites"
 SITES = ("a", "b")
+_NAMES = "abcdefghijklmnopqrstuvwxyz"
 _TLS_LINES = ("bridge_cafile", "bridge_certfile", "bridge_keyfile")
 _WAIT_S = 120.0
 
@@ -159,26 +160,27 @@ def bridge_section(site: str, devices: list[str], central_port: int, *, routed: 
 
 
 def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2, rounds: int = 2,
-              seed: int = 1) -> tuple[dict[str, SiteRecord], list[Any]]:
+              seed: int = 1, sites: tuple[str, ...] = SITES) -> tuple[dict[str, SiteRecord], list[Any]]:
     """One federation across two bridged sites; returns each site's record (and the
     central broker's, key ``central``: what the coordinator's side carried) and the
     coordinator's round records.
 
     Args:
         routed: the sites whose bridge is routed; the others forward everything.
+        sites: site names (each a fedmq id); devices of site S are ``sS-00000``, ...
 
     Raises:
         RuntimeError: the fleets did not connect within 120 s.
         BrokerLaunchError: a mosquitto did not start.
     """
-    n = devices_per_site * len(SITES)
+    n = devices_per_site * len(sites)
     central = start_mosquitto(work / "central")
     records = {"central": SiteRecord([])}
     started: list[MosquittoProcess | LinkMeter | _Watcher] = [central, _Watcher(central.port, records["central"])]
     fleets: list[Fleet] = []
     try:
         site_ports = {}
-        for site in SITES:
+        for site in sites:
             spec_devices = [f"s{site}-{i:05d}" for i in range(devices_per_site)]
             meter = LinkMeter(central.port)
             started.append(meter)
@@ -188,7 +190,7 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
             records[site] = SiteRecord(spec_devices)
             started.append(_Watcher(broker.port, records[site]))
             site_ports[site] = (broker.port, meter)
-        for index, site in enumerate(SITES):
+        for index, site in enumerate(sites):
             spec = FleetSpec(broker_url=f"mqtt://{LOOPBACK}:{site_ports[site][0]}", federation=FED,
                              devices=devices_per_site, processes=1, seed=seed + index, prefix=f"s{site}",
                              work_dir=work / f"fleet-{site}")
@@ -213,23 +215,23 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
                 item.kill()
             else:
                 item.close()
-    for site in SITES:
+    for site in sites:
         records[site].up = site_ports[site][1].up
         records[site].down = site_ports[site][1].down
     return records, list(result.records)
 
 
-def _table(runs: dict[str, dict[str, SiteRecord]]) -> str:
+def _table(runs: dict[str, dict[str, SiteRecord]], sites: tuple[str, ...]) -> str:
     rows = ["| bridge | site | bytes up (site -> central) | bytes down (central -> site) | tasks+receipts "
-            "carried (own / other sites') | bytes of model topics down |",
-            "| --- | --- | ---: | ---: | ---: | ---: |"]
+            "carried (own / other sites') | task+receipt+xfer bytes | model bytes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for mode, records in runs.items():
-        for site in SITES:
+        for site in sites:
             rec = records[site]
             own = sum(c for (_, d), c in rec.per_device.items() if d in rec.devices)
             other = sum(c for (_, d), c in rec.per_device.items() if d not in rec.devices)
             rows.append(f"| {mode} | {site} | {rec.up:,} | {rec.down:,} | {own} / {other} | "
-                        f"{rec.bytes_by_kind['model']:,} |")
+                        f"{sum(rec.bytes_by_kind[k] for k in PER_DEVICE_DOWN):,} | {rec.bytes_by_kind['model']:,} |")
     return "\n".join(rows)
 
 
@@ -237,17 +239,19 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bridge", description=__doc__.split("\n\n")[0])
     p.add_argument("--devices-per-site", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sites", type=int, default=2, help="number of site brokers (2-26)")
     args = p.parse_args()
+    sites = tuple(_NAMES[:max(2, min(args.sites, len(_NAMES)))])
     runs = {}
     for mode in ("routed", "forward-everything"):
         with TemporaryDirectory(prefix="fedmq-bridge-") as tmp:
-            records, rounds = run_sites(Path(tmp), routed=SITES if mode == "routed" else (),
+            records, rounds = run_sites(Path(tmp), routed=sites if mode == "routed" else (), sites=sites,
                                         devices_per_site=args.devices_per_site,
                                         rounds=args.rounds)
         print(f"{mode}: rounds {[(r.state, r.accepted) for r in rounds]}", flush=True)
         runs[mode] = records
-    print(_table(runs))
-    for site in SITES:
+    print(_table(runs, sites))
+    for site in sites:
         r, f = runs["routed"][site], runs["forward-everything"][site]
         print(f"site {site}: down routed/forward-everything {r.down / f.down:.3f}, "
               f"up {r.up / f.up:.3f}, link total {(r.up + r.down) / (f.up + f.down):.3f}")

@@ -120,11 +120,10 @@ def render_site_bridge(site: str, devices: Sequence[str], *, federation: str | N
     return "\n".join(lines) + "\n"
 
 
-def render_central_acl(site: str, devices: Sequence[str], *, federation: str | None = None) -> str:
-    """The bridge account's ACL block on the central broker, narrowed to the site's devices:
-    read the shared topics and the per-device topics of :func:`down_topics`, write each
-    device's status and client updates. Append it to the central's ACL file (after
-    broker/acl's patterns).
+def central_acl_rules(site: str, devices: Sequence[str], *, federation: str | None = None) -> list[str]:
+    """The rules of the bridge account's ``user`` block on the central broker, narrowed to
+    the site's devices: write each device's status and client updates, read the shared
+    topics and the per-device topics of :func:`down_topics`.
 
     Raises:
         ConfigError: as :func:`render_site_bridge`.
@@ -132,9 +131,17 @@ def render_central_acl(site: str, devices: Sequence[str], *, federation: str | N
     check_id(site, "site name")
     devices = check_devices(devices)
     fed = _fed(federation)
-    lines = [f"# Bridge of site {site} ({len(devices)} devices): written by 'fedmq broker bridge-config'.",
-             f"user bridge-{site}"]
-    for device in devices:
-        lines += [f"topic write {ROOT}/{fed}/{kind}/{device}{tail}" for kind, tail in PER_DEVICE_UP]
-    lines += [f"topic read {t}" for t in down_topics(devices, federation)]
-    return "\n".join(lines) + "\n"
+    rules = [f"topic write {ROOT}/{fed}/{kind}/{device}{tail}" for device in devices for kind, tail in PER_DEVICE_UP]
+    return rules + [f"topic read {t}" for t in down_topics(devices, federation)]
+
+
+def render_central_acl(site: str, devices: Sequence[str], *, federation: str | None = None) -> str:
+    """The bridge account's ``user bridge-SITE`` block (:func:`central_acl_rules`), to append
+    to the central's ACL file after broker/acl's patterns.
+
+    Raises:
+        ConfigError: as :func:`render_site_bridge`.
+    """
+    rules = central_acl_rules(site, devices, federation=federation)
+    return "\n".join([f"# Bridge of site {site} ({len(check_devices(devices))} devices): written by "
+                      "'fedmq broker bridge-config'.", f"user bridge-{site}", *rules]) + "\n"

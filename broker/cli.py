@@ -30,7 +30,7 @@ from pathlib import Path
 import typer
 
 from broker import credentials as cred
-from broker.bridge_routes import check_devices, render_central_acl, render_site_bridge
+from broker.bridge_routes import central_acl_rules, check_devices, render_central_acl, render_site_bridge
 from broker.conf import PLAIN_PORT, TLS_AUTH_MODES, TLS_PORT, BrokerDirs, check_bind, render_mosquitto_conf
 from fedmq.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
@@ -277,6 +277,15 @@ def add_coordinator(name: str = typer.Argument(..., help="Coordinator account na
     typer.echo("\n".join(lines))
 
 
+def _install_bridge_block(acl_file: Path, site: str, devices: list[str], federation: str | None) -> None:
+    account = f"bridge-{site}"
+    acl = cred.read_acl(acl_file)
+    if account in acl.coordinators or account in acl.readers:
+        raise cred.CredentialError(f"{account!r} is a coordinator or companion account in {acl_file}")
+    acl.bridges[account] = central_acl_rules(site, devices, federation=federation)
+    cred.write_acl(acl_file, acl)
+
+
 @app.command("bridge-config")
 def bridge_config(site: str = typer.Option(..., "--site", help="Site name; its bridge account is bridge-SITE."),
                   devices: str | None = typer.Option(None, "--devices", help="The site's device ids, comma-separated."),
@@ -286,10 +295,13 @@ def bridge_config(site: str = typer.Option(..., "--site", help="Site name; its b
                                                         help="Route one federation only (default: every one)."),
                   address: str | None = typer.Option(None, "--central", help="The central broker's TLS host:port."),
                   out_dir: Path | None = typer.Option(None, "--out-dir",
-                                                      help="Folder for the two files (default bridges/SITE).")) -> None:
+                                                      help="Folder for the two files (default bridges/SITE)."),
+                  acl_file: Path | None = typer.Option(
+                      None, "--acl-file", help="Also put the bridge account's block into this deployed ACL file of "
+                                               "the central broker (replacing the site's previous block).")) -> None:
     """Write a routed site bridge: OUT/site-bridge.conf (append to the site broker's
     mosquitto.conf; set remote_password) and OUT/central-acl (append to the central's ACL
-    file). The bridge carries down only the tasks, receipts and resend requests of the
+    file, or let --acl-file do it). The bridge carries down only the tasks, receipts and resend requests of the
     listed devices, and the global models, ONNX exports and round announcements every
     device needs (broker/bridge/README.md). Run it again when the site's devices change.
     """
@@ -306,6 +318,8 @@ def bridge_config(site: str = typer.Option(..., "--site", help="Site name; its b
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "site-bridge.conf", bridge)
         atomic_write_text(folder / "central-acl", acl)
+        if acl_file is not None:
+            _install_bridge_block(acl_file, site, ids, federation)
     except (FedmqError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"site {site}: {len(ids)} devices; bridge section {folder / 'site-bridge.conf'} (set remote_password), "

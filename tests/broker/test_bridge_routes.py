@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks.bridge import SITES, run_sites
-from broker.bridge_routes import check_devices, render_central_acl, render_site_bridge
+from broker import credentials as cred
+from broker.bridge_routes import central_acl_rules, check_devices, render_central_acl, render_site_bridge
 from broker.cli import app
 from fedmq.errors import ConfigError
 
@@ -73,3 +74,28 @@ def test_cli_writes_both_files_and_refuses_bad_ids(tmp_path: Path) -> None:
                                    str(tmp_path / "bad")])
     assert bad.exit_code == 1 and "device id" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_bridge_block_stays_in_the_central_acl_across_add_device(tmp_path: Path) -> None:
+    acl = tmp_path / "auth" / "acl"
+    runner = CliRunner()
+
+    def add_device(name: str) -> None:
+        result = runner.invoke(app, ["add-device", name, "--passwd-file", str(tmp_path / "auth" / "passwd"),
+                                     "--acl-file", str(acl), "--ca-dir", str(tmp_path / "no-ca"), "--out-dir",
+                                     str(tmp_path / name), "--broker-url", "mqtt://127.0.0.1:1883", "--hasher",
+                                     "fedmq", "--no-predict-account"])
+        assert result.exit_code == 0, result.output
+
+    def bridge(devices: str) -> None:
+        result = runner.invoke(app, ["bridge-config", "--site", "s1", "--devices", devices, "--out-dir",
+                                     str(tmp_path / "b"), "--acl-file", str(acl)])
+        assert result.exit_code == 0, result.output
+
+    add_device("bridge-s1")
+    bridge("d1,d2")
+    add_device("bridge-s2")  # a later account rewrites the ACL and keeps the bridge's block
+    assert cred.read_acl(acl).bridges == {"bridge-s1": central_acl_rules("s1", ["d1", "d2"])}
+    bridge("d2")  # the site's devices changed: its block is replaced
+    assert cred.read_acl(acl).bridges == {"bridge-s1": central_acl_rules("s1", ["d2"])}
+    assert acl.read_text().startswith(cred.SHIPPED_ACL.read_text())
