@@ -160,7 +160,8 @@ def bridge_section(site: str, devices: list[str], central_port: int, *, routed: 
 
 
 def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2, rounds: int = 2,
-              seed: int = 1, sites: tuple[str, ...] = SITES) -> tuple[dict[str, SiteRecord], list[Any]]:
+              seed: int = 1, sites: tuple[str, ...] = SITES, task: str = "digits-logreg",
+              data: str = "digits") -> tuple[dict[str, SiteRecord], list[Any]]:
     """One federation across two bridged sites; returns each site's record (and the
     central broker's, key ``central``: what the coordinator's side carried) and the
     coordinator's round records.
@@ -168,6 +169,7 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
     Args:
         routed: the sites whose bridge is routed; the others forward everything.
         sites: site names (each a fedmq id); devices of site S are ``sS-00000``, ...
+        task, data: the federation's task and the fleet's data (fleet.fleet.FleetSpec).
 
     Raises:
         RuntimeError: the fleets did not connect within 120 s.
@@ -192,18 +194,17 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
             site_ports[site] = (broker.port, meter)
         for index, site in enumerate(sites):
             spec = FleetSpec(broker_url=f"mqtt://{LOOPBACK}:{site_ports[site][0]}", federation=FED,
-                             devices=devices_per_site, processes=1, seed=seed + index, prefix=f"s{site}",
+                             devices=devices_per_site, processes=1, task=task, data=data, seed=seed + index, prefix=f"s{site}",
                              work_dir=work / f"fleet-{site}")
             fleets.append(Fleet(spec).start())
         for fleet in fleets:
             if not fleet.wait_connected(devices_per_site, _WAIT_S):
                 raise RuntimeError(f"fleet did not connect: {fleet.totals()}")
         cfg = config_from_dict({
-            "federation": FED, "task": "digits-logreg", "rounds": rounds, "seed": seed,
+            "federation": FED, "task": task, "rounds": rounds, "seed": seed,
             "state_dir": str(work / "state"), "broker": {"url": f"mqtt://{LOOPBACK}:{central.port}"},
             "round": {"devices_per_round": n, "over_selection": 1.0, "deadline_s": 60.0, "min_devices": n,
-                      "wait_for_devices_s": _WAIT_S},
-            "plan": {"local_epochs": 1, "lr": 0.1, "density": 0.5}, "publish": {"onnx": False}})
+                      "wait_for_devices_s": _WAIT_S}})
         result = Coordinator(cfg).run()
         for fleet in fleets:
             fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= rounds * devices_per_site, 30.0)
@@ -223,15 +224,16 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
 
 def _table(runs: dict[str, dict[str, SiteRecord]], sites: tuple[str, ...]) -> str:
     rows = ["| bridge | site | bytes up (site -> central) | bytes down (central -> site) | tasks+receipts "
-            "carried (own / other sites') | task+receipt+xfer bytes | model bytes |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            "carried (own / other sites') | task+receipt+xfer bytes | model bytes | ONNX bytes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mode, records in runs.items():
         for site in sites:
             rec = records[site]
             own = sum(c for (_, d), c in rec.per_device.items() if d in rec.devices)
             other = sum(c for (_, d), c in rec.per_device.items() if d not in rec.devices)
             rows.append(f"| {mode} | {site} | {rec.up:,} | {rec.down:,} | {own} / {other} | "
-                        f"{sum(rec.bytes_by_kind[k] for k in PER_DEVICE_DOWN):,} | {rec.bytes_by_kind['model']:,} |")
+                        f"{sum(rec.bytes_by_kind[k] for k in PER_DEVICE_DOWN):,} | {rec.bytes_by_kind['model']:,} | "
+                        f"{rec.bytes_by_kind['onnx']:,} |")
     return "\n".join(rows)
 
 
@@ -240,13 +242,15 @@ def main() -> None:
     p.add_argument("--devices-per-site", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sites", type=int, default=2, help="number of site brokers (2-26)")
+    p.add_argument("--task", default="digits-logreg")
+    p.add_argument("--data", default="digits", help="digits, or mnist10k for the MNIST tasks")
     args = p.parse_args()
     sites = tuple(_NAMES[:max(2, min(args.sites, len(_NAMES)))])
     runs = {}
     for mode in ("routed", "forward-everything"):
         with TemporaryDirectory(prefix="fedmq-bridge-") as tmp:
             records, rounds = run_sites(Path(tmp), routed=sites if mode == "routed" else (), sites=sites,
-                                        devices_per_site=args.devices_per_site,
+                                        task=args.task, data=args.data, devices_per_site=args.devices_per_site,
                                         rounds=args.rounds)
         print(f"{mode}: rounds {[(r.state, r.accepted) for r in rounds]}", flush=True)
         runs[mode] = records
