@@ -142,6 +142,7 @@ def render_central_acl(site: str, devices: Sequence[str], *, federation: str | N
     Raises:
         ConfigError: as :func:`render_site_bridge`.
     """
+    devices = check_devices(devices)
     rules = central_acl_rules(site, devices, federation=federation)
-    return "\n".join([f"# Bridge of site {site} ({len(check_devices(devices))} devices): written by "
+    return "\n".join([f"# Bridge of site {site} ({len(devices)} devices): written by "
                       "'fedmq broker bridge-config'.", f"user bridge-{site}", *rules]) + "\n"
