@@ -8,6 +8,8 @@ Commands:
   its client updates to) and the device's edge-client TOML snippet;
 * ``add-coordinator NAME``: a coordinator account, granted its federation's topic tree
   in the ACL;
+* ``bridge-config --site NAME --devices ...``: a site bridge routed to the site's devices
+  and its account's ACL block on the central broker (broker/bridge_routes.py);
 * ``render``: the shipped mosquitto.conf for other folders, listeners (bind addresses,
   ports) or TLS authentication (``--tls-auth certificate|password``);
 * ``run``: the embedded amqtt broker on loopback, for development only; ``run
@@ -28,7 +30,9 @@ from pathlib import Path
 import typer
 
 from broker import credentials as cred
+from broker.bridge_routes import central_acl_rules, check_devices, render_central_acl, render_site_bridge
 from broker.conf import PLAIN_PORT, TLS_AUTH_MODES, TLS_PORT, BrokerDirs, check_bind, render_mosquitto_conf
+from fedmq.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.sealing import fingerprint, load_public_key, public_pem
 from fedmq.topics import check_id
@@ -271,6 +275,55 @@ def add_coordinator(name: str = typer.Argument(..., help="Coordinator account na
         if role in files:
             lines.append(f"{key} = {_toml(str(base / files[role]))}")
     typer.echo("\n".join(lines))
+
+
+def _install_bridge_block(acl_file: Path, site: str, devices: list[str], federation: str | None) -> None:
+    account = f"bridge-{site}"
+    acl = cred.read_acl(acl_file)
+    if account in acl.coordinators or account in acl.readers:
+        raise cred.CredentialError(f"{account!r} is a coordinator or companion account in {acl_file}")
+    acl.bridges[account] = central_acl_rules(site, devices, federation=federation)
+    cred.write_acl(acl_file, acl)
+
+
+@app.command("bridge-config")
+def bridge_config(site: str = typer.Option(..., "--site", help="Site name; its bridge account is bridge-SITE."),
+                  devices: str | None = typer.Option(None, "--devices", help="The site's device ids, comma-separated."),
+                  devices_file: Path | None = typer.Option(None, "--devices-file",
+                                                           help="File of the site's device ids, one a line."),
+                  federation: str | None = typer.Option(None, "--federation",
+                                                        help="Route one federation only (default: every one)."),
+                  address: str | None = typer.Option(None, "--central", help="The central broker's TLS host:port."),
+                  out_dir: Path | None = typer.Option(None, "--out-dir",
+                                                      help="Folder for the two files (default bridges/SITE)."),
+                  acl_file: Path | None = typer.Option(
+                      None, "--acl-file", help="Also put the bridge account's block into this deployed ACL file of "
+                                               "the central broker (replacing the site's previous block).")) -> None:
+    """Write a routed site bridge: OUT/site-bridge.conf (append to the site broker's
+    mosquitto.conf; set remote_password) and OUT/central-acl (append to the central's ACL
+    file, or let --acl-file do it). The bridge carries down only the tasks, receipts and resend requests of the
+    listed devices, and the global models, ONNX exports and round announcements every
+    device needs (broker/bridge/README.md). Run it again when the site's devices change.
+    """
+    ids: list[str] = []
+    if devices:
+        ids += devices.split(",")
+    try:
+        if devices_file is not None:
+            ids += [line for line in devices_file.read_text().splitlines() if line.strip()]
+        ids = check_devices(ids)
+        bridge = render_site_bridge(site, ids, federation=federation, address=address)
+        acl = render_central_acl(site, ids, federation=federation)
+        folder = out_dir if out_dir is not None else Path("bridges") / site
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "site-bridge.conf", bridge)
+        atomic_write_text(folder / "central-acl", acl)
+        if acl_file is not None:
+            _install_bridge_block(acl_file, site, ids, federation)
+    except (FedmqError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"site {site}: {len(ids)} devices; bridge section {folder / 'site-bridge.conf'} (set remote_password), "
+               f"central ACL block {folder / 'central-acl'} (account bridge-{site})")
 
 
 def _loopback(host: str) -> bool:

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -263,17 +263,22 @@ class AclAccounts:
     Attributes:
         coordinators: ``{user name: [federation, ...]}``: read and write on ``fedmq/F/#``.
         readers: user names of read-only companion accounts (:data:`READER_SUFFIX`).
+        bridges: ``{user name: [rule, ...]}``: site bridge accounts, blocks of ``topic read``
+            / ``topic write`` rules under ``fedmq/`` only (broker/bridge/central-acl,
+            ``fedmq broker bridge-config``), kept as they are.
     """
 
     coordinators: dict[str, list[str]]
     readers: list[str]
+    bridges: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read_acl(acl_path: Path) -> AclAccounts:
     """Accounts of an ACL file, read from its ``user NAME`` blocks (a missing file has none).
 
     A block of ``topic readwrite fedmq/F/#`` lines is a coordinator account; a block of
-    exactly :func:`reader_rules` is a reader account.
+    exactly :func:`reader_rules` is a reader account; a block of ``topic read`` and
+    ``topic write`` rules under ``fedmq/`` is a site bridge account.
 
     Raises:
         CredentialError: the file cannot be read, or a ``user`` block holds another rule
@@ -298,12 +303,17 @@ def read_acl(acl_path: Path) -> AclAccounts:
         elif current is not None:
             blocks[current].append((number, line))
     coordinator_rule = re.compile(r"^topic readwrite fedmq/([A-Za-z0-9_.-]{1,64})/#$")
+    bridge_rule = re.compile(r"^topic (read|write) fedmq/[A-Za-z0-9_.+#/-]+$")
     denies = reader_rules()
     coordinators: dict[str, list[str]] = {}
     readers: list[str] = []
+    bridges: dict[str, list[str]] = {}
     for user, rules in blocks.items():
         if rules and {line for _, line in rules} == set(denies):
             readers.append(user)
+            continue
+        if rules and all(bridge_rule.match(line) for _, line in rules):
+            bridges[user] = [line for _, line in rules]
             continue
         feds = coordinators.setdefault(user, [])
         for number, line in rules:
@@ -314,7 +324,7 @@ def read_acl(acl_path: Path) -> AclAccounts:
                                       f"the rules of a reader account (fedmq rewrites these blocks)")
             if match.group(1) not in feds:
                 feds.append(match.group(1))
-    return AclAccounts(coordinators, sorted(readers))
+    return AclAccounts(coordinators, sorted(readers), bridges)
 
 
 def coordinator_accounts(acl_path: Path) -> dict[str, list[str]]:
@@ -323,18 +333,22 @@ def coordinator_accounts(acl_path: Path) -> dict[str, list[str]]:
     return read_acl(acl_path).coordinators
 
 
-def render_acl(accounts: dict[str, list[str]], readers: list[str] | tuple[str, ...] = ()) -> str:
+def render_acl(accounts: dict[str, list[str]], readers: list[str] | tuple[str, ...] = (),
+               bridges: dict[str, list[str]] | None = None) -> str:
     """The shipped ACL (broker/acl) followed by one ``user`` block per coordinator account,
-    granting it read and write on its federations' trees ``fedmq/F/#``, and one per
-    reader account, denying it every device right that names its user (:func:`reader_rules`)."""
+    granting it read and write on its federations' trees ``fedmq/F/#``, one per
+    reader account, denying it every device right that names its user (:func:`reader_rules`),
+    and one per site bridge account with its rules as given."""
     text = SHIPPED_ACL.read_text(encoding="utf-8").rstrip("\n") + "\n"
-    if accounts or readers:
+    if accounts or readers or bridges:
         text += f"\n{_ACCOUNTS_MARK}\n"
         for user in sorted(accounts):
             text += f"\nuser {user}\n" + "".join(f"topic readwrite fedmq/{fed}/#\n" for fed in accounts[user])
         denies = "".join(f"{rule}\n" for rule in reader_rules())
         for user in sorted(set(readers)):
             text += f"\nuser {user}\n{denies}"
+        for user in sorted(bridges or {}):
+            text += f"\nuser {user}\n" + "".join(f"{rule}\n" for rule in (bridges or {})[user])
     return text
 
 
@@ -351,7 +365,7 @@ def write_acl(acl_path: Path, accounts: dict[str, list[str]] | AclAccounts) -> N
         CredentialError: the folder cannot be written.
     """
     if isinstance(accounts, AclAccounts):
-        text = render_acl(accounts.coordinators, accounts.readers)
+        text = render_acl(accounts.coordinators, accounts.readers, accounts.bridges)
     else:
         text = render_acl(accounts)
     write_file(Path(acl_path), text.encode("utf-8"), 0o644, "ACL file", dir_mode=AUTH_DIR_MODE)

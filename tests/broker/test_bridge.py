@@ -8,7 +8,10 @@ import getpass
 import shutil
 from pathlib import Path
 
+import pytest
+
 from broker import credentials as cred
+from broker.bridge_routes import render_central_acl, render_site_bridge
 from broker.conf import SHIPPED_CONF, BrokerDirs, render_mosquitto_conf
 from broker.launch import MosquittoProcess, free_port, mosquitto_binary
 from coordinator.config import config_from_dict
@@ -29,14 +32,19 @@ def _secret_files(account: Account, folder: Path) -> tuple[Path, Path]:
     return folder / "username", folder / "password"
 
 
-def test_bridged_site_broker_carries_a_federation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("routed", [False, True], ids=["shipped", "routed"])
+def test_bridged_site_broker_carries_a_federation(tmp_path: Path, routed: bool) -> None:
+    """The shipped bridge and central ACL block, or the routed ones of 'fedmq broker
+    bridge-config' (the central ACL then names the site's devices only)."""
     accounts: dict[str, Account] = {}
+    names = [f"vd-{i:05d}" for i in range(N)]
 
     def central_setup(passwd: Path, acl: Path, ca_dir: Path) -> dict[str, Account]:
         common = {"passwd": passwd, "acl": acl, "ca_dir": ca_dir, "root": tmp_path / "central"}
         accounts["coord"] = make_account("coord", "coordinator", federation=FED, **common)
         accounts["bridge"] = make_account("bridge-site1", "device", **common)
-        block = (BRIDGE / "central-acl").read_text().replace("user NAME", "user bridge-site1")
+        block = (render_central_acl("site1", names) if routed else
+                 (BRIDGE / "central-acl").read_text().replace("user NAME", "user bridge-site1"))
         acl.write_text(acl.read_text() + "\n" + block)
         return accounts
 
@@ -59,7 +67,8 @@ def test_bridged_site_broker_carries_a_federation(tmp_path: Path) -> None:
                                      root=site_root)
         _secret_files(devices[name], tmp_path / "creds" / name)
     # the shipped bridge section, with the three lines an operator edits
-    bridge = ((BRIDGE / "site-bridge.conf").read_text()
+    shipped = (BRIDGE / "site-bridge.conf").read_text()
+    bridge = ((render_site_bridge("site1", names) if routed else shipped)
               .replace("address central.example.net:8883", f"address 127.0.0.1:{central.tls_port}")
               .replace("remote_password CHANGE-ME", f"remote_password {accounts['bridge'].password}"))
     plain, tls = free_port(), free_port()
