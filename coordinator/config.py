@@ -192,6 +192,30 @@ class SealingConfig(_Section):
     required: bool = False
 
 
+class SecureAggregationConfig(_Section):
+    """``[secure_aggregation]``: secure rounds (coordinator.secure; docs/security.md), in which
+    the coordinator learns only the survivors' sum.
+
+    Fields:
+        enabled: run every round as a secure round (default off).
+        degree: SecAgg+ neighbours per device; 0: 2 * ceil(log2 n).
+        threshold: t, shares that rebuild a secret; 0: degree // 2 + 1. Also each phase's quorum.
+        clip: largest |value| a device sends, in update units (the rest stays in its residual).
+        scale: fixed-point integers per unit (2^20: rounding error at most 4.8e-7 per value).
+        explore: share of the common support drawn at random (fedmq.secagg.support).
+        phase_s: deadline of the keys, shares and reveal phases, seconds (the input phase
+            ends at the round's deadline).
+    """
+
+    enabled: bool = False
+    degree: int = Field(0, ge=0)
+    threshold: int = Field(0, ge=0)
+    clip: float = Field(1.0, gt=0)
+    scale: float = Field(float(2**20), gt=0)
+    explore: float = Field(0.1, ge=0, le=1)
+    phase_s: float = Field(30.0, gt=0)
+
+
 class PublishConfig(_Section):
     """What is published with each global model version."""
 
@@ -303,6 +327,7 @@ class CoordinatorConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
     sealing: SealingConfig = SealingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     metrics: MetricsConfig = MetricsConfig()
     _source: str = PrivateAttr("coordinator configuration")
 

@@ -36,16 +36,20 @@ import logging
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from coordinator.config import SecureAggregationConfig
 from coordinator.phases import Phase, PhaseFailed, PhaseIO, Refused, run_phase
 from fedmq import topics
 from fedmq.atomic import atomic_write_text
 from fedmq.errors import StateError
+from fedmq.fl.aggregation import model_delta
+from fedmq.fl.rounds import ClosedRound, ParticipationRecord
 from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggError, SecAggServer, common_support
 from fedmq.secagg import messages as sm
 from fedmq.secagg.messages import MAX_DEVICES
@@ -62,30 +66,6 @@ MAX_REQUESTS_KEPT = 256
 
 
 @dataclass(frozen=True)
-class SecureSettings:
-    """``[secure_aggregation]`` of the coordinator (docs/coordinator.md).
-
-    Attributes:
-        enabled: run every round as a secure round (default off).
-        degree: SecAgg+ neighbours per device; 0: 2 * ceil(log2 n).
-        threshold: t, shares that rebuild a secret; 0: degree // 2 + 1. Also each phase's quorum.
-        clip: largest |value| a device sends, in update units (the rest stays in its residual).
-        scale: fixed-point integers per unit (2^20: rounding error 5e-7 per value).
-        explore: share of the common support drawn at random (fedmq.secagg.support).
-        phase_s: deadline of the keys, shares and reveal phases, seconds (the input phase
-            ends at the round's deadline).
-    """
-
-    enabled: bool = False
-    degree: int = 0
-    threshold: int = 0
-    clip: float = 1.0
-    scale: float = float(2**20)
-    explore: float = 0.1
-    phase_s: float = 30.0
-
-
-@dataclass(frozen=True)
 class SecureOutcome:
     """What a secure round gave.
 
@@ -99,6 +79,7 @@ class SecureOutcome:
         reason: why the round failed ("" when closed).
         phase_s: seconds each phase took.
         masked: what the coordinator held of each survivor: its masked input, uint64 ``(k,)``.
+        bytes_in: payload bytes each device sent in the attempt's accepted messages.
     """
 
     round: int
@@ -111,6 +92,7 @@ class SecureOutcome:
     reason: str = ""
     phase_s: dict[str, float] = field(default_factory=dict)
     masked: dict[str, np.ndarray] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
 
     def mean_delta(self, size: int) -> np.ndarray | None:
         """The survivors' mean input as a model-sized pseudo-gradient, float32 ``(size,)``
@@ -137,7 +119,7 @@ class SecureRound:
         state_dir: where the record of unmasking requests is kept.
     """
 
-    def __init__(self, federation: str, link: Link, settings: SecureSettings, io: PhaseIO,
+    def __init__(self, federation: str, link: Link, settings: SecureAggregationConfig, io: PhaseIO,
                  state_dir: Path) -> None:
         self.fed, self.link, self.settings, self.io = federation, link, settings, io
         self.requests_path = Path(state_dir) / REQUESTS_NAME
@@ -175,7 +157,8 @@ class SecureRound:
 
         def failed(reason: str) -> SecureOutcome:
             log.warning("secure round %d (attempt %s) failed: %s", round_, attempt, reason)
-            return SecureOutcome(round_, attempt, "failed", (), support, None, s.scale, reason, timings)
+            return SecureOutcome(round_, attempt, "failed", (), support, None, s.scale, reason, timings,
+                                 bytes_in=dict(bytes_in))
 
         try:
             ring = RingSpec(s.clip, s.scale, max(2, len(chosen)))
@@ -184,16 +167,25 @@ class SecureRound:
             return failed(str(exc))
         server = SecAggServer(params)
         t = params.threshold
-        setup = sm.Setup(round_, attempt, chosen, k, s.clip, s.scale, seed, params.degree, t, s.explore, deadline)
+        setup = sm.Setup(round_, attempt, chosen, support.astype("<i4").tobytes(), s.clip, s.scale, seed, params.degree,
+                         t, deadline)
         for d in chosen:
             self._send(d, setup)
         log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,
                  attempt, len(chosen), params.degree, t, k, ring.bits)
 
+        bytes_in: Counter[str] = Counter()
+
         def head(msg: sm.Keys | sm.Shares | sm.MaskedInput | sm.Reveal) -> None:
             if (msg.round, msg.attempt) != (round_, attempt):
                 raise Refused("stale", f"message of round {msg.round} attempt {msg.attempt}, expected {round_} "
                                        f"{attempt}")
+
+        def counted(accept: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+            def run(device: str, payload: bytes) -> None:
+                accept(device, payload)
+                bytes_in[device] += len(payload)
+            return run
 
         def on_keys(device: str, payload: bytes) -> None:
             msg = sm.Keys.from_bytes(payload)
@@ -222,7 +214,7 @@ class SecureRound:
                   enough: Callable[[frozenset[str]], bool] | None = None) -> frozenset[str]:
             start = time.monotonic()
             try:
-                return run_phase(Phase(name, kind, expected, t, end), self.io, accept, enough)
+                return run_phase(Phase(name, kind, expected, t, end), self.io, counted(accept), enough)
             finally:
                 timings[name] = time.monotonic() - start
 
@@ -253,11 +245,12 @@ class SecureRound:
         log.info("secure round %d (attempt %s): sum of %d inputs, %d dropped after sharing keys", round_, attempt,
                  len(request.survivors), len(request.dropped))
         return SecureOutcome(round_, attempt, "closed", request.survivors, support, total, s.scale, "", timings,
-                             dict(server.masked))
+                             dict(server.masked), dict(bytes_in))
 
     def publish_result(self, outcome: SecureOutcome, devices: list[str]) -> None:
         """Tell ``devices`` (the round's selection) how the attempt ended: retained on each
-        device's secure-round topic. Call it after the round's checkpoint is durable."""
+        device's secure-round topic. Call it after the round's checkpoint is durable (the
+        coordinator's service publishes the same bytes through its retained-state repair)."""
         payload = outcome.result_message().to_bytes()
         for d in devices:
             self.link.publish(topics.secagg_down(self.fed, d), payload, retain=True)
@@ -277,6 +270,30 @@ class SecureRound:
             fn(*args)
         except SecAggError as exc:
             raise Refused("protocol", str(exc)) from None
+
+
+def closed_round(closed: ClosedRound, outcome: SecureOutcome, *, kind: str, size: int,
+                 min_updates: int) -> tuple[ClosedRound, SecureOutcome]:
+    """The round's record and model change from a secure attempt (the engine saw no client
+    update: ``closed`` is its empty close). Fewer survivors than ``min_updates`` fail the round
+    as well (the outcome then says ``failed``, so every device rolls back)."""
+    if outcome.state == "closed" and len(outcome.survivors) < min_updates:
+        outcome = replace(outcome, state="failed", survivors=(), total=None,
+                          reason=f"{len(outcome.survivors)} survivors, min_updates {min_updates}")
+    rec = closed.record
+    mean = outcome.mean_delta(size)
+    survivors = set(outcome.survivors)
+    parts = [ParticipationRecord(d, outcome.attempt, "accepted" if d in survivors else
+                                 "rejected" if outcome.state == "failed" and d in outcome.bytes_in else "no_answer",
+                                 "secagg_failed" if outcome.state == "failed" and d in outcome.bytes_in else "",
+                                 bytes_up=outcome.bytes_in.get(d, 0)) for d in sorted({p.device for p in rec.participations})]
+    rejected = dict(rec.rejected)
+    if outcome.state == "failed":
+        rejected["secagg_failed"] = rejected.get("secagg_failed", 0) + 1
+    rec = replace(rec, state=outcome.state, model_version=rec.base_version + (outcome.state == "closed"),
+                  accepted=len(survivors), rejected=rejected, bytes_up=sum(outcome.bytes_in.values()),
+                  dense_bytes_up=4 * size * len(outcome.bytes_in), participations=parts)
+    return ClosedRound(rec, None if mean is None else model_delta(mean, kind)), outcome
 
 
 def support_size(size: int, density: float) -> int:

@@ -51,7 +51,9 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_loss
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.phases import PhaseIO
 from coordinator.presence import DeviceRegistry
+from coordinator.secure import SecureOutcome, SecureRound, closed_round, support_size
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
@@ -63,7 +65,8 @@ from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
+from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
+from fedmq.secagg import messages as sm
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
@@ -206,6 +209,11 @@ class Coordinator:
         #: folder: loaded, or made on the first start, by :meth:`_resume`.
         self.seal_key: CoordinatorKey | None = None
         self.db: StateDB | None = None
+        #: Secure rounds ([secure_aggregation] enabled): the policy, the last global model step
+        #: (the common support derives from it) and the outcome of the round being closed.
+        self.secure: SecureRound | None = None
+        self._last_change: np.ndarray | None = None
+        self._secure_outcome: SecureOutcome | None = None
         self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
 
     def _pause(self, point: str, round_: int) -> None:
@@ -249,6 +257,8 @@ class Coordinator:
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
+            if cfg.secure_aggregation.enabled:
+                self._start_secure(notify)
             self._publish_model(vector, version, round_done)
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
@@ -435,7 +445,8 @@ class Coordinator:
         if plan.codec != "none":
             plan = replace(plan, density=cfg.warmup.density(plan.density, r))
         for i, device in enumerate(selected):
-            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
+            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha,
+                        secure_aggregation=self.secure is not None)
             self._publish_retained(topics.task(self.fed, device), task.to_bytes())
             if i == 0:
                 self._pause("task_publish", r)
@@ -445,6 +456,8 @@ class Coordinator:
                  len(selected), target, cfg.round.deadline_s)
         notify(Progress("round_open", r, len(selected), target, deadline=deadline,
                         online=self.registry.online_count()))
+        if self.secure is not None:
+            return self._secure_round(engine, vector, selected, deadline)
         while not self.stopping and not engine.complete:
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -456,11 +469,12 @@ class Coordinator:
             return None
         return self._close_round(engine, vector)
 
-    def _close_round(self, engine: RoundEngine, vector: np.ndarray) -> RoundRecord:
+    def _close_round(self, engine: RoundEngine, vector: np.ndarray, closed: ClosedRound | None = None) -> RoundRecord:
         cfg = self.config
         assert self.db is not None
-        closed = engine.close(time.time())
+        closed = closed if closed is not None else engine.close(time.time())
         rec = closed.record
+        before = vector.copy() if self.secure is not None else None
         stepped = False
         delta_blob: bytes | None = None
         if closed.model_delta is not None:
@@ -475,6 +489,9 @@ class Coordinator:
         rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = self._checkpoint_meta(engine.checks)
+        if self._secure_outcome is not None:
+            # On record with the round: a restart after the checkpoint tells the devices again.
+            meta["secagg_result"] = self._secure_outcome.result_message().to_bytes().hex()
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   meta, rec, self._residual),
@@ -489,6 +506,13 @@ class Coordinator:
         for device in engine.selection:
             self._publish_retained(topics.task(self.fed, device), b"")
         self.db.set_inflight([])
+        if self.secure is not None and self._secure_outcome is not None:
+            result = self._secure_outcome.result_message().to_bytes()
+            for device in engine.selection:
+                self._publish_retained(topics.secagg_down(self.fed, device), result)
+            if stepped and before is not None:
+                self._last_change = vector - before
+            self._secure_outcome = None
         self._publish_retained(topics.round_announcement(self.fed),
                                RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes())
         if stepped:
@@ -505,6 +529,47 @@ class Coordinator:
         evaluation = self._evaluator.submit(vector) if stepped and self._evaluator is not None else None
         self._pending.append((rec, evaluation))
         return rec
+
+    def _start_secure(self, notify: Callable[[Progress], None]) -> None:
+        """Secure rounds on: the policy over this loop, and the result of the last round told
+        again (a restart after its checkpoint may have cut it short)."""
+        cfg = self.config
+
+        def receive(timeout: float) -> Message | None:
+            self._report_evaluated(wait=False)
+            self._repair_retained()
+            try:
+                return self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        io = PhaseIO(receive=receive, parse=lambda t: topics.parse_secagg_up(self.fed, t),
+                     other=lambda m: self._handle(m, notify), refuse=lambda r: self.rejections.update([r]),
+                     gone=lambda d: d in self._gone, stopping=lambda: self.stopping)
+        self.secure = SecureRound(self.fed, self.link, cfg.secure_aggregation, io, cfg.state_dir)
+        self.link.subscribe(topics.secagg_up_filter(self.fed), inbox=self.inbox)
+        ckpt = load_checkpoint(cfg.state_dir)
+        raw = ckpt.meta.get("secagg_result") if ckpt is not None else None
+        if raw:
+            result = sm.Result.from_bytes(bytes.fromhex(raw))
+            for device in result.survivors:
+                self._publish_retained(topics.secagg_down(self.fed, device), result.to_bytes())
+
+    def _secure_round(self, engine: RoundEngine, vector: np.ndarray, selected: list[str],
+                      deadline: float) -> RoundRecord | None:
+        """Run the round's secure attempt (coordinator.secure) and close the round with it."""
+        assert self.secure is not None
+        plan = self.config.plan
+        k = support_size(self.spec.size, self.config.warmup.density(plan.density, engine.round))
+        outcome = self.secure.run(engine.round, selected, size=self.spec.size, k=k, last_change=self._last_change,
+                                  seed=self.config.seed, deadline=deadline)
+        if self.stopping:
+            return None
+        closed, self._secure_outcome = closed_round(engine.close(time.time()), outcome, kind=plan.update_kind,
+                                                    size=self.spec.size, min_updates=self.config.round.min_updates)
+        log.info("round %d: secure attempt %s %s; phases %s", engine.round, outcome.attempt, outcome.state,
+                 {name: round(s, 3) for name, s in outcome.phase_s.items()})
+        return self._close_round(engine, vector, closed)
 
     def _report_evaluated(self, wait: bool) -> None:
         """Report the closed rounds whose evaluation finished (all of them when ``wait``), in

@@ -64,6 +64,7 @@ from edge_client.duplicate import TakeoverWatch
 from edge_client.localdata import LocalData
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
+from edge_client.secure import Pending, SecureDevice, clear_pending, load_pending, save_pending
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
 from fedmq.codecs import decode
@@ -234,6 +235,16 @@ class EdgeAgent:
         # this device holds (float32 vector, apart from the model training changes).
         self._chain: ModelChain | None = None
         self._held: tuple[int, np.ndarray] | None = None
+        # Secure rounds (edge_client.secure): their messages, handled between ticks and while
+        # training; an input left unsettled by the last run is settled by the retained result.
+        self._secure_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        left = load_pending(cfg.state_dir, self.spec.size)
+        if left is not None:
+            self.feedback.residual = left[1]
+        self.secure = SecureDevice(cfg.federation, cfg.device_id, self.link, size=self.spec.size,
+                                   settle=self._settle_secure, sent=self._secure_sent,
+                                   pending=left[0] if left is not None else None, refused=self.counters)
+        self._secure_task: Task | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -247,6 +258,7 @@ class EdgeAgent:
         limit; republish the online status after a reconnect (the broker published our last
         will when the link dropped)."""
         link = self.link
+        self._drain_secure()
         healthy = link.connected and (worker is None or time.monotonic() - worker.started <= limit)
         interval = self.notifier.watchdog_interval
         if healthy and interval is not None and time.monotonic() - self._last_ping >= interval:
@@ -316,6 +328,7 @@ class EdgeAgent:
             link.subscribe(([topics.model_chain(fed)] if cfg.model_follow else [])
                            + [topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev),
                               topics.model_latest(fed)], qos=1)
+            link.subscribe(topics.secagg_down(fed, dev), qos=1, inbox=self._secure_inbox)
             link.publish_wait(topics.status(fed, dev), self._status(True), retain=True)
             self.notifier.ready(f"online, last round {self.state.record.last_round}")
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
@@ -563,6 +576,48 @@ class EdgeAgent:
                           self.cfg.coordinator_key)
             self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
+
+    # -- secure rounds (edge_client.secure) ----------------------------------------------------
+
+    def _drain_secure(self) -> None:
+        while True:
+            try:
+                msg = self._secure_inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg.payload:
+                self.secure.handle(msg.payload)
+
+    def _secure_input(self, task: Task, result: LocalResult) -> None:
+        """Hand the residual plus the update to the secure round; until its result the whole
+        of it is in the residual (the round is done: no second update for it)."""
+        vector = self.feedback.residual + np.asarray(result.update, dtype=np.float32)
+        if not np.isfinite(vector).all():
+            self._skip_bad_model(task, "training on it gave a non-finite update")
+            return
+        self.feedback.residual = vector.copy()
+        self.state.save_residual(self.feedback, task.round, task.deadline)
+        self._secure_task = task
+        self._drain_secure()
+        self.secure.provide(task.round, vector)
+        self.counters["updates_sent"] += 1
+
+    def _secure_sent(self, pending: Pending) -> None:
+        """The masked input is about to go out: durably, the residual without it."""
+        residual = self.feedback.residual - pending.sent
+        save_pending(self.cfg.state_dir, pending, residual)
+        self.feedback.residual = residual
+        task = self._secure_task
+        self.state.save_residual(self.feedback, pending.round, task.deadline if task is not None else 0.0)
+
+    def _settle_secure(self, pending: Pending, in_sum: bool) -> None:
+        if in_sum:
+            self.counters["accepted"] += 1
+        else:
+            self.feedback.rollback(pending.sent)
+            self.counters["rolled_back"] += 1
+        self.state.save_residual(self.feedback, pending.round, self.state.record.last_deadline)
+        clear_pending(self.cfg.state_dir)
 
     def _rollback(self, reason: str) -> None:
         self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()), reason)
@@ -856,6 +911,9 @@ class EdgeAgent:
             LINK_BYTES_IN: float(traffic["bytes_in"] - self._reported["bytes_in"]),
             LINK_BYTES_OUT: float(traffic["bytes_out"] - self._reported["bytes_out"])}))
         self._reported = traffic
+        if task.secure_aggregation:
+            self._secure_input(task, result)
+            return
         try:
             packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
                                       spec=self.spec, feedback=self.feedback, seed=cfg.seed)

@@ -23,16 +23,19 @@ comes back (:class:`Pending` is what its caller keeps on disk).
 
 from __future__ import annotations
 
+import io
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fedmq import topics
-from fedmq.errors import WireError
-from fedmq.secagg import (AdvertisedKeys, RingSpec, RoundParams, SecAggClient, SecAggError, common_support,
-                          values_on_support)
+from fedmq.atomic import atomic_write_bytes
+from fedmq.errors import StateError, WireError
+from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggClient, SecAggError, values_on_support
 from fedmq.secagg import messages as sm
 from fedmq.secagg.protocol import UnmaskRequest
 from fedmq.secagg.shamir import SHARE_BYTES
@@ -56,6 +59,45 @@ class Pending:
     sent: np.ndarray
 
 
+#: The unsettled masked input of a device, in its state folder.
+PENDING_NAME = "secagg-pending.npz"
+
+
+def save_pending(state_dir: Path, pending: Pending, residual: np.ndarray) -> None:
+    """Write ``pending`` and the residual that holds if its input is in the sum (float32
+    ``(size,)``) atomically, before the input is published: a device killed after that
+    settles it by the retained result (no pickle: plain arrays, the ids as UTF-8 bytes)."""
+    buf = io.BytesIO()
+    np.savez(buf, sent=pending.sent, residual=residual, round=np.array([pending.round], dtype=np.int64),
+             attempt=np.frombuffer(pending.attempt.encode(), dtype=np.uint8))
+    atomic_write_bytes(Path(state_dir) / PENDING_NAME, buf.getbuffer())
+
+
+def load_pending(state_dir: Path, size: int) -> tuple[Pending, np.ndarray] | None:
+    """What :func:`save_pending` wrote, or None.
+
+    Raises:
+        StateError: the file is unreadable or holds arrays of another size.
+    """
+    path = Path(state_dir) / PENDING_NAME
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            pending = Pending(int(z["round"][0]), bytes(z["attempt"]).decode(), z["sent"].astype(np.float32))
+            residual = z["residual"].astype(np.float32)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise StateError(f"{path}: unreadable pending secure input ({exc})") from None
+    if pending.sent.shape != (size,) or residual.shape != (size,):
+        raise StateError(f"{path}: arrays of another model size than ({size},)")
+    return pending, residual
+
+
+def clear_pending(state_dir: Path) -> None:
+    """Remove the file :func:`save_pending` wrote (once its input is settled)."""
+    (Path(state_dir) / PENDING_NAME).unlink(missing_ok=True)
+
+
 class SecureDevice:
     """Secure rounds of one device.
 
@@ -63,35 +105,36 @@ class SecureDevice:
         federation, device: ids.
         link: the device's connected link; :meth:`handle` gets the payloads of
             ``topics.secagg_down(federation, device)``.
-        last_change: returns the last global model step for a round, float32 ``(size,)`` or
-            None (as the coordinator computes it: the common support derives from it).
         size: the flat model's length.
         settle: called with ``(pending, in_sum)`` when a masked input is settled.
+        sent: called with the pending input just before it is published (the caller makes it
+            durable first: a device killed after that settles it by the retained result).
         pending: an unsettled input left by a previous run (the caller's durable state).
+        refused: where refusals are counted, ``secagg_<reason>`` (a new Counter when None).
     """
 
     def __init__(self, federation: str, device: str, link: Link, *, size: int,
-                 last_change: Callable[[int], np.ndarray | None], settle: Callable[[Pending, bool], None],
-                 pending: Pending | None = None) -> None:
+                 settle: Callable[[Pending, bool], None], sent: Callable[[Pending], None] = lambda _p: None,
+                 pending: Pending | None = None, refused: Counter[str] | None = None) -> None:
         self.fed, self.device, self.link, self.size = federation, device, link, size
-        self.last_change, self.settle = last_change, settle
+        self.settle, self.sent = settle, sent
         self.pending = pending
         self.setup: sm.Setup | None = None
         self.client: SecAggClient | None = None
         self.support: np.ndarray | None = None
         self.ring: RingSpec | None = None
         self._relay: dict[str, bytes] | None = None
-        self._vector: np.ndarray | None = None
+        self._vector: tuple[int, np.ndarray] | None = None
         self._answered: sm.Unmask | None = None
-        #: Refusals by reason (the caller counts them into its metrics).
-        self.refused: dict[str, int] = {}
+        self.refused: Counter[str] = refused if refused is not None else Counter()
 
     # -- what the device feeds in ---------------------------------------------------------
 
-    def provide(self, vector: np.ndarray) -> None:
-        """This round's input: float32 ``(size,)``, the residual plus the client update; the
-        masked input goes out once the shares are relayed."""
-        self._vector = np.asarray(vector, dtype=np.float32)
+    def provide(self, round_: int, vector: np.ndarray) -> None:
+        """Round ``round_``'s input: float32 ``(size,)``, the residual plus the client update;
+        the masked input goes out once the round's shares are relayed (a setup may come before
+        or after)."""
+        self._vector = (round_, np.asarray(vector, dtype=np.float32))
         self._maybe_input()
 
     def handle(self, payload: bytes) -> None:
@@ -129,13 +172,17 @@ class SecureDevice:
             # A new attempt before the result of ours: the coordinator abandoned it (a restart
             # reruns the round; its result would have come first on this topic).
             self._settle(False)
+        support = msg.indices()
+        if support[-1] >= self.size:
+            self._refuse("bad_support", f"round {msg.round}: support index {support[-1]} outside the model")
+            return
         ring = RingSpec(msg.clip, msg.scale, len(msg.devices))
         params = RoundParams(msg.round, msg.devices, ring, msg.k, seed=msg.seed, degree=msg.degree,
                              threshold=msg.threshold)
-        self.setup, self.ring, self.client = msg, ring, SecAggClient(self.device, params)
-        self.support = common_support(self.size, msg.k, last_change=self.last_change(msg.round), seed=msg.seed,
-                                      round_=msg.round, explore=msg.explore)
-        self._relay, self._vector, self._answered = None, None, None
+        self.setup, self.ring, self.client, self.support = msg, ring, SecAggClient(self.device, params), support
+        self._relay, self._answered = None, None
+        if self._vector is not None and self._vector[0] != msg.round:
+            self._vector = None
         keys = self.client.advertise()
         self._send("keys", sm.Keys(msg.round, msg.attempt, keys.c_public, keys.s_public))
 
@@ -149,11 +196,15 @@ class SecureDevice:
         if self._relay is None or self._vector is None or self.client is None or self.pending is not None:
             return
         assert self.setup is not None and self.support is not None and self.ring is not None
-        if self._vector.shape != (self.size,):
-            raise SecAggError(f"input of shape {self._vector.shape}, expected ({self.size},)")
-        q, sent = values_on_support(self._vector, self.support, self.ring)
+        round_, vector = self._vector
+        if round_ != self.setup.round:
+            return
+        if vector.shape != (self.size,):
+            raise SecAggError(f"input of shape {vector.shape}, expected ({self.size},)")
+        q, sent = values_on_support(vector, self.support, self.ring)
         y = self.client.masked_input(q, self._relay)
         self.pending = Pending(self.setup.round, self.setup.attempt, sent)
+        self.sent(self.pending)
         self._send("input", sm.MaskedInput(self.setup.round, self.setup.attempt, y.astype("<u8").tobytes()))
 
     def _on_unmask(self, msg: sm.Unmask) -> None:
@@ -188,5 +239,5 @@ class SecureDevice:
         self.link.publish(topics.secagg_up(self.fed, self.device, kind), msg.to_bytes())
 
     def _refuse(self, reason: str, detail: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.refused[f"secagg_{reason}"] += 1
         log.warning("secure round message refused (%s): %s", reason, detail)

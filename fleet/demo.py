@@ -483,7 +483,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              samples_per_device: int | None = None, test_samples: int | None = None,
              aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
-             metrics: CoordinatorMetrics | None = None, seal: bool = True) -> dict[str, Any]:
+             metrics: CoordinatorMetrics | None = None, seal: bool = True,
+             secure_aggregation: bool = False) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -506,6 +507,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         seal: devices seal their client updates to the coordinator's key (fedmq.sealing),
             provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
             coordinator requires it (default); False: plain envelopes, as before sealing.
+        secure_aggregation: every round a secure round (``[secure_aggregation] enabled``,
+            coordinator.secure): the coordinator learns only the survivors' sum.
         metrics: the coordinator's Prometheus metrics go there (the caller serves them and
             keeps them after the run); None: a registry of the run's own, not served.
 
@@ -606,6 +609,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
             "sealing": {"required": seal},
+            "secure_aggregation": {"enabled": secure_aggregation},
             # Async: K = --per-round updates per server step, every device may train at once,
             # a task's lease is the round deadline.
             **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
@@ -650,6 +654,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                             coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
     summary["sealed"] = seal
+    summary["secure_aggregation"] = secure_aggregation
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
     _print_summary(console, summary, work)

@@ -129,29 +129,38 @@ class _SecAggMessage:
 class Setup(_SecAggMessage):
     """Phase 0: what every device of the round must know (:class:`fedmq.secagg.RoundParams`).
 
-    ``devices`` sorted and distinct; ``k`` values per input; ``clip`` (update units) and
-    ``scale`` (integers per unit) of the ring; ``seed`` of the graph and of the common support;
-    ``degree`` and ``threshold`` of SecAgg+; ``explore`` the support's random share; ``deadline``
-    of the whole round (wall-clock seconds since the epoch).
+    ``devices`` sorted and distinct; ``support`` the common support (sorted, distinct int32
+    little-endian indices into the flat model, 4 * k bytes: the coordinator derives it,
+    :func:`fedmq.secagg.common_support`, and sends it so that a device that missed a model
+    version cannot put its values on other coordinates); ``clip`` (update units) and ``scale``
+    (integers per unit) of the ring; ``seed`` of the graph; ``degree`` and ``threshold`` of
+    SecAgg+; ``deadline`` of the masked inputs (wall-clock seconds since the epoch).
     """
 
     TYPE: ClassVar[str] = "sa_setup"
     round: int
     attempt: str
     devices: tuple[str, ...]
-    k: int
+    support: bytes
     clip: float
     scale: float
     seed: int
     degree: int
     threshold: int
-    explore: float
     deadline: float
 
+    @property
+    def k(self) -> int:
+        return len(self.support) // 4
+
+    def indices(self) -> np.ndarray:
+        """The common support, int64 ``(k,)``."""
+        return np.frombuffer(self.support, dtype="<i4").astype(np.int64)
+
     def _body(self) -> dict[str, Any]:
-        return {"round": self.round, "attempt": self.attempt, "devices": list(self.devices), "k": self.k,
+        return {"round": self.round, "attempt": self.attempt, "devices": list(self.devices), "support": self.support,
                 "clip": self.clip, "scale": self.scale, "seed": self.seed, "degree": self.degree,
-                "threshold": self.threshold, "explore": self.explore, "deadline": self.deadline}
+                "threshold": self.threshold, "deadline": self.deadline}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Setup:
@@ -162,12 +171,15 @@ class Setup(_SecAggMessage):
         devices = _devices(o, "devices", w)
         if devices != tuple(sorted(devices)) or len(devices) < 2:
             raise WireError(f"{w}: devices must be at least 2, sorted (rule R25)")
-        k, degree, threshold = (_nonneg(_get(o, key, int, w), key, w) for key in ("k", "degree", "threshold"))
-        clip, scale, explore = (_get(o, key, float, w) for key in ("clip", "scale", "explore"))
-        if k < 1 or clip <= 0 or scale <= 0 or not 0 <= explore <= 1 or not 1 <= threshold <= degree:
-            raise WireError(f"{w}: k >= 1, clip > 0, scale > 0, explore in [0, 1], 1 <= threshold <= degree "
-                            f"expected (rule R25)")
-        return cls(round_, attempt, devices, k, clip, scale, _get(o, "seed", int, w), degree, threshold, explore,
+        support = _get(o, "support", bytes, w)
+        idx = np.frombuffer(support, dtype="<i4") if support and len(support) % 4 == 0 else None
+        if idx is None or idx[0] < 0 or (idx.size > 1 and bool((np.diff(idx) <= 0).any())):
+            raise WireError(f"{w}: support must be sorted, distinct, non-negative int32 indices (rule R25)")
+        degree, threshold = (_nonneg(_get(o, key, int, w), key, w) for key in ("degree", "threshold"))
+        clip, scale = (_get(o, key, float, w) for key in ("clip", "scale"))
+        if clip <= 0 or scale <= 0 or not 1 <= threshold <= degree:
+            raise WireError(f"{w}: clip > 0, scale > 0, 1 <= threshold <= degree expected (rule R25)")
+        return cls(round_, attempt, devices, support, clip, scale, _get(o, "seed", int, w), degree, threshold,
                    _get(o, "deadline", float, w))
 
 

@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 
 from coordinator.phases import PhaseIO
-from coordinator.secure import REQUESTS_NAME, SecureRound, SecureSettings, support_size
+from coordinator.config import SecureAggregationConfig
+from coordinator.secure import REQUESTS_NAME, SecureRound, support_size
 from edge_client.secure import Pending, SecureDevice
 from fedmq import topics
+from fedmq.errors import WireError
 from fedmq.secagg import messages as sm
 from fedmq.transport import Message
 from fedmq.transport.memory import MemoryBus
 
 FED, SIZE, N = "fed", 2000, 20
 DEVICES = [f"dev-{i:02d}" for i in range(N)]
-SETTINGS = SecureSettings(enabled=True, degree=14, threshold=6, clip=0.5, scale=2.0**16, phase_s=20.0)
+SETTINGS = SecureAggregationConfig(enabled=True, degree=14, threshold=6, clip=0.5, scale=2.0**16, phase_s=20.0)
 
 
 class Fleet:
@@ -36,7 +38,7 @@ class Fleet:
     ``drop_at_unmask`` stops answering once it sent its masked input (a dropout before
     unmasking); its residual is what its settlement says."""
 
-    def __init__(self, bus: MemoryBus, last_change: np.ndarray | None, *, drop_at_unmask: set[str] = frozenset(),
+    def __init__(self, bus: MemoryBus, *, drop_at_unmask: set[str] = frozenset(),
                  seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.vectors = {d: rng.normal(0.0, 0.05, SIZE).astype(np.float32) for d in DEVICES}
@@ -48,8 +50,7 @@ class Fleet:
         for d in DEVICES:
             link = bus.link(d).connect()
             link.subscribe(topics.secagg_down(FED, d), inbox=self.inbox)
-            self.devices[d] = SecureDevice(FED, d, link, size=SIZE, last_change=lambda _r: last_change,
-                                           settle=self._settler(d))
+            self.devices[d] = SecureDevice(FED, d, link, size=SIZE, settle=self._settler(d))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -71,7 +72,7 @@ class Fleet:
                 continue  # dropped before unmasking: hears nothing more in this round
             dev.handle(msg.payload)
             if msg.payload and sm.decode_downlink(msg.payload).TYPE == "sa_setup":
-                dev.provide(self.vectors[device])
+                dev.provide(sm.decode_downlink(msg.payload).round, self.vectors[device])
 
     def __enter__(self) -> Fleet:
         self._thread.start()
@@ -87,7 +88,7 @@ def bus() -> Iterator[MemoryBus]:
     yield MemoryBus()
 
 
-def coordinator_side(bus: MemoryBus, state_dir: Path, settings: SecureSettings = SETTINGS
+def coordinator_side(bus: MemoryBus, state_dir: Path, settings: SecureAggregationConfig = SETTINGS
                      ) -> tuple[SecureRound, Counter[str], queue.SimpleQueue[Message]]:
     link = bus.link("coordinator").connect()
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
@@ -106,10 +107,10 @@ def coordinator_side(bus: MemoryBus, state_dir: Path, settings: SecureSettings =
 
 
 def run_round(bus: MemoryBus, tmp_path: Path, drop: set[str], last_change: np.ndarray | None = None,
-              settings: SecureSettings = SETTINGS):
+              settings: SecureAggregationConfig = SETTINGS):
     secure, refused, _ = coordinator_side(bus, tmp_path, settings)
     k = support_size(SIZE, 0.05)
-    with Fleet(bus, last_change, drop_at_unmask=drop) as fleet:
+    with Fleet(bus, drop_at_unmask=drop) as fleet:
         outcome = secure.run(3, DEVICES, size=SIZE, k=k, last_change=last_change, seed=11,
                              deadline=secure.io.clock() + 30)
         secure.publish_result(outcome, DEVICES)
@@ -154,7 +155,7 @@ def test_the_coordinators_view_of_a_device_is_not_its_update(bus, tmp_path) -> N
 def test_too_many_dropouts_before_unmasking_fail_cleanly_and_roll_back(bus, tmp_path) -> None:
     drop = set(DEVICES[:16])  # 4 answer the unmasking: fewer than the threshold
     # The dropped devices stay silent: the unmasking phase ends at its (short) deadline.
-    outcome, fleet, _ = run_round(bus, tmp_path, drop, settings=replace(SETTINGS, phase_s=1.0))
+    outcome, fleet, _ = run_round(bus, tmp_path, drop, settings=SETTINGS.model_copy(update={"phase_s": 1.0}))
     assert outcome.state == "failed" and outcome.total is None and outcome.mean_delta(SIZE) is None
     assert outcome.survivors == ()
     for d in DEVICES:  # every device puts its whole input back into its residual
@@ -167,17 +168,19 @@ def test_a_device_refuses_a_request_naming_one_device_both_ways_and_a_second_req
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     link.subscribe(topics.secagg_up_filter(FED), inbox=inbox)
     dev_link = bus.link("dev-00").connect()
-    dev = SecureDevice(FED, "dev-00", dev_link, size=SIZE, last_change=lambda _r: None, settle=lambda p, s: None)
+    dev = SecureDevice(FED, "dev-00", dev_link, size=SIZE, settle=lambda p, s: None)
     attempt = "0123456789abcdef"
-    dev.handle(sm.Setup(1, attempt, ("dev-00", "dev-01", "dev-02"), 10, 0.5, 2.0**16, 0, 2, 1, 0.1, 0.0).to_bytes())
+    dev.handle(sm.Setup(1, attempt, ("dev-00", "dev-01", "dev-02"), np.arange(10, dtype="<i4").tobytes(), 0.5,
+                        2.0**16, 0, 2, 1, 0.0).to_bytes())
     dev.handle(sm.Unmask(1, attempt, ("dev-00", "dev-01"), ("dev-01",)).to_bytes())
-    assert dev.refused == {"protocol": 1}
+    assert dev.refused == {"secagg_protocol": 1}
     dev.handle(sm.Unmask(1, attempt, ("dev-00",), ("dev-01",)).to_bytes())
     dev.handle(sm.Unmask(1, attempt, ("dev-00", "dev-01"), ()).to_bytes())
-    assert dev.refused == {"protocol": 1, "second_request": 1}
+    assert dev.refused == {"secagg_protocol": 1, "secagg_second_request": 1}
     dev.handle(b"\x81\xa1v\x01")
     dev.handle(sm.Unmask(1, "fedcba9876543210", ("dev-00",), ()).to_bytes())
-    assert dev.refused == {"protocol": 1, "second_request": 1, "malformed": 1, "stale": 1}
+    assert dev.refused == {"secagg_protocol": 1, "secagg_second_request": 1, "secagg_malformed": 1,
+                           "secagg_stale": 1}
     kinds = []
     while not inbox.empty():
         kinds.append(topics.parse_secagg_up(FED, inbox.get().topic)[1])
@@ -187,7 +190,7 @@ def test_a_device_refuses_a_request_naming_one_device_both_ways_and_a_second_req
 def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
     secure, refused, _ = coordinator_side(bus, tmp_path)
     intruder = bus.link("dev-00-twin").connect()
-    with Fleet(bus, None) as fleet:
+    with Fleet(bus) as fleet:
         # Before the round: a message of no attempt, a malformed one, and one of an unknown kind.
         intruder.publish(topics.secagg_up(FED, "dev-01", "keys"), sm.Keys(3, "0" * 16, bytes(32), bytes(32)).to_bytes())
         intruder.publish(topics.secagg_up(FED, "dev-02", "keys"), b"\x00garbage")
@@ -207,7 +210,10 @@ def test_messages_decode_strictly() -> None:
                 sm.Reveal(1, a, {"x": bytes(66)}, {}), sm.Result(1, a, "closed", ("a", "b")),
                 sm.Unmask(1, a, ("a",), ("b",))):
         assert type(msg).from_bytes(msg.to_bytes()) == msg
-    from fedmq.errors import WireError
+    setup = sm.Setup(1, a, ("a", "b"), np.array([1, 5], dtype="<i4").tobytes(), 0.5, 8.0, 3, 1, 1, 9.0)
+    assert sm.Setup.from_bytes(setup.to_bytes()) == setup and setup.k == 2
+    with pytest.raises(WireError, match="R25"):
+        sm.Setup.from_bytes(replace(setup, support=np.array([5, 1], dtype="<i4").tobytes()).to_bytes())
     with pytest.raises(WireError, match="R25"):
         sm.Keys.from_bytes(sm.Keys(1, a, bytes(31), bytes(32)).to_bytes())
     with pytest.raises(WireError, match="R25"):
