@@ -55,6 +55,7 @@ from fedmq.secagg import messages as sm
 from fedmq.secagg.messages import MAX_DEVICES
 from fedmq.secagg.protocol import UnmaskResponse
 from fedmq.secagg.shamir import PRIME
+from fedmq.params import ParamSpec
 from fedmq.transport import Link
 
 log = logging.getLogger("fedmq.coordinator.secure")
@@ -136,14 +137,14 @@ class SecureRound:
             raise StateError(f"{self.requests_path}: unreadable record of unmasking requests ({exc})") from None
         return data
 
-    def run(self, round_: int, devices: list[str], *, size: int, k: int, last_change: np.ndarray | None,
-            seed: int, deadline: float) -> SecureOutcome:
+    def run(self, round_: int, devices: list[str], *, size: int, support: np.ndarray, seed: int,
+            deadline: float) -> SecureOutcome:
         """Run one attempt of round ``round_`` with the selected ``devices``.
 
         Args:
-            size: the flat model's length; k: values per input (the common support's size).
-            last_change: the last global model step, float32 ``(size,)``, or None (round 1).
-            seed: the federation's seed (graph and support); deadline: of the masked inputs,
+            size: the flat model's length.
+            support: the round's common support, sorted int64 ``(k,)`` (:func:`plan_support`).
+            seed: the federation's seed (the graph); deadline: of the masked inputs,
                 wall-clock seconds since the epoch.
 
         Returns:
@@ -151,7 +152,7 @@ class SecureRound:
         """
         s = self.settings
         attempt = secrets.token_hex(8)
-        support = common_support(size, k, last_change=last_change, seed=seed, round_=round_, explore=s.explore)
+        k = int(support.size)
         chosen = tuple(sorted(devices))[:MAX_DEVICES]
         timings: dict[str, float] = {}
 
@@ -167,8 +168,8 @@ class SecureRound:
             return failed(str(exc))
         server = SecAggServer(params)
         t = params.threshold
-        setup = sm.Setup(round_, attempt, chosen, support.astype("<i4").tobytes(), s.clip, s.scale, seed, params.degree,
-                         t, deadline)
+        setup = sm.Setup(round_, attempt, chosen, size, sm.Setup.bitmap(support, size), s.clip, s.scale, seed,
+                         params.degree, t, deadline)
         for d in chosen:
             self._send(d, setup)
         log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,
@@ -297,6 +298,28 @@ def closed_round(closed: ClosedRound, outcome: SecureOutcome, *, kind: str, size
 
 
 def support_size(size: int, density: float) -> int:
-    """Values per input of a secure round: ``ceil(density * size)``, at least 1 (the same
-    count a client-chosen Top-K of that density keeps)."""
+    """Values per input of a secure round over ``size`` coordinates: ``ceil(density * size)``,
+    at least 1 (the count a client-chosen Top-K of that density keeps)."""
     return max(1, min(size, math.ceil(density * size)))
+
+
+def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_change: np.ndarray | None, seed: int,
+                 round_: int, explore: float) -> np.ndarray:
+    """The common support of a round under the train plan's codec settings: every coordinate
+    of the tensors the codec sends dense (fewer than ``dense_below`` elements, as
+    :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
+    ``density`` over the other tensors' coordinates. So a secure input holds as many values
+    as a client-chosen Top-K update of the same plan.
+
+    Returns:
+        sorted, distinct int64 indices into the flat model, ``(k,)``.
+    """
+    small = [np.arange(o, o + n, dtype=np.int64) for o, n in zip(spec.offsets, spec.sizes) if n < dense_below]
+    large = [np.arange(o, o + n, dtype=np.int64) for o, n in zip(spec.offsets, spec.sizes) if n >= dense_below]
+    dense = np.concatenate(small) if small else np.zeros(0, dtype=np.int64)
+    if not large:
+        return dense
+    rest = np.concatenate(large)
+    chosen = common_support(rest.size, support_size(rest.size, density), seed=seed, round_=round_, explore=explore,
+                            last_change=None if last_change is None else last_change[rest])
+    return np.sort(np.concatenate([dense, rest[chosen]]))

@@ -53,7 +53,7 @@ from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vec
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.phases import PhaseIO
 from coordinator.presence import DeviceRegistry
-from coordinator.secure import SecureOutcome, SecureRound, closed_round, support_size
+from coordinator.secure import SecureOutcome, SecureRound, closed_round, plan_support
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
@@ -560,9 +560,10 @@ class Coordinator:
         """Run the round's secure attempt (coordinator.secure) and close the round with it."""
         assert self.secure is not None
         plan = self.config.plan
-        k = support_size(self.spec.size, self.config.warmup.density(plan.density, engine.round))
-        outcome = self.secure.run(engine.round, selected, size=self.spec.size, k=k, last_change=self._last_change,
-                                  seed=self.config.seed, deadline=deadline)
+        support = plan_support(self.spec, self.config.warmup.density(plan.density, engine.round), plan.dense_below,
+                               last_change=self._last_change, seed=self.config.seed, round_=engine.round,
+                               explore=self.config.secure_aggregation.explore)
+        outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed, deadline=deadline)
         if self.stopping:
             return None
         closed, self._secure_outcome = closed_round(engine.close(time.time()), outcome, kind=plan.update_kind,

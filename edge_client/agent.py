@@ -94,6 +94,9 @@ PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt")
 
 #: Longest wait of the main loop between two looks at its clocks, seconds.
 TICK = 1.0
+#: Wait of the main loop while a secure round of this device runs, seconds (each of the
+#: round's phases waits for it once).
+SECURE_TICK = 0.02
 #: Seconds one publish of a whole update may take before it is retried later.
 SEND_TIMEOUT = 30.0
 
@@ -278,7 +281,7 @@ class EdgeAgent:
         ``limit`` seconds. Returns None when stop was requested first; re-raises its error."""
         worker = _Worker(fn)
         while True:
-            outcome = worker.wait(min(TICK, self.notifier.watchdog_interval or TICK))
+            outcome = worker.wait(min(self._tick(), self.notifier.watchdog_interval or TICK))
             if outcome is not None:
                 ok, value = outcome
                 if ok:
@@ -357,7 +360,7 @@ class EdgeAgent:
                     self._follow(stop)
                     continue
                 try:
-                    msg = link.inbox.get(timeout=min(TICK, self.notifier.watchdog_interval or TICK))
+                    msg = link.inbox.get(timeout=min(self._tick(), self.notifier.watchdog_interval or TICK))
                 except queue.Empty:
                     continue
                 self._handle(msg)
@@ -487,6 +490,8 @@ class EdgeAgent:
             return
         rec = self.state.record
         inflight, settled = rec.inflight, rec.settled
+        if task.secure_aggregation and task.round > rec.last_round:
+            self._secure_task = task  # answer its phases promptly (SECURE_TICK)
         if inflight is None:
             self._seen_task(task)
         if inflight is not None:
@@ -579,6 +584,11 @@ class EdgeAgent:
 
     # -- secure rounds (edge_client.secure) ----------------------------------------------------
 
+    def _tick(self) -> float:
+        """The main loop's wait: short while a secure round of this device runs (its messages
+        come on their own inbox, looked at once per wait), TICK otherwise."""
+        return SECURE_TICK if self._secure_task is not None or self.secure.active else TICK
+
     def _drain_secure(self) -> None:
         while True:
             try:
@@ -611,6 +621,7 @@ class EdgeAgent:
         self.state.save_residual(self.feedback, pending.round, task.deadline if task is not None else 0.0)
 
     def _settle_secure(self, pending: Pending, in_sum: bool) -> None:
+        self._secure_task = None
         if in_sum:
             self.counters["accepted"] += 1
         else:

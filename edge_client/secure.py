@@ -128,6 +128,12 @@ class SecureDevice:
         self._answered: sm.Unmask | None = None
         self.refused: Counter[str] = refused if refused is not None else Counter()
 
+    @property
+    def active(self) -> bool:
+        """A secure attempt is under way: set up, and its input not yet settled or its unmasking
+        not yet answered."""
+        return self.setup is not None and (self.pending is not None or self._answered is None)
+
     # -- what the device feeds in ---------------------------------------------------------
 
     def provide(self, round_: int, vector: np.ndarray) -> None:
@@ -172,10 +178,11 @@ class SecureDevice:
             # A new attempt before the result of ours: the coordinator abandoned it (a restart
             # reruns the round; its result would have come first on this topic).
             self._settle(False)
-        support = msg.indices()
-        if support[-1] >= self.size:
-            self._refuse("bad_support", f"round {msg.round}: support index {support[-1]} outside the model")
+        if msg.size != self.size:
+            self._refuse("bad_support", f"round {msg.round}: support over {msg.size} coordinates, the model has "
+                                        f"{self.size}")
             return
+        support = msg.indices()
         ring = RingSpec(msg.clip, msg.scale, len(msg.devices))
         params = RoundParams(msg.round, msg.devices, ring, msg.k, seed=msg.seed, degree=msg.degree,
                              threshold=msg.threshold)
@@ -205,7 +212,7 @@ class SecureDevice:
         y = self.client.masked_input(q, self._relay)
         self.pending = Pending(self.setup.round, self.setup.attempt, sent)
         self.sent(self.pending)
-        self._send("input", sm.MaskedInput(self.setup.round, self.setup.attempt, y.astype("<u8").tobytes()))
+        self._send("input", sm.MaskedInput.pack(self.setup.round, self.setup.attempt, y, self.ring.bits))
 
     def _on_unmask(self, msg: sm.Unmask) -> None:
         assert self.client is not None and self.setup is not None

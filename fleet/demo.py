@@ -484,7 +484,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
              metrics: CoordinatorMetrics | None = None, seal: bool = True,
-             secure_aggregation: bool = False) -> dict[str, Any]:
+             secure_aggregation: bool | dict[str, Any] = False) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -508,7 +508,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
             coordinator requires it (default); False: plain envelopes, as before sealing.
         secure_aggregation: every round a secure round (``[secure_aggregation] enabled``,
-            coordinator.secure): the coordinator learns only the survivors' sum.
+            coordinator.secure): the coordinator learns only the survivors' sum; a dict: the
+            ``[secure_aggregation]`` table's other keys too.
         metrics: the coordinator's Prometheus metrics go there (the caller serves them and
             keeps them after the run); None: a registry of the run's own, not served.
 
@@ -609,7 +610,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
             "sealing": {"required": seal},
-            "secure_aggregation": {"enabled": secure_aggregation},
+            "secure_aggregation": ({"enabled": True, **secure_aggregation} if isinstance(secure_aggregation, dict)
+                                   else {"enabled": secure_aggregation}),
             # Async: K = --per-round updates per server step, every device may train at once,
             # a task's lease is the round deadline.
             **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
@@ -654,7 +656,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                             coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
     summary["sealed"] = seal
-    summary["secure_aggregation"] = secure_aggregation
+    summary["secure_aggregation"] = bool(secure_aggregation)
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
     folder.record()
     _print_summary(console, summary, work)

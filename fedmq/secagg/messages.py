@@ -129,9 +129,10 @@ class _SecAggMessage:
 class Setup(_SecAggMessage):
     """Phase 0: what every device of the round must know (:class:`fedmq.secagg.RoundParams`).
 
-    ``devices`` sorted and distinct; ``support`` the common support (sorted, distinct int32
-    little-endian indices into the flat model, 4 * k bytes: the coordinator derives it,
-    :func:`fedmq.secagg.common_support`, and sends it so that a device that missed a model
+    ``devices`` sorted and distinct; ``support`` the common support as a bitmap of the flat
+    model's ``size`` coordinates (``ceil(size / 8)`` bytes, bit i of byte i // 8 from the least
+    significant: coordinate i is on it; at least one set; the coordinator derives it,
+    :func:`coordinator.secure.plan_support`, and sends it so that a device that missed a model
     version cannot put its values on other coordinates); ``clip`` (update units) and ``scale``
     (integers per unit) of the ring; ``seed`` of the graph; ``degree`` and ``threshold`` of
     SecAgg+; ``deadline`` of the masked inputs (wall-clock seconds since the epoch).
@@ -141,6 +142,7 @@ class Setup(_SecAggMessage):
     round: int
     attempt: str
     devices: tuple[str, ...]
+    size: int
     support: bytes
     clip: float
     scale: float
@@ -149,16 +151,25 @@ class Setup(_SecAggMessage):
     threshold: int
     deadline: float
 
+    @classmethod
+    def bitmap(cls, support: np.ndarray, size: int) -> bytes:
+        """The ``support`` field for sorted int64 indices into ``(size,)``."""
+        bits = np.zeros(size, dtype=np.uint8)
+        bits[support] = 1
+        return np.packbits(bits, bitorder="little").tobytes()
+
     @property
     def k(self) -> int:
-        return len(self.support) // 4
+        return int(self.indices().size)
 
     def indices(self) -> np.ndarray:
-        """The common support, int64 ``(k,)``."""
-        return np.frombuffer(self.support, dtype="<i4").astype(np.int64)
+        """The common support, sorted int64 ``(k,)``."""
+        bits = np.unpackbits(np.frombuffer(self.support, dtype=np.uint8), count=self.size, bitorder="little")
+        return np.flatnonzero(bits).astype(np.int64)
 
     def _body(self) -> dict[str, Any]:
-        return {"round": self.round, "attempt": self.attempt, "devices": list(self.devices), "support": self.support,
+        return {"round": self.round, "attempt": self.attempt, "devices": list(self.devices), "size": self.size,
+                "support": self.support,
                 "clip": self.clip, "scale": self.scale, "seed": self.seed, "degree": self.degree,
                 "threshold": self.threshold, "deadline": self.deadline}
 
@@ -171,15 +182,17 @@ class Setup(_SecAggMessage):
         devices = _devices(o, "devices", w)
         if devices != tuple(sorted(devices)) or len(devices) < 2:
             raise WireError(f"{w}: devices must be at least 2, sorted (rule R25)")
+        size = _get(o, "size", int, w)
         support = _get(o, "support", bytes, w)
-        idx = np.frombuffer(support, dtype="<i4") if support and len(support) % 4 == 0 else None
-        if idx is None or idx[0] < 0 or (idx.size > 1 and bool((np.diff(idx) <= 0).any())):
-            raise WireError(f"{w}: support must be sorted, distinct, non-negative int32 indices (rule R25)")
+        if size < 1 or len(support) != -(-size // 8) or not any(support) \
+                or (size % 8 and support[-1] >> (size % 8)):
+            raise WireError(f"{w}: support must be a bitmap of ceil(size / 8) bytes, at least one bit set, none "
+                            f"past size (rule R25)")
         degree, threshold = (_nonneg(_get(o, key, int, w), key, w) for key in ("degree", "threshold"))
         clip, scale = (_get(o, key, float, w) for key in ("clip", "scale"))
         if clip <= 0 or scale <= 0 or not 1 <= threshold <= degree:
             raise WireError(f"{w}: clip > 0, scale > 0, 1 <= threshold <= degree expected (rule R25)")
-        return cls(round_, attempt, devices, support, clip, scale, _get(o, "seed", int, w), degree, threshold,
+        return cls(round_, attempt, devices, size, support, clip, scale, _get(o, "seed", int, w), degree, threshold,
                    _get(o, "deadline", float, w))
 
 
@@ -262,30 +275,43 @@ class Relay(_SecAggMessage):
 
 @dataclass(frozen=True)
 class MaskedInput(_SecAggMessage):
-    """Phase 3, D -> coordinator: the masked input y, ``values`` uint64 little-endian, 8 * k bytes,
-    each below 2^63 (the ring's width is at most 63 bits; the receiver checks its own width)."""
+    """Phase 3, D -> coordinator: the masked input y, ``values`` as ``width``-byte little-endian
+    unsigned integers (``width`` = ceil(ring bits / 8), 1..8), ``width * k`` bytes, each below
+    2^63 (the ring's width is at most 63 bits; the receiver checks its own ring)."""
 
     TYPE: ClassVar[str] = "sa_input"
     round: int
     attempt: str
+    width: int
     values: bytes
 
+    @classmethod
+    def pack(cls, round_: int, attempt: str, y: np.ndarray, bits: int) -> MaskedInput:
+        """From ring elements ``y`` (uint64 ``(k,)``, below 2^bits)."""
+        width = max(1, -(-bits // 8))
+        raw = y.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
+        return cls(round_, attempt, width, raw.tobytes())
+
     def _body(self) -> dict[str, Any]:
-        return {"round": self.round, "attempt": self.attempt, "values": self.values}
+        return {"round": self.round, "attempt": self.attempt, "width": self.width, "values": self.values}
 
     def array(self) -> np.ndarray:
-        """The masked input, uint64 ``(len(values) // 8,)``."""
-        return np.frombuffer(self.values, dtype="<u8").astype(np.uint64)
+        """The masked input, uint64 ``(len(values) // width,)``."""
+        raw = np.zeros((len(self.values) // self.width, 8), dtype=np.uint8)
+        raw[:, :self.width] = np.frombuffer(self.values, dtype=np.uint8).reshape(-1, self.width)
+        return raw.view("<u8").reshape(-1).astype(np.uint64)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskedInput:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
-        values = _get(o, "values", bytes, w)
-        if not values or len(values) % 8 or int(np.frombuffer(values, dtype="<u8").max()) >> MAX_BITS:
-            raise WireError(f"{w}: values must be a non-empty multiple of 8 bytes, each below 2^{MAX_BITS} "
-                            f"(rule R25)")
-        return cls(*_head(o, w), values)
+        width, values = _get(o, "width", int, w), _get(o, "values", bytes, w)
+        if not 1 <= width <= 8 or not values or len(values) % width:
+            raise WireError(f"{w}: width in 1..8 and values a non-empty multiple of width bytes expected (rule R25)")
+        msg = cls(*_head(o, w), width, values)
+        if int(msg.array().max()) >> MAX_BITS:
+            raise WireError(f"{w}: values must be below 2^{MAX_BITS} (rule R25)")
+        return msg
 
 
 @dataclass(frozen=True)

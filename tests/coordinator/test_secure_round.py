@@ -21,6 +21,7 @@ import pytest
 from coordinator.phases import PhaseIO
 from coordinator.config import SecureAggregationConfig
 from coordinator.secure import REQUESTS_NAME, SecureRound, support_size
+from fedmq.secagg import common_support
 from edge_client.secure import Pending, SecureDevice
 from fedmq import topics
 from fedmq.errors import WireError
@@ -109,10 +110,9 @@ def coordinator_side(bus: MemoryBus, state_dir: Path, settings: SecureAggregatio
 def run_round(bus: MemoryBus, tmp_path: Path, drop: set[str], last_change: np.ndarray | None = None,
               settings: SecureAggregationConfig = SETTINGS):
     secure, refused, _ = coordinator_side(bus, tmp_path, settings)
-    k = support_size(SIZE, 0.05)
+    support = common_support(SIZE, support_size(SIZE, 0.05), last_change=last_change, seed=11, round_=3)
     with Fleet(bus, drop_at_unmask=drop) as fleet:
-        outcome = secure.run(3, DEVICES, size=SIZE, k=k, last_change=last_change, seed=11,
-                             deadline=secure.io.clock() + 30)
+        outcome = secure.run(3, DEVICES, size=SIZE, support=support, seed=11, deadline=secure.io.clock() + 30)
         secure.publish_result(outcome, DEVICES)
         waited = 0
         while len(fleet.settled) < N and waited < 400:  # the results travel through the bus thread
@@ -170,8 +170,8 @@ def test_a_device_refuses_a_request_naming_one_device_both_ways_and_a_second_req
     dev_link = bus.link("dev-00").connect()
     dev = SecureDevice(FED, "dev-00", dev_link, size=SIZE, settle=lambda p, s: None)
     attempt = "0123456789abcdef"
-    dev.handle(sm.Setup(1, attempt, ("dev-00", "dev-01", "dev-02"), np.arange(10, dtype="<i4").tobytes(), 0.5,
-                        2.0**16, 0, 2, 1, 0.0).to_bytes())
+    dev.handle(sm.Setup(1, attempt, ("dev-00", "dev-01", "dev-02"), SIZE,
+                        sm.Setup.bitmap(np.arange(10), SIZE), 0.5, 2.0**16, 0, 2, 1, 0.0).to_bytes())
     dev.handle(sm.Unmask(1, attempt, ("dev-00", "dev-01"), ("dev-01",)).to_bytes())
     assert dev.refused == {"secagg_protocol": 1}
     dev.handle(sm.Unmask(1, attempt, ("dev-00",), ("dev-01",)).to_bytes())
@@ -195,7 +195,7 @@ def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
         intruder.publish(topics.secagg_up(FED, "dev-01", "keys"), sm.Keys(3, "0" * 16, bytes(32), bytes(32)).to_bytes())
         intruder.publish(topics.secagg_up(FED, "dev-02", "keys"), b"\x00garbage")
         intruder.publish(topics.secagg_up(FED, "dev-03", "input"), b"")
-        outcome = secure.run(3, DEVICES, size=SIZE, k=50, last_change=None, seed=1, deadline=secure.io.clock() + 30)
+        outcome = secure.run(3, DEVICES, size=SIZE, support=np.arange(0, SIZE, 40), seed=1, deadline=secure.io.clock() + 30)
         secure.publish_result(outcome, DEVICES)
     assert outcome.state == "closed", outcome.reason
     assert refused["secagg_stale"] == 1 and refused["secagg_malformed"] == 1 and refused["secagg_out_of_phase"] == 1
@@ -206,20 +206,25 @@ def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
 def test_messages_decode_strictly() -> None:
     a = "0123456789abcdef"
     for msg in (sm.Keys(1, a, bytes(32), bytes(range(32))), sm.Neighbours(1, a, {"d": bytes(64)}),
-                sm.Shares(2, a, {"d": bytes(sm.SEALED_SHARES_BYTES)}), sm.MaskedInput(1, a, bytes(16)),
+                sm.Shares(2, a, {"d": bytes(sm.SEALED_SHARES_BYTES)}), sm.MaskedInput(1, a, 8, bytes(16)), sm.MaskedInput(1, a, 3, bytes(9)),
                 sm.Reveal(1, a, {"x": bytes(66)}, {}), sm.Result(1, a, "closed", ("a", "b")),
                 sm.Unmask(1, a, ("a",), ("b",))):
         assert type(msg).from_bytes(msg.to_bytes()) == msg
-    setup = sm.Setup(1, a, ("a", "b"), np.array([1, 5], dtype="<i4").tobytes(), 0.5, 8.0, 3, 1, 1, 9.0)
-    assert sm.Setup.from_bytes(setup.to_bytes()) == setup and setup.k == 2
-    with pytest.raises(WireError, match="R25"):
-        sm.Setup.from_bytes(replace(setup, support=np.array([5, 1], dtype="<i4").tobytes()).to_bytes())
+    setup = sm.Setup(1, a, ("a", "b"), 11, sm.Setup.bitmap(np.array([1, 5, 10]), 11), 0.5, 8.0, 3, 1, 1, 9.0)
+    assert sm.Setup.from_bytes(setup.to_bytes()) == setup and list(setup.indices()) == [1, 5, 10]
+    for bad in (b"\x00\x00", b"\x01", b"\x00\x08", b"\x01\x00\x00"):  # empty, short, past size, long
+        with pytest.raises(WireError, match="R25"):
+            sm.Setup.from_bytes(replace(setup, support=bad).to_bytes())
     with pytest.raises(WireError, match="R25"):
         sm.Keys.from_bytes(sm.Keys(1, a, bytes(31), bytes(32)).to_bytes())
     with pytest.raises(WireError, match="R25"):
         sm.Keys.from_bytes(sm.Keys(1, "XYZ", bytes(32), bytes(32)).to_bytes())
     with pytest.raises(WireError, match="R25"):
-        sm.MaskedInput.from_bytes(sm.MaskedInput(1, a, b"\xff" * 8).to_bytes())
+        sm.MaskedInput.from_bytes(sm.MaskedInput(1, a, 8, b"\xff" * 8).to_bytes())
+    with pytest.raises(WireError, match="R25"):
+        sm.MaskedInput.from_bytes(sm.MaskedInput(1, a, 3, bytes(8)).to_bytes())
+    y = np.array([0, 1, 2**23 + 5, 2**24 - 1], dtype=np.uint64)
+    np.testing.assert_array_equal(sm.MaskedInput.from_bytes(sm.MaskedInput.pack(1, a, y, 24).to_bytes()).array(), y)
     with pytest.raises(WireError, match="R25"):
         sm.Unmask.from_bytes(sm.Unmask(1, a, ("a", "a"), ()).to_bytes())
     with pytest.raises(WireError, match="R25"):
