@@ -689,6 +689,45 @@ def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
                   highlight=False)
 
 
+def secure_cost(plain: dict[str, Any], secure: dict[str, Any]) -> dict[str, Any]:
+    """What secure aggregation cost against the plain run of the same federation: final test
+    accuracy, the bytes the broker carried to and from the coordinator (models, tasks, client
+    updates or masked inputs, key and share messages: every message of the run), the devices'
+    uplink, and the median wall time of a round."""
+    def side(s: dict[str, Any]) -> dict[str, Any]:
+        link = s.get("coordinator_link") or {}
+        walls = sorted(r["wall_s"] for r in s["records"])
+        return {"final_accuracy": s["final_accuracy"], "rounds_failed": s["rounds_failed"],
+                "coordinator_bytes_out": link.get("bytes_out", 0), "coordinator_bytes_in": link.get("bytes_in", 0),
+                "uplink_bytes": s["bytes_up_total"], "round_wall_s_median": walls[len(walls) // 2] if walls else 0.0,
+                "wall_seconds": s["wall_seconds"]}
+    return {"plain": side(plain), "secure": side(secure)}
+
+
+def print_secure_cost(console: Console, plain: dict[str, Any], secure: dict[str, Any]) -> dict[str, Any]:
+    """Print :func:`secure_cost` as a table; returns it."""
+    cost = secure_cost(plain, secure)
+    p, s = cost["plain"], cost["secure"]
+    table = Table(title="secure aggregation: cost against the plain run")
+    for col in ("", "plain", "secure", "secure / plain"):
+        table.add_column(col, justify="right")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.2f}x" if a else "-"
+
+    table.add_row("final test accuracy", f"{p['final_accuracy']:.2%}", f"{s['final_accuracy']:.2%}",
+                  f"{(s['final_accuracy'] - p['final_accuracy']) * 100:+.1f} pp")
+    table.add_row("rounds failed", str(p["rounds_failed"]), str(s["rounds_failed"]), "")
+    for key, label in (("coordinator_bytes_out", "broker -> devices, from the coordinator"),
+                       ("coordinator_bytes_in", "devices -> coordinator (all messages)"),
+                       ("uplink_bytes", "client updates / secure messages received")):
+        table.add_row(label, _human_bytes(p[key]), _human_bytes(s[key]), ratio(p[key], s[key]))
+    table.add_row("wall time per round (median)", f"{p['round_wall_s_median']:.2f} s",
+                  f"{s['round_wall_s_median']:.2f} s", f"{s['round_wall_s_median'] - p['round_wall_s_median']:+.2f} s")
+    console.print(table)
+    return cost
+
+
 def demo_command(
     devices: int = typer.Option(10, help="Edge-client processes to start."),
     per_round: int = typer.Option(5, "--per-round", "--devices-per-round", help="Devices taking part per round."),
@@ -719,6 +758,9 @@ def demo_command(
     seal: bool = typer.Option(True, "--seal/--no-seal",
                               help="Devices seal their client updates to the coordinator's public key, so the "
                                    "broker relays only ciphertext (docs/security.md); --no-seal: plain updates."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="Run the federation twice, plain then with secure aggregation "
+                                                 "(docs/security.md), and print what the secure rounds cost."),
 ) -> None:
     """Run a demo federation: embedded broker, N edge-client processes, the coordinator.
 
@@ -726,11 +768,17 @@ def demo_command(
     simulator that the learning benchmarks use."""
     setup_logging(log_level)
     try:
-        run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
-                 data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
-                 downlink=downlink or None, downlink_density=downlink_density,
-                 broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal)
+        runs = [False, True] if secure_aggregation else [False]
+        summaries = [run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
+                              data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec,
+                              density=density, downlink=downlink or None, downlink_density=downlink_density,
+                              broker=broker, protocol=protocol,
+                              out=(out / ("secure" if secure else "plain")) if out is not None and secure_aggregation
+                              else out, seed=seed, deadline_s=deadline,
+                              devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
+                              secure_aggregation=secure) for secure in runs]
+        if secure_aggregation:
+            print_secure_cost(Console(soft_wrap=True), *summaries)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
