@@ -118,11 +118,14 @@ class SecureRound:
         settings: ``[secure_aggregation]``.
         io: the coordinator's loop (:class:`coordinator.phases.PhaseIO`).
         state_dir: where the record of unmasking requests is kept.
+        pause: the coordinator's test hook, called ``(point, round)`` with ``secagg_keys``,
+            ``secagg_shares`` (that phase closed, its relay not sent), ``secagg_input`` (the
+            unmasking request on record, not sent) and ``secagg_reveal`` (the sum computed).
     """
 
     def __init__(self, federation: str, link: Link, settings: SecureAggregationConfig, io: PhaseIO,
-                 state_dir: Path) -> None:
-        self.fed, self.link, self.settings, self.io = federation, link, settings, io
+                 state_dir: Path, pause: Callable[[str, int], None] = lambda _p, _r: None) -> None:
+        self.fed, self.link, self.settings, self.io, self.pause = federation, link, settings, io, pause
         self.requests_path = Path(state_dir) / REQUESTS_NAME
         self.requests = self._load_requests()
 
@@ -223,16 +226,19 @@ class SecureRound:
         try:
             u1 = phase("keys", "keys", frozenset(chosen), min(deadline, now() + s.phase_s), on_keys)
             keys = server.close_keys()
+            self.pause("secagg_keys", round_)
             for d in u1:
                 self._send(d, sm.Neighbours(round_, attempt, {v: keys[v].c_public + keys[v].s_public
                                                               for v in params.neighbours(d) if v in keys}))
             u2 = phase("shares", "shares", u1, min(deadline, now() + s.phase_s), on_shares)
             server.close_shares()
+            self.pause("secagg_shares", round_)
             for d in u2:
                 self._send(d, sm.Relay(round_, attempt, server.shares_for(d)))
             phase("input", "input", u2, deadline, on_input)
             request = server.close_inputs()
             self._record(round_, attempt, request.survivors, request.dropped)
+            self.pause("secagg_input", round_)
             unmask = sm.Unmask(round_, attempt, request.survivors, request.dropped)
             for d in request.survivors:
                 self._send(d, unmask)
@@ -240,6 +246,7 @@ class SecureRound:
                   lambda _answered: all(len(server.b_shares.get(u, {})) >= t for u in request.survivors)
                   and all(len(server.s_shares.get(v, {})) >= t for v in request.dropped))
             total = server.result()
+            self.pause("secagg_reveal", round_)
         except (PhaseFailed, SecAggError) as exc:
             server.phase = "failed"
             return failed(str(exc))

@@ -26,8 +26,9 @@ Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_COORDINATOR``): the steps of
 judged, its receipt not sent), ``checkpoint_write`` (the round's checkpoint written to its
 temporary file, not renamed), ``checkpoint_rename`` (checkpoint renamed, the database not
 written), ``model_publish`` (round recorded, the new global model not yet published) and
-``model_published`` (the new model published, the next round not selected). The
-fault-injection suite kills or restarts a process there.
+``model_published`` (the new model published, the next round not selected); in secure
+rounds ``secagg_keys``, ``secagg_shares``, ``secagg_input`` and ``secagg_reveal``
+(coordinator.secure.SecureRound). The fault-injection suite kills or restarts a process there.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ from fedmq.transport.wire import Manifest
 log = logging.getLogger("fedmq.coordinator")
 
 PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
-                "model_published", "publishing")
+                "model_published", "publishing", "secagg_keys", "secagg_shares", "secagg_input", "secagg_reveal")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
@@ -546,7 +547,7 @@ class Coordinator:
         io = PhaseIO(receive=receive, parse=lambda t: topics.parse_secagg_up(self.fed, t),
                      other=lambda m: self._handle(m, notify), refuse=lambda r: self.rejections.update([r]),
                      gone=lambda d: d in self._gone, stopping=lambda: self.stopping)
-        self.secure = SecureRound(self.fed, self.link, cfg.secure_aggregation, io, cfg.state_dir)
+        self.secure = SecureRound(self.fed, self.link, cfg.secure_aggregation, io, cfg.state_dir, self._pause)
         self.link.subscribe(topics.secagg_up_filter(self.fed), inbox=self.inbox)
         ckpt = load_checkpoint(cfg.state_dir)
         raw = ckpt.meta.get("secagg_result") if ckpt is not None else None

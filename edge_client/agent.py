@@ -39,7 +39,9 @@ trained, nothing committed), ``publishing`` (update committed to disk, nothing p
 received, not yet committed or rolled back), optionally only in round
 ``FEDMQ_EDGE_TEST_PAUSE_ROUND``, the agent writes the point's name to the file
 ``FEDMQ_EDGE_TEST_PAUSE_FILE`` and waits there until that file is removed or the agent is
-stopped, so that a test can kill it, or restart the broker, at that exact point.
+stopped, so that a test can kill it, or restart the broker, at that exact point. In secure
+rounds, ``secagg_keys``, ``secagg_shares``, ``secagg_input`` (the masked input durable, not
+published) and ``secagg_reveal`` stop it before that message goes out (edge_client.secure).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ from fedmq.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
-PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt")
+PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt", "secagg_keys", "secagg_shares",
+                "secagg_input", "secagg_reveal")
 
 #: Longest wait of the main loop between two looks at its clocks, seconds.
 TICK = 1.0
@@ -246,7 +249,8 @@ class EdgeAgent:
             self.feedback.residual = left[1]
         self.secure = SecureDevice(cfg.federation, cfg.device_id, self.link, size=self.spec.size,
                                    settle=self._settle_secure, sent=self._secure_sent,
-                                   pending=left[0] if left is not None else None, refused=self.counters)
+                                   pending=left[0] if left is not None else None, refused=self.counters,
+                                   pause=self._pause)
         self._secure_task: Task | None = None
 
     # -- helpers --------------------------------------------------------------------------

@@ -111,11 +111,16 @@ class SecureDevice:
             durable first: a device killed after that settles it by the retained result).
         pending: an unsettled input left by a previous run (the caller's durable state).
         refused: where refusals are counted, ``secagg_<reason>`` (a new Counter when None).
+        pause: the agent's test hook, called ``(point, round)`` before each message goes out:
+            ``secagg_keys``, ``secagg_shares``, ``secagg_input`` (the input durable, not
+            published) and ``secagg_reveal``.
     """
 
     def __init__(self, federation: str, device: str, link: Link, *, size: int,
                  settle: Callable[[Pending, bool], None], sent: Callable[[Pending], None] = lambda _p: None,
-                 pending: Pending | None = None, refused: Counter[str] | None = None) -> None:
+                 pending: Pending | None = None, refused: Counter[str] | None = None,
+                 pause: Callable[[str, int], None] = lambda _p, _r: None) -> None:
+        self.pause = pause
         self.fed, self.device, self.link, self.size = federation, device, link, size
         self.settle, self.sent = settle, sent
         self.pending = pending
@@ -243,6 +248,7 @@ class SecureDevice:
     # -- plumbing -------------------------------------------------------------------------
 
     def _send(self, kind: str, msg: sm.Keys | sm.Shares | sm.MaskedInput | sm.Reveal) -> None:
+        self.pause(f"secagg_{kind}", msg.round)
         self.link.publish(topics.secagg_up(self.fed, self.device, kind), msg.to_bytes())
 
     def _refuse(self, reason: str, detail: str) -> None:
