@@ -104,6 +104,11 @@ SECURE_STEPS: tuple[tuple[str, str, str], ...] = (
 #: the default t = 2 of degree 2 a dropped device leaves its neighbours' self masks one share
 #: short and the round fails, as it must; these trials are about crashes, not collusion).
 SECURE = {"secure_aggregation": {"enabled": True, "phase_s": 10.0, "threshold": 1}}
+#: Largest accuracy drop of a secure trial that lost a device's input for a round: the
+#: device's input goes back into its residual and the round steps with two of three inputs,
+#: which on a 3-round digits run costs up to 6 pp (the sum's exactness is proven by
+#: tests/coordinator/test_secure_round.py, not by accuracy).
+SECURE_ACCURACY_TOLERANCE = 0.10
 VICTIMS = ("coordinator", "edge", "broker")
 MODES = ("kill", "term")
 
@@ -525,7 +530,7 @@ def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
         if model is None or not np.array_equal(model, ref.model):
             res.failures.append("model")
             res.details.append("final model differs from the reference")
-    elif acc is None or ref.accuracy is None or acc < ref.accuracy - ACCURACY_TOLERANCE:
+    elif acc is None or ref.accuracy is None or acc < ref.accuracy - SECURE_ACCURACY_TOLERANCE:
         res.failures.append("accuracy")
         res.details.append(f"test accuracy {acc} against {ref.accuracy} (accepted per round {res.accepted})")
     after = [r["closed"] for r in rounds if res.resumed_at and r["closed"] >= res.resumed_at]

@@ -544,8 +544,23 @@ class Coordinator:
             except queue.Empty:
                 return None
 
+        def other(msg: Message) -> None:
+            parsed = topics.parse_update_topic(self.fed, msg.topic)
+            if parsed is not None and parsed[2] == "m" and msg.payload and not msg.retain \
+                    and parsed[0] in self.registry.devices and self.engine is not None:
+                # A plain client update in a secure round (an agent that ignores the task's
+                # flag): refused and answered, so its device rolls it back.
+                device, transfer, _ = parsed
+                self._answer(device, transfer, self.engine.refuse(device, transfer, "secure_round",
+                                                                  "a plain client update in a secure round"), notify)
+                return
+            if parsed is None or parsed[2] == "m" or msg.retain:
+                self._handle(msg, notify)
+            else:
+                self.rejections["secure_round_chunk"] += 1  # of a plain update refused by its manifest
+
         io = PhaseIO(receive=receive, parse=lambda t: topics.parse_secagg_up(self.fed, t),
-                     other=lambda m: self._handle(m, notify), refuse=lambda r: self.rejections.update([r]),
+                     other=other, refuse=lambda r: self.rejections.update([r]),
                      gone=lambda d: d in self._gone, stopping=lambda: self.stopping)
         self.secure = SecureRound(self.fed, self.link, cfg.secure_aggregation, io, cfg.state_dir, self._pause)
         self.link.subscribe(topics.secagg_up_filter(self.fed), inbox=self.inbox)

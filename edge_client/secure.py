@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class Pending:
     sent: np.ndarray
 
 
+#: Seconds after the masked inputs' deadline that an attempt counts as under way (the
+#: unmasking and the result follow the deadline; a dropped device stops waiting then).
+ACTIVE_AFTER_DEADLINE_S = 120.0
 #: The unsettled masked input of a device, in its state folder.
 PENDING_NAME = "secagg-pending.npz"
 
@@ -135,9 +139,10 @@ class SecureDevice:
 
     @property
     def active(self) -> bool:
-        """A secure attempt is under way: set up, and its input not yet settled or its unmasking
-        not yet answered."""
-        return self.setup is not None and (self.pending is not None or self._answered is None)
+        """A secure attempt is under way: set up, its input not yet settled or its unmasking not
+        yet answered, and its deadline less than :data:`ACTIVE_AFTER_DEADLINE_S` ago."""
+        return (self.setup is not None and time.time() < self.setup.deadline + ACTIVE_AFTER_DEADLINE_S
+                and (self.pending is not None or self._answered is None))
 
     # -- what the device feeds in ---------------------------------------------------------
 
