@@ -231,3 +231,20 @@ def test_messages_decode_strictly() -> None:
         sm.Neighbours.from_bytes(sm.Neighbours(1, a, {"bad/id": bytes(64)}).to_bytes())
     with pytest.raises(WireError, match="R15"):
         sm.decode_downlink(sm.Keys(1, a, bytes(32), bytes(32)).to_bytes())
+
+
+def test_a_secure_federation_over_the_memory_bus_learns(tmp_path) -> None:
+    """The real coordinator and edge agents (threads) with [secure_aggregation] enabled: every
+    round closes with every selected device's input, the model learns, and every unmasking
+    request on record named its survivors and dropped devices apart."""
+    from rich.console import Console
+
+    from fleet.demo import run_demo
+
+    summary = run_demo(devices=6, per_round=5, rounds=3, broker="memory", devices_in="threads",
+                       secure_aggregation=True, write_files=False, publish_onnx=False, out=tmp_path / "demo",
+                       deadline_s=30, console=Console(quiet=True))
+    assert [(r["state"], r["accepted"]) for r in summary["records"]] == [("closed", 5)] * 3
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.03
+    requests = json.loads(next((tmp_path / "demo").rglob(REQUESTS_NAME)).read_text())
+    assert len(requests) == 3 and all(not set(r["survivors"]) & set(r["dropped"]) for r in requests)
