@@ -29,6 +29,7 @@ sa_result          coordinator -> D       closed or failed, survivors (retained)
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -68,6 +69,17 @@ def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
     if obj.get("type") != expected_type:
         raise WireError(f"expected a {expected_type!r} message, got type {str(obj.get('type'))[:80]!r} (rule R15)")
     return obj
+
+
+def _inflate(data: bytes, size: int) -> bytes:
+    """A zlib stream inflated to at most ceil(size / 8) + 1 bytes (b"" when it is not a
+    complete zlib stream): a larger one is refused, never allocated."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, -(-size // 8) + 1)
+    except zlib.error:
+        return b""
+    return out if d.eof and not d.unconsumed_tail and not d.unused_data else b""
 
 
 def _head(o: dict[str, Any], w: str) -> tuple[int, str]:
@@ -129,9 +141,10 @@ class _SecAggMessage:
 class Setup(_SecAggMessage):
     """Phase 0: what every device of the round must know (:class:`fedmq.secagg.RoundParams`).
 
-    ``devices`` sorted and distinct; ``support`` the common support as a bitmap of the flat
-    model's ``size`` coordinates (``ceil(size / 8)`` bytes, bit i of byte i // 8 from the least
-    significant: coordinate i is on it; at least one set; the coordinator derives it,
+    ``devices`` sorted and distinct; ``support`` the common support as a zlib-compressed
+    (RFC 1950) bitmap of the flat model's ``size`` coordinates (``ceil(size / 8)`` bytes once
+    inflated, bit i of byte i // 8 from the least significant: coordinate i is on it; at least
+    one set; 1.5 KB for the digits MLP's 85,002 coordinates; the coordinator derives it,
     :func:`coordinator.secure.plan_support`, and sends it so that a device that missed a model
     version cannot put its values on other coordinates); ``clip`` (update units) and ``scale``
     (integers per unit) of the ring; ``seed`` of the graph; ``degree`` and ``threshold`` of
@@ -156,7 +169,7 @@ class Setup(_SecAggMessage):
         """The ``support`` field for sorted int64 indices into ``(size,)``."""
         bits = np.zeros(size, dtype=np.uint8)
         bits[support] = 1
-        return np.packbits(bits, bitorder="little").tobytes()
+        return zlib.compress(np.packbits(bits, bitorder="little").tobytes(), 9)
 
     @property
     def k(self) -> int:
@@ -164,7 +177,8 @@ class Setup(_SecAggMessage):
 
     def indices(self) -> np.ndarray:
         """The common support, sorted int64 ``(k,)``."""
-        bits = np.unpackbits(np.frombuffer(self.support, dtype=np.uint8), count=self.size, bitorder="little")
+        bits = np.unpackbits(np.frombuffer(_inflate(self.support, self.size), dtype=np.uint8), count=self.size,
+                             bitorder="little")
         return np.flatnonzero(bits).astype(np.int64)
 
     def _body(self) -> dict[str, Any]:
@@ -184,8 +198,8 @@ class Setup(_SecAggMessage):
             raise WireError(f"{w}: devices must be at least 2, sorted (rule R25)")
         size = _get(o, "size", int, w)
         support = _get(o, "support", bytes, w)
-        if size < 1 or len(support) != -(-size // 8) or not any(support) \
-                or (size % 8 and support[-1] >> (size % 8)):
+        bitmap = _inflate(support, size) if 1 <= size <= 8 * MAX_SECAGG_BYTES * 64 else b""
+        if len(bitmap) != -(-size // 8) or not any(bitmap) or (size % 8 and bitmap[-1] >> (size % 8)):
             raise WireError(f"{w}: support must be a bitmap of ceil(size / 8) bytes, at least one bit set, none "
                             f"past size (rule R25)")
         degree, threshold = (_nonneg(_get(o, key, int, w), key, w) for key in ("degree", "threshold"))

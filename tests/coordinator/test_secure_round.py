@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -214,6 +215,9 @@ def test_messages_decode_strictly() -> None:
     assert sm.Setup.from_bytes(setup.to_bytes()) == setup and list(setup.indices()) == [1, 5, 10]
     for bad in (b"\x00\x00", b"\x01", b"\x00\x08", b"\x01\x00\x00"):  # empty, short, past size, long
         with pytest.raises(WireError, match="R25"):
+            sm.Setup.from_bytes(replace(setup, support=zlib.compress(bad)).to_bytes())
+    for bad in (b"\x01\x02", zlib.compress(b"\x01" * 10**6), zlib.compress(b"\x22\x04")[:-1]):
+        with pytest.raises(WireError, match="R25"):  # not zlib, a bomb, truncated
             sm.Setup.from_bytes(replace(setup, support=bad).to_bytes())
     with pytest.raises(WireError, match="R25"):
         sm.Keys.from_bytes(sm.Keys(1, a, bytes(31), bytes(32)).to_bytes())
