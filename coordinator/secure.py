@@ -291,10 +291,15 @@ def closed_round(closed: ClosedRound, outcome: SecureOutcome, *, kind: str, size
     rec = closed.record
     mean = outcome.mean_delta(size)
     survivors = set(outcome.survivors)
-    parts = [ParticipationRecord(d, outcome.attempt, "accepted" if d in survivors else
-                                 "rejected" if outcome.state == "failed" and d in outcome.bytes_in else "no_answer",
-                                 "secagg_failed" if outcome.state == "failed" and d in outcome.bytes_in else "",
-                                 bytes_up=outcome.bytes_in.get(d, 0)) for d in sorted({p.device for p in rec.participations})]
+
+    def part(d: str) -> ParticipationRecord:
+        # A device that took part in a failed attempt is recorded as refused by the failure.
+        failed = outcome.state == "failed" and d in outcome.bytes_in
+        status = "accepted" if d in survivors else "rejected" if failed else "no_answer"
+        return ParticipationRecord(d, outcome.attempt, status, "secagg_failed" if failed else "",
+                                   bytes_up=outcome.bytes_in.get(d, 0))
+
+    parts = [part(d) for d in sorted({p.device for p in rec.participations})]
     rejected = dict(rec.rejected)
     if outcome.state == "failed":
         rejected["secagg_failed"] = rejected.get("secagg_failed", 0) + 1

@@ -67,10 +67,10 @@ from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
-from fedmq.secagg import messages as sm
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
+from fedmq.secagg import messages as sm
 from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import get_task
 from fedmq.transport import Link, Message, open_link
@@ -579,7 +579,8 @@ class Coordinator:
         support = plan_support(self.spec, self.config.warmup.density(plan.density, engine.round), plan.dense_below,
                                last_change=self._last_change, seed=self.config.seed, round_=engine.round,
                                explore=self.config.secure_aggregation.explore)
-        outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed, deadline=deadline)
+        outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed,
+                                  deadline=deadline)
         if self.stopping:
             return None
         closed, self._secure_outcome = closed_round(engine.close(time.time()), outcome, kind=plan.update_kind,

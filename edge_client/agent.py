@@ -66,7 +66,8 @@ from edge_client.duplicate import TakeoverWatch
 from edge_client.localdata import LocalData
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
-from edge_client.secure import Pending, SecureDevice, clear_pending, load_pending, save_pending
+from edge_client.secure import (ACTIVE_AFTER_DEADLINE_S, Pending, SecureDevice, clear_pending, load_pending,
+                                save_pending)
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
 from fedmq.codecs import decode
@@ -591,7 +592,9 @@ class EdgeAgent:
     def _tick(self) -> float:
         """The main loop's wait: short while a secure round of this device runs (its messages
         come on their own inbox, looked at once per wait), TICK otherwise."""
-        return SECURE_TICK if self._secure_task is not None or self.secure.active else TICK
+        task = self._secure_task
+        waiting = task is not None and time.time() < task.deadline + ACTIVE_AFTER_DEADLINE_S
+        return SECURE_TICK if waiting or self.secure.active else TICK
 
     def _drain_secure(self) -> None:
         while True:

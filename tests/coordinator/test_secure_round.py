@@ -196,7 +196,8 @@ def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
         intruder.publish(topics.secagg_up(FED, "dev-01", "keys"), sm.Keys(3, "0" * 16, bytes(32), bytes(32)).to_bytes())
         intruder.publish(topics.secagg_up(FED, "dev-02", "keys"), b"\x00garbage")
         intruder.publish(topics.secagg_up(FED, "dev-03", "input"), b"")
-        outcome = secure.run(3, DEVICES, size=SIZE, support=np.arange(0, SIZE, 40), seed=1, deadline=secure.io.clock() + 30)
+        outcome = secure.run(3, DEVICES, size=SIZE, support=np.arange(0, SIZE, 40), seed=1,
+                             deadline=secure.io.clock() + 30)
         secure.publish_result(outcome, DEVICES)
     assert outcome.state == "closed", outcome.reason
     assert refused["secagg_stale"] == 1 and refused["secagg_malformed"] == 1 and refused["secagg_out_of_phase"] == 1
@@ -207,7 +208,8 @@ def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
 def test_messages_decode_strictly() -> None:
     a = "0123456789abcdef"
     for msg in (sm.Keys(1, a, bytes(32), bytes(range(32))), sm.Neighbours(1, a, {"d": bytes(64)}),
-                sm.Shares(2, a, {"d": bytes(sm.SEALED_SHARES_BYTES)}), sm.MaskedInput(1, a, 8, bytes(16)), sm.MaskedInput(1, a, 3, bytes(9)),
+                sm.Shares(2, a, {"d": bytes(sm.SEALED_SHARES_BYTES)}), sm.MaskedInput(1, a, 8, bytes(16)),
+                sm.MaskedInput(1, a, 3, bytes(9)),
                 sm.Reveal(1, a, {"x": bytes(66)}, {}), sm.Result(1, a, "closed", ("a", "b")),
                 sm.Unmask(1, a, ("a",), ("b",))):
         assert type(msg).from_bytes(msg.to_bytes()) == msg
