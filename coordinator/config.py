@@ -201,9 +201,12 @@ class SecureAggregationConfig(_Section):
         degree: SecAgg+ neighbours per device; 0: 2 * ceil(log2 n).
         threshold: t, shares that rebuild a secret; 0: degree // 2 + 1. Also each phase's quorum.
         clip: largest |value| a device sends, in update units (the rest stays in its residual).
-        scale: fixed-point integers per unit (2^20: rounding error at most 4.8e-7 per value).
+        scale: fixed-point integers per unit (2^12: rounding error at most 1.2e-4 per value, kept
+            by error feedback; 5 devices' ring is 16 bits, 2 bytes a value; on the digits demo
+            (20 rounds) as accurate as 2^20 with 30% fewer bytes up).
         explore: share of the common support drawn at random (fedmq.secagg.support); 0.5: on
-            the digits demo (10 rounds) 90.6% test accuracy against 83.9% at 0.1 and 88.9% at 1.
+            the digits demo (10 rounds, scale 2^20) 90.6% test accuracy against 83.9% at 0.1
+            and 88.9% at 1.
         phase_s: deadline of the keys, shares and reveal phases, seconds (the input phase
             ends at the round's deadline).
     """
@@ -212,7 +215,7 @@ class SecureAggregationConfig(_Section):
     degree: int = Field(0, ge=0)
     threshold: int = Field(0, ge=0)
     clip: float = Field(1.0, gt=0)
-    scale: float = Field(float(2**20), gt=0)
+    scale: float = Field(float(2**12), gt=0)
     explore: float = Field(0.5, ge=0, le=1)
     phase_s: float = Field(30.0, gt=0)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.config import config_from_dict
+from coordinator.config import SecureAggregationConfig, config_from_dict
 from coordinator.service import Coordinator
 from fedmq import topics
+from fedmq.secagg import RingSpec
 from fedmq.secagg import messages as sm
 from fedmq.transport import Message, open_link
 from fedmq.transport.settings import BrokerSettings
@@ -81,6 +82,8 @@ def test_secure_rounds_through_the_shipped_mosquitto_learn(tmp_path: Path) -> No
     assert sum(d["counters"].get("accepted", 0) for d in results) == ROUNDS * N
     assert not any(k.startswith("secagg_") for d in results for k in d["counters"]), results
     assert not any(k.startswith("secagg_") for k in coordinator.rejections)
+    settings = SecureAggregationConfig()
+    ring = RingSpec(settings.clip, settings.scale, N)
     kinds: dict[str, int] = {}
     while not seen.empty():
         msg = seen.get()
@@ -88,7 +91,9 @@ def test_secure_rounds_through_the_shipped_mosquitto_learn(tmp_path: Path) -> No
         assert device, msg.topic
         kinds[kind] = kinds.get(kind, 0) + 1
         if kind == "input":
-            y = sm.MaskedInput.from_bytes(msg.payload).array()
-            # a masked input is uniform in the ring: far from the small integers of an update
-            assert np.median(np.abs(y.astype(np.float64))) > 2.0**16
+            y = sm.MaskedInput.from_bytes(msg.payload).array().astype(np.int64)
+            # An update's integers lie within qmax of 0 (mod 2^bits); a masked input is uniform
+            # in the ring, so most of its values lie outside.
+            near = np.minimum(y, (1 << ring.bits) - y) <= ring.qmax
+            assert near.mean() < 0.5, near.mean()
     assert kinds == {"keys": ROUNDS * N, "shares": ROUNDS * N, "input": ROUNDS * N, "reveal": ROUNDS * N}
