@@ -157,6 +157,9 @@ class SecureRound:
         attempt = secrets.token_hex(8)
         k = int(support.size)
         chosen = tuple(sorted(devices))[:MAX_DEVICES]
+        if len(chosen) < len(devices):
+            log.warning("secure round %d: %d devices selected, the first %d by id take part (MAX_DEVICES)", round_,
+                        len(devices), MAX_DEVICES)
         timings: dict[str, float] = {}
 
         def failed(reason: str) -> SecureOutcome:

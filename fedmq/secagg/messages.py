@@ -44,6 +44,8 @@ from fedmq.secagg.shamir import SHARE_BYTES
 from fedmq.strict_msgpack import Limits, unpack_map
 from fedmq.topics import check_id
 
+#: Largest flat model a setup may describe (a 32 MiB support bitmap at most, inflated).
+MAX_MODEL_SIZE = 2**28
 #: Most devices a secure round holds (bounds every map and list of these messages).
 MAX_DEVICES = 1024
 #: Largest secure-aggregation message, bytes: a masked input of up to 131,072 values.
@@ -198,7 +200,7 @@ class Setup(_SecAggMessage):
             raise WireError(f"{w}: devices must be at least 2, sorted (rule R25)")
         size = _get(o, "size", int, w)
         support = _get(o, "support", bytes, w)
-        bitmap = _inflate(support, size) if 1 <= size <= 8 * MAX_SECAGG_BYTES * 64 else b""
+        bitmap = _inflate(support, size) if 1 <= size <= MAX_MODEL_SIZE else b""
         if len(bitmap) != -(-size // 8) or not any(bitmap) or (size % 8 and bitmap[-1] >> (size % 8)):
             raise WireError(f"{w}: support must be a bitmap of ceil(size / 8) bytes, at least one bit set, none "
                             f"past size (rule R25)")
