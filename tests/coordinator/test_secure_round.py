@@ -25,7 +25,7 @@ from coordinator.secure import REQUESTS_NAME, SecureRound, support_size
 from fedmq.secagg import common_support
 from edge_client.secure import Pending, SecureDevice
 from fedmq import topics
-from fedmq.errors import WireError
+from fedmq.errors import StateError, WireError
 from fedmq.secagg import messages as sm
 from fedmq.transport import Message
 from fedmq.transport.memory import MemoryBus
@@ -254,3 +254,41 @@ def test_a_secure_federation_over_the_memory_bus_learns(tmp_path) -> None:
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.03
     requests = json.loads(next((tmp_path / "demo").rglob(REQUESTS_NAME)).read_text())
     assert len(requests) == 3 and all(not set(r["survivors"]) & set(r["dropped"]) for r in requests)
+
+
+def test_an_unsettled_input_survives_a_restart_and_is_settled_by_the_result_or_a_new_attempt(bus, tmp_path) -> None:
+    """A device killed after its masked input went out keeps it on disk (save_pending): the
+    retained result settles it when the device comes back; a setup of a new attempt before any
+    result means the attempt was abandoned (nothing aggregated): the input goes back."""
+    from edge_client.secure import PENDING_NAME, clear_pending, load_pending, save_pending
+
+    sent = np.zeros(SIZE, dtype=np.float32)
+    sent[[3, 7]] = [0.25, -0.5]
+    pending = Pending(4, "0123456789abcdef", sent)
+    save_pending(tmp_path, pending, np.full(SIZE, 0.125, dtype=np.float32))
+    loaded, residual = load_pending(tmp_path, SIZE)
+    assert (loaded.round, loaded.attempt) == (4, "0123456789abcdef") and np.array_equal(loaded.sent, sent)
+    assert np.all(residual == 0.125)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / PENDING_NAME).write_bytes(b"not an npz")
+    with pytest.raises(StateError):
+        load_pending(tmp_path / "other", SIZE)
+    with pytest.raises(StateError):
+        load_pending(tmp_path, SIZE + 1)
+
+    settled: list[tuple[int, bool]] = []
+    link = bus.link("dev-01").connect()
+    dev = SecureDevice(FED, "dev-01", link, size=SIZE, settle=lambda p, s: settled.append((p.round, s)),
+                       pending=loaded)
+    dev.handle(sm.Result(4, "fedcba9876543210", "closed", ("dev-01",)).to_bytes())  # another attempt's
+    assert settled == [] and dev.pending is not None
+    dev.handle(sm.Result(4, "0123456789abcdef", "closed", ("dev-01", "dev-02")).to_bytes())
+    assert settled == [(4, True)] and dev.pending is None
+    clear_pending(tmp_path)
+    assert load_pending(tmp_path, SIZE) is None
+
+    again = SecureDevice(FED, "dev-01", link, size=SIZE, settle=lambda p, s: settled.append((p.round, s)),
+                         pending=loaded)
+    again.handle(sm.Setup(4, "00000000000000aa", ("dev-01", "dev-02"), SIZE, sm.Setup.bitmap(np.arange(5), SIZE),
+                          0.5, 2.0**16, 0, 1, 1, 0.0).to_bytes())
+    assert settled[-1] == (4, False) and again.pending is None
