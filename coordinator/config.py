@@ -380,6 +380,16 @@ class CoordinatorConfig(_Section):
             raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
+    def _secure_rounds_are_synchronous_means(self) -> CoordinatorConfig:
+        # A secure round yields only the survivors' sum: no per-update rule can run on it, and
+        # buffered asynchronous aggregation has no round for the phases.
+        if self.secure_aggregation.enabled and (self.round.mode != "sync" or self.aggregation.rule != "weighted-mean"):
+            raise ValueError("secure_aggregation.enabled needs round.mode 'sync' and aggregation.rule "
+                             f"'weighted-mean' (got {self.round.mode!r}, {self.aggregation.rule!r}): robust rules "
+                             "and asynchronous rounds need each update, which a secure round never shows")
+        return self
+
+    @model_validator(mode="after")
     def _optimizer_options_apply(self) -> CoordinatorConfig:
         try:
             self.server_optimizer.build()

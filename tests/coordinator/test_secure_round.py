@@ -292,3 +292,14 @@ def test_an_unsettled_input_survives_a_restart_and_is_settled_by_the_result_or_a
     again.handle(sm.Setup(4, "00000000000000aa", ("dev-01", "dev-02"), SIZE, sm.Setup.bitmap(np.arange(5), SIZE),
                           0.5, 2.0**16, 0, 1, 1, 0.0).to_bytes())
     assert settled[-1] == (4, False) and again.pending is None
+
+
+@pytest.mark.parametrize("extra", [{"round": {"mode": "async"}}])
+def test_secure_rounds_refuse_asynchronous_rounds(extra) -> None:
+    from coordinator.config import config_from_dict
+    from fedmq.errors import ConfigError
+
+    base = {"federation": "f", "task": "digits-logreg", "secure_aggregation": {"enabled": True}}
+    with pytest.raises(ConfigError, match="secure_aggregation.enabled needs"):
+        config_from_dict({**base, **extra})
+    assert config_from_dict(base).secure_aggregation.enabled
