@@ -108,6 +108,13 @@ class SecureOutcome:
     def result_message(self) -> sm.Result:
         return sm.Result(self.round, self.attempt, self.state, self.survivors)
 
+    @property
+    def told(self) -> tuple[str, ...]:
+        """The devices the result goes to: every one that took part in the attempt (a device
+        that sent nothing keeps the retained result of the last attempt it took part in: the
+        one that settles an input it may have left unsettled)."""
+        return tuple(sorted(set(self.bytes_in) | set(self.survivors)))
+
 
 class SecureRound:
     """The coordinator's side of secure rounds over a :class:`fedmq.transport.Link`.
@@ -258,12 +265,12 @@ class SecureRound:
         return SecureOutcome(round_, attempt, "closed", request.survivors, support, total, s.scale, "", timings,
                              dict(server.masked), dict(bytes_in))
 
-    def publish_result(self, outcome: SecureOutcome, devices: list[str]) -> None:
-        """Tell ``devices`` (the round's selection) how the attempt ended: retained on each
-        device's secure-round topic. Call it after the round's checkpoint is durable (the
+    def publish_result(self, outcome: SecureOutcome) -> None:
+        """Tell the devices of the attempt (:attr:`SecureOutcome.told`) how it ended: retained on
+        each one's secure-round topic. Call it after the round's checkpoint is durable (the
         coordinator's service publishes the same bytes through its retained-state repair)."""
         payload = outcome.result_message().to_bytes()
-        for d in devices:
+        for d in outcome.told:
             self.link.publish(topics.secagg_down(self.fed, d), payload, retain=True)
 
     def _send(self, device: str, msg: sm.Setup | sm.Neighbours | sm.Relay | sm.Unmask) -> None:

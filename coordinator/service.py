@@ -61,7 +61,7 @@ from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
 from fedmq.sealing import SEAL_OVERHEAD, CoordinatorKey, SealError, is_sealed, load_or_create_key
-from fedmq.errors import StateError, TransportError, WireError
+from fedmq.errors import FedmqError, StateError, TransportError, WireError
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
@@ -493,6 +493,7 @@ class Coordinator:
         if self._secure_outcome is not None:
             # On record with the round: a restart after the checkpoint tells the devices again.
             meta["secagg_result"] = self._secure_outcome.result_message().to_bytes().hex()
+            meta["secagg_told"] = json.dumps(self._secure_outcome.told)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   meta, rec, self._residual),
@@ -509,7 +510,7 @@ class Coordinator:
         self.db.set_inflight([])
         if self.secure is not None and self._secure_outcome is not None:
             result = self._secure_outcome.result_message().to_bytes()
-            for device in engine.selection:
+            for device in self._secure_outcome.told:
                 self._publish_retained(topics.secagg_down(self.fed, device), result)
             if stepped and before is not None:
                 self._last_change = vector - before
@@ -566,9 +567,13 @@ class Coordinator:
         self.link.subscribe(topics.secagg_up_filter(self.fed), inbox=self.inbox)
         ckpt = load_checkpoint(cfg.state_dir)
         raw = ckpt.meta.get("secagg_result") if ckpt is not None else None
-        if raw:
-            result = sm.Result.from_bytes(bytes.fromhex(raw))
-            for device in result.survivors:
+        if raw and ckpt is not None:
+            try:
+                result = sm.Result.from_bytes(bytes.fromhex(raw))
+                told = [topics.check_id(d, "device") for d in json.loads(ckpt.meta.get("secagg_told", "[]"))]
+            except (ValueError, FedmqError) as exc:
+                raise StateError(f"{cfg.state_dir}/{CHECKPOINT_NAME}: bad secure-round result ({exc})") from None
+            for device in told:
                 self._publish_retained(topics.secagg_down(self.fed, device), result.to_bytes())
 
     def _secure_round(self, engine: RoundEngine, vector: np.ndarray, selected: list[str],

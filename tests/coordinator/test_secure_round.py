@@ -114,7 +114,7 @@ def run_round(bus: MemoryBus, tmp_path: Path, drop: set[str], last_change: np.nd
     support = common_support(SIZE, support_size(SIZE, 0.05), last_change=last_change, seed=11, round_=3)
     with Fleet(bus, drop_at_unmask=drop) as fleet:
         outcome = secure.run(3, DEVICES, size=SIZE, support=support, seed=11, deadline=secure.io.clock() + 30)
-        secure.publish_result(outcome, DEVICES)
+        secure.publish_result(outcome)
         waited = 0
         while len(fleet.settled) < N and waited < 400:  # the results travel through the bus thread
             threading.Event().wait(0.025)
@@ -198,7 +198,7 @@ def test_the_coordinator_counts_refusals_and_goes_on(bus, tmp_path) -> None:
         intruder.publish(topics.secagg_up(FED, "dev-03", "input"), b"")
         outcome = secure.run(3, DEVICES, size=SIZE, support=np.arange(0, SIZE, 40), seed=1,
                              deadline=secure.io.clock() + 30)
-        secure.publish_result(outcome, DEVICES)
+        secure.publish_result(outcome)
     assert outcome.state == "closed", outcome.reason
     assert refused["secagg_stale"] == 1 and refused["secagg_malformed"] == 1 and refused["secagg_out_of_phase"] == 1
     assert set(outcome.survivors) == set(DEVICES)
