@@ -291,11 +291,14 @@ class Fleet:
         return out
 
     def inflight(self) -> list[str]:
+        """Devices with an update in flight, or a secure round's masked input not yet settled."""
+        from edge_client.secure import PENDING_NAME
+
         busy = []
         for device in DEVICES:
             path = self.work / "devices" / device / "state" / "state.json"
             try:
-                if json.loads(path.read_text()).get("inflight") is not None:
+                if json.loads(path.read_text()).get("inflight") is not None or (path.parent / PENDING_NAME).exists():
                     busy.append(device)
             except (OSError, ValueError):
                 pass
