@@ -81,7 +81,9 @@ def test_secure_rounds_through_the_shipped_mosquitto_learn(tmp_path: Path) -> No
     # every device settled each round's masked input as aggregated; nothing was refused
     assert sum(d["counters"].get("accepted", 0) for d in results) == ROUNDS * N
     assert not any(k.startswith("secagg_") for d in results for k in d["counters"]), results
-    assert not any(k.startswith("secagg_") for k in coordinator.rejections)
+    # (a survivor's shares that come after the unmasking closed, every secret rebuilt, count as
+    # out_of_phase: expected, not a fault)
+    assert not any(k.startswith("secagg_") and k != "secagg_out_of_phase" for k in coordinator.rejections)
     settings = SecureAggregationConfig()
     ring = RingSpec(settings.clip, settings.scale, N)
     kinds: dict[str, int] = {}
