@@ -691,9 +691,10 @@ def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
 
 def secure_cost(plain: dict[str, Any], secure: dict[str, Any]) -> dict[str, Any]:
     """What secure aggregation cost against the plain run of the same federation: final test
-    accuracy, the bytes the broker carried to and from the coordinator (models, tasks, client
-    updates or masked inputs, key and share messages: every message of the run), the devices'
-    uplink, and the median wall time of a round."""
+    accuracy, the bytes the coordinator's link sent and received through the broker (models
+    and version chains once per version, tasks, client updates or masked inputs, key, share
+    and unmasking messages: every message of the run), the devices' uplink, and the median
+    wall time of a round."""
     def side(s: dict[str, Any]) -> dict[str, Any]:
         link = s.get("coordinator_link") or {}
         walls = sorted(r["wall_s"] for r in s["records"])
@@ -718,8 +719,8 @@ def print_secure_cost(console: Console, plain: dict[str, Any], secure: dict[str,
     table.add_row("final test accuracy", f"{p['final_accuracy']:.2%}", f"{s['final_accuracy']:.2%}",
                   f"{(s['final_accuracy'] - p['final_accuracy']) * 100:+.1f} pp")
     table.add_row("rounds failed", str(p["rounds_failed"]), str(s["rounds_failed"]), "")
-    for key, label in (("coordinator_bytes_out", "broker -> devices, from the coordinator"),
-                       ("coordinator_bytes_in", "devices -> coordinator (all messages)"),
+    for key, label in (("coordinator_bytes_out", "coordinator sent (models, tasks, secure messages)"),
+                       ("coordinator_bytes_in", "coordinator received (all messages)"),
                        ("uplink_bytes", "client updates / secure messages received")):
         table.add_row(label, _human_bytes(p[key]), _human_bytes(s[key]), ratio(p[key], s[key]))
     table.add_row("wall time per round (median)", f"{p['round_wall_s_median']:.2f} s",
