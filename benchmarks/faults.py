@@ -94,6 +94,8 @@ SECURE_STEPS: tuple[tuple[str, str, str], ...] = (
     ("secagg shares", "coordinator", "secagg_shares"),
     ("secagg unmask request", "coordinator", "secagg_input"),
     ("secagg sum", "coordinator", "secagg_reveal"),
+    # the round's checkpoint (with its result) renamed, the result not yet published
+    ("secagg checkpoint", "coordinator", "checkpoint_rename"),
     ("secagg keys (edge)", "edge", "secagg_keys"),
     ("secagg shares (edge)", "edge", "secagg_shares"),
     ("secagg input (edge)", "edge", "secagg_input"),

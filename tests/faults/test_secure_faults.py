@@ -19,7 +19,10 @@ CI_TRIALS = (("secagg unmask request", "coordinator", "kill"), ("secagg input (e
              # A device killed while the coordinator holds the round's sum: it comes back after
              # the last round, whose result (it was not in it) must not hide the one that
              # settles its input.
-             ("secagg sum", "edge", "kill"))
+             ("secagg sum", "edge", "kill"),
+             # The coordinator killed after the round's checkpoint, before its result went out:
+             # the restarted coordinator tells the devices from the checkpoint.
+             ("secagg checkpoint", "coordinator", "kill"))
 
 
 @pytest.fixture(scope="module")
