@@ -25,9 +25,10 @@ BRIDGE_DIR = Path(__file__).resolve().parent / "bridge"
 SITE_BRIDGE_TEMPLATE = BRIDGE_DIR / "site-bridge.conf"
 
 #: Kinds of topic the coordinator publishes to one device (``fedmq/F/KIND/DEVICE``).
-PER_DEVICE_DOWN = ("task", "receipt", "xfer")
-#: Kinds of topic a device writes (``fedmq/F/status/DEVICE``, ``fedmq/F/update/DEVICE/...``).
-PER_DEVICE_UP = (("status", ""), ("update", "/#"))
+PER_DEVICE_DOWN = ("task", "receipt", "xfer", "secagg-to")
+#: Kinds of topic a device writes (``fedmq/F/status/DEVICE``, ``fedmq/F/update/DEVICE/...``,
+#: ``fedmq/F/secagg/DEVICE/...`` in secure rounds).
+PER_DEVICE_UP = (("status", ""), ("update", "/#"), ("secagg", "/#"))
 #: What every device needs, whichever site it is on.
 SHARED_DOWN = ("model/#", "onnx/#", "round")
 
@@ -69,7 +70,7 @@ def up_topics(federation: str | None = None) -> list[str]:
     """Topic filters the site sends to the central broker (only its own devices publish
     there: the site's ACL confines each to its own topics)."""
     fed = _fed(federation)
-    return [f"{ROOT}/{fed}/status/#", f"{ROOT}/{fed}/update/#"]
+    return [f"{ROOT}/{fed}/status/#", f"{ROOT}/{fed}/update/#", f"{ROOT}/{fed}/secagg/#"]
 
 
 def render_site_bridge(site: str, devices: Sequence[str], *, federation: str | None = None,

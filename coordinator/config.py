@@ -244,6 +244,34 @@ class SealingConfig(_Section):
     required: bool = False
 
 
+class SecureAggregationConfig(_Section):
+    """``[secure_aggregation]``: secure rounds (coordinator.secure; docs/security.md), in which
+    the coordinator learns only the survivors' sum.
+
+    Fields:
+        enabled: run every round as a secure round (default off).
+        degree: SecAgg+ neighbours per device; 0: 2 * ceil(log2 n).
+        threshold: t, shares that rebuild a secret; 0: degree // 2 + 1. Also each phase's quorum.
+        clip: largest |value| a device sends, in update units (the rest stays in its residual).
+        scale: fixed-point integers per unit (2^12: rounding error at most 1.2e-4 per value, kept
+            by error feedback; 5 devices' ring is 16 bits, 2 bytes a value; on the digits demo
+            (20 rounds) as accurate as 2^20 with 30% fewer bytes up).
+        explore: share of the common support drawn at random (fedmq.secagg.support); 0.5: on
+            the digits demo (10 rounds, scale 2^20) 90.6% test accuracy against 83.9% at 0.1
+            and 88.9% at 1.
+        phase_s: deadline of the keys, shares and reveal phases, seconds (the input phase
+            ends at the round's deadline).
+    """
+
+    enabled: bool = False
+    degree: int = Field(0, ge=0)
+    threshold: int = Field(0, ge=0)
+    clip: float = Field(1.0, gt=0)
+    scale: float = Field(float(2**12), gt=0)
+    explore: float = Field(0.5, ge=0, le=1)
+    phase_s: float = Field(30.0, gt=0)
+
+
 class PublishConfig(_Section):
     """What is published with each global model version."""
 
@@ -355,6 +383,7 @@ class CoordinatorConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     publish: PublishConfig = PublishConfig()
     sealing: SealingConfig = SealingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     metrics: MetricsConfig = MetricsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     _source: str = PrivateAttr("coordinator configuration")
@@ -416,6 +445,21 @@ class CoordinatorConfig(_Section):
         if self.privacy.noise == "distributed" and self.plan.codec != "none":
             raise ValueError("privacy: distributed noise needs [plan] codec = \"none\" (a noise share must reach "
                              "every coordinate unquantized)")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_rounds_are_synchronous_means(self) -> CoordinatorConfig:
+        # A secure round yields only the survivors' sum: no per-update rule can run on it, and
+        # buffered asynchronous aggregation has no round for the phases.
+        if self.secure_aggregation.enabled and (self.round.mode != "sync" or self.aggregation.rule != "weighted-mean"):
+            raise ValueError("secure_aggregation.enabled needs round.mode 'sync' and aggregation.rule "
+                             f"'weighted-mean' (got {self.round.mode!r}, {self.aggregation.rule!r}): robust rules "
+                             "and asynchronous rounds need each update, which a secure round never shows")
+        if self.secure_aggregation.enabled and self.privacy.enabled:
+            # The secure round's sum carries no noise yet (distributed discrete noise is not
+            # built): accounting it would state a guarantee the model does not have.
+            raise ValueError("secure_aggregation.enabled and privacy.enabled together are not supported yet: "
+                             "the secure round's sum carries no noise, so no epsilon could be stated for it")
         return self
 
     @model_validator(mode="after")

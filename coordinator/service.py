@@ -26,8 +26,9 @@ Test hook (:mod:`fedmq.testhooks`, prefix ``FEDMQ_COORDINATOR``): the steps of
 judged, its receipt not sent), ``checkpoint_write`` (the round's checkpoint written to its
 temporary file, not renamed), ``checkpoint_rename`` (checkpoint renamed, the database not
 written), ``model_publish`` (round recorded, the new global model not yet published) and
-``model_published`` (the new model published, the next round not selected). The
-fault-injection suite kills or restarts a process there.
+``model_published`` (the new model published, the next round not selected); in secure
+rounds ``secagg_keys``, ``secagg_shares``, ``secagg_input`` and ``secagg_reveal``
+(coordinator.secure.SecureRound). The fault-injection suite kills or restarts a process there.
 """
 
 from __future__ import annotations
@@ -51,23 +52,26 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_loss
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.phases import PhaseIO
 from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyChecks, PrivacyGuard
+from coordinator.secure import SecureOutcome, SecureRound, closed_round, plan_support
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
 from fedmq.atomic import remove_stale_temporaries
 from fedmq.data import load_split
 from fedmq.envelope import max_update_bytes
 from fedmq.sealing import SEAL_OVERHEAD, CoordinatorKey, SealError, is_sealed, load_or_create_key
-from fedmq.errors import StateError, TransportError, WireError
+from fedmq.errors import FedmqError, StateError, TransportError, WireError
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
+from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, Rejected, Repeat, RoundEngine, RoundRecord, UpdateChecks
 from fedmq.fl.sampling import select_devices
 from fedmq.messages import ModelPointer, Receipt, RoundAnnouncement, Status, Task
 from fedmq.modelio import export_onnx, model_to_safetensors
+from fedmq.secagg import messages as sm
 from fedmq.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import get_task
 from fedmq.transport import Link, Message, open_link
@@ -81,7 +85,7 @@ from fedmq.transport.wire import Manifest
 log = logging.getLogger("fedmq.coordinator")
 
 PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
-                "model_published", "publishing")
+                "model_published", "publishing", "secagg_keys", "secagg_shares", "secagg_input", "secagg_reveal")
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2
@@ -217,6 +221,11 @@ class Coordinator:
         #: folder: loaded, or made on the first start, by :meth:`_resume`.
         self.seal_key: CoordinatorKey | None = None
         self.db: StateDB | None = None
+        #: Secure rounds ([secure_aggregation] enabled): the policy, the last global model step
+        #: (the common support derives from it) and the outcome of the round being closed.
+        self.secure: SecureRound | None = None
+        self._last_change: np.ndarray | None = None
+        self._secure_outcome: SecureOutcome | None = None
         self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
 
     def _pause(self, point: str, round_: int) -> None:
@@ -260,6 +269,8 @@ class Coordinator:
             self.receiver = BlobReceiver(timeout=max(10.0, cfg.round.deadline_s), max_size=self._update_limit)
             self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
             self._clear_inflight_tasks()
+            if cfg.secure_aggregation.enabled:
+                self._start_secure(notify)
             self._publish_model(vector, version, round_done)
             engine = self.engine = RoundEngine(
                 self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
@@ -468,7 +479,8 @@ class Coordinator:
         if self.privacy is not None:
             plan = self.privacy.plan(plan)
         for i, device in enumerate(selected):
-            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha)
+            task = Task(self.fed, device, r, version, self.spec.hash, deadline, plan, self._published_sha,
+                        secure_aggregation=self.secure is not None)
             self._publish_retained(topics.task(self.fed, device), task.to_bytes())
             if i == 0:
                 self._pause("task_publish", r)
@@ -478,6 +490,8 @@ class Coordinator:
                  len(selected), target, cfg.round.deadline_s)
         notify(Progress("round_open", r, len(selected), target, deadline=deadline,
                         online=self.registry.online_count()))
+        if self.secure is not None:
+            return self._secure_round(engine, vector, selected, deadline)
         while not self.stopping and not engine.complete:
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -489,10 +503,10 @@ class Coordinator:
             return None
         return self._close_round(engine, vector)
 
-    def _close_round(self, engine: RoundEngine, vector: np.ndarray) -> RoundRecord:
+    def _close_round(self, engine: RoundEngine, vector: np.ndarray, closed: ClosedRound | None = None) -> RoundRecord:
         cfg = self.config
         assert self.db is not None
-        closed = engine.close(time.time())
+        closed = closed if closed is not None else engine.close(time.time())
         rec = closed.record
         if self.privacy is not None:
             # Charged with the checkpoint below, before the noisy model can be published
@@ -500,6 +514,7 @@ class Coordinator:
             eps = (self.privacy.charge(rec.round, rec.accepted) if closed.model_delta is not None
                    else self.privacy.epsilon)
             rec = replace(rec, epsilon=eps)
+        before = vector.copy() if self.secure is not None else None
         stepped = False
         delta_blob: bytes | None = None
         if closed.model_delta is not None:
@@ -514,6 +529,10 @@ class Coordinator:
         rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = self._checkpoint_meta(engine.checks)
+        if self._secure_outcome is not None:
+            # On record with the round: a restart after the checkpoint tells the devices again.
+            meta["secagg_result"] = self._secure_outcome.result_message().to_bytes().hex()
+            meta["secagg_told"] = json.dumps(self._secure_outcome.told)
         # Durable first (the checkpoint is the source of truth), then visible.
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
                                                   meta, rec, self._residual),
@@ -528,6 +547,13 @@ class Coordinator:
         for device in engine.selection:
             self._publish_retained(topics.task(self.fed, device), b"")
         self.db.set_inflight([])
+        if self.secure is not None and self._secure_outcome is not None:
+            result = self._secure_outcome.result_message().to_bytes()
+            for device in self._secure_outcome.told:
+                self._publish_retained(topics.secagg_down(self.fed, device), result)
+            if stepped and before is not None:
+                self._last_change = vector - before
+            self._secure_outcome = None
         self._publish_retained(topics.round_announcement(self.fed),
                                RoundAnnouncement(rec.round, rec.base_version, engine.deadline, rec.state).to_bytes())
         if stepped:
@@ -544,6 +570,68 @@ class Coordinator:
         evaluation = self._evaluator.submit(vector) if stepped and self._evaluator is not None else None
         self._pending.append((rec, evaluation))
         return rec
+
+    def _start_secure(self, notify: Callable[[Progress], None]) -> None:
+        """Secure rounds on: the policy over this loop, and the result of the last round told
+        again (a restart after its checkpoint may have cut it short)."""
+        cfg = self.config
+
+        def receive(timeout: float) -> Message | None:
+            self._report_evaluated(wait=False)
+            self._repair_retained()
+            try:
+                return self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        def other(msg: Message) -> None:
+            parsed = topics.parse_update_topic(self.fed, msg.topic)
+            if parsed is not None and parsed[2] == "m" and msg.payload and not msg.retain \
+                    and parsed[0] in self.registry.devices and self.engine is not None:
+                # A plain client update in a secure round (an agent that ignores the task's
+                # flag): refused and answered, so its device rolls it back.
+                device, transfer, _ = parsed
+                self._answer(device, transfer, self.engine.refuse(device, transfer, "secure_round",
+                                                                  "a plain client update in a secure round"), notify)
+                return
+            if parsed is None or parsed[2] == "m" or msg.retain:
+                self._handle(msg, notify)
+            else:
+                self.rejections["secure_round_chunk"] += 1  # of a plain update refused by its manifest
+
+        io = PhaseIO(receive=receive, parse=lambda t: topics.parse_secagg_up(self.fed, t),
+                     other=other, refuse=lambda r: self.rejections.update([r]),
+                     gone=lambda d: d in self._gone, stopping=lambda: self.stopping)
+        self.secure = SecureRound(self.fed, self.link, cfg.secure_aggregation, io, cfg.state_dir, self._pause)
+        self.link.subscribe(topics.secagg_up_filter(self.fed), inbox=self.inbox)
+        ckpt = load_checkpoint(cfg.state_dir)
+        raw = ckpt.meta.get("secagg_result") if ckpt is not None else None
+        if raw and ckpt is not None:
+            try:
+                result = sm.Result.from_bytes(bytes.fromhex(raw))
+                told = [topics.check_id(d, "device") for d in json.loads(ckpt.meta.get("secagg_told", "[]"))]
+            except (ValueError, FedmqError) as exc:
+                raise StateError(f"{cfg.state_dir}/{CHECKPOINT_NAME}: bad secure-round result ({exc})") from None
+            for device in told:
+                self._publish_retained(topics.secagg_down(self.fed, device), result.to_bytes())
+
+    def _secure_round(self, engine: RoundEngine, vector: np.ndarray, selected: list[str],
+                      deadline: float) -> RoundRecord | None:
+        """Run the round's secure attempt (coordinator.secure) and close the round with it."""
+        assert self.secure is not None
+        plan = self.config.plan
+        support = plan_support(self.spec, self.config.warmup.density(plan.density, engine.round), plan.dense_below,
+                               last_change=self._last_change, seed=self.config.seed, round_=engine.round,
+                               explore=self.config.secure_aggregation.explore)
+        outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed,
+                                  deadline=deadline)
+        if self.stopping:
+            return None
+        closed, self._secure_outcome = closed_round(engine.close(time.time()), outcome, kind=plan.update_kind,
+                                                    size=self.spec.size, min_updates=self.config.round.min_updates)
+        log.info("round %d: secure attempt %s %s; phases %s", engine.round, outcome.attempt, outcome.state,
+                 {name: round(s, 3) for name, s in outcome.phase_s.items()})
+        return self._close_round(engine, vector, closed)
 
     def _report_evaluated(self, wait: bool) -> None:
         """Report the closed rounds whose evaluation finished (all of them when ``wait``), in

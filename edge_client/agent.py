@@ -41,7 +41,9 @@ trained, nothing committed), ``publishing`` (update committed to disk, nothing p
 received, not yet committed or rolled back), optionally only in round
 ``FEDMQ_EDGE_TEST_PAUSE_ROUND``, the agent writes the point's name to the file
 ``FEDMQ_EDGE_TEST_PAUSE_FILE`` and waits there until that file is removed or the agent is
-stopped, so that a test can kill it, or restart the broker, at that exact point.
+stopped, so that a test can kill it, or restart the broker, at that exact point. In secure
+rounds, ``secagg_keys``, ``secagg_shares``, ``secagg_input`` (the masked input durable, not
+published) and ``secagg_reveal`` stop it before that message goes out (edge_client.secure).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ from edge_client.duplicate import TakeoverWatch
 from edge_client.localdata import LocalData
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
+from edge_client.secure import (ACTIVE_AFTER_DEADLINE_S, Pending, SecureDevice, clear_pending, load_pending,
+                                save_pending)
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
 from fedmq.codecs import decode
@@ -91,10 +95,14 @@ from fedmq.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
-PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt")
+PAUSE_POINTS = ("fetching", "training", "publishing", "published", "receipt", "secagg_keys", "secagg_shares",
+                "secagg_input", "secagg_reveal")
 
 #: Longest wait of the main loop between two looks at its clocks, seconds.
 TICK = 1.0
+#: Wait of the main loop while a secure round of this device runs, seconds (each of the
+#: round's phases waits for it once).
+SECURE_TICK = 0.02
 #: Seconds one publish of a whole update may take before it is retried later.
 SEND_TIMEOUT = 30.0
 
@@ -237,6 +245,17 @@ class EdgeAgent:
         self._chain: ModelChain | None = None
         self._held: tuple[int, np.ndarray] | None = None
         self._metrics: MetricsServer | None = None
+        # Secure rounds (edge_client.secure): their messages, handled between ticks and while
+        # training; an input left unsettled by the last run is settled by the retained result.
+        self._secure_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        left = load_pending(cfg.state_dir, self.spec.size)
+        if left is not None:
+            self.feedback.residual = left[1]
+        self.secure = SecureDevice(cfg.federation, cfg.device_id, self.link, size=self.spec.size,
+                                   settle=self._settle_secure, sent=self._secure_sent,
+                                   pending=left[0] if left is not None else None, refused=self.counters,
+                                   pause=self._pause)
+        self._secure_task: Task | None = None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -250,6 +269,7 @@ class EdgeAgent:
         limit; republish the online status after a reconnect (the broker published our last
         will when the link dropped)."""
         link = self.link
+        self._drain_secure()
         healthy = link.connected and (worker is None or time.monotonic() - worker.started <= limit)
         interval = self.notifier.watchdog_interval
         if healthy and interval is not None and time.monotonic() - self._last_ping >= interval:
@@ -269,7 +289,7 @@ class EdgeAgent:
         ``limit`` seconds. Returns None when stop was requested first; re-raises its error."""
         worker = _Worker(fn)
         while True:
-            outcome = worker.wait(min(TICK, self.notifier.watchdog_interval or TICK))
+            outcome = worker.wait(min(self._tick(), self.notifier.watchdog_interval or TICK))
             if outcome is not None:
                 ok, value = outcome
                 if ok:
@@ -303,7 +323,7 @@ class EdgeAgent:
         self.start(stop)
         try:
             while not stop.is_set():
-                self.step(stop, min(TICK, self.notifier.watchdog_interval or TICK))
+                self.step(stop, min(self._tick(), self.notifier.watchdog_interval or TICK))
         finally:
             self.finish()
 
@@ -337,6 +357,7 @@ class EdgeAgent:
             link.subscribe(([topics.model_chain(fed)] if cfg.model_follow else [])
                            + [topics.task(fed, dev), topics.receipt(fed, dev), topics.transfer_requests(fed, dev),
                               topics.model_latest(fed)], qos=1)
+            link.subscribe(topics.secagg_down(fed, dev), qos=1, inbox=self._secure_inbox)
             link.publish_wait(topics.status(fed, dev), self._status(True), retain=True)
             self.notifier.ready(f"online, last round {self.state.record.last_round}")
             log.info("device %s online in federation %s (task %s, %d samples, spec %s, state %s)", dev, fed,
@@ -511,6 +532,8 @@ class EdgeAgent:
             return
         rec = self.state.record
         inflight, settled = rec.inflight, rec.settled
+        if task.secure_aggregation and task.round > rec.last_round:
+            self._secure_task = task  # answer its phases promptly (SECURE_TICK)
         if inflight is None:
             self._seen_task(task)
         if inflight is not None:
@@ -605,6 +628,56 @@ class EdgeAgent:
                           self.cfg.coordinator_key)
             self._rollback(receipt.reason or "rejected")
         self.notifier.status(f"idle, last round {self.state.record.last_round}")
+
+    # -- secure rounds (edge_client.secure) ----------------------------------------------------
+
+    def _tick(self) -> float:
+        """The main loop's wait: short while a secure round of this device runs (its messages
+        come on their own inbox, looked at once per wait), TICK otherwise."""
+        task = self._secure_task
+        waiting = task is not None and time.time() < task.deadline + ACTIVE_AFTER_DEADLINE_S
+        return SECURE_TICK if waiting or self.secure.active else TICK
+
+    def _drain_secure(self) -> None:
+        while True:
+            try:
+                msg = self._secure_inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg.payload:
+                self.secure.handle(msg.payload)
+
+    def _secure_input(self, task: Task, result: LocalResult) -> None:
+        """Hand the residual plus the update to the secure round; until its result the whole
+        of it is in the residual (the round is done: no second update for it)."""
+        vector = self.feedback.residual + np.asarray(result.update, dtype=np.float32)
+        if not np.isfinite(vector).all():
+            self._skip_bad_model(task, "training on it gave a non-finite update")
+            return
+        self.feedback.residual = vector.copy()
+        self.state.save_residual(self.feedback, task.round, task.deadline)
+        self._secure_task = task
+        self._drain_secure()
+        self.secure.provide(task.round, vector)
+        self.counters["updates_sent"] += 1
+
+    def _secure_sent(self, pending: Pending) -> None:
+        """The masked input is about to go out: durably, the residual without it."""
+        residual = self.feedback.residual - pending.sent
+        save_pending(self.cfg.state_dir, pending, residual)
+        self.feedback.residual = residual
+        task = self._secure_task
+        self.state.save_residual(self.feedback, pending.round, task.deadline if task is not None else 0.0)
+
+    def _settle_secure(self, pending: Pending, in_sum: bool) -> None:
+        self._secure_task = None
+        if in_sum:
+            self.counters["accepted"] += 1
+        else:
+            self.feedback.rollback(pending.sent)
+            self.counters["rolled_back"] += 1
+        self.state.save_residual(self.feedback, pending.round, self.state.record.last_deadline)
+        clear_pending(self.cfg.state_dir)
 
     def _rollback(self, reason: str) -> None:
         self.state.rollback(self.feedback, self._sent_vector(self.state.read_inflight()), reason)
@@ -901,6 +974,9 @@ class EdgeAgent:
             LINK_BYTES_IN: float(traffic["bytes_in"] - self._reported["bytes_in"]),
             LINK_BYTES_OUT: float(traffic["bytes_out"] - self._reported["bytes_out"])}))
         self._reported = traffic
+        if task.secure_aggregation:
+            self._secure_input(task, result)
+            return
         try:
             packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
                                       spec=self.spec, feedback=self.feedback, seed=cfg.seed)

@@ -264,7 +264,9 @@ class Task(_Message):
     ``model_version`` for ``round`` and send a client update before ``deadline``
     (wall-clock seconds since the epoch). ``model_sha256`` (64 hex chars) is the SHA-256
     of that version's float32 parameter vector when the downlink is compressed (the device
-    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise."""
+    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise.
+    ``secure_aggregation``: the round is a secure round (:mod:`edge_client.secure`): the device
+    sends a masked input on ``fedmq/F/secagg/D/input`` instead of a client update."""
 
     TYPE: ClassVar[str] = "task"
     federation: str
@@ -275,6 +277,7 @@ class Task(_Message):
     deadline: float
     plan: TrainPlan = field(default_factory=TrainPlan)
     model_sha256: str = ""
+    secure_aggregation: bool = False
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
@@ -290,7 +293,8 @@ class Task(_Message):
         plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
         return cls(federation=federation, device=device, round=round_, model_version=model_version,
                    spec_hash=spec_hash, deadline=deadline, plan=plan,
-                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""))
+                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""),
+                   secure_aggregation=_get(o, "secure_aggregation", bool, w, optional=True, default=False))
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")

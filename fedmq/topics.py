@@ -20,6 +20,8 @@ fedmq/F/task/D                           coordinator -> D       yes        Task
 fedmq/F/update/D/T/...                   D -> coordinator       no         blob: ClientUpdate, transfer T
 fedmq/F/receipt/D                        coordinator -> D       no         Receipt
 fedmq/F/xfer/D                           coordinator -> D       no         TransferRequest (resend chunks)
+fedmq/F/secagg/D/K                       D -> coordinator       no         secure round, kind K (fedmq.secagg.messages)
+fedmq/F/secagg-to/D                      coordinator -> D       sa_result  secure round messages to D
 ======================================  =====================  =========  ==========================
 
 A *blob* at base topic B is a chunked transfer (fedmq.transport): manifest at ``B/m``,
@@ -115,6 +117,32 @@ def receipt(fed: str, device: str) -> str:
 
 def transfer_requests(fed: str, device: str) -> str:
     return f"{ROOT}/{fed}/xfer/{device}"
+
+
+def secagg_up(fed: str, device: str, kind: str) -> str:
+    """A secure-round message of ``kind`` (keys, shares, input, reveal) from ``device``."""
+    return f"{ROOT}/{fed}/secagg/{device}/{kind}"
+
+
+def secagg_up_filter(fed: str) -> str:
+    """Subscription of the coordinator to every device's secure-round messages."""
+    return f"{ROOT}/{fed}/secagg/+/+"
+
+
+def secagg_down(fed: str, device: str) -> str:
+    """Secure-round messages to ``device`` (its result retained)."""
+    return f"{ROOT}/{fed}/secagg-to/{device}"
+
+
+def parse_secagg_up(fed: str, topic: str) -> tuple[str, str] | None:
+    """``(device, kind)`` of ``fedmq/F/secagg/D/K``; None for any other topic or an invalid id."""
+    prefix = f"{ROOT}/{fed}/secagg/"
+    if not topic.startswith(prefix):
+        return None
+    levels = topic[len(prefix):].split("/")
+    if len(levels) != 2 or not _ID.fullmatch(levels[0]) or not _ID.fullmatch(levels[1]):
+        return None
+    return levels[0], levels[1]
 
 
 def blob_manifest(base: str) -> str:

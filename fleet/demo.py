@@ -484,7 +484,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
              aggregation: str = "weighted-mean", round_mode: str = "sync",
              write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
              metrics: CoordinatorMetrics | None = None, seal: bool = True,
-             privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+             privacy: dict[str, Any] | None = None,
+             secure_aggregation: bool | dict[str, Any] = False) -> dict[str, Any]:
     """Run a whole federation on this machine and return the summary (see ``summary.json``).
 
     The coordinator runs in this process; the devices as processes (``devices_in``, the
@@ -507,6 +508,9 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
         seal: devices seal their client updates to the coordinator's key (fedmq.sealing),
             provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
             coordinator requires it (default); False: plain envelopes, as before sealing.
+        secure_aggregation: every round a secure round (``[secure_aggregation] enabled``,
+            coordinator.secure): the coordinator learns only the survivors' sum; a dict: the
+            ``[secure_aggregation]`` table's other keys too.
         metrics: the coordinator's Prometheus metrics go there (the caller serves them and
             keeps them after the run); None: a registry of the run's own, not served.
         privacy: the ``[privacy]`` table (differential privacy, docs/privacy.md; ``enabled`` is
@@ -611,6 +615,8 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
             "evaluation": {"data": test_file.name},
             "publish": {"onnx": publish_onnx},
             "sealing": {"required": seal},
+            "secure_aggregation": ({"enabled": True, **secure_aggregation} if isinstance(secure_aggregation, dict)
+                                   else {"enabled": secure_aggregation}),
             # Async: K = --per-round updates per server step, every device may train at once,
             # a task's lease is the round deadline.
             **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
@@ -655,6 +661,7 @@ def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: s
                             coordinator_traffic=coordinator.link.traffic.snapshot())
     summary["devices_in"] = devices_in
     summary["sealed"] = seal
+    summary["secure_aggregation"] = bool(secure_aggregation)
     if coordinator.privacy is not None:
         summary["privacy"] = coordinator.privacy.summary()
     write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
@@ -716,6 +723,46 @@ def demo_privacy(devices: int, per_round: int, rounds: int, epsilon: float, nois
     return table
 
 
+def secure_cost(plain: dict[str, Any], secure: dict[str, Any]) -> dict[str, Any]:
+    """What secure aggregation cost against the plain run of the same federation: final test
+    accuracy, the bytes the coordinator's link sent and received through the broker (models
+    and version chains once per version, tasks, client updates or masked inputs, key, share
+    and unmasking messages: every message of the run), the devices' uplink, and the median
+    wall time of a round."""
+    def side(s: dict[str, Any]) -> dict[str, Any]:
+        link = s.get("coordinator_link") or {}
+        walls = sorted(r["wall_s"] for r in s["records"])
+        return {"final_accuracy": s["final_accuracy"], "rounds_failed": s["rounds_failed"],
+                "coordinator_bytes_out": link.get("bytes_out", 0), "coordinator_bytes_in": link.get("bytes_in", 0),
+                "uplink_bytes": s["bytes_up_total"], "round_wall_s_median": walls[len(walls) // 2] if walls else 0.0,
+                "wall_seconds": s["wall_seconds"]}
+    return {"plain": side(plain), "secure": side(secure)}
+
+
+def print_secure_cost(console: Console, plain: dict[str, Any], secure: dict[str, Any]) -> dict[str, Any]:
+    """Print :func:`secure_cost` as a table; returns it."""
+    cost = secure_cost(plain, secure)
+    p, s = cost["plain"], cost["secure"]
+    table = Table(title="secure aggregation: cost against the plain run")
+    for col in ("", "plain", "secure", "secure / plain"):
+        table.add_column(col, justify="right")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.2f}x" if a else "-"
+
+    table.add_row("final test accuracy", f"{p['final_accuracy']:.2%}", f"{s['final_accuracy']:.2%}",
+                  f"{(s['final_accuracy'] - p['final_accuracy']) * 100:+.1f} pp")
+    table.add_row("rounds failed", str(p["rounds_failed"]), str(s["rounds_failed"]), "")
+    for key, label in (("coordinator_bytes_out", "coordinator sent (models, tasks, secure messages)"),
+                       ("coordinator_bytes_in", "coordinator received (all messages)"),
+                       ("uplink_bytes", "client updates / secure messages received")):
+        table.add_row(label, _human_bytes(p[key]), _human_bytes(s[key]), ratio(p[key], s[key]))
+    table.add_row("wall time per round (median)", f"{p['round_wall_s_median']:.2f} s",
+                  f"{s['round_wall_s_median']:.2f} s", f"{s['round_wall_s_median'] - p['round_wall_s_median']:+.2f} s")
+    console.print(table)
+    return cost
+
+
 def demo_command(
     devices: int = typer.Option(10, help="Edge-client processes to start."),
     per_round: int = typer.Option(5, "--per-round", "--devices-per-round", help="Devices taking part per round."),
@@ -760,6 +807,9 @@ def demo_command(
     dp_noise: str = typer.Option("central", "--dp-noise",
                                  help="With --privacy: central (the coordinator adds the noise) or distributed "
                                       "(each device adds its share; needs --codec none)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="Run the federation twice, plain then with secure aggregation "
+                                                 "(docs/security.md), and print what the secure rounds cost."),
 ) -> None:
     """Run a demo federation: embedded broker, N edge-client processes, the coordinator.
 
@@ -767,13 +817,20 @@ def demo_command(
     simulator that the learning benchmarks use."""
     setup_logging(log_level)
     try:
-        run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
-                 data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec, density=density,
-                 downlink=downlink or None, downlink_density=downlink_density,
-                 broker=broker, protocol=protocol, out=out, seed=seed, deadline_s=deadline,
-                 devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
-                 privacy=demo_privacy(devices, per_round, rounds, epsilon, noise_multiplier, clip_norm, delta,
-                                      adaptive_clipping, dp_noise) if privacy else None)
+        runs = [False, True] if secure_aggregation else [False]
+        summaries = [run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
+                              data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec,
+                              density=density, downlink=downlink or None, downlink_density=downlink_density,
+                              broker=broker, protocol=protocol,
+                              out=(out / ("secure" if secure else "plain")) if out is not None and secure_aggregation
+                              else out, seed=seed, deadline_s=deadline,
+                              devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
+                              secure_aggregation=secure,
+                              privacy=demo_privacy(devices, per_round, rounds, epsilon, noise_multiplier,
+                                                   clip_norm, delta, adaptive_clipping, dp_noise)
+                              if privacy else None) for secure in runs]
+        if secure_aggregation:
+            print_secure_cost(Console(soft_wrap=True), *summaries)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

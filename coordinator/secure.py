@@ -1,0 +1,347 @@
+"""The secure-aggregation policy of a round (SecAgg+ over MQTT), run by :mod:`coordinator.phases`.
+
+The coordinator learns the sum of the survivors' inputs on the round's common support and
+nothing else about any one of them (Bonawitz et al. 2017; Bell et al. 2020, SecAgg+; the
+maths: :mod:`fedmq.secagg`). A round is one *attempt* (16 hex characters, fresh at each
+start of the round: a coordinator that restarts reruns the round under a new attempt and the
+devices make fresh keys for it), in five steps:
+
+0. ``sa_setup`` to every selected device: the round's parameters;
+1. phase ``keys``: each device's two public keys; then to each device of U1 its neighbours'
+   keys (``sa_neighbours``);
+2. phase ``shares``: each device's shares sealed to its neighbours; then to each device of
+   U2 the ciphertexts addressed to it (``sa_relay``): the coordinator cannot open them;
+3. phase ``input``: each device's masked input (training happens between setup and this
+   phase, so it closes at the round's deadline); the unmasking request (survivors U3,
+   dropped U2 \\ U3, disjoint) is written to ``state_dir/secagg-requests.json`` *before* it
+   is sent, so that every request the coordinator ever made is on record;
+4. phase ``reveal``: the survivors' shares, until every secret the unmasking needs has t of
+   them (or every survivor answered, or the deadline); then the exact integer sum.
+
+Each phase has the quorum t: with fewer answers the round fails (:class:`SecureOutcome`
+state ``failed``), nothing is aggregated, and the ``sa_result`` the caller publishes after
+its checkpoint tells every device to put its input back into its residual. A device refuses
+an unmasking request that names one device both as survivor and as dropped, and a second,
+different request within one attempt: the coordinator never obtains both kinds of share of
+one device, not even across its own restarts (a restarted coordinator cannot reopen an
+attempt).
+
+Every refusal is counted with the reason ``secagg_<reason>`` through the phase driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.config import SecureAggregationConfig
+from coordinator.phases import Phase, PhaseFailed, PhaseIO, Refused, run_phase
+from fedmq import topics
+from fedmq.atomic import atomic_write_text
+from fedmq.errors import StateError
+from fedmq.fl.aggregation import model_delta
+from fedmq.fl.rounds import ClosedRound, ParticipationRecord
+from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggError, SecAggServer, common_support
+from fedmq.secagg import messages as sm
+from fedmq.secagg.messages import MAX_DEVICES
+from fedmq.secagg.protocol import UnmaskResponse
+from fedmq.secagg.shamir import PRIME
+from fedmq.params import ParamSpec
+from fedmq.transport import Link
+
+log = logging.getLogger("fedmq.coordinator.secure")
+
+#: The record of unmasking requests, in the coordinator's state folder.
+REQUESTS_NAME = "secagg-requests.json"
+#: Requests kept on record (the newest ones).
+MAX_REQUESTS_KEPT = 256
+
+
+@dataclass(frozen=True)
+class SecureOutcome:
+    """What a secure round gave.
+
+    Attributes:
+        round, attempt: the round and its attempt id.
+        state: ``closed`` (``total`` is the exact sum of the survivors' inputs) or ``failed``.
+        survivors: U3, the devices whose inputs are in ``total`` (empty when failed).
+        support: the common support, sorted int64 ``(k,)``.
+        total: the exact integer sum, int64 ``(k,)``; None when failed.
+        scale: integers per update unit.
+        reason: why the round failed ("" when closed).
+        phase_s: seconds each phase took.
+        masked: what the coordinator held of each survivor: its masked input, uint64 ``(k,)``.
+        bytes_in: payload bytes each device sent in the attempt's accepted messages.
+    """
+
+    round: int
+    attempt: str
+    state: str
+    survivors: tuple[str, ...]
+    support: np.ndarray
+    total: np.ndarray | None
+    scale: float
+    reason: str = ""
+    phase_s: dict[str, float] = field(default_factory=dict)
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
+
+    def mean_delta(self, size: int) -> np.ndarray | None:
+        """The survivors' mean input as a model-sized pseudo-gradient, float32 ``(size,)``
+        (zero off the support); None when the round failed. An unweighted mean: weighting by
+        sample counts would tell the coordinator each device's count times its input."""
+        if self.total is None or not self.survivors:
+            return None
+        out = np.zeros(size, dtype=np.float32)
+        out[self.support] = (self.total.astype(np.float64) / self.scale / len(self.survivors)).astype(np.float32)
+        return out
+
+    def result_message(self) -> sm.Result:
+        return sm.Result(self.round, self.attempt, self.state, self.survivors)
+
+    @property
+    def told(self) -> tuple[str, ...]:
+        """The devices the result goes to: every one that took part in the attempt (a device
+        that sent nothing keeps the retained result of the last attempt it took part in: the
+        one that settles an input it may have left unsettled)."""
+        return tuple(sorted(set(self.bytes_in) | set(self.survivors)))
+
+
+class SecureRound:
+    """The coordinator's side of secure rounds over a :class:`fedmq.transport.Link`.
+
+    Args:
+        federation: the federation id.
+        link: the coordinator's connected link (subscribed to ``topics.secagg_up_filter``).
+        settings: ``[secure_aggregation]``.
+        io: the coordinator's loop (:class:`coordinator.phases.PhaseIO`).
+        state_dir: where the record of unmasking requests is kept.
+        pause: the coordinator's test hook, called ``(point, round)`` with ``secagg_keys``,
+            ``secagg_shares`` (that phase closed, its relay not sent), ``secagg_input`` (the
+            unmasking request on record, not sent) and ``secagg_reveal`` (the sum computed).
+    """
+
+    def __init__(self, federation: str, link: Link, settings: SecureAggregationConfig, io: PhaseIO,
+                 state_dir: Path, pause: Callable[[str, int], None] = lambda _p, _r: None) -> None:
+        self.fed, self.link, self.settings, self.io, self.pause = federation, link, settings, io, pause
+        self.requests_path = Path(state_dir) / REQUESTS_NAME
+        self.requests = self._load_requests()
+
+    def _load_requests(self) -> list[dict[str, object]]:
+        if not self.requests_path.exists():
+            return []
+        try:
+            data = json.loads(self.requests_path.read_text())
+            if not isinstance(data, list):
+                raise ValueError("not a list")
+        except (ValueError, OSError) as exc:
+            raise StateError(f"{self.requests_path}: unreadable record of unmasking requests ({exc})") from None
+        return data
+
+    def run(self, round_: int, devices: list[str], *, size: int, support: np.ndarray, seed: int,
+            deadline: float) -> SecureOutcome:
+        """Run one attempt of round ``round_`` with the selected ``devices``.
+
+        Args:
+            size: the flat model's length.
+            support: the round's common support, sorted int64 ``(k,)`` (:func:`plan_support`).
+            seed: the federation's seed (the graph); deadline: of the masked inputs,
+                wall-clock seconds since the epoch.
+
+        Returns:
+            The outcome (never raises for a round that fails: its ``state`` says so).
+        """
+        s = self.settings
+        attempt = secrets.token_hex(8)
+        k = int(support.size)
+        chosen = tuple(sorted(devices))[:MAX_DEVICES]
+        if len(chosen) < len(devices):
+            log.warning("secure round %d: %d devices selected, the first %d by id take part (MAX_DEVICES)", round_,
+                        len(devices), MAX_DEVICES)
+        timings: dict[str, float] = {}
+
+        def failed(reason: str) -> SecureOutcome:
+            log.warning("secure round %d (attempt %s) failed: %s", round_, attempt, reason)
+            return SecureOutcome(round_, attempt, "failed", (), support, None, s.scale, reason, timings,
+                                 bytes_in=dict(bytes_in))
+
+        try:
+            ring = RingSpec(s.clip, s.scale, max(2, len(chosen)))
+            params = RoundParams(round_, chosen, ring, k, seed=seed, degree=s.degree, threshold=s.threshold)
+        except SecAggError as exc:
+            return failed(str(exc))
+        server = SecAggServer(params)
+        t = params.threshold
+        setup = sm.Setup(round_, attempt, chosen, size, sm.Setup.bitmap(support, size), s.clip, s.scale, seed,
+                         params.degree, t, deadline)
+        for d in chosen:
+            self._send(d, setup)
+        log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,
+                 attempt, len(chosen), params.degree, t, k, ring.bits)
+
+        bytes_in: Counter[str] = Counter()
+
+        def head(msg: sm.Keys | sm.Shares | sm.MaskedInput | sm.Reveal) -> None:
+            if (msg.round, msg.attempt) != (round_, attempt):
+                raise Refused("stale", f"message of round {msg.round} attempt {msg.attempt}, expected {round_} "
+                                       f"{attempt}")
+
+        def counted(accept: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+            def run(device: str, payload: bytes) -> None:
+                accept(device, payload)
+                bytes_in[device] += len(payload)
+            return run
+
+        def on_keys(device: str, payload: bytes) -> None:
+            msg = sm.Keys.from_bytes(payload)
+            head(msg)
+            server.add_keys(AdvertisedKeys(device, msg.c_public, msg.s_public))
+
+        def on_shares(device: str, payload: bytes) -> None:
+            msg = sm.Shares.from_bytes(payload)
+            head(msg)
+            self._protocol(server.add_shares, device, msg.sealed)
+
+        def on_input(device: str, payload: bytes) -> None:
+            msg = sm.MaskedInput.from_bytes(payload)
+            head(msg)
+            self._protocol(server.add_masked_input, device, msg.array())
+
+        def on_reveal(device: str, payload: bytes) -> None:
+            msg = sm.Reveal.from_bytes(payload)
+            head(msg)
+            shares = [{o: int.from_bytes(v, "big") for o, v in m.items()} for m in (msg.b_shares, msg.s_shares)]
+            if not all(0 <= v < PRIME for m in shares for v in m.values()):
+                raise Refused("bad_share", f"a share of {device} lies outside the field")
+            self._protocol(server.add_unmask_response, UnmaskResponse(device, *shares))
+
+        def phase(name: str, kind: str, expected: frozenset[str], end: float, accept: Callable[[str, bytes], None],
+                  enough: Callable[[frozenset[str]], bool] | None = None) -> frozenset[str]:
+            start = time.monotonic()
+            try:
+                return run_phase(Phase(name, kind, expected, t, end), self.io, counted(accept), enough)
+            finally:
+                timings[name] = time.monotonic() - start
+
+        now = self.io.clock
+        try:
+            u1 = phase("keys", "keys", frozenset(chosen), min(deadline, now() + s.phase_s), on_keys)
+            keys = server.close_keys()
+            self.pause("secagg_keys", round_)
+            for d in u1:
+                self._send(d, sm.Neighbours(round_, attempt, {v: keys[v].c_public + keys[v].s_public
+                                                              for v in params.neighbours(d) if v in keys}))
+            u2 = phase("shares", "shares", u1, min(deadline, now() + s.phase_s), on_shares)
+            server.close_shares()
+            self.pause("secagg_shares", round_)
+            for d in u2:
+                self._send(d, sm.Relay(round_, attempt, server.shares_for(d)))
+            phase("input", "input", u2, deadline, on_input)
+            request = server.close_inputs()
+            self._record(round_, attempt, request.survivors, request.dropped)
+            self.pause("secagg_input", round_)
+            unmask = sm.Unmask(round_, attempt, request.survivors, request.dropped)
+            for d in request.survivors:
+                self._send(d, unmask)
+            phase("reveal", "reveal", frozenset(request.survivors), now() + s.phase_s, on_reveal,
+                  lambda _answered: all(len(server.b_shares.get(u, {})) >= t for u in request.survivors)
+                  and all(len(server.s_shares.get(v, {})) >= t for v in request.dropped))
+            total = server.result()
+            self.pause("secagg_reveal", round_)
+        except (PhaseFailed, SecAggError) as exc:
+            server.phase = "failed"
+            return failed(str(exc))
+        log.info("secure round %d (attempt %s): sum of %d inputs, %d dropped after sharing keys", round_, attempt,
+                 len(request.survivors), len(request.dropped))
+        return SecureOutcome(round_, attempt, "closed", request.survivors, support, total, s.scale, "", timings,
+                             dict(server.masked), dict(bytes_in))
+
+    def publish_result(self, outcome: SecureOutcome) -> None:
+        """Tell the devices of the attempt (:attr:`SecureOutcome.told`) how it ended: retained on
+        each one's secure-round topic. Call it after the round's checkpoint is durable (the
+        coordinator's service publishes the same bytes through its retained-state repair)."""
+        payload = outcome.result_message().to_bytes()
+        for d in outcome.told:
+            self.link.publish(topics.secagg_down(self.fed, d), payload, retain=True)
+
+    def _send(self, device: str, msg: sm.Setup | sm.Neighbours | sm.Relay | sm.Unmask) -> None:
+        self.link.publish(topics.secagg_down(self.fed, device), msg.to_bytes())
+
+    def _record(self, round_: int, attempt: str, survivors: tuple[str, ...], dropped: tuple[str, ...]) -> None:
+        """Put the request on record, durably, before it is sent."""
+        self.requests = (self.requests + [{"round": round_, "attempt": attempt, "survivors": list(survivors),
+                                           "dropped": list(dropped)}])[-MAX_REQUESTS_KEPT:]
+        atomic_write_text(self.requests_path, json.dumps(self.requests))
+
+    @staticmethod
+    def _protocol(fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except SecAggError as exc:
+            raise Refused("protocol", str(exc)) from None
+
+
+def closed_round(closed: ClosedRound, outcome: SecureOutcome, *, kind: str, size: int,
+                 min_updates: int) -> tuple[ClosedRound, SecureOutcome]:
+    """The round's record and model change from a secure attempt (the engine saw no client
+    update: ``closed`` is its empty close). Fewer survivors than ``min_updates`` fail the round
+    as well (the outcome then says ``failed``, so every device rolls back)."""
+    if outcome.state == "closed" and len(outcome.survivors) < min_updates:
+        outcome = replace(outcome, state="failed", survivors=(), total=None,
+                          reason=f"{len(outcome.survivors)} survivors, min_updates {min_updates}")
+    rec = closed.record
+    mean = outcome.mean_delta(size)
+    survivors = set(outcome.survivors)
+
+    def part(d: str) -> ParticipationRecord:
+        # A device that took part in a failed attempt is recorded as refused by the failure.
+        failed = outcome.state == "failed" and d in outcome.bytes_in
+        status = "accepted" if d in survivors else "rejected" if failed else "no_answer"
+        return ParticipationRecord(d, outcome.attempt, status, "secagg_failed" if failed else "",
+                                   bytes_up=outcome.bytes_in.get(d, 0))
+
+    parts = [part(d) for d in sorted({p.device for p in rec.participations})]
+    rejected = dict(rec.rejected)
+    if outcome.state == "failed":
+        rejected["secagg_failed"] = rejected.get("secagg_failed", 0) + 1
+    rec = replace(rec, state=outcome.state, model_version=rec.base_version + (outcome.state == "closed"),
+                  accepted=len(survivors), rejected=rejected, bytes_up=sum(outcome.bytes_in.values()),
+                  dense_bytes_up=4 * size * len(outcome.bytes_in), participations=parts)
+    return ClosedRound(rec, None if mean is None else model_delta(mean, kind)), outcome
+
+
+def support_size(size: int, density: float) -> int:
+    """Values per input of a secure round over ``size`` coordinates: ``ceil(density * size)``,
+    at least 1 (the count a client-chosen Top-K of that density keeps)."""
+    return max(1, min(size, math.ceil(density * size)))
+
+
+def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_change: np.ndarray | None, seed: int,
+                 round_: int, explore: float) -> np.ndarray:
+    """The common support of a round under the train plan's codec settings: every coordinate
+    of the tensors the codec sends dense (fewer than ``dense_below`` elements, as
+    :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
+    ``density`` over the other tensors' coordinates. So a secure input holds as many values
+    as a client-chosen Top-K update of the same plan.
+
+    Returns:
+        sorted, distinct int64 indices into the flat model, ``(k,)``.
+    """
+    small = [np.arange(o, o + n, dtype=np.int64) for o, n in zip(spec.offsets, spec.sizes) if n < dense_below]
+    large = [np.arange(o, o + n, dtype=np.int64) for o, n in zip(spec.offsets, spec.sizes) if n >= dense_below]
+    dense = np.concatenate(small) if small else np.zeros(0, dtype=np.int64)
+    if not large:
+        return dense
+    rest = np.concatenate(large)
+    chosen = common_support(rest.size, support_size(rest.size, density), seed=seed, round_=round_, explore=explore,
+                            last_change=None if last_change is None else last_change[rest])
+    return np.sort(np.concatenate([dense, rest[chosen]]))
