@@ -42,17 +42,20 @@ def test_two_bridged_sites_carry_a_federation(tmp_path: Path) -> None:
 def test_routed_sections_list_each_device_once() -> None:
     text = render_site_bridge("north", ["d1", "d2", "d1"], address="central:8883")
     topics = [line for line in text.splitlines() if line.startswith("topic ")]
-    assert topics == ["topic fedmq/+/status/# out 1", "topic fedmq/+/update/# out 1",
+    assert topics == ["topic fedmq/+/status/# out 1", "topic fedmq/+/update/# out 1", "topic fedmq/+/secagg/# out 1",
                       "topic fedmq/+/model/# in 1", "topic fedmq/+/onnx/# in 1", "topic fedmq/+/round in 1",
                       "topic fedmq/+/task/d1 in 1", "topic fedmq/+/receipt/d1 in 1", "topic fedmq/+/xfer/d1 in 1",
-                      "topic fedmq/+/task/d2 in 1", "topic fedmq/+/receipt/d2 in 1", "topic fedmq/+/xfer/d2 in 1"]
+                      "topic fedmq/+/secagg-to/d1 in 1",
+                      "topic fedmq/+/task/d2 in 1", "topic fedmq/+/receipt/d2 in 1", "topic fedmq/+/xfer/d2 in 1",
+                      "topic fedmq/+/secagg-to/d2 in 1"]
     assert "address central:8883" in text and "remote_clientid bridge-north" in text
     acl = render_central_acl("north", ["d1"], federation="f")
     assert acl.splitlines()[1:] == ["user bridge-north", "topic write fedmq/f/status/d1",
-                                    "topic write fedmq/f/update/d1/#", "topic read fedmq/f/model/#",
-                                    "topic read fedmq/f/onnx/#", "topic read fedmq/f/round",
-                                    "topic read fedmq/f/task/d1", "topic read fedmq/f/receipt/d1",
-                                    "topic read fedmq/f/xfer/d1"]
+                                    "topic write fedmq/f/update/d1/#", "topic write fedmq/f/secagg/d1/#",
+                                    "topic read fedmq/f/model/#", "topic read fedmq/f/onnx/#",
+                                    "topic read fedmq/f/round", "topic read fedmq/f/task/d1",
+                                    "topic read fedmq/f/receipt/d1", "topic read fedmq/f/xfer/d1",
+                                    "topic read fedmq/f/secagg-to/d1"]
 
 
 @pytest.mark.parametrize("devices", [[], ["ok", "bad/id"], ["+"]])
