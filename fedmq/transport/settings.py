@@ -94,6 +94,9 @@ class BrokerSettings:
             round robin (a killed node's clients move to a live node on their first attempt).
             Every node must serve the same users, subscriptions and retained messages
             (docs/scale.md says what a cluster keeps across nodes).
+        retain_urls: the coordinator's side of a cluster that keeps retained messages per
+            node (RabbitMQ 3.x): the other nodes, same scheme as ``url``; every retained
+            publish is also sent to each (fedmq.transport.cluster). Empty by default.
         protocol: ``"5"`` (default; MQTT 5: persistent sessions, broker's Maximum Packet
             Size) or ``"3.1.1"`` (the embedded amqtt broker speaks only 3.1.1).
         username: broker username (on fleets, the device id); None for anonymous.
@@ -117,6 +120,7 @@ class BrokerSettings:
 
     url: str = "mqtt://127.0.0.1:1883"
     failover_urls: tuple[str, ...] = ()
+    retain_urls: tuple[str, ...] = ()
     protocol: str = "5"
     username: str | None = None
     username_file: str | None = None
@@ -134,15 +138,17 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         tls = parse_broker_url(self.url)[2]
-        if isinstance(self.failover_urls, (str, bytes)) or not isinstance(self.failover_urls, (tuple, list)):
-            raise ConfigError(f"broker failover_urls {self.failover_urls!r}: expected a list of broker URLs")
-        object.__setattr__(self, "failover_urls", tuple(self.failover_urls))
-        if self.failover_urls and self.url.strip().lower().startswith("memory://"):
-            raise ConfigError(f"broker failover_urls: an in-process bus ({self.url!r}) has no other nodes")
-        for other in self.failover_urls:
-            if parse_broker_url(other)[2] != tls:
-                raise ConfigError(f"broker failover_urls: {other!r} does not use the scheme of url {self.url!r} "
-                                  "(every node of a cluster is reached the same way, with the same TLS files)")
+        for name in ("failover_urls", "retain_urls"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise ConfigError(f"broker {name} {value!r}: expected a list of broker URLs")
+            object.__setattr__(self, name, tuple(value))
+            if value and self.url.strip().lower().startswith("memory://"):
+                raise ConfigError(f"broker {name}: an in-process bus ({self.url!r}) has no other nodes")
+            for other in value:
+                if parse_broker_url(other)[2] != tls:
+                    raise ConfigError(f"broker {name}: {other!r} does not use the scheme of url {self.url!r} "
+                                      "(every node of a cluster is reached the same way, with the same TLS files)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"broker protocol {self.protocol!r} unsupported, expected one of {PROTOCOLS}")
         if (self.cert_file is None) != (self.key_file is None):
@@ -216,7 +222,7 @@ class BrokerSettings:
             default = known[key].default
             if key == "protocol":
                 value = str(value)
-            elif key == "failover_urls":
+            elif key in ("failover_urls", "retain_urls"):
                 if not isinstance(value, (list, tuple)) or not all(isinstance(u, str) for u in value):
                     raise ConfigError(f"{where}.{key}: expected a list of broker URLs, got {value!r}")
                 value = tuple(value)
