@@ -12,6 +12,8 @@ import pytest
 
 from broker.launch import free_port
 from fedmq.errors import BrokerConnectError, ConfigError
+from fedmq.transport import open_link
+from fedmq.transport.cluster import RetainedFanoutLink
 from fedmq.transport.link import MqttLink
 from fedmq.transport.netloop import NetworkLoop, SharedLoopLink
 from fedmq.transport.settings import BrokerSettings
@@ -84,3 +86,26 @@ def test_a_killed_node_s_link_moves_to_the_next_node(mosquitto_factory, shared_l
         publisher.close()
         if loop is not None:
             loop.stop()
+
+
+def test_retained_messages_go_to_every_node_and_a_dead_node_blocks_nothing(mosquitto_factory) -> None:
+    main, other = mosquitto_factory(), mosquitto_factory()
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    link = open_link(BrokerSettings(url=main.url, retain_urls=(other.url, dead)), client_id="fo-coord")
+    assert isinstance(link, RetainedFanoutLink)
+    link.connect(timeout=10.0)
+    try:
+        link.publish_wait("fo/model/latest", b"v1", retain=True, timeout=10.0)
+        link.publish("fo/round", b"r1", retain=True).wait(10.0)
+        link.publish_wait("fo/live", b"not kept", timeout=10.0)
+        for broker in (main, other):
+            reader = MqttLink(BrokerSettings(url=broker.url), client_id="fo-reader").connect(timeout=10.0)
+            try:
+                reader.subscribe(["fo/model/latest", "fo/round", "fo/live"], timeout=10.0)
+                got = {reader.inbox.get(timeout=10.0).topic for _ in range(2)}
+                assert got == {"fo/model/latest", "fo/round"}
+            finally:
+                reader.close()
+        assert link.settings.retain_urls == (other.url, dead)
+    finally:
+        link.close()
