@@ -49,6 +49,14 @@ class RetainedFanoutLink:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._main, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A wrapper that swaps the inbox (fedmq.transport.counting) must reach the main
+        # link, whose network thread fills it.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._main, name, value)
+
     @property
     def settings(self) -> BrokerSettings:
         """The main link's settings plus ``retain_urls`` (what :func:`open_link` was given)."""

@@ -14,6 +14,7 @@ from broker.launch import free_port
 from fedmq.errors import BrokerConnectError, ConfigError
 from fedmq.transport import open_link
 from fedmq.transport.cluster import RetainedFanoutLink
+from fedmq.transport.counting import CountingLink
 from fedmq.transport.link import MqttLink
 from fedmq.transport.netloop import NetworkLoop, SharedLoopLink
 from fedmq.transport.settings import BrokerSettings
@@ -107,5 +108,10 @@ def test_retained_messages_go_to_every_node_and_a_dead_node_blocks_nothing(mosqu
             finally:
                 reader.close()
         assert link.settings.retain_urls == (other.url, dead)
+        # what the coordinator's CountingLink does: the inbox it sets is the one filled
+        counted = CountingLink(link)
+        counted.subscribe("fo/round", timeout=10.0)
+        assert counted.inbox.get(timeout=10.0).payload == b"r1"
+        assert counted.traffic.msgs_in == 1
     finally:
         link.close()
