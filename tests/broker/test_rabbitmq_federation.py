@@ -115,7 +115,9 @@ def test_a_federation_survives_the_kill_of_a_node_mid_round(tmp_path: Path) -> N
                 else:
                     assert key not in aggregated, f"{device} round {e['round']}: aggregated and rolled back"
         assert aggregated <= known, "aggregated updates that no device knows"
-        # dev-0 sent its round-2 update after its node died
+        # dev-0 sent its round-2 update after its node died, from another node
         assert any(e["round"] == faults.FAULT_ROUND for e in fleet.ledgers()["dev-0"])
+        for device in ("dev-0", "dev-1"):
+            assert "fails over to broker" in (fleet.work / "devices" / device / "edge.log").read_text()
     finally:
         fleet.close()
