@@ -228,7 +228,6 @@ class MqttLink:
             log.info("client %r fails over to broker %s", self.client_id, urls[self.url_index])
         self._move_on_reconnect = True
 
-
     def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
         if reason.is_failure:
@@ -359,22 +358,23 @@ class MqttLink:
             self._client.connect_timeout = timeout
             # The first node that accepts the socket (and TLS handshake) is the one used.
             failures: list[BrokerConnectError] = []
+            opened = False
             for index, url in enumerate(s.urls):
                 self.url_index, self._move_on_reconnect = index, False
                 host, port, _ = parse_broker_url(url)
                 try:
                     self._client.connect(host, port, keepalive=s.keepalive, clean_start=clean_start,
                                          properties=props)
+                    opened = True
                     break
                 except OSError as exc:  # ssl.SSLError included
                     failures.append(_socket_error(s.with_(url=url, failover_urls=()), self.client_id, exc,
                                                   timeout))
                     if time.monotonic() >= deadline:
                         break
-            else:
+            if not opened:
                 if len(failures) == 1:
                     raise failures[0]
-            if failures and (len(failures) == len(s.urls) or time.monotonic() >= deadline):
                 raise BrokerConnectError("; ".join(str(f) for f in failures), failures[-1].cause, s.url)
             self._start_network()
             self._started = True
