@@ -202,16 +202,19 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 class Fleet:
-    """The processes of one trial in ``work``: broker, coordinator, devices."""
+    """The processes of one trial in ``work``: broker, coordinator, devices. ``broker``: one
+    already started (anything with ``url`` and ``kill()``, e.g. a broker cluster's handle)
+    instead of a new mosquitto."""
 
     def __init__(self, work: Path, *, edge_overrides: dict[str, Any] | None = None,
-                 coordinator_overrides: dict[str, Any] | None = None) -> None:
+                 coordinator_overrides: dict[str, Any] | None = None, broker: Any = None) -> None:
         from fedmq.data import save_npz_atomic
         from fleet.demo import load_demo_data
 
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
-        self.broker: MosquittoProcess = start_mosquitto(work / "broker", extra_conf=shipped_persistence_conf())
+        self.broker: MosquittoProcess = broker if broker is not None else \
+            start_mosquitto(work / "broker", extra_conf=shipped_persistence_conf())
         data = load_demo_data("digits", None, len(DEVICES), "iid", 0.5)
         for i, (device, (x, y)) in enumerate(zip(DEVICES, data.parts)):
             folder = work / "devices" / device

@@ -117,7 +117,8 @@ def broker_settings(cfg: EdgeConfig) -> BrokerSettings:
     return BrokerSettings(url=cfg.broker_url, protocol=cfg.protocol, username_file=path(cfg.username_file),
                           password_file=path(cfg.password_file), ca_file=path(cfg.tls_ca),
                           cert_file=path(cfg.tls_cert), key_file=path(cfg.tls_key), keepalive=cfg.keepalive,
-                          session_expiry=cfg.session_expiry if cfg.protocol == "5" else 0)
+                          session_expiry=cfg.session_expiry if cfg.protocol == "5" else 0,
+                          failover_urls=cfg.broker_failover_urls)
 
 
 def fetch_latest_onnx(cfg: EdgeConfig, timeout: float = 30.0) -> bytes:

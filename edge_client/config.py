@@ -52,11 +52,12 @@ log = logging.getLogger(__name__)
 #: ``[broker]`` table, fedmq.transport.BrokerSettings).
 BROKER_OPTIONS = {"url": "broker_url", "protocol": "protocol", "username_file": "username_file",
                   "password_file": "password_file", "ca_file": "tls_ca", "cert_file": "tls_cert",
-                  "key_file": "tls_key", "keepalive": "keepalive", "session_expiry": "session_expiry"}
+                  "key_file": "tls_key", "keepalive": "keepalive", "session_expiry": "session_expiry",
+                  "failover_urls": "broker_failover_urls"}
 #: Attribute -> the option's name in the file (``broker.ca_file``) for messages.
 _FILE_NAMES = {attr: f"broker.{opt}" for opt, attr in BROKER_OPTIONS.items()}
 #: fedmq 0.1's flat top-level names, kept working (deprecated): old name -> attribute.
-DEPRECATED_NAMES = {attr: attr for attr in BROKER_OPTIONS.values()}
+DEPRECATED_NAMES = {attr: attr for attr in BROKER_OPTIONS.values() if attr != "broker_failover_urls"}
 #: Variables with the prefix that are not options: the agent's test hook (edge_client.agent).
 _NOT_OPTIONS = hook_variables("FEDMQ_EDGE")
 _warned: set[tuple[str, str]] = set()
@@ -68,6 +69,10 @@ class EdgeConfig(BaseModel):
     Attributes:
         broker_url: ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS), default port
             1883 / 8883.
+        broker_failover_urls: option ``broker.failover_urls``: the other nodes of a broker
+            cluster, same scheme (environment: URLs separated by commas); the agent moves
+            to the next one when its node refuses or drops it
+            (fedmq.transport.BrokerSettings.failover_urls). Empty by default.
         protocol: MQTT protocol version, ``"5"`` (persistent session with expiry; default)
             or ``"3.1.1"`` (clean_session=False).
         tls_ca, tls_cert, tls_key: PEM files: CA bundle to verify the broker; client
@@ -122,6 +127,7 @@ class EdgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker_url: str = "mqtt://localhost:1883"
+    broker_failover_urls: tuple[str, ...] = ()
     protocol: Literal["5", "3.1.1"] = "5"
     tls_ca: Path | None = None
     tls_cert: Path | None = None
@@ -173,6 +179,20 @@ class EdgeConfig(BaseModel):
             parse_broker_url(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("broker_failover_urls", mode="before")
+    @classmethod
+    def _failover_urls(cls, value: Any) -> Any:
+        # The environment gives one string: URLs separated by commas.
+        if isinstance(value, str):
+            value = [u for u in (part.strip() for part in value.split(",")) if u]
+        if isinstance(value, (list, tuple)):
+            for url in value:
+                try:
+                    parse_broker_url(url)
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
         return value
 
     @field_validator("protocol", mode="before")

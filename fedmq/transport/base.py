@@ -185,7 +185,8 @@ def link_schemes() -> tuple[str, ...]:
 
 
 def open_link(settings: BrokerSettings, client_id: str = "", *, will: Will | None = None) -> Link:
-    """A new, not yet connected link for ``settings.url``, chosen by its scheme.
+    """A new, not yet connected link for ``settings.url``, chosen by its scheme; with
+    ``settings.retain_urls``, a :class:`fedmq.transport.cluster.RetainedFanoutLink`.
 
     Raises:
         ConfigError: no link is registered for the URL's scheme.
@@ -196,7 +197,12 @@ def open_link(settings: BrokerSettings, client_id: str = "", *, will: Will | Non
     except KeyError:
         raise ConfigError(f"broker url {settings.url!r}: no link for scheme {scheme!r}, expected one of "
                           f"{link_schemes()}") from None
-    link = factory(settings, client_id)
+    if settings.retain_urls:
+        from fedmq.transport.cluster import RetainedFanoutLink  # imports this module
+
+        link: Link = RetainedFanoutLink.open(factory, settings, client_id)
+    else:
+        link = factory(settings, client_id)
     if will is not None:
         link.set_will(will)
     return link

@@ -28,7 +28,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmq.errors import BrokerConnectError, TransportError
 from fedmq.transport.base import MQTT_MAX_PACKET, Message, Will, max_payload_for, publish_packet_size
-from fedmq.transport.settings import BrokerSettings
+from fedmq.transport.settings import BrokerSettings, parse_broker_url
 
 __all__ = ["MQTT_MAX_PACKET", "Message", "MqttLink", "Publish", "Will", "publish_packet_size"]
 
@@ -169,6 +169,11 @@ class MqttLink:
         self.taken_over = 0
         self.short_lived = 0
         self._connected_at = 0.0
+        #: Index in ``settings.urls`` of the node connected to (or being tried), and how
+        #: many times a reconnect moved to another node (``settings.failover_urls``).
+        self.url_index = 0
+        self.failovers = 0
+        self._move_on_reconnect = False
 
         v5 = settings.protocol == "5"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -187,6 +192,7 @@ class MqttLink:
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._on_connect
+        self._client.on_pre_connect = self._on_pre_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
@@ -198,7 +204,29 @@ class MqttLink:
         lo = self.settings.reconnect_min * random.uniform(0.5, 1.5)
         return lo, max(lo, self.settings.reconnect_max)  # type: ignore[return-value]
 
+    @property
+    def current_url(self) -> str:
+        """The URL of the node this link is connected to (or trying); ``settings.url``
+        unless it failed over to one of ``settings.failover_urls``."""
+        return self.settings.urls[self.url_index]
+
     # -- paho callbacks (network thread): record state, queue messages, nothing else ---------
+
+    def _on_pre_connect(self, client: paho.Client, userdata: object) -> None:
+        # paho calls this at the start of every connection attempt, its own reconnects (and
+        # the shared network loop's) included. Every attempt after the first moves to the
+        # next node: a node that dropped us or refused the last attempt is probably gone,
+        # and any node of the cluster serves the same session.
+        urls = self.settings.urls
+        if self._move_on_reconnect and len(urls) > 1:
+            self.url_index = (self.url_index + 1) % len(urls)
+            host, port, _ = parse_broker_url(urls[self.url_index])
+            # paho's host/port setters refuse while a connection is being opened, which is
+            # exactly when it reads them next (to create the socket).
+            client._host, client._port = host, port
+            self.failovers += 1
+            log.info("client %r fails over to broker %s", self.client_id, urls[self.url_index])
+        self._move_on_reconnect = True
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -229,7 +257,7 @@ class MqttLink:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: paho.DisconnectFlags,
                        reason: ReasonCode, properties: Properties | None) -> None:
         if not self._closing:
-            log.info("client %r lost broker %s (%s); reconnecting", self.client_id, self.settings.url, reason)
+            log.info("client %r lost broker %s (%s); reconnecting", self.client_id, self.current_url, reason)
         with self._state:
             if self._connected:
                 self.disconnects += 1
@@ -298,7 +326,8 @@ class MqttLink:
         The socket connection and TLS handshake are made here, synchronously, so that a
         failure is reported at once with its cause (a refused port within milliseconds,
         not after ``timeout``); nothing is left running after such a failure and calling
-        :meth:`connect` again retries.
+        :meth:`connect` again retries. With ``settings.failover_urls`` the nodes are tried
+        in order, ``url`` first, and the first that accepts the socket is used.
 
         Args:
             timeout: seconds the whole attempt may take, socket, TLS handshake and CONNACK
@@ -311,7 +340,8 @@ class MqttLink:
                 ``unreachable``, ``tls`` (with the reason, e.g. certificate verify failed),
                 ``not_authorised`` (CONNACK 134 bad user name or password / 135 not
                 authorised), ``refused_by_broker`` (another CONNACK reason) or
-                ``timeout`` (no answer or no CONNACK within ``timeout``).
+                ``timeout`` (no answer or no CONNACK within ``timeout``). When every node
+                of a cluster failed, the message names each one's cause.
         """
         timeout = self.settings.connect_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -326,11 +356,26 @@ class MqttLink:
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = int(s.session_expiry)
             self._client.connect_timeout = timeout
-            try:
-                self._client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=clean_start,
-                                     properties=props)
-            except OSError as exc:  # ssl.SSLError included
-                raise _socket_error(s, self.client_id, exc, timeout) from None
+            # The first node that accepts the socket (and TLS handshake) is the one used.
+            failures: list[BrokerConnectError] = []
+            opened = False
+            for index, url in enumerate(s.urls):
+                self.url_index, self._move_on_reconnect = index, False
+                host, port, _ = parse_broker_url(url)
+                try:
+                    self._client.connect(host, port, keepalive=s.keepalive, clean_start=clean_start,
+                                         properties=props)
+                    opened = True
+                    break
+                except OSError as exc:  # ssl.SSLError included
+                    failures.append(_socket_error(s.with_(url=url, failover_urls=()), self.client_id, exc,
+                                                  timeout))
+                    if time.monotonic() >= deadline:
+                        break
+            if not opened:
+                if len(failures) == 1:
+                    raise failures[0]
+                raise BrokerConnectError("; ".join(str(f) for f in failures), failures[-1].cause, s.url)
             self._start_network()
             self._started = True
         if not self.wait_connected(max(0.0, deadline - time.monotonic())):

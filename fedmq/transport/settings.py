@@ -1,4 +1,5 @@
-"""Broker connection settings: URL, MQTT protocol version, credential files, TLS files,
+"""Broker connection settings: URL (and the other nodes of a broker cluster to fail over
+to), MQTT protocol version, credential files, TLS files,
 keepalive, persistent session, reconnect backoff and the chunk size of blob transfers.
 
 Credentials never appear in a URL or a configuration file: the username may, the password
@@ -87,6 +88,15 @@ class BrokerSettings:
 
     Attributes:
         url: ``mqtt://host:port`` (plain) or ``mqtts://host:port`` (TLS); see :func:`parse_broker_url`.
+        failover_urls: the other nodes of a broker cluster (same scheme as ``url``; empty by
+            default). The link connects to the first of ``url, *failover_urls`` that accepts
+            the connection, and after any drop reconnects to the next one in that order,
+            round robin (a killed node's clients move to a live node on their first attempt).
+            Every node must serve the same users, subscriptions and retained messages
+            (docs/scale.md says what a cluster keeps across nodes).
+        retain_urls: the coordinator's side of a cluster that keeps retained messages per
+            node (RabbitMQ 3.x): the other nodes, same scheme as ``url``; every retained
+            publish is also sent to each (fedmq.transport.cluster). Empty by default.
         protocol: ``"5"`` (default; MQTT 5: persistent sessions, broker's Maximum Packet
             Size) or ``"3.1.1"`` (the embedded amqtt broker speaks only 3.1.1).
         username: broker username (on fleets, the device id); None for anonymous.
@@ -109,6 +119,8 @@ class BrokerSettings:
     """
 
     url: str = "mqtt://127.0.0.1:1883"
+    failover_urls: tuple[str, ...] = ()
+    retain_urls: tuple[str, ...] = ()
     protocol: str = "5"
     username: str | None = None
     username_file: str | None = None
@@ -125,7 +137,18 @@ class BrokerSettings:
     max_chunk: int = DEFAULT_MAX_CHUNK
 
     def __post_init__(self) -> None:
-        parse_broker_url(self.url)
+        tls = parse_broker_url(self.url)[2]
+        for name in ("failover_urls", "retain_urls"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                raise ConfigError(f"broker {name} {value!r}: expected a list of broker URLs")
+            object.__setattr__(self, name, tuple(value))
+            if value and self.url.strip().lower().startswith("memory://"):
+                raise ConfigError(f"broker {name}: an in-process bus ({self.url!r}) has no other nodes")
+            for other in value:
+                if parse_broker_url(other)[2] != tls:
+                    raise ConfigError(f"broker {name}: {other!r} does not use the scheme of url {self.url!r} "
+                                      "(every node of a cluster is reached the same way, with the same TLS files)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"broker protocol {self.protocol!r} unsupported, expected one of {PROTOCOLS}")
         if (self.cert_file is None) != (self.key_file is None):
@@ -142,6 +165,11 @@ class BrokerSettings:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"broker {name}: file {value} does not exist")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """``url`` followed by ``failover_urls``: every node the link may connect to, in order."""
+        return (self.url, *self.failover_urls)
 
     @property
     def host(self) -> str:
@@ -194,6 +222,10 @@ class BrokerSettings:
             default = known[key].default
             if key == "protocol":
                 value = str(value)
+            elif key in ("failover_urls", "retain_urls"):
+                if not isinstance(value, (list, tuple)) or not all(isinstance(u, str) for u in value):
+                    raise ConfigError(f"{where}.{key}: expected a list of broker URLs, got {value!r}")
+                value = tuple(value)
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}.{key}: expected true/false, got {value!r}")

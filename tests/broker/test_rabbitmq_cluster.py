@@ -7,7 +7,8 @@ the coordinator to node 2. What holds across nodes: QoS 1 order, last wills, per
 permissions, persistent sessions (surviving the death of their node only under a mirroring
 policy). What does not: retained messages stay on the node that took them (and RabbitMQ
 3.10 sends them only to exact topic filters), so a device on another node never finds the
-global model: fedmq cannot run on such a cluster, which the retained-model test shows.
+global model, which the retained-model test shows; fedmq runs there only with the
+coordinator's ``broker.retain_urls`` (tests/broker/test_rabbitmq_federation.py).
 """
 
 from __future__ import annotations

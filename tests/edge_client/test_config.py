@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_client.agent import broker_settings
 from edge_client.config import load_config
 from fedmq.errors import ConfigError
 
@@ -180,3 +181,14 @@ def test_shipped_template_is_valid(tmp_path):
     cfg = load_config(ROOT / "deploy" / "edge.toml.example",
                       environ={"CREDENTIALS_DIRECTORY": str(creds), "STATE_DIRECTORY": str(tmp_path / "state")})
     assert cfg.task == "mnist-cnn" and cfg.broker_url.startswith("mqtts://")
+
+
+def test_failover_urls_from_the_file_and_the_environment(tmp_path):
+    path = _write(tmp_path, BASE, '[broker]\nurl = "mqtt://n0:1883"\nfailover_urls = ["mqtt://n1:1883", "n2:1884"]\n')
+    cfg = load_config(path, environ={})
+    assert broker_settings(cfg).urls == ("mqtt://n0:1883", "mqtt://n1:1883", "n2:1884")
+    cfg = load_config(path, environ={"FEDMQ_EDGE_BROKER_FAILOVER_URLS": "mqtt://n3:1, mqtt://n4:2"})
+    assert cfg.broker_failover_urls == ("mqtt://n3:1", "mqtt://n4:2")
+    assert load_config(_write(tmp_path, BASE), environ={}).broker_failover_urls == ()
+    with pytest.raises(ConfigError, match="broker.failover_urls"):
+        load_config(_write(tmp_path, BASE, BROKER + 'failover_urls = ["ftp://n1"]\n'), environ={})
