@@ -75,9 +75,11 @@ case "$cmd" in
     test)
         ensure_venv
         ensure_test_tools
-        # Tests use every core but keep torch to one thread per process.
+        # Two test processes (pytest-xdist; FEDMQ_TEST_WORKERS to change it): most tests wait on
+        # brokers and device processes, so two overlap well even on 2 cores. Torch keeps to one
+        # thread per process.
         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-        exec "$VENV/bin/python" -m pytest -q "$@" ;;
+        exec "$VENV/bin/python" -m pytest -q -n "${FEDMQ_TEST_WORKERS:-2}" "$@" ;;
     *)
         echo "usage: ./run.sh demo [flags]   |   ./run.sh test [pytest args]" >&2; exit 2 ;;
 esac
