@@ -84,8 +84,11 @@ from fedmq.transport.wire import Manifest
 
 log = logging.getLogger("fedmq.coordinator")
 
-PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
-                "model_published", "publishing", "secagg_keys", "secagg_shares", "secagg_input", "secagg_reveal")
+#: The steps every round passes (those of a plain round), then those only a secure round has.
+ROUND_PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
+                      "model_published", "publishing")
+SECURE_PAUSE_POINTS = ("secagg_keys", "secagg_shares", "secagg_input", "secagg_reveal")
+PAUSE_POINTS = ROUND_PAUSE_POINTS + SECURE_PAUSE_POINTS
 
 #: Longest single wait on the inbox (seconds): bounds how late a stop request is seen.
 _POLL_S = 0.2

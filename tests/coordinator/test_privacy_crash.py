@@ -21,7 +21,7 @@ import dp_accounting
 import pytest
 from dp_accounting import rdp
 
-from coordinator.service import PAUSE_POINTS
+from coordinator.service import ROUND_PAUSE_POINTS
 from coordinator.state import load_checkpoint
 from fleet.demo import _write_toml
 
@@ -46,7 +46,7 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float) -> N
 
 def test_privacy_ledger_is_exact_after_kill_9_at_every_step(mosquitto, tmp_path: Path, coordinator_cli,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    rounds = len(PAUSE_POINTS) + 1
+    rounds = len(ROUND_PAUSE_POINTS) + 1
     cfg = tmp_path / "coordinator.toml"
     _write_toml(cfg, {
         "federation": "dpcrash", "task": TASK, "rounds": rounds, "seed": 5, "state_dir": "state",
@@ -59,7 +59,7 @@ def test_privacy_ledger_is_exact_after_kill_9_at_every_step(mosquitto, tmp_path:
     devices = [subprocess.Popen([sys.executable, str(SIM), mosquitto.url, "5", "dpcrash", f"dev-{i}", "good", TASK,
                                  "40"], env=env, stdout=subprocess.DEVNULL) for i in range(4)]
     try:
-        for i, point in enumerate(PAUSE_POINTS):
+        for i, point in enumerate(ROUND_PAUSE_POINTS):
             pause = tmp_path / f"pause-{point}"
             monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", point)
             monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", str(i + 1))
