@@ -495,24 +495,7 @@ def _check(fleet: Fleet, res: TrialResult, ref: Reference, *, secure: bool = Fal
     for key in sorted(aggregated - known):
         res.failures.append("unknown")
         res.details.append(f"{key[0]} {key[1][:8]}: aggregated, in no ledger")
-    model = fleet.final_model()
-    acc = rounds[-1]["test_accuracy"] if rounds else None
-    res.accuracy = acc
-    full = len(rounds) == ROUNDS and all(r["accepted"] == len(DEVICES) for r in rounds)
-    if full:
-        if model is None or not np.array_equal(model, ref.model):
-            res.failures.append("model")
-            diff = float(np.max(np.abs(model - ref.model))) if model is not None else float("nan")
-            res.details.append(f"final model differs from the reference (max |diff| {diff:.3g})")
-    elif acc is None or ref.accuracy is None or acc < ref.accuracy - ACCURACY_TOLERANCE:
-        res.failures.append("accuracy")
-        res.details.append(f"test accuracy {acc} against {ref.accuracy} (accepted per round {res.accepted})")
-    after = [r["closed"] for r in rounds if res.resumed_at and r["closed"] >= res.resumed_at]
-    res.stall_s = max(0.0, min(after) - res.resumed_at - ref.round_s) if after else float(TRIAL_LIMIT_S)
-    if res.stall_s > STALL_BOUND_S:
-        res.failures.append("stall")
-        res.details.append(f"the fault cost {res.stall_s:.1f} s")
-    res.failures = sorted(set(res.failures))
+    _check_outcome(fleet, rounds, res, ref, compare_model=True, tolerance=ACCURACY_TOLERANCE)
 
 
 def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
@@ -542,15 +525,27 @@ def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
         if (fleet.work / "devices" / device / "state" / PENDING_NAME).exists():
             res.failures.append("unsettled")
             res.details.append(f"{device}: a masked input never settled")
+    # After a coordinator kill the secure round runs again as a new attempt: only the
+    # accuracy is compared then.
+    _check_outcome(fleet, rounds, res, ref, compare_model=res.trial.victim != "coordinator",
+                   tolerance=SECURE_ACCURACY_TOLERANCE)
+
+
+def _check_outcome(fleet: Fleet, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,
+                   compare_model: bool, tolerance: float) -> None:
+    """The end of a trial against the reference run: the final model bit-identical when every
+    round had every device (and ``compare_model``), else the test accuracy within ``tolerance``;
+    the stall the fault cost within ``STALL_BOUND_S`` seconds."""
     model = fleet.final_model()
     acc = rounds[-1]["test_accuracy"] if rounds else None
     res.accuracy = acc
     full = len(rounds) == ROUNDS and all(r["accepted"] == len(DEVICES) for r in rounds)
-    if full and res.trial.victim != "coordinator":
+    if full and compare_model:
         if model is None or not np.array_equal(model, ref.model):
             res.failures.append("model")
-            res.details.append("final model differs from the reference")
-    elif acc is None or ref.accuracy is None or acc < ref.accuracy - SECURE_ACCURACY_TOLERANCE:
+            diff = float(np.max(np.abs(model - ref.model))) if model is not None else float("nan")
+            res.details.append(f"final model differs from the reference (max |diff| {diff:.3g})")
+    elif acc is None or ref.accuracy is None or acc < ref.accuracy - tolerance:
         res.failures.append("accuracy")
         res.details.append(f"test accuracy {acc} against {ref.accuracy} (accepted per round {res.accepted})")
     after = [r["closed"] for r in rounds if res.resumed_at and r["closed"] >= res.resumed_at]
