@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import msgpack
 import numpy as np
@@ -252,10 +252,10 @@ class Neighbours(_SecAggMessage):
 
 
 @dataclass(frozen=True)
-class Shares(_SecAggMessage):
-    """Phase 2, D -> coordinator: recipient -> HPKE ciphertext of its b and s shares (180 bytes)."""
+class _SealedShares(_SecAggMessage):
+    """Device -> sealed shares (HPKE ciphertexts of SEALED_SHARES_BYTES each): the body of
+    :class:`Shares` and :class:`Relay`, which differ only in their direction and type."""
 
-    TYPE: ClassVar[str] = "sa_shares"
     round: int
     attempt: str
     sealed: dict[str, bytes]
@@ -264,29 +264,24 @@ class Shares(_SecAggMessage):
         return {"round": self.round, "attempt": self.attempt, "sealed": dict(self.sealed)}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Shares:
+    def from_bytes(cls, data: bytes) -> Self:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
         return cls(*_head(o, w), _bin_map(o, "sealed", w, SEALED_SHARES_BYTES))
 
 
 @dataclass(frozen=True)
-class Relay(_SecAggMessage):
+class Shares(_SealedShares):
+    """Phase 2, D -> coordinator: recipient -> HPKE ciphertext of its b and s shares (180 bytes)."""
+
+    TYPE: ClassVar[str] = "sa_shares"
+
+
+@dataclass(frozen=True)
+class Relay(_SealedShares):
     """End of phase 2, coordinator -> D: sender in U2 -> the ciphertext it sealed to D."""
 
     TYPE: ClassVar[str] = "sa_relay"
-    round: int
-    attempt: str
-    sealed: dict[str, bytes]
-
-    def _body(self) -> dict[str, Any]:
-        return {"round": self.round, "attempt": self.attempt, "sealed": dict(self.sealed)}
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Relay:
-        o = _unpack(data, cls.TYPE)
-        w = cls.TYPE
-        return cls(*_head(o, w), _bin_map(o, "sealed", w, SEALED_SHARES_BYTES))
 
 
 @dataclass(frozen=True)
