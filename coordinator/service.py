@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from coordinator.config import CoordinatorConfig
-from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_loss
+from coordinator.evaluation import BackgroundEvaluator, Evaluation, evaluate_vector, gate_gradient, gate_loss
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.phases import PhaseIO
 from coordinator.presence import DeviceRegistry
@@ -623,8 +623,12 @@ class Coordinator:
         """Run the round's secure attempt (coordinator.secure) and close the round with it."""
         assert self.secure is not None
         plan = self.config.plan
+        # Ranked by the loss gradient on the coordinator's held-out gate samples when it has
+        # them: the last change lies only on the last support (issue #26, docs/security.md).
+        ranking = gate_gradient(self.task, self.model, self.spec, vector, self._eval_data,
+                                self.config.evaluation.gate_samples)
         support = plan_support(self.spec, self.config.warmup.density(plan.density, engine.round), plan.dense_below,
-                               last_change=self._last_change, seed=self.config.seed, round_=engine.round,
+                               last_change=self._last_change if ranking is None else ranking, seed=self.config.seed, round_=engine.round,
                                explore=self.config.secure_aggregation.explore)
         outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed,
                                   deadline=deadline)
