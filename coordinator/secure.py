@@ -332,8 +332,8 @@ def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_chan
     :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
     ``density`` over the other tensors' coordinates. So a secure input holds as many values
     as a client-chosen Top-K update of the same plan. ``last_change``: float32 ``(spec.size,)``
-    ranking signal (the service passes :func:`coordinator.evaluation.gate_gradient`, or the
-    last global step without evaluation data), or None.
+    ranking signal, only its magnitude counts (the service passes the last global step, with
+    ``ranking = "gradient"`` plus :func:`coordinator.evaluation.gate_gradient`), or None.
 
     Returns:
         sorted, distinct int64 indices into the flat model, ``(k,)``.

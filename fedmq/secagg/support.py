@@ -11,9 +11,9 @@ Error feedback keeps everything off the support in the device's residual.
 
 The signal matters: the last global model step lies only on the last support (the sum is all
 the coordinator sees), so ranked by it the support stays near the first round's random draw
-(issue #26: 1-4% of the MNIST CNN input's energy). The coordinator passes the loss gradient
-of the global model on its held-out gate samples when it has them
-(``coordinator.evaluation.gate_gradient``), the last step otherwise.
+(issue #26: 1-4% of the MNIST CNN input's energy). With ``[secure_aggregation] ranking =
+"gradient"`` the coordinator adds the loss gradient of the global model on its held-out gate
+samples (``coordinator.evaluation.gate_gradient``); by default it passes the last step.
 """
 
 from __future__ import annotations
