@@ -331,7 +331,9 @@ def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_chan
     of the tensors the codec sends dense (fewer than ``dense_below`` elements, as
     :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
     ``density`` over the other tensors' coordinates. So a secure input holds as many values
-    as a client-chosen Top-K update of the same plan.
+    as a client-chosen Top-K update of the same plan. ``last_change``: float32 ``(spec.size,)``
+    ranking signal, only its magnitude counts (the service passes the last global step, with
+    ``ranking = "gradient"`` plus :func:`coordinator.evaluation.gate_gradient`), or None.
 
     Returns:
         sorted, distinct int64 indices into the flat model, ``(k,)``.

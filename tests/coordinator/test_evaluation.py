@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from coordinator.evaluation import gate_loss
+from coordinator.evaluation import gate_gradient, gate_loss
 from coordinator.metrics import CoordinatorMetrics
 from fedmq.params import ParamSpec, flatten_params
 from fedmq.tasks import Task, get_task
@@ -77,3 +77,26 @@ def test_the_gate_is_the_loss_on_the_first_samples() -> None:
     bad = vector.copy()
     bad[:1000] = 3e38  # finite parameters whose logits overflow
     assert not np.isfinite(gate_loss(task, model, spec, bad, (x, y), 100))
+
+
+def test_the_gate_gradient_is_the_loss_gradient_on_the_first_samples() -> None:
+    """What a secure round ranks its common support by (issue #26): a small step against it
+    lowers the gate loss, it does not depend on the samples past gate_samples, and there is
+    none without evaluation data."""
+    task = get_task("digits-mlp")
+    model = task.build_model(0)
+    spec = ParamSpec.from_module(model)
+    vector = flatten_params(model, spec)
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 64), dtype=np.float32)
+    y = np.arange(300) % 10
+    assert gate_gradient(task, model, spec, vector, None, 256) is None
+    assert gate_gradient(task, model, spec, vector, (x, y), 0) is None
+    grad = gate_gradient(task, model, spec, vector, (x, y), 100)
+    assert grad is not None and grad.shape == (spec.size,) and grad.dtype == np.float32
+    assert np.abs(grad).max() > 0
+    step = vector - np.float32(0.1) * grad
+    assert gate_loss(task, model, spec, step, (x, y), 100) < gate_loss(task, model, spec, vector, (x, y), 100)
+    x2 = x.copy()
+    x2[100:] = rng.random((200, 64), dtype=np.float32)
+    np.testing.assert_array_equal(gate_gradient(task, model, spec, vector, (x2, y), 100), grad)

@@ -303,3 +303,22 @@ def test_secure_rounds_refuse_asynchronous_rounds(extra) -> None:
     with pytest.raises(ConfigError, match="secure_aggregation.enabled needs"):
         config_from_dict({**base, **extra})
     assert config_from_dict(base).secure_aggregation.enabled
+
+
+def test_secure_rounds_learn_the_mnist_cnn(tmp_path) -> None:
+    """Issue #26: on the MNIST CNN (1.6 M weights in one dense layer) the common support ranked
+    by the coordinator's own last change stayed on the first round's random coordinates (1-4%
+    of the update's energy) and a secure round did not learn (9.0% -> 8.4% test accuracy
+    here). With ``ranking = "gradient"`` (the loss gradient on the coordinator's gate samples
+    too) it follows the devices' largest coordinates: 21.0%."""
+    from rich.console import Console
+
+    from fedmq.data import shared_data_dir
+    from fleet.demo import run_demo
+
+    summary = run_demo(devices=3, per_round=3, rounds=1, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",
+                       broker="memory", devices_in="threads", samples_per_device=300, test_samples=500,
+                       secure_aggregation={"ranking": "gradient"}, write_files=False, publish_onnx=False,
+                       out=tmp_path / "demo", deadline_s=60, console=Console(quiet=True))
+    assert [(r["state"], r["accepted"]) for r in summary["records"]] == [("closed", 3)]
+    assert summary["final_accuracy"] >= summary["initial_accuracy"] + 0.06
