@@ -94,6 +94,8 @@ PAUSE_POINTS = ROUND_PAUSE_POINTS + SECURE_PAUSE_POINTS
 _POLL_S = 0.2
 #: Seconds between two "waiting for devices" log lines.
 WAIT_LOG_INTERVAL_S = 30.0
+#: Seconds the coordinator waits, when it stops, for its last publishes to be acknowledged.
+FLUSH_TIMEOUT_S = 5.0
 
 #: MQTT 5 session expiry of the coordinator's link when ``broker.session_expiry`` is 0,
 #: seconds: the broker queues the client updates sent while the coordinator reconnects or
@@ -332,6 +334,9 @@ class Coordinator:
             self._evaluator = None
         if self._serve_metrics:
             self.metrics.close()
+        # The last receipts and retained round state leave before the link closes (paho drops
+        # what is still queued): bounded, and at once while the broker is unreachable.
+        self.link.flush(FLUSH_TIMEOUT_S)
         self.link.close()
         self._flush_rejections()
         assert self.db is not None

@@ -157,6 +157,7 @@ class MqttLink:
         # publish is done once its id was acknowledged after it was queued (ids wrap at 65535).
         self._ack_seq = 0
         self._acked: dict[int, int] = {}
+        self._unacked: set[int] = set()  # ids of publishes queued and not yet acknowledged
         self.session_present = False
         #: Broker's Maximum Packet Size from the last CONNACK (bytes), None if it set none.
         self.broker_max_packet: int | None = None
@@ -289,6 +290,7 @@ class MqttLink:
                 self._publish_failures[mid] = f"{reason} (code {reason.value})"
             self._ack_seq += 1
             self._acked[mid] = self._ack_seq
+            self._unacked.discard(mid)
             self._state.notify_all()
 
     def acknowledged(self, mid: int, after: int) -> bool:
@@ -446,7 +448,23 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(f"publish to {topic!r}: paho's outgoing queue is full")
+        with self._state:
+            if self._acked.get(info.mid, 0) <= after:  # not acknowledged already
+                self._unacked.add(info.mid)
         return Publish(self, info.mid, after, topic, qos)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every publish queued so far is acknowledged
+        (PUBACK for QoS 1, written to the socket for QoS 0); call it before :meth:`close` so
+        that the last receipts and retained state are not dropped with paho's queue. Returns
+        at once (False) while the link is down: paho would only send them after a reconnect.
+
+        Returns:
+            True when nothing is left unacknowledged.
+        """
+        with self._state:
+            return self._state.wait_for(lambda: not self._unacked or not self._client.is_connected(),
+                                        timeout) and not self._unacked
 
     def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                      timeout: float = 30.0) -> None:

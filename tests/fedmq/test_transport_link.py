@@ -286,3 +286,38 @@ def test_a_publish_queued_while_the_broker_is_down_is_acknowledged_after_it_retu
     finally:
         link.close()
         observer.close()
+
+
+def test_flush_before_close_delivers_everything_queued(mosquitto):
+    # close() drops what paho still holds; flush() first waits for every PUBACK, so a process
+    # that publishes its last receipts and then exits loses none of them (the coordinator's
+    # run ends this way).
+    observer = MqttLink(BrokerSettings(url=mosquitto.url, protocol="5"), "obs").connect()
+    observer.subscribe("t/flush")
+    link = MqttLink(BrokerSettings(url=mosquitto.url, protocol="5"), "pub").connect()
+    count, payload = 200, b"\x01" * 50_000
+    try:
+        for i in range(count):
+            link.publish("t/flush", i.to_bytes(4, "big") + payload)
+        assert link.flush(WAIT)
+    finally:
+        link.close()
+    got = sorted(int.from_bytes(observer.inbox.get(timeout=WAIT).payload[:4], "big") for _ in range(count))
+    observer.close()
+    assert got == list(range(count))
+
+
+def test_flush_returns_at_once_while_the_broker_is_down(mosquitto):
+    link = MqttLink(BrokerSettings(url=mosquitto.url, protocol="5", session_expiry=300), "pub").connect()
+    try:
+        mosquitto.stop()
+        end = time.monotonic() + WAIT
+        while link.connected and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not link.connected
+        link.publish("t/down", b"queued")
+        started = time.monotonic()
+        assert link.flush(WAIT) is False
+        assert time.monotonic() - started < WAIT / 2
+    finally:
+        link.close()
