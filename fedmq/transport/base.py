@@ -133,6 +133,11 @@ class Link(Protocol):
         """Disconnect cleanly (no last will)."""
         ...
 
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every publish queued so far to be acknowledged;
+        False when some is not (or the link is down). Call before :meth:`close`."""
+        ...
+
     def max_payload(self, topic: str, qos: int = 1) -> int:
         """Largest payload (bytes) a publish on ``topic`` may carry."""
         ...
