@@ -486,6 +486,7 @@ class Coordinator:
         if self.privacy is not None:
             selected, target = self.privacy.select(eligible, r)
             if not self.privacy.admits(r):
+                self.db.set_stopped(r, self.privacy.exhausted, time.time())
                 self.stop()
                 return None
         else:

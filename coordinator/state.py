@@ -145,6 +145,8 @@ CREATE TABLE IF NOT EXISTS published (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER, task TEXT, spec_hash TEXT, samples INTEGER, software TEXT,
     last_seen REAL);
+CREATE TABLE IF NOT EXISTS run_stop (
+    id INTEGER PRIMARY KEY CHECK (id = 0), round INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS conflicts (
     device TEXT PRIMARY KEY, instances TEXT NOT NULL, first_seen REAL, last_seen REAL, turns INTEGER);
 """
@@ -187,6 +189,19 @@ class StateDB:
                   json.dumps(p.metrics, sort_keys=True)) for p in rec.participations])
             if rec.epsilon is not None:
                 self.conn.execute("INSERT OR REPLACE INTO privacy VALUES (?,?)", (rec.round, rec.epsilon))
+            self.conn.execute("DELETE FROM run_stop")  # a round ran after it: the run went on
+
+    def set_stopped(self, round_: int, reason: str, at: float) -> None:
+        """Record that the run stopped before opening round ``round_`` for ``reason`` (the
+        privacy budget): ``fedmq coordinator status`` says so until a later round is written.
+        ``at``: seconds since the epoch."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO run_stop VALUES (0,?,?,?)", (round_, reason, at))
+
+    def stopped(self) -> tuple[int, str, float] | None:
+        """``(round not opened, reason, at)`` of the run's stop, None while it is not stopped."""
+        row = self.conn.execute("SELECT round, reason, at FROM run_stop").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), float(row[2]))
 
     def set_evaluation(self, round_: int, loss: float | None, accuracy: float | None) -> None:
         """Store the test loss and accuracy of round ``round_``'s global model (evaluated

@@ -63,7 +63,9 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
     Returns:
         ``{"federation", "task", "state_dir", "generated_at", "checkpoint": {"round",
         "model_version"} | None, "fleet": {"known", "online", "offline"}, "devices": [...],
-        "rounds_summary": {...}, "rounds": [...]}``; per device ``online``, ``last_seen``
+        "stopped": {"round_not_opened", "reason", "at"} | None, "rounds_summary": {...},
+        "rounds": [...]}``; ``stopped``: the run stopped on its own before a round (the privacy
+        budget), until a later round runs; per device ``online``, ``last_seen``
         (ISO) and ``last_seen_age_s``, ``rounds_taken_part`` (rounds it was selected for or
         sent an update in), ``accepted``, ``rejected`` (by reason), ``no_answer``,
         ``bytes_up`` (client-update bytes received, manifests included), ``duplicate_id``
@@ -78,10 +80,14 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
     devices: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
     duplicates: list[dict[str, Any]] = []
+    stopped: dict[str, Any] | None = None
     if (state_dir / DB_NAME).is_file():
         db = StateDB(state_dir)
         try:
             rounds = db.rounds()
+            stop = db.stopped()
+            if stop is not None:
+                stopped = {"round_not_opened": stop[0], "reason": stop[1], "at": iso(stop[2])}
             conflicts = db.conflicts()
             duplicates = [{"device": c.device, "instances": c.instances, "turns": c.turns,
                            "first_seen": iso(c.first_seen), "last_seen": iso(c.last_seen),
@@ -138,7 +144,8 @@ def build_status(state_dir: Path, now: float, federation: str = "", task: str = 
     return _finite({"federation": federation, "task": task, "state_dir": str(state_dir), "generated_at": iso(now),
                     "checkpoint": None if ckpt is None else {"round": ckpt.round, "model_version": ckpt.version},
                     "fleet": {"known": len(devices), "online": online, "offline": len(devices) - online},
-                    "devices": devices, "duplicate_ids": duplicates, "rounds_summary": summary, "rounds": rounds})
+                    "devices": devices, "duplicate_ids": duplicates, "stopped": stopped,
+                    "rounds_summary": summary, "rounds": rounds})
 
 
 def _finite(obj: Any) -> Any:
@@ -184,6 +191,10 @@ def render_text(doc: dict[str, Any], now: float, last_rounds: int = 10) -> str:
         lines.append(f"DUPLICATE DEVICE ID {c['device']}: {len(c['instances'])} agents take turns on it (instances "
                      f"{', '.join(c['instances'])}; {c['turns']} times, last {_since(c['last_seen'], now)}): each "
                      f"closes the other's connection; give every device its own device_id")
+    stop = doc.get("stopped")
+    if stop is not None:
+        lines += ["", f"STOPPED {_since(stop['at'], now)}: round {stop['round_not_opened']} was not opened: "
+                      f"{stop['reason']}"]
     s = doc["rounds_summary"]
     lines += ["", f"rounds: {s['rounds']} ({s['closed']} closed, {s['failed']} failed)"]
     if s["rounds"]:

@@ -150,6 +150,11 @@ def test_a_round_past_the_budget_is_not_opened_and_epsilon_is_everywhere(tmp_pat
     status = build_status(run / "coordinator-state", 0.0, delta=1e-5)
     assert status["rounds_summary"]["epsilon"] == pytest.approx(two, rel=1e-9)
     assert f"differential privacy: epsilon {two:.4g} spent at delta 1e-05" in render_text(status, 0.0)
+    # The operator sees that the run stopped for the budget, and which round it did not open.
+    stop = status["stopped"]
+    assert stop is not None and stop["round_not_opened"] == summary["rounds"] + 1
+    assert stop["reason"] == dp["budget_exhausted"]
+    assert f"round {stop['round_not_opened']} was not opened: {dp['budget_exhausted']}" in render_text(status, 0.0)
     assert 'data-key="epsilon"' in render_html(load_run(run))
     assert json.loads((run / "summary.json").read_text())["privacy"]["epsilon"] == pytest.approx(two, rel=1e-9)
     out = tmp_path / "model.onnx"
