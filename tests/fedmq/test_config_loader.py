@@ -78,7 +78,7 @@ def test_an_environment_value_is_named_with_its_variable(tmp_path):
         load_config(_write(tmp_path, "[round]\ndeadline = 3\n"), environ={})
 
 
-def test_an_old_name_moves_to_the_new_one_once_and_never_beside_it(caplog):
+def test_an_old_name_moves_to_the_new_one_once_and_never_beside_it():
     seen: list[tuple[str, str]] = []
     data = {"tls_ca": "ca.crt", "seed": 1}
     fold_renamed(data, {"tls_ca": "broker.ca_file"}, "f.toml", lambda old, new: seen.append((old, new)))
