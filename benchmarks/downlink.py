@@ -83,7 +83,7 @@ def run_case(case: str, *, data: str, data_dir: Path | None, devices: int, per_r
     agents, threads, stops = [], [], []
     for i, (x, y) in enumerate(dataset.parts):
         save_npz_atomic(work / f"dev{i}.npz", x, y)
-        agent = EdgeAgent(EdgeConfig(broker_url=url, device_id=f"device-{i:02d}", federation=fed, task=task,
+        agent = EdgeAgent(EdgeConfig(broker={"url": url}, device_id=f"device-{i:02d}", federation=fed, task=task,
                                      data=work / f"dev{i}.npz", state_dir=work / f"dev{i}", seed=seed + i,
                                      holdout_fraction=holdout))
         stop = threading.Event()

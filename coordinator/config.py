@@ -1,11 +1,10 @@
-"""Coordinator configuration: one TOML file plus environment overrides, validated.
+"""Coordinator configuration: the options, their defaults and their checks, read by the shared
+loader (:mod:`fedmq.config_loader`): one TOML file plus environment overrides.
 
 Environment overrides: ``FEDMQ_COORDINATOR__<OPTION>`` with ``__`` between table levels,
-case-insensitive, e.g. ``FEDMQ_COORDINATOR__ROUNDS=20`` or
-``FEDMQ_COORDINATOR__ROUND__DEADLINE_S=30``. The value is read as a TOML value
-(``20``, ``0.5``, ``true``, ``"text"``, ``[1, 2]``); anything that is not valid TOML is
-taken as a plain string. Overrides win over the file. Relative paths in the file are
-relative to the file's folder; relative paths from the environment to the working folder.
+in any letter case, e.g. ``FEDMQ_COORDINATOR__ROUNDS=20`` or
+``FEDMQ_COORDINATOR__ROUND__DEADLINE_S=30`` (how values and relative paths are read:
+:mod:`fedmq.config_loader`). Overrides win over the file.
 
 Every option with its default, unit and effect is in docs/coordinator.md. Errors are
 :class:`fedmq.errors.ConfigError` naming the file, the option and what was expected.
@@ -14,17 +13,18 @@ Every option with its default, unit and effect is in docs/coordinator.md. Errors
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from fedmq.config_loader import ConfigSchema, Sourced, broker_table
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
+# Re-exported for the callers that pass FedAvgM's defaults explicitly (fleet.demo); written
+# once, in fedmq.fl.server_opt.
+from fedmq.fl.server_opt import FEDAVGM_ETA as FEDAVGM_ETA, FEDAVGM_MOMENTUM as FEDAVGM_MOMENTUM
 from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
@@ -33,10 +33,7 @@ from fedmq.codecs import CodecConfig, codec_names
 from fedmq.fl.downlink import warmup_density
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import DENSE_BELOW, TOPK_MODES, TrainPlan
-from fedmq.settings_file import read_toml
 from fedmq.transport.settings import BrokerSettings
-
-ENV_PREFIX = "FEDMQ_COORDINATOR__"
 
 
 class _Section(BaseModel):
@@ -97,19 +94,11 @@ class AsyncConfig(_Section):
         return StalenessPolicy(self.staleness_exponent, self.max_staleness)
 
 
-#: ``fedavgm``'s server momentum and server learning rate when ``[server_optimizer]`` leaves
-#: them unset: with Top-K 1% both ways on the MNIST-10k CNN this pair came within 0.3 pp of
-#: dense FedAvg on IID and above it on Dirichlet(0.5); momentum 0.7 (eta 1) was as good on
-#: IID but 1.15 pp below on Dirichlet, FedAvg 0.6-0.75 pp below on both (BENCHMARKS.md, "Both
-#: directions through mosquitto").
-FEDAVGM_MOMENTUM = 0.5
-FEDAVGM_ETA = 1.5
-
-
 class ServerOptimizerConfig(_Section):
     """Server optimizer and its hyperparameters (unset ones take the optimizer's defaults,
-    except ``fedavgm``'s: :data:`FEDAVGM_MOMENTUM`, :data:`FEDAVGM_ETA`). Default: FedAvgM,
-    the best measured for compressed federations (the coordinator's default codecs)."""
+    :mod:`fedmq.fl.server_opt`, e.g. ``fedavgm``'s :data:`~fedmq.fl.server_opt.FEDAVGM_MOMENTUM`
+    and :data:`~fedmq.fl.server_opt.FEDAVGM_ETA`). Default: FedAvgM, the best measured for
+    compressed federations (the coordinator's default codecs)."""
 
     name: Literal[OPTIMIZERS] = "fedavgm"  # type: ignore[valid-type]
     eta: float | None = Field(None, gt=0)
@@ -121,9 +110,6 @@ class ServerOptimizerConfig(_Section):
     def build(self) -> ServerOptimizer:
         """Raises: ConfigError when a hyperparameter does not apply to the optimizer."""
         hyper = {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
-        if self.name == "fedavgm":
-            hyper.setdefault("momentum", FEDAVGM_MOMENTUM)
-            hyper.setdefault("eta", FEDAVGM_ETA)
         return make_server_optimizer(self.name, **hyper)
 
 
@@ -364,11 +350,11 @@ class DownlinkConfig(_Section):
                            dense_below=self.dense_below, topk=self.topk)
 
 
-class CoordinatorConfig(_Section):
+class CoordinatorConfig(_Section, Sourced):
     """The whole coordinator configuration (see docs/coordinator.md).
 
     ``broker`` is :class:`fedmq.transport.BrokerSettings`, built from the ``[broker]`` table
-    by its own validation (``BrokerSettings.from_mapping``).
+    by :func:`fedmq.config_loader.broker_table` (the edge client's ``[broker]`` is the same).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True)
@@ -391,11 +377,6 @@ class CoordinatorConfig(_Section):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     metrics: MetricsConfig = MetricsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
-    _source: str = PrivateAttr("coordinator configuration")
-
-    def where(self, option: str) -> str:
-        """``"FILE: option 'NAME'"``: how errors about ``option`` name it."""
-        return f"{self._source}: option {option!r}"
     downlink: DownlinkConfig = DownlinkConfig()
     export: ExportConfig = ExportConfig()
     warmup: WarmupConfig = WarmupConfig()
@@ -403,12 +384,10 @@ class CoordinatorConfig(_Section):
     @field_validator("broker", mode="before")
     @classmethod
     def _broker_settings(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            try:
-                return BrokerSettings.from_mapping(value, "broker")
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        try:
+            return broker_table(value, BrokerSettings())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("federation")
     @classmethod
@@ -476,114 +455,23 @@ class CoordinatorConfig(_Section):
         return self
 
 
-def _env_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def known_options() -> list[str]:
-    """Every option of the configuration, dotted (``rounds``, ``broker.ca_file``, ...)."""
-    out = []
-    for name, field in CoordinatorConfig.model_fields.items():
-        kind = field.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            out += [f"{name}.{sub}" for sub in kind.model_fields]
-        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            out += [f"{name}.{f.name}" for f in dataclasses.fields(kind)]
-        else:
-            out.append(name)
-    return out
-
-
-def env_name(option: str) -> str:
-    """``round.deadline_s`` -> ``FEDMQ_COORDINATOR__ROUND__DEADLINE_S``."""
-    return ENV_PREFIX + option.replace(".", "__").upper()
-
-
-def _unknown_env(key: str, options: list[str]) -> ConfigError:
-    names = {env_name(o): o for o in options}
-    wanted = key.upper()
-    match = [v for v in names if v.startswith(wanted)] or difflib.get_close_matches(wanted, list(names), n=1,
-                                                                                   cutoff=0.5)
-    closest = f"; did you mean {match[0]} (option {names[match[0]]!r})?" if match else ""
-    return ConfigError(f"environment variable {key} matches no coordinator option{closest} (the options are "
-                       "listed in docs/coordinator.md)")
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Merge ``FEDMQ_COORDINATOR__A__B=value`` into ``data``; return the option names set.
-
-    Raises:
-        ConfigError: a variable with the prefix names no option (the closest is named).
-    """
-    applied = []
-    options = known_options()
-    for key, raw in sorted(environ.items()):
-        if not key.upper().startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
-        if not all(path):
-            raise ConfigError(f"environment variable {key}: empty option level; expected "
-                              f"{ENV_PREFIX}<OPTION>[__<OPTION>...]")
-        if ".".join(path) not in options:
-            raise _unknown_env(key, options)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"environment variable {key}: option {part!r} is not a table")
-            node = child
-        node[path[-1]] = _env_value(raw)
-        applied.append(".".join(path))
-    return applied
-
-
-_PATH_OPTIONS = (("state_dir",), ("broker", "username_file"), ("broker", "password_file"), ("broker", "ca_file"), ("broker", "cert_file"),
-                 ("broker", "key_file"), ("evaluation", "data"))
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for path in _PATH_OPTIONS:
-        node: Any = data
-        for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            continue
-        value = node.get(path[-1])
-        if not isinstance(value, str) or (path[-1] == "data" and (value in EVALUATION_KEYWORDS or not value)):
-            continue
-        if not Path(value).is_absolute():
-            node[path[-1]] = str(base / value)
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid coordinator configuration ({source}):"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown option"
-        elif err["type"] == "missing":
-            msg = "required option is missing"
-        got = err.get("input")
-        lines.append(f"  {where}: {msg}" + ("" if err["type"] in ("missing",) or isinstance(got, dict)
-                                             else f" (got {got!r})"))
-    return "\n".join(lines)
+#: How the coordinator's configuration is read (fedmq.config_loader): the file, then
+#: ``FEDMQ_COORDINATOR__*``, then overrides from Python.
+SCHEMA = ConfigSchema(
+    app="coordinator", model=CoordinatorConfig, env_prefix="FEDMQ_COORDINATOR", reference="docs/coordinator.md",
+    paths=("state_dir", "evaluation.data"),
+    credentials=("broker.username_file", "broker.password_file", "broker.ca_file", "broker.cert_file",
+                 "broker.key_file"),
+    keywords={"evaluation.data": EVALUATION_KEYWORDS})
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> CoordinatorConfig:
-    """Validate a configuration mapping (already merged with overrides).
+    """Validate a configuration mapping (already merged with overrides; no path is resolved).
 
     Raises:
         ConfigError: listing every invalid option with what was expected.
     """
-    try:
-        cfg = CoordinatorConfig.model_validate(dict(data))
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
-    cfg._source = source
+    cfg: CoordinatorConfig = SCHEMA.validate(data, source)
     return cfg
 
 
@@ -597,27 +485,9 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         overrides: a nested mapping merged last (used by the Python API and tests).
 
     Raises:
-        ConfigError: the file is missing or not TOML (names the path and line), or an option
-            is invalid (names the option and what was expected).
+        ConfigError: the file is missing or not TOML (names the path and line), an
+            environment variable names no option (names the closest), a credential file does
+            not exist, or an option is invalid (names the option and what was expected).
     """
-    data: dict[str, Any] = {}
-    source = "no file"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        data = read_toml(p)
-        _resolve_paths(data, p.resolve().parent)
-    applied = _apply_env(data, os.environ if environ is None else environ)
-    if applied:
-        source += " + environment overrides " + ", ".join(applied)
-    if overrides:
-        _merge(data, overrides)
-    return config_from_dict(data, source)
-
-
-def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
+    cfg: CoordinatorConfig = SCHEMA.load(path, environ, overrides)
+    return cfg

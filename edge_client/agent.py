@@ -111,14 +111,7 @@ T = TypeVar("T")
 
 def broker_settings(cfg: EdgeConfig) -> BrokerSettings:
     """Transport settings of an edge configuration (persistent session with MQTT 5)."""
-    def path(p: Any) -> str | None:
-        return None if p is None else str(p)
-
-    return BrokerSettings(url=cfg.broker_url, protocol=cfg.protocol, username_file=path(cfg.username_file),
-                          password_file=path(cfg.password_file), ca_file=path(cfg.tls_ca),
-                          cert_file=path(cfg.tls_cert), key_file=path(cfg.tls_key), keepalive=cfg.keepalive,
-                          session_expiry=cfg.session_expiry if cfg.protocol == "5" else 0,
-                          failover_urls=cfg.broker_failover_urls)
+    return cfg.broker
 
 
 def fetch_latest_onnx(cfg: EdgeConfig, timeout: float = 30.0) -> bytes:
@@ -180,7 +173,7 @@ class EdgeAgent:
     Args:
         cfg: validated configuration.
         link: the connection to the broker, not yet connected (default:
-            :func:`fedmq.transport.open_link` for ``cfg.broker_url``, chosen by the URL's
+            :func:`fedmq.transport.open_link` for ``cfg.broker.url``, chosen by the URL's
             scheme, with the device id as client id). The agent sets its last will on it.
         notifier: systemd notifier (from the environment when None).
         environ: environment for the test hook (``os.environ`` when None).

@@ -64,7 +64,7 @@ def test_typo_in_an_environment_variable_exits_2_naming_it(tmp_path):
     result = _run_module("run", "-c", str(_config(tmp_path)), FEDMQ_EDGE_DEVICEID="dev-2")
     assert result.returncode == 2
     assert ("environment variable FEDMQ_EDGE_DEVICEID matches no edge client option; did you mean "
-            "FEDMQ_EDGE_DEVICE_ID (option 'device_id')?") in result.stderr
+            "FEDMQ_EDGE__DEVICE_ID (option 'device_id')?") in result.stderr
     assert "Traceback" not in result.stderr
 
 
