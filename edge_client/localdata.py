@@ -88,14 +88,15 @@ class LocalData:
         self.holdout_fraction = holdout_fraction
         self.seed = seed
         self.loads = 0
-        self._load(fingerprint(self.path))
+        self._fingerprint = fingerprint(self.path)
+        self.x, self.y, self.x_val, self.y_val, self.samples = self._read()
 
-    def _load(self, fp: tuple[tuple[str, int, int], ...]) -> None:
+    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """The data as split for training and hold-out, and its number of samples."""
         x, y = load_local_data(self.path, self.task, self.where)
-        self.x, self.y, self.x_val, self.y_val = split_holdout(x, y, self.holdout_fraction, self.seed)
-        self.samples = len(y)
-        self._fingerprint = fp
+        x_train, y_train, x_val, y_val = split_holdout(x, y, self.holdout_fraction, self.seed)
         self.loads += 1
+        return x_train, y_train, x_val, y_val, len(y)
 
     def refresh(self) -> bool:
         """Read the data again if its fingerprint changed. True when new data was loaded.
@@ -107,12 +108,12 @@ class LocalData:
         if fp == self._fingerprint:
             return False
         before = self.samples
+        self._fingerprint = fp
         try:
-            self._load(fp)
+            self.x, self.y, self.x_val, self.y_val, self.samples = self._read()
         except DataError as exc:
             log.warning("local data changed but cannot be read again (%s); training on the %d samples read before",
                         exc, before)
-            self._fingerprint = fp
             return False
         log.info("local data reloaded: %d samples (was %d)", self.samples, before)
         return True

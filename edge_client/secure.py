@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,7 +41,6 @@ from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggClient, Se
 from fedmq.secagg import messages as sm
 from fedmq.secagg.protocol import UnmaskRequest
 from fedmq.secagg.shamir import SHARE_BYTES
-from fedmq.transport import Link
 
 log = logging.getLogger("fedmq.edge.secure")
 
@@ -102,12 +102,33 @@ def clear_pending(state_dir: Path) -> None:
     (Path(state_dir) / PENDING_NAME).unlink(missing_ok=True)
 
 
+class Publisher(Protocol):
+    """What the device publishes its answers with: a :class:`fedmq.transport.Link`, or the
+    agent's connection (edge_client.connection), which follows the agent's current link."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any: ...
+
+
+@dataclass
+class _Attempt:
+    """One attempt of a secure round, built whole from its setup: its keys (``client``), the
+    common support and ring; the relayed shares and the unmasking request answered, as they come."""
+
+    setup: sm.Setup
+    ring: RingSpec
+    client: SecAggClient
+    support: np.ndarray
+    relay: dict[str, bytes] | None = None
+    answered: sm.Unmask | None = None
+
+
 class SecureDevice:
     """Secure rounds of one device.
 
     Args:
         federation, device: ids.
-        link: the device's connected link; :meth:`handle` gets the payloads of
+        link: what the answers are published with (the device's link, connected by the time
+            messages come); :meth:`handle` gets the payloads of
             ``topics.secagg_down(federation, device)``.
         size: the flat model's length.
         settle: called with ``(pending, in_sum)`` when a masked input is settled.
@@ -120,7 +141,7 @@ class SecureDevice:
             published) and ``secagg_reveal``.
     """
 
-    def __init__(self, federation: str, device: str, link: Link, *, size: int,
+    def __init__(self, federation: str, device: str, link: Publisher, *, size: int,
                  settle: Callable[[Pending, bool], None], sent: Callable[[Pending], None] = lambda _p: None,
                  pending: Pending | None = None, refused: Counter[str] | None = None,
                  pause: Callable[[str, int], None] = lambda _p, _r: None) -> None:
@@ -128,21 +149,17 @@ class SecureDevice:
         self.fed, self.device, self.link, self.size = federation, device, link, size
         self.settle, self.sent = settle, sent
         self.pending = pending
-        self.setup: sm.Setup | None = None
-        self.client: SecAggClient | None = None
-        self.support: np.ndarray | None = None
-        self.ring: RingSpec | None = None
-        self._relay: dict[str, bytes] | None = None
+        self._attempt: _Attempt | None = None
         self._vector: tuple[int, np.ndarray] | None = None
-        self._answered: sm.Unmask | None = None
         self.refused: Counter[str] = refused if refused is not None else Counter()
 
     @property
     def active(self) -> bool:
         """A secure attempt is under way: set up, its input not yet settled or its unmasking not
         yet answered, and its deadline less than :data:`ACTIVE_AFTER_DEADLINE_S` ago."""
-        return (self.setup is not None and time.time() < self.setup.deadline + ACTIVE_AFTER_DEADLINE_S
-                and (self.pending is not None or self._answered is None))
+        attempt = self._attempt
+        return (attempt is not None and time.time() < attempt.setup.deadline + ACTIVE_AFTER_DEADLINE_S
+                and (self.pending is not None or attempt.answered is None))
 
     # -- what the device feeds in ---------------------------------------------------------
 
@@ -158,19 +175,20 @@ class SecureDevice:
         (logged and counted), never raised."""
         try:
             msg = sm.decode_downlink(payload)
+            attempt = self._attempt
             if isinstance(msg, sm.Setup):
                 self._on_setup(msg)
             elif isinstance(msg, sm.Result):
                 self._on_result(msg)
-            elif self.setup is None or (msg.round, msg.attempt) != (self.setup.round, self.setup.attempt):
+            elif attempt is None or (msg.round, msg.attempt) != (attempt.setup.round, attempt.setup.attempt):
                 self._refuse("stale", f"{msg.TYPE} of round {msg.round} attempt {msg.attempt}")
             elif isinstance(msg, sm.Neighbours):
-                self._on_neighbours(msg)
+                self._on_neighbours(attempt, msg)
             elif isinstance(msg, sm.Relay):
-                self._relay = dict(msg.sealed)
+                attempt.relay = dict(msg.sealed)
                 self._maybe_input()
             else:
-                self._on_unmask(msg)
+                self._on_unmask(attempt, msg)
         except WireError as exc:
             self._refuse("malformed", str(exc))
         except SecAggError as exc:
@@ -179,7 +197,8 @@ class SecureDevice:
     # -- phases ---------------------------------------------------------------------------
 
     def _on_setup(self, msg: sm.Setup) -> None:
-        if self.setup is not None and (msg.round, msg.attempt) == (self.setup.round, self.setup.attempt):
+        current = self._attempt
+        if current is not None and (msg.round, msg.attempt) == (current.setup.round, current.setup.attempt):
             return  # the same setup again (a resend): keep this attempt's keys
         if self.device not in msg.devices:
             self._refuse("not_selected", f"setup of round {msg.round} does not name {self.device}")
@@ -187,7 +206,7 @@ class SecureDevice:
         if self.pending is not None:
             # A new attempt before the result of ours: the coordinator abandoned it (a restart
             # reruns the round; its result would have come first on this topic).
-            self._settle(False)
+            self._settle(self.pending, False)
         if msg.size != self.size:
             self._refuse("bad_support", f"round {msg.round}: support over {msg.size} coordinates, the model has "
                                         f"{self.size}")
@@ -196,42 +215,41 @@ class SecureDevice:
         ring = RingSpec(msg.clip, msg.scale, len(msg.devices))
         params = RoundParams(msg.round, msg.devices, ring, msg.k, seed=msg.seed, degree=msg.degree,
                              threshold=msg.threshold)
-        self.setup, self.ring, self.client, self.support = msg, ring, SecAggClient(self.device, params), support
-        self._relay, self._answered = None, None
+        attempt = _Attempt(msg, ring, SecAggClient(self.device, params), support)
+        self._attempt = attempt
         if self._vector is not None and self._vector[0] != msg.round:
             self._vector = None
-        keys = self.client.advertise()
+        keys = attempt.client.advertise()
         self._send("keys", sm.Keys(msg.round, msg.attempt, keys.c_public, keys.s_public))
 
-    def _on_neighbours(self, msg: sm.Neighbours) -> None:
-        assert self.client is not None and self.setup is not None
+    def _on_neighbours(self, attempt: _Attempt, msg: sm.Neighbours) -> None:
         keys = {d: AdvertisedKeys(d, raw[:sm.KEY_BYTES], raw[sm.KEY_BYTES:]) for d, raw in msg.keys.items()}
-        sealed = self.client.share_keys(keys)
-        self._send("shares", sm.Shares(self.setup.round, self.setup.attempt, sealed))
+        sealed = attempt.client.share_keys(keys)
+        self._send("shares", sm.Shares(attempt.setup.round, attempt.setup.attempt, sealed))
 
     def _maybe_input(self) -> None:
-        if self._relay is None or self._vector is None or self.client is None or self.pending is not None:
+        attempt = self._attempt
+        if attempt is None or attempt.relay is None or self._vector is None or self.pending is not None:
             return
-        assert self.setup is not None and self.support is not None and self.ring is not None
+        setup = attempt.setup
         round_, vector = self._vector
-        if round_ != self.setup.round:
+        if round_ != setup.round:
             return
         if vector.shape != (self.size,):
             raise SecAggError(f"input of shape {vector.shape}, expected ({self.size},)")
-        q, sent = values_on_support(vector, self.support, self.ring)
-        y = self.client.masked_input(q, self._relay)
-        self.pending = Pending(self.setup.round, self.setup.attempt, sent)
+        q, sent = values_on_support(vector, attempt.support, attempt.ring)
+        y = attempt.client.masked_input(q, attempt.relay)
+        self.pending = Pending(setup.round, setup.attempt, sent)
         self.sent(self.pending)
-        self._send("input", sm.MaskedInput.pack(self.setup.round, self.setup.attempt, y, self.ring.bits))
+        self._send("input", sm.MaskedInput.pack(setup.round, setup.attempt, y, attempt.ring.bits))
 
-    def _on_unmask(self, msg: sm.Unmask) -> None:
-        assert self.client is not None and self.setup is not None
-        if self._answered is not None:
-            if msg != self._answered:
+    def _on_unmask(self, attempt: _Attempt, msg: sm.Unmask) -> None:
+        if attempt.answered is not None:
+            if msg != attempt.answered:
                 self._refuse("second_request", f"round {msg.round}: a second, different unmasking request")
             return
-        response = self.client.unmask(UnmaskRequest(msg.survivors, msg.dropped))
-        self._answered = msg
+        response = attempt.client.unmask(UnmaskRequest(msg.survivors, msg.dropped))
+        attempt.answered = msg
 
         def raw(shares: dict[str, int]) -> dict[str, bytes]:
             return {o: v.to_bytes(SHARE_BYTES, "big") for o, v in shares.items()}
@@ -239,13 +257,13 @@ class SecureDevice:
         self._send("reveal", sm.Reveal(msg.round, msg.attempt, raw(response.b_shares), raw(response.s_shares)))
 
     def _on_result(self, msg: sm.Result) -> None:
-        if self.pending is None or (msg.round, msg.attempt) != (self.pending.round, self.pending.attempt):
+        pending = self.pending
+        if pending is None or (msg.round, msg.attempt) != (pending.round, pending.attempt):
             return  # a retained result of an attempt we have nothing pending in
-        self._settle(msg.state == "closed" and self.device in msg.survivors)
+        self._settle(pending, msg.state == "closed" and self.device in msg.survivors)
 
-    def _settle(self, in_sum: bool) -> None:
-        assert self.pending is not None
-        pending, self.pending = self.pending, None
+    def _settle(self, pending: Pending, in_sum: bool) -> None:
+        self.pending = None
         log.info("secure round %d (attempt %s): input %s", pending.round, pending.attempt,
                  "in the sum" if in_sum else "not aggregated: back into the residual")
         self.settle(pending, in_sum)

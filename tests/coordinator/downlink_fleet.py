@@ -49,21 +49,24 @@ class HashingAgent(EdgeAgent):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained_from: dict[int, tuple[int, str]] = {}
+        run_round, load = self.trainer.run_round, self.sync.load
+        rounds: list[int] = []  # the round being run (a model loaded outside one is not recorded)
 
-    def _run_round(self, task, stop):  # noqa: ANN001, ANN202 - same signature as the parent
-        original = self._load_global
+        def recorded_round(task, stop):  # noqa: ANN001, ANN202 - Trainer.run_round's signature
+            rounds.append(task.round)
+            try:
+                return run_round(task, stop)
+            finally:
+                rounds.pop()
 
-        def load(version: int, stop_: threading.Event, expected: str = "") -> bool:
-            ok = original(version, stop_, expected)
-            if ok:
-                self.trained_from[task.round] = (version, params_sha256(flatten_params(self.model, self.spec)))
+        def recorded_load(version: int, stop: threading.Event, expected: str = "") -> bool:
+            ok = load(version, stop, expected)
+            if ok and rounds:
+                self.trained_from[rounds[-1]] = (version, params_sha256(flatten_params(self.model, self.spec)))
             return ok
 
-        self._load_global = load  # type: ignore[method-assign]
-        try:
-            return super()._run_round(task, stop)
-        finally:
-            del self._load_global
+        self.trainer.run_round = recorded_round  # type: ignore[method-assign]
+        self.sync.load = recorded_load  # type: ignore[method-assign]
 
 
 class Fleet:

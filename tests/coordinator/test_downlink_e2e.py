@@ -61,8 +61,9 @@ def test_devices_selected_every_few_rounds_and_a_follower_hold_the_published_mod
         cfg = coordinator_config(url, protocol, tmp_path / "coord", fed, rounds=6, per_round=2, min_devices=4)
         result, published = run_recording(cfg)
         # The follower fetches every version as it is published, selected or not.
-        wait_for(lambda: follower._held is not None and follower._held[0] == result.version, 30, "the follower")
-        assert params_sha256(follower._held[1]) == published[result.version]
+        wait_for(lambda: follower.sync.held is not None and follower.sync.held[0] == result.version, 30,
+                 "the follower")
+        assert params_sha256(follower.sync.held[1]) == published[result.version]
     finally:
         fleet.stop_all()
     assert [r.state for r in result.records] == ["closed"] * 6
