@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import load_config
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import Task, TrainPlan
 
@@ -162,7 +162,7 @@ def test_async_mode_and_its_section(tmp_path: Path) -> None:
 def test_topk_selection_is_configured_and_checked(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), environ={})
     assert cfg.plan.topk == "global" and cfg.downlink.topk == "global"  # the defaults
-    assert CodecConfig.from_plan(cfg.plan).topk == "global" and cfg.downlink.codec_config().topk == "global"
+    assert cfg.plan.codec.topk == "global" and cfg.downlink.codec_config().topk == "global"
     cfg = load_config(write(tmp_path, GOOD.replace("lr = 0.1", 'lr = 0.1\ntopk = "per-tensor"')
                             + '\n[downlink]\ntopk = "per-tensor"\n'), environ={})
     assert cfg.plan.topk == "per-tensor" and cfg.downlink.codec_config().topk == "per-tensor"

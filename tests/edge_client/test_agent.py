@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FED, DEV, TASK, SEED = "fed", "dev-1", "digits-mlp", 0
 #: A local hold-out, so that the val_* metrics of a client update are checked too.
 HOLDOUT = 0.1
-PLAN = TrainPlan(local_steps=6, local_epochs=0, batch_size=32, lr=0.1, density=0.05, seed=3)
+PLAN = TrainPlan(local_steps=6, local_epochs=0, batch_size=32, lr=0.1, codec=CodecSpec.of(density=0.05), seed=3)
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.fl import downlink
 from fedmq.fl.downlink import apply_delta, compress_step, params_sha256, plan_catch_up, server_model
@@ -18,7 +18,7 @@ from fedmq.fl.server_opt import make_server_optimizer
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
-CFG = CodecConfig(density=0.02, dense_below=64)
+CFG = CodecSpec.of(density=0.02, dense_below=64)
 
 
 def test_published_model_is_exactly_the_previous_one_plus_the_decoded_delta():
@@ -48,7 +48,7 @@ def test_residual_invariant_sum_of_published_deltas_plus_residual_is_the_sum_of_
         seed, rounds, density, optimizer):
     rng = np.random.default_rng(seed)
     opt = make_server_optimizer(optimizer)
-    cfg = CodecConfig(density=density, dense_below=64)
+    cfg = CodecSpec.of(density=density, dense_below=64)
     p = rng.normal(size=SPEC.size).astype(np.float32)
     r = np.zeros(SPEC.size, dtype=np.float32)
     steps = np.zeros(SPEC.size, dtype=np.float64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmq.codecs import CodecConfig, SparseUpdate, check_vector, register_codec
+from fedmq.codecs import CodecSpec, SparseUpdate, check_vector, register_codec
 from fedmq.errors import CodecError, NonFiniteError
 from fedmq.params import ParamSpec
 
@@ -12,7 +12,7 @@ from fedmq.params import ParamSpec
 class Float16:
     name = "test-float16"
 
-    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecSpec,
                rng: np.random.Generator | None = None) -> bytes:
         return check_vector(vector, spec).astype("<f2").tobytes()
 
