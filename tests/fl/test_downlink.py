@@ -115,12 +115,3 @@ def test_catch_up_takes_deltas_when_cheaper_else_the_snapshot():
     assert plan_catch_up(None, 12, sizes, 10, 50).deltas == (11, 12)
     assert plan_catch_up(None, 9, sizes, 10, 50) is None
     assert plan_catch_up(12, 12, sizes, 10, 50) == downlink.CatchUp(None, (), 0, "0 delta(s) from version 12")
-
-
-def test_warmup_density_goes_geometrically_from_start_to_target():
-    got = [downlink.warmup_density(0.01, r, 4, 0.25) for r in range(1, 7)]
-    assert got[0] == 0.25 and got[4:] == [0.01, 0.01]
-    assert all(a > b for a, b in zip(got[:4], got[1:5]))
-    np.testing.assert_allclose(got[2], 0.25 * (0.01 / 0.25) ** 0.5)
-    assert downlink.warmup_density(0.01, 1, 0, 0.25) == 0.01  # off
-    assert downlink.warmup_density(0.5, 1, 4, 0.25) == 0.5  # start below the target: off
