@@ -29,7 +29,7 @@ from fedmq.fl.client import train_for_task
 from fedmq.fl.rounds import Accepted, RoundEngine
 from fedmq.fl.training import split_holdout
 from fedmq import topics
-from fedmq.codecs import decode
+from fedmq.codecs import CodecSpec, decode
 from fedmq.data import load_digits, save_npz_atomic
 from fedmq.envelope import decode_update
 from fedmq.feedback import ErrorFeedback
