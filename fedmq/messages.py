@@ -31,7 +31,9 @@ MAX_CONTROL_BYTES = 64 * 1024
 UPDATE_KINDS = ("delta", "gradient")
 
 
-def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
+def unpack_control(data: bytes, expected_type: str) -> dict[str, Any]:
+    """The map of a control message of type ``expected_type`` (the same reader for every control
+    message, :mod:`fedmq.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_CONTROL_BYTES:
@@ -46,8 +48,10 @@ def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
     return obj
 
 
-def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False,
-         default: Any = None) -> Any:
+def get_field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False,
+              default: Any = None) -> Any:
+    """``obj[key]`` of type ``kind`` (an int is taken for a float, a bool never for a number; floats
+    finite), or ``default`` when ``optional`` and absent. Raises WireError (rule R24)."""
     if key not in obj or obj[key] is None:
         if optional:
             return default
@@ -66,7 +70,8 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
-def _nonneg(value: int, key: str, where: str) -> int:
+def nonneg_field(value: int, key: str, where: str) -> int:
+    """``value`` when >= 0. Raises WireError (rule R25) naming ``key`` and ``where``."""
     if value < 0:
         raise WireError(f"{where}: field {key!r} must be >= 0, got {value} (rule R25)")
     return value
@@ -109,16 +114,16 @@ class Status(_Message):
     @classmethod
     def from_bytes(cls, data: bytes) -> Status:
         """Raises: WireError on any malformed input."""
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        return cls(device=_get(o, "device", str, w), online=_get(o, "online", bool, w),
-                   task=_get(o, "task", str, w, optional=True, default=""),
-                   spec_hash=_get(o, "spec_hash", str, w, optional=True, default=""),
-                   samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
-                   software=_get(o, "software", str, w, optional=True, default=""),
-                   ts=_get(o, "ts", float, w, optional=True, default=0.0),
-                   instance=_get(o, "instance", str, w, optional=True, default=""),
-                   refusal=_get(o, "refusal", str, w, optional=True, default=""))
+        return cls(device=get_field(o, "device", str, w), online=get_field(o, "online", bool, w),
+                   task=get_field(o, "task", str, w, optional=True, default=""),
+                   spec_hash=get_field(o, "spec_hash", str, w, optional=True, default=""),
+                   samples=nonneg_field(get_field(o, "samples", int, w, optional=True, default=0), "samples", w),
+                   software=get_field(o, "software", str, w, optional=True, default=""),
+                   ts=get_field(o, "ts", float, w, optional=True, default=0.0),
+                   instance=get_field(o, "instance", str, w, optional=True, default=""),
+                   refusal=get_field(o, "refusal", str, w, optional=True, default=""))
 
 
 #: Blob formats a ``ModelPointer`` may name (docs/wire-format.md, rule R25).
@@ -141,12 +146,12 @@ class ModelPointer(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelPointer:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        return cls(version=_nonneg(_get(o, "version", int, w), "version", w),
-                   spec_hash=_get(o, "spec_hash", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
-                   size=_nonneg(_get(o, "size", int, w), "size", w), sha256=_get(o, "sha256", str, w),
-                   format=_format(_get(o, "format", str, w, optional=True, default="safetensors"), w))
+        return cls(version=nonneg_field(get_field(o, "version", int, w), "version", w),
+                   spec_hash=get_field(o, "spec_hash", str, w), round=nonneg_field(get_field(o, "round", int, w), "round", w),
+                   size=nonneg_field(get_field(o, "size", int, w), "size", w), sha256=get_field(o, "sha256", str, w),
+                   format=_format(get_field(o, "format", str, w, optional=True, default="safetensors"), w))
 
 
 def _format(value: str, where: str) -> str:
@@ -168,12 +173,12 @@ class RoundAnnouncement(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundAnnouncement:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
-        deadline = _get(o, "deadline", float, w)
-        state = _get(o, "state", str, w, optional=True, default="open")
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        model_version = nonneg_field(get_field(o, "model_version", int, w), "model_version", w)
+        deadline = get_field(o, "deadline", float, w)
+        state = get_field(o, "state", str, w, optional=True, default="open")
         if state not in ("open", "closed", "failed"):
             raise WireError(f"{w}: state must be open|closed|failed, got {state[:80]!r} (rule R25)")
         return cls(round=round_, model_version=model_version, deadline=deadline, state=state)
@@ -249,11 +254,11 @@ class TrainPlan:
         Raises:
             WireError: a field of the wrong type or out of range, or an unknown codec.
         """
-        kwargs = {key: _get(raw, key, kind, where) for key, kind in _PLAN_TYPES.items() if key in raw}
-        name = _get(raw, "codec", str, where, optional=True, default=DEFAULT_CODEC)
+        kwargs = {key: get_field(raw, key, kind, where) for key, kind in _PLAN_TYPES.items() if key in raw}
+        name = get_field(raw, "codec", str, where, optional=True, default=DEFAULT_CODEC)
         try:
             kinds = get_codec(name).Params.types()
-            params = {key: _get(raw, key, kind, where) for key, kind in kinds.items() if key in raw}
+            params = {key: get_field(raw, key, kind, where) for key, kind in kinds.items() if key in raw}
             kwargs["codec"] = CodecSpec(name, params)
         except CodecError as exc:
             raise WireError(f"{where}: {exc} (rule R25)") from None
@@ -334,17 +339,17 @@ class Task(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        federation, device = _get(o, "federation", str, w), _get(o, "device", str, w)
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
-        spec_hash, deadline = _get(o, "spec_hash", str, w), _get(o, "deadline", float, w)
-        plan = TrainPlan.from_wire(_get(o, "plan", dict, w), f"{w}.plan")
+        federation, device = get_field(o, "federation", str, w), get_field(o, "device", str, w)
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        model_version = nonneg_field(get_field(o, "model_version", int, w), "model_version", w)
+        spec_hash, deadline = get_field(o, "spec_hash", str, w), get_field(o, "deadline", float, w)
+        plan = TrainPlan.from_wire(get_field(o, "plan", dict, w), f"{w}.plan")
         return cls(federation=federation, device=device, round=round_, model_version=model_version,
                    spec_hash=spec_hash, deadline=deadline, plan=plan,
-                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""),
-                   secure_aggregation=_get(o, "secure_aggregation", bool, w, optional=True, default=False))
+                   model_sha256=get_field(o, "model_sha256", str, w, optional=True, default=""),
+                   secure_aggregation=get_field(o, "secure_aggregation", bool, w, optional=True, default=False))
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")
@@ -371,13 +376,13 @@ class Receipt(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        device = _get(o, "device", str, w)
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        transfer_id = _get(o, "transfer_id", str, w)
-        status = _get(o, "status", str, w)
+        device = get_field(o, "device", str, w)
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        transfer_id = get_field(o, "transfer_id", str, w)
+        status = get_field(o, "status", str, w)
         if status not in RECEIPT_STATUSES:
             raise WireError(f"{w}: status must be one of {RECEIPT_STATUSES}, got {status[:80]!r} (rule R25)")
         return cls(device=device, round=round_, transfer_id=transfer_id, status=status,
-                   reason=_get(o, "reason", str, w, optional=True, default=""))
+                   reason=get_field(o, "reason", str, w, optional=True, default=""))
