@@ -102,7 +102,8 @@ def simulate(setup: FedSetup, *, target_accuracy: float | None = None, broker: s
     summary = run_demo(
         devices=setup.devices, per_round=setup.per_round, rounds=setup.rounds, task=setup.task, data=data,
         data_dir=shared_data_dir() / MNIST_T10K_DIR if data == "mnist" else None,
-        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec.name, density=setup.plan.codec.density,
+        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec.name,
+        density=setup.plan.codec.density,
         broker=broker, seed=setup.seed, deadline_s=NO_DEADLINE_S, devices_in=devices_in,
         scheduling=Scheduling(over_selection=1.0, min_devices=setup.devices, holdout_fraction=0.0,
                               min_updates=setup.per_round),
