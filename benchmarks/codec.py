@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
+from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
 from fedmq.data import mnist10k_partitions, mnist10k_split
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec, flatten_params
@@ -71,7 +71,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(delta: np.ndarray, spec: ParamSpec, configs: list[CodecConfig], repeats: int) -> list[dict[str, Any]]:
+def measure(delta: np.ndarray, spec: ParamSpec, configs: list[CodecSpec], repeats: int) -> list[dict[str, Any]]:
     """One row per codec configuration."""
     rows = []
     dense_bytes = 4 * spec.size
@@ -86,8 +86,8 @@ def measure(delta: np.ndarray, spec: ParamSpec, configs: list[CodecConfig], repe
         kept = delta if su.indices is None else delta[su.indices]
         kept_err = su.values.astype(np.float64) - kept
         rows.append({
-            "codec": cfg.name, "density": cfg.density if cfg.name != "none" else 1.0,
-            "topk": cfg.topk if cfg.name != "none" else None,
+            "codec": cfg.name, "density": cfg.params.density if cfg.name != "none" else 1.0,
+            "topk": cfg.params.topk if cfg.name != "none" else None,
             "kept": su.nnz, "payload_bytes": len(payload), "envelope_bytes": len(envelope),
             "ratio": round(dense_bytes / len(envelope), 1),
             "bits_per_kept": round(8 * len(payload) / su.nnz, 2),
@@ -130,8 +130,8 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     delta, spec, info = real_update()
     repeats = 11 if quick else 51
-    configs = ([CodecConfig(density=d) for d in DENSITIES] + [CodecConfig(density=0.01, topk="per-tensor")]
-               + [CodecConfig(name="none")])
+    configs = ([CodecSpec.of(density=d) for d in DENSITIES] + [CodecSpec.of(density=0.01, topk="per-tensor")]
+               + [CodecSpec.of(name="none")])
     return _result(measure(delta, spec, configs, repeats), spec, info, repeats)
 
 
@@ -140,7 +140,7 @@ def smoke() -> dict[str, Any]:
     torch.set_num_threads(1)
     spec = ParamSpec.from_module(get_task("mnist-cnn").build_model(0))
     delta = (np.random.default_rng(0).standard_normal(spec.size) * 1e-3).astype(np.float32)
-    return _result(measure(delta, spec, [CodecConfig(density=0.01)], 3), spec, {"update": "random normal"}, 3)
+    return _result(measure(delta, spec, [CodecSpec.of(density=0.01)], 3), spec, {"update": "random normal"}, 3)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _worker(rounds: int, data: str) -> dict:
     xt, yt, _, _ = split_holdout(x, y, 0.0, 0)
     model = task.build_model(0)
     spec = ParamSpec.from_module(model)
-    plan = TrainPlan(**PLAN)
+    plan = TrainPlan.from_table(PLAN)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-device-") as tmp:
         state = DeviceState(tmp)

@@ -92,7 +92,7 @@ def _envelope(spec: Any, result: Any, device: str) -> bytes:
     from fedmq.fl.client import package_update
     from fedmq.messages import Task, TrainPlan
 
-    task = Task(FED, device, 1, 0, spec.hash, 0.0, TrainPlan(codec="topk-int8", density=0.01))
+    task = Task(FED, device, 1, 0, spec.hash, 0.0, TrainPlan())
     return package_update(result, task, federation=FED, device=device, spec=spec, feedback=ErrorFeedback(spec),
                           seed=0).data
 

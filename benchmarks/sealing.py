@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.codec import real_update
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
 from fedmq.sealing import SEAL_OVERHEAD, load_or_create_key, seal_update
@@ -51,7 +51,7 @@ def one_update(delta: np.ndarray, spec: ParamSpec, repeats: int, key_dir: str) -
     """Seal / open cost and bytes of one client update, per codec."""
     key = load_or_create_key(key_dir)
     rows = []
-    for cfg in (CodecConfig(), CodecConfig(name="none")):
+    for cfg in (CodecSpec.of(), CodecSpec.of(name="none")):
         payload = encode(delta, spec, cfg)
         envelope = encode_update(ClientUpdate(federation="bench", device="dev-0", round=1, base_version=0,
                                               samples=800, kind="delta", spec_hash=spec.hash, codec=cfg.name,
@@ -60,7 +60,7 @@ def one_update(delta: np.ndarray, spec: ParamSpec, repeats: int, key_dir: str) -
         assert key.open_update(sealed, **WHERE) == envelope
         chunks = [envelope[i:i + DEFAULT_MAX_CHUNK] for i in range(0, len(envelope), DEFAULT_MAX_CHUNK)]
         rows.append({
-            "codec": cfg.name, "density": cfg.density if cfg.name != "none" else 1.0,
+            "codec": cfg.name, "density": cfg.params.density if cfg.name != "none" else 1.0,
             "envelope_bytes": len(envelope), "sealed_bytes": len(sealed),
             "overhead_bytes": len(sealed) - len(envelope),
             "overhead_pct": round(100 * (len(sealed) - len(envelope)) / len(envelope), 3),

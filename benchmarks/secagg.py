@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmq.codecs import CodecConfig, decode_sparse, encode
+from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.data import mnist10k_partitions, mnist10k_split
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec, flatten_params, load_params
@@ -77,13 +77,13 @@ def support_against_topk() -> dict[str, Any]:
     _local_epoch(model, x_train[parts[0]], y_train[parts[0]], 0)
     d = (flatten_params(model, spec) - before).astype(np.float64)
     energy = float(d @ d)
-    own = decode_sparse("topk-int8", encode(d.astype(np.float32), spec, CodecConfig(density=DENSITY)), spec)
+    own = decode_sparse("topk-int8", encode(d.astype(np.float32), spec, CodecSpec.of(density=DENSITY)), spec)
     k = own.nnz
     support = common_support(spec.size, k, last_change=change, seed=0, round_=2)
     random = common_support(spec.size, k, last_change=None, seed=0, round_=2)
     envelope = encode_update(ClientUpdate(federation="bench", device="dev-0", round=2, base_version=1,
                                           samples=len(parts[0]), kind="delta", spec_hash=spec.hash, codec="topk-int8",
-                                          payload=encode(d.astype(np.float32), spec, CodecConfig(density=DENSITY)),
+                                          payload=encode(d.astype(np.float32), spec, CodecSpec.of(density=DENSITY)),
                                           metrics={"train_loss": 0.1}))
     return {"params": spec.size, "k": k, "today_envelope_bytes": len(envelope),
             "energy_own_topk": round(float(d[own.indices] @ d[own.indices]) / energy, 4),

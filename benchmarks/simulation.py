@@ -28,6 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedmq.codecs import CodecSpec
 from fedmq.messages import TrainPlan
 
 #: Deadline (seconds) long enough never to fire in a benchmark round.
@@ -69,7 +70,7 @@ class FedSetup:
     def describe(self) -> dict[str, Any]:
         """JSON-friendly settings (the plan flattened in)."""
         d = asdict(self)
-        d["plan"] = asdict(self.plan)
+        d["plan"] = self.plan.as_table()
         return d
 
 
@@ -96,12 +97,13 @@ def simulate(setup: FedSetup, *, target_accuracy: float | None = None, broker: s
     from fleet.demo import Scheduling, run_demo
 
     data = "digits" if setup.task.startswith("digits") else "mnist"
-    plan = {k: v for k, v in asdict(setup.plan).items()}
+    plan = setup.plan.as_table()
     t0 = time.perf_counter()
     summary = run_demo(
         devices=setup.devices, per_round=setup.per_round, rounds=setup.rounds, task=setup.task, data=data,
         data_dir=shared_data_dir() / MNIST_T10K_DIR if data == "mnist" else None,
-        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec, density=setup.plan.density,
+        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec.name,
+        density=setup.plan.codec.density,
         broker=broker, seed=setup.seed, deadline_s=NO_DEADLINE_S, devices_in=devices_in,
         scheduling=Scheduling(over_selection=1.0, min_devices=setup.devices, holdout_fraction=0.0,
                               min_updates=setup.per_round),
@@ -132,4 +134,4 @@ def simulate(setup: FedSetup, *, target_accuracy: float | None = None, broker: s
 
 def with_codec(plan: TrainPlan, name: str, density: float = 0.01, error_feedback: bool = True) -> TrainPlan:
     """``plan`` with another codec setting (everything else, learning included, kept)."""
-    return replace(plan, codec=name, density=density, error_feedback=error_feedback)
+    return replace(plan, codec=CodecSpec.from_table(name, {"density": density}), error_feedback=error_feedback)

@@ -230,9 +230,7 @@ class BufferedCoordinator(Coordinator):
         rng = np.random.default_rng([int(cfg.seed), next_round, self._dispatches])
         chosen = [idle[i] for i in sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False))]
         lease = time.time() + cfg.async_.task_timeout_s
-        plan = cfg.plan
-        if plan.codec != "none":
-            plan = replace(plan, density=cfg.warmup.density(plan.density, next_round))
+        plan = replace(cfg.plan, codec=cfg.warmup.apply(cfg.plan.codec, next_round))
         for device in chosen:
             task = Task(self.fed, device, next_round, engine.version, self.spec.hash, lease, plan,
                         self._published_sha)

@@ -12,13 +12,12 @@ Every option with its default, unit and effect is in docs/coordinator.md. Errors
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, field_validator, model_validator
 
 from fedmq.config_loader import ConfigSchema, Sourced, broker_table
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
@@ -29,10 +28,10 @@ from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
 from fedmq import topics
-from fedmq.codecs import CodecConfig, codec_names
-from fedmq.fl.downlink import warmup_density
-from fedmq.errors import ConfigError, WireError
-from fedmq.messages import DENSE_BELOW, TOPK_MODES, TrainPlan
+from fedmq.codecs import CodecSpec, all_param_names
+from fedmq.codecs.schedule import DensityWarmup
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.messages import TrainPlan
 from fedmq.transport.settings import BrokerSettings
 
 
@@ -297,42 +296,76 @@ class ExportConfig(_Section):
 class WarmupConfig(_Section):
     """Density warm-up of both codecs (docs/coordinator.md, ``[warmup]``): for the first
     ``rounds`` rounds the uplink plan's and the downlink's density go geometrically from
-    ``start`` down to their configured values (Lin et al. 2018, DGC). 0 rounds: off, the
-    default: on digits (BENCHMARKS.md) 5 rounds from 0.25 added 0.3 pp on top of server
-    momentum but 70% more uplink bytes, and on the CNN its first rounds would cost several MB."""
+    ``start`` down to their configured values (Lin et al. 2018, DGC;
+    :class:`fedmq.codecs.schedule.DensityWarmup`, which leaves a codec without a density, such
+    as ``none``, as it is). 0 rounds: off, the default: on digits (BENCHMARKS.md) 5 rounds
+    from 0.25 added 0.3 pp on top of server momentum but 70% more uplink bytes, and on the CNN
+    its first rounds would cost several MB."""
 
     rounds: int = Field(0, ge=0)
     start: float = Field(0.25, gt=0.0, le=1.0)
 
-    def density(self, target: float, round_: int) -> float:
-        return warmup_density(target, round_, self.rounds, self.start)
+    def apply(self, codec: CodecSpec, round_: int) -> CodecSpec:
+        """The codec spec round ``round_`` uses (the same schedule for the uplink and the downlink)."""
+        return DensityWarmup(self.rounds, self.start).apply(codec, round_)
+
+
+def _codec_spec(value: Any) -> CodecSpec:
+    """A codec spec from a CodecSpec or a codec name (its parameters at their defaults)."""
+    if isinstance(value, CodecSpec):
+        return value
+    try:
+        return CodecSpec(value)
+    except FedmqError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _train_plan(value: Any) -> TrainPlan:
+    """``[plan]``: a TrainPlan, or a flat table of plan fields, ``codec`` and codec parameters
+    (:meth:`fedmq.messages.TrainPlan.from_table`)."""
+    try:
+        if isinstance(value, TrainPlan):
+            return value.validate("plan")
+        if isinstance(value, Mapping):
+            return TrainPlan.from_table(value, "plan")
+    except FedmqError as exc:
+        raise ValueError(str(exc)) from None
+    raise ValueError(f"expected a table, got {type(value).__name__}")
 
 
 class DownlinkConfig(_Section):
     """How the global model reaches devices (docs/coordinator.md, ``[downlink]``).
 
-    ``codec`` ``topk-int8`` publishes each version as a compressed delta with server-side
-    error feedback (:mod:`fedmq.fl.downlink`); ``none`` publishes every version as a full
-    safetensors blob. ``density``, ``block_size``, ``dense_below`` and ``topk`` are the downlink
-    codec's (:class:`fedmq.codecs.CodecConfig`). ``window``: versions whose deltas stay
-    retained. ``snapshot_every``: a full safetensors snapshot every this many versions
-    (at most ``window``, so the deltas after the newest snapshot are always retained).
+    ``codec``: the downlink codec with its parameters (:class:`fedmq.codecs.CodecSpec`, the
+    same type as the uplink plan's; in the table, ``codec`` names it and its parameters are
+    keys beside it, e.g. ``density``). ``topk-int8`` publishes each version as a compressed
+    delta with server-side error feedback (:mod:`fedmq.fl.downlink`); ``none`` publishes every
+    version as a full safetensors blob. ``window``: versions whose deltas stay retained.
+    ``snapshot_every``: a full safetensors snapshot every this many versions (at most
+    ``window``, so the deltas after the newest snapshot are always retained).
     """
 
-    codec: str = "topk-int8"
-    density: float = Field(0.01, gt=0.0, le=1.0)
-    block_size: int = Field(512, ge=1, le=2**32 - 1)
-    dense_below: int = Field(DENSE_BELOW, ge=0)
-    topk: Literal[TOPK_MODES] = "global"  # type: ignore[valid-type]
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    codec: Annotated[CodecSpec, PlainValidator(_codec_spec)] = CodecSpec()
     window: int = Field(20, ge=1)
     snapshot_every: int = Field(10, ge=1)
 
-    @field_validator("codec")
+    @model_validator(mode="before")
     @classmethod
-    def _codec_known(cls, value: str) -> str:
-        if value not in codec_names():
-            raise ValueError(f"unknown codec {value!r}, expected one of {codec_names()}")
-        return value
+    def _codec_parameters(cls, value: Any) -> Any:
+        """Fold the flat table's codec parameters into the codec spec."""
+        if not isinstance(value, Mapping):
+            return value
+        params = {k: v for k, v in value.items() if k in all_param_names()}
+        if not params:
+            return value
+        rest = {k: v for k, v in value.items() if k not in params}
+        try:
+            rest["codec"] = CodecSpec.from_table(str(rest.get("codec", CodecSpec().name)), params)
+        except FedmqError as exc:
+            raise ValueError(str(exc)) from None
+        return rest
 
     @model_validator(mode="after")
     def _snapshot_within_window(self) -> DownlinkConfig:
@@ -343,11 +376,12 @@ class DownlinkConfig(_Section):
 
     @property
     def compressed(self) -> bool:
-        return self.codec != "none"
+        return self.codec.name != "none"
 
-    def codec_config(self) -> CodecConfig:
-        return CodecConfig(name=self.codec, density=self.density, block_size=self.block_size,
-                           dense_below=self.dense_below, topk=self.topk)
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keys ``[downlink]`` may hold: its fields and every registered codec's parameters."""
+        return tuple(cls.model_fields) + all_param_names()
 
 
 class CoordinatorConfig(_Section, Sourced):
@@ -367,7 +401,7 @@ class CoordinatorConfig(_Section, Sourced):
     broker: BrokerSettings = BrokerSettings()
     round: RoundConfig = RoundConfig()
     async_: AsyncConfig = Field(AsyncConfig(), alias="async")
-    plan: TrainPlan = TrainPlan()
+    plan: Annotated[TrainPlan, PlainValidator(_train_plan)] = TrainPlan()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     aggregation: AggregationConfig = AggregationConfig()
@@ -397,25 +431,6 @@ class CoordinatorConfig(_Section, Sourced):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("plan", mode="before")
-    @classmethod
-    def _plan_fields(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(TrainPlan)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown option(s) {unknown}; expected some of {sorted(known)}")
-        return value
-
-    @field_validator("plan")
-    @classmethod
-    def _plan_valid(cls, value: TrainPlan) -> TrainPlan:
-        try:
-            CodecConfig.from_plan(value)
-            return value.validate("plan")
-        except WireError as exc:
-            raise ValueError(str(exc)) from None
-
     @model_validator(mode="after")
     def _privacy_applies(self) -> CoordinatorConfig:
         if not self.privacy.enabled:
@@ -426,7 +441,7 @@ class CoordinatorConfig(_Section, Sourced):
         if self.aggregation.rule != "weighted-mean":
             raise ValueError(f"privacy: the coordinator sums clipped updates with uniform weights; aggregation rule "
                              f"{self.aggregation.rule!r} is not accounted (keep \"weighted-mean\")")
-        if self.privacy.noise == "distributed" and self.plan.codec != "none":
+        if self.privacy.noise == "distributed" and self.plan.codec.name != "none":
             raise ValueError("privacy: distributed noise needs [plan] codec = \"none\" (a noise share must reach "
                              "every coordinate unquantized)")
         return self

@@ -498,9 +498,7 @@ class Coordinator:
         self.db.set_inflight(selected)
         self._gone.clear()
         engine.open(r, version, selected, target, deadline, started)
-        plan = cfg.plan
-        if plan.codec != "none":
-            plan = replace(plan, density=cfg.warmup.density(plan.density, r))
+        plan = replace(cfg.plan, codec=cfg.warmup.apply(cfg.plan.codec, r))
         if self.privacy is not None:
             plan = self.privacy.plan(plan)
         for i, device in enumerate(selected):
@@ -650,7 +648,8 @@ class Coordinator:
         ranking = gate_gradient(self.task, self.model, self.spec, vector, self._eval_data,
                                 self.config.evaluation.gate_samples) \
             if self.config.secure_aggregation.ranking == "gradient" else None
-        support = plan_support(self.spec, self.config.warmup.density(plan.density, engine.round), plan.dense_below,
+        codec = self.config.warmup.apply(plan.codec, engine.round)
+        support = plan_support(self.spec, codec.density, getattr(codec.params, "dense_below", 0),
                                last_change=_support_ranking(ranking, self._last_change), seed=self.config.seed,
                                round_=engine.round, explore=self.config.secure_aggregation.explore)
         outcome = self.secure.run(engine.round, selected, size=self.spec.size, support=support, seed=self.config.seed,
@@ -970,8 +969,7 @@ class Coordinator:
         server = downlink.server_model(vector, self._residual)
         self.optimizer.step(server, model_delta)
         base_sha = params_sha256(vector)
-        codec = self.config.downlink.codec_config()
-        codec = replace(codec, density=self.config.warmup.density(codec.density, round_))
+        codec = self.config.warmup.apply(self.config.downlink.codec, round_)
         step = downlink.compress_step(vector, server, self.spec, codec) if np.isfinite(server).all() else None
         loss = self._gate(step.published) if step is not None else float("nan")
         if step is None or (loss is not None and not np.isfinite(loss)):
@@ -980,7 +978,7 @@ class Coordinator:
             self.optimizer.load_state_arrays(before, self.spec.size)
             self._module_of(vector)
             return None
-        blob = DeltaBlob(self.config.downlink.codec, self.spec.hash, version - 1, version, base_sha,
+        blob = DeltaBlob(codec.name, self.spec.hash, version - 1, version, base_sha,
                          params_sha256(step.published), step.payload).to_bytes()
         self._delta_dir().mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self._delta_path(version), blob)
@@ -1065,7 +1063,7 @@ class Coordinator:
         if self._snapshot is None or delta_blob is None or version % cfg.snapshot_every == 0:
             self._publish_snapshot(vector, version, round_)
         assert self._snapshot is not None
-        chain = ModelChain(self.spec.hash, cfg.codec, self.config.seed, self._origin_sha, version,
+        chain = ModelChain(self.spec.hash, cfg.codec.name, self.config.seed, self._origin_sha, version,
                            self._published_sha, self._snapshot, tuple(entries))
         self.link.publish_wait(topics.model_chain(self.fed), chain.to_bytes(), retain=True, timeout=30.0)
         for old_version, old_base, count in self.db.published("delta"):

@@ -24,7 +24,7 @@ from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import codec_names
 from fedmq.errors import SpecMismatchError, WireError
 from fedmq.fl.downlink import apply_delta, params_sha256
-from fedmq.messages import _get, _nonneg, _unpack  # one strict msgpack reader for every control message
+from fedmq.messages import get_field, nonneg_field, unpack_control  # one strict reader for every control message
 from fedmq.params import ParamSpec
 
 DELTA_MAGIC = b"FMQD"
@@ -214,19 +214,19 @@ class ModelChain:
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelChain:
         """Raises: WireError on any malformed input (deltas must ascend, none after ``latest``)."""
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        spec_hash = _get(o, "spec_hash", str, w)
-        codec = _get(o, "codec", str, w)
+        spec_hash = get_field(o, "spec_hash", str, w)
+        codec = get_field(o, "codec", str, w)
         if codec not in codec_names():
             raise WireError(f"{w}: unknown codec {codec!r}")
-        seed = _get(o, "seed", int, w)
-        origin, latest_sha = _get(o, "origin_sha256", str, w), _get(o, "latest_sha256", str, w)
+        seed = get_field(o, "seed", int, w)
+        origin, latest_sha = get_field(o, "origin_sha256", str, w), get_field(o, "latest_sha256", str, w)
         if not _HEX64.match(origin) or not _HEX64.match(latest_sha) or not _HEX16.match(spec_hash):
             raise WireError(f"{w}: hashes must be lower-case hex (16 for spec_hash, 64 for SHA-256)")
-        latest = _nonneg(_get(o, "latest", int, w), "latest", w)
-        snapshot = ChainEntry.from_obj(_get(o, "snapshot", list, w), f"{w}.snapshot")
-        raw = _get(o, "deltas", list, w)
+        latest = nonneg_field(get_field(o, "latest", int, w), "latest", w)
+        snapshot = ChainEntry.from_obj(get_field(o, "snapshot", list, w), f"{w}.snapshot")
+        raw = get_field(o, "deltas", list, w)
         deltas = tuple(ChainEntry.from_obj(e, f"{w}.deltas[{i}]") for i, e in enumerate(raw))
         versions = [e.version for e in deltas]
         if versions != sorted(set(versions)) or (versions and (versions[0] < 1 or versions[-1] > latest)):

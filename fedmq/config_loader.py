@@ -118,6 +118,19 @@ def _fields(kind: Any) -> list[tuple[str, str, Any, Any]] | None:
     return None
 
 
+def _table_default(table: Any, key: str) -> Any:
+    """The default of ``key`` in a table that holds a codec's parameters flat: its own field,
+    the codec's name for ``codec``, or the codec's parameter (None for another codec's)."""
+    if table is None:
+        return None
+    codec = getattr(table, "codec", None)
+    if key == "codec" and codec is not None:
+        return getattr(codec, "name", codec)
+    if hasattr(table, key):
+        return getattr(table, key)
+    return getattr(getattr(codec, "params", None), key, None)
+
+
 def options_of(model: type) -> dict[str, Option]:
     """Every option of ``model`` (a pydantic model or dataclass, tables nested), by dotted name.
 
@@ -132,7 +145,15 @@ def options_of(model: type) -> dict[str, Option]:
             if instance is not None:
                 default = getattr(instance, attr)
             name = prefix + key
-            if _fields(annotation) is not None:
+            if hasattr(annotation, "option_names"):
+                # A table whose keys are its fields and a codec's parameters, flat ([plan],
+                # [downlink]: fedmq.codecs.CodecSpec): the codec's name is text.
+                table = None if default is REQUIRED else default
+                for sub in annotation.option_names():
+                    value = _table_default(table, sub)
+                    out[f"{name}.{sub}"] = Option(f"{name}.{sub}", value,
+                                                  text=sub == "codec" or isinstance(value, str))
+            elif _fields(annotation) is not None:
                 walk(annotation, name + ".", None if default is REQUIRED else default)
             elif typing.get_origin(annotation) is dict or annotation is dict:
                 out[name] = Option(name, default, table=True)

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from fedmq.atomic import atomic_write_bytes
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
 from fedmq.params import ParamSpec
 from fedmq.privacy.clipping import encode_clipped
@@ -50,7 +50,7 @@ class ErrorFeedback:
             raise NonFiniteError(f"{what} contains NaN or Inf")
         return arr
 
-    def compress(self, update: np.ndarray, config: CodecConfig, *, enabled: bool = True,
+    def compress(self, update: np.ndarray, config: CodecSpec, *, enabled: bool = True,
                  rng: np.random.Generator | None = None, clip_norm: float = 0.0) -> tuple[bytes, np.ndarray]:
         """Compress ``update`` with error feedback.
 

@@ -14,13 +14,15 @@ See docs/wire-format.md for the byte-level description.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.errors import WireError
+from fedmq.codecs import DEFAULT_CODEC, CodecSpec, all_param_names, get_codec
+from fedmq.errors import CodecError, WireError
 from fedmq.strict_msgpack import unpack_map
 
 #: Largest control message accepted, bytes. Control messages are small maps.
@@ -29,7 +31,9 @@ MAX_CONTROL_BYTES = 64 * 1024
 UPDATE_KINDS = ("delta", "gradient")
 
 
-def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
+def unpack_control(data: bytes, expected_type: str) -> dict[str, Any]:
+    """The map of a control message of type ``expected_type`` (the same reader for every control
+    message, :mod:`fedmq.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_CONTROL_BYTES:
@@ -44,8 +48,10 @@ def _unpack(data: bytes, expected_type: str) -> dict[str, Any]:
     return obj
 
 
-def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False,
-         default: Any = None) -> Any:
+def get_field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *, optional: bool = False,
+              default: Any = None) -> Any:
+    """``obj[key]`` of type ``kind`` (an int is taken for a float, a bool never for a number; floats
+    finite), or ``default`` when ``optional`` and absent. Raises WireError (rule R24)."""
     if key not in obj or obj[key] is None:
         if optional:
             return default
@@ -64,7 +70,8 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
-def _nonneg(value: int, key: str, where: str) -> int:
+def nonneg_field(value: int, key: str, where: str) -> int:
+    """``value`` when >= 0. Raises WireError (rule R25) naming ``key`` and ``where``."""
     if value < 0:
         raise WireError(f"{where}: field {key!r} must be >= 0, got {value} (rule R25)")
     return value
@@ -107,16 +114,16 @@ class Status(_Message):
     @classmethod
     def from_bytes(cls, data: bytes) -> Status:
         """Raises: WireError on any malformed input."""
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        return cls(device=_get(o, "device", str, w), online=_get(o, "online", bool, w),
-                   task=_get(o, "task", str, w, optional=True, default=""),
-                   spec_hash=_get(o, "spec_hash", str, w, optional=True, default=""),
-                   samples=_nonneg(_get(o, "samples", int, w, optional=True, default=0), "samples", w),
-                   software=_get(o, "software", str, w, optional=True, default=""),
-                   ts=_get(o, "ts", float, w, optional=True, default=0.0),
-                   instance=_get(o, "instance", str, w, optional=True, default=""),
-                   refusal=_get(o, "refusal", str, w, optional=True, default=""))
+        return cls(device=get_field(o, "device", str, w), online=get_field(o, "online", bool, w),
+                   task=get_field(o, "task", str, w, optional=True, default=""),
+                   spec_hash=get_field(o, "spec_hash", str, w, optional=True, default=""),
+                   samples=nonneg_field(get_field(o, "samples", int, w, optional=True, default=0), "samples", w),
+                   software=get_field(o, "software", str, w, optional=True, default=""),
+                   ts=get_field(o, "ts", float, w, optional=True, default=0.0),
+                   instance=get_field(o, "instance", str, w, optional=True, default=""),
+                   refusal=get_field(o, "refusal", str, w, optional=True, default=""))
 
 
 #: Blob formats a ``ModelPointer`` may name (docs/wire-format.md, rule R25).
@@ -139,12 +146,12 @@ class ModelPointer(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelPointer:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        return cls(version=_nonneg(_get(o, "version", int, w), "version", w),
-                   spec_hash=_get(o, "spec_hash", str, w), round=_nonneg(_get(o, "round", int, w), "round", w),
-                   size=_nonneg(_get(o, "size", int, w), "size", w), sha256=_get(o, "sha256", str, w),
-                   format=_format(_get(o, "format", str, w, optional=True, default="safetensors"), w))
+        return cls(version=nonneg_field(get_field(o, "version", int, w), "version", w),
+                   spec_hash=get_field(o, "spec_hash", str, w), round=nonneg_field(get_field(o, "round", int, w), "round", w),
+                   size=nonneg_field(get_field(o, "size", int, w), "size", w), sha256=get_field(o, "sha256", str, w),
+                   format=_format(get_field(o, "format", str, w, optional=True, default="safetensors"), w))
 
 
 def _format(value: str, where: str) -> str:
@@ -166,26 +173,15 @@ class RoundAnnouncement(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundAnnouncement:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
-        deadline = _get(o, "deadline", float, w)
-        state = _get(o, "state", str, w, optional=True, default="open")
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        model_version = nonneg_field(get_field(o, "model_version", int, w), "model_version", w)
+        deadline = get_field(o, "deadline", float, w)
+        state = get_field(o, "state", str, w, optional=True, default="open")
         if state not in ("open", "closed", "failed"):
             raise WireError(f"{w}: state must be open|closed|failed, got {state[:80]!r} (rule R25)")
         return cls(round=round_, model_version=model_version, deadline=deadline, state=state)
-
-
-#: How Top-K shares the kept entries among tensors (``TrainPlan.topk``,
-#: :attr:`fedmq.codecs.CodecConfig.topk`); any other value is refused (rule R25).
-TOPK_MODES = ("global", "per-tensor")
-#: Default ``dense_below`` of the plan and of :class:`fedmq.codecs.CodecConfig`, in elements:
-#: smaller tensors go dense int8 (biases, and the output layers of small models: the digits
-#: MLP's 2,560-entry output layer; on the digits demo this closed the last 0.25 pp to dense
-#: FedAvg, BENCHMARKS.md). Nothing of the MNIST CNN lies between 1,024 (the previous default)
-#: and 4,096.
-DENSE_BELOW = 4096
 
 
 @dataclass(frozen=True)
@@ -194,12 +190,10 @@ class TrainPlan:
 
     Exactly one of ``local_steps`` / ``local_epochs`` is > 0. ``lr`` is the local SGD
     learning rate; ``prox_mu`` the FedProx coefficient (Li et al. 2020; 0 disables it);
-    ``max_seconds`` caps local training time (seconds, 0 = no cap). ``codec``,
-    ``density`` (fraction of entries kept per tensor), ``block_size`` (kept values per
-    float32 scale), ``dense_below`` (tensors with fewer elements go dense int8) and
-    ``stochastic`` (stochastic rounding) and ``topk`` (``global``: the kept entries are
-    chosen across the whole update; ``per-tensor``: each tensor keeps ``density`` of its own)
-    configure the codec (fedmq.codecs.CodecConfig).
+    ``max_seconds`` caps local training time (seconds, 0 = no cap). ``codec`` is the codec of
+    the client update with its own parameters (:class:`fedmq.codecs.CodecSpec`; default
+    ``topk-int8`` at its defaults, :class:`fedmq.codecs.topk_int8.TopKParams`); on the wire and
+    in ``[plan]`` its parameters are keys of the plan itself (:meth:`as_table`).
     ``error_feedback`` False disables the residual (for ablations only).
     ``clip_norm`` (L2 norm, 0 = no clipping) bounds what the device sends under differential
     privacy: the vector the coordinator decodes has norm <= ``clip_norm``
@@ -215,14 +209,9 @@ class TrainPlan:
     lr: float = 0.05
     prox_mu: float = 0.0
     max_seconds: float = 0.0
-    codec: str = "topk-int8"
-    density: float = 0.01
-    block_size: int = 512
-    dense_below: int = DENSE_BELOW
-    stochastic: bool = False
+    codec: CodecSpec = field(default_factory=CodecSpec)
     error_feedback: bool = True
     seed: int = 0
-    topk: str = "global"
     clip_norm: float = 0.0
     noise_std: float = 0.0
 
@@ -236,25 +225,88 @@ class TrainPlan:
                             f"(got {self.local_steps}, {self.local_epochs}) (rule R25)")
         if self.batch_size < 1 or self.lr <= 0 or self.prox_mu < 0 or self.max_seconds < 0:
             raise WireError(f"{where}: batch_size >= 1, lr > 0, prox_mu >= 0, max_seconds >= 0 expected (rule R25)")
-        if not 0.0 < self.density <= 1.0:
-            raise WireError(f"{where}: density must be in (0, 1], got {self.density} (rule R25)")
-        if self.block_size < 1 or self.dense_below < 0:
-            raise WireError(f"{where}: block_size >= 1 and dense_below >= 0 expected (rule R25)")
-        if self.topk not in TOPK_MODES:
-            raise WireError(f"{where}: topk must be global or per-tensor, got {self.topk[:80]!r} (rule R25)")
+        if not isinstance(self.codec, CodecSpec):
+            raise WireError(f"{where}: codec must be a fedmq.codecs.CodecSpec, got {type(self.codec).__name__}")
         if not (0.0 <= self.clip_norm < math.inf and 0.0 <= self.noise_std < math.inf):
             raise WireError(f"{where}: clip_norm and noise_std must be finite and >= 0, got {self.clip_norm}, "
                             f"{self.noise_std} (rule R25)")
-        if self.noise_std > 0 and (self.codec != "none" or self.clip_norm == 0):
+        if self.noise_std > 0 and (self.codec.name != "none" or self.clip_norm == 0):
             raise WireError(f"{where}: a noise share (noise_std > 0) needs codec none and a clip_norm (rule R25)")
         return self
 
+    def as_table(self) -> dict[str, Any]:
+        """The plan as the Task carries it: one flat map, the codec's name under ``codec`` and
+        each of its parameters under its own name right after it (docs/wire-format.md, "Task")."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "codec":
+                out.update(self.codec.as_table())
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
 
-_PLAN_TYPES: dict[str, type | tuple[type, ...]] = {
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], where: str) -> TrainPlan:
+        """Read a plan map (strict types, rule R24; ranges, rule R25). Keys that are neither a
+        plan field nor a parameter of the named codec are ignored (forward compatibility); a
+        parameter the map leaves out takes the codec's default.
+
+        Raises:
+            WireError: a field of the wrong type or out of range, or an unknown codec.
+        """
+        kwargs = {key: get_field(raw, key, kind, where) for key, kind in _PLAN_TYPES.items() if key in raw}
+        name = get_field(raw, "codec", str, where, optional=True, default=DEFAULT_CODEC)
+        try:
+            kinds = get_codec(name).Params.types()
+            params = {key: get_field(raw, key, kind, where) for key, kind in kinds.items() if key in raw}
+            kwargs["codec"] = CodecSpec(name, params)
+        except CodecError as exc:
+            raise WireError(f"{where}: {exc} (rule R25)") from None
+        return cls(**kwargs).validate(where)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str = "plan") -> TrainPlan:
+        """A plan from a flat table such as ``[plan]``: plan fields, ``codec`` (a name or a
+        :class:`~fedmq.codecs.CodecSpec`) and codec parameters (the named codec's are taken; those
+        of other registered codecs are ignored, so switching codec is one line). Values are
+        taken as they are (a number for a float, no strings).
+
+        Raises:
+            WireError: a key that is no plan field and no codec's parameter, or a field out of
+                range. CodecError: unknown codec or an invalid codec parameter.
+        """
+        plan_fields = {f.name for f in fields(cls)}
+        codec = table.get("codec", DEFAULT_CODEC)
+        rest = {k: v for k, v in table.items() if k not in plan_fields}
+        kwargs = {k: v for k, v in table.items() if k in plan_fields and k != "codec"}
+        if isinstance(codec, CodecSpec):
+            if rest:
+                raise WireError(f"{where}: codec parameters {sorted(rest)} next to a CodecSpec")
+        else:
+            unknown = sorted(set(rest) - set(all_param_names()))
+            if unknown:
+                raise WireError(f"{where}: unknown option(s) {unknown}; expected some of "
+                                f"{sorted(plan_fields | set(all_param_names()))}")
+            codec = CodecSpec.from_table(codec, rest)
+        for key, kind in _PLAN_TYPES.items():
+            value = kwargs.get(key)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                kwargs[key] = float(value)
+            elif key in kwargs and (not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)):
+                raise WireError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+        return cls(codec=codec, **kwargs).validate(where)
+
+    @staticmethod
+    def option_names() -> tuple[str, ...]:
+        """The keys a ``[plan]`` table may hold: the plan's fields and every registered codec's
+        parameters."""
+        return tuple(f.name for f in fields(TrainPlan)) + all_param_names()
+
+
+_PLAN_TYPES: dict[str, type] = {
     "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
-    "prox_mu": float, "max_seconds": float, "codec": str, "density": float, "block_size": int,
-    "dense_below": int, "stochastic": bool, "error_feedback": bool, "seed": int, "topk": str,
-    "clip_norm": float, "noise_std": float,
+    "prox_mu": float, "max_seconds": float, "error_feedback": bool, "seed": int, "clip_norm": float,
+    "noise_std": float,
 }
 
 
@@ -279,22 +331,25 @@ class Task(_Message):
     model_sha256: str = ""
     secure_aggregation: bool = False
 
+    def to_bytes(self) -> bytes:
+        """Encode as a msgpack map; the plan as :meth:`TrainPlan.as_table` writes it."""
+        body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE}
+        body.update({f.name: getattr(self, f.name) for f in fields(self)}, plan=self.plan.as_table())
+        return msgpack.packb(body, use_bin_type=True)
+
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        federation, device = _get(o, "federation", str, w), _get(o, "device", str, w)
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        model_version = _nonneg(_get(o, "model_version", int, w), "model_version", w)
-        spec_hash, deadline = _get(o, "spec_hash", str, w), _get(o, "deadline", float, w)
-        raw_plan = _get(o, "plan", dict, w)
-        plan_kwargs = {key: _get(raw_plan, key, kind, f"{w}.plan") for key, kind in _PLAN_TYPES.items()
-                       if key in raw_plan}
-        plan = TrainPlan(**plan_kwargs).validate(f"{w}.plan")
+        federation, device = get_field(o, "federation", str, w), get_field(o, "device", str, w)
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        model_version = nonneg_field(get_field(o, "model_version", int, w), "model_version", w)
+        spec_hash, deadline = get_field(o, "spec_hash", str, w), get_field(o, "deadline", float, w)
+        plan = TrainPlan.from_wire(get_field(o, "plan", dict, w), f"{w}.plan")
         return cls(federation=federation, device=device, round=round_, model_version=model_version,
                    spec_hash=spec_hash, deadline=deadline, plan=plan,
-                   model_sha256=_get(o, "model_sha256", str, w, optional=True, default=""),
-                   secure_aggregation=_get(o, "secure_aggregation", bool, w, optional=True, default=False))
+                   model_sha256=get_field(o, "model_sha256", str, w, optional=True, default=""),
+                   secure_aggregation=get_field(o, "secure_aggregation", bool, w, optional=True, default=False))
 
 
 RECEIPT_STATUSES = ("accepted", "rejected")
@@ -321,13 +376,13 @@ class Receipt(_Message):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
-        o = _unpack(data, cls.TYPE)
+        o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
-        device = _get(o, "device", str, w)
-        round_ = _nonneg(_get(o, "round", int, w), "round", w)
-        transfer_id = _get(o, "transfer_id", str, w)
-        status = _get(o, "status", str, w)
+        device = get_field(o, "device", str, w)
+        round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+        transfer_id = get_field(o, "transfer_id", str, w)
+        status = get_field(o, "status", str, w)
         if status not in RECEIPT_STATUSES:
             raise WireError(f"{w}: status must be one of {RECEIPT_STATUSES}, got {status[:80]!r} (rule R25)")
         return cls(device=device, round=round_, transfer_id=transfer_id, status=status,
-                   reason=_get(o, "reason", str, w, optional=True, default=""))
+                   reason=get_field(o, "reason", str, w, optional=True, default=""))

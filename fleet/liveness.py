@@ -43,7 +43,7 @@ from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB
 from fedmq import topics
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.fl.rounds import RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
@@ -227,7 +227,7 @@ class _Device:
         sim = self.sim
         self.pending = None
         vector = (0.01 * sim.rng.standard_normal(sim.spec_size)).astype(np.float32)
-        payload = encode(vector, sim.coordinator.spec, CodecConfig())
+        payload = encode(vector, sim.coordinator.spec, CodecSpec.of())
         self.data = encode_update(ClientUpdate(federation=FED, device=self.name, round=task.round,
                                                base_version=task.model_version, samples=10, kind="delta",
                                                spec_hash=sim.spec_hash, codec="topk-int8", payload=payload))

@@ -2,7 +2,10 @@
 
 Built in: ``topk-int8`` (:mod:`fedmq.codecs.topk_int8`) and ``none``
 (:mod:`fedmq.codecs.none`). A new codec is one module plus one :func:`register_codec`
-line here (or in the user's own package, before the codec is used).
+line here (or in the user's own package, before the codec is used); it brings its own
+parameters (its ``Params``), which the uplink plan and ``[downlink]`` carry in a
+:class:`CodecSpec`. Schedules of a parameter over rounds (density warm-up) are in
+:mod:`fedmq.codecs.schedule`.
 
 The functions below dispatch on the codec's name; they are the only place that does.
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmq.codecs.base import (Codec, CodecConfig, SparseUpdate, check_vector, codec_names, get_codec,
-                               register_codec)
+from fedmq.codecs.base import (DEFAULT_CODEC, Codec, CodecParams, CodecSpec, NoParams, SparseUpdate,
+                               all_param_names, check_vector, codec_names, get_codec, register_codec)
 from fedmq.codecs.none import DenseFloat32
 from fedmq.codecs.topk_int8 import TopKInt8
 from fedmq.params import ParamSpec
@@ -20,18 +23,19 @@ from fedmq.params import ParamSpec
 register_codec(TopKInt8())
 register_codec(DenseFloat32())
 
-__all__ = ["Codec", "CodecConfig", "SparseUpdate", "check_vector", "codec_names", "decode", "decode_sparse",
-           "encode", "get_codec", "max_payload_bytes", "register_codec"]
+__all__ = ["DEFAULT_CODEC", "Codec", "CodecParams", "CodecSpec", "NoParams", "SparseUpdate", "all_param_names",
+           "check_vector", "codec_names", "decode", "decode_sparse", "encode", "get_codec", "max_payload_bytes",
+           "register_codec"]
 
 
-def encode(vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+def encode(vector: np.ndarray, spec: ParamSpec, config: CodecSpec,
            rng: np.random.Generator | None = None) -> bytes:
     """Compress a client update with ``config.name``'s codec.
 
     Args:
         vector: float32 ``(spec.size,)`` (other float dtypes are cast), all finite.
         spec: the model's ParamSpec.
-        config: codec settings.
+        config: the codec and its parameters.
         rng: source of stochastic-rounding noise, if the codec uses any.
 
     Returns:

@@ -16,19 +16,14 @@ client-update envelope and the coordinator's validation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol, get_type_hints, runtime_checkable
 
 import numpy as np
 
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError
-from fedmq.messages import DENSE_BELOW, TOPK_MODES
 from fedmq.params import ParamSpec
-
-if TYPE_CHECKING:
-    from fedmq.messages import TrainPlan
-
-_U32_MAX = 2**32 - 1
 
 
 @runtime_checkable
@@ -37,11 +32,15 @@ class Codec(Protocol):
 
     Attributes:
         name: the wire name, 1-64 chars of ``[A-Za-z0-9_.-]`` (carried in every envelope).
+        Params: the codec's parameters, a :class:`CodecParams` subclass (:class:`NoParams` for
+            none): their names, types, defaults and ranges, written once, in the codec's module.
+            ``encode`` receives them validated, as ``config.params``.
     """
 
     name: str
+    Params: type[CodecParams]
 
-    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecSpec,
                rng: np.random.Generator | None = None) -> bytes:
         """Compress float32 ``(spec.size,)`` (finite) into a payload.
 
@@ -69,8 +68,10 @@ def register_codec(codec: Codec) -> Codec:
         CodecError: the object is not a :class:`Codec`, or another codec has that name.
     """
     if not isinstance(codec, Codec):
-        raise CodecError(f"{codec!r} does not implement fedmq.codecs.Codec (name, encode, decode_sparse, "
+        raise CodecError(f"{codec!r} does not implement fedmq.codecs.Codec (name, Params, encode, decode_sparse, "
                          f"max_payload_bytes)")
+    if not (isinstance(codec.Params, type) and issubclass(codec.Params, CodecParams)):
+        raise CodecError(f"codec {codec.name!r}: Params must be a fedmq.codecs.CodecParams subclass")
     other = _REGISTRY.get(codec.name)
     if other is not None and other is not codec:
         raise CodecError(f"a codec named {codec.name!r} is already registered ({other!r})")
@@ -91,62 +92,141 @@ def codec_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-@dataclass(frozen=True)
-class CodecConfig:
-    """Codec settings (the device side; decoding needs none of them).
+#: The codec of the uplink plan and of ``[downlink]`` when none is named.
+DEFAULT_CODEC = "topk-int8"
 
-    Fields:
-        name: a registered codec (``"topk-int8"``, ``"none"``, ...).
-        density: fraction of entries kept per tensor, in (0, 1]; a tensor of n elements keeps
-            ``k = clamp(floor(density * n + 0.5), 1, n)`` entries. Default 1%.
-        block_size: kept values per float32 scale, 1..2**32-1. Default 512 (about 0.06 bits
-            per kept value of overhead, relative L2 error of the int8 step near 1.5e-2).
-        dense_below: tensors with fewer elements go dense (still int8). Default
-            :data:`fedmq.messages.DENSE_BELOW` (4096 elements), so that biases and small output
-            layers are sent whole.
-        stochastic: stochastic instead of round-to-nearest rounding (unbiased, noisier).
-        topk: how the kept entries are shared among the tensors that go sparse.
-            ``"global"`` (default): the same budget, ``sum(k)`` of the per-tensor rule, is
-            spent on the entries of largest magnitude across all those tensors (each still
-            keeps at least one), so a small layer whose update is large (an output layer) is
-            not held to 1% of its entries. ``"per-tensor"``: every tensor keeps its own ``k``.
-            Global selection is Top-K over the whole flattened update, as in Stich et al.
-            2018 ("Sparsified SGD with Memory", arXiv 1809.07599) and Sattler et al. 2019
-            (STC); per-tensor is DGC's layer-wise selection (Lin et al. 2018). On the digits
-            demo global selection cut the median round to 95% from 17.5 to 12.5 at the same
-            bytes (BENCHMARKS.md).
+
+@dataclass(frozen=True)
+class CodecParams:
+    """Base of a codec's own parameters: a frozen dataclass whose fields (with their defaults,
+    written once, in the codec's module) are the codec's settings.
+
+    Field types are ``float``, ``int``, ``bool`` or ``str``; construction checks every value's
+    type (an int is taken for a float, a bool never for a number) and then the subclass's
+    :meth:`check` (ranges). ``density_param`` names the field that is the fraction of entries
+    the codec sends, the one a density schedule moves (:mod:`fedmq.codecs.schedule`); None
+    when the codec has none.
 
     Raises:
-        CodecError: a field is out of range or the codec is unknown.
+        CodecError: a value of the wrong type or out of range (the message names the codec's
+            parameter and what was expected).
     """
 
-    name: str = "topk-int8"
-    density: float = 0.01
-    block_size: int = 512
-    dense_below: int = DENSE_BELOW
-    stochastic: bool = False
-    topk: str = "global"
+    density_param: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        get_codec(self.name)
-        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
-            raise CodecError(f"codec density must be in (0, 1], got {self.density!r}")
-        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= _U32_MAX):
-            raise CodecError(f"codec block_size must be in 1..{_U32_MAX}, got {self.block_size!r}")
-        if not (isinstance(self.dense_below, int) and self.dense_below >= 0):
-            raise CodecError(f"codec dense_below must be >= 0, got {self.dense_below!r}")
-        if self.topk not in TOPK_MODES:
-            raise CodecError(f"codec topk must be one of {TOPK_MODES}, got {self.topk!r}")
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+                raise CodecError(f"codec parameter {f.name!r} must be {kind.__name__}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CodecError(f"codec parameter {f.name!r} must be finite, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise CodecError when a value is out of range (each codec says its own ranges)."""
 
     @classmethod
-    def from_plan(cls, plan: TrainPlan) -> CodecConfig:
-        """Codec settings of a task's :class:`~fedmq.messages.TrainPlan`. Raises CodecError."""
-        return cls(name=plan.codec, density=plan.density, block_size=plan.block_size,
-                   dense_below=plan.dense_below, stochastic=plan.stochastic, topk=plan.topk)
+    def names(cls) -> tuple[str, ...]:
+        """The parameters' names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
 
-    def kept(self, n: int) -> int:
-        """Number of entries Top-K keeps of a tensor of ``n`` elements."""
-        return min(n, max(1, math.floor(self.density * n + 0.5)))
+    @classmethod
+    def types(cls) -> dict[str, type]:
+        """Parameter name -> its type (``float``, ``int``, ``bool`` or ``str``)."""
+        hints = get_type_hints(cls)
+        return {name: hints[name] for name in cls.names()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Parameter name -> value, in declaration order (what the plan carries on the wire)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    @property
+    def density(self) -> float:
+        """The fraction of entries sent: the value of :attr:`density_param`, 1.0 without one."""
+        return 1.0 if self.density_param is None else float(getattr(self, self.density_param))
+
+
+@dataclass(frozen=True)
+class NoParams(CodecParams):
+    """The parameters of a codec that takes none (``none``)."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A codec and its own parameters: what the uplink plan (``TrainPlan.codec``) and the
+    downlink (``[downlink]``) carry, validated by the codec.
+
+    Args:
+        name: a registered codec (``"topk-int8"``, ``"none"``, ...).
+        params: the codec's parameters: a mapping of some of them (the others take the codec's
+            defaults), an instance of the codec's :attr:`Codec.Params`, or None (all defaults).
+            Stored as that codec's ``Params`` instance.
+
+    Raises:
+        CodecError: unknown codec, a parameter the codec does not have, or a value of the
+            wrong type or out of range.
+    """
+
+    name: str = DEFAULT_CODEC
+    params: Any = None
+
+    def __post_init__(self) -> None:
+        kind = get_codec(self.name).Params
+        raw = self.params
+        if isinstance(raw, kind):
+            return
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise CodecError(f"codec {self.name!r}: parameters must be a mapping, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(kind.names()))
+        if unknown:
+            raise CodecError(f"codec {self.name!r} has no parameter(s) {unknown}; its parameters: "
+                             f"{list(kind.names())}")
+        object.__setattr__(self, "params", kind(**raw))
+
+    @classmethod
+    def of(cls, name: str = DEFAULT_CODEC, **params: Any) -> CodecSpec:
+        """``CodecSpec(name, params)``: e.g. ``CodecSpec.of(density=0.05)``. Raises CodecError."""
+        return cls(name, params)
+
+    @classmethod
+    def from_table(cls, name: str, table: Mapping[str, Any]) -> CodecSpec:
+        """The spec of codec ``name`` from a flat table that may also hold parameters of other
+        registered codecs (``[plan]``, ``[downlink]``, the wire plan): ``name``'s own are taken,
+        the others are left (a table that switches codec keeps working).
+
+        Raises:
+            CodecError: a key is a parameter of no registered codec, or a value is invalid.
+        """
+        kind = get_codec(name).Params
+        stray = sorted(set(table) - set(all_param_names()))
+        if stray:
+            raise CodecError(f"{stray} are parameters of no codec; the codecs' parameters: {list(all_param_names())}")
+        return cls(name, {k: v for k, v in table.items() if k in kind.names()})
+
+    def with_params(self, **changes: Any) -> CodecSpec:
+        """The same codec with some parameters changed. Raises CodecError."""
+        return CodecSpec(self.name, {**self.params.as_dict(), **changes})
+
+    def as_table(self) -> dict[str, Any]:
+        """``{"codec": name, <param>: value, ...}``: the flat form of the plan and ``[downlink]``."""
+        return {"codec": self.name, **self.params.as_dict()}
+
+    @property
+    def density(self) -> float:
+        """Fraction of entries the codec sends (1.0 for a codec without a density parameter)."""
+        return self.params.density
+
+
+def all_param_names() -> tuple[str, ...]:
+    """Every parameter name of every registered codec (each once, in registration order)."""
+    return tuple(dict.fromkeys(n for codec in _REGISTRY.values() for n in codec.Params.names()))
 
 
 class SparseUpdate:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmq.codecs.base import CodecConfig, SparseUpdate, as_view, check_vector
+from fedmq.codecs.base import CodecSpec, NoParams, SparseUpdate, as_view, check_vector
 from fedmq.errors import CodecError, NonFiniteError
 from fedmq.params import ParamSpec
 
@@ -13,8 +13,9 @@ class DenseFloat32:
     """Dense float32: payload is ``4 * spec.size`` bytes, ``<f4`` in ParamSpec order."""
 
     name = "none"
+    Params = NoParams
 
-    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecSpec,
                rng: np.random.Generator | None = None) -> bytes:
         """The vector's bytes. Raises SpecMismatchError (shape), NonFiniteError (NaN/Inf)."""
         return check_vector(vector, spec).astype("<f4", copy=False).tobytes()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.feedback import ErrorFeedback
 from fedmq.fl.training import LocalResult, train_local
@@ -110,10 +110,10 @@ def package_update(result: LocalResult, task: Task, *, federation: str, device: 
 
     Raises:
         NonFiniteError: NaN or Inf in the update (the residual is unchanged).
-        CodecError: the plan names an unknown codec or invalid codec settings.
+        CodecError: the codec cannot encode for ``spec``.
     """
     plan = task.plan
-    codec = CodecConfig.from_plan(plan)
+    codec = plan.codec
     rng = rounding_rng(seed, plan.seed, task.round)
     metrics = dict(result.metrics, steps=float(result.steps), train_seconds=result.seconds)
     if plan.clip_norm > 0:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError
 from fedmq.params import ParamSpec
 
@@ -76,14 +76,14 @@ class DownlinkStep:
 
 
 def compress_step(published: np.ndarray, server_model: np.ndarray, spec: ParamSpec,
-                  config: CodecConfig) -> DownlinkStep:
+                  config: CodecSpec) -> DownlinkStep:
     """Compress the move from ``published`` to ``server_model`` (both float32 ``(spec.size,)``).
 
     Args:
         published: the model devices hold now (``p``).
         server_model: the server optimizer's model after its step (``x'``), finite.
         spec: tensor boundaries (the codec selects Top-K per tensor).
-        config: the downlink codec (``topk-int8`` at the downlink density).
+        config: the downlink codec and its parameters (``[downlink]``, scheduled for the round).
 
     Returns:
         :class:`DownlinkStep` with ``published = apply_delta(p, ...)`` bit for bit and
@@ -100,16 +100,6 @@ def compress_step(published: np.ndarray, server_model: np.ndarray, spec: ParamSp
     payload = encode(x - p, spec, config)
     new = apply_delta(p, config.name, payload, spec)
     return DownlinkStep(payload, new, x - new, new - p)
-
-
-def warmup_density(target: float, round_: int, rounds: int, start: float) -> float:
-    """Density of round ``round_`` (from 1) under a density warm-up (Lin et al. 2018, "Deep
-    Gradient Compression", arXiv 1712.01887: sparsity raised exponentially over the first
-    epochs): geometric from ``start`` in round 1 to ``target`` after ``rounds`` rounds, then
-    ``target``. ``rounds`` 0, or ``start <= target``, is no warm-up."""
-    if rounds <= 0 or round_ > rounds or start <= target:
-        return target
-    return float(start * (target / start) ** ((round_ - 1) / rounds))
 
 
 def server_model(published: np.ndarray, residual: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.params import ParamSpec
 
 #: Rescales tried before a zero update is sent instead.
@@ -30,7 +30,7 @@ def l2_norm(vector: np.ndarray) -> float:
     return math.sqrt(float(np.square(vector, dtype=np.float64).sum()))
 
 
-def encode_clipped(vector: np.ndarray, spec: ParamSpec, config: CodecConfig, clip_norm: float,
+def encode_clipped(vector: np.ndarray, spec: ParamSpec, config: CodecSpec, clip_norm: float,
                    rng: np.random.Generator | None = None) -> tuple[bytes, np.ndarray]:
     """Encode ``vector`` so that the decoded payload has L2 norm <= ``clip_norm``.
 

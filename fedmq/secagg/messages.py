@@ -38,7 +38,7 @@ import numpy as np
 
 from fedmq import PROTOCOL_VERSION
 from fedmq.errors import ConfigError, WireError
-from fedmq.messages import _get, _nonneg
+from fedmq.messages import get_field, nonneg_field
 from fedmq.secagg.ring import MAX_BITS
 from fedmq.secagg.shamir import SHARE_BYTES
 from fedmq.strict_msgpack import Limits, unpack_map
@@ -85,8 +85,8 @@ def _inflate(data: bytes, size: int) -> bytes:
 
 
 def _head(o: dict[str, Any], w: str) -> tuple[int, str]:
-    round_ = _nonneg(_get(o, "round", int, w), "round", w)
-    attempt = _get(o, "attempt", str, w)
+    round_ = nonneg_field(get_field(o, "round", int, w), "round", w)
+    attempt = get_field(o, "attempt", str, w)
     if not _ATTEMPT.match(attempt):
         raise WireError(f"{w}: attempt must be 16 lowercase hex characters (rule R25)")
     return round_, attempt
@@ -102,7 +102,7 @@ def _device(value: Any, w: str, what: str = "device") -> str:
 
 
 def _devices(o: dict[str, Any], key: str, w: str) -> tuple[str, ...]:
-    items = _get(o, key, list, w)
+    items = get_field(o, key, list, w)
     out = tuple(_device(d, w, key) for d in items)
     if len(set(out)) != len(out):
         raise WireError(f"{w}: {key} repeats a device (rule R25)")
@@ -110,7 +110,7 @@ def _devices(o: dict[str, Any], key: str, w: str) -> tuple[str, ...]:
 
 
 def _bin_map(o: dict[str, Any], key: str, w: str, size: int) -> dict[str, bytes]:
-    raw = _get(o, key, dict, w)
+    raw = get_field(o, key, dict, w)
     out = {}
     for dev, value in raw.items():
         if not isinstance(value, bytes) or len(value) != size:
@@ -120,7 +120,7 @@ def _bin_map(o: dict[str, Any], key: str, w: str, size: int) -> dict[str, bytes]
 
 
 def _key(o: dict[str, Any], key: str, w: str) -> bytes:
-    value = _get(o, key, bytes, w)
+    value = get_field(o, key, bytes, w)
     if len(value) != KEY_BYTES:
         raise WireError(f"{w}: {key} must be {KEY_BYTES} bytes, got {len(value)} (rule R25)")
     return value
@@ -198,18 +198,18 @@ class Setup(_SecAggMessage):
         devices = _devices(o, "devices", w)
         if devices != tuple(sorted(devices)) or len(devices) < 2:
             raise WireError(f"{w}: devices must be at least 2, sorted (rule R25)")
-        size = _get(o, "size", int, w)
-        support = _get(o, "support", bytes, w)
+        size = get_field(o, "size", int, w)
+        support = get_field(o, "support", bytes, w)
         bitmap = _inflate(support, size) if 1 <= size <= MAX_MODEL_SIZE else b""
         if len(bitmap) != -(-size // 8) or not any(bitmap) or (size % 8 and bitmap[-1] >> (size % 8)):
             raise WireError(f"{w}: support must be a bitmap of ceil(size / 8) bytes, at least one bit set, none "
                             f"past size (rule R25)")
-        degree, threshold = (_nonneg(_get(o, key, int, w), key, w) for key in ("degree", "threshold"))
-        clip, scale = (_get(o, key, float, w) for key in ("clip", "scale"))
+        degree, threshold = (nonneg_field(get_field(o, key, int, w), key, w) for key in ("degree", "threshold"))
+        clip, scale = (get_field(o, key, float, w) for key in ("clip", "scale"))
         if clip <= 0 or scale <= 0 or not 1 <= threshold <= degree:
             raise WireError(f"{w}: clip > 0, scale > 0, 1 <= threshold <= degree expected (rule R25)")
-        return cls(round_, attempt, devices, size, support, clip, scale, _get(o, "seed", int, w), degree, threshold,
-                   _get(o, "deadline", float, w))
+        return cls(round_, attempt, devices, size, support, clip, scale, get_field(o, "seed", int, w), degree, threshold,
+                   get_field(o, "deadline", float, w))
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ class MaskedInput(_SecAggMessage):
     def from_bytes(cls, data: bytes) -> MaskedInput:
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
-        width, values = _get(o, "width", int, w), _get(o, "values", bytes, w)
+        width, values = get_field(o, "width", int, w), get_field(o, "values", bytes, w)
         if not 1 <= width <= 8 or not values or len(values) % width:
             raise WireError(f"{w}: width in 1..8 and values a non-empty multiple of width bytes expected (rule R25)")
         msg = cls(*_head(o, w), width, values)
@@ -389,7 +389,7 @@ class Result(_SecAggMessage):
         o = _unpack(data, cls.TYPE)
         w = cls.TYPE
         round_, attempt = _head(o, w)
-        state = _get(o, "state", str, w)
+        state = get_field(o, "state", str, w)
         if state not in RESULT_STATES:
             raise WireError(f"{w}: state must be one of {RESULT_STATES}, got {state[:80]!r} (rule R25)")
         return cls(round_, attempt, state, _devices(o, "survivors", w))

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 
 from fedmq import topics
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
@@ -46,7 +46,7 @@ def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: i
     if mode == "garbage":
         return os.urandom(300)
     if mode == "nan":
-        payload = bytearray(encode(np.zeros(spec.size, np.float32), spec, CodecConfig(name="none")))
+        payload = bytearray(encode(np.zeros(spec.size, np.float32), spec, CodecSpec.of(name="none")))
         payload[0:4] = np.array([np.nan], np.float32).tobytes()
         return encode_update(ClientUpdate(federation=fed, device=device, round=task.round,
                                           base_version=task.model_version, samples=samples,
@@ -60,7 +60,7 @@ def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: i
         samples = 2**63 - 1  # from its own credentials, otherwise valid
     result = LocalResult(vector, task.plan.update_kind, samples, 1, 1, 0.0, {"train_loss": 1.0 + min(samples, 10**6) / 1000})
     claimed = "good-0" if mode == "impostor" else device
-    plan = task.plan if mode != "huge" else replace(task.plan, codec="none", error_feedback=False)
+    plan = task.plan if mode != "huge" else replace(task.plan, codec=CodecSpec("none"), error_feedback=False)
     return package_update(result, replace(task, plan=plan), federation=fed, device=claimed, spec=spec,
                           feedback=ErrorFeedback(spec), seed=0).data
 

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from coordinator.config import load_config
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.errors import ConfigError, WireError
 from fedmq.messages import Task, TrainPlan
 
@@ -161,24 +162,23 @@ def test_async_mode_and_its_section(tmp_path: Path) -> None:
 
 def test_topk_selection_is_configured_and_checked(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), environ={})
-    assert cfg.plan.topk == "global" and cfg.downlink.topk == "global"  # the defaults
-    assert CodecConfig.from_plan(cfg.plan).topk == "global" and cfg.downlink.codec_config().topk == "global"
+    assert cfg.plan.codec.params.topk == "global" and cfg.downlink.codec.params.topk == "global"  # the defaults
     cfg = load_config(write(tmp_path, GOOD.replace("lr = 0.1", 'lr = 0.1\ntopk = "per-tensor"')
                             + '\n[downlink]\ntopk = "per-tensor"\n'), environ={})
-    assert cfg.plan.topk == "per-tensor" and cfg.downlink.codec_config().topk == "per-tensor"
-    with pytest.raises(ConfigError, match=r"plan: codec topk must be one of .*got .layer."):
+    assert cfg.plan.codec.params.topk == "per-tensor" and cfg.downlink.codec.params.topk == "per-tensor"
+    with pytest.raises(ConfigError, match=r"plan: topk-int8: topk must be one of .*got .layer."):
         load_config(write(tmp_path, GOOD.replace("lr = 0.1", 'lr = 0.1\ntopk = "layer"')), environ={})
-    with pytest.raises(ConfigError, match="downlink.topk"):
+    with pytest.raises(ConfigError, match=r"downlink: topk-int8: topk must be one of"):
         load_config(write(tmp_path, GOOD + '\n[downlink]\ntopk = "layer"\n'), environ={})
 
 
 def test_task_plan_carries_topk_and_refuses_an_unknown_one():
     task = Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
-                plan=TrainPlan(topk="per-tensor"))
-    assert Task.from_bytes(task.to_bytes()).plan.topk == "per-tensor"
+                plan=TrainPlan(codec=CodecSpec.of(topk="per-tensor")))
+    assert Task.from_bytes(task.to_bytes()).plan.codec.params.topk == "per-tensor"
     assert Task.from_bytes(Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16,
-                                deadline=1.5).to_bytes()).plan.topk == "global"
-    bad = Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
-               plan=TrainPlan(topk="layer"))
-    with pytest.raises(WireError, match=r"topk must be global or per-tensor.*R25"):
-        Task.from_bytes(bad.to_bytes())
+                                deadline=1.5).to_bytes()).plan.codec.params.topk == "global"
+    raw = msgpack.unpackb(task.to_bytes())
+    raw["plan"]["topk"] = "layer"
+    with pytest.raises(WireError, match=r"topk must be one of .*R25"):
+        Task.from_bytes(msgpack.packb(raw))

@@ -20,7 +20,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.privacy import PrivacyChecks, PrivacyGuard
 from coordinator.report import load_run, render_html
 from coordinator.status import build_status, render_text
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.rounds import Accepted, Rejected, RoundEngine
@@ -38,7 +38,7 @@ def _config(**privacy: object):
 
 
 def _update(device: str, vector: np.ndarray, codec: str = "none", metrics: dict[str, float] | None = None) -> bytes:
-    payload = encode(vector.astype(np.float32), SPEC, CodecConfig(name=codec, density=0.1))
+    payload = encode(vector.astype(np.float32), SPEC, CodecSpec.from_table(codec, {"density": 0.1}))
     return encode_update(ClientUpdate(federation="f", device=device, round=1, base_version=0, samples=50,
                                       kind="delta", spec_hash=SPEC.hash, codec=codec, payload=payload,
                                       metrics=metrics if metrics is not None else {"dp_unclipped": 1.0}))

@@ -22,7 +22,7 @@ import numpy as np
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB, load_checkpoint
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.params import flatten_params
 from fedmq.tasks import get_task
 
@@ -138,7 +138,7 @@ def test_garbage_is_rejected_counted_and_leaves_the_model_alone(mosquitto, tmp_p
     assert rec.accepted == 2
     assert rec.rejected == {"device_mismatch": 1, "malformed": 1, "non_finite": 1}
     spec = coord.spec
-    codec = CodecConfig.from_plan(cfg.plan)
+    codec = cfg.plan.codec
     deltas = [decode(codec.name, encode(sim_update(d, 1, spec.size), spec, codec), spec).astype(np.float64)
               for d in ("good-0", "good-1")]
     want = start + ((30 * deltas[0] + 90 * deltas[1]) / 120).astype(np.float32)
@@ -164,7 +164,7 @@ def test_one_device_cannot_wreck_the_fleet(mosquitto, tmp_path):
     (rec,) = result.records
     assert rec.accepted == 2 and rec.rejected == {"norm_bound": 1, "over_weighted": 1}
     spec = coord.spec
-    codec = CodecConfig.from_plan(cfg.plan)
+    codec = cfg.plan.codec
     deltas = [decode(codec.name, encode(sim_update(d, 1, spec.size), spec, codec), spec).astype(np.float64)
               for d in ("good-0", "good-1")]
     want = start + ((30 * deltas[0] + 90 * deltas[1]) / 120).astype(np.float32)

@@ -29,7 +29,7 @@ from fedmq.fl.client import train_for_task
 from fedmq.fl.rounds import Accepted, RoundEngine
 from fedmq.fl.training import split_holdout
 from fedmq import topics
-from fedmq.codecs import decode
+from fedmq.codecs import CodecSpec, decode
 from fedmq.data import load_digits, save_npz_atomic
 from fedmq.envelope import decode_update
 from fedmq.feedback import ErrorFeedback
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FED, DEV, TASK, SEED = "fed", "dev-1", "digits-mlp", 0
 #: A local hold-out, so that the val_* metrics of a client update are checked too.
 HOLDOUT = 0.1
-PLAN = TrainPlan(local_steps=6, local_epochs=0, batch_size=32, lr=0.1, density=0.05, seed=3)
+PLAN = TrainPlan(local_steps=6, local_epochs=0, batch_size=32, lr=0.1, codec=CodecSpec.of(density=0.05), seed=3)
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_client.state import DeviceState
-from fedmq.codecs import CodecConfig, decode
+from fedmq.codecs import CodecSpec, decode
 from fedmq.errors import StateError
 from fedmq.feedback import ErrorFeedback
 from fedmq.params import ParamSpec
@@ -21,7 +21,7 @@ def spec() -> ParamSpec:
 def _compress(spec, seed=0):
     fb = ErrorFeedback(spec)
     update = np.random.default_rng(seed).standard_normal(spec.size).astype(np.float32)
-    payload, sent = fb.compress(update, CodecConfig(density=0.1, dense_below=0))
+    payload, sent = fb.compress(update, CodecSpec.of(density=0.1, dense_below=0))
     return fb, update, payload, sent
 
 

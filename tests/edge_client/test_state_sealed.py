@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_client.state import DeviceState
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.errors import StateError
 from fedmq.feedback import ErrorFeedback
 from fedmq.params import ParamSpec
@@ -18,7 +18,7 @@ def test_sealed_copy_survives_a_restart_and_goes_with_its_update(tmp_path) -> No
     st = DeviceState(tmp_path)
     st.load_feedback(spec)
     fb = ErrorFeedback(spec)
-    payload, sent = fb.compress(np.ones(spec.size, np.float32), CodecConfig(density=0.1, dense_below=0))
+    payload, sent = fb.compress(np.ones(spec.size, np.float32), CodecSpec.of(density=0.1, dense_below=0))
     st.begin_update(fb, payload, round=1, transfer_id="t1", base_version=0, deadline=1.0, sealed=b"\xc1FQS-one")
     again = DeviceState(tmp_path)
     assert again.read_wire() == b"\xc1FQS-one" and again.read_inflight() == payload

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.codecs import CodecConfig, SparseUpdate, decode, decode_sparse, encode, max_payload_bytes
+from fedmq.codecs import CodecSpec, SparseUpdate, decode, decode_sparse, encode, max_payload_bytes
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError, WireError
 from fedmq.messages import TrainPlan
 from fedmq.params import ParamSpec
@@ -74,7 +74,7 @@ def _cases(draw):  # type: ignore[no-untyped-def]
     x = (np.random.default_rng(seed).standard_normal(spec.size) * scale).astype(np.float32)
     if draw(st.booleans()):
         x[np.random.default_rng(seed + 1).random(spec.size) < 0.5] = 0.0
-    cfg = CodecConfig(density=draw(st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0])),
+    cfg = CodecSpec.of(density=draw(st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0])),
                       block_size=draw(st.sampled_from([1, 7, 64, 512])),
                       dense_below=draw(st.sampled_from([0, 100, 1024])),
                       topk=draw(st.sampled_from(["global", "per-tensor"])))
@@ -96,15 +96,15 @@ def test_topk_round_trip_properties(case) -> None:  # type: ignore[no-untyped-de
     idx = np.arange(spec.size) if su.indices is None else su.indices
     sent = np.zeros(spec.size, dtype=bool)
     sent[idx] = True
-    candidates = [(off, n) for off, n in zip(spec.offsets, spec.sizes) if n >= cfg.dense_below and cfg.kept(n) < n]
+    candidates = [(off, n) for off, n in zip(spec.offsets, spec.sizes) if n >= cfg.params.dense_below and cfg.params.kept(n) < n]
     for off, n in zip(spec.offsets, spec.sizes):
         xt, yt = x[off:off + n], y[off:off + n]
         local = idx[(idx >= off) & (idx < off + n)] - off
-        k = cfg.kept(n)
+        k = cfg.params.kept(n)
         assert local.shape[0] >= 1  # at least one entry per tensor
         if (off, n) not in candidates:
             assert local.shape[0] == n
-        elif cfg.topk == "per-tensor":
+        elif cfg.params.topk == "per-tensor":
             assert local.shape[0] in (k, n)  # Top-K, or the dense fallback
         # every value sent is within half an int8 step of the truth (step bound by the tensor's max)
         amax = float(np.abs(xt).max())
@@ -116,12 +116,12 @@ def test_topk_round_trip_properties(case) -> None:  # type: ignore[no-untyped-de
             rest[local] = False
             assert np.abs(xt[local]).min() >= np.abs(xt[rest]).max()
             assert not yt[rest].any()
-    if cfg.topk == "global" and candidates:
+    if cfg.params.topk == "global" and candidates:
         # one budget across the candidates: every entry above the budget-th largest magnitude
         # is sent, and the sparse records together keep at most budget + one per tensor
         mags = np.concatenate([np.abs(x[off:off + n]) for off, n in candidates])
         was_sent = np.concatenate([sent[off:off + n] for off, n in candidates])
-        budget = sum(cfg.kept(n) for _, n in candidates)
+        budget = sum(cfg.params.kept(n) for _, n in candidates)
         if budget < mags.shape[0]:
             tau = np.sort(mags)[::-1][budget - 1]
             assert was_sent[mags > tau].all()
@@ -133,7 +133,7 @@ def test_top_k_keeps_exactly_the_largest_entries_per_tensor() -> None:
     spec = _spec(5000, 2000, 50)
     rng = np.random.default_rng(3)
     x = rng.standard_normal(spec.size).astype(np.float32)
-    cfg = CodecConfig(density=0.01, dense_below=100, topk="per-tensor")
+    cfg = CodecSpec.of(density=0.01, dense_below=100, topk="per-tensor")
     su = decode_sparse("topk-int8", encode(x, spec, cfg), spec)
     idx = su.indices
     assert idx is not None
@@ -142,7 +142,7 @@ def test_top_k_keeps_exactly_the_largest_entries_per_tensor() -> None:
         if n < 100:
             np.testing.assert_array_equal(local, np.arange(n))  # small tensors go dense
         else:
-            expect = np.sort(np.argsort(-np.abs(x[off:off + n]))[:cfg.kept(n)])
+            expect = np.sort(np.argsort(-np.abs(x[off:off + n]))[:cfg.params.kept(n)])
             np.testing.assert_array_equal(local, expect)
 
 
@@ -156,7 +156,7 @@ def test_global_top_k_spends_the_budget_where_the_update_is_largest() -> None:
     x[5000:7000] *= 10.0
     counts = {}
     for mode in ("per-tensor", "global"):
-        su = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=0.01, dense_below=100, topk=mode)), spec)
+        su = decode_sparse("topk-int8", encode(x, spec, CodecSpec.of(density=0.01, dense_below=100, topk=mode)), spec)
         assert su.indices is not None
         counts[mode] = [int(((su.indices >= off) & (su.indices < off + n)).sum())
                         for off, n in zip(spec.offsets, spec.sizes)]
@@ -171,7 +171,7 @@ def test_global_top_k_keeps_one_entry_of_a_tensor_the_budget_missed() -> None:
     x = np.full(spec.size, 1e-3, dtype=np.float32)
     x[:3000] = np.linspace(1.0, 2.0, 3000, dtype=np.float32)
     x[4321] = 5e-3
-    su = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=0.01, dense_below=0)), spec)
+    su = decode_sparse("topk-int8", encode(x, spec, CodecSpec.of(density=0.01, dense_below=0)), spec)
     assert su.indices is not None
     assert list(su.indices[su.indices >= 3000]) == [4321]  # its largest, though below the budget
     assert int((su.indices < 3000).sum()) == 60
@@ -179,7 +179,7 @@ def test_global_top_k_keeps_one_entry_of_a_tensor_the_budget_missed() -> None:
 
 def test_unknown_topk_mode_is_refused() -> None:
     with pytest.raises(CodecError, match="topk"):
-        CodecConfig(topk="layer")
+        CodecSpec.of(topk="layer")
 
 
 @pytest.mark.parametrize("layout", ["normal", "mostly_zero", "spikes_on_stride", "spikes_off_stride", "ties"])
@@ -200,9 +200,9 @@ def test_top_k_on_large_tensors_is_exact(layout: str) -> None:
     elif layout == "ties":
         x = rng.integers(-3, 4, n).astype(np.float32)
     spec = _spec(n)
-    cfg = CodecConfig(density=0.01)
+    cfg = CodecSpec.of(density=0.01)
     su = decode_sparse("topk-int8", encode(x, spec, cfg), spec)
-    k = cfg.kept(n)
+    k = cfg.params.kept(n)
     assert su.indices is not None and su.indices.shape[0] == k
     np.testing.assert_array_equal(np.sort(np.abs(x[su.indices])), np.sort(np.abs(x))[n - k:])
 
@@ -210,7 +210,7 @@ def test_top_k_on_large_tensors_is_exact(layout: str) -> None:
 def test_quantization_error_is_small() -> None:
     spec = _spec(200_000)
     x = np.random.default_rng(4).standard_normal(spec.size).astype(np.float32)
-    cfg = CodecConfig(density=1.0)
+    cfg = CodecSpec.of(density=1.0)
     y = decode("topk-int8", encode(x, spec, cfg), spec)
     rel = np.linalg.norm(y - x) / np.linalg.norm(x)
     assert rel < 0.02
@@ -220,19 +220,19 @@ def test_stochastic_rounding_is_unbiased() -> None:
     spec = _spec(64)
     x = np.linspace(-1, 1, 64, dtype=np.float32) * 0.9
     x[0] = 1.0  # pins the scale to 1/127
-    cfg = CodecConfig(density=1.0, stochastic=True)
+    cfg = CodecSpec.of(density=1.0, stochastic=True)
     rng = np.random.default_rng(5)
     mean = np.mean([decode("topk-int8", encode(x, spec, cfg, rng), spec) for _ in range(400)], axis=0)
     step = 1 / 127
     assert np.max(np.abs(mean - x)) < 0.15 * step
-    nearest = decode("topk-int8", encode(x, spec, CodecConfig(density=1.0)), spec)
+    nearest = decode("topk-int8", encode(x, spec, CodecSpec.of(density=1.0)), spec)
     assert np.max(np.abs(nearest - x)) <= 0.5 * step * 1.0001
 
 
 def test_none_codec_is_exact() -> None:
     spec = _spec(10, 3)
     x = np.random.default_rng(6).standard_normal(spec.size).astype(np.float32)
-    payload = encode(x, spec, CodecConfig(name="none"))
+    payload = encode(x, spec, CodecSpec.of(name="none"))
     assert len(payload) == 4 * spec.size
     np.testing.assert_array_equal(decode("none", payload, spec), x)
     su = decode_sparse("none", payload, spec)
@@ -245,7 +245,7 @@ def test_none_codec_is_exact() -> None:
 def test_sparse_update_add_into_l2_norm_and_shape_checks() -> None:
     spec = _spec(3000, 10)
     x = np.random.default_rng(7).standard_normal(spec.size).astype(np.float32)
-    payload = encode(x, spec, CodecConfig(density=0.05, dense_below=1024))
+    payload = encode(x, spec, CodecSpec.of(density=0.05, dense_below=1024))
     dense = decode("topk-int8", payload, spec)
     su = decode_sparse("topk-int8", payload, spec)
     acc = np.zeros(spec.size, dtype=np.float64)
@@ -258,7 +258,7 @@ def test_sparse_update_add_into_l2_norm_and_shape_checks() -> None:
         su.add_into(np.zeros(spec.size - 1), 1.0)
     with pytest.raises(SpecMismatchError):
         su.to_dense(spec.size + 1)
-    full = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=1.0)), spec)
+    full = decode_sparse("topk-int8", encode(x, spec, CodecSpec.of(density=1.0)), spec)
     assert full.indices is None and full.nnz == spec.size
     assert isinstance(full, SparseUpdate)
 
@@ -268,11 +268,11 @@ def test_sparse_update_add_into_l2_norm_and_shape_checks() -> None:
 def test_index_cost_at_one_percent_on_a_million_entries() -> None:
     spec = _spec(1_000_000)
     x = np.random.default_rng(8).standard_normal(spec.size).astype(np.float32)
-    cfg = CodecConfig(density=0.01)
+    cfg = CodecSpec.of(density=0.01)
     payload = encode(x, spec, cfg)
-    k = cfg.kept(spec.size)
+    k = cfg.params.kept(spec.size)
     assert payload[9] == 1  # sparse record
-    index_bytes = len(payload) - 9 - 1 - 9 - 4 * math.ceil(k / cfg.block_size) - k
+    index_bytes = len(payload) - 9 - 1 - 9 - 4 * math.ceil(k / cfg.params.block_size) - k
     assert index_bytes * 8 / k <= 10.5
 
 
@@ -281,7 +281,7 @@ def test_compression_ratio_on_a_cnn_sized_update(density: float, min_ratio: floa
     # the parameter tensors of McMahan et al.'s MNIST CNN (1,663,370 entries)
     spec = _spec(800, 32, 51200, 64, 1605632, 512, 5120, 10)
     x = np.random.default_rng(9).standard_normal(spec.size).astype(np.float32)
-    payload = encode(x, spec, CodecConfig(density=density))
+    payload = encode(x, spec, CodecSpec.of(density=density))
     assert 4 * spec.size / len(payload) >= min_ratio
 
 
@@ -289,22 +289,22 @@ def test_each_tensor_falls_back_to_the_cheaper_record() -> None:
     spec = _spec(4096, 4096)
     x = np.random.default_rng(10).standard_normal(spec.size).astype(np.float32)
     dense_record = 1 + 4 * 8 + 4096
-    p = encode(x, spec, CodecConfig(density=0.9))  # sparse would cost more than dense
+    p = encode(x, spec, CodecSpec.of(density=0.9))  # sparse would cost more than dense
     assert len(p) == 9 + 2 * dense_record and p[9] == 0 and p[9 + dense_record] == 0
-    p = encode(x, spec, CodecConfig(density=0.05))
+    p = encode(x, spec, CodecSpec.of(density=0.05))
     assert len(p) < 9 + 2 * dense_record and p[9] == 1
 
 
-def test_plan_and_codec_share_the_dense_below_default() -> None:
-    from fedmq.messages import DENSE_BELOW
-    assert TrainPlan().dense_below == CodecConfig().dense_below == DENSE_BELOW == 4096
-    assert CodecConfig.from_plan(TrainPlan()) == CodecConfig()
+def test_plan_and_downlink_default_to_the_codec_s_own_defaults() -> None:
+    from fedmq.codecs.topk_int8 import DENSE_BELOW, TopKParams
+    assert TrainPlan().codec == CodecSpec() == CodecSpec.of("topk-int8")
+    assert CodecSpec().params == TopKParams() and TopKParams().dense_below == DENSE_BELOW == 4096
 
 
 def test_dense_below_sends_small_tensors_whole() -> None:
     spec = _spec(500, 2000)
     x = np.random.default_rng(11).standard_normal(spec.size).astype(np.float32)
-    su = decode_sparse("topk-int8", encode(x, spec, CodecConfig(density=0.01, dense_below=1000)), spec)
+    su = decode_sparse("topk-int8", encode(x, spec, CodecSpec.of(density=0.01, dense_below=1000)), spec)
     assert su.indices is not None
     np.testing.assert_array_equal(su.indices[:500], np.arange(500))
     assert su.indices.shape[0] == 500 + 20
@@ -312,14 +312,20 @@ def test_dense_below_sends_small_tensors_whole() -> None:
 
 # ---------------------------------------------------------------- configuration and encoder input
 
-def test_codec_config_validation_and_from_plan() -> None:
-    plan = TrainPlan(codec="none", density=0.2, block_size=64, dense_below=7, stochastic=True)
-    assert CodecConfig.from_plan(plan) == CodecConfig("none", 0.2, 64, 7, True)
+def test_codec_spec_validation() -> None:
+    plan = TrainPlan.from_table({"codec": "none", "density": 0.2, "block_size": 64, "dense_below": 7,
+                                 "stochastic": True})
+    assert plan.codec == CodecSpec("none")  # another codec's parameters are left
     for kwargs in ({"name": "gzip"}, {"density": 0.0}, {"density": 1.5}, {"block_size": 0},
-                   {"block_size": 2**32}, {"dense_below": -1}):
+                   {"block_size": 2**32}, {"dense_below": -1}, {"density": "0.1"}, {"block_size": 1.0},
+                   {"stochastic": 1}, {"dense_below": True}, {"topk": "layer"}, {"density": float("nan")},
+                   {"k": 3}):
         with pytest.raises(CodecError):
-            CodecConfig(**kwargs)  # type: ignore[arg-type]
-    assert CodecConfig(density=0.01).kept(10) == 1 and CodecConfig(density=0.01).kept(1000) == 10
+            CodecSpec.of(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="has no parameter"):
+        CodecSpec.of("none", density=0.1)
+    assert CodecSpec.of(density=1).params.density == 1.0  # an int is taken for a float
+    assert CodecSpec.of(density=0.01).params.kept(10) == 1 and CodecSpec.of(density=0.01).params.kept(1000) == 10
 
 
 def test_encoder_refuses_non_finite_and_wrong_shape() -> None:
@@ -328,9 +334,9 @@ def test_encoder_refuses_non_finite_and_wrong_shape() -> None:
     x[3] = np.nan
     for name in ("topk-int8", "none"):
         with pytest.raises(NonFiniteError):
-            encode(x, spec, CodecConfig(name=name))
+            encode(x, spec, CodecSpec.of(name=name))
         with pytest.raises(SpecMismatchError):
-            encode(np.zeros(99, dtype=np.float32), spec, CodecConfig(name=name))
+            encode(np.zeros(99, dtype=np.float32), spec, CodecSpec.of(name=name))
 
 
 # ---------------------------------------------------------------- strict decoding
@@ -394,7 +400,7 @@ def test_huge_declared_sizes_are_refused_before_allocating() -> None:
 def test_every_truncation_and_bit_flip_is_refused_or_valid() -> None:
     spec = _spec(3000, 40, 700)
     x = np.random.default_rng(12).standard_normal(spec.size).astype(np.float32)
-    payload = encode(x, spec, CodecConfig(density=0.02, block_size=16, dense_below=100))
+    payload = encode(x, spec, CodecSpec.of(density=0.02, block_size=16, dense_below=100))
     for cut in range(len(payload)):
         with pytest.raises(CodecError):
             decode_sparse("topk-int8", payload[:cut], spec)
@@ -467,7 +473,7 @@ def test_stochastic_rounding_draws_follow_the_spec() -> None:
     # of each PCG64 output first; x = v * float32(1 / scale); q = clip(floor(x + u), -127, 127).
     spec = _spec(3000, 40, 700)
     x = np.random.default_rng(21).standard_normal(spec.size).astype(np.float32)
-    cfg = CodecConfig(density=0.02, block_size=16, dense_below=100, stochastic=True)
+    cfg = CodecSpec.of(density=0.02, block_size=16, dense_below=100, stochastic=True)
     payload = encode(x, spec, cfg, np.random.default_rng(99))
     su = decode_sparse("topk-int8", payload, spec)
     assert su.indices is not None
@@ -479,8 +485,8 @@ def test_stochastic_rounding_draws_follow_the_spec() -> None:
     for off, n in zip(spec.offsets, spec.sizes):
         kept = su.indices[(su.indices >= off) & (su.indices < off + n)]
         v = x[kept]
-        for start in range(0, v.shape[0], cfg.block_size):
-            block = v[start:start + cfg.block_size]
+        for start in range(0, v.shape[0], cfg.params.block_size):
+            block = v[start:start + cfg.params.block_size]
             scale = np.float32(np.abs(block).max()) / np.float32(127)
             inv = np.float32(1) / scale if scale > 0 else np.float32(0)
             xs = (block * inv).astype(np.float32)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq.codecs import CodecConfig, decode_sparse, encode
+from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.codecs.base import as_view
 from fedmq.codecs.topk_int8 import _decode_valid, _parse_topk
 from fedmq.errors import CodecError
@@ -46,15 +46,15 @@ def _assert_same(payload: bytes, spec: ParamSpec) -> None:
 
 
 @pytest.mark.parametrize(("sizes", "config"), [
-    ((800, 32, 51200, 64, 20000, 512, 5120, 10), CodecConfig(density=0.01)),                 # CNN-like, global
-    ((800, 32, 51200, 64, 20000, 512, 5120, 10), CodecConfig(density=0.01, topk="per-tensor")),
-    ((3000, 40, 700), CodecConfig(density=0.02, block_size=16, dense_below=100)),            # partial blocks
-    ((3000, 40, 700), CodecConfig(density=0.9, block_size=16, dense_below=100)),             # dense fallback
-    ((5000,), CodecConfig(density=0.3, block_size=7, dense_below=0)),                         # small Rice parameter
-    ((40, 5), CodecConfig(density=0.5, block_size=4, dense_below=0)),
-    ((100000,), CodecConfig(density=0.0005, block_size=512, dense_below=0, stochastic=True)),  # large gaps
+    ((800, 32, 51200, 64, 20000, 512, 5120, 10), CodecSpec.of(density=0.01)),                 # CNN-like, global
+    ((800, 32, 51200, 64, 20000, 512, 5120, 10), CodecSpec.of(density=0.01, topk="per-tensor")),
+    ((3000, 40, 700), CodecSpec.of(density=0.02, block_size=16, dense_below=100)),            # partial blocks
+    ((3000, 40, 700), CodecSpec.of(density=0.9, block_size=16, dense_below=100)),             # dense fallback
+    ((5000,), CodecSpec.of(density=0.3, block_size=7, dense_below=0)),                         # small Rice parameter
+    ((40, 5), CodecSpec.of(density=0.5, block_size=4, dense_below=0)),
+    ((100000,), CodecSpec.of(density=0.0005, block_size=512, dense_below=0, stochastic=True)),  # large gaps
 ])
-def test_fast_path_is_bit_identical_to_the_sequential_parser(sizes: tuple[int, ...], config: CodecConfig) -> None:
+def test_fast_path_is_bit_identical_to_the_sequential_parser(sizes: tuple[int, ...], config: CodecSpec) -> None:
     spec = _spec(*sizes)
     rng = np.random.default_rng(sum(sizes))
     for _ in range(3):
@@ -87,7 +87,7 @@ def test_stored_vectors_decode_the_same_on_both_paths() -> None:
 def test_every_truncation_and_bit_flip_agrees_with_the_sequential_parser() -> None:
     spec = _spec(3000, 40, 700)
     payload = encode(np.random.default_rng(12).standard_normal(spec.size).astype(np.float32), spec,
-                     CodecConfig(density=0.02, block_size=16, dense_below=100))
+                     CodecSpec.of(density=0.02, block_size=16, dense_below=100))
     variants = [payload[:cut] for cut in range(len(payload))]
     rng = np.random.default_rng(13)
     for pos in rng.integers(0, len(payload), 400):

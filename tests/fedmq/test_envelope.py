@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.codecs import CodecConfig, decode_sparse, encode
+from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.envelope import ClientUpdate, decode_update, encode_update, max_update_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 30), (30,)), ("float32", "float32"))
 X = np.random.default_rng(0).standard_normal(SPEC.size).astype(np.float32)
-PAYLOAD = encode(X, SPEC, CodecConfig(density=0.05, dense_below=64))
+PAYLOAD = encode(X, SPEC, CodecSpec.of(density=0.05, dense_below=64))
 
 
 def _update(**over: object) -> ClientUpdate:
@@ -56,7 +56,7 @@ def test_round_trip(round_, base, samples, kind, metrics, device) -> None:  # ty
 def test_the_decoded_payload_is_the_update() -> None:
     upd = decode_update(encode_update(_update()), SPEC)
     assert decode_sparse(upd.codec, upd.payload, SPEC).l2_norm() > 0
-    none = _update(codec="none", payload=encode(X, SPEC, CodecConfig(name="none")))
+    none = _update(codec="none", payload=encode(X, SPEC, CodecSpec.of(name="none")))
     upd = decode_update(encode_update(none), SPEC)
     np.testing.assert_array_equal(decode_sparse("none", upd.payload, SPEC).values, X)
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.codecs import CodecConfig, decode
+from fedmq.codecs import CodecSpec, decode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
 from fedmq.feedback import ErrorFeedback
 from fedmq.params import ParamSpec
@@ -28,7 +28,7 @@ SPEC = ParamSpec(("conv.weight", "conv.bias", "fc.weight"), ((8, 1, 5, 5), (8,),
        codec=st.sampled_from(["topk-int8", "topk-int8", "none"]))
 def test_received_plus_residual_equals_sum_of_updates(  # type: ignore[no-untyped-def]
         rounds, density, stochastic, codec) -> None:
-    cfg = CodecConfig(name=codec, density=density, block_size=32, dense_below=16, stochastic=stochastic)
+    cfg = CodecSpec.from_table(codec, dict(density=density, block_size=32, dense_below=16, stochastic=stochastic))
     ef = ErrorFeedback(SPEC)
     rng = np.random.default_rng(0)
     truth = np.zeros(SPEC.size, dtype=np.float64)
@@ -55,7 +55,7 @@ def test_received_plus_residual_equals_sum_of_updates(  # type: ignore[no-untype
 
 def test_feedback_sends_what_compression_dropped_earlier() -> None:
     ef = ErrorFeedback(SPEC)
-    cfg = CodecConfig(density=0.01, dense_below=0)
+    cfg = CodecSpec.of(density=0.01, dense_below=0)
     update = np.random.default_rng(1).standard_normal(SPEC.size).astype(np.float32)
     _, first = ef.compress(update, cfg)
     _, second = ef.compress(np.zeros(SPEC.size, dtype=np.float32), cfg)
@@ -69,29 +69,29 @@ def test_feedback_sends_what_compression_dropped_earlier() -> None:
 def test_disabled_feedback_leaves_the_residual_alone() -> None:
     ef = ErrorFeedback(SPEC)
     update = np.random.default_rng(2).standard_normal(SPEC.size).astype(np.float32)
-    payload, sent = ef.compress(update, CodecConfig(density=0.05), enabled=False)
+    payload, sent = ef.compress(update, CodecSpec.of(density=0.05), enabled=False)
     assert not ef.residual.any()
     np.testing.assert_array_equal(decode("topk-int8", payload, SPEC), sent)
 
 
 def test_bad_input_leaves_the_residual_unchanged() -> None:
     ef = ErrorFeedback(SPEC)
-    ef.compress(np.random.default_rng(3).standard_normal(SPEC.size).astype(np.float32), CodecConfig())
+    ef.compress(np.random.default_rng(3).standard_normal(SPEC.size).astype(np.float32), CodecSpec.of())
     before = ef.residual.copy()
     bad = np.zeros(SPEC.size, dtype=np.float32)
     bad[7] = np.inf
     with pytest.raises(NonFiniteError):
-        ef.compress(bad, CodecConfig())
+        ef.compress(bad, CodecSpec.of())
     with pytest.raises(NonFiniteError):
         ef.rollback(bad)
     with pytest.raises(SpecMismatchError):
-        ef.compress(np.zeros(SPEC.size + 1, dtype=np.float32), CodecConfig())
+        ef.compress(np.zeros(SPEC.size + 1, dtype=np.float32), CodecSpec.of())
     np.testing.assert_array_equal(ef.residual, before)
 
 
 def test_residual_round_trips_through_an_atomic_npy(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ef = ErrorFeedback(SPEC)
-    ef.compress(np.random.default_rng(4).standard_normal(SPEC.size).astype(np.float32), CodecConfig())
+    ef.compress(np.random.default_rng(4).standard_normal(SPEC.size).astype(np.float32), CodecSpec.of())
     path = tmp_path / "state" / "residual.npy"
     ef.save(path)
     ef.save(path)  # replacing works too

@@ -5,7 +5,7 @@ import pytest
 
 from fedmq.fl.aggregation import WeightedMean, model_delta
 from fedmq.fl.sampling import SelectionPolicy, round_rng, select_devices
-from fedmq.codecs import CodecConfig, decode, decode_sparse, encode
+from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
@@ -14,7 +14,7 @@ SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
 @pytest.mark.parametrize("codec", ["topk-int8", "none"])
 def test_streamed_mean_equals_plain_weighted_mean(codec):
     rng = np.random.default_rng(3)
-    cfg = CodecConfig(name=codec, density=0.05)
+    cfg = CodecSpec.from_table(codec, {"density": 0.05})
     payloads = [encode(rng.normal(size=SPEC.size).astype(np.float32), SPEC, cfg) for _ in range(12)]
     weights = rng.integers(1, 500, size=12)
     acc = WeightedMean(SPEC.size)
@@ -35,7 +35,7 @@ def test_mean_of_nothing_and_bad_weight_raise():
     acc = WeightedMean(SPEC.size)
     with pytest.raises(ValueError):
         acc.result()
-    upd = decode_sparse("none", encode(np.ones(SPEC.size, np.float32), SPEC, CodecConfig(name="none")), SPEC)
+    upd = decode_sparse("none", encode(np.ones(SPEC.size, np.float32), SPEC, CodecSpec.of(name="none")), SPEC)
     with pytest.raises(ValueError):
         acc.add(upd, 0.0)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine, StalenessPolicy
@@ -11,7 +11,7 @@ from fedmq.fl.rounds import Accepted, Rejected, Repeat, UpdateChecks
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
-CFG = CodecConfig(name="topk-int8", density=0.1)
+CFG = CodecSpec.of(name="topk-int8", density=0.1)
 
 
 def payload(seed):

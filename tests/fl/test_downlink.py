@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.fl import downlink
 from fedmq.fl.downlink import apply_delta, compress_step, params_sha256, plan_catch_up, server_model
@@ -18,7 +18,7 @@ from fedmq.fl.server_opt import make_server_optimizer
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
-CFG = CodecConfig(density=0.02, dense_below=64)
+CFG = CodecSpec.of(density=0.02, dense_below=64)
 
 
 def test_published_model_is_exactly_the_previous_one_plus_the_decoded_delta():
@@ -48,7 +48,7 @@ def test_residual_invariant_sum_of_published_deltas_plus_residual_is_the_sum_of_
         seed, rounds, density, optimizer):
     rng = np.random.default_rng(seed)
     opt = make_server_optimizer(optimizer)
-    cfg = CodecConfig(density=density, dense_below=64)
+    cfg = CodecSpec.of(density=density, dense_below=64)
     p = rng.normal(size=SPEC.size).astype(np.float32)
     r = np.zeros(SPEC.size, dtype=np.float32)
     steps = np.zeros(SPEC.size, dtype=np.float64)
@@ -115,12 +115,3 @@ def test_catch_up_takes_deltas_when_cheaper_else_the_snapshot():
     assert plan_catch_up(None, 12, sizes, 10, 50).deltas == (11, 12)
     assert plan_catch_up(None, 9, sizes, 10, 50) is None
     assert plan_catch_up(12, 12, sizes, 10, 50) == downlink.CatchUp(None, (), 0, "0 delta(s) from version 12")
-
-
-def test_warmup_density_goes_geometrically_from_start_to_target():
-    got = [downlink.warmup_density(0.01, r, 4, 0.25) for r in range(1, 7)]
-    assert got[0] == 0.25 and got[4:] == [0.01, 0.01]
-    assert all(a > b for a, b in zip(got[:4], got[1:5]))
-    np.testing.assert_allclose(got[2], 0.25 * (0.01 / 0.25) ** 0.5)
-    assert downlink.warmup_density(0.01, 1, 0, 0.25) == 0.01  # off
-    assert downlink.warmup_density(0.5, 1, 4, 0.25) == 0.5  # start below the target: off

@@ -197,13 +197,13 @@ def test_options_reach_the_rule_and_bad_ones_are_refused():
 
 
 def test_the_round_engine_runs_a_robust_rule_with_its_options_round_after_round():
-    from fedmq.codecs import CodecConfig, encode
+    from fedmq.codecs import CodecSpec, encode
     from fedmq.envelope import ClientUpdate, encode_update
     from fedmq.fl.rounds import Accepted, RoundEngine
     from fedmq.params import ParamSpec
 
     spec = ParamSpec(("w",), ((6,),), ("float32",))
-    cfg = CodecConfig(name="none")
+    cfg = CodecSpec.of(name="none")
 
     def update(device, round_, values):
         return encode_update(ClientUpdate(federation="f", device=device, round=round_, base_version=round_ - 1,

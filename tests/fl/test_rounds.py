@@ -4,13 +4,13 @@ import msgpack
 import numpy as np
 
 from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine, UpdateChecks
-from fedmq.codecs import CodecConfig, encode
+from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
 OTHER = ParamSpec(("w",), ((7,),), ("float32",))
-CFG = CodecConfig(name="topk-int8", density=0.1)
+CFG = CodecSpec.of(name="topk-int8", density=0.1)
 
 
 def make(device="a", round_=4, base=2, samples=10, kind="delta", fed="f", spec=SPEC, payload=None, scale=1.0):
@@ -114,7 +114,7 @@ def test_resend_after_the_round_closed_gets_the_same_answer_not_late():
 
 def test_non_finite_payload():
     # A scale of the int8 payload patched to NaN: find the float32 scales by re-encoding.
-    payload = bytearray(encode(np.ones(SPEC.size, np.float32), SPEC, CodecConfig(name="none")))
+    payload = bytearray(encode(np.ones(SPEC.size, np.float32), SPEC, CodecSpec.of(name="none")))
     payload[0:4] = np.array([np.nan], np.float32).tobytes()
     body = msgpack.unpackb(make(), raw=False)
     body["codec"] = "none"

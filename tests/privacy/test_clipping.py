@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmq.codecs import CodecConfig, codec_names, decode
+from fedmq.codecs import CodecSpec, codec_names, decode
 from fedmq.envelope import decode_update
 from fedmq.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
@@ -26,8 +26,8 @@ SPEC = ParamSpec(("conv.weight", "conv.bias", "fc.weight"), ((8, 1, 5, 5), (8,),
        rounds=st.lists(st.tuples(st.integers(0, 2**31), st.sampled_from([1e-3, 1.0, 100.0])), min_size=1, max_size=6))
 def test_decoded_sent_vector_never_exceeds_the_clip_norm(codec, error_feedback, stochastic, density, topk, clip,
                                                          rounds) -> None:  # type: ignore[no-untyped-def]
-    plan = TrainPlan(codec=codec, density=density, stochastic=stochastic, topk=topk, error_feedback=error_feedback,
-                     clip_norm=clip)
+    plan = TrainPlan(codec=CodecSpec.from_table(codec, dict(density=density, stochastic=stochastic, topk=topk)),
+                     error_feedback=error_feedback, clip_norm=clip)
     feedback = ErrorFeedback(SPEC)
     total = np.zeros(SPEC.size, np.float64)
     received = np.zeros(SPEC.size, np.float64)
@@ -55,7 +55,7 @@ def test_decoded_sent_vector_never_exceeds_the_clip_norm(codec, error_feedback, 
 def test_a_vector_within_the_clip_norm_is_sent_as_without_clipping() -> None:
     rng = np.random.default_rng(0)
     vec = (0.001 * rng.standard_normal(SPEC.size)).astype(np.float32)
-    config = CodecConfig(name="topk-int8", density=0.05)
+    config = CodecSpec.of(name="topk-int8", density=0.05)
     payload, sent = encode_clipped(vec, SPEC, config, clip_norm=10.0)
     assert l2_norm(sent) < 10.0
     np.testing.assert_array_equal(sent, decode("topk-int8", payload, SPEC))
@@ -64,13 +64,13 @@ def test_a_vector_within_the_clip_norm_is_sent_as_without_clipping() -> None:
 def test_a_long_vector_is_sent_at_the_clip_norm_in_its_own_direction() -> None:
     rng = np.random.default_rng(1)
     vec = rng.standard_normal(SPEC.size).astype(np.float32)
-    _, sent = encode_clipped(vec, SPEC, CodecConfig(name="none"), clip_norm=0.5)
+    _, sent = encode_clipped(vec, SPEC, CodecSpec.of(name="none"), clip_norm=0.5)
     assert 0.5 * (1 - 1e-4) <= l2_norm(sent) <= 0.5
     np.testing.assert_allclose(sent / l2_norm(sent), vec / l2_norm(vec), atol=1e-6)
 
 
 def test_a_distributed_noise_share_is_added_after_clipping_and_not_kept_in_the_residual() -> None:
-    plan = TrainPlan(codec="none", clip_norm=0.1, noise_std=0.05)
+    plan = TrainPlan(codec=CodecSpec("none"), clip_norm=0.1, noise_std=0.05)
     feedback = ErrorFeedback(SPEC)
     update = np.full(SPEC.size, 0.01, np.float32)
     packed = package_update(LocalResult(update, "delta", 10, 1, 1, 0.0, {}), Task("fed", "dev", 1, 0, SPEC.hash, 0.0,

@@ -28,7 +28,8 @@ import msgpack
 import numpy as np
 
 from fedmq import PROTOCOL_VERSION
-from fedmq.codecs import CodecConfig, decode, encode
+from fedmq.codecs import CodecSpec, decode, encode
+from fedmq.codecs.topk_int8 import TopKParams
 from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.params import ParamSpec
 
@@ -70,16 +71,16 @@ def build() -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     cases: list[dict[str, Any]] = []
 
-    def valid(name: str, spec: str, x: np.ndarray, cfg: CodecConfig, seed: int | None = None) -> bytes:
+    def valid(name: str, spec: str, x: np.ndarray, cfg: CodecSpec, seed: int | None = None) -> bytes:
         rng = None if seed is None else np.random.default_rng(seed)
         payload = encode(x, SPECS[spec], cfg, rng)
         files[f"{name}.bin"] = payload
         files[f"{name}.input.npy"] = _npy(x)
         files[f"{name}.decoded.npy"] = _npy(decode(cfg.name, payload, SPECS[spec]))
         cases.append({"name": name, "kind": "payload", "spec": spec, "codec": cfg.name, "valid": True,
-                      "encoder": True, "config": {"density": cfg.density, "block_size": cfg.block_size,
-                                 "dense_below": cfg.dense_below, "stochastic": cfg.stochastic,
-                                 "topk": cfg.topk},
+                      # topk-int8's parameters for every case, those of a none case at
+                                      # their defaults, as the index has always recorded them.
+                      "encoder": True, "config": {**TopKParams().as_dict(), **cfg.params.as_dict()},
                       "rng_seed": seed})
         return payload
 
@@ -90,16 +91,16 @@ def build() -> dict[str, bytes]:
 
     # Per-tensor selection (these vectors predate global selection and keep their bytes).
     tiny = valid("tiny-topk", "tiny", _tiny_input(),
-                 CodecConfig(density=0.05, block_size=512, dense_below=0, topk="per-tensor"))
+                 CodecSpec.of(density=0.05, block_size=512, dense_below=0, topk="per-tensor"))
     small = valid("small-topk", "small", _small_input(),
-                  CodecConfig(density=0.02, block_size=16, dense_below=64, topk="per-tensor"))
+                  CodecSpec.of(density=0.02, block_size=16, dense_below=64, topk="per-tensor"))
     valid("small-dense-fallback", "small", _small_input(),
-          CodecConfig(density=0.9, block_size=16, dense_below=64, topk="per-tensor"))
+          CodecSpec.of(density=0.9, block_size=16, dense_below=64, topk="per-tensor"))
     valid("small-stochastic", "small", _small_input(),
-          CodecConfig(density=0.1, block_size=32, dense_below=64, stochastic=True, topk="per-tensor"), seed=7)
+          CodecSpec.of(density=0.1, block_size=32, dense_below=64, stochastic=True, topk="per-tensor"), seed=7)
     # The default, global selection: the same budget spent across the sparse tensors.
-    valid("small-topk-global", "small", _small_input(), CodecConfig(density=0.02, block_size=16, dense_below=64))
-    valid("small-none", "small", _small_input(), CodecConfig(name="none"))
+    valid("small-topk-global", "small", _small_input(), CodecSpec.of(density=0.02, block_size=16, dense_below=64))
+    valid("small-none", "small", _small_input(), CodecSpec.of(name="none"))
 
     update = ClientUpdate(federation="demo", device="pi-01", round=12, base_version=11, samples=800,
                           kind="delta", spec_hash=SPECS["small"].hash, codec="topk-int8", payload=small,
@@ -126,7 +127,7 @@ def build() -> dict[str, bytes]:
     invalid("bad-int8-minus-128", "tiny", "payload", "topk-int8", tiny[:-1] + b"\x80", "CodecError",
             "an int8 value of -128 (outside the symmetric range)")
     invalid("bad-none-length", "small", "payload", "none", encode(_small_input(), SPECS["small"],
-            CodecConfig(name="none"))[:-4], "CodecError", "a none payload one float short")
+            CodecSpec.of(name="none"))[:-4], "CodecError", "a none payload one float short")
     envelope = msgpack.unpackb(files["small-envelope.bin"], raw=False)
     invalid("bad-envelope-version", "small", "envelope", "topk-int8",
             msgpack.packb({**envelope, "v": PROTOCOL_VERSION + 98}, use_bin_type=True), "WireError",

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmq.codecs import CodecConfig, SparseUpdate, check_vector, register_codec
+from fedmq.codecs import CodecSpec, NoParams, SparseUpdate, check_vector, register_codec
 from fedmq.errors import CodecError, NonFiniteError
 from fedmq.params import ParamSpec
 
 
 class Float16:
     name = "test-float16"
+    Params = NoParams
 
-    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecConfig,
+    def encode(self, vector: np.ndarray, spec: ParamSpec, config: CodecSpec,
                rng: np.random.Generator | None = None) -> bytes:
         return check_vector(vector, spec).astype("<f2").tobytes()
 

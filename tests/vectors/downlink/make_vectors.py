@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
-from fedmq.codecs import CodecConfig
+from fedmq.codecs import CodecSpec
 from fedmq.fl.downlink import compress_step, params_sha256
 from fedmq.params import ParamSpec
 
 SPEC = ParamSpec(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), ((32, 64), (32,), (10, 32), (10,)),
                  ("float32",) * 4)
 # Per-tensor Top-K (the vectors predate global selection; the format is the same either way).
-CONFIG = CodecConfig(name="topk-int8", density=0.02, block_size=64, dense_below=64, topk="per-tensor")
+CONFIG = CodecSpec.of(name="topk-int8", density=0.02, block_size=64, dense_below=64, topk="per-tensor")
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -69,8 +69,7 @@ def build() -> dict[str, bytes]:
     files["bad-hash.bin"] = good[:name_end + 32] + bytes(32) + good[name_end + 64:]  # wrong base SHA-256
     manifest = {
         "spec": SPEC.to_dict(), "spec_hash": SPEC.hash,
-        "codec": {"name": CONFIG.name, "density": CONFIG.density, "block_size": CONFIG.block_size,
-                  "dense_below": CONFIG.dense_below, "topk": CONFIG.topk},
+        "codec": {"name": CONFIG.name, **{k: v for k, v in CONFIG.params.as_dict().items() if k != "stochastic"}},
         "sha256": {f"v{v}": params_sha256(np.load(io.BytesIO(files[f"v{v}.npy"]))) for v in (0, 1, 2)},
         "blob_sha256": {f"delta-{v}": hashlib.sha256(blobs[v]).hexdigest() for v in (1, 2)},
         "bad": {"bad-magic.bin": "magic", "bad-layout.bin": "layout", "bad-truncated.bin": "payload of",
