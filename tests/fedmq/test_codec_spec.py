@@ -7,7 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from coordinator.config import config_from_dict, known_options
+from coordinator.config import SCHEMA, config_from_dict
 from fedmq.codecs import CodecSpec, NoParams
 from fedmq.codecs.schedule import DensityWarmup
 from fedmq.codecs.topk_int8 import TopKParams
@@ -67,7 +67,7 @@ def test_user_config_keys_still_read_and_become_the_codec_s_params() -> None:
                   {"downlink": {"codec": "gzip"}}):
         with pytest.raises(ConfigError):
             config_from_dict({**BASE, **table})
-    assert {"plan.density", "plan.topk", "downlink.density", "downlink.window"} <= set(known_options())
+    assert {"plan.density", "plan.topk", "downlink.density", "downlink.window"} <= set(SCHEMA.options)
 
 
 def test_density_warmup_is_one_schedule_for_every_codec_and_both_directions() -> None:
