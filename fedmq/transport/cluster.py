@@ -84,6 +84,10 @@ class RetainedFanoutLink:
                 log.warning("retained messages will not reach broker node %s: %s", other.settings.url, exc)
         return self
 
+    def flush(self, timeout: float) -> bool:
+        """Flush the main link (the retained copies to the other nodes are not waited for)."""
+        return self._main.flush(timeout)
+
     def close(self, timeout: float = 5.0) -> None:
         for other in self._others:
             other.close(timeout)

@@ -245,6 +245,10 @@ class MemoryLink:
                      timeout: float = 30.0) -> None:
         self.publish(topic, payload, qos=qos, retain=retain)
 
+    def flush(self, timeout: float) -> bool:
+        """Nothing to wait for: :meth:`publish` delivers at once. Returns True."""
+        return True
+
     def route(self, pattern: str, inbox: queue.SimpleQueue[Message]) -> None:
         with self._lock:
             self._routes[pattern] = inbox
