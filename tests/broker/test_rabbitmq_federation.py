@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks import faults
 from broker.rabbitmq import RabbitCluster, start_rabbitmq_cluster
+from fleet.launch import write_toml
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -63,7 +64,7 @@ def _rewrite(path: Path, broker: dict[str, object]) -> None:
     for flat in ("broker_url", "protocol"):
         cfg.pop(flat, None)
     cfg["broker"] = {**cfg.get("broker", {}), **broker}
-    faults._write_toml(path, cfg)
+    write_toml(path, cfg)
 
 
 def test_a_federation_survives_the_kill_of_a_node_mid_round(tmp_path: Path) -> None:
