@@ -597,7 +597,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None = None,
                      for i, device in enumerate(ids)})
         folder.record()
         initial = task.evaluate(task.build_model(s.seed), dataset.x_test, dataset.y_test)
-        coordinator = build_coordinator(fed.files.coordinator, metrics=metrics)
+        coordinator = build_coordinator(fed.files.coordinator, metrics=metrics, environ={})
         fed.devices.start_all()
         result = run_coordinator(coordinator, _ProgressPrinter(console, fed.devices, coordinator))
     finally:

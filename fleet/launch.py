@@ -421,9 +421,13 @@ class DeviceThreads:
 
 # --------------------------------------------------------------------------- coordinator here
 
-def build_coordinator(config: Path, *, metrics: Any = None) -> Any:
-    """The coordinator of ``config`` (either round mode), built in this process with no
-    environment overrides.
+def build_coordinator(config: Path, *, metrics: Any = None, environ: Mapping[str, str] | None = None) -> Any:
+    """The coordinator of ``config`` (either round mode), built in this process.
+
+    Args:
+        metrics: its :class:`coordinator.metrics.CoordinatorMetrics` (None: its own).
+        environ: environment overrides of the configuration (``FEDMQ_COORDINATOR__...``);
+            None: this process's environment, as ``fedmq coordinator run`` reads it.
 
     Raises:
         ConfigError: the configuration is invalid.
@@ -431,7 +435,7 @@ def build_coordinator(config: Path, *, metrics: Any = None) -> Any:
     from coordinator.buffered import make_coordinator
     from coordinator.config import load_config
 
-    return make_coordinator(load_config(config, environ={}), metrics=metrics)
+    return make_coordinator(load_config(config, environ=environ), metrics=metrics)
 
 
 def run_coordinator(coordinator: Any, progress: Callable[[Any], None] | None = None) -> Any:
