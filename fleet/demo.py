@@ -259,10 +259,13 @@ class _ProgressPrinter:
     """Prints one line per closed round (a rich table row on a terminal, plain text otherwise),
     and stops the coordinator once every device has exited."""
 
-    def __init__(self, console: Console, devices: DeviceProcesses | DeviceThreads, coordinator: Coordinator) -> None:
+    def __init__(self, console: Console, devices: DeviceProcesses | DeviceThreads, coordinator: Coordinator,
+                 unit: str) -> None:
         self.console = console
         self.devices = devices
         self.coordinator = coordinator
+        #: "round", or "step" for a server step of FedBuff.
+        self.unit = unit
 
     def __call__(self, p: Progress) -> None:
         if p.kind == "waiting" and self.devices.all_exited():
@@ -275,7 +278,7 @@ class _ProgressPrinter:
             (f"loss {r.test_loss:.4g}" if r.test_loss is not None else "acc   n/a")
         rej = sum(r.rejected.values())
         self.console.print(
-            f"round {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
+            f"{self.unit:5s} {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
             f"{acc}  up {_human_bytes(r.bytes_up):>8s}  down {_human_bytes(r.bytes_down):>8s}  "
             f"ratio {_ratio(r.dense_bytes_up, r.bytes_up):5.0f}x  {r.wall_s:4.1f} s",
             highlight=False)
@@ -580,7 +583,10 @@ def run_demo(settings: DemoSettings, *, console: Console | None = None,
     broker = start_broker(s.broker, work, protocol=s.protocol)
     fed = None
     try:
-        console.print(f"fedmq demo: {s.devices} devices ({s.devices_in}), {s.per_round} per round, {s.rounds} rounds, "
+        # FedBuff has no rounds: --rounds counts server steps of --per-round client updates.
+        steps = (f"{s.per_round} per round, {s.rounds} rounds" if s.round_mode == "sync" else
+                 f"{s.per_round} client updates per server step, {s.rounds} server steps")
+        console.print(f"fedmq demo: {s.devices} devices ({s.devices_in}), {steps}, "
                       f"task {task.name}, data {dataset.name} ({s.partition_scheme}), codec {s.codec}"
                       f"{f' density {s.density:g}' if s.codec != 'none' else ''}, broker {broker.url}"
                       f"{' (embedded)' if broker.kind == 'embedded' else ''}", highlight=False)
@@ -599,7 +605,8 @@ def run_demo(settings: DemoSettings, *, console: Console | None = None,
         initial = task.evaluate(task.build_model(s.seed), dataset.x_test, dataset.y_test)
         coordinator = build_coordinator(fed.files.coordinator, metrics=metrics, environ={})
         fed.devices.start_all()
-        result = run_coordinator(coordinator, _ProgressPrinter(console, fed.devices, coordinator))
+        result = run_coordinator(coordinator, _ProgressPrinter(console, fed.devices, coordinator,
+                                                               "round" if s.round_mode == "sync" else "step"))
     finally:
         if fed is not None:
             fed.close()
