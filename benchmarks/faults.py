@@ -186,7 +186,7 @@ def all_trials() -> list[Trial]:
 
 # --------------------------------------------------------------------------- one fleet
 
-class Fleet:
+class TrialFederation:
     """The processes of one trial in ``work`` (a :class:`fleet.launch.Federation`: mosquitto
     with the shipped persistence settings, the coordinator and the devices, each its own
     process) and what the run left there. ``broker``: one already started (anything with
@@ -293,7 +293,7 @@ class Fleet:
         return None if ckpt is None else ckpt.model
 
 
-def _wait_file(path: Path, limit: float, fleet: Fleet) -> bool:
+def _wait_file(path: Path, limit: float, fleet: TrialFederation) -> bool:
     end = time.monotonic() + limit
     while time.monotonic() < end:
         if path.exists():
@@ -312,7 +312,7 @@ def _wait_exit(proc: subprocess.Popen[bytes], until: float) -> bool:
         return False
 
 
-def _settle(fleet: Fleet) -> None:
+def _settle(fleet: TrialFederation) -> None:
     end = time.monotonic() + SETTLE_S
     while time.monotonic() < end and fleet.inflight():
         time.sleep(0.1)  # the devices write their state files; nothing else to wait on
@@ -320,7 +320,7 @@ def _settle(fleet: Fleet) -> None:
 
 def reference_run(work: Path, **overrides: Any) -> Reference:
     """The same fleet with no fault: its final model, accuracy and wall time."""
-    fleet = Fleet(work, **overrides)
+    fleet = TrialFederation(work, **overrides)
     try:
         t0 = time.monotonic()
         for device in DEVICES:
@@ -341,7 +341,7 @@ def reference_run(work: Path, **overrides: Any) -> Reference:
 def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) -> TrialResult:
     """Run one trial in ``work`` and check it against the invariants (module docstring)."""
     res = TrialResult(trial)
-    fleet = Fleet(work, **overrides)
+    fleet = TrialFederation(work, **overrides)
     pause = work / "paused"
     hook_env = {"TEST_PAUSE_AT": trial.point, "TEST_PAUSE_ROUND": str(FAULT_ROUND), "TEST_PAUSE_FILE": str(pause)}
     host_name = "coordinator" if trial.host == "coordinator" else DEVICES[0]
@@ -405,7 +405,7 @@ def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) 
     return res
 
 
-def _check(fleet: Fleet, res: TrialResult, ref: Reference, *, secure: bool = False) -> None:
+def _check(fleet: TrialFederation, res: TrialResult, ref: Reference, *, secure: bool = False) -> None:
     if secure:
         _check_secure(fleet, res, ref)
         return
@@ -446,7 +446,7 @@ def _check(fleet: Fleet, res: TrialResult, ref: Reference, *, secure: bool = Fal
     _check_outcome(fleet, rounds, res, ref, compare_model=True, tolerance=ACCURACY_TOLERANCE)
 
 
-def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
+def _check_secure(fleet: TrialFederation, res: TrialResult, ref: Reference) -> None:
     """The invariants of a secure trial: every round recorded, closed with the exact sum of its
     survivors or failed; no unmasking request ever named a device both as survivor and as
     dropped, and one request per attempt; every device's masked input settled (no pending
@@ -479,7 +479,7 @@ def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
                    tolerance=SECURE_ACCURACY_TOLERANCE)
 
 
-def _check_outcome(fleet: Fleet, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,
+def _check_outcome(fleet: TrialFederation, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,
                    compare_model: bool, tolerance: float) -> None:
     """The end of a trial against the reference run: the final model bit-identical when every
     round had every device (and ``compare_model``), else the test accuracy within ``tolerance``;
@@ -673,7 +673,7 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
     out = {}
     for name, flood in (("40 x 32 MiB manifests", flood_40), ("2,000 ids x 512 KiB", flood_ids),
                         ("5,000 statuses", flood_status)):
-        fleet = Fleet(work / name.split()[0].replace(",", ""),
+        fleet = TrialFederation(work / name.split()[0].replace(",", ""),
                       coordinator_overrides={"round": {"wait_for_devices_s": 600.0}})
         try:
             fleet.start_coordinator()
