@@ -206,7 +206,7 @@ class TrialFederation:
             save_npz_atomic(work / "devices" / device / "data.npz", x, y)
         save_npz_atomic(work / "test.npz", data.x_test, data.y_test)
         common = {"federation": "faults", "task": "digits-mlp", "broker": self.broker}
-        self.federation = Federation.start(
+        self.federation = Federation.create(
             work, self.broker, devices_in="processes",
             coordinator=merge_tables(coordinator_options(
                 **common, rounds=ROUNDS, seed=1, state_dir="state", evaluation_data="test.npz", publish_onnx=False,

@@ -592,7 +592,7 @@ def run_demo(settings: DemoSettings, *, console: Console | None = None,
                       f"{' (embedded)' if broker.kind == 'embedded' else ''}", highlight=False)
         console.print(f"working folder: {work}", highlight=False)
         test_file = _write_data(work, task, dataset, ids, s.seal)
-        fed = Federation.start(
+        fed = Federation.create(
             work, broker, devices_in=s.devices_in,
             coordinator=coordinator_options(
                 federation=federation, task=s.task_name, broker=broker, rounds=s.rounds, seed=s.seed,

@@ -463,7 +463,7 @@ class Federation:
     of one federation in ``files.work``; :meth:`close` stops whatever is running, devices
     first, then the coordinator, then the broker (context manager).
 
-    Build one with :meth:`start`.
+    Build one with :meth:`create`.
     """
 
     broker: Broker
@@ -479,7 +479,7 @@ class Federation:
         return self.files.work
 
     @classmethod
-    def start(cls, work: Path, broker: Broker, *, coordinator: Mapping[str, Any] | None,
+    def create(cls, work: Path, broker: Broker, *, coordinator: Mapping[str, Any] | None,
               devices: Mapping[str, Mapping[str, Any]], devices_in: str = "processes",
               agent_class: Any = None) -> Federation:
         """Write the configuration into ``work`` and return the federation, nothing started

@@ -47,7 +47,7 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
         devices[device] = edge_options(device_id=device, federation="crash", task="digits-mlp", broker=broker,
                                        data="data.npz", seed=int(device[-1]))
     save_npz_atomic(tmp_path / "test.npz", data.x_test, data.y_test)
-    fed = Federation.start(tmp_path, broker, devices_in="processes", devices=devices, coordinator=coordinator_options(
+    fed = Federation.create(tmp_path, broker, devices_in="processes", devices=devices, coordinator=coordinator_options(
         federation="crash", task="digits-mlp", broker=broker, rounds=3, seed=1, state_dir="state",
         evaluation_data="test.npz", publish_onnx=False,
         round={"devices_per_round": 3, "min_updates": 3, "over_selection": 1.0, "deadline_s": 60.0,

@@ -52,7 +52,7 @@ def test_device_processes_on_the_in_memory_bus_are_refused(tmp_path: Path) -> No
     broker = start_broker("memory", tmp_path)
     try:
         with pytest.raises(ConfigError, match="threads"):
-            Federation.start(tmp_path, broker, coordinator=None, devices={}, devices_in="processes")
+            Federation.create(tmp_path, broker, coordinator=None, devices={}, devices_in="processes")
     finally:
         broker.close()
 
@@ -64,7 +64,7 @@ def test_a_device_thread_stops_and_starts_again_in_this_process(tmp_path: Path) 
     broker = start_broker("memory", tmp_path)
     device = edge_options(device_id="dev-a", federation="fed", task="digits-logreg", broker=broker,
                           data=tmp_path / "shard.npz", seed=0)
-    with Federation.start(tmp_path, broker, coordinator=None, devices={"dev-a": device},
+    with Federation.create(tmp_path, broker, coordinator=None, devices={"dev-a": device},
                           devices_in="threads") as fed:
         first = fed.devices.start("dev-a")
         fed.devices.stop("dev-a")
