@@ -44,11 +44,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -59,9 +57,9 @@ from typing import Any
 import numpy as np
 
 from broker.conf import SHIPPED_CONF
-from broker.launch import MosquittoProcess, start_mosquitto
+from fleet.launch import (Federation, coordinator_options, edge_options, given_broker, merge_tables, start_broker,
+                          stop_process)
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("dev-0", "dev-1", "dev-2")
 ROUNDS = 3
 FAULT_ROUND = 2
@@ -188,23 +186,11 @@ def all_trials() -> list[Trial]:
 
 # --------------------------------------------------------------------------- one fleet
 
-def _write_toml(path: Path, data: dict[str, Any]) -> None:
-    import tomli_w
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "TEST_PAUSE" not in k}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-class Fleet:
-    """The processes of one trial in ``work``: broker, coordinator, devices. ``broker``: one
-    already started (anything with ``url`` and ``kill()``, e.g. a broker cluster's handle)
-    instead of a new mosquitto."""
+class TrialFederation:
+    """The processes of one trial in ``work`` (a :class:`fleet.launch.Federation`: mosquitto
+    with the shipped persistence settings, the coordinator and the devices, each its own
+    process) and what the run left there. ``broker``: one already started (anything with
+    ``url`` and ``kill()``, e.g. a broker cluster's handle) instead of a new mosquitto."""
 
     def __init__(self, work: Path, *, edge_overrides: dict[str, Any] | None = None,
                  coordinator_overrides: dict[str, Any] | None = None, broker: Any = None) -> None:
@@ -213,86 +199,48 @@ class Fleet:
 
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
-        self.broker: MosquittoProcess = broker if broker is not None else \
-            start_mosquitto(work / "broker", extra_conf=shipped_persistence_conf())
+        self.broker = given_broker(broker) if broker is not None else \
+            start_broker("mosquitto", work, mosquitto_conf=shipped_persistence_conf())
         data = load_demo_data("digits", None, len(DEVICES), "iid", 0.5)
-        for i, (device, (x, y)) in enumerate(zip(DEVICES, data.parts)):
-            folder = work / "devices" / device
-            save_npz_atomic(folder / "data.npz", x, y)
-            cfg = {"broker_url": self.broker.url, "protocol": "5", "device_id": device, "federation": "faults",
-                   "task": "digits-mlp", "data": "data.npz", "state_dir": "state", "seed": i}
-            cfg.update(edge_overrides or {})
-            _write_toml(folder / "edge.toml", cfg)
+        for device, (x, y) in zip(DEVICES, data.parts):
+            save_npz_atomic(work / "devices" / device / "data.npz", x, y)
         save_npz_atomic(work / "test.npz", data.x_test, data.y_test)
-        cfg = {
-            "federation": "faults", "task": "digits-mlp", "rounds": ROUNDS, "seed": 1, "state_dir": "state",
-            "broker": {"url": self.broker.url, "protocol": "5"},
-            "round": {"devices_per_round": len(DEVICES), "min_updates": 1, "over_selection": 1.0,
-                      "deadline_s": DEADLINE_S, "min_devices": len(DEVICES), "wait_for_devices_s": 60.0},
-            "plan": {"local_epochs": 1, "lr": 0.1, "batch_size": 32},
-            "evaluation": {"data": "test.npz"}, "publish": {"onnx": False}}
-        for key, value in (coordinator_overrides or {}).items():
-            if isinstance(value, dict):
-                cfg.setdefault(key, {}).update(value)
-            else:
-                cfg[key] = value
-        _write_toml(work / "coordinator.toml", cfg)
-        self.coordinator: subprocess.Popen[bytes] | None = None
-        self.devices: dict[str, subprocess.Popen[bytes]] = {}
-        self.exits: list[tuple[str, int]] = []
+        common = {"federation": "faults", "task": "digits-mlp", "broker": self.broker}
+        self.federation = Federation.create(
+            work, self.broker, devices_in="processes",
+            coordinator=merge_tables(coordinator_options(
+                **common, rounds=ROUNDS, seed=1, state_dir="state", evaluation_data="test.npz", publish_onnx=False,
+                round={"devices_per_round": len(DEVICES), "min_updates": 1, "over_selection": 1.0,
+                       "deadline_s": DEADLINE_S, "min_devices": len(DEVICES), "wait_for_devices_s": 60.0},
+                plan={"local_epochs": 1, "lr": 0.1, "batch_size": 32}), coordinator_overrides),
+            devices={device: merge_tables(edge_options(**common, device_id=device, data="data.npz", seed=i),
+                                          edge_overrides) for i, device in enumerate(DEVICES)})
+
+    @property
+    def coordinator(self) -> subprocess.Popen[bytes] | None:
+        return self.federation.coordinator.proc
 
     def start_coordinator(self, **env: str) -> None:
-        log = open(self.work / "coordinator.log", "ab")  # noqa: SIM115 - the child keeps its copy
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "fedmq.cli", "coordinator", "run", "-c", str(self.work / "coordinator.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(**env), start_new_session=True)
-        log.close()
+        self.federation.coordinator.start(**env)
 
     def start_device(self, device: str, **env: str) -> None:
-        folder = self.work / "devices" / device
-        log = open(folder / "edge.log", "ab")  # noqa: SIM115
-        self.devices[device] = subprocess.Popen(
-            [sys.executable, "-m", "edge_client", "run", "-c", str(folder / "edge.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(**env), start_new_session=True)
-        log.close()
-
-    def proc(self, name: str) -> subprocess.Popen[bytes] | None:
-        return self.coordinator if name == "coordinator" else self.devices.get(name)
+        self.federation.devices.start(device, **env)
 
     def stop(self, name: str, mode: str) -> None:
-        """SIGKILL or SIGTERM process ``name`` (coordinator or a device id) and wait for it."""
-        proc = self.proc(name)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGKILL if mode == "kill" else signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        """SIGKILL or SIGTERM process ``name`` (coordinator or a device id) and wait for it
+        (SIGKILL after 30 s)."""
+        proc = self.coordinator if name == "coordinator" else self.federation.devices.procs.get(name)
+        stop_process(proc, mode, timeout=30.0)
 
     def restart_broker(self, mode: str) -> None:
-        if mode == "kill":
-            self.broker.kill()
-        else:
-            self.broker.stop()
-        self.broker.start()
+        self.broker.restart(mode)
 
     def device_exits(self) -> list[tuple[str, int]]:
         """Devices that exited by themselves, with their status."""
-        return [(d, p.returncode) for d, p in self.devices.items() if p.poll() is not None]
+        return self.federation.device_exits()
 
     def close(self) -> None:
-        procs = [p for p in [self.coordinator, *self.devices.values()] if p is not None and p.poll() is None]
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.broker.kill()
+        self.federation.close()
 
     # -- what the run left ----------------------------------------------------------------
 
@@ -345,7 +293,7 @@ class Fleet:
         return None if ckpt is None else ckpt.model
 
 
-def _wait_file(path: Path, limit: float, fleet: Fleet) -> bool:
+def _wait_file(path: Path, limit: float, fleet: TrialFederation) -> bool:
     end = time.monotonic() + limit
     while time.monotonic() < end:
         if path.exists():
@@ -364,7 +312,7 @@ def _wait_exit(proc: subprocess.Popen[bytes], until: float) -> bool:
         return False
 
 
-def _settle(fleet: Fleet) -> None:
+def _settle(fleet: TrialFederation) -> None:
     end = time.monotonic() + SETTLE_S
     while time.monotonic() < end and fleet.inflight():
         time.sleep(0.1)  # the devices write their state files; nothing else to wait on
@@ -372,7 +320,7 @@ def _settle(fleet: Fleet) -> None:
 
 def reference_run(work: Path, **overrides: Any) -> Reference:
     """The same fleet with no fault: its final model, accuracy and wall time."""
-    fleet = Fleet(work, **overrides)
+    fleet = TrialFederation(work, **overrides)
     try:
         t0 = time.monotonic()
         for device in DEVICES:
@@ -393,7 +341,7 @@ def reference_run(work: Path, **overrides: Any) -> Reference:
 def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) -> TrialResult:
     """Run one trial in ``work`` and check it against the invariants (module docstring)."""
     res = TrialResult(trial)
-    fleet = Fleet(work, **overrides)
+    fleet = TrialFederation(work, **overrides)
     pause = work / "paused"
     hook_env = {"TEST_PAUSE_AT": trial.point, "TEST_PAUSE_ROUND": str(FAULT_ROUND), "TEST_PAUSE_FILE": str(pause)}
     host_name = "coordinator" if trial.host == "coordinator" else DEVICES[0]
@@ -457,7 +405,7 @@ def run_trial(trial: Trial, work: Path, reference: Reference, **overrides: Any) 
     return res
 
 
-def _check(fleet: Fleet, res: TrialResult, ref: Reference, *, secure: bool = False) -> None:
+def _check(fleet: TrialFederation, res: TrialResult, ref: Reference, *, secure: bool = False) -> None:
     if secure:
         _check_secure(fleet, res, ref)
         return
@@ -498,7 +446,7 @@ def _check(fleet: Fleet, res: TrialResult, ref: Reference, *, secure: bool = Fal
     _check_outcome(fleet, rounds, res, ref, compare_model=True, tolerance=ACCURACY_TOLERANCE)
 
 
-def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
+def _check_secure(fleet: TrialFederation, res: TrialResult, ref: Reference) -> None:
     """The invariants of a secure trial: every round recorded, closed with the exact sum of its
     survivors or failed; no unmasking request ever named a device both as survivor and as
     dropped, and one request per attempt; every device's masked input settled (no pending
@@ -531,7 +479,7 @@ def _check_secure(fleet: Fleet, res: TrialResult, ref: Reference) -> None:
                    tolerance=SECURE_ACCURACY_TOLERANCE)
 
 
-def _check_outcome(fleet: Fleet, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,
+def _check_outcome(fleet: TrialFederation, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,
                    compare_model: bool, tolerance: float) -> None:
     """The end of a trial against the reference run: the final model bit-identical when every
     round had every device (and ``compare_model``), else the test accuracy within ``tolerance``;
@@ -725,7 +673,7 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
     out = {}
     for name, flood in (("40 x 32 MiB manifests", flood_40), ("2,000 ids x 512 KiB", flood_ids),
                         ("5,000 statuses", flood_status)):
-        fleet = Fleet(work / name.split()[0].replace(",", ""),
+        fleet = TrialFederation(work / name.split()[0].replace(",", ""),
                       coordinator_overrides={"round": {"wait_for_devices_s": 600.0}})
         try:
             fleet.start_coordinator()
@@ -733,7 +681,7 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="junk", protocol=mqtt.MQTTv5)
             pointer = threading.Event()
             client.on_message = lambda c, u, msg: pointer.set()
-            client.connect(fleet.broker.host, fleet.broker.port)
+            client.connect(fleet.broker.process.host, fleet.broker.process.port)
             client.loop_start()
             try:
                 # The initial model is published once the coordinator has subscribed.

@@ -50,12 +50,13 @@ def federated(rounds: int, codec: str, density: float, broker: str | None, seed:
     """One demo federation; the summary fields that matter here."""
     from rich.console import Console
 
-    from fleet.demo import run_demo
+    from fleet.demo import DemoSettings, run_demo
 
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-iot-") as tmp:
-        s = run_demo(devices=5, per_round=5, rounds=rounds, task=TASK, partition_scheme="dirichlet", alpha=0.5,
-                     codec=codec, density=density, broker=broker, out=Path(tmp), seed=seed,
-                     console=Console(file=open("/dev/null", "w"), soft_wrap=True))  # noqa: SIM115
+        s = run_demo(DemoSettings(
+            devices=5, per_round=5, rounds=rounds, task=TASK, partition_scheme="dirichlet", alpha=0.5, codec=codec,
+            density=density, broker=broker, out=Path(tmp), seed=seed),
+            console=Console(file=open("/dev/null", "w"), soft_wrap=True))  # noqa: SIM115
     keys = ("final_accuracy", "best_accuracy", "initial_accuracy", "final_loss", "rounds", "rounds_failed",
             "bytes_up_total", "bytes_up_dense_equivalent", "uplink_ratio", "bytes_down_total", "updates_accepted",
             "wall_seconds", "broker")

@@ -77,15 +77,15 @@ def one_update(delta: np.ndarray, spec: ParamSpec, repeats: int, key_dir: str) -
 def product_path(quick: bool, out: str) -> dict[str, Any]:
     """The MNIST CNN demo over the in-memory link, sealed and plain (same seed)."""
     from fedmq.data import MNIST_T10K_DIR, shared_data_dir
-    from fleet.demo import run_demo
+    from fleet.demo import DemoSettings, run_demo
 
     runs = {}
     for seal in (False, True):
         t = time.perf_counter()
-        s = run_demo(devices=4, per_round=4, rounds=2 if quick else 5, task="mnist-cnn", data="mnist",
-                     data_dir=shared_data_dir() / MNIST_T10K_DIR, broker="memory", devices_in="threads",
-                     out=f"{out}/{'sealed' if seal else 'plain'}",
-                     write_files=False, publish_onnx=False, seal=seal)
+        s = run_demo(DemoSettings(
+            devices=4, per_round=4, rounds=2 if quick else 5, task="mnist-cnn", data="mnist",
+            data_dir=shared_data_dir() / MNIST_T10K_DIR, broker="memory", devices_in="threads",
+            out=f"{out}/{'sealed' if seal else 'plain'}", write_files=False, publish_onnx=False, seal=seal))
         runs["sealed" if seal else "plain"] = {
             "updates_accepted": s["updates_accepted"], "bytes_up_total": s["bytes_up_total"],
             "final_accuracy": s["final_accuracy"], "wall_s": round(time.perf_counter() - t, 2)}

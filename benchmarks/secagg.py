@@ -271,7 +271,7 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
 
     from broker.launch import start_mosquitto
     from fedmq.data import shared_data_dir
-    from fleet.demo import run_demo, secure_cost
+    from fleet.demo import DemoSettings, run_demo, secure_cost
 
     out: dict[str, Any] = {"setup": {"data": data, "devices": devices, "per_round": per_round, "rounds": rounds,
                                      "seed": seed, "broker": "mosquitto", "devices_in": "processes"}}
@@ -282,11 +282,11 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
             with tempfile.TemporaryDirectory(prefix="fedmq-secagg-bench-") as tmp:
                 broker = start_mosquitto(Path(tmp) / "broker", extra_conf="max_packet_size 1048576")
                 try:
-                    runs.append(run_demo(devices=devices, per_round=per_round, rounds=rounds, data=data,
-                                         data_dir=shared_data_dir() / "mnist-t10k" if data == "mnist" else None,
-                                         partition_scheme=scheme, broker=broker.url, protocol="5", seed=seed,
-                                         out=Path(tmp) / "demo", write_files=False, publish_onnx=False,
-                                         secure_aggregation=secure, console=quiet))
+                    runs.append(run_demo(DemoSettings(
+                        devices=devices, per_round=per_round, rounds=rounds, data=data,
+                        data_dir=shared_data_dir() / "mnist-t10k" if data == "mnist" else None,
+                        partition_scheme=scheme, broker=broker.url, protocol="5", seed=seed, out=Path(tmp) / "demo",
+                        write_files=False, publish_onnx=False, secure_aggregation=secure), console=quiet))
                 finally:
                     broker.stop()
         out[scheme] = secure_cost(*runs)

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     import coordinator.service as svc
     import edge_client.secure as es
     from fedmq.data import shared_data_dir
-    from fleet.demo import run_demo
+    from fleet.demo import DemoSettings, run_demo
 
     secure = bool(argv) and argv[0] == "secure"
     table: dict[str, Any] = json.loads(argv[1]) if len(argv) > 1 else {}
@@ -69,10 +69,11 @@ def main(argv: list[str]) -> None:
     es.SecureDevice.provide = recorded  # type: ignore[method-assign]
     svc.closed_round = compared  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="fedmq-secagg-support-") as tmp:
-        summary = run_demo(devices=4, per_round=4, rounds=4, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",
-                           broker="memory", devices_in="threads", samples_per_device=500, test_samples=1000,
-                           write_files=False, publish_onnx=False, secure_aggregation=(table or True) if secure else False,
-                           console=Console(quiet=True), out=Path(tmp) / "demo")
+        summary = run_demo(DemoSettings(
+            devices=4, per_round=4, rounds=4, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",
+            broker="memory", devices_in="threads", samples_per_device=500, test_samples=1000, write_files=False,
+            publish_onnx=False, secure_aggregation=(table or True) if secure else False, out=Path(tmp) / "demo"),
+            console=Console(quiet=True))
     print("test accuracy:", summary["initial_accuracy"], "->", summary["accuracy_per_round"])
 
 

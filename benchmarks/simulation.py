@@ -1,7 +1,8 @@
 """Federations for the learning benchmarks: the real coordinator and real edge agents in one process.
 
-:func:`simulate` runs a :class:`FedSetup` through :func:`fleet.demo.run_demo` with the
-devices as threads of this process on the in-memory bus (``memory://``): the same
+:func:`simulate` runs a :class:`FedSetup` through :func:`fleet.demo.run_demo` (the front of
+the federation launcher, :mod:`fleet.launch`) with the devices as threads of this process on
+the in-memory bus (``memory://``): the same
 ``Coordinator`` (round engine, aggregation, server optimizer, checkpoints) and the same
 ``EdgeAgent`` (local training, error feedback, codec, envelope, receipts) that run on a fleet,
 exchanging the same messages, chunked blobs and retained models, only not over a socket.
@@ -94,22 +95,21 @@ def simulate(setup: FedSetup, *, target_accuracy: float | None = None, broker: s
         FedmqError: the federation could not run (data missing, broker unreachable, ...).
     """
     from fedmq.data import MNIST_T10K_DIR, shared_data_dir
-    from fleet.demo import Scheduling, run_demo
+    from fleet.demo import DemoSettings, Scheduling, run_demo
 
     data = "digits" if setup.task.startswith("digits") else "mnist"
-    plan = setup.plan.as_table()
+    train_plan = setup.plan.as_table()
     t0 = time.perf_counter()
-    summary = run_demo(
+    summary = run_demo(DemoSettings(
         devices=setup.devices, per_round=setup.per_round, rounds=setup.rounds, task=setup.task, data=data,
-        data_dir=shared_data_dir() / MNIST_T10K_DIR if data == "mnist" else None,
-        partition_scheme=setup.partition, alpha=setup.alpha, codec=setup.plan.codec.name,
-        density=setup.plan.codec.density,
-        broker=broker, seed=setup.seed, deadline_s=NO_DEADLINE_S, devices_in=devices_in,
+        data_dir=shared_data_dir() / MNIST_T10K_DIR if data == "mnist" else None, partition_scheme=setup.partition,
+        alpha=setup.alpha, codec=setup.plan.codec.name, density=setup.plan.codec.density, broker=broker,
+        seed=setup.seed, deadline_s=NO_DEADLINE_S, devices_in=devices_in,
         scheduling=Scheduling(over_selection=1.0, min_devices=setup.devices, holdout_fraction=0.0,
                               min_updates=setup.per_round),
-        plan=plan, server_optimizer={"name": setup.server_optimizer, "eta": setup.server_lr},
-        samples_per_device=setup.samples_per_device, test_samples=setup.test_samples,
-        write_files=False, publish_onnx=False, console=Console(file=io.StringIO()))
+        train_plan=train_plan, server_optimizer={"name": setup.server_optimizer, "eta": setup.server_lr},
+        samples_per_device=setup.samples_per_device, test_samples=setup.test_samples, write_files=False,
+        publish_onnx=False), console=Console(file=io.StringIO()))
     seconds = time.perf_counter() - t0
     history = [{"round": r["round"], "accuracy": r["test_accuracy"], "loss": r["test_loss"],
                 "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"], "dense_bytes_up": r["dense_bytes_up"],

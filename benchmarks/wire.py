@@ -40,7 +40,7 @@ from benchmarks.faults import shipped_persistence_conf
 from broker.launch import start_mosquitto
 from fedmq.data import shared_data_dir
 from fedmq.errors import FedmqError
-from fleet.demo import run_demo
+from fleet.demo import DemoSettings, run_demo
 
 #: name -> run_demo keyword arguments over the demo's defaults.
 CASES: dict[str, dict[str, Any]] = {
@@ -128,10 +128,10 @@ def run_case(case: str, *, data: str, data_dir: Path | None, partition: str, alp
     broker = start_mosquitto(work / "broker", extra_conf=shipped_persistence_conf())
     capture = Capture(broker.port, work / "broker.pcap")
     try:
-        summary = run_demo(devices=devices, per_round=per_round, rounds=rounds, data=data, data_dir=data_dir,
-                           partition_scheme=partition, alpha=alpha, seed=seed, broker=broker.url, protocol="5",
-                           devices_in="processes", out=work / "demo", console=Console(file=io.StringIO()),
-                           **CASES[case])
+        summary = run_demo(DemoSettings(
+            devices=devices, per_round=per_round, rounds=rounds, data=data, data_dir=data_dir,
+            partition_scheme=partition, alpha=alpha, seed=seed, broker=broker.url, protocol="5",
+            devices_in="processes", out=work / "demo", **CASES[case]), console=Console(file=io.StringIO()))
     finally:
         dropped = capture.stop()
         broker.stop()

@@ -1,6 +1,7 @@
 """``fedmq fleet``: run a fleet of virtual devices (fleet/fleet.py) against a broker.
 
-``fedmq fleet run -c fleet.toml`` starts the fleet and prints its totals every few seconds
+``fedmq fleet run -c fleet.toml`` starts the fleet (:class:`fleet.fleet.Fleet`, the virtual
+devices of the federation launcher :mod:`fleet.launch`) and prints its totals every few seconds
 until SIGINT / SIGTERM or ``--duration`` seconds; with ``--coordinator coordinator.toml``
 it waits for the devices to connect, runs that coordinator (either mode) in this process
 until its rounds are done, then stops the fleet and writes ``summary.json`` in the work
@@ -50,6 +51,7 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         log_level: str = typer.Option("warning", help="Log level of this process.")) -> None:
     """Start the fleet; optionally run a coordinator against it."""
     from fleet.fleet import Fleet, load_fleet_spec
+    from fleet.launch import build_coordinator, run_coordinator
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
@@ -57,12 +59,7 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         spec = load_fleet_spec(config, {"broker_url": broker, "federation": federation, "devices": devices,
                                         "processes": processes, "seed": seed, "work_dir": work_dir,
                                         "network": network})
-        coord = None
-        if coordinator is not None:
-            from coordinator.buffered import make_coordinator
-            from coordinator.config import load_config
-
-            coord = make_coordinator(load_config(coordinator))
+        coord = build_coordinator(coordinator) if coordinator is not None else None
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -82,7 +79,7 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         summary["connected"] = fleet.connected()
         print(json.dumps({"event": "connected", "all": ok, **fleet.totals()}), flush=True)
         if coord is not None and not stop.is_set():
-            result = coord.run()
+            result = run_coordinator(coord)
             summary["rounds"] = [r.row() for r in result.records]
             if getattr(coord, "privacy", None) is not None:
                 summary["privacy"] = coord.privacy.summary()

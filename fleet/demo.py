@@ -23,28 +23,20 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import tomli_w
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.config import FEDAVGM_ETA, FEDAVGM_MOMENTUM, load_config
+from coordinator.config import FEDAVGM_ETA, FEDAVGM_MOMENTUM
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.buffered import make_coordinator
 from coordinator.service import Coordinator, Progress, RunResult
 from coordinator.state import RoundRecord
 from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist10k_split, partition
@@ -56,17 +48,14 @@ from fedmq.sealing import load_or_create_key
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.builtin import DIGITS_PLAN, MNIST_PLAN
 from fedmq.transport.counting import LINK_BYTES_IN
+from fleet.launch import (DEVICE_MODES, DeviceProcesses, DeviceThreads, Federation, build_coordinator,
+                          coordinator_options, edge_options, run_coordinator, start_broker)
 
 #: Training settings the demo sends with each task, per data set (a task's own
 #: ``demo_plan`` wins). Chosen so that the digits demo reaches >= 90% test accuracy in 30
 #: rounds with Top-K 1% + error feedback.
 DEMO_PLANS: dict[str, dict[str, Any]] = {"digits": DIGITS_PLAN, "mnist": MNIST_PLAN}
 DEFAULT_TASKS = {"digits": "digits-mlp", "mnist": "mnist-cnn"}
-
-log = logging.getLogger("fedmq.demo")
-
-#: Seconds to wait for a device process to leave after SIGTERM before SIGKILL.
-_STOP_GRACE_S = 10.0
 
 
 @dataclass
@@ -130,36 +119,6 @@ def load_task_data(task: Task, devices: int, scheme: str, alpha: float) -> DemoD
         raise ConfigError(f"partition {scheme!r} (alpha {alpha}) left a device without data; "
                           "raise --alpha or use fewer --devices")
     return DemoData(task.name, [(x_tr[p], y_tr[p]) for p in parts], x_te, y_te)
-
-
-def _write_toml(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
-
-
-def _start_devices(work: Path, ids: list[str], env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for device in ids:
-        folder = work / "devices" / device
-        log = open(folder / "edge.log", "ab")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([sys.executable, "-m", "edge_client", "run", "-c", str(folder / "edge.toml")],
-                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                      start_new_session=True))
-        log.close()
-    return procs
-
-
-def _stop_devices(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_GRACE_S
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _human_bytes(n: float) -> str:
@@ -297,18 +256,19 @@ def _sum_reasons(records: list[RoundRecord]) -> dict[str, int]:
 
 
 class _ProgressPrinter:
-    """Prints one line per closed round (a rich table row on a terminal, plain text otherwise)."""
+    """Prints one line per closed round (a rich table row on a terminal, plain text otherwise),
+    and stops the coordinator once every device has exited."""
 
-    def __init__(self, console: Console, procs: list[subprocess.Popen[bytes]], threads: _Threads,
-                 coordinator: Coordinator) -> None:
+    def __init__(self, console: Console, devices: DeviceProcesses | DeviceThreads, coordinator: Coordinator,
+                 unit: str) -> None:
         self.console = console
-        self.procs = procs
-        self.threads = threads
+        self.devices = devices
         self.coordinator = coordinator
+        #: "round", or "step" for a server step of FedBuff.
+        self.unit = unit
 
     def __call__(self, p: Progress) -> None:
-        if p.kind == "waiting" and ((self.procs and all(proc.poll() is not None for proc in self.procs))
-                                    or self.threads.all_exited()):
+        if p.kind == "waiting" and self.devices.all_exited():
             self.console.print("[red]every device has exited; see devices/*/edge.log[/red]")
             self.coordinator.stop()
         if p.kind != "round_closed" or p.record is None:
@@ -318,7 +278,7 @@ class _ProgressPrinter:
             (f"loss {r.test_loss:.4g}" if r.test_loss is not None else "acc   n/a")
         rej = sum(r.rejected.values())
         self.console.print(
-            f"round {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
+            f"{self.unit:5s} {r.round:3d} {r.state:6s} devices {r.accepted}/{r.participants} rejected {rej}  "
             f"{acc}  up {_human_bytes(r.bytes_up):>8s}  down {_human_bytes(r.bytes_down):>8s}  "
             f"ratio {_ratio(r.dense_bytes_up, r.bytes_up):5.0f}x  {r.wall_s:4.1f} s",
             highlight=False)
@@ -344,9 +304,6 @@ class Scheduling:
     min_updates: int | None = None
 
 
-#: Where device agents run: ``processes`` (one OS process each, exactly as on a fleet) or
-#: ``threads`` (one thread each in this process; the only way onto the in-memory bus).
-DEVICE_MODES = ("processes", "threads")
 ROUND_MODES = ("sync", "async")
 PROTOCOLS = ("5", "3.1.1")
 MARKER = ".fedmq-demo.json"
@@ -406,268 +363,272 @@ class _OutFolder:
         (self.path / MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
 
 
-def _validate(devices: int, per_round: int, rounds: int, data: str, partition_scheme: str, alpha: float,
-              codec: str, density: float, broker: str | None, protocol: str, deadline_s: float,
-              devices_in: str, scheduling: Scheduling, round_mode: str) -> None:
-    if devices < 1 or not 1 <= per_round <= devices or rounds < 1:
-        raise ConfigError(f"need --devices >= 1, 1 <= --per-round <= --devices and --rounds >= 1 "
-                          f"(got {devices}, {per_round}, {rounds})")
-    if data not in DEFAULT_TASKS:
-        raise ConfigError(f"--data {data!r}: expected one of {sorted(DEFAULT_TASKS)}")
-    if partition_scheme not in ("iid", "dirichlet"):
-        raise ConfigError(f"--partition {partition_scheme!r}: expected 'iid' or 'dirichlet'")
-    if not alpha > 0:
-        raise ConfigError(f"--alpha {alpha}: expected a positive number")
-    if codec not in codec_names():
-        raise ConfigError(f"--codec {codec!r}: expected one of {codec_names()}")
-    if not 0 < density <= 1:
-        raise ConfigError(f"--density {density}: expected a fraction in (0, 1]")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"--protocol {protocol!r}: expected one of {PROTOCOLS}")
-    if not deadline_s > 0:
-        raise ConfigError(f"--deadline {deadline_s}: expected seconds > 0")
-    if round_mode not in ROUND_MODES:
-        raise ConfigError(f"--mode {round_mode!r}: expected one of {ROUND_MODES}")
-    if devices_in not in DEVICE_MODES:
-        raise ConfigError(f"devices_in {devices_in!r}: expected one of {DEVICE_MODES}")
-    if broker is not None and broker.startswith("memory") and devices_in != "threads":
-        raise ConfigError("--broker memory runs every device in this process: use --in-process")
-    if scheduling.over_selection < 1 or not 0 <= scheduling.holdout_fraction < 0.5:
-        raise ConfigError(f"over-selection {scheduling.over_selection} (expected >= 1) or hold-out fraction "
-                          f"{scheduling.holdout_fraction} (expected in [0, 0.5)) out of range")
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything ``fedmq demo`` runs with; the defaults are the demo's (and the product's).
 
-
-class _Threads:
-    """Edge agents as threads of this process (each with its own link, state folder, data)."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
-
-    def start(self, configs: list[Path]) -> None:
-        from edge_client.agent import EdgeAgent
-        from edge_client.config import load_config as load_edge_config
-
-        for path in configs:
-            agent = EdgeAgent(load_edge_config(path, environ={}), environ={})
-
-            def run(agent: EdgeAgent = agent) -> None:
-                try:
-                    agent.run(self.stop)
-                except BaseException as exc:  # noqa: BLE001 - reported by alive()/the summary
-                    self.errors.append(exc)
-                    log.error("device %s stopped: %s", agent.cfg.device_id, exc)
-
-            thread = threading.Thread(target=run, name=f"edge-{agent.cfg.device_id}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def all_exited(self) -> bool:
-        return bool(self.threads) and not any(t.is_alive() for t in self.threads)
-
-    def close(self) -> None:
-        self.stop.set()
-        deadline = time.monotonic() + _STOP_GRACE_S
-        for t in self.threads:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
-
-
-def run_demo(*, devices: int = 10, per_round: int = 5, rounds: int = 30, task: str | None = None,
-             data: str = "digits", data_dir: Path | None = None, partition_scheme: str = "iid",
-             alpha: float = 0.5, codec: str = "topk-int8", density: float = 0.01, downlink: str | None = None,
-             downlink_density: float = 0.01, broker: str | None = None,
-             protocol: str = "5", out: Path | None = None, seed: int = 0, deadline_s: float = 60.0,
-             devices_in: str = "processes", scheduling: Scheduling | None = None,
-             plan: dict[str, Any] | None = None, server_optimizer: dict[str, Any] | None = None,
-             samples_per_device: int | None = None, test_samples: int | None = None,
-             aggregation: str = "weighted-mean", round_mode: str = "sync",
-             write_files: bool = True, publish_onnx: bool = True, console: Console | None = None,
-             metrics: CoordinatorMetrics | None = None, seal: bool = True,
-             privacy: dict[str, Any] | None = None,
-             secure_aggregation: bool | dict[str, Any] = False) -> dict[str, Any]:
-    """Run a whole federation on this machine and return the summary (see ``summary.json``).
-
-    The coordinator runs in this process; the devices as processes (``devices_in``, the
-    default: as on a fleet) or as threads of this process. ``broker``: None starts the
-    embedded broker, ``"memory"`` uses the in-process bus (devices as threads), any other
-    value is the URL of a running broker. Every flag is checked before anything is started
-    or written; whatever the demo started is stopped on every way out.
-
-    Args:
+    Attributes:
+        devices, per_round, rounds: devices in the federation, taking part per round, rounds
+            (in ``async`` mode: client updates per server step, server steps).
+        task: a task reference (docs/tasks.md); None: :data:`DEFAULT_TASKS` of ``data``.
+        data, data_dir: ``digits`` or ``mnist`` (with ``data_dir``, a folder of MNIST IDX files).
+        partition_scheme, alpha: ``iid`` or ``dirichlet`` (label skew of concentration ``alpha``).
+        codec, density: the uplink codec (fedmq.codecs) and its Top-K density (fraction).
+        downlink, downlink_density: the downlink codec (None: the same as ``codec``) and density.
+        broker: None: the embedded broker; ``"memory"``: the in-process bus (devices as
+            threads); any other value: the URL of a running broker, spoken to with ``protocol``.
+        protocol: MQTT protocol with ``broker``: ``"5"`` or ``"3.1.1"``.
+        out: the working and output folder (None: a new temporary folder).
+        seed: model initialisation, sampling and local shuffling (device i: ``seed + i``).
+        deadline_s: round deadline, seconds (``async``: a task's lease).
+        devices_in: ``processes`` (one OS process each, as on a fleet) or ``threads``.
         scheduling: over-selection, devices to wait for, local hold-out (the product defaults).
-        plan: train-plan keys over the demo's (e.g. ``local_epochs``, ``lr``).
-        server_optimizer: the ``[server_optimizer]`` table (default FedAvg).
-        aggregation: the ``[aggregation] rule``.
-        round_mode: ``sync`` (rounds) or ``async`` (FedBuff: ``per_round`` updates per server
-            step, ``rounds`` server steps, ``deadline_s`` a task's lease).
+        train_plan: training-plan keys over the demo's (e.g. ``local_epochs``, ``lr``).
+        server_optimizer: the ``[server_optimizer]`` table (None: FedAvgM when the downlink is
+            compressed, plain FedAvg for a dense run).
         samples_per_device, test_samples: keep only the first N samples of each partition / of
             the test set (None: all).
+        aggregation: the ``[aggregation] rule``.
+        round_mode: ``sync`` (rounds) or ``async`` (FedBuff).
         write_files: also write the model files and the plot (the simulator leaves them out).
         publish_onnx: the coordinator publishes an ONNX export with every version.
         seal: devices seal their client updates to the coordinator's key (fedmq.sealing),
             provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
-            coordinator requires it (default); False: plain envelopes, as before sealing.
-        secure_aggregation: every round a secure round (``[secure_aggregation] enabled``,
-            coordinator.secure): the coordinator learns only the survivors' sum; a dict: the
+            coordinator requires it; False: plain envelopes.
+        privacy: the ``[privacy]`` table (docs/privacy.md; ``enabled`` is implied); None: none.
+        secure_aggregation: every round a secure round (coordinator.secure); a dict: the
             ``[secure_aggregation]`` table's other keys too.
-        metrics: the coordinator's Prometheus metrics go there (the caller serves them and
-            keeps them after the run); None: a registry of the run's own, not served.
-        privacy: the ``[privacy]`` table (differential privacy, docs/privacy.md; ``enabled`` is
-            implied); None: none. The summary then has a ``privacy`` entry (epsilon spent, delta,
-            noise multiplier, clip norm).
-
-    Returns:
-        the summary; ``"records"`` additionally holds every round's record (as dicts).
-
-    Raises:
-        ConfigError: invalid flags, or ``out`` holds files no demo created. DataError: data
-        files missing or corrupt. FedmqError: the broker could not be started or reached.
     """
-    console = console or Console(soft_wrap=True)
-    sched = scheduling or Scheduling()
-    _validate(devices, per_round, rounds, data, partition_scheme, alpha, codec, density, broker, protocol,
-              deadline_s, devices_in, sched, round_mode)
-    task_name = task or DEFAULT_TASKS[data]
-    task_def = get_task(task_name, where="--task")
-    folder = _OutFolder(out)
-    folder.check()
-    if task_def.reference_data is not None:
-        dataset = load_task_data(task_def, devices, partition_scheme, alpha)
-    else:
-        dataset = load_demo_data(data, data_dir, devices, partition_scheme, alpha)
-    if samples_per_device is not None or test_samples is not None:
-        dataset = DemoData(dataset.name, [(x[:samples_per_device], y[:samples_per_device]) for x, y in dataset.parts],
-                           dataset.x_test[:test_samples], dataset.y_test[:test_samples])
-    downlink = downlink or codec  # a dense run is dense both ways
-    if downlink not in codec_names():
-        raise ConfigError(f"--downlink {downlink!r}: expected one of {codec_names()}")
-    if not 0 < downlink_density <= 1:
-        raise ConfigError(f"--downlink-density {downlink_density}: expected a fraction in (0, 1]")
 
-    federation = "demo"
-    ids = [f"device-{i:02d}" for i in range(devices)]
-    started = time.monotonic()
-    broker_proc = None
-    procs: list[subprocess.Popen[bytes]] = []
-    threads = _Threads()
-    bus_name = None
-    work = folder.prepare()
-    try:
-        if broker is None:
-            from broker.launch import start_embedded
+    devices: int = 10
+    per_round: int = 5
+    rounds: int = 30
+    task: str | None = None
+    data: str = "digits"
+    data_dir: Path | None = None
+    partition_scheme: str = "iid"
+    alpha: float = 0.5
+    codec: str = "topk-int8"
+    density: float = 0.01
+    downlink: str | None = None
+    downlink_density: float = 0.01
+    broker: str | None = None
+    protocol: str = "5"
+    out: Path | None = None
+    seed: int = 0
+    deadline_s: float = 60.0
+    devices_in: str = "processes"
+    scheduling: Scheduling = Scheduling()
+    train_plan: dict[str, Any] | None = None
+    server_optimizer: dict[str, Any] | None = None
+    samples_per_device: int | None = None
+    test_samples: int | None = None
+    aggregation: str = "weighted-mean"
+    round_mode: str = "sync"
+    write_files: bool = True
+    publish_onnx: bool = True
+    seal: bool = True
+    privacy: dict[str, Any] | None = None
+    secure_aggregation: bool | dict[str, Any] = False
 
-            broker_proc = start_embedded(log_dir=work / "broker")
-            broker_url, protocol = f"mqtt://127.0.0.1:{broker_proc.port}", "3.1.1"
-        elif broker.startswith("memory"):
-            bus_name = f"demo-{os.getpid()}-{time.monotonic_ns()}"
-            broker_url = f"memory://{bus_name}"
-        else:
-            broker_url = broker
-        console.print(f"fedmq demo: {devices} devices ({devices_in}), {per_round} per round, {rounds} rounds, "
-                      f"task {task_def.name}, data {dataset.name} ({partition_scheme}), codec {codec}"
-                      f"{f' density {density:g}' if codec != 'none' else ''}, broker {broker_url}"
-                      f"{' (embedded)' if broker_proc else ''}", highlight=False)
-        console.print(f"working folder: {work}", highlight=False)
+    @property
+    def task_name(self) -> str:
+        return self.task or DEFAULT_TASKS[self.data]
 
-        # Every file in the task's own format: the coordinator reads its test set, and each
-        # device its partition, with the task's loader, as on a real fleet.
-        test_file = work / ("test" + Path(task_def.data_file).suffix)
-        task_def.write_local(test_file, dataset.x_test, dataset.y_test)
-        configs = []
-        # The coordinator's key pair, made where the coordinator finds it; each device gets the
-        # public key beside its configuration, as provisioning gives it to a real device.
-        public_pem = load_or_create_key(work / "coordinator-state").public_path.read_bytes() if seal else b""
-        for device, (x, y) in zip(ids, dataset.parts):
-            dev_folder = work / "devices" / device
-            dev_folder.mkdir(parents=True, exist_ok=True)
-            task_def.write_local(dev_folder / task_def.data_file, x, y)
-            _write_toml(dev_folder / "edge.toml", {
-                "device_id": device, "federation": federation, "task": task_name, "data": task_def.data_file,
-                "state_dir": "state", "torch_threads": 1, "holdout_fraction": sched.holdout_fraction,
-                "seed": seed + int(device.rsplit("-", 1)[1]),
-                "broker": {"url": broker_url, "protocol": protocol},
-                **({"coordinator_key": "coordinator.pub"} if seal else {})})
-            if seal:
-                (dev_folder / "coordinator.pub").write_bytes(public_pem)
-            configs.append(dev_folder / "edge.toml")
-        plan_table = dict(task_def.demo_plan or DEMO_PLANS["digits" if data == "digits" else "mnist"])
-        plan_table.update({"codec": codec, "density": density, "error_feedback": codec != "none"})
-        plan_table.update(plan or {})
-        coordinator_toml = work / "coordinator.toml"
-        _write_toml(coordinator_toml, {
-            "federation": federation, "task": task_name, "rounds": rounds, "seed": seed,
-            "state_dir": "coordinator-state",
-            "broker": {"url": broker_url, "protocol": protocol},
-            "round": {"mode": round_mode, "devices_per_round": per_round,
-                      "min_updates": sched.min_updates or max(1, math.ceil(per_round / 2)),
-                      "over_selection": sched.over_selection, "deadline_s": deadline_s, "wait_for_devices_s": 120.0,
-                      "min_devices": sched.min_devices or per_round},
-            "plan": plan_table,
+    @property
+    def downlink_codec(self) -> str:
+        """The downlink codec: a dense run is dense both ways."""
+        return self.downlink or self.codec
+
+    def validate(self) -> None:
+        """Check every setting before anything is started or written.
+
+        Raises:
+            ConfigError: the first invalid setting, named by its command-line flag.
+        """
+        s = self
+        if s.devices < 1 or not 1 <= s.per_round <= s.devices or s.rounds < 1:
+            raise ConfigError(f"need --devices >= 1, 1 <= --per-round <= --devices and --rounds >= 1 "
+                              f"(got {s.devices}, {s.per_round}, {s.rounds})")
+        if s.data not in DEFAULT_TASKS:
+            raise ConfigError(f"--data {s.data!r}: expected one of {sorted(DEFAULT_TASKS)}")
+        if s.partition_scheme not in ("iid", "dirichlet"):
+            raise ConfigError(f"--partition {s.partition_scheme!r}: expected 'iid' or 'dirichlet'")
+        if not s.alpha > 0:
+            raise ConfigError(f"--alpha {s.alpha}: expected a positive number")
+        if s.codec not in codec_names():
+            raise ConfigError(f"--codec {s.codec!r}: expected one of {codec_names()}")
+        if not 0 < s.density <= 1:
+            raise ConfigError(f"--density {s.density}: expected a fraction in (0, 1]")
+        if s.protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol {s.protocol!r}: expected one of {PROTOCOLS}")
+        if not s.deadline_s > 0:
+            raise ConfigError(f"--deadline {s.deadline_s}: expected seconds > 0")
+        if s.round_mode not in ROUND_MODES:
+            raise ConfigError(f"--mode {s.round_mode!r}: expected one of {ROUND_MODES}")
+        if s.devices_in not in DEVICE_MODES:
+            raise ConfigError(f"devices_in {s.devices_in!r}: expected one of {DEVICE_MODES}")
+        if s.broker is not None and s.broker.startswith("memory") and s.devices_in != "threads":
+            raise ConfigError("--broker memory runs every device in this process: use --in-process")
+        sched = s.scheduling
+        if sched.over_selection < 1 or not 0 <= sched.holdout_fraction < 0.5:
+            raise ConfigError(f"over-selection {sched.over_selection} (expected >= 1) or hold-out fraction "
+                              f"{sched.holdout_fraction} (expected in [0, 0.5)) out of range")
+        if s.downlink_codec not in codec_names():
+            raise ConfigError(f"--downlink {s.downlink_codec!r}: expected one of {codec_names()}")
+        if not 0 < s.downlink_density <= 1:
+            raise ConfigError(f"--downlink-density {s.downlink_density}: expected a fraction in (0, 1]")
+
+    def coordinator_tables(self, task: Task) -> dict[str, Any]:
+        """The demo's own tables of the coordinator's configuration (the rest is the
+        launcher's: :func:`fleet.launch.coordinator_options`)."""
+        sched = self.scheduling
+        train_plan = dict(task.demo_plan or DEMO_PLANS["digits" if self.data == "digits" else "mnist"])
+        train_plan.update({"codec": self.codec, "density": self.density, "error_feedback": self.codec != "none"})
+        train_plan.update(self.train_plan or {})
+        secure = self.secure_aggregation
+        return {
+            "round": {"mode": self.round_mode, "devices_per_round": self.per_round,
+                      "min_updates": sched.min_updates or max(1, math.ceil(self.per_round / 2)),
+                      "over_selection": sched.over_selection, "deadline_s": self.deadline_s,
+                      "wait_for_devices_s": 120.0, "min_devices": sched.min_devices or self.per_round},
+            "plan": train_plan,
             # Compressed runs: server momentum closes most of the gap to dense FedAvg
             # (BENCHMARKS.md); a dense run is plain FedAvg, the reference.
-            "server_optimizer": server_optimizer or ({"name": "fedavgm", "momentum": FEDAVGM_MOMENTUM,
-                                                                       "eta": FEDAVGM_ETA} if downlink != "none"
-                                                     else {"name": "fedavg"}),
-            "downlink": {"codec": downlink, "density": downlink_density},
-            "aggregation": {"rule": aggregation},
-            **({"privacy": dict(privacy, enabled=True)} if privacy else {}),
-            "evaluation": {"data": test_file.name},
-            "publish": {"onnx": publish_onnx},
-            "sealing": {"required": seal},
-            "secure_aggregation": ({"enabled": True, **secure_aggregation} if isinstance(secure_aggregation, dict)
-                                   else {"enabled": secure_aggregation}),
+            "server_optimizer": self.server_optimizer or (
+                {"name": "fedavgm", "momentum": FEDAVGM_MOMENTUM, "eta": FEDAVGM_ETA}
+                if self.downlink_codec != "none" else {"name": "fedavg"}),
+            "downlink": {"codec": self.downlink_codec, "density": self.downlink_density},
+            "aggregation": {"rule": self.aggregation},
+            **({"privacy": dict(self.privacy, enabled=True)} if self.privacy else {}),
+            "sealing": {"required": self.seal},
+            "secure_aggregation": ({"enabled": True, **secure} if isinstance(secure, dict) else {"enabled": secure}),
             # Async: K = --per-round updates per server step, every device may train at once,
             # a task's lease is the round deadline.
-            **({"async": {"buffer_size": per_round, "concurrency": devices, "task_timeout_s": deadline_s}}
-               if round_mode == "async" else {}),
-        })
+            **({"async": {"buffer_size": self.per_round, "concurrency": self.devices,
+                          "task_timeout_s": self.deadline_s}} if self.round_mode == "async" else {}),
+        }
+
+    def edge_tables(self, index: int) -> dict[str, Any]:
+        """Device ``index``'s own options (the rest is :func:`fleet.launch.edge_options`)."""
+        return {"torch_threads": 1, "holdout_fraction": self.scheduling.holdout_fraction,
+                **({"coordinator_key": "coordinator.pub"} if self.seal else {})}
+
+
+def _load_data(settings: DemoSettings, task: Task) -> DemoData:
+    s = settings
+    if task.reference_data is not None:
+        dataset = load_task_data(task, s.devices, s.partition_scheme, s.alpha)
+    else:
+        dataset = load_demo_data(s.data, s.data_dir, s.devices, s.partition_scheme, s.alpha)
+    if s.samples_per_device is None and s.test_samples is None:
+        return dataset
+    return DemoData(dataset.name, [(x[:s.samples_per_device], y[:s.samples_per_device]) for x, y in dataset.parts],
+                    dataset.x_test[:s.test_samples], dataset.y_test[:s.test_samples])
+
+
+def _write_data(work: Path, task: Task, dataset: DemoData, ids: list[str], seal: bool) -> Path:
+    """Every file in the task's own format: the coordinator reads its test set, and each
+    device its partition, with the task's loader, as on a real fleet. Sealed: the
+    coordinator's key pair, made where the coordinator finds it, and its public key beside
+    each device's configuration, as provisioning gives it to a real device. Returns the test
+    set's file."""
+    test_file = work / ("test" + Path(task.data_file).suffix)
+    task.write_local(test_file, dataset.x_test, dataset.y_test)
+    public_pem = load_or_create_key(work / "coordinator-state").public_path.read_bytes() if seal else b""
+    for device, (x, y) in zip(ids, dataset.parts):
+        folder = work / "devices" / device
+        folder.mkdir(parents=True, exist_ok=True)
+        task.write_local(folder / task.data_file, x, y)
+        if seal:
+            (folder / "coordinator.pub").write_bytes(public_pem)
+    return test_file
+
+
+def run_demo(settings: DemoSettings, *, console: Console | None = None,
+             metrics: CoordinatorMetrics | None = None) -> dict[str, Any]:
+    """Run a whole federation on this machine (:mod:`fleet.launch`) and return the summary
+    (see ``summary.json``).
+
+    The coordinator runs in this process; the devices as processes or threads
+    (``settings.devices_in``). Every setting is checked before anything is started or
+    written; whatever the demo started is stopped on every way out.
+
+    Args:
+        settings: :class:`DemoSettings`.
+        console: where progress and the summary are printed (default: the terminal).
+        metrics: the coordinator's Prometheus metrics go there (the caller serves them and
+            keeps them after the run); None: a registry of the run's own, not served.
+
+    Returns:
+        the summary; ``"records"`` additionally holds every round's record (as dicts); with
+        ``privacy``, a ``privacy`` entry (epsilon spent, delta, noise multiplier, clip norm).
+
+    Raises:
+        ConfigError: invalid settings, or ``out`` holds files no demo created. DataError: data
+        files missing or corrupt. FedmqError: the broker could not be started or reached.
+    """
+    s = settings
+    console = console or Console(soft_wrap=True)
+    s.validate()
+    task = get_task(s.task_name, where="--task")
+    folder = _OutFolder(s.out)
+    folder.check()
+    dataset = _load_data(s, task)
+
+    federation = "demo"
+    ids = [f"device-{i:02d}" for i in range(s.devices)]
+    started = time.monotonic()
+    work = folder.prepare()
+    broker = start_broker(s.broker, work, protocol=s.protocol)
+    fed = None
+    try:
+        # FedBuff has no rounds: --rounds counts server steps of --per-round client updates.
+        steps = (f"{s.per_round} per round, {s.rounds} rounds" if s.round_mode == "sync" else
+                 f"{s.per_round} client updates per server step, {s.rounds} server steps")
+        console.print(f"fedmq demo: {s.devices} devices ({s.devices_in}), {steps}, "
+                      f"task {task.name}, data {dataset.name} ({s.partition_scheme}), codec {s.codec}"
+                      f"{f' density {s.density:g}' if s.codec != 'none' else ''}, broker {broker.url}"
+                      f"{' (embedded)' if broker.kind == 'embedded' else ''}", highlight=False)
+        console.print(f"working folder: {work}", highlight=False)
+        test_file = _write_data(work, task, dataset, ids, s.seal)
+        fed = Federation.create(
+            work, broker, devices_in=s.devices_in,
+            coordinator=coordinator_options(
+                federation=federation, task=s.task_name, broker=broker, rounds=s.rounds, seed=s.seed,
+                state_dir="coordinator-state", evaluation_data=test_file.name, publish_onnx=s.publish_onnx,
+                **s.coordinator_tables(task)),
+            devices={device: edge_options(device_id=device, federation=federation, task=s.task_name, broker=broker,
+                                          data=task.data_file, seed=s.seed + i, **s.edge_tables(i))
+                     for i, device in enumerate(ids)})
         folder.record()
-
-        initial = task_def.evaluate(task_def.build_model(seed), dataset.x_test, dataset.y_test)
-        coordinator = make_coordinator(load_config(coordinator_toml, environ={}), metrics=metrics)
-        previous = signal.getsignal(signal.SIGTERM)
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main:
-            signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
-        try:
-            if devices_in == "processes":
-                procs = _start_devices(work, ids, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-            else:
-                threads.start(configs)
-            try:
-                result = coordinator.run(progress_callback=_ProgressPrinter(console, procs, threads, coordinator))
-            except KeyboardInterrupt:
-                coordinator.stop()
-                raise
-        finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
+        initial = task.evaluate(task.build_model(s.seed), dataset.x_test, dataset.y_test)
+        coordinator = build_coordinator(fed.files.coordinator, metrics=metrics, environ={})
+        fed.devices.start_all()
+        result = run_coordinator(coordinator, _ProgressPrinter(console, fed.devices, coordinator,
+                                                               "round" if s.round_mode == "sync" else "step"))
     finally:
-        threads.close()
-        _stop_devices(procs)
-        if broker_proc is not None:
-            broker_proc.stop()
-        if bus_name is not None:
-            from fedmq.transport.memory import drop_bus
-
-            drop_bus(bus_name)
+        if fed is not None:
+            fed.close()
+        else:
+            broker.close()
         folder.record()
     wall = time.monotonic() - started
-    summary = build_summary(task_def.name, devices, per_round, codec, density, result.records,
-                            initial.get("accuracy"), wall, broker_url, initial_loss=initial["loss"],
-                            downlink_codec=downlink, downlink_density=downlink_density,
-                            dense_model_bytes=len(model_to_safetensors(task_def.build_model(seed))),
+    summary = build_summary(task.name, s.devices, s.per_round, s.codec, s.density, result.records,
+                            initial.get("accuracy"), wall, broker.url, initial_loss=initial["loss"],
+                            downlink_codec=s.downlink_codec, downlink_density=s.downlink_density,
+                            dense_model_bytes=len(model_to_safetensors(task.build_model(s.seed))),
                             coordinator_traffic=coordinator.link.traffic.snapshot())
-    summary["devices_in"] = devices_in
-    summary["sealed"] = seal
-    summary["secure_aggregation"] = bool(secure_aggregation)
+    summary["devices_in"] = s.devices_in
+    summary["sealed"] = s.seal
+    summary["secure_aggregation"] = bool(s.secure_aggregation)
     if coordinator.privacy is not None:
         summary["privacy"] = coordinator.privacy.summary()
-    write_outputs(work, summary, result.records, result, task_def, model_files=write_files)
+    write_outputs(work, summary, result.records, result, task, model_files=s.write_files)
     folder.record()
     _print_summary(console, summary, work)
     return dict(summary, records=[asdict(r) for r in result.records])
+
 
 
 def _print_summary(console: Console, s: dict[str, Any], work: Path) -> None:
@@ -817,18 +778,17 @@ def demo_command(
     simulator that the learning benchmarks use."""
     setup_logging(log_level)
     try:
-        runs = [False, True] if secure_aggregation else [False]
-        summaries = [run_demo(devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data,
-                              data_dir=data_dir, partition_scheme=partition_, alpha=alpha, codec=codec,
-                              density=density, downlink=downlink or None, downlink_density=downlink_density,
-                              broker=broker, protocol=protocol,
-                              out=(out / ("secure" if secure else "plain")) if out is not None and secure_aggregation
-                              else out, seed=seed, deadline_s=deadline,
-                              devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
-                              secure_aggregation=secure,
-                              privacy=demo_privacy(devices, per_round, rounds, epsilon, noise_multiplier,
-                                                   clip_norm, delta, adaptive_clipping, dp_noise)
-                              if privacy else None) for secure in runs]
+        settings = DemoSettings(
+            devices=devices, per_round=per_round, rounds=rounds, task=task or None, data=data, data_dir=data_dir,
+            partition_scheme=partition_, alpha=alpha, codec=codec, density=density, downlink=downlink or None,
+            downlink_density=downlink_density, broker=broker, protocol=protocol, out=out, seed=seed,
+            deadline_s=deadline, devices_in="threads" if in_process else "processes", round_mode=mode, seal=seal,
+            privacy=demo_privacy(devices, per_round, rounds, epsilon, noise_multiplier, clip_norm, delta,
+                                 adaptive_clipping, dp_noise) if privacy else None)
+        # --secure-aggregation: the same federation twice, plain then secure, in out/plain and out/secure.
+        runs = [replace(settings, out=out / kind if out is not None else None, secure_aggregation=secure)
+                for kind, secure in (("plain", False), ("secure", True))] if secure_aggregation else [settings]
+        summaries = [run_demo(run) for run in runs]
         if secure_aggregation:
             print_secure_cost(Console(soft_wrap=True), *summaries)
     except FedmqError as exc:

@@ -402,12 +402,13 @@ class VirtualDevice:
     def connected(self) -> bool:
         return bool(self.agent.link.connected) and not self.session.is_set()
 
-    def _pace(self, task: Any, result: Any) -> None:
+    def _pace(self, task_message: Any, result: Any) -> None:
+        # task_message: the wire message (fedmq.messages.Task) that asked for this training.
         seconds = self.spec.heterogeneity.compute_s * self.profile.slowdown
         dies, part, offline = next(self._drops)
         if dies:
             self.session.wait(max(0.0, seconds * part - result.seconds))
-            self.log.trainings.append((task.round, seconds * part, True))
+            self.log.trainings.append((task_message.round, seconds * part, True))
             self.log.dropouts += 1
             self._offline_after_drop = offline
             self.agent.link.vanish()
@@ -419,7 +420,7 @@ class VirtualDevice:
         if self.byzantine:
             poison_update(self.spec.adversary, result.update)
         spent = max(seconds, result.seconds)
-        self.log.trainings.append((task.round, spent, False))
+        self.log.trainings.append((task_message.round, spent, False))
         # Reported with the update (envelope metrics), so the coordinator's records say how
         # much device time each accepted update cost.
         result.metrics["device_seconds"] = spent

@@ -5,7 +5,11 @@ Modules, one concern each:
 - :mod:`~fedmq.transport.settings`: :class:`BrokerSettings` (URL, protocol, credential and
   TLS files, session, backoff, chunk size), :func:`parse_broker_url`.
 - :mod:`~fedmq.transport.base`: the :class:`Link` protocol, :class:`Will`, :class:`Message`,
-  and :func:`open_link`, which picks a link by the broker URL's scheme.
+  and the registry of links by the broker URL's scheme (:func:`register_link`).
+- :mod:`~fedmq.transport.cluster`: :class:`RetainedFanoutLink`, retained publishes to every
+  node of a cluster that keeps them per node.
+- :mod:`~fedmq.transport.opening`: :func:`open_link`, which picks a link by the broker
+  URL's scheme (and wraps it for a cluster).
 - :mod:`~fedmq.transport.link`: :class:`MqttLink` over paho-mqtt 2.x (reconnect, inbox
   queue, broker's Maximum Packet Size honoured): ``mqtt://``, ``mqtts://``.
 - :mod:`~fedmq.transport.memory`: :class:`MemoryBus` / :class:`MemoryLink`, an in-process
@@ -20,10 +24,11 @@ Modules, one concern each:
 Byte formats and topics: docs/wire-format.md.
 """
 
-from fedmq.transport.base import Link, Message, Will, link_schemes, open_link, register_link
+from fedmq.transport.base import Link, Message, Will, link_schemes, register_link
 from fedmq.transport.flows import clear_blob, fetch_blob, fetch_model, publish_model, request_repairs
 from fedmq.transport.link import MqttLink, Publish, publish_packet_size
 from fedmq.transport.memory import MemoryBus, MemoryLink, get_bus, memory_link
+from fedmq.transport.opening import open_link
 from fedmq.transport.receiver import BlobReceiver, CompletedBlob, StalledTransfer
 from fedmq.transport.sender import BlobInfo, BlobSender
 from fedmq.transport.settings import DEFAULT_MAX_CHUNK, BrokerSettings, parse_broker_url, read_secret

@@ -189,25 +189,15 @@ def link_schemes() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def open_link(settings: BrokerSettings, client_id: str = "", *, will: Will | None = None) -> Link:
-    """A new, not yet connected link for ``settings.url``, chosen by its scheme; with
-    ``settings.retain_urls``, a :class:`fedmq.transport.cluster.RetainedFanoutLink`.
+def link_factory(url: str) -> LinkFactory:
+    """The factory registered for the scheme of broker URL ``url`` (no scheme: ``mqtt``).
 
     Raises:
         ConfigError: no link is registered for the URL's scheme.
     """
-    scheme = settings.url.split("://", 1)[0].strip().lower() if "://" in settings.url else "mqtt"
+    scheme = url.split("://", 1)[0].strip().lower() if "://" in url else "mqtt"
     try:
-        factory = _REGISTRY[scheme]
+        return _REGISTRY[scheme]
     except KeyError:
-        raise ConfigError(f"broker url {settings.url!r}: no link for scheme {scheme!r}, expected one of "
+        raise ConfigError(f"broker url {url!r}: no link for scheme {scheme!r}, expected one of "
                           f"{link_schemes()}") from None
-    if settings.retain_urls:
-        from fedmq.transport.cluster import RetainedFanoutLink  # imports this module
-
-        link: Link = RetainedFanoutLink.open(factory, settings, client_id)
-    else:
-        link = factory(settings, client_id)
-    if will is not None:
-        link.set_will(will)
-    return link

@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks import faults
 from broker.rabbitmq import RabbitCluster, start_rabbitmq_cluster
+from fleet.launch import write_toml
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -38,7 +39,7 @@ DEFINITIONS = {
 
 
 class _ClusterBroker:
-    """What benchmarks.faults.Fleet needs of its broker: a URL and kill()."""
+    """What benchmarks.faults.TrialFederation needs of its broker: a URL and kill()."""
 
     def __init__(self, cluster: RabbitCluster) -> None:
         self.cluster = cluster
@@ -48,7 +49,7 @@ class _ClusterBroker:
         self.cluster.stop()
 
 
-def _wait_log(path: Path, text: str, fleet: faults.Fleet, limit: float = 120.0) -> bool:
+def _wait_log(path: Path, text: str, fleet: faults.TrialFederation, limit: float = 120.0) -> bool:
     """Wait until the log of another process holds ``text`` (polled: nothing to wait on)."""
     end = time.monotonic() + limit
     while time.monotonic() < end and fleet.coordinator is not None and fleet.coordinator.poll() is None:
@@ -63,12 +64,12 @@ def _rewrite(path: Path, broker: dict[str, object]) -> None:
     for flat in ("broker_url", "protocol"):
         cfg.pop(flat, None)
     cfg["broker"] = {**cfg.get("broker", {}), **broker}
-    faults._write_toml(path, cfg)
+    write_toml(path, cfg)
 
 
 def test_a_federation_survives_the_kill_of_a_node_mid_round(tmp_path: Path) -> None:
     cluster = start_rabbitmq_cluster(tmp_path / "rabbit", nodes=3, definitions=DEFINITIONS)
-    fleet = faults.Fleet(tmp_path / "fed", broker=_ClusterBroker(cluster))
+    fleet = faults.TrialFederation(tmp_path / "fed", broker=_ClusterBroker(cluster))
     try:
         urls = [n.url for n in cluster.nodes]
         (tmp_path / "password").write_text("guest\n")

@@ -12,10 +12,10 @@ from typing import Any
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator, Progress
 from edge_client.agent import EdgeAgent
-from edge_client.config import EdgeConfig
 from fedmq.data import load_split, save_npz_atomic
 from fedmq.fl.downlink import params_sha256
 from fedmq.params import flatten_params
+from fleet.launch import Broker, DeviceThreads, coordinator_options, edge_options, write_federation
 
 TASK = "digits-logreg"
 
@@ -36,11 +36,10 @@ def coordinator_config(url: str, protocol: str, state: Path, fed: str, *, rounds
                  "over_selection": 1.0}
     if min_devices is not None:
         round_cfg["min_devices"] = min_devices
-    data = {"federation": fed, "task": TASK, "rounds": rounds, "seed": 3, "state_dir": str(state),
-            "broker": {"url": url, "protocol": protocol}, "round": round_cfg,
-            "plan": {"density": 0.1, "lr": 0.1}, "publish": {"onnx": False},
-            "downlink": {"density": 0.05, "window": 4, "snapshot_every": 4, **(downlink or {})}}
-    return config_from_dict(data)
+    return config_from_dict(coordinator_options(
+        federation=fed, task=TASK, broker=Broker(url, protocol, "external"), rounds=rounds, seed=3, state_dir=state,
+        publish_onnx=False, round=round_cfg, plan={"density": 0.1, "lr": 0.1},
+        downlink={"density": 0.05, "window": 4, "snapshot_every": 4, **(downlink or {})}))
 
 
 class HashingAgent(EdgeAgent):
@@ -69,43 +68,18 @@ class HashingAgent(EdgeAgent):
         self.sync.load = recorded_load  # type: ignore[method-assign]
 
 
-class Fleet:
-    """Devices on threads; start, stop and restart them one by one."""
-
-    def __init__(self, tmp: Path, url: str, protocol: str, fed: str, n: int, **edge: Any) -> None:
-        self.tmp, self.url, self.protocol, self.fed = tmp, url, protocol, fed
-        self.shards = write_shards(tmp, n)
-        self.edge = edge
-        self.agents: dict[str, HashingAgent] = {}
-        self.threads: dict[str, tuple[threading.Thread, threading.Event]] = {}
-
-    def config(self, i: int, **extra: Any) -> EdgeConfig:
-        opts = {"broker_url": self.url, "protocol": self.protocol, "device_id": f"dev{i}", "federation": self.fed,
-                "task": TASK, "data": str(self.shards[i]), "state_dir": str(self.tmp / f"dev{i}"),
-                "holdout_fraction": 0.0, "receipt_timeout": 10.0, "fetch_timeout": 20.0, "delta_fetch_timeout": 2.0}
-        opts.update(self.edge)
-        opts.update(extra)
-        return EdgeConfig(**opts)
-
-    def start(self, i: int, **extra: Any) -> HashingAgent:
-        agent = HashingAgent(self.config(i, **extra))
-        stop = threading.Event()
-        thread = threading.Thread(target=agent.run, args=(stop,), daemon=True, name=f"dev{i}")
-        thread.start()
-        self.agents[f"dev{i}"] = agent
-        self.threads[f"dev{i}"] = (thread, stop)
-        return agent
-
-    def stop(self, name: str) -> None:
-        thread, stop = self.threads.pop(name)
-        stop.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), f"{name} did not stop"
-        self.agents[name]._state_lock.close()
-
-    def stop_all(self) -> None:
-        for name in list(self.threads):
-            self.stop(name)
+def device_threads(tmp: Path, url: str, protocol: str, fed: str, n: int, **edge: Any) -> DeviceThreads:
+    """``n`` devices ``dev0`` ... on threads (:class:`fleet.launch.DeviceThreads` of
+    :class:`HashingAgent`), each with a shard of the digits and ``edge`` options; started and
+    stopped one by one (``start(i, **extra)``, ``stop("devI")``, ``stop_all()``)."""
+    broker = Broker(url, protocol, "external")
+    options = {"holdout_fraction": 0.0, "receipt_timeout": 10.0, "fetch_timeout": 20.0, "delta_fetch_timeout": 2.0,
+               **edge}
+    files = write_federation(tmp, None, {
+        f"dev{i}": edge_options(device_id=f"dev{i}", federation=fed, task=TASK, broker=broker, data=shard,
+                                seed=0, state_dir=tmp / f"dev{i}", **options)
+        for i, shard in enumerate(write_shards(tmp, n))})
+    return DeviceThreads(files.devices, HashingAgent)
 
 
 def run_recording(cfg) -> tuple[Any, dict[int, str]]:

@@ -18,7 +18,7 @@ from fedmq.chain import ModelChain
 from fedmq.fl.downlink import params_sha256
 from fedmq import topics
 from fedmq.transport.memory import get_bus
-from tests.coordinator.downlink_fleet import TASK, Fleet, hashes_match
+from tests.coordinator.downlink_fleet import TASK, device_threads, hashes_match
 
 STEPS, K, N = 5, 2, 4
 
@@ -33,7 +33,7 @@ def test_async_steps_reach_devices_through_the_configured_downlink(tmp_path: Pat
         "async": {"buffer_size": K, "concurrency": N, "max_staleness": 10, "task_timeout_s": 30.0},
         "plan": {"density": 0.1, "lr": 0.1}, "publish": {"onnx": False},
         "downlink": {"codec": codec, "density": 0.05, "window": 3, "snapshot_every": 3}})
-    fleet = Fleet(tmp_path, url, "5", fed, N)
+    fleet = device_threads(tmp_path, url, "5", fed, N)
     for i in range(N):
         fleet.start(i)
     coord = make_coordinator(cfg)

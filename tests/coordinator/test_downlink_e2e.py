@@ -21,7 +21,7 @@ from fedmq.transport import open_link
 from fedmq.transport.flows import clear_blob
 from fedmq.transport.memory import get_bus
 from fedmq.transport.sender import BlobSender
-from tests.coordinator.downlink_fleet import Fleet, coordinator_config, hashes_match, run_recording
+from tests.coordinator.downlink_fleet import coordinator_config, device_threads, hashes_match, run_recording
 
 
 @pytest.fixture(params=["memory", "mosquitto"])
@@ -53,7 +53,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def test_devices_selected_every_few_rounds_and_a_follower_hold_the_published_models(transport, tmp_path):
     url, protocol = transport
     fed = "dl-partial"
-    fleet = Fleet(tmp_path, url, protocol, fed, 4)
+    fleet = device_threads(tmp_path, url, protocol, fed, 4)
     for i in range(3):
         fleet.start(i)
     follower = fleet.start(3, model_follow=True)
@@ -92,7 +92,7 @@ def test_devices_selected_every_few_rounds_and_a_follower_hold_the_published_mod
 def test_offline_longer_than_the_window_takes_the_snapshot(transport, tmp_path, caplog):
     url, protocol = transport
     fed = "dl-offline"
-    fleet = Fleet(tmp_path, url, protocol, fed, 4)
+    fleet = device_threads(tmp_path, url, protocol, fed, 4)
     state = tmp_path / "coord"
     for i in range(4):
         fleet.start(i)
@@ -117,7 +117,7 @@ def test_offline_longer_than_the_window_takes_the_snapshot(transport, tmp_path, 
 def test_missing_or_corrupt_delta_falls_back_to_the_snapshot_and_says_why(transport, tmp_path, caplog):
     url, protocol = transport
     fed = "dl-broken"
-    fleet = Fleet(tmp_path, url, protocol, fed, 5)
+    fleet = device_threads(tmp_path, url, protocol, fed, 5)
     state = tmp_path / "coord"
     opts = {"downlink": {"snapshot_every": 2, "window": 4}}
     for i in range(5):
@@ -203,7 +203,7 @@ def test_kill_minus_9_between_compressing_and_publishing_then_every_device_conve
     cfg_path = tmp_path / "coord.toml"
     cfg_path.write_text(_toml(mosquitto.url, mosquitto.protocol, state, fed, 4))
     pause_file = tmp_path / "paused"
-    fleet = Fleet(tmp_path, mosquitto.url, mosquitto.protocol, fed, 3)
+    fleet = device_threads(tmp_path, mosquitto.url, mosquitto.protocol, fed, 3)
     for i in range(3):
         fleet.start(i)
     try:

@@ -16,7 +16,7 @@ from coordinator.evaluation import gate_gradient, gate_loss
 from coordinator.metrics import CoordinatorMetrics
 from fedmq.params import ParamSpec, flatten_params
 from fedmq.tasks import Task, get_task
-from fleet.demo import Scheduling, run_demo
+from fleet.demo import DemoSettings, Scheduling, run_demo
 
 ROUNDS = 3
 
@@ -50,10 +50,11 @@ def test_the_next_round_opens_while_the_last_model_is_evaluated(tmp_path: Path, 
         return original(self, model, x, y, batch_size)
 
     monkeypatch.setattr(Task, "evaluate", evaluate)
-    out = run_demo(devices=3, per_round=2, rounds=ROUNDS, task="digits-mlp", data="digits", seed=0,
-                   deadline_s=300.0, broker="memory", devices_in="threads", publish_onnx=False,
-                   scheduling=Scheduling(over_selection=1.0, min_devices=3, min_updates=2),
-                   console=Console(file=io.StringIO()), out=tmp_path, metrics=watch, write_files=False)
+    out = run_demo(DemoSettings(
+        devices=3, per_round=2, rounds=ROUNDS, task="digits-mlp", data="digits", seed=0, deadline_s=300.0,
+        broker="memory", devices_in="threads", publish_onnx=False,
+        scheduling=Scheduling(over_selection=1.0, min_devices=3, min_updates=2), out=tmp_path, write_files=False),
+        console=Console(file=io.StringIO()), metrics=watch)
 
     assert overlapped == [True] * (ROUNDS - 1)
     # The whole held-out set, once per new global model, on the evaluation thread.

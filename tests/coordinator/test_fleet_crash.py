@@ -10,18 +10,16 @@ resend it; so every round, the rerun included, aggregates all three devices.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fleet.demo import _start_devices, _stop_devices, _write_toml, load_demo_data
 from coordinator.state import StateDB, load_checkpoint
 from fedmq.data import save_npz_atomic
-
-ROOT = Path(__file__).resolve().parents[2]
+from fleet.demo import load_demo_data
+from fleet.launch import Broker, Federation, coordinator_options, edge_options
 
 
 def _wait_for_line(path: Path, text: str, timeout: float) -> None:
@@ -42,24 +40,22 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
     # dev-2 holds most of the data, so it answers well after the others: the coordinator can
     # be killed while dev-0's round-2 update is accepted but the round is still open.
     cuts = [(0, 120), (120, 240), (240, len(y_all))]
+    broker = Broker(mosquitto.url, "5", "external")
+    devices = {}
     for device, (a, b) in zip(ids, cuts):
-        x, y = x_all[a:b], y_all[a:b]
-        folder = tmp_path / "devices" / device
-        save_npz_atomic(folder / "data.npz", x, y)
-        _write_toml(folder / "edge.toml", {
-            "broker": {"url": mosquitto.url, "protocol": "5"}, "device_id": device, "federation": "crash",
-            "task": "digits-mlp", "data": "data.npz", "state_dir": "state", "seed": int(device[-1])})
+        save_npz_atomic(tmp_path / "devices" / device / "data.npz", x_all[a:b], y_all[a:b])
+        devices[device] = edge_options(device_id=device, federation="crash", task="digits-mlp", broker=broker,
+                                       data="data.npz", seed=int(device[-1]))
     save_npz_atomic(tmp_path / "test.npz", data.x_test, data.y_test)
-    cfg = tmp_path / "coordinator.toml"
-    _write_toml(cfg, {
-        "federation": "crash", "task": "digits-mlp", "rounds": 3, "seed": 1, "state_dir": "state",
-        "broker": {"url": mosquitto.url, "protocol": "5"},
-        "round": {"devices_per_round": 3, "min_updates": 3, "over_selection": 1.0, "deadline_s": 60.0,
-                  "min_devices": 3, "wait_for_devices_s": 120.0},
-        "plan": {"local_epochs": 5, "lr": 0.1, "batch_size": 32},
-        "evaluation": {"data": "test.npz"}, "publish": {"onnx": False}})
+    fed = Federation.create(tmp_path, broker, devices_in="processes", devices=devices, coordinator=coordinator_options(
+        federation="crash", task="digits-mlp", broker=broker, rounds=3, seed=1, state_dir="state",
+        evaluation_data="test.npz", publish_onnx=False,
+        round={"devices_per_round": 3, "min_updates": 3, "over_selection": 1.0, "deadline_s": 60.0,
+               "min_devices": 3, "wait_for_devices_s": 120.0},
+        plan={"local_epochs": 5, "lr": 0.1, "batch_size": 32}))
+    cfg = fed.files.coordinator
 
-    devices = _start_devices(tmp_path, ids, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    fed.devices.start_all()
     try:
         proc = coordinator_cli(cfg)
         assert proc.stdout is not None
@@ -75,7 +71,7 @@ def test_coordinator_killed_mid_round_resumes_with_every_real_device(mosquitto, 
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out
     finally:
-        _stop_devices(devices)
+        fed.close()
 
     final = load_checkpoint(tmp_path / "state")
     assert final.round == 3 and np.isfinite(final.model).all()

@@ -24,7 +24,7 @@ from broker.launch import free_port
 from coordinator.config import config_from_dict
 from coordinator.metrics import CoordinatorMetrics
 from fedmq.errors import ConfigError
-from fleet.demo import Scheduling, run_demo
+from fleet.demo import DemoSettings, Scheduling, run_demo
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 
@@ -112,11 +112,11 @@ def test_prometheus_scrapes_the_values_of_the_run(tmp_path: Path, metrics: Coord
     wait_until(lambda: prometheus.query("up") == {(): 1.0}, 30.0, "the first scrape", prometheus.log)
     assert prometheus.query("fedmq_rounds_total") == {(("state", "closed"),): 0.0, (("state", "failed"),): 0.0}
 
-    summary = run_demo(devices=3, per_round=3, rounds=3, task="digits-mlp", data="digits", seed=0,
-                       broker="memory", devices_in="threads", deadline_s=300.0, plan={"local_epochs": 1},
-                       scheduling=Scheduling(over_selection=1.0, min_devices=3, min_updates=2),
-                       publish_onnx=False, write_files=False, console=Console(file=io.StringIO()),
-                       out=tmp_path / "demo", metrics=metrics)
+    summary = run_demo(DemoSettings(
+        devices=3, per_round=3, rounds=3, task="digits-mlp", data="digits", seed=0, broker="memory",
+        devices_in="threads", deadline_s=300.0, train_plan={"local_epochs": 1},
+        scheduling=Scheduling(over_selection=1.0, min_devices=3, min_updates=2), publish_onnx=False,
+        write_files=False, out=tmp_path / "demo"), console=Console(file=io.StringIO()), metrics=metrics)
     records = summary["records"]
     assert len(records) == 3
     last = records[-1]

@@ -25,7 +25,7 @@ from fedmq.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.rounds import Accepted, Rejected, RoundEngine
 from fedmq.params import ParamSpec
-from fleet.demo import demo_privacy, run_demo
+from fleet.demo import DemoSettings, demo_privacy, run_demo
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
 DEVICES = [f"d{i}" for i in range(10)]
@@ -133,9 +133,10 @@ def test_a_round_past_the_budget_is_not_opened_and_epsilon_is_everywhere(tmp_pat
     acc.compose(event)
     table["target_epsilon"] = (two + acc.get_epsilon(1e-5)) / 2   # room for two charged rounds, not three
     metrics = CoordinatorMetrics()
-    summary = run_demo(devices=devices, per_round=per_round, rounds=6, broker="memory", devices_in="threads",
-                       out=tmp_path / "run", write_files=False, publish_onnx=False, privacy=table, metrics=metrics,
-                       samples_per_device=40, test_samples=200, deadline_s=30.0)
+    summary = run_demo(DemoSettings(
+        devices=devices, per_round=per_round, rounds=6, broker="memory", devices_in="threads", out=tmp_path / "run",
+        write_files=False, publish_onnx=False, privacy=table, samples_per_device=40, test_samples=200, deadline_s=30.0),
+        metrics=metrics)
     dp = summary["privacy"]
     assert dp["rounds_charged"] == 2 and dp["budget_exhausted"] and "budget" in dp["budget_exhausted"]
     assert dp["epsilon"] == pytest.approx(two, rel=1e-9) and dp["epsilon"] <= table["target_epsilon"]
@@ -169,9 +170,9 @@ def test_distributed_noise_federation_charges_the_noise_of_the_survivors(tmp_pat
     from coordinator.state import load_checkpoint
 
     table = demo_privacy(4, 2, 3, 0.0, 1.5, 5.0, 1e-5, False, "distributed")
-    summary = run_demo(devices=4, per_round=2, rounds=3, broker="memory", devices_in="threads", codec="none",
-                       out=tmp_path / "run", write_files=False, publish_onnx=False, privacy=table,
-                       samples_per_device=40, test_samples=200, deadline_s=30.0)
+    summary = run_demo(DemoSettings(
+        devices=4, per_round=2, rounds=3, broker="memory", devices_in="threads", codec="none", out=tmp_path / "run",
+        write_files=False, publish_onnx=False, privacy=table, samples_per_device=40, test_samples=200, deadline_s=30.0))
     # Real agents clipped and added their share: nothing was above the clip norm's allowance.
     assert summary["updates_rejected"] == 0 and summary["updates_accepted"] > 0
     ledger = json.loads(load_checkpoint(tmp_path / "run" / "coordinator-state").meta["privacy"])["ledger"]

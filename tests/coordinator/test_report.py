@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.demo import run_demo
+from fleet.demo import DemoSettings, run_demo
 from coordinator.report import STATUSES, RunData, participation_grid
 from coordinator.state import StateDB
 
@@ -34,7 +34,7 @@ ACCEPTED_RGB = (0x2A, 0x9D, 0x5C)
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo-run")
-    run_demo(devices=DEVICES, per_round=PER_ROUND, rounds=ROUNDS, out=out, deadline_s=60.0)
+    run_demo(DemoSettings(devices=DEVICES, per_round=PER_ROUND, rounds=ROUNDS, out=out, deadline_s=60.0))
     return out
 
 

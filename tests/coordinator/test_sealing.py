@@ -25,7 +25,7 @@ from fedmq.transport.link import MqttLink
 from fedmq.transport.receiver import BlobReceiver
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.settings import BrokerSettings
-from fleet.demo import run_demo
+from fleet.demo import DemoSettings, run_demo
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(180)]
 
@@ -55,10 +55,10 @@ def test_broker_operator_sees_no_plaintext_update(mosquitto, tmp_path: Path) -> 
     wire: queue.SimpleQueue = queue.SimpleQueue()
     operator.subscribe(["#"], inbox=wire)
     try:
-        summary = run_demo(devices=3, per_round=3, rounds=2, task=TASK, data="digits",
-                           broker=mosquitto.url, protocol=mosquitto.protocol, out=tmp_path / "demo",
-                           devices_in="threads", write_files=False, publish_onnx=False, samples_per_device=60,
-                           test_samples=100)
+        summary = run_demo(DemoSettings(
+            devices=3, per_round=3, rounds=2, task=TASK, data="digits", broker=mosquitto.url,
+            protocol=mosquitto.protocol, out=tmp_path / "demo", devices_in="threads", write_files=False,
+            publish_onnx=False, samples_per_device=60, test_samples=100))
     finally:
         operator.close()
     assert summary["sealed"] and summary["updates_accepted"] == 6 and summary["updates_rejected"] == 0
@@ -139,9 +139,10 @@ def test_required_sealing_refuses_plain_and_foreign_sealed_updates(strict, tmp_p
 def test_the_in_memory_bus_carries_sealed_updates_to_the_same_model(tmp_path: Path) -> None:
     runs = {}
     for seal in (True, False):
-        runs[seal] = run_demo(devices=3, per_round=3, rounds=2, task=TASK, data="digits", broker="memory",
-                              devices_in="threads", out=tmp_path / str(seal), write_files=False,
-                              publish_onnx=False, samples_per_device=60, test_samples=100, seal=seal)
+        runs[seal] = run_demo(DemoSettings(
+            devices=3, per_round=3, rounds=2, task=TASK, data="digits", broker="memory", devices_in="threads",
+            out=tmp_path / str(seal), write_files=False, publish_onnx=False, samples_per_device=60, test_samples=100,
+            seal=seal))
     assert runs[True]["sealed"] and not runs[False]["sealed"]
     assert runs[True]["updates_accepted"] == runs[False]["updates_accepted"] == 6
     # Sealing changes how an update travels, not what is aggregated.

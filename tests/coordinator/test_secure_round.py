@@ -245,11 +245,11 @@ def test_a_secure_federation_over_the_memory_bus_learns(tmp_path) -> None:
     request on record named its survivors and dropped devices apart."""
     from rich.console import Console
 
-    from fleet.demo import run_demo
+    from fleet.demo import DemoSettings, run_demo
 
-    summary = run_demo(devices=6, per_round=5, rounds=3, broker="memory", devices_in="threads",
-                       secure_aggregation=True, write_files=False, publish_onnx=False, out=tmp_path / "demo",
-                       deadline_s=30, console=Console(quiet=True))
+    summary = run_demo(DemoSettings(
+        devices=6, per_round=5, rounds=3, broker="memory", devices_in="threads", secure_aggregation=True,
+        write_files=False, publish_onnx=False, out=tmp_path / "demo", deadline_s=30), console=Console(quiet=True))
     assert [(r["state"], r["accepted"]) for r in summary["records"]] == [("closed", 5)] * 3
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.03
     requests = json.loads(next((tmp_path / "demo").rglob(REQUESTS_NAME)).read_text())
@@ -314,11 +314,11 @@ def test_secure_rounds_learn_the_mnist_cnn(tmp_path) -> None:
     from rich.console import Console
 
     from fedmq.data import shared_data_dir
-    from fleet.demo import run_demo
+    from fleet.demo import DemoSettings, run_demo
 
-    summary = run_demo(devices=3, per_round=3, rounds=1, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",
-                       broker="memory", devices_in="threads", samples_per_device=300, test_samples=500,
-                       secure_aggregation={"ranking": "gradient"}, write_files=False, publish_onnx=False,
-                       out=tmp_path / "demo", deadline_s=60, console=Console(quiet=True))
+    summary = run_demo(DemoSettings(
+        devices=3, per_round=3, rounds=1, data="mnist", data_dir=shared_data_dir() / "mnist-t10k", broker="memory",
+        devices_in="threads", samples_per_device=300, test_samples=500, secure_aggregation={"ranking": "gradient"},
+        write_files=False, publish_onnx=False, out=tmp_path / "demo", deadline_s=60), console=Console(quiet=True))
     assert [(r["state"], r["accepted"]) for r in summary["records"]] == [("closed", 3)]
     assert summary["final_accuracy"] >= summary["initial_accuracy"] + 0.06

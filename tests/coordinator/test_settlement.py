@@ -19,7 +19,7 @@ from edge_client.agent import EdgeAgent, broker_settings
 from fedmq import topics
 from fedmq.fl.sampling import SelectionPolicy, select_devices
 from fedmq.transport import Link, Message, open_link
-from tests.coordinator.downlink_fleet import Fleet, coordinator_config
+from tests.coordinator.downlink_fleet import coordinator_config, device_threads
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,7 +73,7 @@ def _victim(devices: list[str], rounds: int) -> str:
 
 
 def test_a_late_update_after_a_garbage_manifest_settles_and_no_round_waits_for_it(mosquitto, tmp_path: Path):
-    fleet = Fleet(tmp_path, mosquitto.url, mosquitto.protocol, FED, DEVICES)
+    fleet = device_threads(tmp_path, mosquitto.url, mosquitto.protocol, FED, DEVICES)
     cfg = coordinator_config(mosquitto.url, mosquitto.protocol, tmp_path / "state", FED, rounds=ROUNDS,
                              per_round=PER_ROUND, min_devices=DEVICES)
     assert cfg.seed == SEED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,13 @@ def test_shared_data_dir_defaults_to_the_folder_beside_the_project(monkeypatch: 
     project_root = tmp_path / "project"
     project_root.mkdir()
     monkeypatch.setattr(data, "_PROJECT_ROOT", project_root)
-    expected = tmp_path / "shared" / "data"
-    with pytest.raises(DataError, match=str(expected)):
+    # Resolved (a temporary folder may lie behind a symlink) and escaped (a path is no regular
+    # expression: a checkout under "a+b" or "x (copy)" must match too).
+    expected = (tmp_path / "shared" / "data").resolve()
+    with pytest.raises(DataError, match=re.escape(str(expected))):
         data.shared_data_dir()
     expected.mkdir(parents=True)
-    assert data.shared_data_dir() == expected.resolve()
+    assert data.shared_data_dir() == expected
 
 
 def test_shared_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -46,7 +49,7 @@ def test_shared_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch
     assert data.shared_data_dir() == tmp_path
     missing = tmp_path / "nowhere"
     monkeypatch.setenv("FEDMQ_SHARED_DATA", str(missing))
-    with pytest.raises(DataError, match=str(missing)):
+    with pytest.raises(DataError, match=re.escape(str(missing))):
         data.shared_data_dir()
 
 
@@ -151,9 +154,9 @@ def test_load_split_rejects_unknown_names() -> None:
 
 
 def test_missing_mnist_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=str(tmp_path / "t10k-images-idx3-ubyte.gz")):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "t10k-images-idx3-ubyte.gz"))):
         data.load_mnist_dir(tmp_path)
-    with pytest.raises(DataError, match=str(tmp_path)):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path))):
         data.mnist10k_split(tmp_path)
 
 
@@ -161,7 +164,7 @@ def test_corrupt_gzip_names_the_path(tmp_path: Path) -> None:
     good = gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(5))
     bad = tmp_path / "labels.gz"
     bad.write_bytes(good[:12] + b"garbage garbage garbage")
-    with pytest.raises(DataError, match=str(bad)):
+    with pytest.raises(DataError, match=re.escape(str(bad))):
         data.load_idx_labels(bad)
 
 
@@ -171,13 +174,13 @@ def test_idx_size_and_magic_checks(tmp_path: Path) -> None:
     assert data.load_idx_labels(ok).tolist() == [1, 2, 3, 4, 5]
     short = tmp_path / "short.gz"
     short.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (6).to_bytes(4, "big") + bytes(5)))
-    with pytest.raises(DataError, match=f"{short}.*need 14 bytes"):
+    with pytest.raises(DataError, match=re.escape(str(short)) + ".*need 14 bytes"):
         data.load_idx_labels(short)
-    with pytest.raises(DataError, match=f"{ok}.*3"):
+    with pytest.raises(DataError, match=re.escape(str(ok)) + ".*3"):
         data.load_idx_images(ok)  # a 1-dimensional file where images (3 dimensions) are expected
     junk = tmp_path / "junk"
     junk.write_bytes(b"PK\x03\x04 not idx")
-    with pytest.raises(DataError, match=f"{junk}.*magic"):
+    with pytest.raises(DataError, match=re.escape(str(junk)) + ".*magic"):
         data.load_idx_labels(junk)
 
 
@@ -202,42 +205,42 @@ def test_npz_round_trip(tmp_path: Path) -> None:
 
 def test_npz_errors_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "missing.npz"
-    with pytest.raises(DataError, match=f"{missing}.*not found"):
+    with pytest.raises(DataError, match=re.escape(str(missing)) + ".*not found"):
         data.load_npz(missing)
 
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04" + bytes(range(200)))
-    with pytest.raises(DataError, match=str(corrupt)):
+    with pytest.raises(DataError, match=re.escape(str(corrupt))):
         data.load_npz(corrupt)
 
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, x=np.array([[1.0]]), y=np.array([{"evil": 1}], dtype=object))
-    with pytest.raises(DataError, match=str(pickled)):
+    with pytest.raises(DataError, match=re.escape(str(pickled))):
         data.load_npz(pickled)
 
     no_y = tmp_path / "no_y.npz"
     np.savez(no_y, x=np.zeros((2, 2)))
-    with pytest.raises(DataError, match=f"{no_y}.*'y'"):
+    with pytest.raises(DataError, match=re.escape(str(no_y)) + ".*'y'"):
         data.load_npz(no_y)
 
     mismatch = tmp_path / "mismatch.npz"
     np.savez(mismatch, x=np.zeros((3, 2)), y=np.zeros(2, np.int64))
-    with pytest.raises(DataError, match=f"{mismatch}.*shape"):
+    with pytest.raises(DataError, match=re.escape(str(mismatch)) + ".*shape"):
         data.load_npz(mismatch)
 
     float_labels = tmp_path / "float_labels.npz"
     np.savez(float_labels, x=np.zeros((2, 2)), y=np.zeros(2))
-    with pytest.raises(DataError, match=f"{float_labels}.*integer"):
+    with pytest.raises(DataError, match=re.escape(str(float_labels)) + ".*integer"):
         data.load_npz(float_labels)
 
     nan = tmp_path / "nan.npz"
     np.savez(nan, x=np.full((2, 2), np.nan), y=np.zeros(2, np.int64))
-    with pytest.raises(DataError, match=f"{nan}.*NaN"):
+    with pytest.raises(DataError, match=re.escape(str(nan)) + ".*NaN"):
         data.load_npz(nan)
 
     single = tmp_path / "single.npy"
     buf = io.BytesIO()
     np.save(buf, np.zeros(3))
     single.write_bytes(buf.getvalue())
-    with pytest.raises(DataError, match=f"{single}.*npz"):
+    with pytest.raises(DataError, match=re.escape(str(single)) + ".*npz"):
         data.load_npz(single)

@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.demo import run_demo
+from fleet.demo import DemoSettings, run_demo
 from fedmq.data import digits_split
 from fedmq.messages import Receipt
 from fedmq.modelio import OnnxPredictor, model_from_safetensors
@@ -63,8 +63,9 @@ class WireTap:
 def test_short_demo_learns_and_reports_true_bytes(broker, tmp_path: Path) -> None:
     tap = WireTap(broker.port, broker.protocol)
     try:
-        summary = run_demo(devices=3, per_round=2, rounds=3, broker=broker.url, protocol=broker.protocol,
-                           out=tmp_path, deadline_s=60.0)
+        summary = run_demo(DemoSettings(
+            devices=3, per_round=2, rounds=3, broker=broker.url, protocol=broker.protocol, out=tmp_path,
+            deadline_s=60.0))
         answered = summary["updates_accepted"] + summary["updates_rejected"]
         receipts = [tap.receipts.get(timeout=30) for _ in range(answered)]
     finally:
@@ -90,7 +91,8 @@ def test_short_demo_learns_and_reports_true_bytes(broker, tmp_path: Path) -> Non
 
 @pytest.mark.timeout(120)
 def test_demo_onnx_export_predicts_like_the_torch_model(embedded_broker, tmp_path: Path) -> None:
-    run_demo(devices=2, per_round=1, rounds=1, broker=embedded_broker.url, protocol="3.1.1", out=tmp_path)
+    run_demo(DemoSettings(
+        devices=2, per_round=1, rounds=1, broker=embedded_broker.url, protocol="3.1.1", out=tmp_path))
     task = get_task("digits-mlp")
     model = task.build_model(seed=123)
     model_from_safetensors((tmp_path / "model.safetensors").read_bytes(), model)

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from fleet.demo import Scheduling, run_demo
+from fleet.demo import DemoSettings, Scheduling, run_demo
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -38,10 +38,10 @@ def _plugin(name: str) -> Any:
 
 def _run(tmp: Path, **kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = dict(devices=3, per_round=2, rounds=3, task="digits-mlp", data="digits", seed=0,
-                                deadline_s=300.0, scheduling=EXACT, plan={"local_epochs": 1},
-                                publish_onnx=False, console=Console(file=io.StringIO()), out=tmp)
+                                deadline_s=300.0, scheduling=EXACT, train_plan={"local_epochs": 1},
+                                publish_onnx=False, out=tmp)
     args.update(kw)
-    return run_demo(**args)
+    return run_demo(DemoSettings(**args), console=Console(file=io.StringIO()))
 
 
 def _model(folder: Path) -> dict[str, np.ndarray]:
@@ -70,7 +70,7 @@ def test_memory_bus_and_mosquitto_processes_give_the_same_curve(tmp_path: Path, 
 def test_a_new_codec_is_one_module_and_a_registry_line(tmp_path: Path) -> None:
     _plugin("float16_codec")
     out = _run(tmp_path, broker="memory", devices_in="threads", codec="test-float16", rounds=2,
-               plan={"local_epochs": 1, "error_feedback": False})
+               train_plan={"local_epochs": 1, "error_feedback": False})
     # Half precision: 2 bytes a parameter, every accepted update the coordinator received.
     params = 85_002
     assert out["rounds_failed"] == 0 and out["updates_accepted"] == 4
