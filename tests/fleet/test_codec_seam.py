@@ -51,7 +51,7 @@ def _bytes_per_update() -> int:
 
 def test_random_k_end_to_end_on_the_memory_bus_and_through_mosquitto(tmp_path: Path, mosquitto) -> None:
     _plugin("random_k_codec")
-    kw = dict(codec="test-random-k", rounds=2, plan=PLAN, devices_in="threads")
+    kw = dict(codec="test-random-k", rounds=2, train_plan=PLAN, devices_in="threads")
     memory = _run(tmp_path / "memory", broker="memory", **kw)
     real = _run(tmp_path / "mosquitto", broker=mosquitto.url, protocol=mosquitto.protocol, **kw)
     for out in (memory, real):
