@@ -56,15 +56,14 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.envelope import decode_update
-from fedmq.errors import ConfigError, SpecMismatchError, WireError
+from fedmq.errors import ConfigError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, ParticipationRecord, Rejected, Repeat, RoundRecord
-from fedmq.fl.rounds import UpdateChecks
+from fedmq.fl.rounds import CONTENT_REASONS, ENVELOPE_REASONS, UpdateChecks, read_envelope
 from fedmq.params import ParamSpec
 
-REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "finished",
-           "wrong_base_version", "duplicate", "stale", "over_weighted", "non_finite", "norm_bound")
+#: Every reason the buffered engine refuses a client update for, in the order of its checks.
+REASONS = ENVELOPE_REASONS + ("finished", "wrong_base_version", "duplicate", "stale") + CONTENT_REASONS
 
 #: Transfers whose answer is remembered to answer resends (oldest forgotten first).
 ANSWER_HISTORY = 100_000
@@ -280,26 +279,14 @@ class BufferedEngine:
         previous = self._answers.get((topic_device, transfer_id))
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
-        if len(data) > self.max_update_bytes:
-            return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
-        try:
-            upd = decode_update(bytes(data), self.spec, max_bytes=self.max_update_bytes)
-        except SpecMismatchError as exc:
-            return Rejected("spec_mismatch", str(exc))
-        except WireError as exc:
-            return Rejected("malformed", str(exc))
+        upd = read_envelope(data, topic_device, federation=self.federation, spec=self.spec,
+                            is_known=self.is_known, max_update_bytes=self.max_update_bytes)
+        if isinstance(upd, Rejected):
+            return upd
 
         def reject(reason: str, detail: str) -> Rejected:
             return Rejected(reason, detail, upd, upd.round)
 
-        if upd.spec_hash != self.spec.hash:
-            return reject("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}")
-        if upd.federation != self.federation:
-            return reject("malformed", f"federation {upd.federation!r}, expected {self.federation!r}")
-        if upd.device != topic_device:
-            return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
-        if not self.is_known(upd.device):
-            return reject("unknown_device", f"no status ever seen from {upd.device!r}")
         if self.max_steps is not None and self.step >= self.max_steps:
             return reject("finished", f"the last server step ({self.max_steps}) is done")
         if upd.base_version > self.version:

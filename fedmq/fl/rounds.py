@@ -87,9 +87,10 @@ from fedmq.errors import NonFiniteError, SpecMismatchError, WireError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.params import ParamSpec
 
-REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
-           "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound", "busy",
-           "retained", "unsealed", "bad_seal")
+#: Every reason a synchronous round refuses a client update for (the service's own four last).
+REASONS = (("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
+            "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound")
+           + ("busy", "retained", "unsealed", "bad_seal"))
 
 #: Accepted update norms the data-set norm bound is the median of.
 NORM_HISTORY = 100
@@ -222,6 +223,48 @@ class RoundRecord:
         obj = json.loads(text)
         obj["participations"] = [ParticipationRecord(**p) for p in obj.get("participations", [])]
         return cls(**obj)
+
+
+#: The envelope checks both engines start with, in order (:func:`read_envelope`).
+ENVELOPE_REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device")
+#: The claim and content checks both engines end with (:class:`UpdateChecks`).
+CONTENT_REASONS = ("over_weighted", "non_finite", "norm_bound")
+
+
+def read_envelope(data: bytes | memoryview, topic_device: str, *, federation: str, spec: ParamSpec,
+                  is_known: Callable[[str], bool], max_update_bytes: int) -> ClientUpdate | Rejected:
+    """The envelope of a client-update blob received on ``topic_device``'s update topic, or
+    its refusal: the checks of :data:`ENVELOPE_REASONS`, in that order, which the synchronous
+    and the buffered engine both start with.
+
+    Args:
+        data: the assembled blob (bytes).
+        federation, spec: what the envelope must name (its federation, its ParamSpec hash).
+        is_known: whether a status was ever seen from a device id.
+        max_update_bytes: largest blob accepted (bytes).
+
+    Returns:
+        The decoded :class:`fedmq.envelope.ClientUpdate`, or :class:`Rejected` (``round`` -1
+        before the envelope decodes, else the envelope's round).
+    """
+    if len(data) > max_update_bytes:
+        return Rejected("oversized", f"{len(data)} bytes, limit {max_update_bytes}")
+    try:
+        upd = decode_update(bytes(data), spec, max_bytes=max_update_bytes)
+    except SpecMismatchError as exc:
+        return Rejected("spec_mismatch", str(exc))
+    except WireError as exc:
+        return Rejected("malformed", str(exc))
+    if upd.spec_hash != spec.hash:
+        return Rejected("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {spec.hash}", upd, upd.round)
+    if upd.federation != federation:
+        return Rejected("malformed", f"federation {upd.federation!r}, expected {federation!r}", upd, upd.round)
+    if upd.device != topic_device:
+        return Rejected("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic",
+                        upd, upd.round)
+    if not is_known(upd.device):
+        return Rejected("unknown_device", f"no status ever seen from {upd.device!r}", upd, upd.round)
+    return upd
 
 
 @dataclass(frozen=True)
@@ -511,26 +554,14 @@ class RoundEngine:
         return outcome
 
     def _judge(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
-        if len(data) > self.max_update_bytes:
-            return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
-        try:
-            upd = decode_update(bytes(data), self.spec, max_bytes=self.max_update_bytes)
-        except SpecMismatchError as exc:
-            return Rejected("spec_mismatch", str(exc))
-        except WireError as exc:
-            return Rejected("malformed", str(exc))
+        upd = read_envelope(data, topic_device, federation=self.federation, spec=self.spec,
+                            is_known=self.is_known, max_update_bytes=self.max_update_bytes)
+        if isinstance(upd, Rejected):
+            return upd
 
         def reject(reason: str, detail: str) -> Rejected:
             return Rejected(reason, detail, upd, upd.round)
 
-        if upd.spec_hash != self.spec.hash:
-            return reject("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}")
-        if upd.federation != self.federation:
-            return reject("malformed", f"federation {upd.federation!r}, expected {self.federation!r}")
-        if upd.device != topic_device:
-            return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
-        if not self.is_known(upd.device):
-            return reject("unknown_device", f"no status ever seen from {upd.device!r}")
         answers = self._answers if upd.round == self.round else self._closed_answers.get(upd.round, {})
         previous = answers.get(upd.device)
         if previous is not None and previous[0] == transfer_id:
