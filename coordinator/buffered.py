@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.policy import PolicyParts, register_policy
+from coordinator.policy import PolicyParts, register_policy, warmed_plan
 from coordinator.progress import Progress
 from coordinator.service import make_coordinator  # noqa: F401  (where `fedmq coordinator run` finds it)
 from fedmq import topics
@@ -202,9 +201,7 @@ class BufferedRounds:
         rng = np.random.default_rng([int(cfg.seed), next_round, self._dispatches])
         chosen = [idle[i] for i in sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False))]
         lease = time.time() + cfg.async_.task_timeout_s
-        plan = cfg.plan
-        if plan.codec != "none":
-            plan = replace(plan, density=cfg.warmup.density(plan.density, next_round))
+        plan = warmed_plan(cfg, next_round)
         for device in chosen:
             task = Task(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
                         ctx.publisher.published_sha)

@@ -14,7 +14,7 @@ rounds whose phases are SecAgg+'s, :mod:`coordinator.secure`) and ``async`` (Fed
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator.config import CoordinatorConfig
@@ -27,6 +27,7 @@ from coordinator.state import StateDB
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, RoundEngine, RoundRecord, UpdateChecks
+from fedmq.messages import TrainPlan
 from fedmq.params import ParamSpec
 from fedmq.tasks import Task
 from fedmq.transport import Link
@@ -102,6 +103,15 @@ class RoundPolicy(Protocol):
 
     def finish(self, ctx: RoundDriver) -> None:
         """Every step is done (not called on a stop request)."""
+
+
+def warmed_plan(config: CoordinatorConfig, round_: int) -> TrainPlan:
+    """The train plan of task round ``round_``: ``[plan]`` with the density warm-up applied
+    (``[warmup]``; a plan without a codec has no density to warm up)."""
+    plan = config.plan
+    if plan.codec != "none":
+        plan = replace(plan, density=config.warmup.density(plan.density, round_))
+    return plan
 
 
 PolicyFactory = Callable[[PolicyParts], RoundPolicy]

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator.policy import PolicyParts, register_policy
+from coordinator.policy import PolicyParts, register_policy, warmed_plan
 from coordinator.progress import Progress
 from fedmq import topics
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, RoundEngine, RoundRecord
@@ -120,9 +119,7 @@ class SyncRounds:
 
     def plan(self) -> TrainPlan:
         """The open round's train plan: density warm-up, the privacy guard's clip norm and noise."""
-        plan = self.config.plan
-        if plan.codec != "none":
-            plan = replace(plan, density=self.config.warmup.density(plan.density, self.engine.round))
+        plan = warmed_plan(self.config, self.engine.round)
         if self.parts.privacy is not None:
             plan = self.parts.privacy.plan(plan)
         return plan
