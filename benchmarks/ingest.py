@@ -59,8 +59,8 @@ STAGES = (
     ("aggregate (WeightedMean.add)", "fedmq/fl/aggregation.py", ("add",)),
     ("blob reassembly (manifest, chunks, SHA-256)", "fedmq/transport/receiver.py", ("feed", "feed_manifest")),
     ("manifest parse", "fedmq/transport/wire.py", ("from_bytes",)),
-    ("receipt (publish)", "coordinator/service.py", ("_answer",)),
-    ("coordinator message handling", "coordinator/service.py", ("_handle",)),
+    ("receipt (publish)", "coordinator/inbox.py", ("answer",)),
+    ("coordinator message handling", "coordinator/inbox.py", ("handle",)),
 )
 FED = "bench"
 
