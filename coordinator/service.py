@@ -108,25 +108,29 @@ class Coordinator:
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
         self.update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec) + SEAL_OVERHEAD)
         self.db = StateDB(config.state_dir)
-        #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state folder.
-        self.seal_key = load_or_create_key(config.state_dir)
-        eval_data = self._eval_data()
-        self.stepper = Stepper(config, self.task, self.spec, self.model, self.optimizer, eval_data)
-        privacy = self.privacy
-        self.publisher = Publisher(config, self.link, self.task, self.spec, self.model, self.db,
-                                   lambda: privacy.model_metadata() if privacy is not None else None)
-        report = Reporter(self.metrics)
-        evaluator = None if eval_data is None else BackgroundEvaluator(
-            self.task, self.task.build_model(config.seed), self.spec, eval_data, config.evaluation.batch_size)
-        parts = PolicyParts(config, self.task, self.spec, self.registry, self.db, self.link, self.publisher,
-                            self._update_checks(), self.update_limit, self.privacy, self.control)
-        self.policy: RoundPolicy = make_policy(policy or policy_name(config), parts)
-        self.driver = RoundDriver(config, self.link, self.policy, self.stepper, self.publisher, self.registry,
-                                  self.db, self.seal_key, self.privacy, self.control,
-                                  Evaluations(evaluator, self.db, report, self.registry.online_count), report,
-                                  {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
-                                   "seed": str(config.seed), "federation": self.fed},
-                                  metrics is None and config.metrics.port > 0)
+        try:
+            #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state folder.
+            self.seal_key = load_or_create_key(config.state_dir)
+            eval_data = self._eval_data()
+            self.stepper = Stepper(config, self.task, self.spec, self.model, self.optimizer, eval_data)
+            privacy = self.privacy
+            self.publisher = Publisher(config, self.link, self.task, self.spec, self.model, self.db,
+                                       lambda: privacy.model_metadata() if privacy is not None else None)
+            parts = PolicyParts(config, self.task, self.spec, self.registry, self.db, self.link, self.publisher,
+                                self._update_checks(), self.update_limit, self.privacy, self.control)
+            self.policy: RoundPolicy = make_policy(policy or policy_name(config), parts)
+            report = Reporter(self.metrics)
+            evaluator = None if eval_data is None else BackgroundEvaluator(
+                self.task, self.task.build_model(config.seed), self.spec, eval_data, config.evaluation.batch_size)
+            meta = {"task": self.task.name, "spec_hash": self.spec.hash, "optimizer": self.optimizer.name,
+                    "seed": str(config.seed), "federation": self.fed}
+            self.driver = RoundDriver(config, self.link, self.policy, self.stepper, self.publisher, self.registry,
+                                      self.db, self.seal_key, self.privacy, self.control,
+                                      Evaluations(evaluator, self.db, report, self.registry.online_count), report,
+                                      meta, metrics is None and config.metrics.port > 0)
+        except BaseException:
+            self.db.close()  # the one resource opened so far (the evaluator's thread starts last)
+            raise
 
     def _eval_data(self) -> tuple[np.ndarray, np.ndarray] | None:
         data = self.config.evaluation.data

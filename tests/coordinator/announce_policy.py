@@ -3,9 +3,10 @@ registry line at its end, with no edit to the round driver.
 
 Phase 1 (``announce``): every selected device is sent ``announce:<round>`` on
 ``fedmq/F/announce/D`` and must answer ``ack:<round>`` (message kind ``ack`` on its phase
-topic, :func:`fedmq.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements than ``min_updates`` fail the round. Phase 2
-(``collect``): only the devices that acknowledged get a task; the others are counted as
-dropped; client updates are collected as in a plain round. :class:`AckResponder` is the
+topic, :func:`fedmq.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements
+than ``min_updates`` fail the round. Phase 2 (``collect``): only the devices that
+acknowledged get a task; the others are counted as dropped; client updates are collected
+as in a plain round. :class:`AckResponder` is the
 device side of phase 1 for a set of real edge agents.
 """
 
