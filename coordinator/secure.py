@@ -27,6 +27,9 @@ one device, not even across its own restarts (a restarted coordinator cannot reo
 attempt).
 
 Every refusal is counted with the reason ``secagg_<reason>`` through the phase driver.
+
+:class:`SecurePhases` makes these phases a synchronous round's (:mod:`coordinator.synchronous`):
+the ``secure`` round policy, registered at the end of this module.
 """
 
 from __future__ import annotations
