@@ -59,8 +59,8 @@ STAGES = (
     ("aggregate (WeightedMean.add)", "fedmq/fl/aggregation.py", ("add",)),
     ("blob reassembly (manifest, chunks, SHA-256)", "fedmq/transport/receiver.py", ("feed", "feed_manifest")),
     ("manifest parse", "fedmq/transport/wire.py", ("from_bytes",)),
-    ("receipt (publish)", "coordinator/service.py", ("_answer",)),
-    ("coordinator message handling", "coordinator/service.py", ("_handle",)),
+    ("receipt (publish)", "coordinator/inbox.py", ("answer",)),
+    ("coordinator message handling", "coordinator/inbox.py", ("handle",)),
 )
 FED = "bench"
 
@@ -194,7 +194,6 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
     from coordinator.service import Coordinator
     from fedmq import topics
     from fedmq.transport.link import MqttLink
-    from fedmq.transport.receiver import BlobReceiver
 
     devices = [f"d{i}" for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,9 +207,8 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
             for d in devices:
                 coord.registry.devices[d] = Device(d, online=True, task="mnist-cnn", spec_hash=spec.hash)
             coord.link.connect()
-            coord.receiver = BlobReceiver(max_size=cfg.limits.max_update_bytes)
-            coord.link.subscribe(topics.update_filter(FED), inbox=coord.inbox)
-            engine = coord.engine = _engine(spec, devices)
+            coord.link.subscribe(topics.update_filter(FED), inbox=coord.inbox.queue)
+            engine = coord.policy.engine = _engine(spec, devices)
             ctx = mp.get_context("spawn")
             go = ctx.Event()
             procs, readies = [], []
@@ -231,7 +229,7 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
             if profiler is not None:
                 profiler.enable()
             while engine.aggregate.count + sum(engine.rejected.values()) < n and time.monotonic() - last < 30:
-                if coord._pump(1.0):
+                if coord.inbox.drain(1.0):
                     last = time.monotonic()
             if profiler is not None:
                 profiler.disable()

@@ -7,7 +7,7 @@ Printed per round: the secure mean's cosine to the plain (dense) mean of the sam
 that mean restricted to the support (the ring's own loss), client Top-K's cosine at the same
 count, the share of the inputs' energy on the support, and the largest |value| against
 ``clip``; then the test accuracy per round. Instruments the coordinator by wrapping
-``coordinator.service.closed_round`` and ``edge_client.secure.SecureDevice.provide`` (a
+``coordinator.secure.closed_round`` and ``edge_client.secure.SecureDevice.provide`` (a
 diagnostic, not a product path)::
 
     python -m benchmarks.secagg_support                     plain rounds
@@ -34,7 +34,6 @@ def main(argv: list[str]) -> None:
     from rich.console import Console
 
     import coordinator.secure as cs
-    import coordinator.service as svc
     import edge_client.secure as es
     from fedmq.data import shared_data_dir
     from fleet.demo import DemoSettings, run_demo
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> None:
         return closed_round(closed, outcome, kind=kind, size=size, min_updates=min_updates)
 
     es.SecureDevice.provide = recorded  # type: ignore[method-assign]
-    svc.closed_round = compared  # type: ignore[assignment]
+    cs.closed_round = compared  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="fedmq-secagg-support-") as tmp:
         summary = run_demo(DemoSettings(
             devices=4, per_round=4, rounds=4, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",

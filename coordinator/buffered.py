@@ -1,10 +1,10 @@
-"""The coordinator in buffered asynchronous mode (``[round] mode = "async"``, FedBuff).
+"""The FedBuff round policy (``[round] mode = "async"``): leases, the buffer journal, a step every K.
 
-A thin loop over :class:`fedmq.fl.buffered.BufferedEngine`; everything else (presence,
-blob transfers, receipts, evaluation, model publication, checkpoint and database) is the
-synchronous coordinator's (:class:`coordinator.service.Coordinator`).
-
-The loop:
+:class:`BufferedRounds` is the policy the round driver (:mod:`coordinator.driver`) composes
+in buffered asynchronous mode, over :class:`fedmq.fl.buffered.BufferedEngine`; everything
+else (presence, blob transfers, receipts, evaluation, the server step, model publication,
+checkpoint, database and the fault-injection points) is the driver's, as in synchronous
+rounds. What the policy decides:
 
 * **dispatch**: while fewer than ``[async] concurrency`` devices hold a task, idle eligible
   devices (online, the right task and ParamSpec, not busy, not yet answered for the step
@@ -33,33 +33,29 @@ update counts exactly once, whatever instant the coordinator dies at.
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig
-from coordinator.service import Coordinator, Progress, RunResult
-from coordinator.state import Checkpoint, StateDB, save_checkpoint
+from coordinator.policy import PolicyParts, register_policy, warmed_plan
+from coordinator.progress import Progress
+from coordinator.service import make_coordinator  # noqa: F401  (where `fedmq coordinator run` finds it)
 from fedmq import topics
 from fedmq.atomic import atomic_write_bytes
 from fedmq.envelope import encode_update
 from fedmq.fl.buffered import BufferedEngine
-from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat, RoundRecord
+from fedmq.fl.rounds import Accepted, Outcome, RoundRecord
 from fedmq.messages import RoundAnnouncement, Task
-from fedmq.transport import Link
-from fedmq.transport.counting import LINK_BYTES_IN
 from fedmq.transport.flows import request_repairs
-from fedmq.transport.receiver import BlobReceiver
+
+if TYPE_CHECKING:
+    from coordinator.driver import RoundDriver
 
 log = logging.getLogger("fedmq.coordinator")
 
-_POLL_S = 0.2
 #: Seconds after a task's lease before its device may be sent another task: by then the
 #: agent has had its receipt or rolled the update back itself (its receipt_grace, 30 s by
 #: default), so a newer task never makes it roll back an update still counted here.
@@ -69,107 +65,55 @@ JOURNAL_DIR = "buffer"
 _ANSWER_STEPS = 8
 
 
-def make_coordinator(config: CoordinatorConfig, link: Link | None = None, **kwargs: Any) -> Coordinator:
-    """The coordinator for ``config``'s mode: :class:`BufferedCoordinator` for
-    ``[round] mode = "async"``, else :class:`coordinator.service.Coordinator` (``kwargs``:
-    its keyword arguments, e.g. ``metrics``)."""
-    if config.round.mode == "async":
-        return BufferedCoordinator(config, link, **kwargs)
-    return Coordinator(config, link, **kwargs)
+class BufferedRounds:
+    """The FedBuff policy of one federation (module docstring). ``config.rounds`` counts
+    server steps.
 
-
-class BufferedCoordinator(Coordinator):
-    """The coordinator of one federation in FedBuff mode (module docstring).
-
-    ``config.rounds`` counts server steps. Same arguments, errors and :meth:`run` result as
-    :class:`coordinator.service.Coordinator`.
+    Args:
+        parts: the coordinator's parts (:class:`coordinator.policy.PolicyParts`).
     """
 
-    def __init__(self, config: CoordinatorConfig, link: Link | None = None, **kwargs: Any) -> None:
-        super().__init__(config, link, **kwargs)
+    def __init__(self, parts: PolicyParts) -> None:
+        cfg = parts.config
+        self.parts, self.config = parts, cfg
         #: device -> (task round, lease end in seconds since the epoch).
         self.busy: dict[str, tuple[int, float]] = {}
         #: device -> last task round it answered (or the step its journaled update is for).
-        self.answered: dict[str, int] = {}
+        self.answered_round: dict[str, int] = {}
         self._journal_seq = 0
         self._dispatches = 0
         #: (device, task round, transfer) of the journaled updates replayed at start, to receipt.
         self._replayed: list[tuple[str, int, str]] = []
-        self._vector = np.zeros(0, dtype=np.float32)
+        self.engine = BufferedEngine(
+            cfg.federation, parts.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in parts.registry.devices,
+            max_update_bytes=parts.update_limit, buffer_size=cfg.async_.buffer_size,
+            staleness=cfg.async_.staleness(), checks=parts.checks, aggregator=cfg.aggregation.rule,
+            started=time.time(), max_steps=cfg.rounds,
+            task_round_of=lambda d: self.busy[d][0] if d in self.busy else None,
+            aggregator_options=cfg.aggregation.options())
+        self.receiver_timeout_s = max(10.0, cfg.async_.task_timeout_s)
 
-    # -- run -----------------------------------------------------------------------------
-
-    def run(self, progress_callback: Callable[[Progress], None] | None = None) -> RunResult:
-        cfg = self.config
-        notify = self._observed(progress_callback)
-        self.db = StateDB(cfg.state_dir)
-        records: list[RoundRecord] = []
-        try:
-            self._load_eval_data()
-            vector, step, version = self._resume(cfg.state_dir)
-            self._start_metrics(version)
-            engine = self.engine = BufferedEngine(  # type: ignore[assignment]
-                self.fed, self.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in self.registry.devices,
-                max_update_bytes=self._update_limit, buffer_size=cfg.async_.buffer_size,
-                staleness=cfg.async_.staleness(), checks=self._update_checks(), aggregator=cfg.aggregation.rule,
-                step=step, version=version, started=time.time(), max_steps=cfg.rounds,
-                task_round_of=lambda d: self.busy[d][0] if d in self.busy else None,
-                aggregator_options=cfg.aggregation.options())
-            self._vector, self._records, self._notify = vector, records, notify
-            self._restore_answers(engine, step)
-            self._replay_journal(engine, step)
-            self.link.connect()
-            self._connects_seen = self.link.connects
-            self.receiver = BlobReceiver(timeout=max(10.0, cfg.async_.task_timeout_s),
-                                         max_size=cfg.limits.max_update_bytes)
-            self.link.subscribe([topics.status_filter(self.fed), topics.update_filter(self.fed)], inbox=self.inbox)
-            self._clear_inflight_tasks()
-            for device, round_, transfer in self._replayed:
-                self._receipt(device, round_, transfer, "accepted", "")
-            self._replayed.clear()
-            self._publish_model(vector, version, step)
-            log.info("async mode: step %d, model version %d, buffer %d/%d after replay", step, version,
-                     len(engine.buffer), engine.buffer_size)
-            while engine.step < cfg.rounds and not self.stopping:
-                if engine.ready:  # a journal replayed full (killed between its last update and the step)
-                    self._server_step(engine)
-                    continue
-                self._expire_leases()
-                self._dispatch(engine)
-                self._pump(_POLL_S, notify)
-                request_repairs(self.link, self.fed, self.receiver)
-            if not self.stopping:
-                # What is already queued hears ``finished`` for its own round (the device rolls
-                # it back into its residual) instead of resending to a coordinator that left.
-                self._pump(0.0, notify)
-                for device in list(self.busy):
-                    self.link.publish(topics.task(self.fed, device), b"", retain=True)
-                self.busy.clear()
-                self.db.set_inflight([])
-                # Acknowledged in order: once this is, every receipt before it left too
-                # (closing the link drops what paho still queues).
-                self.link.publish_wait(topics.round_announcement(self.fed),
-                                       RoundAnnouncement(engine.step, engine.version, 0.0, "closed").to_bytes(),
-                                       retain=True)
-            self._report_evaluated(wait=True)
-            return RunResult(records, self._module_of(vector), vector, engine.version,
-                             stopped=engine.step < cfg.rounds)
-        finally:
-            self._close_run()
+    @property
+    def round_in_progress(self) -> int:
+        return self.engine.step + 1
 
     # -- start-up ------------------------------------------------------------------------
 
     def _journal(self, step: int) -> Path:
         return self.config.state_dir / JOURNAL_DIR / str(step)
 
-    def _restore_answers(self, engine: BufferedEngine, step: int) -> None:
-        assert self.db is not None
+    def resume(self, ctx: RoundDriver, step: int, version: int) -> None:
+        """The engine at the checkpoint's step, the answers of recent steps restored, the
+        journal of the step after the checkpoint replayed into the buffer."""
+        engine = self.engine
+        engine.step, engine.version, engine.started = step, version, time.time()
         for s in range(max(1, step - _ANSWER_STEPS + 1), step + 1):
-            for p in self.db.participations(s):
+            for p in self.parts.db.participations(s):
                 if p.transfer_id:
                     # The receipt names the task's round (the device matches it), not the step.
                     engine.remember(p.device, p.transfer_id, p.status, p.reason,
                                     int(p.metrics.get("task_round", s)))
+        self._replay_journal(engine, step)
 
     def _replay_journal(self, engine: BufferedEngine, step: int) -> None:
         """Put the updates accepted into the buffer of step ``step + 1`` back (same order);
@@ -194,7 +138,7 @@ class BufferedCoordinator(Coordinator):
             self._journal_seq = max(self._journal_seq, int(seq))
             outcome = engine.offer(device, transfer, path.read_bytes())
             if isinstance(outcome, Accepted):
-                self.answered[device] = outcome.round
+                self.answered_round[device] = outcome.round
                 # Journaled before its receipt was sent: the kill may have lost that receipt,
                 # and a device resending after the federation's last step hears nobody.
                 self._replayed.append((device, outcome.round, transfer))
@@ -214,30 +158,56 @@ class BufferedCoordinator(Coordinator):
         except OSError:
             log.warning("buffer journal %s not empty: left in place", folder)
 
-    # -- devices -------------------------------------------------------------------------
+    def start(self, ctx: RoundDriver) -> None:
+        """After a restart the devices that held a task still train or resend for it: they
+        stay busy (a new lease) instead of being sent a newer task, which would make them
+        roll back an update this coordinator may still accept. The replayed updates are
+        receipted again."""
+        engine = self.engine
+        lease = time.time() + self.config.async_.task_timeout_s
+        for device in self.parts.db.inflight_devices():
+            if self.answered_round.get(device, -1) < engine.step + 1:
+                self.busy[device] = (engine.step + 1, lease)
+        for device, round_, transfer in self._replayed:
+            ctx.inbox.receipt(device, round_, transfer, "accepted", "")
+        self._replayed.clear()
+        log.info("async mode: step %d, model version %d, buffer %d/%d after replay", engine.step, engine.version,
+                 len(engine.buffer), engine.buffer_size)
 
-    def _dispatch(self, engine: BufferedEngine) -> None:
-        cfg = self.config
+    # -- the loop ------------------------------------------------------------------------
+
+    def advance(self, ctx: RoundDriver) -> bool:
+        engine = self.engine
+        if engine.ready:  # a journal replayed full (killed between its last update and the step)
+            ctx.step(engine.flush(time.time()))
+            return True
+        self._expire_leases()
+        self._dispatch(ctx)
+        ctx.pump(ctx.poll_s)
+        request_repairs(self.parts.link, self.config.federation, ctx.receiver)
+        return True
+
+    def _dispatch(self, ctx: RoundDriver) -> None:
+        cfg, engine = self.config, self.engine
         free = cfg.async_.concurrency - len(self.busy)
         if free <= 0:
             return
         next_round = engine.step + 1
-        idle = [d for d in self.registry.eligible(self.task.name, self.spec.hash)
-                if d not in self.busy and self.answered.get(d, -1) < next_round]
+        idle = [d for d in self.parts.registry.eligible(self.parts.task.name, self.parts.spec.hash)
+                if d not in self.busy and self.answered_round.get(d, -1) < next_round]
         if not idle:
             return
         self._dispatches += 1
         rng = np.random.default_rng([int(cfg.seed), next_round, self._dispatches])
         chosen = [idle[i] for i in sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False))]
         lease = time.time() + cfg.async_.task_timeout_s
-        plan = replace(cfg.plan, codec=cfg.warmup.apply(cfg.plan.codec, next_round))
+        plan = warmed_plan(cfg, next_round)
         for device in chosen:
-            task = Task(self.fed, device, next_round, engine.version, self.spec.hash, lease, plan,
-                        self._published_sha)
-            self.link.publish(topics.task(self.fed, device), task.to_bytes(), retain=True)
+            task = Task(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
+                        ctx.publisher.published_sha)
+            self.parts.link.publish(topics.task(cfg.federation, device), task.to_bytes(), retain=True)
             self.busy[device] = (next_round, lease)
-        assert self.db is not None
-        self.db.set_inflight(sorted(self.busy))
+        self.parts.db.set_inflight(sorted(self.busy))
         log.debug("step %d: tasks sent to %d devices (%d busy)", next_round, len(chosen), len(self.busy))
 
     def _expire_leases(self) -> None:
@@ -246,97 +216,63 @@ class BufferedCoordinator(Coordinator):
             if now > lease + LEASE_GRACE_S:
                 del self.busy[device]
 
-    def _clear_inflight_tasks(self) -> None:
-        """After a restart the devices that held a task still train or resend for it: they
-        stay busy (a new lease) instead of being sent a newer task, which would make them
-        roll back an update this coordinator may still accept."""
-        assert self.db is not None
-        engine = self.engine
-        assert isinstance(engine, BufferedEngine)
-        lease = time.time() + self.config.async_.task_timeout_s
-        for device in self.db.inflight_devices():
-            if self.answered.get(device, -1) < engine.step + 1:
-                self.busy[device] = (engine.step + 1, lease)
-
-    def _went_offline(self, device: str) -> None:
+    def presence(self, device: str, online: bool) -> None:
         """An offline device keeps its task until its lease ends: it may come back and resend
         its update, and a newer task would make it roll that update back first."""
 
     # -- answers -------------------------------------------------------------------------
 
-    def _answer(self, device: str, transfer: str, outcome: Outcome, notify: Callable[[Progress], None] | None) -> None:
+    def before_receipt(self, device: str, transfer: str, outcome: Accepted) -> None:
+        """Durable before the receipt: a restart replays it instead of losing it."""
+        self._journal_seq += 1
+        atomic_write_bytes(self._journal(self.engine.step + 1) / f"{self._journal_seq:08d}+{device}+{transfer}.bin",
+                           encode_update(outcome.update))
+
+    def answered(self, ctx: RoundDriver, device: str, outcome: Outcome) -> None:
         engine = self.engine
-        assert isinstance(engine, BufferedEngine)
-        if isinstance(outcome, Repeat):
-            self._receipt(device, outcome.round, transfer, outcome.status, outcome.reason)
-            return
-        if isinstance(outcome, Accepted):
-            # Durable before the receipt: a restart replays it instead of losing it.
-            self._journal_seq += 1
-            atomic_write_bytes(self._journal(engine.step + 1) / f"{self._journal_seq:08d}+{device}+{transfer}.bin",
-                               encode_update(outcome.update))
-            if device in self.registry.devices:
-                self.registry.devices[device].rounds += 1
-            self._receipt(device, outcome.round, transfer, "accepted", "")
-            if engine.ready:
-                # At once: the buffer holds exactly buffer_size updates, and an update queued
-                # behind this one goes into the next buffer.
-                self._server_step(engine)
-        else:
-            assert isinstance(outcome, Rejected)
-            self.rejections[outcome.reason] += 1
-            log.info("update from %s (transfer %s) rejected: %s (%s)", device, transfer, outcome.reason,
-                     outcome.detail)
-            self._receipt(device, outcome.round, transfer, "rejected", outcome.reason)
+        if isinstance(outcome, Accepted) and engine.ready:
+            # At once: the buffer holds exactly buffer_size updates, and an update queued
+            # behind this one goes into the next buffer.
+            ctx.step(engine.flush(time.time()))
         if outcome.update is not None:
-            self.answered[device] = max(self.answered.get(device, -1), outcome.round)
+            self.answered_round[device] = max(self.answered_round.get(device, -1), outcome.round)
             if device in self.busy and self.busy[device][0] <= outcome.round:
                 del self.busy[device]
-        if notify is not None:
-            notify(Progress("update", engine.step + 1, len(self.busy), engine.buffer_size, len(engine.buffer),
-                            sum(engine.rejected.values())))
+
+    def progress(self) -> Progress:
+        engine = self.engine
+        return Progress("update", engine.step + 1, len(self.busy), engine.buffer_size, len(engine.buffer),
+                        sum(engine.rejected.values()))
 
     # -- the server step -----------------------------------------------------------------
 
-    def _server_step(self, engine: BufferedEngine) -> RoundRecord:
-        """Empty the buffer into one server step, as a synchronous round closes: the server
-        optimizer steps (on ``published + residual`` with a compressed downlink, whose delta
-        is compressed with server-side error feedback), then checkpoint, record, publication;
-        the evaluation follows in the background. A step whose new global model would be
-        non-finite fails: the model, the optimizer state and the version stay."""
-        cfg = self.config
-        vector = self._vector
-        assert self.db is not None
-        closed = engine.flush(time.time())
-        rec = closed.record
-        assert closed.model_delta is not None
-        delta_blob: bytes | None = None
-        if self._residual is None:
-            stepped = self._step(vector, closed.model_delta, rec.round)
-        else:
-            delta_blob = self._step_compressed(vector, closed.model_delta, rec.model_version, rec.round)
-            stepped = delta_blob is not None
+    def checkpoint_meta(self) -> dict[str, str]:
+        return {}
+
+    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+        """The step's journal goes (the checkpoint holds the step now); a failed step keeps the version."""
         if not stepped:
-            rec = replace(rec, state="failed", model_version=rec.base_version)
-            engine.version = rec.base_version
-            self.rejections["non_finite_model"] += 1
-        rec = replace(rec, test_loss=None, test_accuracy=None,
-                      bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
-        # Durable first (the checkpoint is the source of truth), then the journal goes.
-        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
-                                                  self._checkpoint_meta(engine.checks), rec, self._residual))
-        self.db.write_round(rec)
-        self.db.write_devices(list(self.registry.devices.values()))
-        self._flush_rejections()
+            self.engine.version = rec.base_version
         folder = self._journal(rec.round)
         if folder.is_dir():
             self._delete_journal(folder)
-        if stepped:
-            self._publish_model(vector, rec.model_version, rec.round, delta_blob)
         log.info("step %d %s: %d updates (mean staleness %.2f), rejected %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.device_metrics.get("staleness", float("nan")), rec.rejected or "{}", rec.wall_s)
-        # Evaluated in the background as in synchronous mode; reported (round_closed) when done.
-        self._pending.append((rec, self._evaluator.submit(vector) if stepped and self._evaluator is not None
-                              else None))
-        self._report_evaluated(wait=False)
-        return rec
+
+    def finish(self, ctx: RoundDriver) -> None:
+        # What is already queued hears ``finished`` for its own round (the device rolls
+        # it back into its residual) instead of resending to a coordinator that left.
+        ctx.pump(0.0)
+        fed = self.config.federation
+        for device in list(self.busy):
+            self.parts.link.publish(topics.task(fed, device), b"", retain=True)
+        self.busy.clear()
+        self.parts.db.set_inflight([])
+        # Acknowledged in order: once this is, every receipt before it left too
+        # (closing the link drops what paho still queues).
+        self.parts.link.publish_wait(topics.round_announcement(fed),
+                                     RoundAnnouncement(self.engine.step, self.engine.version, 0.0,
+                                                       "closed").to_bytes(), retain=True)
+
+
+register_policy("async", BufferedRounds)

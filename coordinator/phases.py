@@ -1,8 +1,10 @@
-"""A round as a sequence of phases, each with its own message kind, deadline and quorum.
+"""One phase of a round: small messages of one kind, each device's once, until a deadline and a quorum.
 
-The driver is written once (:func:`run_phase`); a protocol of several phases (secure
-aggregation: :mod:`coordinator.secure`) is a policy that says, for each phase, who is
-expected, what to do with one message (``accept``) and what to send when the phase closes.
+:func:`run_phase` is the phase runner the round policies share (the round driver's
+:meth:`coordinator.driver.RoundDriver.phase_io` is its view of the loop); a protocol of
+several phases (secure aggregation: :mod:`coordinator.secure`; the test-only "announce, then
+collect", ``tests/coordinator/announce_policy.py``) says, for each phase, who is expected,
+what to do with one message (``accept``) and what to send when the phase closes.
 A phase ends when every expected device that is still online has answered, or at its
 deadline; with fewer answers than its quorum it fails (:class:`PhaseFailed`) and the round
 with it. Messages that belong to no phase of this driver (statuses, client updates) go to

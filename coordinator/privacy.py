@@ -1,6 +1,6 @@
 """The coordinator's differential privacy: sampling, noise, clip norm, budget and ledger of a run.
 
-:class:`PrivacyGuard` is the one object the round loop (``coordinator/service.py``) asks, at a
+:class:`PrivacyGuard` is the one object the round driver (``coordinator/driver.py``) asks, at a
 few points of a round, what DP-FedAvg (McMahan et al. 2018) needs:
 
 * selecting (:meth:`PrivacyGuard.select`): ``poisson`` sampling (each eligible device with
@@ -126,7 +126,9 @@ class PrivacyGuard:
     def _calibrate(self, config: CoordinatorConfig) -> float:
         p = config.privacy
         rounds = p.rounds or config.rounds
-        assert p.target_epsilon is not None  # PrivacyConfig requires it without a noise multiplier
+        if p.target_epsilon is None:
+            raise ConfigError(f"{config.where('privacy.target_epsilon')}: needed to calibrate the noise multiplier "
+                              f"(no noise_multiplier is set)")
         if p.sampling == "poisson":
             if p.sampling_rate is None:
                 raise ConfigError(f"{config.where('privacy.sampling_rate')}: needed to calibrate the noise "

@@ -41,7 +41,6 @@ import numpy as np
 
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
-from coordinator.state import StateDB
 from fedmq import topics
 from fedmq.codecs import CodecSpec, encode
 from fedmq.envelope import ClientUpdate, encode_update
@@ -50,7 +49,6 @@ from fedmq.fl.sampling import select_devices
 from fedmq.messages import Receipt, Status, Task, TrainPlan
 from fedmq.transport import Message
 from fedmq.transport.memory import MemoryBus
-from fedmq.transport.receiver import BlobReceiver
 from fedmq.transport.sender import BlobSender
 
 TASK = "digits-logreg"
@@ -289,13 +287,15 @@ class _Simulation:
         """A coordinator process: its link, receiver, database and engine, resumed from the
         last finished round (the database answers resends of earlier rounds)."""
         coord = self.coordinator = Coordinator(self.config, link=self.bus.link("coordinator"))
-        coord.db = self.db = StateDB(self.config.state_dir)
+        self.db = coord.db
         coord.link.connect()
-        coord.receiver = BlobReceiver(timeout=3600.0, max_size=coord._update_limit)
-        coord.link.subscribe([topics.status_filter(FED), topics.update_filter(FED)], inbox=coord.inbox)
-        self.engine = coord.engine = RoundEngine(
+        coord.receiver.timeout = 3600.0
+        coord.link.subscribe([topics.status_filter(FED), topics.update_filter(FED)], inbox=coord.inbox.queue)
+        # The simulator's own engine in place of the policy's: resumed where the schedule stands,
+        # with the engine's default checks (the schedule checks settlement, not content).
+        self.engine = coord.policy.engine = RoundEngine(
             FED, coord.spec, kind="delta", is_known=lambda d: d in coord.registry.devices,
-            max_update_bytes=coord._update_limit, min_updates=self.config.round.min_updates,
+            max_update_bytes=coord.update_limit, min_updates=self.config.round.min_updates,
             round=self.round_done, base_version=self.version, lookup=self.db.transfer_outcome)
         self.pump()
 
@@ -303,10 +303,10 @@ class _Simulation:
         coord = self.coordinator
         while True:
             try:
-                msg = coord.inbox.get_nowait()
+                msg = coord.inbox.queue.get_nowait()
             except queue.Empty:
                 return
-            coord._handle(msg, None)
+            coord.inbox.handle(msg, notify=False)
 
     def restart_coordinator(self) -> None:
         """kill -9: the round in flight is lost (nothing of it was written) and rerun."""

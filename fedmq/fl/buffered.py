@@ -56,15 +56,14 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.envelope import decode_update
-from fedmq.errors import ConfigError, SpecMismatchError, WireError
+from fedmq.errors import ConfigError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, ParticipationRecord, Rejected, Repeat, RoundRecord
-from fedmq.fl.rounds import UpdateChecks
+from fedmq.fl.rounds import CONTENT_REASONS, ENVELOPE_REASONS, Tally, UpdateChecks, read_envelope
 from fedmq.params import ParamSpec
 
-REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "finished",
-           "wrong_base_version", "duplicate", "stale", "over_weighted", "non_finite", "norm_bound")
+#: Every reason the buffered engine refuses a client update for, in the order of its checks.
+REASONS = ENVELOPE_REASONS + ("finished", "wrong_base_version", "duplicate", "stale") + CONTENT_REASONS
 
 #: Transfers whose answer is remembered to answer resends (oldest forgotten first).
 ANSWER_HISTORY = 100_000
@@ -169,12 +168,13 @@ class BufferedEngine:
         self.samples = 0
         self.discounted = 0.0
         self.started = started
-        self.rejected: dict[str, int] = {}
+        self.tally = Tally()
         self.parts: list[ParticipationRecord] = []
-        self.bytes_up = 0
-        self.received = 0
-        self._wire: dict[tuple[str, str], int] = {}
-        self._metric_sums: dict[str, float] = {}
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejections since the buffer started filling, by reason."""
+        return self.tally.rejected
 
     @property
     def ready(self) -> bool:
@@ -183,9 +183,7 @@ class BufferedEngine:
 
     def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
         """Count ``n`` bytes of a client-update message received into the current buffer."""
-        self.bytes_up += n
-        key = (device, transfer_id)
-        self._wire[key] = self._wire.get(key, 0) + n
+        self.tally.count_bytes(device, transfer_id, n)
 
     def remember(self, device: str, transfer_id: str, status: str, reason: str, round_: int) -> None:
         """Restore the answer given to a transfer before a restart (from the database), so a
@@ -210,8 +208,7 @@ class BufferedEngine:
         outcome = self._judge(device, transfer_id, data)
         if isinstance(outcome, Repeat):
             return outcome
-        self.received += 1
-        wire = self._wire.pop((device, transfer_id), 0)
+        wire = self.tally.judged(device, transfer_id, outcome.reason if isinstance(outcome, Rejected) else None)
         if isinstance(outcome, Accepted):
             upd = outcome.update
             stale = self.version - upd.base_version
@@ -222,13 +219,11 @@ class BufferedEngine:
             self.samples += upd.samples
             self.discounted += weight
             metrics = dict(upd.metrics, staleness=float(stale), task_round=float(upd.round))
-            for key, value in metrics.items():
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + upd.samples * value
+            self.tally.add_metrics(metrics, upd.samples)
             self.parts.append(ParticipationRecord(device, transfer_id, "accepted", "", upd.samples, wire, metrics))
             self._remember(device, transfer_id, ("accepted", "", upd.round))
             return outcome
         assert isinstance(outcome, Rejected)
-        self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         samples = outcome.update.samples if outcome.update is not None else 0
         named = outcome.round if outcome.round >= 0 else self._round_of(device, round_)
         self.parts.append(ParticipationRecord(device, transfer_id, "rejected", outcome.reason, samples, wire,
@@ -268,11 +263,10 @@ class BufferedEngine:
         manifest, ``malformed`` manifest, the service's ``busy`` and ``retained``), naming
         ``round_`` (the round its manifest names) when given. ``answered`` is
         :meth:`fedmq.fl.rounds.RoundEngine.refuse`'s; no round waits for an answer here."""
-        self.received += 1
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        wire = self.tally.judged(device, transfer_id, reason)
         named = self._round_of(device, round_)
-        self.parts.append(ParticipationRecord(device, transfer_id, "rejected", reason, 0,
-                                              self._wire.pop((device, transfer_id), 0), {"task_round": float(named)}))
+        self.parts.append(ParticipationRecord(device, transfer_id, "rejected", reason, 0, wire,
+                                              {"task_round": float(named)}))
         self._remember(device, transfer_id, ("rejected", reason, named))
         return Rejected(reason, detail, None, named)
 
@@ -280,26 +274,14 @@ class BufferedEngine:
         previous = self._answers.get((topic_device, transfer_id))
         if previous is not None:
             return Repeat(previous[0], previous[1], previous[2])
-        if len(data) > self.max_update_bytes:
-            return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
-        try:
-            upd = decode_update(bytes(data), self.spec, max_bytes=self.max_update_bytes)
-        except SpecMismatchError as exc:
-            return Rejected("spec_mismatch", str(exc))
-        except WireError as exc:
-            return Rejected("malformed", str(exc))
+        upd = read_envelope(data, topic_device, federation=self.federation, spec=self.spec,
+                            is_known=self.is_known, max_update_bytes=self.max_update_bytes)
+        if isinstance(upd, Rejected):
+            return upd
 
         def reject(reason: str, detail: str) -> Rejected:
             return Rejected(reason, detail, upd, upd.round)
 
-        if upd.spec_hash != self.spec.hash:
-            return reject("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}")
-        if upd.federation != self.federation:
-            return reject("malformed", f"federation {upd.federation!r}, expected {self.federation!r}")
-        if upd.device != topic_device:
-            return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
-        if not self.is_known(upd.device):
-            return reject("unknown_device", f"no status ever seen from {upd.device!r}")
         if self.max_steps is not None and self.step >= self.max_steps:
             return reject("finished", f"the last server step ({self.max_steps}) is done")
         if upd.base_version > self.version:
@@ -333,13 +315,14 @@ class BufferedEngine:
         mean = self.aggregate.result()
         delta = model_delta(mean, self.kind) * np.float32(self.discounted / self.samples)
         self.step += 1
-        metrics = {k: self._metric_sums[k] / self.samples for k in sorted(self._metric_sums)}
+        tally = self.tally
+        metrics = {k: tally.metric_sums[k] / self.samples for k in sorted(tally.metric_sums)}
         record = RoundRecord(
             round=self.step, state="closed", base_version=self.version, model_version=self.version + 1,
             target=self.buffer_size, participants=len(self.buffer), accepted=len(self.buffer),
             rejected=dict(sorted(self.rejected.items())), test_loss=None, test_accuracy=None,
-            device_metrics=metrics, bytes_up=self.bytes_up, bytes_down=0,
-            dense_bytes_up=4 * self.spec.size * self.received, started=self.started, closed=closed,
+            device_metrics=metrics, bytes_up=tally.bytes_up, bytes_down=0,
+            dense_bytes_up=4 * self.spec.size * tally.received, started=self.started, closed=closed,
             wall_s=closed - self.started,
             participations=sorted(self.parts, key=lambda p: (p.device, p.transfer_id)))
         self.version += 1

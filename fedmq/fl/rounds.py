@@ -87,9 +87,10 @@ from fedmq.errors import NonFiniteError, SpecMismatchError, WireError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.params import ParamSpec
 
-REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
-           "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound", "busy",
-           "retained", "unsealed", "bad_seal")
+#: Every reason a synchronous round refuses a client update for (the service's own four last).
+REASONS = (("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
+            "unselected", "wrong_base_version", "duplicate", "over_weighted", "non_finite", "norm_bound")
+           + ("busy", "retained", "unsealed", "bad_seal"))
 
 #: Accepted update norms the data-set norm bound is the median of.
 NORM_HISTORY = 100
@@ -224,6 +225,48 @@ class RoundRecord:
         return cls(**obj)
 
 
+#: The envelope checks both engines start with, in order (:func:`read_envelope`).
+ENVELOPE_REASONS = ("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device")
+#: The claim and content checks both engines end with (:class:`UpdateChecks`).
+CONTENT_REASONS = ("over_weighted", "non_finite", "norm_bound")
+
+
+def read_envelope(data: bytes | memoryview, topic_device: str, *, federation: str, spec: ParamSpec,
+                  is_known: Callable[[str], bool], max_update_bytes: int) -> ClientUpdate | Rejected:
+    """The envelope of a client-update blob received on ``topic_device``'s update topic, or
+    its refusal: the checks of :data:`ENVELOPE_REASONS`, in that order, which the synchronous
+    and the buffered engine both start with.
+
+    Args:
+        data: the assembled blob (bytes).
+        federation, spec: what the envelope must name (its federation, its ParamSpec hash).
+        is_known: whether a status was ever seen from a device id.
+        max_update_bytes: largest blob accepted (bytes).
+
+    Returns:
+        The decoded :class:`fedmq.envelope.ClientUpdate`, or :class:`Rejected` (``round`` -1
+        before the envelope decodes, else the envelope's round).
+    """
+    if len(data) > max_update_bytes:
+        return Rejected("oversized", f"{len(data)} bytes, limit {max_update_bytes}")
+    try:
+        upd = decode_update(bytes(data), spec, max_bytes=max_update_bytes)
+    except SpecMismatchError as exc:
+        return Rejected("spec_mismatch", str(exc))
+    except WireError as exc:
+        return Rejected("malformed", str(exc))
+    if upd.spec_hash != spec.hash:
+        return Rejected("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {spec.hash}", upd, upd.round)
+    if upd.federation != federation:
+        return Rejected("malformed", f"federation {upd.federation!r}, expected {federation!r}", upd, upd.round)
+    if upd.device != topic_device:
+        return Rejected("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic",
+                        upd, upd.round)
+    if not is_known(upd.device):
+        return Rejected("unknown_device", f"no status ever seen from {upd.device!r}", upd, upd.round)
+    return upd
+
+
 @dataclass(frozen=True)
 class ClosedRound:
     """What :meth:`RoundEngine.close` returns.
@@ -240,6 +283,39 @@ class ClosedRound:
     @property
     def succeeded(self) -> bool:
         return self.model_delta is not None
+
+
+class Tally:
+    """The counters of one round (or one FedBuff buffer), kept the same way by both engines:
+    payload bytes received (per transfer until it is judged), blobs judged, rejections by
+    reason, and the sample-weighted sums of the metrics accepted devices reported."""
+
+    def __init__(self) -> None:
+        self.rejected: dict[str, int] = {}
+        self.bytes_up = 0
+        self.received = 0
+        self._wire: dict[tuple[str, str], int] = {}
+        self.metric_sums: dict[str, float] = {}
+        self.metric_weights: dict[str, float] = {}
+
+    def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
+        """Count ``n`` bytes of a client-update message (manifest or chunk) of a transfer."""
+        self.bytes_up += n
+        key = (device, transfer_id)
+        self._wire[key] = self._wire.get(key, 0) + n
+
+    def judged(self, device: str, transfer_id: str, reason: str | None = None) -> int:
+        """Count one judged transfer (a rejection when ``reason`` is given); its bytes received."""
+        self.received += 1
+        if reason is not None:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return self._wire.pop((device, transfer_id), 0)
+
+    def add_metrics(self, metrics: Mapping[str, float], samples: int) -> None:
+        """Add an accepted update's reported metrics, weighted by its ``samples``."""
+        for key, value in metrics.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + samples * value
+            self.metric_weights[key] = self.metric_weights.get(key, 0.0) + samples
 
 
 class RoundEngine:
@@ -301,15 +377,15 @@ class RoundEngine:
         self._reset_counters()
 
     def _reset_counters(self) -> None:
-        self.rejected: dict[str, int] = {}
+        self.tally = Tally()
         self.parts: dict[tuple[str, str], ParticipationRecord] = {}
         self.answered: set[str] = set()
         self.dropped: set[str] = set()
-        self.bytes_up = 0
-        self.received = 0
-        self._wire: dict[tuple[str, str], int] = {}
-        self._metric_sums: dict[str, float] = {}
-        self._metric_weights: dict[str, float] = {}
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejections of the round in progress by reason."""
+        return self.tally.rejected
 
     # -- the round's life ----------------------------------------------------------------
 
@@ -344,9 +420,7 @@ class RoundEngine:
 
     def count_bytes(self, device: str, transfer_id: str, n: int) -> None:
         """Count ``n`` bytes of a client-update message received while this round runs."""
-        self.bytes_up += n
-        key = (device, transfer_id)
-        self._wire[key] = self._wire.get(key, 0) + n
+        self.tally.count_bytes(device, transfer_id, n)
 
     def close(self, closed: float) -> ClosedRound:
         """End the round at ``closed`` (seconds since the epoch): its record, and the model
@@ -357,13 +431,14 @@ class RoundEngine:
         for device in self.selection:
             if device not in self.answered:
                 self.parts[(device, "")] = ParticipationRecord(device)
-        metrics = {k: self._metric_sums[k] / self._metric_weights[k] for k in sorted(self._metric_sums)}
+        tally = self.tally
+        metrics = {k: tally.metric_sums[k] / tally.metric_weights[k] for k in sorted(tally.metric_sums)}
         record = RoundRecord(
             round=self.round, state="closed" if succeeded else "failed", base_version=self.base_version,
             model_version=self.base_version + (1 if succeeded else 0), target=self.target,
             participants=len(self.selection), accepted=self.aggregate.count, rejected=dict(sorted(self.rejected.items())),
-            test_loss=None, test_accuracy=None, device_metrics=metrics, bytes_up=self.bytes_up, bytes_down=0,
-            dense_bytes_up=4 * self.spec.size * self.received, started=self.started, closed=closed,
+            test_loss=None, test_accuracy=None, device_metrics=metrics, bytes_up=tally.bytes_up, bytes_down=0,
+            dense_bytes_up=4 * self.spec.size * tally.received, started=self.started, closed=closed,
             wall_s=closed - self.started,
             participations=sorted(self.parts.values(), key=lambda p: (p.device, p.transfer_id)))
         return ClosedRound(record, delta)
@@ -473,8 +548,7 @@ class RoundEngine:
 
     def _record(self, device: str, transfer_id: str, outcome: Accepted | Rejected,
                 answered: bool | None = None) -> Accepted | Rejected:
-        self.received += 1
-        wire = self._wire.pop((device, transfer_id), 0)
+        wire = self.tally.judged(device, transfer_id, outcome.reason if isinstance(outcome, Rejected) else None)
         if isinstance(outcome, Accepted):
             upd = outcome.update
             self.aggregate.add(outcome.sparse, float(upd.samples))
@@ -486,13 +560,10 @@ class RoundEngine:
             if self.aggregate.count >= self.target:
                 # Complete from here on: updates already queued behind this one are late.
                 self.is_open = False
-            for key, value in upd.metrics.items():
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + upd.samples * value
-                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + upd.samples
+            self.tally.add_metrics(upd.metrics, upd.samples)
             self.parts[(device, transfer_id)] = ParticipationRecord(device, transfer_id, "accepted", "", upd.samples,
                                                                     wire, dict(upd.metrics))
             return outcome
-        self.rejected[outcome.reason] = self.rejected.get(outcome.reason, 0) + 1
         counts = outcome.reason not in _NOT_AN_ANSWER if answered is None else answered
         if device in self.selected and counts and outcome.round in (-1, self.round):
             self.answered.add(device)
@@ -511,26 +582,14 @@ class RoundEngine:
         return outcome
 
     def _judge(self, topic_device: str, transfer_id: str, data: bytes | memoryview) -> Outcome:
-        if len(data) > self.max_update_bytes:
-            return Rejected("oversized", f"{len(data)} bytes, limit {self.max_update_bytes}")
-        try:
-            upd = decode_update(bytes(data), self.spec, max_bytes=self.max_update_bytes)
-        except SpecMismatchError as exc:
-            return Rejected("spec_mismatch", str(exc))
-        except WireError as exc:
-            return Rejected("malformed", str(exc))
+        upd = read_envelope(data, topic_device, federation=self.federation, spec=self.spec,
+                            is_known=self.is_known, max_update_bytes=self.max_update_bytes)
+        if isinstance(upd, Rejected):
+            return upd
 
         def reject(reason: str, detail: str) -> Rejected:
             return Rejected(reason, detail, upd, upd.round)
 
-        if upd.spec_hash != self.spec.hash:
-            return reject("spec_mismatch", f"ParamSpec {upd.spec_hash}, expected {self.spec.hash}")
-        if upd.federation != self.federation:
-            return reject("malformed", f"federation {upd.federation!r}, expected {self.federation!r}")
-        if upd.device != topic_device:
-            return reject("device_mismatch", f"envelope names {upd.device!r} but came on {topic_device!r}'s topic")
-        if not self.is_known(upd.device):
-            return reject("unknown_device", f"no status ever seen from {upd.device!r}")
         answers = self._answers if upd.round == self.round else self._closed_answers.get(upd.round, {})
         previous = answers.get(upd.device)
         if previous is not None and previous[0] == transfer_id:

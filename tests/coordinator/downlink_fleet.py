@@ -90,7 +90,7 @@ def run_recording(cfg) -> tuple[Any, dict[int, str]]:
 
     def on(p: Progress) -> None:
         if p.kind == "round_closed" and p.record is not None:
-            published[p.record.model_version] = coord._published_sha
+            published[p.record.model_version] = coord.publisher.published_sha
 
     result = coord.run(on)
     published.setdefault(result.version, params_sha256(result.vector))

@@ -60,8 +60,8 @@ def running(mosquitto, tmp_path: Path):
     peer.subscribe([topics.receipt(FED, "dev-a"), topics.receipt(FED, "dev-b")], inbox=receipts)
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
-    # The engine exists once the coordinator has subscribed: publishes from here on reach it.
-    assert _until(lambda: coord.engine is not None)
+    # The first model is published once the coordinator has subscribed: publishes from here on reach it.
+    assert _until(lambda: coord.publisher.model_at is not None)
     try:
         yield coord, peer, receipts, spec
     finally:
@@ -84,7 +84,7 @@ def test_manifests_are_judged_before_anything_is_allocated(running) -> None:
     # dev-a becomes eligible and is selected for round 1.
     peer.publish_wait(topics.status(FED, "dev-a"), Status("dev-a", True, TASK, spec.hash, 10).to_bytes(),
                       retain=True)
-    assert _until(lambda: coord.engine is not None and coord.engine.is_open and "dev-a" in coord.engine.selected)
+    assert _until(lambda: coord.engine.is_open and "dev-a" in coord.engine.selected)
     assert coord.receiver.pending_bytes() == (0, 0)
     # A known device the round did not select: refused from its manifest.
     peer.publish_wait(topics.blob_manifest(topics.update_base(FED, "dev-b", "t2")), _manifest(big))
@@ -98,7 +98,7 @@ def test_manifests_are_judged_before_anything_is_allocated(running) -> None:
     assert (r.transfer_id, r.status, r.reason) == ("t6", "rejected", "busy")
     assert coord.receiver.pending_bytes() == (2, 512 << 10), "only the two admitted transfers hold memory"
     assert coord.engine.is_open
-    limit = coord._update_limit  # noqa: SLF001 - the bound the coordinator applies
+    limit = coord.update_limit
     peer.publish_wait(topics.blob_manifest(topics.update_base(FED, "dev-a", "t3")), _manifest(limit + 1))
     r = _receipt(receipts)
     assert (r.transfer_id, r.status, r.reason) == ("t3", "rejected", "oversized")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.buffered import BufferedCoordinator, make_coordinator
+from coordinator.buffered import BufferedRounds, make_coordinator
 from coordinator.config import config_from_dict
 from coordinator.service import Progress
 from coordinator.state import load_checkpoint
@@ -37,12 +37,12 @@ def test_async_steps_reach_devices_through_the_configured_downlink(tmp_path: Pat
     for i in range(N):
         fleet.start(i)
     coord = make_coordinator(cfg)
-    assert isinstance(coord, BufferedCoordinator)
+    assert isinstance(coord.policy, BufferedRounds)
     published: dict[int, str] = {}
 
     def on(p: Progress) -> None:
         if p.kind == "round_closed" and p.record is not None:
-            published[p.record.model_version] = params_sha256(coord._vector)
+            published[p.record.model_version] = params_sha256(coord.driver.vector)
 
     try:
         result = coord.run(on)

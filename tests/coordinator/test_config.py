@@ -145,7 +145,7 @@ def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, cl
 
 
 def test_async_mode_and_its_section(tmp_path: Path) -> None:
-    from coordinator.buffered import BufferedCoordinator, make_coordinator
+    from coordinator.buffered import BufferedRounds, make_coordinator
 
     path = tmp_path / "c.toml"
     path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "async"\n'
@@ -153,7 +153,7 @@ def test_async_mode_and_its_section(tmp_path: Path) -> None:
     cfg = load_config(path, environ={})
     assert cfg.round.mode == "async" and cfg.async_.buffer_size == 4 and cfg.async_.concurrency == 20
     assert cfg.async_.staleness().weight(3) == pytest.approx(0.25)
-    assert isinstance(make_coordinator(cfg), BufferedCoordinator)
+    assert isinstance(make_coordinator(cfg).policy, BufferedRounds)
     path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "later"\n[async]\nbuffer_size = 0\n')
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})

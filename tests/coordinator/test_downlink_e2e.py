@@ -149,7 +149,7 @@ def test_missing_or_corrupt_delta_falls_back_to_the_snapshot_and_says_why(transp
                 fleet.start(3)
                 fleet.start(4)
             if p.kind == "round_closed" and p.record is not None:
-                published[p.record.model_version] = coord._published_sha
+                published[p.record.model_version] = coord.publisher.published_sha
 
         with caplog.at_level(logging.INFO, logger="edge_client.agent"):
             result = coord.run(on)

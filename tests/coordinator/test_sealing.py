@@ -101,7 +101,7 @@ def strict(mosquitto, tmp_path: Path):
     peer.subscribe([topics.receipt(fed, "dev-a"), topics.receipt(fed, "dev-b")], inbox=receipts)
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
-    assert _until(lambda: coord.engine is not None)
+    assert _until(lambda: coord.publisher.model_at is not None)  # subscribed
     for dev in ("dev-a", "dev-b"):
         peer.publish_wait(topics.status(fed, dev), Status(dev, True, TASK, spec.hash, 10).to_bytes(), retain=True)
     assert _until(lambda: coord.engine.is_open and set(coord.engine.selected) == {"dev-a", "dev-b"})
