@@ -50,6 +50,7 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         duration: float = typer.Option(0.0, help="Without --coordinator: stop after this many seconds (0: never)."),
         log_level: str = typer.Option("warning", help="Log level of this process.")) -> None:
     """Start the fleet; optionally run a coordinator against it."""
+    from coordinator.config import load_config
     from fleet.fleet import Fleet, load_fleet_spec
     from fleet.launch import build_coordinator, run_coordinator
 
@@ -59,13 +60,17 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         spec = load_fleet_spec(config, {"broker_url": broker, "federation": federation, "devices": devices,
                                         "processes": processes, "seed": seed, "work_dir": work_dir,
                                         "network": network})
-        coord = build_coordinator(coordinator) if coordinator is not None else None
+        if coordinator is not None:
+            # Checked now, before any device starts; the coordinator itself is built once the
+            # fleet has written its files (its held-out test set among them).
+            load_config(coordinator)
     except FedmqError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     stop = threading.Event()
+    running: list[Any] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stop.set(), coord.stop() if coord is not None else None))
+        signal.signal(sig, lambda *_: (stop.set(), [c.stop() for c in running]))
     started = time.monotonic()
     summary: dict[str, Any] = {"devices": spec.devices, "processes": spec.processes}
     try:
@@ -78,7 +83,9 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         summary["connect_s"] = round(time.monotonic() - started, 2)
         summary["connected"] = fleet.connected()
         print(json.dumps({"event": "connected", "all": ok, **fleet.totals()}), flush=True)
-        if coord is not None and not stop.is_set():
+        if coordinator is not None and not stop.is_set():
+            coord = build_coordinator(coordinator)
+            running.append(coord)
             result = run_coordinator(coord)
             summary["rounds"] = [r.row() for r in result.records]
             if getattr(coord, "privacy", None) is not None:

@@ -14,7 +14,7 @@ from fedmq.transport import open_link
 from fedmq.transport.settings import BrokerSettings
 
 from .announce_policy import NAME, AckResponder
-from .downlink_fleet import Fleet, coordinator_config
+from .downlink_fleet import coordinator_config, device_threads
 
 N = 4
 ROUNDS = 2
@@ -31,7 +31,7 @@ def transport(request: pytest.FixtureRequest) -> tuple[str, str]:
 def test_only_the_devices_that_acknowledge_the_announcement_train(tmp_path: Path, transport) -> None:
     url, protocol = transport
     fed = f"ann{secrets.token_hex(2)}"
-    fleet = Fleet(tmp_path, url, protocol, fed, N)
+    fleet = device_threads(tmp_path, url, protocol, fed, N)
     silent = f"dev{N - 1}"  # online and eligible, but never acknowledges
     responder_link = open_link(BrokerSettings(url=url, protocol=protocol), client_id="acks").connect()
     try:

@@ -12,7 +12,7 @@ import pytest
 from coordinator.config import config_from_dict
 from coordinator.service import make_coordinator
 from coordinator.state import load_checkpoint
-from tests.coordinator.downlink_fleet import TASK, Fleet
+from tests.coordinator.downlink_fleet import TASK, device_threads
 
 STEPS, K, N = 3, 2, 3
 
@@ -29,7 +29,7 @@ def test_a_pause_point_fires_in_async_mode(tmp_path: Path, monkeypatch: pytest.M
         "broker": {"url": url, "protocol": "5"}, "round": {"mode": "async"},
         "async": {"buffer_size": K, "concurrency": N, "max_staleness": 10, "task_timeout_s": 30.0},
         "plan": {"density": 0.1, "lr": 0.1}, "publish": {"onnx": False}, "evaluation": {"data": "none"}})
-    fleet = Fleet(tmp_path, url, "5", fed, N)
+    fleet = device_threads(tmp_path, url, "5", fed, N)
     for i in range(N):
         fleet.start(i)
     coord = make_coordinator(cfg)

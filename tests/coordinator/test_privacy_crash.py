@@ -23,7 +23,7 @@ from dp_accounting import rdp
 
 from coordinator.service import ROUND_PAUSE_POINTS
 from coordinator.state import load_checkpoint
-from fleet.demo import _write_toml
+from fleet.launch import write_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM = Path(__file__).with_name("sim_device.py")
@@ -48,7 +48,7 @@ def test_privacy_ledger_is_exact_after_kill_9_at_every_step(mosquitto, tmp_path:
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     rounds = len(ROUND_PAUSE_POINTS) + 1
     cfg = tmp_path / "coordinator.toml"
-    _write_toml(cfg, {
+    write_toml(cfg, {
         "federation": "dpcrash", "task": TASK, "rounds": rounds, "seed": 5, "state_dir": "state",
         "broker": {"url": mosquitto.url, "protocol": "5"},
         "round": {"devices_per_round": 3, "min_updates": 1, "deadline_s": 20.0, "min_devices": 4,

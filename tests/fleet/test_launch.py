@@ -43,7 +43,7 @@ def test_both_configurations_are_what_the_applications_read(tmp_path: Path) -> N
     assert (coordinator.federation, coordinator.rounds, coordinator.seed) == ("fed", 4, 7)
     assert coordinator.broker.url == broker.url and coordinator.round.devices_per_round == 2
     assert coordinator.round.deadline_s == 9.0
-    assert (edge.device_id, edge.broker_url, edge.seed, edge.holdout_fraction) == ("dev-a", broker.url, 3, 0.0)
+    assert (edge.device_id, edge.broker.url, edge.seed, edge.holdout_fraction) == ("dev-a", broker.url, 3, 0.0)
     # Relative paths resolve in the folder of the file that names them.
     assert edge.data == tmp_path / "devices" / "dev-a" / "data.npz"
 
