@@ -646,8 +646,8 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from fedmq import topics
-    from fedmq.messages import Status
+    from fedmq.wire import topics
+    from fedmq.wire.messages import Status
     from fedmq.transport.wire import Manifest
 
     def flood_40(pub: Any) -> None:

@@ -43,12 +43,12 @@ import numpy as np
 from coordinator.policy import PolicyParts, register_policy, warmed_plan
 from coordinator.progress import Progress
 from coordinator.service import make_coordinator  # noqa: F401  (where `fedmq coordinator run` finds it)
-from fedmq import topics
-from fedmq.atomic import atomic_write_bytes
-from fedmq.envelope import encode_update
+from fedmq.wire import topics
+from fedmq.storage.atomic import atomic_write_bytes
+from fedmq.wire.envelope import encode_update
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, RoundRecord
-from fedmq.messages import RoundAnnouncement, Task
+from fedmq.wire.messages import RoundAnnouncement, RoundTask
 from fedmq.transport.flows import request_repairs
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class BufferedRounds:
         lease = time.time() + cfg.async_.task_timeout_s
         plan = warmed_plan(cfg, next_round)
         for device in chosen:
-            task = Task(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
+            task = RoundTask(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
                         ctx.publisher.published_sha)
             self.parts.link.publish(topics.task(cfg.federation, device), task.to_bytes(), retain=True)
             self.busy[device] = (next_round, lease)

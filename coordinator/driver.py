@@ -34,9 +34,9 @@ from coordinator.publisher import Publisher
 from coordinator.resume import resume
 from coordinator.state import Checkpoint, StateDB, save_checkpoint
 from coordinator.stepper import Stepper
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import ClosedRound, RoundRecord
-from fedmq.sealing import CoordinatorKey
+from fedmq.security.sealing import CoordinatorKey
 from fedmq.transport import Message
 from fedmq.transport.counting import LINK_BYTES_IN, CountingLink
 from fedmq.transport.receiver import BlobReceiver

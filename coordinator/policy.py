@@ -27,8 +27,8 @@ from coordinator.state import StateDB
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, RoundEngine, RoundRecord, UpdateChecks
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import Task
 from fedmq.transport import Link
 

@@ -3,7 +3,7 @@
 :class:`Publisher` owns what the broker should hold for devices to find: each global model
 version (dense: a retained safetensors blob and its pointer; compressed downlink: the
 version's delta blob, a snapshot every ``snapshot_every`` versions and the version chain,
-:mod:`fedmq.chain`), the ONNX export when due, the retained round state (tasks, round
+:mod:`fedmq.fl.chain`), the ONNX export when due, the retained round state (tasks, round
 announcement, secure-round results) and the clearing of superseded versions. mosquitto saves
 retained messages only every ``autosave_interval``: after a broker restart
 :meth:`Publisher.repair` publishes the same bytes again.
@@ -21,13 +21,13 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.state import StateDB
-from fedmq import topics
-from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.wire import topics
+from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.errors import TransportError
 from fedmq.fl.downlink import params_sha256
-from fedmq.messages import ModelPointer
-from fedmq.modelio import export_onnx, model_to_safetensors
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.wire.messages import ModelPointer
+from fedmq.model.modelio import export_onnx, model_to_safetensors
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task
 from fedmq.transport import Link
 from fedmq.transport.flows import clear_blob, publish_model

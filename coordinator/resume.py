@@ -23,10 +23,10 @@ from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyGuard
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from coordinator.stepper import Stepper
-from fedmq.atomic import remove_stale_temporaries
+from fedmq.storage.atomic import remove_stale_temporaries
 from fedmq.errors import StateError
 from fedmq.fl import downlink
-from fedmq.params import flatten_params
+from fedmq.model.params import flatten_params
 
 log = logging.getLogger("fedmq.coordinator")
 

@@ -53,8 +53,8 @@ from coordinator.phases import Phase, PhaseFailed, PhaseIO, Refused, run_phase
 from coordinator.policy import PolicyParts, register_policy
 from coordinator.state import CHECKPOINT_NAME, load_checkpoint
 from coordinator.synchronous import SyncRounds
-from fedmq import topics
-from fedmq.atomic import atomic_write_text
+from fedmq.wire import topics
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import FedmqError, StateError
 from fedmq.fl.aggregation import model_delta
 from fedmq.fl.rounds import ClosedRound, ParticipationRecord, RoundRecord
@@ -63,7 +63,7 @@ from fedmq.secagg import messages as sm
 from fedmq.secagg.messages import MAX_DEVICES
 from fedmq.secagg.protocol import UnmaskResponse
 from fedmq.secagg.shamir import PRIME
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 from fedmq.transport import Link, Message
 
 if TYPE_CHECKING:

@@ -42,11 +42,11 @@ from coordinator.publisher import Publisher
 from coordinator.state import StateDB
 from coordinator.stepper import Stepper
 from fedmq.data import load_split
-from fedmq.envelope import max_update_bytes
+from fedmq.wire.envelope import max_update_bytes
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import RoundEngine, UpdateChecks
-from fedmq.params import ParamSpec
-from fedmq.sealing import SEAL_OVERHEAD, load_or_create_key
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import SEAL_OVERHEAD, load_or_create_key
 from fedmq.tasks import get_task
 from fedmq.transport import Link, open_link
 from fedmq.transport.counting import CountingLink
@@ -109,7 +109,7 @@ class Coordinator:
         self.update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec) + SEAL_OVERHEAD)
         self.db = StateDB(config.state_dir)
         try:
-            #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state folder.
+            #: The key pair devices seal their client updates to (fedmq.security.sealing), kept in the state folder.
             self.seal_key = load_or_create_key(config.state_dir)
             eval_data = self._eval_data()
             self.stepper = Stepper(config, self.task, self.spec, self.model, self.optimizer, eval_data)

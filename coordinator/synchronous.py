@@ -6,7 +6,7 @@ select ``ceil(target * over_selection)`` of them with the generator of ``(seed, 
 differential privacy the guard selects and may refuse to open the round); open the engine
 (:class:`fedmq.fl.rounds.RoundEngine`); run the round's phases (:class:`RoundPhases`: the
 plain round has one, :class:`CollectUpdates`, which sends each device a retained
-:class:`fedmq.messages.Task`, announces the round and accepts client updates until
+:class:`fedmq.wire.messages.RoundTask`, announces the round and accepts client updates until
 ``target`` are accepted, every selected device has answered or dropped, or the deadline
 passes); hand the closed round to the driver's server step. A selected device whose
 offline status arrives is counted as dropped once ``round.drop_grace_s`` pass without it
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from coordinator.policy import PolicyParts, register_policy, warmed_plan
 from coordinator.progress import Progress
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
-from fedmq.messages import RoundAnnouncement, Task, TrainPlan
+from fedmq.wire.messages import RoundAnnouncement, RoundTask, TrainPlan
 from fedmq.transport.flows import request_repairs
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class SyncRounds:
         """Send each of ``devices`` its retained task for the open round."""
         engine, plan = self.engine, self.plan()
         for i, device in enumerate(devices):
-            task = Task(self.config.federation, device, engine.round, engine.base_version, self.parts.spec.hash,
+            task = RoundTask(self.config.federation, device, engine.round, engine.base_version, self.parts.spec.hash,
                         engine.deadline, plan, ctx.publisher.published_sha, secure_aggregation=secure)
             ctx.publisher.publish_retained(topics.task(self.config.federation, device), task.to_bytes())
             if i == 0:

@@ -24,13 +24,13 @@ from edge_client.config import EdgeConfig
 from edge_client.connection import Connection
 from edge_client.loop import TICK, Heartbeat
 from edge_client.state import DeviceState
-from fedmq import topics
-from fedmq.chain import DeltaBlob, ModelChain
+from fedmq.wire import topics
+from fedmq.fl.chain import DeltaBlob, ModelChain
 from fedmq.errors import FedmqError, TransferError, TransportError, WireError
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.modelio import model_from_safetensors, model_to_safetensors
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.model.modelio import model_from_safetensors, model_to_safetensors
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task as TaskDef
 from fedmq.transport import Message
 from fedmq.transport.flows import fetch_blob

@@ -30,13 +30,13 @@ from edge_client.secure_rounds import SecureRounds
 from edge_client.settlement import Settlement
 from edge_client.state import DeviceState
 from fedmq.errors import FedmqError, NonFiniteError
-from fedmq.feedback import ErrorFeedback
+from fedmq.codecs.feedback import ErrorFeedback
 from fedmq.fl.client import package_update, train_for_task
 from fedmq.fl.training import LocalResult
-from fedmq.messages import Task
-from fedmq.params import ParamSpec
-from fedmq.sealing import seal_update
-from fedmq.tasks import Task as TaskDef
+from fedmq.wire.messages import RoundTask
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import seal_update
+from fedmq.tasks import Task
 from fedmq.transport.counting import LINK_BYTES_IN, LINK_BYTES_OUT
 
 log = logging.getLogger("edge_client.agent")
@@ -64,7 +64,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: EdgeConfig, conn: Connection, state: DeviceState, feedback: ErrorFeedback, *,
-                 model: torch.nn.Module, spec: ParamSpec, task_def: TaskDef, local: LocalData,
+                 model: torch.nn.Module, spec: ParamSpec, task_def: Task, local: LocalData,
                  coordinator_key: X25519PublicKey | None, heartbeat: Heartbeat, sync: ModelSync,
                  settlement: Settlement, secure: SecureRounds, counters: Counter[str], notifier: Notifier,
                  pause: Callable[[str, int], None]) -> None:
@@ -73,10 +73,10 @@ class Trainer:
         self.coordinator_key = coordinator_key
         self.heartbeat, self.sync, self.settlement, self.secure = heartbeat, sync, settlement, secure
         self.counters, self.notifier, self.pause = counters, notifier, pause
-        self.pace: Callable[[Task, LocalResult], None] | None = None
+        self.pace: Callable[[RoundTask, LocalResult], None] | None = None
         self._reported = conn.link.traffic.snapshot()
 
-    def run_round(self, task: Task, stop: threading.Event) -> None:
+    def run_round(self, task: RoundTask, stop: threading.Event) -> None:
         """Take part in ``task``'s round: fetch, train, send (or skip it, saying why). Returns
         early, the round not done, when ``stop`` is set while it fetches or trains.
 
@@ -145,7 +145,7 @@ class Trainer:
             return
         self._send(task, result)
 
-    def _train(self, task: Task, cap: float) -> LocalResult:
+    def _train(self, task: RoundTask, cap: float) -> LocalResult:
         local = self.local
         result = train_for_task(self.model, local.x, local.y, task, seed=self.cfg.seed, max_seconds=cap,
                                 x_val=local.x_val, y_val=local.y_val, task_def=self.task_def)
@@ -153,7 +153,7 @@ class Trainer:
             self.pace(task, result)
         return result
 
-    def _send(self, task: Task, result: LocalResult) -> None:
+    def _send(self, task: RoundTask, result: LocalResult) -> None:
         """Package the update (error feedback, codec, envelope, seal), commit it with the
         residual, then publish it."""
         cfg = self.cfg
@@ -182,7 +182,7 @@ class Trainer:
                  result.metrics.get("train_loss", float("nan")))
         self.pause("published", task.round)
 
-    def _skip_bad_model(self, task: Task, why: str) -> None:
+    def _skip_bad_model(self, task: RoundTask, why: str) -> None:
         """Skip a round whose global model cannot be used; the agent keeps serving."""
         self.counters["bad_models"] += 1
         log.error("round %d: global model %d unusable: %s: round skipped", task.round, task.model_version, why)

@@ -29,8 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from fedmq.errors import ConfigError, DataError
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task, evaluate
 
 

@@ -3,7 +3,7 @@ registry line at its end, with no edit to the round driver.
 
 Phase 1 (``announce``): every selected device is sent ``announce:<round>`` on
 ``fedmq/F/announce/D`` and must answer ``ack:<round>`` (message kind ``ack`` on its phase
-topic, :func:`fedmq.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements
+topic, :func:`fedmq.wire.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements
 than ``min_updates`` fail the round. Phase 2 (``collect``): only the devices that
 acknowledged get a task; the others are counted as dropped; client updates are collected
 as in a plain round. :class:`AckResponder` is the
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from coordinator.phases import Phase, PhaseFailed, Refused, run_phase
 from coordinator.policy import PolicyParts, register_policy
 from coordinator.synchronous import SyncRounds
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import ClosedRound, RoundRecord
 from fedmq.transport import Link, Message
 

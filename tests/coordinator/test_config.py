@@ -8,7 +8,7 @@ import pytest
 from coordinator.config import load_config
 from fedmq.codecs import CodecSpec
 from fedmq.errors import ConfigError, WireError
-from fedmq.messages import Task, TrainPlan
+from fedmq.wire.messages import RoundTask, TrainPlan
 
 GOOD = """
 federation = "lab"
@@ -173,12 +173,12 @@ def test_topk_selection_is_configured_and_checked(tmp_path):
 
 
 def test_task_plan_carries_topk_and_refuses_an_unknown_one():
-    task = Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
+    task = RoundTask(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
                 plan=TrainPlan(codec=CodecSpec.of(topk="per-tensor")))
-    assert Task.from_bytes(task.to_bytes()).plan.codec.params.topk == "per-tensor"
-    assert Task.from_bytes(Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16,
+    assert RoundTask.from_bytes(task.to_bytes()).plan.codec.params.topk == "per-tensor"
+    assert RoundTask.from_bytes(RoundTask(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16,
                                 deadline=1.5).to_bytes()).plan.codec.params.topk == "global"
     raw = msgpack.unpackb(task.to_bytes())
     raw["plan"]["topk"] = "layer"
     with pytest.raises(WireError, match=r"topk must be one of .*R25"):
-        Task.from_bytes(msgpack.packb(raw))
+        RoundTask.from_bytes(msgpack.packb(raw))

@@ -19,15 +19,15 @@ import pytest
 
 from fedmq import PROTOCOL_VERSION, errors
 from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
-from fedmq.envelope import decode_update, encode_update
-from fedmq.messages import Receipt, Task
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import decode_update, encode_update
+from fedmq.wire.messages import Receipt, RoundTask
+from fedmq.model.params import ParamSpec
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 SPECS = {name: ParamSpec.from_dict(d) for name, d in MANIFEST["specs"].items()}
 CASES = {c["name"]: c for c in MANIFEST["cases"]}
-CONTROL = {"receipt": Receipt, "task": Task}
+CONTROL = {"receipt": Receipt, "task": RoundTask}
 #: The spec's refusal rules (docs/wire-format.md, "Refusal rules").
 RULES = [f"R{i}" for i in range(1, 45)]
 

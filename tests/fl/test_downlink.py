@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.codecs import CodecSpec
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.fl import downlink
 from fedmq.fl.downlink import apply_delta, compress_step, params_sha256, plan_catch_up, server_model
 from fedmq.fl.server_opt import make_server_optimizer
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
 CFG = CodecSpec.of(density=0.02, dense_below=64)

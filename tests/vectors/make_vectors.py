@@ -30,8 +30,8 @@ import numpy as np
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.codecs.topk_int8 import TopKParams
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec
 
 #: Rules the first, hand-picked invalid cases break.
 _LEGACY_RULES = {"bad-nan-scale": "R38", "bad-index-out-of-range": "R37", "bad-truncated": "R27",

@@ -2,7 +2,7 @@
 
 Byte layout in docs/wire-format.md, "Client update envelope". Decoding is strict and follows
 the spec's numbered refusal rules R1-R23 in their order: the size of the message is bounded
-by the ParamSpec before parsing, the msgpack subset is read by :mod:`fedmq.strict_msgpack`,
+by the ParamSpec before parsing, the msgpack subset is read by :mod:`fedmq.wire.strict_msgpack`,
 every field's type and range is checked in the table's order, the spec hash must match and
 the payload must fit the codec's bound. Everything malformed raises
 :class:`~fedmq.errors.WireError` (or a subclass) naming the rule, nothing else.
@@ -21,8 +21,8 @@ import msgpack
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import codec_names, max_payload_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
-from fedmq.params import ParamSpec
-from fedmq.strict_msgpack import unpack_map
+from fedmq.model.params import ParamSpec
+from fedmq.wire.strict_msgpack import unpack_map
 
 MESSAGE_TYPE = "update"
 UPDATE_KINDS = ("delta", "gradient")
@@ -46,7 +46,7 @@ class ClientUpdate:
         base_version: global model version the device trained from (>= 0).
         samples: number of local training samples (>= 0), the aggregation weight.
         kind: ``"delta"`` (w_local - w_global) or ``"gradient"`` (mean minibatch gradient).
-        spec_hash: :attr:`fedmq.params.ParamSpec.hash` of the model.
+        spec_hash: :attr:`fedmq.model.params.ParamSpec.hash` of the model.
         codec: ``"topk-int8"`` or ``"none"``.
         payload: the codec payload (bytes).
         metrics: name -> finite float (e.g. ``train_loss``), at most 64 entries.

@@ -2,12 +2,12 @@
 
 Each message is one msgpack map with ``"v"`` (protocol version, int) and ``"type"`` (str).
 Decoding is strict and follows the spec's numbered refusal rules: the size (R1), the
-msgpack subset (R2-R13, :mod:`fedmq.strict_msgpack`), the protocol version (R14) and type
+msgpack subset (R2-R13, :mod:`fedmq.wire.strict_msgpack`), the protocol version (R14) and type
 (R15), then each field in the table's order: missing or of the wrong type (R24), out of
 range (R25). Every refusal is a :class:`fedmq.errors.WireError` whose message ends with
 the rule id, never anything else. Unknown extra keys are
 ignored (forward compatibility within one protocol version). The client update envelope
-lives in :mod:`fedmq.envelope`; chunked blobs in :mod:`fedmq.transport`.
+lives in :mod:`fedmq.wire.envelope`; chunked blobs in :mod:`fedmq.transport`.
 See docs/wire-format.md for the byte-level description.
 """
 
@@ -23,7 +23,7 @@ import msgpack
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import DEFAULT_CODEC, CodecSpec, all_param_names, get_codec
 from fedmq.errors import CodecError, WireError
-from fedmq.strict_msgpack import unpack_map
+from fedmq.wire.strict_msgpack import unpack_map
 
 #: Largest control message accepted, bytes. Control messages are small maps.
 MAX_CONTROL_BYTES = 64 * 1024
@@ -33,7 +33,7 @@ UPDATE_KINDS = ("delta", "gradient")
 
 def unpack_control(data: bytes, expected_type: str) -> dict[str, Any]:
     """The map of a control message of type ``expected_type`` (the same reader for every control
-    message, :mod:`fedmq.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
+    message, :mod:`fedmq.fl.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_CONTROL_BYTES:
@@ -235,7 +235,7 @@ class TrainPlan:
         return self
 
     def as_table(self) -> dict[str, Any]:
-        """The plan as the Task carries it: one flat map, the codec's name under ``codec`` and
+        """The plan as the RoundTask carries it: one flat map, the codec's name under ``codec`` and
         each of its parameters under its own name right after it (docs/wire-format.md, "Task")."""
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -311,12 +311,12 @@ _PLAN_TYPES: dict[str, type] = {
 
 
 @dataclass(frozen=True)
-class Task(_Message):
+class RoundTask(_Message):
     """Per-device task on ``fedmq/F/task/D`` (retained, QoS 1): train from global model
     ``model_version`` for ``round`` and send a client update before ``deadline``
     (wall-clock seconds since the epoch). ``model_sha256`` (64 hex chars) is the SHA-256
     of that version's float32 parameter vector when the downlink is compressed (the device
-    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise.
+    then catches up through the version chain, :mod:`fedmq.fl.chain`); "" otherwise.
     ``secure_aggregation``: the round is a secure round (:mod:`edge_client.secure`): the device
     sends a masked input on ``fedmq/F/secagg/D/input`` instead of a client update."""
 
@@ -338,7 +338,7 @@ class Task(_Message):
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Task:
+    def from_bytes(cls, data: bytes) -> RoundTask:
         o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
         federation, device = get_field(o, "federation", str, w), get_field(o, "device", str, w)
