@@ -127,7 +127,7 @@ class CatchUp:
     reason: str
 
 
-def plan_catch_up(held: int | None, target: int, delta_sizes: dict[int, int], snapshot: int,
+def choose_catch_up(held: int | None, target: int, delta_sizes: dict[int, int], snapshot: int,
                   snapshot_size: int, *, avoid_deltas: bool = False) -> CatchUp | None:
     """The catch-up rule (docs/wire-format.md, "Catch-up rule").
 
