@@ -26,7 +26,7 @@ from typing import Any
 import typer
 
 from coordinator.config import CoordinatorConfig, load_config
-from coordinator.buffered import make_coordinator
+from coordinator.service import make_coordinator
 from coordinator.lock import lock_state_dir
 from coordinator.privacy import checkpoint_privacy
 from coordinator.service import Progress

@@ -43,14 +43,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from coordinator.config import SecureAggregationConfig
 from coordinator.evaluation import gate_gradient
 from coordinator.phases import Phase, PhaseFailed, PhaseIO, Refused, run_phase
-from coordinator.policy import PolicyParts, register_policy
+from coordinator.policy import PolicyParts, RoundContext, register_policy
 from coordinator.state import CHECKPOINT_NAME, load_checkpoint
 from coordinator.synchronous import SyncRounds
 from fedmq.wire import topics
@@ -66,8 +65,6 @@ from fedmq.secagg.shamir import PRIME
 from fedmq.model.params import ParamSpec
 from fedmq.transport import Link, Message
 
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
 
 log = logging.getLogger("fedmq.coordinator.secure")
 
@@ -399,7 +396,7 @@ class SecurePhases:
         #: The global model before the round's step, float32 ``(d,)`` (to compute ``last_change``).
         self.before: np.ndarray | None = None
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """Subscribe to the phases' messages; tell the result of the last round again (a
         restart after its checkpoint may have cut it short)."""
         cfg, fed = self.parts.config, self.parts.config.federation
@@ -415,7 +412,7 @@ class SecurePhases:
             for device in told:
                 ctx.publisher.publish_retained(topics.secagg_down(fed, device), result.to_bytes())
 
-    def _other(self, ctx: RoundDriver, rounds: SyncRounds, msg: Message) -> None:
+    def _other(self, ctx: RoundContext, rounds: SyncRounds, msg: Message) -> None:
         fed = self.parts.config.federation
         parsed = topics.parse_update_topic(fed, msg.topic)
         if parsed is not None and parsed[2] == "m" and msg.payload and not msg.retain \
@@ -429,7 +426,7 @@ class SecurePhases:
         else:
             ctx.inbox.rejections["secure_round_chunk"] += 1  # of a plain update refused by its manifest
 
-    def run(self, ctx: RoundDriver, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
+    def run(self, ctx: RoundContext, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
         """Run the round's secure attempt and close the round with it."""
         cfg, engine = self.parts.config, rounds.engine
         rounds.publish_tasks(ctx, engine.selection, secure=True)
@@ -465,7 +462,7 @@ class SecurePhases:
         return {"secagg_result": self.outcome.result_message().to_bytes().hex(),
                 "secagg_told": json.dumps(self.outcome.told)}
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         outcome, before = self.outcome, self.before
         if outcome is not None:
             result = outcome.result_message().to_bytes()

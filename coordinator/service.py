@@ -28,6 +28,10 @@ from typing import Any
 
 import numpy as np
 
+# The built-in round policies register themselves on import: sync, secure, async.
+import coordinator.buffered  # noqa: F401
+import coordinator.secure  # noqa: F401
+import coordinator.synchronous  # noqa: F401
 from coordinator.config import CoordinatorConfig
 from coordinator.driver import RoundDriver
 from coordinator.evaluation import BackgroundEvaluator

@@ -145,7 +145,8 @@ def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, cl
 
 
 def test_async_mode_and_its_section(tmp_path: Path) -> None:
-    from coordinator.buffered import BufferedRounds, make_coordinator
+    from coordinator.buffered import BufferedRounds
+    from coordinator.service import make_coordinator
 
     path = tmp_path / "c.toml"
     path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "async"\n'
