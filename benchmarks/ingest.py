@@ -88,7 +88,7 @@ def _updates(n_distinct: int = 20) -> tuple[Any, list[Any]]:
 def _envelope(spec: Any, result: Any, device: str) -> bytes:
     """A client update of ``device`` for round 1, built by the client-update pipeline
     (Top-K 1% + int8; a fresh residual, so every envelope is the update itself)."""
-    from fedmq.codecs.feedback import ErrorFeedback
+    from fedmq.fl.feedback import ErrorFeedback
     from fedmq.fl.client import package_update
     from fedmq.wire.messages import RoundTask, TrainPlan
 

@@ -22,7 +22,7 @@ from edge_client.config import EdgeConfig
 from edge_client.connection import Connection
 from edge_client.secure import ACTIVE_AFTER_DEADLINE_S, Pending, SecureDevice, clear_pending, load_pending, save_pending
 from edge_client.state import DeviceState
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.wire.messages import RoundTask
 from fedmq.transport import Message
 

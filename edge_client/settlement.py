@@ -25,7 +25,7 @@ from fedmq.wire import topics
 from fedmq.codecs import decode
 from fedmq.wire.envelope import decode_update
 from fedmq.errors import TransportError
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.wire.messages import Receipt, RoundTask
 from fedmq.model.params import ParamSpec
 

@@ -45,7 +45,7 @@ from typing import IO
 
 from fedmq.storage.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.errors import StateError
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.storage.lockfile import LOCK_FILE, lock_folder
 from fedmq.model.params import ParamSpec
 

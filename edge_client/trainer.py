@@ -30,7 +30,7 @@ from edge_client.secure_rounds import SecureRounds
 from edge_client.settlement import Settlement
 from edge_client.state import DeviceState
 from fedmq.errors import FedmqError, NonFiniteError
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update, train_for_task
 from fedmq.fl.training import LocalResult
 from fedmq.wire.messages import RoundTask

@@ -1,7 +1,7 @@
 """The codec seam: what every client-update codec implements, and the registry that picks one.
 
 A codec is a pure object with no memory of the past (error feedback lives in
-:mod:`fedmq.codecs.feedback`): ``encode`` maps a float32 vector to bytes, ``decode`` /
+:mod:`fedmq.fl.feedback`): ``encode`` maps a float32 vector to bytes, ``decode`` /
 ``decode_sparse`` map bytes back, and ``max_payload_bytes`` bounds any valid payload from
 the :class:`~fedmq.model.params.ParamSpec` alone, so a receiver can refuse an oversized transfer
 before allocating anything for it. The design follows GRACE's ``Compressor`` (Xu et al.

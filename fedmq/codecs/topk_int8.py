@@ -7,7 +7,7 @@ kept values, indices as gaps coded with Golomb-Rice (unary quotients and fixed-w
 remainders in two separate bit streams, so that both directions are vectorised). Each
 tensor falls back to dense int8 when that is not larger, and tensors with fewer than
 ``dense_below`` elements always go dense int8. Top-K with error feedback follows Stich et
-al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.codecs.feedback`);
+al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.fl.feedback`);
 Golomb 1966 / Rice 1979 for the index code.
 
 The decoder checks every size against the :class:`~fedmq.model.params.ParamSpec` before

@@ -11,7 +11,7 @@ deadline between them (an update trained too late is kept in the residual instea
    round, so a rerun of a round trains the same update);
 2. :func:`package_update` adds the update into the residual, encodes it with the plan's
    codec (:func:`fedmq.codecs.encode`), takes what was sent out of the residual
-   (:class:`fedmq.codecs.feedback.ErrorFeedback`; plain compression when the plan turns error
+   (:class:`fedmq.fl.feedback.ErrorFeedback`; plain compression when the plan turns error
    feedback off) and builds the :class:`fedmq.wire.envelope.ClientUpdate` envelope. Under
    differential privacy (``plan.clip_norm`` > 0) what is sent is clipped to the clip norm as
    the coordinator decodes it, and under distributed noise (``plan.noise_std`` > 0) the
@@ -32,7 +32,7 @@ import torch
 
 from fedmq.codecs import encode
 from fedmq.wire.envelope import ClientUpdate, encode_update
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.training import LocalResult, train_local
 from fedmq.wire.messages import RoundTask
 from fedmq.model.params import ParamSpec

@@ -23,7 +23,7 @@ import numpy as np
 from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, encode
 from fedmq.wire.envelope import ClientUpdate, encode_update
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
 from fedmq.fl.training import LocalResult
 from fedmq.wire.messages import Status, RoundTask

@@ -32,7 +32,7 @@ from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, decode
 from fedmq.data import load_digits, save_npz_atomic
 from fedmq.wire.envelope import decode_update
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.wire.messages import ModelPointer, Receipt, Status, RoundTask, TrainPlan
 from fedmq.model.modelio import model_from_safetensors, model_to_safetensors
 from fedmq.model.params import ParamSpec

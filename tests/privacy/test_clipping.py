@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedmq.codecs import CodecSpec, codec_names, decode
 from fedmq.wire.envelope import decode_update
-from fedmq.codecs.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
 from fedmq.fl.training import LocalResult
 from fedmq.wire.messages import RoundTask, TrainPlan
