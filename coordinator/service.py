@@ -55,6 +55,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.phases import PhaseIO
 from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyChecks, PrivacyGuard
+from coordinator.scaffold import ScaffoldServer, fleet_size_of
 from coordinator.secure import SecureOutcome, SecureRound, closed_round, plan_support
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from fedmq import topics
@@ -248,6 +249,13 @@ class Coordinator:
         self._last_change: np.ndarray | None = None
         self._secure_outcome: SecureOutcome | None = None
         self._hook = PauseHook("FEDMQ_COORDINATOR", PAUSE_POINTS)
+        #: Scaffold's server control variate (``[plan] algorithm = "scaffold"``; coordinator/scaffold.py).
+        self.scaffold = ScaffoldServer(
+            self.spec, self.fed, config.state_dir, config.downlink.codec_config(), window=config.downlink.window,
+            snapshot_every=config.downlink.snapshot_every,
+            fleet_size=lambda: fleet_size_of(self.registry.devices, self.task.name, self.spec.hash),
+            norm_factor=config.limits.norm_bound_factor, norm_warmup=config.limits.norm_bound_warmup) \
+            if config.plan.algorithm == "scaffold" else None
 
     def _pause(self, point: str, round_: int) -> None:
         self._hook(point, round_, lambda: self.stopping)
@@ -364,9 +372,10 @@ class Coordinator:
             # not post-processing of the noisy aggregate).
             return PrivacyChecks(self.privacy, max_samples=lim.max_samples, samples_of=self._announced_samples,
                                  norms=self._norms)
-        return UpdateChecks(max_samples=lim.max_samples, samples_of=self._announced_samples,
-                            norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
-                            norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial, norms=self._norms)
+        checks = UpdateChecks(max_samples=lim.max_samples, samples_of=self._announced_samples,
+                              norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
+                              norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial, norms=self._norms)
+        return checks if self.scaffold is None else self.scaffold.checks(checks)  # type: ignore[return-value]
 
     def _announced_samples(self, device: str) -> int:
         dev = self.registry.devices.get(device)
@@ -397,6 +406,8 @@ class Coordinator:
                 raise StateError(f"{state_dir}/checkpoint.safetensors: model of {ckpt.model.shape[0]} parameters, "
                                  f"expected {self.spec.size}")
             self.optimizer.load_state_arrays(ckpt.optimizer_state, self.spec.size)
+            if self.scaffold is not None:
+                self.scaffold.restore(ckpt.optimizer_state, f"{state_dir}/{CHECKPOINT_NAME}")
             vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
             if self.privacy is not None:
                 self.privacy.restore(ckpt.meta.get("privacy"), f"{state_dir}/{CHECKPOINT_NAME}")
@@ -551,6 +562,10 @@ class Coordinator:
         if closed.model_delta is not None and not stepped:
             rec = replace(rec, state="failed", model_version=rec.base_version)
             self.rejections["non_finite_model"] += 1
+        if self.scaffold is not None and stepped:
+            self.scaffold.step(rec.model_version)
+        elif self.scaffold is not None:
+            self.scaffold.discard()
         rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = self._checkpoint_meta(engine.checks)
@@ -559,7 +574,10 @@ class Coordinator:
             meta["secagg_result"] = self._secure_outcome.result_message().to_bytes().hex()
             meta["secagg_told"] = json.dumps(self._secure_outcome.told)
         # Durable first (the checkpoint is the source of truth), then visible.
-        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, self.optimizer.state_arrays(),
+        arrays = self.optimizer.state_arrays()
+        if self.scaffold is not None:
+            arrays.update(self.scaffold.state_arrays())
+        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, vector, arrays,
                                                   meta, rec, self._residual),
                         before_rename=lambda: self._pause("checkpoint_write", rec.round))
         self._pause("checkpoint_rename", rec.round)
@@ -1021,6 +1039,10 @@ class Coordinator:
         due (``export.onnx_every``, the first version of a run and the last round's)."""
         self._published_sha = params_sha256(vector) if self._residual is not None else ""
         self._model_at = (version, round_)
+        if self.scaffold is not None:
+            assert self.db is not None
+            # Before the model: a task for this version finds its control variate on the broker.
+            self.scaffold.publish(self.link, self.db, version)
         if self._residual is None:
             self._publish_snapshot(vector, version, round_)
         else:

@@ -70,6 +70,7 @@ from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.sdnotify import Notifier
 from edge_client.secure import (ACTIVE_AFTER_DEADLINE_S, Pending, SecureDevice, clear_pending, load_pending,
                                 save_pending)
+from edge_client.scaffold import ScaffoldDevice
 from edge_client.state import DeviceState, lock_state_dir
 from fedmq import __version__, topics
 from fedmq.codecs import decode
@@ -221,6 +222,8 @@ class EdgeAgent:
         self._state_lock = lock_state_dir(cfg.state_dir)
         self.state = DeviceState(cfg.state_dir)
         self.feedback = self.state.load_feedback(self.spec)
+        #: Scaffold's control variate c_i and its residual (edge_client/scaffold.py; used when a task asks).
+        self.scaffold = ScaffoldDevice(cfg.state_dir, self.spec, self.state)
         #: The coordinator's pinned public key: client updates are sealed to it (None: sent in the clear).
         self.coordinator_key = load_public_key(cfg.coordinator_key) if cfg.coordinator_key is not None else None
         pin_key(cfg.state_dir, self.coordinator_key, cfg.where("coordinator_key")
@@ -890,8 +893,10 @@ class EdgeAgent:
         return True
 
     def _train(self, task: Task, cap: float) -> LocalResult:
+        correction = self.scaffold.correction(task, self.link, self.cfg.federation, self.cfg.fetch_timeout) \
+            if task.plan.algorithm == "scaffold" else None
         result = train_for_task(self.model, self.x, self.y, task, seed=self.cfg.seed, max_seconds=cap,
-                                x_val=self.x_val, y_val=self.y_val, task_def=self.task_def)
+                                x_val=self.x_val, y_val=self.y_val, task_def=self.task_def, correction=correction)
         if self.pace is not None:
             self.pace(task, result)
         return result
@@ -979,8 +984,9 @@ class EdgeAgent:
             self._secure_input(task, result)
             return
         try:
+            control = self.scaffold.package(task, result, cfg.seed) if plan.algorithm == "scaffold" else b""
             packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
-                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed)
+                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed, control=control)
         except NonFiniteError as exc:
             # package_update leaves the residual unchanged when it refuses.
             self._skip_bad_model(task, f"training on it gave a non-finite update ({exc})")
@@ -991,6 +997,8 @@ class EdgeAgent:
         if self.coordinator_key is not None:
             sealed = seal_update(data, self.coordinator_key, federation=cfg.federation, device=cfg.device_id,
                                  transfer_id=transfer_id)
+        if control:
+            self.scaffold.save(transfer_id)  # its ledger entry, committed next, says which half is in force
         inflight = self.state.begin_update(self.feedback, data, round=task.round, transfer_id=transfer_id,
                                            base_version=task.model_version, deadline=task.deadline,
                                            with_feedback=plan.error_feedback, sealed=sealed)
