@@ -28,7 +28,6 @@ between rounds (a restart fetches it again).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,6 @@ from fedmq.fl.training import LocalResult
 from fedmq.messages import Task
 from fedmq.params import ParamSpec
 from fedmq.transport import Link
-
-log = logging.getLogger(__name__)
 
 FILE_NAME = "scaffold.safetensors"
 _KEYS = ("pre.c", "pre.residual", "post.c", "post.residual")
