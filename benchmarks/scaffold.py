@@ -20,7 +20,7 @@ Cases (``--case``, repeatable; default all four):
 
 ``python -m benchmarks.scaffold`` runs digits (digits-mlp, 20 devices, 5 per round, 30
 rounds, Dirichlet 0.1 and 0.5); ``--quick`` 10 rounds and Dirichlet 0.1 only; the MNIST-10k
-CNN: ``--task mnist-cnn --data mnist --devices 20 --per-round 5 --rounds 30``. Prints one JSON
+CNN: ``--task mnist-cnn --data mnist --data-dir ../shared/data/mnist-t10k``. Prints one JSON
 line per (alpha, case) and a table; ``--out FILE`` writes them as JSON.
 """
 
