@@ -27,6 +27,7 @@ from fedmq.fl.server_opt import FEDAVGM_ETA as FEDAVGM_ETA, FEDAVGM_MOMENTUM as 
 from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
+from fedmq.fl.scaffold import check_plan
 from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, all_param_names
 from fedmq.codecs.schedule import DensityWarmup
@@ -459,6 +460,12 @@ class CoordinatorConfig(_Section, Sourced):
             # built): accounting it would state a guarantee the model does not have.
             raise ValueError("secure_aggregation.enabled and privacy.enabled together are not supported yet: "
                              "the secure round's sum carries no noise, so no epsilon could be stated for it")
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_applies(self) -> CoordinatorConfig:
+        check_plan(self.plan.algorithm, mode=self.round.mode, secure=self.secure_aggregation.enabled,
+                   privacy=self.privacy.enabled)
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.scaffold import ScaffoldServer
 from coordinator.state import StateDB
 from fedmq.wire import topics
 from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
@@ -57,8 +58,10 @@ class Publisher:
     """
 
     def __init__(self, config: CoordinatorConfig, link: Link, task: Task, spec: ParamSpec, model: torch.nn.Module,
-                 db: StateDB, onnx_metadata: Callable[[], dict[str, str] | None]) -> None:
+                 db: StateDB, onnx_metadata: Callable[[], dict[str, str] | None], *,
+                 scaffold: ScaffoldServer | None = None) -> None:
         self.config, self.link, self.task, self.spec, self.model, self.db = config, link, task, spec, model, db
+        self.scaffold = scaffold
         self.fed = config.federation
         self.onnx_metadata = onnx_metadata
         self.compressed = config.downlink.compressed
@@ -93,6 +96,9 @@ class Publisher:
         due (``export.onnx_every``, the first version of a run and the last round's)."""
         self.published_sha = params_sha256(vector) if self.compressed else ""
         self.model_at = (version, round_)
+        if self.scaffold is not None:
+            # Before the model: a task for this version finds its control variate on the broker.
+            self.scaffold.publish(self.link, self.db, version)
         if not self.compressed:
             self._publish_snapshot(vector, version, round_)
         else:

@@ -337,7 +337,7 @@ def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_chan
                  round_: int, explore: float) -> np.ndarray:
     """The common support of a round under the train plan's codec settings: every coordinate
     of the tensors the codec sends dense (fewer than ``dense_below`` elements, as
-    :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
+    :class:`fedmq.codecs.CodecSpec` does), plus :func:`fedmq.secagg.common_support` of
     ``density`` over the other tensors' coordinates. So a secure input holds as many values
     as a client-chosen Top-K update of the same plan. ``last_change``: float32 ``(spec.size,)``
     ranking signal, only its magnitude counts (the service passes the last global step, with

@@ -72,6 +72,7 @@ from edge_client.localdata import LocalData
 from edge_client.loop import Heartbeat
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.model_sync import ModelSync
+from edge_client.scaffold import ScaffoldDevice
 from edge_client.sdnotify import Notifier
 from edge_client.secure_rounds import SecureRounds
 from edge_client.settlement import Settlement
@@ -195,7 +196,8 @@ class EdgeAgent:
         self.trainer = Trainer(cfg, self.conn, self.state, feedback, model=self.model, spec=self.spec,
                                task_def=self.task_def, local=local, coordinator_key=coordinator_key,
                                heartbeat=self.heartbeat, sync=self.sync, settlement=self.settlement,
-                               secure=self.secure, counters=self.counters, notifier=self.notifier, pause=self._pause)
+                               secure=self.secure, scaffold=ScaffoldDevice(cfg.state_dir, self.spec, self.state),
+                               counters=self.counters, notifier=self.notifier, pause=self._pause)
         #: The Prometheus endpoint of a session (``metrics_port``), None between sessions.
         self._metrics: MetricsServer | None = None
 

@@ -71,7 +71,8 @@ class PackagedUpdate:
 
 def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: RoundTask, *, seed: int,
                    max_seconds: float | None = None, x_val: np.ndarray | None = None,
-                   y_val: np.ndarray | None = None, task_def: Task | None = None) -> LocalResult:
+                   y_val: np.ndarray | None = None, task_def: Task | None = None,
+                   correction: np.ndarray | None = None) -> LocalResult:
     """Local training for ``task`` from the global model already loaded into ``model``.
 
     Args:
@@ -83,6 +84,7 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: R
         x_val, y_val: local held-out samples for ``val_*`` metrics, or None.
         task_def: the learning task (its loss and metrics; :mod:`fedmq.tasks`), None for
             cross-entropy classification.
+        correction: Scaffold's ``c - c_i``, float32 ``(d,)`` (:mod:`fedmq.fl.scaffold`), or None.
 
     Returns:
         :class:`fedmq.fl.training.LocalResult` (the update is float32 ``(d,)``).
@@ -90,11 +92,11 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: R
     plan = task.plan
     cap = plan.max_seconds if max_seconds is None else max_seconds
     return train_local(model, x, y, plan, rng=training_rng(seed, plan.seed, task.round), max_seconds=cap,
-                       x_val=x_val, y_val=y_val, task=task_def)
+                       x_val=x_val, y_val=y_val, task=task_def, correction=correction)
 
 
 def package_update(result: LocalResult, task: RoundTask, *, federation: str, device: str, spec: ParamSpec,
-                   feedback: ErrorFeedback, seed: int) -> PackagedUpdate:
+                   feedback: ErrorFeedback, seed: int, control: bytes = b"") -> PackagedUpdate:
     """Compress ``result.update`` with error feedback and wrap it in its envelope.
 
     With ``task.plan.error_feedback`` the residual takes ``update - sent`` (the whole
@@ -107,6 +109,9 @@ def package_update(result: LocalResult, task: RoundTask, *, federation: str, dev
     ``task.plan.noise_std`` > 0 (codec ``none``) a fresh Gaussian noise share from the
     operating system's entropy is added after clipping; ``sent`` stays the clipped vector
     without noise (what a rollback puts back into the residual).
+
+    ``control``: Scaffold's compressed control-variate change (:func:`fedmq.fl.scaffold.package_control`,
+    same codec), carried in the envelope's ``control`` key; ``b""``: none.
 
     Raises:
         NonFiniteError: NaN or Inf in the update (the residual is unchanged).
@@ -127,7 +132,7 @@ def package_update(result: LocalResult, task: RoundTask, *, federation: str, dev
     data = encode_update(ClientUpdate(
         federation=federation, device=device, round=task.round, base_version=task.model_version,
         samples=result.samples, kind=result.kind, spec_hash=spec.hash, codec=codec.name, payload=payload,
-        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)}))
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)}, control=control))
     return PackagedUpdate(data, sent, codec.name)
 
 

@@ -29,6 +29,8 @@ from fedmq.wire.strict_msgpack import unpack_map
 MAX_CONTROL_BYTES = 64 * 1024
 
 UPDATE_KINDS = ("delta", "gradient")
+#: Client algorithms of :attr:`TrainPlan.algorithm`.
+ALGORITHMS = ("fedavg", "scaffold")
 
 
 def unpack_control(data: bytes, expected_type: str) -> dict[str, Any]:
@@ -200,6 +202,10 @@ class TrainPlan:
     (:mod:`fedmq.privacy.clipping`); ``noise_std`` (0 = none) is the standard deviation of the
     Gaussian noise share the device adds to every coordinate under distributed noise
     (docs/privacy.md).
+    ``algorithm``: the client algorithm, ``fedavg`` (plain local SGD; FedProx with
+    ``prox_mu`` > 0) or ``scaffold`` (Karimireddy et al. 2020, control variates;
+    :mod:`fedmq.fl.scaffold`; needs update kind ``delta`` and ``prox_mu`` 0). A device that
+    predates the field ignores it and trains FedAvg.
     """
 
     update_kind: str = "delta"
@@ -214,6 +220,7 @@ class TrainPlan:
     seed: int = 0
     clip_norm: float = 0.0
     noise_std: float = 0.0
+    algorithm: str = "fedavg"
 
     def validate(self, where: str = "train plan") -> TrainPlan:
         """Raises: WireError when a field is out of range."""
@@ -232,6 +239,10 @@ class TrainPlan:
                             f"{self.noise_std} (rule R25)")
         if self.noise_std > 0 and (self.codec.name != "none" or self.clip_norm == 0):
             raise WireError(f"{where}: a noise share (noise_std > 0) needs codec none and a clip_norm (rule R25)")
+        if self.algorithm not in ALGORITHMS:
+            raise WireError(f"{where}: algorithm must be one of {ALGORITHMS}, got {self.algorithm[:80]!r} (rule R25)")
+        if self.algorithm == "scaffold" and (self.update_kind != "delta" or self.prox_mu > 0):
+            raise WireError(f"{where}: algorithm scaffold needs update_kind delta and prox_mu 0 (rule R25)")
         return self
 
     def as_table(self) -> dict[str, Any]:
@@ -306,7 +317,7 @@ class TrainPlan:
 _PLAN_TYPES: dict[str, type] = {
     "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
     "prox_mu": float, "max_seconds": float, "error_feedback": bool, "seed": int, "clip_norm": float,
-    "noise_std": float,
+    "noise_std": float, "algorithm": str,
 }
 
 
