@@ -246,7 +246,7 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
             "publishers": publishers, "seconds": round(seconds, 3),
             "updates_per_s": round(engine.aggregate.count / seconds, 1), "coordinator_cpu_seconds": round(cpu, 3),
             "updates_per_cpu_s": round(engine.aggregate.count / cpu, 1),
-            "message_loop_cpu_seconds": round(pump_cpu, 3), "bytes_up": engine.bytes_up}
+            "message_loop_cpu_seconds": round(pump_cpu, 3), "bytes_up": engine.tally.bytes_up}
 
 
 def run(quick: bool) -> dict[str, Any]:

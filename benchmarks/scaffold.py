@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fleet.demo import Scheduling, run_demo
+from fleet.demo import DemoSettings, Scheduling, run_demo
 
 CASES: dict[str, dict[str, Any]] = {
     "fedavg": {"server_optimizer": {"name": "fedavg"}},
@@ -62,13 +62,14 @@ def run_case(case: str, alpha: float, args: argparse.Namespace, broker: str, wor
     if "prox_mu" in plan:
         plan["prox_mu"] = args.prox_mu
     t0 = time.monotonic()
-    out = run_demo(devices=args.devices, per_round=args.per_round, rounds=args.rounds, task=args.task,
-                   data=args.data, data_dir=args.data_dir, partition_scheme="dirichlet", alpha=alpha,
-                   density=args.density, downlink_density=args.density, broker=broker, devices_in="threads",
-                   seed=args.seed, deadline_s=args.deadline, publish_onnx=False, plan=plan or None,
-                   server_optimizer=spec.get("server_optimizer"), samples_per_device=args.samples,
-                   scheduling=Scheduling(over_selection=1.0, min_devices=args.devices, min_updates=args.per_round),
-                   console=Console(file=io.StringIO()), out=work / f"{case}-{alpha}", write_files=False)
+    out = run_demo(DemoSettings(
+        devices=args.devices, per_round=args.per_round, rounds=args.rounds, task=args.task, data=args.data,
+        data_dir=args.data_dir, partition_scheme="dirichlet", alpha=alpha, density=args.density,
+        downlink_density=args.density, broker=broker, devices_in="threads", seed=args.seed, deadline_s=args.deadline,
+        publish_onnx=False, train_plan=plan or None, server_optimizer=spec.get("server_optimizer"),
+        samples_per_device=args.samples,
+        scheduling=Scheduling(over_selection=1.0, min_devices=args.devices, min_updates=args.per_round),
+        out=work / f"{case}-{alpha}", write_files=False), console=Console(file=io.StringIO()))
     acc = out["accuracy_per_round"][-args.rounds:]
     return {"case": case, "alpha": alpha, "task": args.task, "rounds": args.rounds, "density": args.density,
             "final_accuracy": out["final_accuracy"], "best_accuracy": max(a for a in acc if a is not None),

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.buffered import BufferedRounds, make_coordinator
+from coordinator.buffered import BufferedRounds
+from coordinator.service import make_coordinator
 from coordinator.config import config_from_dict
 from coordinator.service import Progress
 from coordinator.state import load_checkpoint

@@ -23,8 +23,8 @@ from fedmq.wire.envelope import ClientUpdate, encode_update
 from fedmq.fl.downlink import params_sha256
 from fedmq.fl.rounds import Accepted, Rejected, RoundEngine, UpdateChecks
 from fedmq.model.params import ParamSpec
-from fleet.demo import Scheduling, run_demo
-from tests.coordinator.downlink_fleet import Fleet, coordinator_config
+from fleet.demo import DemoSettings, Scheduling, run_demo
+from tests.coordinator.downlink_fleet import coordinator_config, device_threads
 
 SPEC = ParamSpec(("w",), ((1200,),), ("float32",))
 CODEC = CodecSpec.of(density=0.1, dense_below=0)
@@ -95,11 +95,11 @@ def test_c_steps_by_the_sum_over_n_and_survives_the_checkpoint(tmp_path: Path) -
 
 
 def test_scaffold_learns_on_digits_dirichlet_0_1_over_the_in_memory_bus(tmp_path: Path) -> None:
-    out = run_demo(devices=10, per_round=5, rounds=12, task="digits-mlp", data="digits", seed=0,
-                   partition_scheme="dirichlet", alpha=0.1, deadline_s=300.0, broker="memory",
-                   devices_in="threads", publish_onnx=False, plan={"algorithm": "scaffold"},
-                   scheduling=Scheduling(over_selection=1.0, min_devices=10, min_updates=5),
-                   console=Console(file=io.StringIO()), out=tmp_path, write_files=False)
+    out = run_demo(DemoSettings(devices=10, per_round=5, rounds=12, task="digits-mlp", data="digits", seed=0,
+                                partition_scheme="dirichlet", alpha=0.1, deadline_s=300.0, broker="memory",
+                                devices_in="threads", publish_onnx=False, train_plan={"algorithm": "scaffold"},
+                                scheduling=Scheduling(over_selection=1.0, min_devices=10, min_updates=5),
+                                out=tmp_path, write_files=False), console=Console(file=io.StringIO()))
     assert out["rounds_failed"] == 0
     acc = out["accuracy_per_round"]
     assert max(acc[-4:]) > acc[0] + 0.25, acc
@@ -109,7 +109,7 @@ def test_scaffold_learns_on_digits_dirichlet_0_1_over_the_in_memory_bus(tmp_path
 
 def test_through_mosquitto_devices_catch_up_on_c_and_a_coordinator_restart_keeps_it(mosquitto, tmp_path) -> None:
     fed = f"sc-{secrets.token_hex(3)}"
-    fleet = Fleet(tmp_path, mosquitto.url, mosquitto.protocol, fed, 4)
+    fleet = device_threads(tmp_path, mosquitto.url, mosquitto.protocol, fed, 4)
     for i in range(4):
         fleet.start(i)
     try:
