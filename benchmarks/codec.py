@@ -27,8 +27,8 @@ import torch
 
 from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
 from fedmq.data import mnist10k_partitions, mnist10k_split
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec, flatten_params
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec, flatten_params
 from fedmq.tasks import get_task
 
 DENSITIES = (0.1, 0.01, 0.001)

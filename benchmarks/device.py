@@ -9,7 +9,7 @@ and the process's peak RSS. Targets (issue 5): compression under 5% of training 
 peak RSS under 400 MB.
 
 Also (issue 13): the peak RSS of a predict-only device (onnxruntime on the CNN's ONNX
-export, 1,000 images, :mod:`fedmq.inference` without torch; target under 120 MB) and the
+export, 1,000 images, :mod:`fedmq.model.inference` without torch; target under 120 MB) and the
 installed size of the device install (the base dependencies of pyproject.toml and what they
 require, summed over each installed distribution's files).
 
@@ -53,8 +53,8 @@ def _worker(rounds: int, data: str) -> dict:
     from edge_client.state import DeviceState
     from fedmq.fl.client import package_update, train_for_task
     from fedmq.fl.training import split_holdout
-    from fedmq.messages import Task, TrainPlan
-    from fedmq.params import ParamSpec
+    from fedmq.wire.messages import RoundTask, TrainPlan
+    from fedmq.model.params import ParamSpec
     from fedmq.tasks import get_task
 
     rss_after_import = _rss_mb()
@@ -69,7 +69,7 @@ def _worker(rounds: int, data: str) -> dict:
         state = DeviceState(tmp)
         feedback = state.load_feedback(spec)
         for r in range(rounds):
-            task = Task("bench", "dev-0", r + 1, r, spec.hash, 0.0, plan)
+            task = RoundTask("bench", "dev-0", r + 1, r, spec.hash, 0.0, plan)
             result = train_for_task(model, xt, yt, task, seed=0)
             t0 = time.perf_counter()
             data = package_update(result, task, federation="bench", device="dev-0", spec=spec, feedback=feedback,
@@ -90,7 +90,7 @@ def _predict_worker(model: str, inputs: str) -> dict:
     """Predict-only device (the child): onnxruntime alone, no torch."""
     import numpy as np
 
-    from fedmq.inference import OnnxPredictor
+    from fedmq.model.inference import OnnxPredictor
 
     x = np.load(inputs, allow_pickle=False)
     started = time.perf_counter()
@@ -160,7 +160,7 @@ def run(quick: bool) -> dict:
                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"device benchmark worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        from fedmq.modelio import export_onnx
+        from fedmq.model.modelio import export_onnx
         from fedmq.tasks import get_task
 
         task = get_task("mnist-cnn")

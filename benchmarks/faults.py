@@ -186,6 +186,18 @@ def all_trials() -> list[Trial]:
 
 # --------------------------------------------------------------------------- one fleet
 
+def aggregated_updates(work: Path) -> set[tuple[str, str]]:
+    """(device, transfer id) of every update in the aggregate of a closed round of the trial
+    that ran in ``work`` (its coordinator's database, opened read-only)."""
+    conn = sqlite3.connect(f"file:{work / 'state' / 'coordinator.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT p.device, p.transfer_id FROM participations p JOIN rounds r "
+                            "ON p.round = r.round WHERE p.status = 'accepted' AND r.state = 'closed'")
+        return {(d, t) for d, t in rows}
+    finally:
+        conn.close()
+
+
 class TrialFederation:
     """The processes of one trial in ``work`` (a :class:`fleet.launch.Federation`: mosquitto
     with the shipped persistence settings, the coordinator and the devices, each its own
@@ -278,13 +290,7 @@ class TrialFederation:
 
     def aggregated(self) -> set[tuple[str, str]]:
         """(device, transfer id) of every update in the aggregate of a closed round."""
-        conn = sqlite3.connect(f"file:{self.work / 'state' / 'coordinator.sqlite'}?mode=ro", uri=True)
-        try:
-            rows = conn.execute("SELECT p.device, p.transfer_id FROM participations p JOIN rounds r "
-                                "ON p.round = r.round WHERE p.status = 'accepted' AND r.state = 'closed'")
-            return {(d, t) for d, t in rows}
-        finally:
-            conn.close()
+        return aggregated_updates(self.work)
 
     def final_model(self) -> np.ndarray | None:
         from coordinator.state import load_checkpoint
@@ -646,8 +652,8 @@ def junk_floods(work: Path) -> dict[str, dict[str, float]]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from fedmq import topics
-    from fedmq.messages import Status
+    from fedmq.wire import topics
+    from fedmq.wire.messages import Status
     from fedmq.transport.wire import Manifest
 
     def flood_40(pub: Any) -> None:

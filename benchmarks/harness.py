@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import ConfigError
 
 #: Version of the ``bench.json`` layout.

@@ -53,7 +53,7 @@ TARGETS = {"memory_updates_per_s": 5000.0, "mosquitto_updates_per_s": 2000.0, "r
 #: Stages of the profile summary: (label, file suffix, function names), cumulative time.
 STAGES = (
     ("offer (envelope, checks, aggregation, bookkeeping)", "fedmq/fl/rounds.py", ("offer",)),
-    ("envelope decode (strict msgpack)", "fedmq/envelope.py", ("decode_update",)),
+    ("envelope decode (strict msgpack)", "fedmq/wire/envelope.py", ("decode_update",)),
     ("update checks (decode included)", "fedmq/fl/rounds.py", ("check",)),
     ("codec decode (topk-int8)", "fedmq/codecs/__init__.py", ("decode_sparse",)),
     ("aggregate (WeightedMean.add)", "fedmq/fl/aggregation.py", ("add",)),
@@ -76,7 +76,7 @@ def _rss_bytes() -> int:
 def _updates(n_distinct: int = 20) -> tuple[Any, list[Any]]:
     """The CNN's ParamSpec and ``n_distinct`` synthetic local results (random float32 updates)."""
     from fedmq.fl.training import LocalResult
-    from fedmq.params import ParamSpec
+    from fedmq.model.params import ParamSpec
     from fedmq.tasks import get_task
 
     spec = ParamSpec.from_module(get_task("mnist-cnn").build_model(0))
@@ -88,11 +88,11 @@ def _updates(n_distinct: int = 20) -> tuple[Any, list[Any]]:
 def _envelope(spec: Any, result: Any, device: str) -> bytes:
     """A client update of ``device`` for round 1, built by the client-update pipeline
     (Top-K 1% + int8; a fresh residual, so every envelope is the update itself)."""
-    from fedmq.feedback import ErrorFeedback
+    from fedmq.fl.feedback import ErrorFeedback
     from fedmq.fl.client import package_update
-    from fedmq.messages import Task, TrainPlan
+    from fedmq.wire.messages import RoundTask, TrainPlan
 
-    task = Task(FED, device, 1, 0, spec.hash, 0.0, TrainPlan())
+    task = RoundTask(FED, device, 1, 0, spec.hash, 0.0, TrainPlan())
     return package_update(result, task, federation=FED, device=device, spec=spec, feedback=ErrorFeedback(spec),
                           seed=0).data
 
@@ -166,8 +166,8 @@ def memory_growth(spec: Any, payloads: list[Any], n: int) -> dict[str, Any]:
 
 def _publisher(url: str, devices: list[str], payloads: list[Any], spec_dict: dict[str, Any], ready: Any,
                go: Any) -> None:
-    from fedmq import topics
-    from fedmq.params import ParamSpec
+    from fedmq.wire import topics
+    from fedmq.model.params import ParamSpec
     from fedmq.transport.link import MqttLink
     from fedmq.transport.sender import BlobSender
     from fedmq.transport.settings import BrokerSettings
@@ -192,7 +192,7 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
     from coordinator.config import config_from_dict
     from coordinator.presence import Device
     from coordinator.service import Coordinator
-    from fedmq import topics
+    from fedmq.wire import topics
     from fedmq.transport.link import MqttLink
 
     devices = [f"d{i}" for i in range(n)]

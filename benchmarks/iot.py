@@ -31,7 +31,7 @@ TASK = "acsf1-cnn"
 def central(rounds: int, seed: int = 0) -> dict[str, Any]:
     """Centralised training of the task's model on the whole training set."""
     from fedmq.fl.training import train_local
-    from fedmq.messages import TrainPlan
+    from fedmq.wire.messages import TrainPlan
     from fedmq.tasks import get_task
 
     task = get_task(TASK)

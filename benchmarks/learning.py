@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from benchmarks.simulation import FedSetup, simulate, with_codec
-from fedmq.messages import TrainPlan
+from fedmq.wire.messages import TrainPlan
 
 #: Test accuracy whose first round is reported.
 TARGET = 0.95

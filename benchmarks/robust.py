@@ -126,7 +126,7 @@ def _attack_success(task_name: str, folder: Path) -> float:
 
     from coordinator.state import load_checkpoint
     from fedmq.data import load_npz
-    from fedmq.params import load_params
+    from fedmq.model.params import load_params
     from fedmq.tasks import get_task
     from fleet.adversary import attack_success_rate
 

@@ -37,7 +37,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.launch import start_mosquitto
-from coordinator.buffered import make_coordinator
+from coordinator.service import make_coordinator
 from coordinator.config import config_from_dict
 from fedmq.tasks.builtin import MNIST_PLAN
 from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, memory_kib, raise_nofile

@@ -1,4 +1,4 @@
-"""Sealing benchmark: what sealing client updates to the coordinator's key costs (fedmq.sealing).
+"""Sealing benchmark: what sealing client updates to the coordinator's key costs (fedmq.security.sealing).
 
 Two parts:
 
@@ -29,9 +29,9 @@ import torch
 
 from benchmarks.codec import real_update
 from fedmq.codecs import CodecSpec, encode
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec
-from fedmq.sealing import SEAL_OVERHEAD, load_or_create_key, seal_update
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import SEAL_OVERHEAD, load_or_create_key, seal_update
 from fedmq.transport.settings import DEFAULT_MAX_CHUNK
 
 WHERE = {"federation": "bench", "device": "dev-0", "transfer_id": "0" * 32}

@@ -39,8 +39,8 @@ import torch
 
 from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.data import mnist10k_partitions, mnist10k_split
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.secagg import RingSpec, RoundParams, SecAggClient, SecAggServer, common_support
 from fedmq.secagg.shamir import SHARE_BYTES
 from fedmq.tasks import get_task
@@ -198,7 +198,7 @@ def bus_round(n: int = 100, k: int = 16_634, size: int = 166_340, dropout: float
     from coordinator.phases import PhaseIO
     from coordinator.secure import SecureRound
     from edge_client.secure import SecureDevice
-    from fedmq import topics
+    from fedmq.wire import topics
     from fedmq.secagg import messages as sm
     from fedmq.transport.memory import MemoryBus
 

@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 
 from fedmq.codecs import CodecSpec
-from fedmq.messages import TrainPlan
+from fedmq.wire.messages import TrainPlan
 
 #: Deadline (seconds) long enough never to fire in a benchmark round.
 NO_DEADLINE_S = 3600.0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from broker.launch import start_mosquitto
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.transport import BlobReceiver, BlobSender, BrokerSettings, MqttLink, fetch_blob
 
 MiB = 1024 * 1024

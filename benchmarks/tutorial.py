@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.learning import EXECUTION
 from benchmarks.simulation import FedSetup, simulate, with_codec
-from fedmq.messages import TrainPlan
+from fedmq.wire.messages import TrainPlan
 
 #: Test accuracy of the published tutorial (full MNIST, 6,000 images per client).
 REFERENCE_ACCURACY = 0.9159

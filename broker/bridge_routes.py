@@ -4,7 +4,7 @@ The shipped bridge (broker/bridge/site-bridge.conf) subscribes the central broke
 ``fedmq/+/task/#``, ``receipt/#`` and ``xfer/#`` for every site, so each site broker
 receives (and stores, tasks being retained) every device's tasks, receipts and chunk
 resend requests. These three kinds name their device as the last topic level
-(fedmq/topics.py), so a bridge that lists its own devices' topics receives only theirs;
+(fedmq/wire/topics.py), so a bridge that lists its own devices' topics receives only theirs;
 the global model chain, ONNX exports and round announcements are for every device and
 still cross every bridge, once.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedmq.errors import ConfigError
-from fedmq.topics import ROOT, check_id
+from fedmq.wire.topics import ROOT, check_id
 
 BRIDGE_DIR = Path(__file__).resolve().parent / "bridge"
 SITE_BRIDGE_TEMPLATE = BRIDGE_DIR / "site-bridge.conf"
@@ -39,7 +39,7 @@ def check_devices(devices: Iterable[str]) -> list[str]:
     """The site's device ids, checked, without duplicates, in the given order.
 
     Raises:
-        ConfigError: an id is not a valid fedmq id (fedmq.topics.check_id), the list is
+        ConfigError: an id is not a valid fedmq id (fedmq.wire.topics.check_id), the list is
             empty, or it has more than 100,000 ids (each is one subscription of the
             bridge on the central broker).
     """

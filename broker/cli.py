@@ -32,10 +32,10 @@ import typer
 from broker import credentials as cred
 from broker.bridge_routes import central_acl_rules, check_devices, render_central_acl, render_site_bridge
 from broker.conf import PLAIN_PORT, TLS_AUTH_MODES, TLS_PORT, BrokerDirs, check_bind, render_mosquitto_conf
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.sealing import fingerprint, load_public_key, public_pem
-from fedmq.topics import check_id
+from fedmq.security.sealing import fingerprint, load_public_key, public_pem
+from fedmq.wire.topics import check_id
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Set up the production MQTT broker (mosquitto) or run the development one.")

@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.conf import SHIPPED_ACL
-from fedmq.atomic import atomic_write_bytes, atomic_write_text
+from fedmq.storage.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.topics import check_id
+from fedmq.wire.topics import check_id
 
 #: PBKDF2 iterations mosquitto_passwd 2.0 uses (its PW_DEFAULT_ITERATIONS).
 PBKDF2_ITERATIONS = 101
@@ -418,7 +418,7 @@ def make_dirs(folder: Path, mode: int) -> None:
 
 
 def write_file(path: Path, data: bytes, mode: int, what: str, *, dir_mode: int = PRIVATE_DIR_MODE) -> None:
-    """Write ``data`` to ``path`` atomically (fedmq.atomic) and set its mode (0600 for
+    """Write ``data`` to ``path`` atomically (fedmq.storage.atomic) and set its mode (0600 for
     secrets: the temporary file is 0600 from the start, so a secret is never readable by
     others, not even for an instant). Missing folders are created with ``dir_mode``.
 

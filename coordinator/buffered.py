@@ -36,23 +36,19 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.policy import PolicyParts, register_policy, warmed_plan
+from coordinator.policy import PolicyParts, RoundContext, register_policy, warmed_plan
 from coordinator.progress import Progress
-from coordinator.service import make_coordinator  # noqa: F401  (where `fedmq coordinator run` finds it)
-from fedmq import topics
-from fedmq.atomic import atomic_write_bytes
-from fedmq.envelope import encode_update
+from fedmq.wire import topics
+from fedmq.storage.atomic import atomic_write_bytes
+from fedmq.wire.envelope import encode_update
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, RoundRecord
-from fedmq.messages import RoundAnnouncement, Task
+from fedmq.wire.messages import RoundAnnouncement, RoundTask
 from fedmq.transport.flows import request_repairs
 
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -102,7 +98,7 @@ class BufferedRounds:
     def _journal(self, step: int) -> Path:
         return self.config.state_dir / JOURNAL_DIR / str(step)
 
-    def resume(self, ctx: RoundDriver, step: int, version: int) -> None:
+    def resume(self, ctx: RoundContext, step: int, version: int) -> None:
         """The engine at the checkpoint's step, the answers of recent steps restored, the
         journal of the step after the checkpoint replayed into the buffer."""
         engine = self.engine
@@ -158,7 +154,7 @@ class BufferedRounds:
         except OSError:
             log.warning("buffer journal %s not empty: left in place", folder)
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """After a restart the devices that held a task still train or resend for it: they
         stay busy (a new lease) instead of being sent a newer task, which would make them
         roll back an update this coordinator may still accept. The replayed updates are
@@ -176,7 +172,7 @@ class BufferedRounds:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def advance(self, ctx: RoundDriver) -> bool:
+    def advance(self, ctx: RoundContext) -> bool:
         engine = self.engine
         if engine.ready:  # a journal replayed full (killed between its last update and the step)
             ctx.step(engine.flush(time.time()))
@@ -187,7 +183,7 @@ class BufferedRounds:
         request_repairs(self.parts.link, self.config.federation, ctx.receiver)
         return True
 
-    def _dispatch(self, ctx: RoundDriver) -> None:
+    def _dispatch(self, ctx: RoundContext) -> None:
         cfg, engine = self.config, self.engine
         free = cfg.async_.concurrency - len(self.busy)
         if free <= 0:
@@ -203,7 +199,7 @@ class BufferedRounds:
         lease = time.time() + cfg.async_.task_timeout_s
         plan = warmed_plan(cfg, next_round)
         for device in chosen:
-            task = Task(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
+            task = RoundTask(cfg.federation, device, next_round, engine.version, self.parts.spec.hash, lease, plan,
                         ctx.publisher.published_sha)
             self.parts.link.publish(topics.task(cfg.federation, device), task.to_bytes(), retain=True)
             self.busy[device] = (next_round, lease)
@@ -228,7 +224,7 @@ class BufferedRounds:
         atomic_write_bytes(self._journal(self.engine.step + 1) / f"{self._journal_seq:08d}+{device}+{transfer}.bin",
                            encode_update(outcome.update))
 
-    def answered(self, ctx: RoundDriver, device: str, outcome: Outcome) -> None:
+    def answered(self, ctx: RoundContext, device: str, outcome: Outcome) -> None:
         engine = self.engine
         if isinstance(outcome, Accepted) and engine.ready:
             # At once: the buffer holds exactly buffer_size updates, and an update queued
@@ -249,7 +245,7 @@ class BufferedRounds:
     def checkpoint_meta(self) -> dict[str, str]:
         return {}
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The step's journal goes (the checkpoint holds the step now); a failed step keeps the version."""
         if not stepped:
             self.engine.version = rec.base_version
@@ -259,7 +255,7 @@ class BufferedRounds:
         log.info("step %d %s: %d updates (mean staleness %.2f), rejected %s, %.1f s", rec.round, rec.state,
                  rec.accepted, rec.device_metrics.get("staleness", float("nan")), rec.rejected or "{}", rec.wall_s)
 
-    def finish(self, ctx: RoundDriver) -> None:
+    def finish(self, ctx: RoundContext) -> None:
         # What is already queued hears ``finished`` for its own round (the device rolls
         # it back into its residual) instead of resending to a coordinator that left.
         ctx.pump(0.0)

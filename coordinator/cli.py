@@ -26,18 +26,18 @@ from typing import Any
 import typer
 
 from coordinator.config import CoordinatorConfig, load_config
-from coordinator.buffered import make_coordinator
+from coordinator.service import make_coordinator
 from coordinator.lock import lock_state_dir
 from coordinator.privacy import checkpoint_privacy
 from coordinator.service import Progress
 from coordinator.state import StateDB, load_checkpoint
 from coordinator.status import build_status, render_text
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.cli import LogLevel, setup_logging
 from fedmq.errors import FedmqError
-from fedmq.modelio import export_onnx, model_to_safetensors
-from fedmq.params import ParamSpec, load_params
-from fedmq.sealing import fingerprint, load_or_create_key
+from fedmq.model.modelio import export_onnx, model_to_safetensors
+from fedmq.model.params import ParamSpec, load_params
+from fedmq.security.sealing import fingerprint, load_or_create_key
 from fedmq.tasks import get_task
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,

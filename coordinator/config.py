@@ -1,10 +1,10 @@
 """Coordinator configuration: the options, their defaults and their checks, read by the shared
-loader (:mod:`fedmq.config_loader`): one TOML file plus environment overrides.
+loader (:mod:`fedmq.config.loader`): one TOML file plus environment overrides.
 
 Environment overrides: ``FEDMQ_COORDINATOR__<OPTION>`` with ``__`` between table levels,
 in any letter case, e.g. ``FEDMQ_COORDINATOR__ROUNDS=20`` or
 ``FEDMQ_COORDINATOR__ROUND__DEADLINE_S=30`` (how values and relative paths are read:
-:mod:`fedmq.config_loader`). Overrides win over the file.
+:mod:`fedmq.config.loader`). Overrides win over the file.
 
 Every option with its default, unit and effect is in docs/coordinator.md. Errors are
 :class:`fedmq.errors.ConfigError` naming the file, the option and what was expected.
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, field_validator, model_validator
 
-from fedmq.config_loader import ConfigSchema, Sourced, broker_table
+from fedmq.config.loader import ConfigSchema, Sourced, broker_table
 from fedmq.fl.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
 # Re-exported for the callers that pass FedAvgM's defaults explicitly (fleet.demo); written
 # once, in fedmq.fl.server_opt.
@@ -27,11 +27,12 @@ from fedmq.fl.server_opt import FEDAVGM_ETA as FEDAVGM_ETA, FEDAVGM_MOMENTUM as 
 from fedmq.fl.aggregation import aggregator_names
 from fedmq.fl.buffered import StalenessPolicy
 from fedmq.fl.sampling import SelectionPolicy
-from fedmq import topics
+from fedmq.fl.scaffold import check_plan
+from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, all_param_names
 from fedmq.codecs.schedule import DensityWarmup
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.messages import TrainPlan
+from fedmq.wire.messages import TrainPlan
 from fedmq.transport.settings import BrokerSettings
 
 
@@ -202,7 +203,7 @@ class LimitsConfig(_Section):
     """Bounds on client updates and on what the coordinator holds for transfers in assembly.
 
     ``max_update_bytes`` applies together with the ParamSpec's own bound (the largest valid
-    envelope, :func:`fedmq.envelope.max_update_bytes`): the smaller one wins.
+    envelope, :func:`fedmq.wire.envelope.max_update_bytes`): the smaller one wins.
     """
 
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -217,7 +218,7 @@ class LimitsConfig(_Section):
 
 
 class SealingConfig(_Section):
-    """Sealed client updates (fedmq.sealing; docs/security.md).
+    """Sealed client updates (fedmq.security.sealing; docs/security.md).
 
     The coordinator always holds a key pair (``seal-key.pem`` / ``seal-key.pub`` in
     ``state_dir``, created on first start) and opens every sealed update. ``required``
@@ -322,7 +323,7 @@ def _codec_spec(value: Any) -> CodecSpec:
 
 def _train_plan(value: Any) -> TrainPlan:
     """``[plan]``: a TrainPlan, or a flat table of plan fields, ``codec`` and codec parameters
-    (:meth:`fedmq.messages.TrainPlan.from_table`)."""
+    (:meth:`fedmq.wire.messages.TrainPlan.from_table`)."""
     try:
         if isinstance(value, TrainPlan):
             return value.validate("plan")
@@ -388,7 +389,7 @@ class CoordinatorConfig(_Section, Sourced):
     """The whole coordinator configuration (see docs/coordinator.md).
 
     ``broker`` is :class:`fedmq.transport.BrokerSettings`, built from the ``[broker]`` table
-    by :func:`fedmq.config_loader.broker_table` (the edge client's ``[broker]`` is the same).
+    by :func:`fedmq.config.loader.broker_table` (the edge client's ``[broker]`` is the same).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, populate_by_name=True)
@@ -462,6 +463,12 @@ class CoordinatorConfig(_Section, Sourced):
         return self
 
     @model_validator(mode="after")
+    def _scaffold_applies(self) -> CoordinatorConfig:
+        check_plan(self.plan.algorithm, mode=self.round.mode, secure=self.secure_aggregation.enabled,
+                   privacy=self.privacy.enabled)
+        return self
+
+    @model_validator(mode="after")
     def _optimizer_options_apply(self) -> CoordinatorConfig:
         try:
             self.server_optimizer.build()
@@ -470,7 +477,7 @@ class CoordinatorConfig(_Section, Sourced):
         return self
 
 
-#: How the coordinator's configuration is read (fedmq.config_loader): the file, then
+#: How the coordinator's configuration is read (fedmq.config.loader): the file, then
 #: ``FEDMQ_COORDINATOR__*``, then overrides from Python.
 SCHEMA = ConfigSchema(
     app="coordinator", model=CoordinatorConfig, env_prefix="FEDMQ_COORDINATOR", reference="docs/coordinator.md",

@@ -31,12 +31,13 @@ from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyGuard
 from coordinator.progress import Evaluations, Progress, Reporter, RunResult
 from coordinator.publisher import Publisher
+from coordinator.scaffold import ScaffoldServer
 from coordinator.resume import resume
 from coordinator.state import Checkpoint, StateDB, save_checkpoint
 from coordinator.stepper import Stepper
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import ClosedRound, RoundRecord
-from fedmq.sealing import CoordinatorKey
+from fedmq.security.sealing import CoordinatorKey
 from fedmq.transport import Message
 from fedmq.transport.counting import LINK_BYTES_IN, CountingLink
 from fedmq.transport.receiver import BlobReceiver
@@ -69,10 +70,12 @@ class RoundDriver:
     def __init__(self, config: CoordinatorConfig, link: CountingLink, policy: RoundPolicy, stepper: Stepper,
                  publisher: Publisher, registry: DeviceRegistry, db: StateDB, seal_key: CoordinatorKey,
                  privacy: PrivacyGuard | None, control: RunControl, evaluations: Evaluations, report: Reporter,
-                 meta: dict[str, str], serve_metrics: bool) -> None:
+                 meta: dict[str, str], serve_metrics: bool, scaffold: ScaffoldServer | None = None) -> None:
         self.config, self.link, self.policy, self.stepper, self.publisher = config, link, policy, stepper, publisher
         self.registry, self.db, self.privacy, self.control = registry, db, privacy, control
         self.evaluations, self.report, self.meta, self.serve_metrics = evaluations, report, meta, serve_metrics
+        #: Scaffold's server control variate, else None (coordinator/scaffold.py).
+        self.scaffold = scaffold
         self.receiver = BlobReceiver(timeout=policy.receiver_timeout_s, max_size=policy.engine.max_update_bytes)
         self.inbox = Inbox(config, link, queue.SimpleQueue(), self.receiver, registry, db, publisher, seal_key,
                            policy, lambda device, outcome: policy.answered(self, device, outcome), control, report)
@@ -88,7 +91,7 @@ class RoundDriver:
         (:class:`coordinator.service.Coordinator.run`)."""
         cfg, policy, link = self.config, self.policy, self.link
         try:
-            start = resume(cfg, self.db, self.stepper, self.privacy, self.registry, self.meta)
+            start = resume(cfg, self.db, self.stepper, self.privacy, self.registry, self.meta, self.scaffold)
             self.vector, self.steps_done, self.version = start.vector, start.round, start.version
             self.evaluations.last = start.evaluation
             policy.engine.checks.norms.extend(start.norms)
@@ -201,6 +204,12 @@ class RoundDriver:
             if not stepped:
                 rec = replace(rec, state="failed", model_version=rec.base_version)
                 self.inbox.rejections["non_finite_model"] += 1
+        if self.scaffold is not None:
+            # c moves with the model: the round's control changes are stepped in, or dropped.
+            if stepped:
+                self.scaffold.step(rec.model_version)
+            else:
+                self.scaffold.discard()
         rec = replace(rec, test_loss=None, test_accuracy=None,
                       bytes_down=int(sum(p.metrics.get(LINK_BYTES_IN, 0.0) for p in rec.participations)))
         meta = dict(self.meta, norms=json.dumps([round(n, 6) for n in policy.engine.checks.norms]))
@@ -208,8 +217,10 @@ class RoundDriver:
             meta["privacy"] = self.privacy.meta()
         meta.update(policy.checkpoint_meta())
         # Durable first (the checkpoint is the source of truth), then visible.
-        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, self.vector,
-                                                  self.stepper.optimizer.state_arrays(), meta, rec,
+        arrays = self.stepper.optimizer.state_arrays()
+        if self.scaffold is not None:
+            arrays.update(self.scaffold.state_arrays())
+        save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, self.vector, arrays, meta, rec,
                                                   self.stepper.residual),
                         before_rename=lambda: control.pause("checkpoint_write", rec.round))
         control.pause("checkpoint_rename", rec.round)

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fedmq.params import ParamSpec, load_params
+from fedmq.model.params import ParamSpec, load_params
 from fedmq.tasks import Task
 
 log = logging.getLogger(__name__)

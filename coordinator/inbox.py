@@ -4,7 +4,7 @@
 a status to the presence registry (an offline one to the round policy), a client-update
 chunk or manifest through admission (the engine's :meth:`admit`, the assembly limits
 ``busy``, retained messages refused and cleared) into the blob receiver, an assembled blob
-through unsealing (:mod:`fedmq.sealing`) to the engine, and the engine's outcome to a
+through unsealing (:mod:`fedmq.security.sealing`) to the engine, and the engine's outcome to a
 receipt. Nothing is allocated for a transfer before its manifest is admitted. Every refusal
 is counted by reason (:attr:`Inbox.rejections`, flushed into the database).
 """
@@ -23,11 +23,11 @@ from coordinator.presence import DeviceRegistry
 from coordinator.progress import Reporter
 from coordinator.publisher import Publisher
 from coordinator.state import StateDB
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import TransportError, WireError
 from fedmq.fl.rounds import Accepted, Outcome, Rejected, Repeat
-from fedmq.messages import Receipt, Status
-from fedmq.sealing import CoordinatorKey, SealError, is_sealed
+from fedmq.wire.messages import Receipt, Status
+from fedmq.security.sealing import CoordinatorKey, SealError, is_sealed
 from fedmq.transport import Link, Message
 from fedmq.transport.receiver import BlobReceiver
 from fedmq.transport.wire import Manifest

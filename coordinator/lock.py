@@ -2,7 +2,7 @@
 
 Two coordinators on one folder would both write the checkpoint and the database and
 publish conflicting global models; the second to start is refused (see
-:func:`fedmq.lockfile.lock_folder`: flock, released when the holder exits or dies).
+:func:`fedmq.storage.lockfile.lock_folder`: flock, released when the holder exits or dies).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import IO
 
-from fedmq.lockfile import lock_folder
+from fedmq.storage.lockfile import lock_folder
 
 
 def lock_state_dir(state_dir: str | os.PathLike[str]) -> IO[bytes]:

@@ -13,27 +13,32 @@ rounds whose phases are SecAgg+'s, :mod:`coordinator.secure`) and ``async`` (Fed
 
 from __future__ import annotations
 
+import queue
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+import numpy as np
 
 from coordinator.config import CoordinatorConfig
 from coordinator.faults import RunControl
 from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyGuard
-from coordinator.progress import Progress
+from coordinator.phases import PhaseIO
+from coordinator.progress import Progress, Reporter
 from coordinator.publisher import Publisher
+from coordinator.stepper import Stepper
 from coordinator.state import StateDB
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine
-from fedmq.fl.rounds import Accepted, Outcome, RoundEngine, RoundRecord, UpdateChecks
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, RoundEngine, RoundRecord, UpdateChecks
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import Task
 from fedmq.transport import Link
-
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
+from fedmq.transport.base import Message
+from fedmq.transport.receiver import BlobReceiver
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,42 @@ class PolicyParts:
     control: RunControl
 
 
+class InboxView(Protocol):
+    """What a policy uses of the coordinator's inbox (coordinator.inbox.Inbox)."""
+
+    queue: queue.SimpleQueue[Message]
+    rejections: Counter[str]
+
+    def handle(self, msg: Message, notify: bool = True) -> None: ...
+
+    def answer(self, device: str, transfer: str, outcome: Outcome, notify: bool = True) -> None: ...
+
+    def receipt(self, device: str, round_: int, transfer: str, status: str, reason: str) -> None: ...
+
+
+class RoundContext(Protocol):
+    """What a policy sees of the loop that drives it (coordinator.driver.RoundContext, which
+    imports the policies' protocol, so the policies name this view of it instead)."""
+
+    poll_s: float
+    vector: np.ndarray
+    version: int
+    publisher: Publisher
+    stepper: Stepper
+    receiver: BlobReceiver
+    inbox: InboxView
+    report: Reporter
+
+    def pump(self, timeout: float, notify: bool = True) -> bool: ...
+
+    def phase_io(self, other: Callable[[Message], None], parse: Callable[[str], tuple[str, str] | None],
+                 gone: Callable[[str], bool]) -> PhaseIO: ...
+
+    def wait_for_devices(self, round_: int) -> list[str]: ...
+
+    def step(self, closed: ClosedRound) -> tuple[RoundRecord, bool]: ...
+
+
 class RoundPolicy(Protocol):
     """One protocol of rounds, composed by the round driver (module docstring)."""
 
@@ -74,13 +115,13 @@ class RoundPolicy(Protocol):
     def round_in_progress(self) -> int:
         """The round (or server step) answers now belong to."""
 
-    def resume(self, ctx: RoundDriver, step: int, version: int) -> None:
+    def resume(self, ctx: RoundContext, step: int, version: int) -> None:
         """Stand where the checkpoint stands (``step`` done, model ``version``), before connecting."""
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """Connected and subscribed: settle what a killed run left (tasks in flight, receipts)."""
 
-    def advance(self, ctx: RoundDriver) -> bool:
+    def advance(self, ctx: RoundContext) -> bool:
         """One turn of the loop (a round; a dispatch and an inbox drain). False: stop the run."""
 
     def presence(self, device: str, online: bool) -> None:
@@ -89,7 +130,7 @@ class RoundPolicy(Protocol):
     def before_receipt(self, device: str, transfer: str, outcome: Accepted) -> None:
         """An update was accepted; its receipt is about to be sent (make it durable first)."""
 
-    def answered(self, ctx: RoundDriver, device: str, outcome: Outcome) -> None:
+    def answered(self, ctx: RoundContext, device: str, outcome: Outcome) -> None:
         """An update was answered (receipt sent)."""
 
     def progress(self) -> Progress:
@@ -98,10 +139,10 @@ class RoundPolicy(Protocol):
     def checkpoint_meta(self) -> dict[str, str]:
         """Metadata this policy keeps with the step's checkpoint."""
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The step is durable and in the database; the new model is not published yet."""
 
-    def finish(self, ctx: RoundDriver) -> None:
+    def finish(self, ctx: RoundContext) -> None:
         """Every step is done (not called on a stop request)."""
 
 
@@ -134,10 +175,7 @@ def make_policy(name: str, parts: PolicyParts) -> RoundPolicy:
     Raises:
         ConfigError: no policy of that name is registered.
     """
-    # The built-in policies register themselves on import.
-    import coordinator.buffered  # noqa: F401
-    import coordinator.secure  # noqa: F401
-    import coordinator.synchronous  # noqa: F401
+    # The built-in policies register themselves when coordinator.service imports them.
     factory = _POLICIES.get(name)
     if factory is None:
         raise ConfigError(f"round policy {name!r}: expected one of {', '.join(sorted(_POLICIES))}")

@@ -1,6 +1,6 @@
 """Presence: a registry of devices built from their retained status and last will.
 
-Devices publish a retained :class:`fedmq.messages.Status` on ``fedmq/F/status/D`` when
+Devices publish a retained :class:`fedmq.wire.messages.Status` on ``fedmq/F/status/D`` when
 they come online and set the same topic as their last will (``online=False``), so the
 broker tells the coordinator when a device drops off. The coordinator subscribes at
 start and gets every retained status at once. Only the round thread touches a
@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from fedmq.messages import Status
+from fedmq.wire.messages import Status
 
 log = logging.getLogger("fedmq.coordinator")
 

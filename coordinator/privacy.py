@@ -35,12 +35,12 @@ from dataclasses import replace
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
-from fedmq.envelope import ClientUpdate
+from fedmq.wire.envelope import ClientUpdate
 from fedmq.errors import ConfigError, StateError
 from fedmq.fl.rounds import Accepted, Rejected, UpdateChecks
 from fedmq.fl.sampling import round_rng, select_devices
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec
 from fedmq.privacy.accountant import PrivacyLedger, RoundCharge, calibrate_sigma
 from fedmq.privacy.aggregation import NoisySum
 

@@ -3,7 +3,7 @@
 :class:`Publisher` owns what the broker should hold for devices to find: each global model
 version (dense: a retained safetensors blob and its pointer; compressed downlink: the
 version's delta blob, a snapshot every ``snapshot_every`` versions and the version chain,
-:mod:`fedmq.chain`), the ONNX export when due, the retained round state (tasks, round
+:mod:`fedmq.fl.chain`), the ONNX export when due, the retained round state (tasks, round
 announcement, secure-round results) and the clearing of superseded versions. mosquitto saves
 retained messages only every ``autosave_interval``: after a broker restart
 :meth:`Publisher.repair` publishes the same bytes again.
@@ -20,14 +20,15 @@ import numpy as np
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.scaffold import ScaffoldServer
 from coordinator.state import StateDB
-from fedmq import topics
-from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.wire import topics
+from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.errors import TransportError
 from fedmq.fl.downlink import params_sha256
-from fedmq.messages import ModelPointer
-from fedmq.modelio import export_onnx, model_to_safetensors
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.wire.messages import ModelPointer
+from fedmq.model.modelio import export_onnx, model_to_safetensors
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task
 from fedmq.transport import Link
 from fedmq.transport.flows import clear_blob, publish_model
@@ -57,8 +58,10 @@ class Publisher:
     """
 
     def __init__(self, config: CoordinatorConfig, link: Link, task: Task, spec: ParamSpec, model: torch.nn.Module,
-                 db: StateDB, onnx_metadata: Callable[[], dict[str, str] | None]) -> None:
+                 db: StateDB, onnx_metadata: Callable[[], dict[str, str] | None], *,
+                 scaffold: ScaffoldServer | None = None) -> None:
         self.config, self.link, self.task, self.spec, self.model, self.db = config, link, task, spec, model, db
+        self.scaffold = scaffold
         self.fed = config.federation
         self.onnx_metadata = onnx_metadata
         self.compressed = config.downlink.compressed
@@ -93,6 +96,9 @@ class Publisher:
         due (``export.onnx_every``, the first version of a run and the last round's)."""
         self.published_sha = params_sha256(vector) if self.compressed else ""
         self.model_at = (version, round_)
+        if self.scaffold is not None:
+            # Before the model: a task for this version finds its control variate on the broker.
+            self.scaffold.publish(self.link, self.db, version)
         if not self.compressed:
             self._publish_snapshot(vector, version, round_)
         else:

@@ -39,7 +39,7 @@ import typer
 from coordinator.config import PrivacyConfig
 from coordinator.state import CHECKPOINT_NAME, DB_NAME
 from fedmq import __version__
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import FedmqError
 
 #: The first line of every report after the doctype; an existing file that lacks it was not

@@ -21,12 +21,13 @@ from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import evaluate_vector
 from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyGuard
+from coordinator.scaffold import ScaffoldServer
 from coordinator.state import CHECKPOINT_NAME, Checkpoint, StateDB, load_checkpoint, save_checkpoint
 from coordinator.stepper import Stepper
-from fedmq.atomic import remove_stale_temporaries
+from fedmq.storage.atomic import remove_stale_temporaries
 from fedmq.errors import StateError
 from fedmq.fl import downlink
-from fedmq.params import flatten_params
+from fedmq.model.params import flatten_params
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -45,8 +46,9 @@ class Resumed:
 
 
 def resume(config: CoordinatorConfig, db: StateDB, stepper: Stepper, privacy: PrivacyGuard | None,
-           registry: DeviceRegistry, meta: Mapping[str, str]) -> Resumed:
-    """Resume from ``config.state_dir`` (module docstring); ``meta``: what the checkpoint must name.
+           registry: DeviceRegistry, meta: Mapping[str, str], scaffold: ScaffoldServer | None = None) -> Resumed:
+    """Resume from ``config.state_dir`` (module docstring); ``meta``: what the checkpoint must name;
+    ``scaffold``: Scaffold's server control variate, restored from the checkpoint.
 
     Raises:
         StateError: the checkpoint was made for another task, ParamSpec, optimizer or
@@ -74,6 +76,8 @@ def resume(config: CoordinatorConfig, db: StateDB, stepper: Stepper, privacy: Pr
             raise StateError(f"{state_dir}/checkpoint.safetensors: model of {ckpt.model.shape[0]} parameters, "
                              f"expected {spec.size}")
         optimizer.load_state_arrays(ckpt.optimizer_state, spec.size)
+        if scaffold is not None:
+            scaffold.restore(ckpt.optimizer_state, f"{state_dir}/{CHECKPOINT_NAME}")
         vector, round_done, version = ckpt.model.copy(), ckpt.round, ckpt.version
         if privacy is not None:
             privacy.restore(ckpt.meta.get("privacy"), f"{state_dir}/{CHECKPOINT_NAME}")

@@ -43,18 +43,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from coordinator.config import SecureAggregationConfig
 from coordinator.evaluation import gate_gradient
 from coordinator.phases import Phase, PhaseFailed, PhaseIO, Refused, run_phase
-from coordinator.policy import PolicyParts, register_policy
+from coordinator.policy import PolicyParts, RoundContext, register_policy
 from coordinator.state import CHECKPOINT_NAME, load_checkpoint
 from coordinator.synchronous import SyncRounds
-from fedmq import topics
-from fedmq.atomic import atomic_write_text
+from fedmq.wire import topics
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import FedmqError, StateError
 from fedmq.fl.aggregation import model_delta
 from fedmq.fl.rounds import ClosedRound, ParticipationRecord, RoundRecord
@@ -63,11 +62,9 @@ from fedmq.secagg import messages as sm
 from fedmq.secagg.messages import MAX_DEVICES
 from fedmq.secagg.protocol import UnmaskResponse
 from fedmq.secagg.shamir import PRIME
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 from fedmq.transport import Link, Message
 
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
 
 log = logging.getLogger("fedmq.coordinator.secure")
 
@@ -340,7 +337,7 @@ def plan_support(spec: ParamSpec, density: float, dense_below: int, *, last_chan
                  round_: int, explore: float) -> np.ndarray:
     """The common support of a round under the train plan's codec settings: every coordinate
     of the tensors the codec sends dense (fewer than ``dense_below`` elements, as
-    :class:`fedmq.codecs.CodecConfig` does), plus :func:`fedmq.secagg.common_support` of
+    :class:`fedmq.codecs.CodecSpec` does), plus :func:`fedmq.secagg.common_support` of
     ``density`` over the other tensors' coordinates. So a secure input holds as many values
     as a client-chosen Top-K update of the same plan. ``last_change``: float32 ``(spec.size,)``
     ranking signal, only its magnitude counts (the service passes the last global step, with
@@ -399,7 +396,7 @@ class SecurePhases:
         #: The global model before the round's step, float32 ``(d,)`` (to compute ``last_change``).
         self.before: np.ndarray | None = None
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """Subscribe to the phases' messages; tell the result of the last round again (a
         restart after its checkpoint may have cut it short)."""
         cfg, fed = self.parts.config, self.parts.config.federation
@@ -415,7 +412,7 @@ class SecurePhases:
             for device in told:
                 ctx.publisher.publish_retained(topics.secagg_down(fed, device), result.to_bytes())
 
-    def _other(self, ctx: RoundDriver, rounds: SyncRounds, msg: Message) -> None:
+    def _other(self, ctx: RoundContext, rounds: SyncRounds, msg: Message) -> None:
         fed = self.parts.config.federation
         parsed = topics.parse_update_topic(fed, msg.topic)
         if parsed is not None and parsed[2] == "m" and msg.payload and not msg.retain \
@@ -429,7 +426,7 @@ class SecurePhases:
         else:
             ctx.inbox.rejections["secure_round_chunk"] += 1  # of a plain update refused by its manifest
 
-    def run(self, ctx: RoundDriver, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
+    def run(self, ctx: RoundContext, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
         """Run the round's secure attempt and close the round with it."""
         cfg, engine = self.parts.config, rounds.engine
         rounds.publish_tasks(ctx, engine.selection, secure=True)
@@ -465,7 +462,7 @@ class SecurePhases:
         return {"secagg_result": self.outcome.result_message().to_bytes().hex(),
                 "secagg_told": json.dumps(self.outcome.told)}
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         outcome, before = self.outcome, self.before
         if outcome is not None:
             result = outcome.result_message().to_bytes()

@@ -28,6 +28,10 @@ from typing import Any
 
 import numpy as np
 
+# The built-in round policies register themselves on import: sync, secure, async.
+import coordinator.buffered  # noqa: F401
+import coordinator.secure  # noqa: F401
+import coordinator.synchronous  # noqa: F401
 from coordinator.config import CoordinatorConfig
 from coordinator.driver import RoundDriver
 from coordinator.evaluation import BackgroundEvaluator
@@ -39,14 +43,15 @@ from coordinator.presence import DeviceRegistry
 from coordinator.privacy import PrivacyChecks, PrivacyGuard
 from coordinator.progress import Evaluations, Progress, Reporter, RunResult
 from coordinator.publisher import Publisher
+from coordinator.scaffold import ScaffoldServer, fleet_size_of
 from coordinator.state import StateDB
 from coordinator.stepper import Stepper
 from fedmq.data import load_split
-from fedmq.envelope import max_update_bytes
+from fedmq.wire.envelope import max_update_bytes
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import RoundEngine, UpdateChecks
-from fedmq.params import ParamSpec
-from fedmq.sealing import SEAL_OVERHEAD, load_or_create_key
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import SEAL_OVERHEAD, load_or_create_key
 from fedmq.tasks import get_task
 from fedmq.transport import Link, open_link
 from fedmq.transport.counting import CountingLink
@@ -107,15 +112,25 @@ class Coordinator:
                                                                          client_id=f"fedmq-coordinator-{self.fed}"))
         #: Largest client-update blob admitted: the configured limit or the ParamSpec's own bound.
         self.update_limit = min(config.limits.max_update_bytes, max_update_bytes(self.spec) + SEAL_OVERHEAD)
+        registry = self.registry
+        task, spec = self.task, self.spec
+        #: Scaffold's server control variate (``[plan] algorithm = "scaffold"``; coordinator/scaffold.py).
+        self.scaffold = ScaffoldServer(
+            spec, self.fed, config.state_dir, config.downlink.codec, window=config.downlink.window,
+            snapshot_every=config.downlink.snapshot_every,
+            fleet_size=lambda: fleet_size_of(registry.devices, task.name, spec.hash),
+            norm_factor=config.limits.norm_bound_factor, norm_warmup=config.limits.norm_bound_warmup) \
+            if config.plan.algorithm == "scaffold" else None
         self.db = StateDB(config.state_dir)
         try:
-            #: The key pair devices seal their client updates to (fedmq.sealing), kept in the state folder.
+            #: The key pair devices seal their client updates to (fedmq.security.sealing), kept in the state folder.
             self.seal_key = load_or_create_key(config.state_dir)
             eval_data = self._eval_data()
             self.stepper = Stepper(config, self.task, self.spec, self.model, self.optimizer, eval_data)
             privacy = self.privacy
             self.publisher = Publisher(config, self.link, self.task, self.spec, self.model, self.db,
-                                       lambda: privacy.model_metadata() if privacy is not None else None)
+                                       lambda: privacy.model_metadata() if privacy is not None else None,
+                                       scaffold=self.scaffold)
             parts = PolicyParts(config, self.task, self.spec, self.registry, self.db, self.link, self.publisher,
                                 self._update_checks(), self.update_limit, self.privacy, self.control)
             self.policy: RoundPolicy = make_policy(policy or policy_name(config), parts)
@@ -127,7 +142,7 @@ class Coordinator:
             self.driver = RoundDriver(config, self.link, self.policy, self.stepper, self.publisher, self.registry,
                                       self.db, self.seal_key, self.privacy, self.control,
                                       Evaluations(evaluator, self.db, report, self.registry.online_count), report,
-                                      meta, metrics is None and config.metrics.port > 0)
+                                      meta, metrics is None and config.metrics.port > 0, scaffold=self.scaffold)
         except BaseException:
             self.db.close()  # the one resource opened so far (the evaluator's thread starts last)
             raise
@@ -158,9 +173,11 @@ class Coordinator:
             # Under DP the clip norm replaces the data-set norm bound (a data-dependent rule is
             # not post-processing of the noisy aggregate).
             return PrivacyChecks(self.privacy, max_samples=lim.max_samples, samples_of=announced)
-        return UpdateChecks(max_samples=lim.max_samples, samples_of=announced, norm_bound=lim.norm_bound,
-                            norm_factor=lim.norm_bound_factor, norm_warmup=lim.norm_bound_warmup,
-                            norm_initial=lim.norm_bound_initial)
+        checks = UpdateChecks(max_samples=lim.max_samples, samples_of=announced, norm_bound=lim.norm_bound,
+                              norm_factor=lim.norm_bound_factor, norm_warmup=lim.norm_bound_warmup,
+                              norm_initial=lim.norm_bound_initial)
+        # Scaffold: the control-variate change in each envelope is judged too.
+        return checks if self.scaffold is None else self.scaffold.checks(checks)
 
     # -- the parts tests and the simulator reach -------------------------------------------
 

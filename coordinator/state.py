@@ -1,6 +1,6 @@
 """Durable coordinator state: a checkpoint file and a SQLite database in the state folder.
 
-``checkpoint.safetensors`` (written atomically with :func:`fedmq.atomic.atomic_write_bytes`
+``checkpoint.safetensors`` (written atomically with :func:`fedmq.storage.atomic.atomic_write_bytes`
 after every round, never pickle) holds the global model (``model``, float32 (d,)), the
 server optimizer's state arrays (``opt.<name>``, float32 (d,)), with a compressed downlink
 the server residual (``downlink.residual``, float32 (d,); the model is then the *published*
@@ -36,7 +36,7 @@ from safetensors.numpy import save as st_save
 
 from coordinator.presence import Conflict, Device
 from fedmq.fl.rounds import ParticipationRecord, RoundRecord  # noqa: F401  (re-exported: the records are stored here)
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.errors import StateError
 
 CHECKPOINT_FORMAT = "fedmq-coordinator-checkpoint-v1"
@@ -74,7 +74,7 @@ class Checkpoint:
 def save_checkpoint(state_dir: Path, ckpt: Checkpoint, *, before_rename: Callable[[], None] | None = None) -> None:
     """Write the checkpoint atomically (old or new file, never a torn one).
 
-    ``before_rename``: see :func:`fedmq.atomic.atomic_write_bytes` (a test hook).
+    ``before_rename``: see :func:`fedmq.storage.atomic.atomic_write_bytes` (a test hook).
 
     Raises:
         OSError: the state folder cannot be written.

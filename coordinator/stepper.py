@@ -18,12 +18,12 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import gate_loss
 from coordinator.publisher import delta_path
-from fedmq.atomic import atomic_write_bytes
-from fedmq.chain import DeltaBlob
+from fedmq.storage.atomic import atomic_write_bytes
+from fedmq.fl.chain import DeltaBlob
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
 from fedmq.fl.server_opt import ServerOptimizer
-from fedmq.params import ParamSpec, load_params
+from fedmq.model.params import ParamSpec, load_params
 from fedmq.tasks import Task
 
 log = logging.getLogger("fedmq.coordinator")

@@ -6,7 +6,7 @@ select ``ceil(target * over_selection)`` of them with the generator of ``(seed, 
 differential privacy the guard selects and may refuse to open the round); open the engine
 (:class:`fedmq.fl.rounds.RoundEngine`); run the round's phases (:class:`RoundPhases`: the
 plain round has one, :class:`CollectUpdates`, which sends each device a retained
-:class:`fedmq.messages.Task`, announces the round and accepts client updates until
+:class:`fedmq.wire.messages.RoundTask`, announces the round and accepts client updates until
 ``target`` are accepted, every selected device has answered or dropped, or the deadline
 passes); hand the closed round to the driver's server step. A selected device whose
 offline status arrives is counted as dropped once ``round.drop_grace_s`` pass without it
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from coordinator.policy import PolicyParts, register_policy, warmed_plan
+from coordinator.policy import PolicyParts, RoundContext, register_policy, warmed_plan
 from coordinator.progress import Progress
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
-from fedmq.messages import RoundAnnouncement, Task, TrainPlan
+from fedmq.wire.messages import RoundAnnouncement, RoundTask, TrainPlan
 from fedmq.transport.flows import request_repairs
 
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -36,17 +34,17 @@ log = logging.getLogger("fedmq.coordinator")
 class RoundPhases(Protocol):
     """The phases of one synchronous round, between selection and the server step."""
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """Connected and subscribed (subscribe to the phases' messages, tell a result again)."""
 
-    def run(self, ctx: RoundDriver, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
+    def run(self, ctx: RoundContext, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
         """Run the open round's phases (``rounds.engine`` is open for the selection); the closed
         round, or None on a stop request."""
 
     def checkpoint_meta(self) -> dict[str, str]:
         """Metadata kept with the round's checkpoint."""
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The round is durable, its tasks cleared; before the round's announcement."""
 
 
@@ -77,10 +75,10 @@ class SyncRounds:
     def round_in_progress(self) -> int:
         return self.engine.round
 
-    def resume(self, ctx: RoundDriver, step: int, version: int) -> None:
+    def resume(self, ctx: RoundContext, step: int, version: int) -> None:
         self.engine.round, self.engine.base_version = step, version
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """Clear retained tasks left by a round that was in flight when we were killed."""
         for device in self.parts.db.inflight_devices():
             self.parts.link.publish(topics.task(self.config.federation, device), b"", retain=True)
@@ -89,7 +87,7 @@ class SyncRounds:
 
     # -- one round ---------------------------------------------------------------------------
 
-    def advance(self, ctx: RoundDriver) -> bool:
+    def advance(self, ctx: RoundContext) -> bool:
         cfg, engine, control = self.config, self.engine, self.parts.control
         r = engine.round + 1
         eligible = ctx.wait_for_devices(r)
@@ -125,17 +123,17 @@ class SyncRounds:
             plan = self.parts.privacy.plan(plan)
         return plan
 
-    def publish_tasks(self, ctx: RoundDriver, devices: list[str], *, secure: bool = False) -> None:
+    def publish_tasks(self, ctx: RoundContext, devices: list[str], *, secure: bool = False) -> None:
         """Send each of ``devices`` its retained task for the open round."""
         engine, plan = self.engine, self.plan()
         for i, device in enumerate(devices):
-            task = Task(self.config.federation, device, engine.round, engine.base_version, self.parts.spec.hash,
+            task = RoundTask(self.config.federation, device, engine.round, engine.base_version, self.parts.spec.hash,
                         engine.deadline, plan, ctx.publisher.published_sha, secure_aggregation=secure)
             ctx.publisher.publish_retained(topics.task(self.config.federation, device), task.to_bytes())
             if i == 0:
                 self.parts.control.pause("task_publish", engine.round)
 
-    def announce(self, ctx: RoundDriver, eligible: int) -> None:
+    def announce(self, ctx: RoundContext, eligible: int) -> None:
         """Announce the open round (retained) and report it open."""
         engine = self.engine
         ctx.publisher.publish_retained(topics.round_announcement(self.config.federation),
@@ -146,7 +144,7 @@ class SyncRounds:
         ctx.report(Progress("round_open", engine.round, len(engine.selection), engine.target,
                             deadline=engine.deadline, online=self.parts.registry.online_count()))
 
-    def collect(self, ctx: RoundDriver) -> bool:
+    def collect(self, ctx: RoundContext) -> bool:
         """Accept client updates until the round is complete or its deadline; False on a stop request."""
         engine, control = self.engine, self.parts.control
         while not control.stopping and not engine.complete:
@@ -187,7 +185,7 @@ class SyncRounds:
     def before_receipt(self, device: str, transfer: str, outcome: Accepted) -> None:
         """Nothing to keep: a round killed before its checkpoint is rerun."""
 
-    def answered(self, ctx: RoundDriver, device: str, outcome: Outcome) -> None:
+    def answered(self, ctx: RoundContext, device: str, outcome: Outcome) -> None:
         """Nothing to do: the round's loop sees :attr:`fedmq.fl.rounds.RoundEngine.complete`."""
 
     def progress(self) -> Progress:
@@ -200,7 +198,7 @@ class SyncRounds:
     def checkpoint_meta(self) -> dict[str, str]:
         return self.phases.checkpoint_meta()
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """Clear the round's tasks, let the phases tell their result, announce the round's end."""
         publisher, fed = ctx.publisher, self.config.federation
         publisher.forget_cleared()
@@ -212,17 +210,17 @@ class SyncRounds:
                                    RoundAnnouncement(rec.round, rec.base_version, self.engine.deadline,
                                                      rec.state).to_bytes())
 
-    def finish(self, ctx: RoundDriver) -> None:
+    def finish(self, ctx: RoundContext) -> None:
         """Nothing left: every round cleared its tasks when it closed."""
 
 
 class CollectUpdates:
     """The one phase of a plain round: tasks out, client updates in (module docstring)."""
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         """No phase messages to subscribe to."""
 
-    def run(self, ctx: RoundDriver, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
+    def run(self, ctx: RoundContext, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
         rounds.publish_tasks(ctx, rounds.engine.selection)
         rounds.announce(ctx, eligible)
         if not rounds.collect(ctx):
@@ -232,7 +230,7 @@ class CollectUpdates:
     def checkpoint_meta(self) -> dict[str, str]:
         return {}
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """No result to tell."""
 
 

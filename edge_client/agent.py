@@ -72,18 +72,19 @@ from edge_client.localdata import LocalData
 from edge_client.loop import Heartbeat
 from edge_client.metrics import AgentCollector, serve_agent_metrics
 from edge_client.model_sync import ModelSync
+from edge_client.scaffold import ScaffoldDevice
 from edge_client.sdnotify import Notifier
 from edge_client.secure_rounds import SecureRounds
 from edge_client.settlement import Settlement
 from edge_client.state import DeviceState, lock_state_dir
 from edge_client.trainer import Trainer
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import SpecMismatchError, TransportError, WireError
 from fedmq.fl.training import LocalResult
-from fedmq.messages import ModelPointer, Receipt, Task
+from fedmq.wire.messages import ModelPointer, Receipt, RoundTask
 from fedmq.metrics_http import MetricsServer
-from fedmq.params import ParamSpec
-from fedmq.sealing import load_public_key, pin_key
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import load_public_key, pin_key
 from fedmq.tasks import get_task
 from fedmq.testhooks import PauseHook
 from fedmq.transport import Link, Message, open_link
@@ -157,7 +158,7 @@ class EdgeAgent:
         StateError: corrupt state directory (names the path).
         ConfigError: ``coordinator_key`` is unreadable or not an X25519 public key.
         KeyPinError: ``coordinator_key`` differs from the key this device pinned, or is unset
-            while one is pinned (fedmq.sealing.pin_key).
+            while one is pinned (fedmq.security.sealing.pin_key).
     """
 
     def __init__(self, cfg: EdgeConfig, *, link: Link | None = None, notifier: Notifier | None = None,
@@ -195,7 +196,8 @@ class EdgeAgent:
         self.trainer = Trainer(cfg, self.conn, self.state, feedback, model=self.model, spec=self.spec,
                                task_def=self.task_def, local=local, coordinator_key=coordinator_key,
                                heartbeat=self.heartbeat, sync=self.sync, settlement=self.settlement,
-                               secure=self.secure, counters=self.counters, notifier=self.notifier, pause=self._pause)
+                               secure=self.secure, scaffold=ScaffoldDevice(cfg.state_dir, self.spec, self.state),
+                               counters=self.counters, notifier=self.notifier, pause=self._pause)
         #: The Prometheus endpoint of a session (``metrics_port``), None between sessions.
         self._metrics: MetricsServer | None = None
 
@@ -210,12 +212,12 @@ class EdgeAgent:
         self.conn.replace(link)
 
     @property
-    def pace(self) -> Callable[[Task, LocalResult], None] | None:
+    def pace(self) -> Callable[[RoundTask, LocalResult], None] | None:
         """Called after local training, on the training worker (:attr:`Trainer.pace`)."""
         return self.trainer.pace
 
     @pace.setter
-    def pace(self, pace: Callable[[Task, LocalResult], None] | None) -> None:
+    def pace(self, pace: Callable[[RoundTask, LocalResult], None] | None) -> None:
         self.trainer.pace = pace
 
     @property
@@ -374,7 +376,7 @@ class EdgeAgent:
             return
         try:
             if msg.topic == topics.task(fed, dev):
-                self._on_task(Task.from_bytes(msg.payload))
+                self._on_task(RoundTask.from_bytes(msg.payload))
             elif msg.topic == topics.receipt(fed, dev):
                 self.settlement.on_receipt(Receipt.from_bytes(msg.payload))
             elif msg.topic == topics.model_chain(fed):
@@ -400,7 +402,7 @@ class EdgeAgent:
         self.conn.refuse(reason)
         raise SpecMismatchError(reason)
 
-    def _on_task(self, task: Task) -> None:
+    def _on_task(self, task: RoundTask) -> None:
         cfg = self.cfg
         if task.federation != cfg.federation or task.device != cfg.device_id:
             self.counters["bad_messages"] += 1

@@ -71,7 +71,7 @@ def predict(input: Path = typer.Option(..., "--input", "-i", help="samples, .npy
             timeout: float = typer.Option(30.0, help="seconds to wait for the model from the broker")) -> None:
     """Predict with the global model's ONNX export: classes of the samples in --input (a
     regression model: its predicted values)."""
-    from fedmq.inference import OnnxPredictor
+    from fedmq.model.inference import OnnxPredictor
 
     try:
         x = _load_npy(input)

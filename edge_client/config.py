@@ -1,5 +1,5 @@
 """Edge client configuration: the options, their defaults and their checks, read by the shared
-loader (:mod:`fedmq.config_loader`): one TOML file, every option overridable from the environment.
+loader (:mod:`fedmq.config.loader`): one TOML file, every option overridable from the environment.
 
 The file has top-level options (``device_id``, ``task``, ...) and one table, ``[broker]``, the
 coordinator's (:class:`fedmq.transport.BrokerSettings`: ``url``, ``protocol``,
@@ -8,7 +8,7 @@ coordinator's (:class:`fedmq.transport.BrokerSettings`: ``url``, ``protocol``,
 persistent session (:data:`DEVICE_SESSION_EXPIRY_S`).
 
 Environment: ``FEDMQ_EDGE__<OPTION>``, ``__`` between table levels (``FEDMQ_EDGE__DEVICE_ID``,
-``FEDMQ_EDGE__BROKER__CA_FILE``), values read as :mod:`fedmq.config_loader` says. A
+``FEDMQ_EDGE__BROKER__CA_FILE``), values read as :mod:`fedmq.config.loader` says. A
 ``FEDMQ_EDGE_*`` / ``FEDMQ_EDGE__*`` variable that names no option is an error naming the
 closest one. Old names still read, each with one deprecation warning naming the new one:
 
@@ -39,10 +39,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from fedmq.config_loader import ConfigSchema, Sourced, broker_table, fold_renamed, options_of, warn_python
+from fedmq.config.loader import ConfigSchema, Sourced, broker_table, fold_renamed, options_of, warn_python
 from fedmq.errors import ConfigError
 from fedmq.testhooks import hook_variables
-from fedmq.topics import check_id
+from fedmq.wire.topics import check_id
 from fedmq.transport.settings import BrokerSettings
 
 DEFAULT_FILE_NAME = "edge.toml"
@@ -100,7 +100,7 @@ class EdgeConfig(Sourced):
         metrics_address: address the endpoint binds (default 127.0.0.1).
         coordinator_key: the coordinator's public key (``seal-key.pub``, written beside the
             device's credentials by ``fedmq broker add-device --coordinator-key``). Set: every
-            client update is sealed to it (fedmq.sealing; the broker relays only ciphertext)
+            client update is sealed to it (fedmq.security.sealing; the broker relays only ciphertext)
             and the device pins it in its state folder, refusing a changed key. Unset
             (default): updates travel as plain envelopes, unless the device pinned a key
             before, which it then refuses to drop.
@@ -218,7 +218,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
             from (default ``os.environ``).
 
     A deprecated option or variable name logs one warning per file and name (logger
-    ``fedmq.config_loader``).
+    ``fedmq.config.loader``).
 
     Returns:
         The validated :class:`EdgeConfig`; relative paths resolved (credential and TLS

@@ -15,9 +15,10 @@ from typing import Any
 
 from edge_client.config import EdgeConfig
 from edge_client.localdata import LocalData
-from fedmq import __version__, topics
-from fedmq.messages import Status
-from fedmq.params import ParamSpec
+from fedmq import __version__
+from fedmq.wire import topics
+from fedmq.wire.messages import Status
+from fedmq.model.params import ParamSpec
 from fedmq.transport import Link, Will
 from fedmq.transport.counting import CountingLink
 from fedmq.transport.sender import BlobSender

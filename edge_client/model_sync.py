@@ -4,7 +4,7 @@ deltas from a version held, or a snapshot) and follow the newest version (``mode
 
 Every vector reached through the chain is checked against the parameter hash the chain or
 the task announces; a missing or corrupt delta, a gap or a hash mismatch falls back to the
-snapshot (fedmq.fl.downlink.plan_catch_up picks the path, docs/wire-format.md).
+snapshot (fedmq.fl.downlink.choose_catch_up picks the path, docs/wire-format.md).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from edge_client.config import EdgeConfig
 from edge_client.connection import Connection
 from edge_client.loop import TICK, Heartbeat
 from edge_client.state import DeviceState
-from fedmq import topics
-from fedmq.chain import DeltaBlob, ModelChain
+from fedmq.wire import topics
+from fedmq.fl.chain import DeltaBlob, ModelChain
 from fedmq.errors import FedmqError, TransferError, TransportError, WireError
 from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
-from fedmq.modelio import model_from_safetensors, model_to_safetensors
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.model.modelio import model_from_safetensors, model_to_safetensors
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task as TaskDef
 from fedmq.transport import Message
 from fedmq.transport.flows import fetch_blob
@@ -205,7 +205,7 @@ class ModelSync:
 
     def _catch_up(self, chain: ModelChain, held: tuple[int, np.ndarray] | None, version: int,
                   expected: str) -> np.ndarray:
-        """Download what the catch-up rule picks (fedmq.fl.downlink.plan_catch_up) and return
+        """Download what the catch-up rule picks (fedmq.fl.downlink.choose_catch_up) and return
         version ``version``'s vector, verified against ``expected``; on a missing or corrupt
         delta, a gap or a hash mismatch, log why and take the snapshot path instead.
 
@@ -213,39 +213,39 @@ class ModelSync:
         sizes = chain.delta_sizes()
         avoid = False
         while True:
-            plan = downlink.plan_catch_up(None if held is None else held[0], version, sizes, chain.snapshot.version,
+            route = downlink.choose_catch_up(None if held is None else held[0], version, sizes, chain.snapshot.version,
                                           chain.snapshot.size, avoid_deltas=avoid)
-            if plan is None:
+            if route is None:
                 raise TransferError(f"version {version} cannot be reached from the chain (snapshot "
                                     f"{chain.snapshot.version}, deltas {sorted(sizes)[:3]}..)")
-            log.info("catching up to version %d: %s (%d bytes)", version, plan.reason, plan.cost)
+            log.info("catching up to version %d: %s (%d bytes)", version, route.reason, route.cost)
             try:
-                return self._apply_plan(chain, plan, held, version, expected)
+                return self._apply_catch_up(chain, route, held, version, expected)
             except FedmqError as exc:
-                if plan.snapshot is not None:
+                if route.snapshot is not None:
                     raise
                 log.warning("delta path to version %d failed (%s): falling back to the snapshot", version, exc)
                 self.counters["downlink_fallbacks"] += 1
                 avoid = True
 
-    def _apply_plan(self, chain: ModelChain, plan: downlink.CatchUp, held: tuple[int, np.ndarray] | None,
+    def _apply_catch_up(self, chain: ModelChain, route: downlink.CatchUp, held: tuple[int, np.ndarray] | None,
                     version: int, expected: str) -> np.ndarray:
         fed, link = self.cfg.federation, self.conn.link
-        if plan.snapshot is not None:
-            blob = fetch_blob(link, topics.model_blob(fed, plan.snapshot), self.cfg.fetch_timeout)
+        if route.snapshot is not None:
+            blob = fetch_blob(link, topics.model_blob(fed, route.snapshot), self.cfg.fetch_timeout)
             if blob.sha256 != chain.snapshot.blob_sha256:
-                raise TransferError(f"snapshot {plan.snapshot}: blob sha256 {blob.sha256[:12]} differs from the "
+                raise TransferError(f"snapshot {route.snapshot}: blob sha256 {blob.sha256[:12]} differs from the "
                                     f"chain's {chain.snapshot.blob_sha256[:12]}")
             model = self.task_def.build_model(chain.seed)
             model_from_safetensors(blob.data, model, self.spec)
             vec = flatten_params(model, self.spec)
             if params_sha256(vec) != chain.snapshot.sha256:
-                raise TransferError(f"snapshot {plan.snapshot}: parameter hash differs from the chain's")
+                raise TransferError(f"snapshot {route.snapshot}: parameter hash differs from the chain's")
         elif held is not None:
             vec = held[1]
         else:
             raise TransferError(f"version {version}: a delta path from no version held")
-        for v in plan.deltas:
+        for v in route.deltas:
             entry = chain.entry(v)
             if entry is None:
                 raise TransferError(f"delta {v}: not in the chain")

@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedmq import topics
-from fedmq.atomic import atomic_write_bytes
+from fedmq.wire import topics
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.errors import StateError, WireError
 from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggClient, SecAggError, values_on_support
 from fedmq.secagg import messages as sm

@@ -22,8 +22,8 @@ from edge_client.config import EdgeConfig
 from edge_client.connection import Connection
 from edge_client.secure import ACTIVE_AFTER_DEADLINE_S, Pending, SecureDevice, clear_pending, load_pending, save_pending
 from edge_client.state import DeviceState
-from fedmq.feedback import ErrorFeedback
-from fedmq.messages import Task
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.wire.messages import RoundTask
 from fedmq.transport import Message
 
 log = logging.getLogger("edge_client.agent")
@@ -66,9 +66,9 @@ class SecureRounds:
         self.device = SecureDevice(cfg.federation, cfg.device_id, conn, size=size, settle=self._settle,
                                    sent=self._sent, pending=left[0] if left is not None else None,
                                    refused=counters, pause=pause)
-        self._task: Task | None = None
+        self._task: RoundTask | None = None
 
-    def expect(self, task: Task, last_round: int) -> None:
+    def expect(self, task: RoundTask, last_round: int) -> None:
         """A task arrived: a secure round's task of a round not yet done makes the loop answer
         its phases promptly (:meth:`tick_s`)."""
         if task.secure_aggregation and task.round > last_round:
@@ -91,7 +91,7 @@ class SecureRounds:
             if msg.payload:
                 self.device.handle(msg.payload)
 
-    def provide(self, task: Task, update: np.ndarray) -> bool:
+    def provide(self, task: RoundTask, update: np.ndarray) -> bool:
         """Hand the residual plus ``update`` (float32 ``(size,)``) to the round; until its
         result the whole of it is in the residual (the round is done: no second update for
         it). False, with nothing changed, when that sum is not finite."""

@@ -21,13 +21,13 @@ from edge_client.config import EdgeConfig
 from edge_client.connection import Connection
 from edge_client.sdnotify import Notifier
 from edge_client.state import DeviceState, InFlight
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.codecs import decode
-from fedmq.envelope import decode_update
+from fedmq.wire.envelope import decode_update
 from fedmq.errors import TransportError
-from fedmq.feedback import ErrorFeedback
-from fedmq.messages import Receipt, Task
-from fedmq.params import ParamSpec
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.wire.messages import Receipt, RoundTask
+from fedmq.model.params import ParamSpec
 
 # The agent's parts log under the agent's name: one logger for an operator to filter.
 log = logging.getLogger("edge_client.agent")
@@ -61,14 +61,14 @@ class Settlement:
                  pause: Callable[[str, int], None]) -> None:
         self.cfg, self.conn, self.state, self.feedback, self.spec = cfg, conn, state, feedback, spec
         self.counters, self.notifier, self.pause = counters, notifier, pause
-        self.pending: Task | None = None
+        self.pending: RoundTask | None = None
         self._tasks_seen: set[tuple[int, float]] = set()
         self._last_send = 0.0
         self._asked_after_deadline = False
 
     # -- tasks ----------------------------------------------------------------------------
 
-    def on_task(self, task: Task) -> None:
+    def on_task(self, task: RoundTask) -> None:
         """A task for this device: resend what is in flight when the task says the coordinator
         may not have it; otherwise keep the task for :meth:`take_pending` if it is wanted."""
         rec = self.state.record
@@ -119,19 +119,19 @@ class Settlement:
             log.info("round %d is being rerun by the coordinator: training again", task.round)
         self._keep_pending(task)
 
-    def take_pending(self) -> Task | None:
+    def take_pending(self) -> RoundTask | None:
         """The task kept for later, once no update is in flight (then it is no longer kept)."""
         if self.pending is None or self.state.record.inflight is not None:
             return None
         task, self.pending = self.pending, None
         return task
 
-    def wants(self, task: Task) -> bool:
+    def wants(self, task: RoundTask) -> bool:
         """True when ``task`` is for a round this device has not done (or a rerun of its last)."""
         rec = self.state.record
         return task.round > rec.last_round or (task.round == rec.last_round and task.deadline > rec.last_deadline)
 
-    def _seen_task(self, task: Task) -> bool:
+    def _seen_task(self, task: RoundTask) -> bool:
         """True when this very task (round, deadline) arrived before in this run."""
         key = (task.round, task.deadline)
         seen = key in self._tasks_seen
@@ -140,7 +140,7 @@ class Settlement:
         self._tasks_seen.add(key)
         return seen
 
-    def _keep_pending(self, task: Task) -> None:
+    def _keep_pending(self, task: RoundTask) -> None:
         if self.pending is None or (task.round, task.deadline) >= (self.pending.round, self.pending.deadline):
             self.pending = task
 
@@ -186,7 +186,7 @@ class Settlement:
             self.counters["resends"] += 1
             self.send()
 
-    def begin(self, data: bytes, task: Task, *, transfer_id: str, with_feedback: bool,
+    def begin(self, data: bytes, task: RoundTask, *, transfer_id: str, with_feedback: bool,
               sealed: bytes | None) -> InFlight:
         """Commit a new client update (envelope ``data``; ``sealed``: what goes on the wire
         when sealed) with the residual that holds once it is sent; not yet published."""

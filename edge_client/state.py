@@ -5,13 +5,13 @@ Layout of the state directory (``state_dir`` / ``$STATE_DIRECTORY``)::
     state.json                commit record, rewritten atomically (the only commit point)
     residual-<seq>.npy        error-feedback residual, float32 (spec.size,), .npy (never pickle)
     update-<seq>.bin          exact bytes of the client update in flight (encoded ClientUpdate)
-    sealed-<seq>.bin          the same update sealed to the coordinator's key (fedmq.sealing):
+    sealed-<seq>.bin          the same update sealed to the coordinator's key (fedmq.security.sealing):
                               the bytes published, when the device seals
     models/<version>.safetensors   cached global model versions (the last 2 kept)
 
 ``state.json`` names the residual file and the in-flight update file of the same sequence
 number ``seq``. A change (new in-flight update, rollback) first writes its new files under
-``seq + 1`` with :func:`fedmq.atomic.atomic_write_bytes`, then replaces ``state.json``;
+``seq + 1`` with :func:`fedmq.storage.atomic.atomic_write_bytes`, then replaces ``state.json``;
 files of other sequence numbers are removed afterwards and on load. So whatever instant
 the process dies at, the residual and the in-flight record on disk belong together: either
 both from before the change or both from after it.
@@ -43,11 +43,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
-from fedmq.atomic import atomic_write_bytes, atomic_write_text
+from fedmq.storage.atomic import atomic_write_bytes, atomic_write_text
 from fedmq.errors import StateError
-from fedmq.feedback import ErrorFeedback
-from fedmq.lockfile import LOCK_FILE, lock_folder
-from fedmq.params import ParamSpec
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.storage.lockfile import LOCK_FILE, lock_folder
+from fedmq.model.params import ParamSpec
 
 STATE_FORMAT = 1
 MODELS_KEPT = 2
@@ -125,7 +125,7 @@ class Record:
 def lock_state_dir(root: str | os.PathLike[str]) -> IO[bytes]:
     """Take the exclusive lock of a state directory for this process (released when the
     returned file is closed or the process dies, ``kill -9`` included); see
-    :func:`fedmq.lockfile.lock_folder`.
+    :func:`fedmq.storage.lockfile.lock_folder`.
 
     Two agents on one state directory would delete each other's files, so the second is
     refused.

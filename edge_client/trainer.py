@@ -27,16 +27,17 @@ from edge_client.loop import Heartbeat
 from edge_client.model_sync import ModelSync
 from edge_client.sdnotify import Notifier
 from edge_client.secure_rounds import SecureRounds
+from edge_client.scaffold import ScaffoldDevice
 from edge_client.settlement import Settlement
 from edge_client.state import DeviceState
 from fedmq.errors import FedmqError, NonFiniteError
-from fedmq.feedback import ErrorFeedback
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update, train_for_task
 from fedmq.fl.training import LocalResult
-from fedmq.messages import Task
-from fedmq.params import ParamSpec
-from fedmq.sealing import seal_update
-from fedmq.tasks import Task as TaskDef
+from fedmq.wire.messages import RoundTask
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import seal_update
+from fedmq.tasks import Task
 from fedmq.transport.counting import LINK_BYTES_IN, LINK_BYTES_OUT
 
 log = logging.getLogger("edge_client.agent")
@@ -64,19 +65,21 @@ class Trainer:
     """
 
     def __init__(self, cfg: EdgeConfig, conn: Connection, state: DeviceState, feedback: ErrorFeedback, *,
-                 model: torch.nn.Module, spec: ParamSpec, task_def: TaskDef, local: LocalData,
+                 model: torch.nn.Module, spec: ParamSpec, task_def: Task, local: LocalData,
                  coordinator_key: X25519PublicKey | None, heartbeat: Heartbeat, sync: ModelSync,
-                 settlement: Settlement, secure: SecureRounds, counters: Counter[str], notifier: Notifier,
-                 pause: Callable[[str, int], None]) -> None:
+                 settlement: Settlement, secure: SecureRounds, scaffold: ScaffoldDevice, counters: Counter[str],
+                 notifier: Notifier, pause: Callable[[str, int], None]) -> None:
         self.cfg, self.conn, self.state, self.feedback = cfg, conn, state, feedback
         self.model, self.spec, self.task_def, self.local = model, spec, task_def, local
         self.coordinator_key = coordinator_key
         self.heartbeat, self.sync, self.settlement, self.secure = heartbeat, sync, settlement, secure
+        #: Scaffold's control variate c_i and its residual (edge_client/scaffold.py; used when a task asks).
+        self.scaffold = scaffold
         self.counters, self.notifier, self.pause = counters, notifier, pause
-        self.pace: Callable[[Task, LocalResult], None] | None = None
+        self.pace: Callable[[RoundTask, LocalResult], None] | None = None
         self._reported = conn.link.traffic.snapshot()
 
-    def run_round(self, task: Task, stop: threading.Event) -> None:
+    def run_round(self, task: RoundTask, stop: threading.Event) -> None:
         """Take part in ``task``'s round: fetch, train, send (or skip it, saying why). Returns
         early, the round not done, when ``stop`` is set while it fetches or trains.
 
@@ -145,21 +148,24 @@ class Trainer:
             return
         self._send(task, result)
 
-    def _train(self, task: Task, cap: float) -> LocalResult:
-        local = self.local
-        result = train_for_task(self.model, local.x, local.y, task, seed=self.cfg.seed, max_seconds=cap,
-                                x_val=local.x_val, y_val=local.y_val, task_def=self.task_def)
+    def _train(self, task: RoundTask, cap: float) -> LocalResult:
+        local, cfg = self.local, self.cfg
+        correction = self.scaffold.correction(task, self.conn.link, cfg.federation, cfg.fetch_timeout) \
+            if task.plan.algorithm == "scaffold" else None
+        result = train_for_task(self.model, local.x, local.y, task, seed=cfg.seed, max_seconds=cap,
+                                x_val=local.x_val, y_val=local.y_val, task_def=self.task_def, correction=correction)
         if self.pace is not None:
             self.pace(task, result)
         return result
 
-    def _send(self, task: Task, result: LocalResult) -> None:
+    def _send(self, task: RoundTask, result: LocalResult) -> None:
         """Package the update (error feedback, codec, envelope, seal), commit it with the
         residual, then publish it."""
         cfg = self.cfg
         try:
+            control = self.scaffold.package(task, result, cfg.seed) if task.plan.algorithm == "scaffold" else b""
             packaged = package_update(result, task, federation=cfg.federation, device=cfg.device_id,
-                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed)
+                                      spec=self.spec, feedback=self.feedback, seed=cfg.seed, control=control)
         except NonFiniteError as exc:
             # package_update leaves the residual unchanged when it refuses.
             self._skip_bad_model(task, f"training on it gave a non-finite update ({exc})")
@@ -170,6 +176,8 @@ class Trainer:
         if self.coordinator_key is not None:
             sealed = seal_update(data, self.coordinator_key, federation=cfg.federation, device=cfg.device_id,
                                  transfer_id=transfer_id)
+        if control:
+            self.scaffold.save(transfer_id)  # its ledger entry, committed next, says which half is in force
         inflight = self.settlement.begin(data, task, transfer_id=transfer_id, with_feedback=task.plan.error_feedback,
                                          sealed=sealed)
         self.pause("publishing", task.round)
@@ -182,7 +190,7 @@ class Trainer:
                  result.metrics.get("train_loss", float("nan")))
         self.pause("published", task.round)
 
-    def _skip_bad_model(self, task: Task, why: str) -> None:
+    def _skip_bad_model(self, task: RoundTask, why: str) -> None:
         """Skip a round whose global model cannot be used; the agent keeps serving."""
         self.counters["bad_models"] += 1
         log.error("round %d: global model %d unusable: %s: round skipped", task.round, task.model_version, why)

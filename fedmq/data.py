@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.errors import ConfigError, DataError
 
 #: Environment variable naming the shared, read-only data folder.
@@ -213,7 +213,7 @@ def load_npz(path: str | os.PathLike[str], convert: bool = True) -> tuple[np.nda
 
 def save_npz_atomic(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray) -> None:
     """Write ``x`` and ``y`` to an ``.npz`` archive at exactly ``path`` (no suffix added),
-    atomically (:func:`fedmq.atomic.atomic_write_bytes`); :func:`load_npz` reads it back.
+    atomically (:func:`fedmq.storage.atomic.atomic_write_bytes`); :func:`load_npz` reads it back.
 
     Raises:
         DataError: ``x`` and ``y`` differ in length or ``y`` is not 1-dimensional.

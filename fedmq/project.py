@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import ConfigError
 
 #: Template file -> file written into the project folder.

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 
 import typer
 
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import FedmqError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,

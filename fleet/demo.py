@@ -43,8 +43,8 @@ from fedmq.data import digits_split, load_mnist_dir, mnist10k_partitions, mnist1
 from fedmq.cli import LogLevel, setup_logging
 from fedmq.codecs import codec_names
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.modelio import export_onnx, model_to_safetensors
-from fedmq.sealing import load_or_create_key
+from fedmq.model.modelio import export_onnx, model_to_safetensors
+from fedmq.security.sealing import load_or_create_key
 from fedmq.tasks import Task, get_task
 from fedmq.tasks.builtin import DIGITS_PLAN, MNIST_PLAN
 from fedmq.transport.counting import LINK_BYTES_IN
@@ -392,7 +392,7 @@ class DemoSettings:
         round_mode: ``sync`` (rounds) or ``async`` (FedBuff).
         write_files: also write the model files and the plot (the simulator leaves them out).
         publish_onnx: the coordinator publishes an ONNX export with every version.
-        seal: devices seal their client updates to the coordinator's key (fedmq.sealing),
+        seal: devices seal their client updates to the coordinator's key (fedmq.security.sealing),
             provisioned as ``fedmq broker add-device --coordinator-key`` does, and the
             coordinator requires it; False: plain envelopes.
         privacy: the ``[privacy]`` table (docs/privacy.md; ``enabled`` is implied); None: none.

@@ -57,9 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fleet.adversary import Adversary, byzantine_indices, poison_data, poison_update
 
-from fedmq.atomic import atomic_write_text
+from fedmq.storage.atomic import atomic_write_text
 from fedmq.errors import ConfigError, FedmqError
-from fedmq.settings_file import read_toml
+from fedmq.config.settings_file import read_toml
 
 log = logging.getLogger("fedmq.fleet")
 
@@ -403,7 +403,7 @@ class VirtualDevice:
         return bool(self.agent.link.connected) and not self.session.is_set()
 
     def _pace(self, task_message: Any, result: Any) -> None:
-        # task_message: the wire message (fedmq.messages.Task) that asked for this training.
+        # task_message: the wire message (fedmq.wire.messages.RoundTask) that asked for this training.
         seconds = self.spec.heterogeneity.compute_s * self.profile.slowdown
         dies, part, offline = next(self._drops)
         if dies:

@@ -432,7 +432,7 @@ def build_coordinator(config: Path, *, metrics: Any = None, environ: Mapping[str
     Raises:
         ConfigError: the configuration is invalid.
     """
-    from coordinator.buffered import make_coordinator
+    from coordinator.service import make_coordinator
     from coordinator.config import load_config
 
     return make_coordinator(load_config(config, environ=environ), metrics=metrics)

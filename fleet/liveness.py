@@ -41,12 +41,12 @@ import numpy as np
 
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, encode
-from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.wire.envelope import ClientUpdate, encode_update
 from fedmq.fl.rounds import RoundEngine, RoundRecord
 from fedmq.fl.sampling import select_devices
-from fedmq.messages import Receipt, Status, Task, TrainPlan
+from fedmq.wire.messages import Receipt, Status, RoundTask, TrainPlan
 from fedmq.transport import Message
 from fedmq.transport.memory import MemoryBus
 from fedmq.transport.sender import BlobSender
@@ -135,7 +135,7 @@ class _Device:
         self.inflight: SentUpdate | None = None
         self.inflight_deadline = 0.0
         self.data = b""
-        self.pending: Task | None = None
+        self.pending: RoundTask | None = None
         self.ready_at = 0
         self.hold_until = 0
         self.last_send = 0
@@ -181,7 +181,7 @@ class _Device:
             if msg.topic == topics.receipt(FED, self.name):
                 self.on_receipt(Receipt.from_bytes(msg.payload))
             elif msg.payload:
-                self.on_task(Task.from_bytes(msg.payload))
+                self.on_task(RoundTask.from_bytes(msg.payload))
         sim = self.sim
         if self.inflight is not None:
             if sim.tick == self.hold_until or sim.tick - self.last_send >= RECEIPT_TIMEOUT_TICKS:
@@ -192,7 +192,7 @@ class _Device:
         elif self.pending is not None and sim.tick >= self.ready_at:
             self.train(self.pending)
 
-    def on_task(self, task: Task) -> None:
+    def on_task(self, task: RoundTask) -> None:
         inflight = self.inflight
         if inflight is not None:
             if task.round < inflight.round:
@@ -216,12 +216,12 @@ class _Device:
         if task.round > self.last_round or (task.round == self.last_round and task.deadline > self.last_deadline):
             self.keep_pending(task)
 
-    def keep_pending(self, task: Task) -> None:
+    def keep_pending(self, task: RoundTask) -> None:
         if self.pending is None or (task.round, task.deadline) >= (self.pending.round, self.pending.deadline):
             self.pending = task
             self.ready_at = self.sim.tick + int(self.sim.rng.integers(1, 3))
 
-    def train(self, task: Task) -> None:
+    def train(self, task: RoundTask) -> None:
         sim = self.sim
         self.pending = None
         vector = (0.01 * sim.rng.standard_normal(sim.spec_size)).astype(np.float32)
@@ -327,7 +327,7 @@ class _Simulation:
         self.rounds_opened += 1
         self.deadline = deadline
         for device in selected:
-            task = Task(FED, device, r, self.version, self.spec_hash, float(deadline), TrainPlan())
+            task = RoundTask(FED, device, r, self.version, self.spec_hash, float(deadline), TrainPlan())
             coord.link.publish(topics.task(FED, device), task.to_bytes(), retain=True)
         self.garbage_at: dict[int, list[str]] = {}
         if self.faulty:

@@ -18,7 +18,7 @@ from fedmq.codecs.base import (DEFAULT_CODEC, Codec, CodecParams, CodecSpec, NoP
                                all_param_names, check_vector, codec_names, get_codec, register_codec)
 from fedmq.codecs.none import DenseFloat32
 from fedmq.codecs.topk_int8 import TopKInt8
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 register_codec(TopKInt8())
 register_codec(DenseFloat32())

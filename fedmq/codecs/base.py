@@ -1,9 +1,9 @@
 """The codec seam: what every client-update codec implements, and the registry that picks one.
 
 A codec is a pure object with no memory of the past (error feedback lives in
-:mod:`fedmq.feedback`): ``encode`` maps a float32 vector to bytes, ``decode`` /
+:mod:`fedmq.fl.feedback`): ``encode`` maps a float32 vector to bytes, ``decode`` /
 ``decode_sparse`` map bytes back, and ``max_payload_bytes`` bounds any valid payload from
-the :class:`~fedmq.params.ParamSpec` alone, so a receiver can refuse an oversized transfer
+the :class:`~fedmq.model.params.ParamSpec` alone, so a receiver can refuse an oversized transfer
 before allocating anything for it. The design follows GRACE's ``Compressor`` (Xu et al.
 2021, "GRACE: A Compressed Communication Framework for Distributed Machine Learning").
 
@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol, get_type_hints, runtime_checkable
 import numpy as np
 
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 
 @runtime_checkable

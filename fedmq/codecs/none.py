@@ -6,7 +6,7 @@ import numpy as np
 
 from fedmq.codecs.base import CodecSpec, NoParams, SparseUpdate, as_view, check_vector
 from fedmq.errors import CodecError, NonFiniteError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 
 class DenseFloat32:

@@ -7,10 +7,10 @@ kept values, indices as gaps coded with Golomb-Rice (unary quotients and fixed-w
 remainders in two separate bit streams, so that both directions are vectorised). Each
 tensor falls back to dense int8 when that is not larger, and tensors with fewer than
 ``dense_below`` elements always go dense int8. Top-K with error feedback follows Stich et
-al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.feedback`);
+al. 2018 / Karimireddy et al. 2019 (the feedback itself lives in :mod:`fedmq.fl.feedback`);
 Golomb 1966 / Rice 1979 for the index code.
 
-The decoder checks every size against the :class:`~fedmq.params.ParamSpec` before
+The decoder checks every size against the :class:`~fedmq.model.params.ParamSpec` before
 allocating, applies the spec's refusal rules R26-R42 in their order and raises only
 :class:`~fedmq.errors.CodecError` (or its subclass :class:`~fedmq.errors.NonFiniteError`),
 with the rule id at the end of the message. Integer arithmetic is in Python ints or int64:
@@ -29,7 +29,7 @@ import torch
 
 from fedmq.codecs.base import CodecParams, CodecSpec, SparseUpdate, as_view, check_vector
 from fedmq.errors import CodecError, NonFiniteError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 #: First byte of a topk-int8 payload: the layout version of that codec.
 TOPK_FORMAT = 1

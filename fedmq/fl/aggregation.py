@@ -26,7 +26,7 @@ import numpy as np
 
 from fedmq.errors import ConfigError
 from fedmq.fl import robust
-from fedmq.messages import UPDATE_KINDS
+from fedmq.wire.messages import UPDATE_KINDS
 
 
 class _AddsInto(Protocol):

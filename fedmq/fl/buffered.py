@@ -60,7 +60,7 @@ from fedmq.errors import ConfigError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
 from fedmq.fl.rounds import Accepted, ClosedRound, Outcome, ParticipationRecord, Rejected, Repeat, RoundRecord
 from fedmq.fl.rounds import CONTENT_REASONS, ENVELOPE_REASONS, Tally, UpdateChecks, read_envelope
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 #: Every reason the buffered engine refuses a client update for, in the order of its checks.
 REASONS = ENVELOPE_REASONS + ("finished", "wrong_base_version", "duplicate", "stale") + CONTENT_REASONS

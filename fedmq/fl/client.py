@@ -6,13 +6,13 @@ benchmarks and the test devices. Two steps, because the edge agent checks the ro
 deadline between them (an update trained too late is kept in the residual instead of sent):
 
 1. :func:`train_for_task` runs local training (:func:`fedmq.fl.training.train_local`) for
-   a :class:`fedmq.messages.Task`, with the local-training generator of
+   a :class:`fedmq.wire.messages.RoundTask`, with the local-training generator of
    :func:`training_rng` (a pure function of the device's seed, the plan's seed and the
    round, so a rerun of a round trains the same update);
 2. :func:`package_update` adds the update into the residual, encodes it with the plan's
    codec (:func:`fedmq.codecs.encode`), takes what was sent out of the residual
-   (:class:`fedmq.feedback.ErrorFeedback`; plain compression when the plan turns error
-   feedback off) and builds the :class:`fedmq.envelope.ClientUpdate` envelope. Under
+   (:class:`fedmq.fl.feedback.ErrorFeedback`; plain compression when the plan turns error
+   feedback off) and builds the :class:`fedmq.wire.envelope.ClientUpdate` envelope. Under
    differential privacy (``plan.clip_norm`` > 0) what is sent is clipped to the clip norm as
    the coordinator decodes it, and under distributed noise (``plan.noise_std`` > 0) the
    device's Gaussian noise share is added to it (:mod:`fedmq.privacy.clipping`).
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from fedmq.codecs import encode
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.feedback import ErrorFeedback
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.training import LocalResult, train_local
-from fedmq.messages import Task
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import RoundTask
+from fedmq.model.params import ParamSpec
 from fedmq.privacy.clipping import l2_norm, noise_share
 
 if TYPE_CHECKING:
-    from fedmq.tasks import Task as TaskDef
+    from fedmq.tasks import Task
 
 
 def training_rng(seed: int, plan_seed: int, round_: int) -> np.random.Generator:
@@ -69,9 +69,10 @@ class PackagedUpdate:
     codec: str
 
 
-def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: Task, *, seed: int,
+def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: RoundTask, *, seed: int,
                    max_seconds: float | None = None, x_val: np.ndarray | None = None,
-                   y_val: np.ndarray | None = None, task_def: TaskDef | None = None) -> LocalResult:
+                   y_val: np.ndarray | None = None, task_def: Task | None = None,
+                   correction: np.ndarray | None = None) -> LocalResult:
     """Local training for ``task`` from the global model already loaded into ``model``.
 
     Args:
@@ -83,6 +84,7 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: T
         x_val, y_val: local held-out samples for ``val_*`` metrics, or None.
         task_def: the learning task (its loss and metrics; :mod:`fedmq.tasks`), None for
             cross-entropy classification.
+        correction: Scaffold's ``c - c_i``, float32 ``(d,)`` (:mod:`fedmq.fl.scaffold`), or None.
 
     Returns:
         :class:`fedmq.fl.training.LocalResult` (the update is float32 ``(d,)``).
@@ -90,11 +92,11 @@ def train_for_task(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: T
     plan = task.plan
     cap = plan.max_seconds if max_seconds is None else max_seconds
     return train_local(model, x, y, plan, rng=training_rng(seed, plan.seed, task.round), max_seconds=cap,
-                       x_val=x_val, y_val=y_val, task=task_def)
+                       x_val=x_val, y_val=y_val, task=task_def, correction=correction)
 
 
-def package_update(result: LocalResult, task: Task, *, federation: str, device: str, spec: ParamSpec,
-                   feedback: ErrorFeedback, seed: int) -> PackagedUpdate:
+def package_update(result: LocalResult, task: RoundTask, *, federation: str, device: str, spec: ParamSpec,
+                   feedback: ErrorFeedback, seed: int, control: bytes = b"") -> PackagedUpdate:
     """Compress ``result.update`` with error feedback and wrap it in its envelope.
 
     With ``task.plan.error_feedback`` the residual takes ``update - sent`` (the whole
@@ -107,6 +109,9 @@ def package_update(result: LocalResult, task: Task, *, federation: str, device: 
     ``task.plan.noise_std`` > 0 (codec ``none``) a fresh Gaussian noise share from the
     operating system's entropy is added after clipping; ``sent`` stays the clipped vector
     without noise (what a rollback puts back into the residual).
+
+    ``control``: Scaffold's compressed control-variate change (:func:`fedmq.fl.scaffold.package_control`,
+    same codec), carried in the envelope's ``control`` key; ``b""``: none.
 
     Raises:
         NonFiniteError: NaN or Inf in the update (the residual is unchanged).
@@ -127,11 +132,11 @@ def package_update(result: LocalResult, task: Task, *, federation: str, device: 
     data = encode_update(ClientUpdate(
         federation=federation, device=device, round=task.round, base_version=task.model_version,
         samples=result.samples, kind=result.kind, spec_hash=spec.hash, codec=codec.name, payload=payload,
-        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)}))
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)}, control=control))
     return PackagedUpdate(data, sent, codec.name)
 
 
-def client_update(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: Task, *, federation: str,
+def client_update(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: RoundTask, *, federation: str,
                   device: str, spec: ParamSpec, feedback: ErrorFeedback, seed: int,
                   max_seconds: float | None = None) -> tuple[LocalResult, PackagedUpdate]:
     """:func:`train_for_task` then :func:`package_update` (no deadline between them)."""

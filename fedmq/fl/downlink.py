@@ -20,7 +20,7 @@ versions ``sum(sent) + r = sum of the optimizer's steps`` (up to float32 roundin
 The float32 arithmetic a device repeats is :func:`apply_delta`: a dense IEEE 754 binary32
 addition of the decoded vector (zeros where nothing was sent), so that ``-0.0 + 0.0``
 rounds the same way on both sides. :func:`params_sha256` names each version's vector.
-Everything here is pure (no I/O); wire layouts are in :mod:`fedmq.chain`.
+Everything here is pure (no I/O); wire layouts are in :mod:`fedmq.fl.chain`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 
 from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 
 def params_sha256(vector: np.ndarray) -> str:
@@ -127,7 +127,7 @@ class CatchUp:
     reason: str
 
 
-def plan_catch_up(held: int | None, target: int, delta_sizes: dict[int, int], snapshot: int,
+def choose_catch_up(held: int | None, target: int, delta_sizes: dict[int, int], snapshot: int,
                   snapshot_size: int, *, avoid_deltas: bool = False) -> CatchUp | None:
     """The catch-up rule (docs/wire-format.md, "Catch-up rule").
 

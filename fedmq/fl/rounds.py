@@ -55,7 +55,7 @@ once; ``oversized``, ``unknown_device``, ``late``, ``wrong_round``, ``unselected
 refusals of its own, counted the same way: ``busy`` (the device, or all devices together,
 already have as many transfers or bytes in assembly as the limits allow) and ``retained`` (a
 client update published as a retained message: ignored and cleared); and two of sealing
-(:mod:`fedmq.sealing`): ``unsealed`` (a plain envelope while ``[sealing] required``) and
+(:mod:`fedmq.security.sealing`): ``unsealed`` (a plain envelope while ``[sealing] required``) and
 ``bad_seal`` (a sealed update that does not open with the coordinator's key: another key,
 tampered, or bound to another device or transfer).
 
@@ -82,10 +82,10 @@ from typing import Any
 import numpy as np
 
 from fedmq.codecs import SparseUpdate, decode_sparse
-from fedmq.envelope import ClientUpdate, decode_update
+from fedmq.wire.envelope import ClientUpdate, decode_update
 from fedmq.errors import NonFiniteError, SpecMismatchError, WireError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 #: Every reason a synchronous round refuses a client update for (the service's own four last).
 REASONS = (("oversized", "spec_mismatch", "malformed", "device_mismatch", "unknown_device", "late", "wrong_round",
@@ -244,7 +244,7 @@ def read_envelope(data: bytes | memoryview, topic_device: str, *, federation: st
         max_update_bytes: largest blob accepted (bytes).
 
     Returns:
-        The decoded :class:`fedmq.envelope.ClientUpdate`, or :class:`Rejected` (``round`` -1
+        The decoded :class:`fedmq.wire.envelope.ClientUpdate`, or :class:`Rejected` (``round`` -1
         before the envelope decodes, else the envelope's round).
     """
     if len(data) > max_update_bytes:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmq.errors import ConfigError, DataError
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.errors import ConfigError, DataError, SpecMismatchError
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 from fedmq.tasks import Task, evaluate
 
 
@@ -78,7 +78,8 @@ def planned_steps(n: int, plan: TrainPlan) -> int:
 def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: TrainPlan, *,
                 global_vector: np.ndarray | None = None, rng: np.random.Generator,
                 max_seconds: float | None = None, x_val: np.ndarray | None = None,
-                y_val: np.ndarray | None = None, task: Task | None = None) -> LocalResult:
+                y_val: np.ndarray | None = None, task: Task | None = None,
+                correction: np.ndarray | None = None) -> LocalResult:
     """Train ``model`` on the local data and return the client update.
 
     Args:
@@ -97,6 +98,8 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
         x_val, y_val: optional held-out set for ``val_loss`` / ``val_accuracy``.
         task: the model's task, for its loss (:meth:`fedmq.tasks.Task.loss_fn`) and
             metrics; ``None``: cross-entropy classification.
+        correction: float32 ``(spec.size,)`` added to every minibatch gradient of a ``delta``
+            update: Scaffold's ``c - c_i`` (:mod:`fedmq.fl.scaffold`); None: none.
 
     Returns:
         :class:`LocalResult`.
@@ -104,7 +107,7 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
     Raises:
         WireError: the plan is invalid (``TrainPlan.validate``).
         DataError: no local samples, or ``x`` and ``y`` differ in length.
-        SpecMismatchError: ``global_vector`` does not fit the model.
+        SpecMismatchError: ``global_vector`` or ``correction`` does not fit the model.
     """
     plan.validate()
     n = len(y)
@@ -123,6 +126,12 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
     kind = plan.update_kind
     prox = kind == "delta" and plan.prox_mu > 0
     anchors = [p.detach().clone() for p in params] if prox else []
+    shifts: list[torch.Tensor] = []
+    if correction is not None and kind == "delta":
+        flat = torch.from_numpy(np.ascontiguousarray(correction, dtype=np.float32))
+        if flat.shape != (spec.size,):
+            raise SpecMismatchError(f"correction of shape {tuple(flat.shape)}, expected ({spec.size},)")
+        shifts = [t.view_as(p) for t, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = task.target_tensor(y) if task is not None else torch.as_tensor(y, dtype=torch.int64)
@@ -141,6 +150,8 @@ def train_local(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, plan: Trai
                 for i, (p, g) in enumerate(zip(params, grads)):
                     if prox:
                         g = g.add(p - anchors[i], alpha=plan.prox_mu)
+                    if shifts:
+                        g = g.add(shifts[i])
                     p.add_(g, alpha=-plan.lr)
         else:
             # backward() sums into .grad across batches; divided by the step count below.

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from fedmq.codecs import CodecSpec, decode, encode
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 #: Rescales tried before a zero update is sent instead.
 MAX_RESCALES = 8

@@ -3,11 +3,11 @@
 Every message is one msgpack map with ``"v"`` (protocol version), ``"type"``, ``"round"``
 (int >= 0) and ``"attempt"`` (the coordinator's id of this run of the round, 16 lowercase hex
 characters: a coordinator that restarts reruns the round under a new attempt, and devices
-make fresh keys for it). Decoding is as strict as :mod:`fedmq.messages` (rules R1-R25, the
+make fresh keys for it). Decoding is as strict as :mod:`fedmq.wire.messages` (rules R1-R25, the
 message ends with the rule id) with larger bounds: a masked input holds ``8 * k`` bytes and a
 request names up to :data:`MAX_DEVICES` devices.
 
-Direction and topic (:mod:`fedmq.topics`): device -> coordinator on
+Direction and topic (:mod:`fedmq.wire.topics`): device -> coordinator on
 ``fedmq/F/secagg/D/{kind}`` (a device's own topics: the ACL's ``pattern write
 fedmq/+/secagg/%u/#``), coordinator -> device on ``fedmq/F/secagg-to/D``.
 
@@ -38,11 +38,11 @@ import numpy as np
 
 from fedmq import PROTOCOL_VERSION
 from fedmq.errors import ConfigError, WireError
-from fedmq.messages import get_field, nonneg_field
+from fedmq.wire.messages import get_field, nonneg_field
 from fedmq.secagg.ring import MAX_BITS
 from fedmq.secagg.shamir import SHARE_BYTES
-from fedmq.strict_msgpack import Limits, unpack_map
-from fedmq.topics import check_id
+from fedmq.wire.strict_msgpack import Limits, unpack_map
+from fedmq.wire.topics import check_id
 
 #: Largest flat model a setup may describe (a 32 MiB support bitmap at most, inflated).
 MAX_MODEL_SIZE = 2**28

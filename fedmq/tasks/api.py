@@ -112,7 +112,7 @@ class Task:
         dataset: name of a fedmq data split (:func:`fedmq.data.load_split`) used when
             ``reference_data`` is None.
         demo_plan: training settings ``fedmq demo`` sends (``local_epochs``,
-            ``batch_size``, ``lr`` ...; :class:`fedmq.messages.TrainPlan` fields).
+            ``batch_size``, ``lr`` ...; :class:`fedmq.wire.messages.TrainPlan` fields).
         description: one line for CLIs and reports.
     """
 
@@ -218,7 +218,7 @@ class Task:
         Raises:
             ConfigError: any check fails (the message starts with ``where``).
         """
-        from fedmq.params import ParamSpec
+        from fedmq.model.params import ParamSpec
 
         prefix = f"{where}: " if where else ""
         who = f"{prefix}task {self.name!r}"

@@ -11,9 +11,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import TransferError, WireError
-from fedmq.messages import ModelPointer
+from fedmq.wire.messages import ModelPointer
 from fedmq.transport.link import Message, MqttLink, Publish
 from fedmq.transport.receiver import BlobReceiver, CompletedBlob
 from fedmq.transport.sender import BlobInfo, BlobSender

@@ -10,7 +10,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import TransferError
 from fedmq.transport.link import MqttLink, Publish
 from fedmq.transport.wire import CHUNK_HEADER, Manifest, TransferRequest, pack_chunk

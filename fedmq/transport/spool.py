@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgpack
 
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.errors import StateError
 
 log = logging.getLogger(__name__)

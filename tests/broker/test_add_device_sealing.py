@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from broker.cli import app as broker_app
 from coordinator.cli import app as coordinator_app
 from edge_client.config import load_config
-from fedmq.sealing import fingerprint, load_or_create_key, load_public_key, pin_key
+from fedmq.security.sealing import fingerprint, load_or_create_key, load_public_key, pin_key
 
 runner = CliRunner()
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from broker import credentials as cred
 from broker.cli import app
-from fedmq import topics
+from fedmq.wire import topics
 
 runner = CliRunner()
 

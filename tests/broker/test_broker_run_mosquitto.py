@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from broker.launch import free_port
-from fedmq import topics
+from fedmq.wire import topics
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 20.0

@@ -12,7 +12,7 @@ import textwrap
 import paho.mqtt.client as mqtt
 
 from broker.launch import free_port
-from fedmq import topics
+from fedmq.wire import topics
 
 FED = "f1"
 WAIT = 10.0

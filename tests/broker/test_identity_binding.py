@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from broker import credentials as cred
-from fedmq import topics
+from fedmq.wire import topics
 
 pytestmark = pytest.mark.security
 FED = "f1"

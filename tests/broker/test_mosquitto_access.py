@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from broker import credentials as cred
-from fedmq import topics
+from fedmq.wire import topics
 
 FED = "f1"
 

@@ -22,9 +22,9 @@ import paho.mqtt.client as paho
 import pytest
 
 from broker.rabbitmq import RabbitCluster, start_rabbitmq_cluster
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import TransferError
-from fedmq.messages import ModelPointer
+from fedmq.wire.messages import ModelPointer
 from fedmq.transport.base import Message
 from fedmq.transport.flows import fetch_model, publish_model
 from fedmq.transport.link import MqttLink

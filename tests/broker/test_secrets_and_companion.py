@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from broker.cli import app
 from edge_client.agent import fetch_latest_onnx
 from edge_client.config import load_config
-from fedmq import topics
-from fedmq.messages import ModelPointer
+from fedmq.wire import topics
+from fedmq.wire.messages import ModelPointer
 from fedmq.transport import flows
 from fedmq.transport.link import MqttLink
 from fedmq.transport.settings import BrokerSettings

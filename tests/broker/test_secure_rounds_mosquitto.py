@@ -13,7 +13,7 @@ import numpy as np
 from coordinator.config import SecureAggregationConfig, config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.secagg import RingSpec
 from fedmq.secagg import messages as sm
 from fedmq.transport import Message, open_link

@@ -3,7 +3,7 @@ registry line at its end, with no edit to the round driver.
 
 Phase 1 (``announce``): every selected device is sent ``announce:<round>`` on
 ``fedmq/F/announce/D`` and must answer ``ack:<round>`` (message kind ``ack`` on its phase
-topic, :func:`fedmq.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements
+topic, :func:`fedmq.wire.topics.secagg_up`) within ``PHASE_S`` seconds; fewer acknowledgements
 than ``min_updates`` fail the round. Phase 2 (``collect``): only the devices that
 acknowledged get a task; the others are counted as dropped; client updates are collected
 as in a plain round. :class:`AckResponder` is the
@@ -15,17 +15,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from coordinator.phases import Phase, PhaseFailed, Refused, run_phase
-from coordinator.policy import PolicyParts, register_policy
+from coordinator.policy import PolicyParts, RoundContext, register_policy
 from coordinator.synchronous import SyncRounds
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.rounds import ClosedRound, RoundRecord
 from fedmq.transport import Link, Message
 
-if TYPE_CHECKING:
-    from coordinator.driver import RoundDriver
 
 NAME = "announce-collect"
 #: Seconds the announce phase waits for acknowledgements.
@@ -45,10 +42,10 @@ class AnnounceThenCollect:
         #: Devices that acknowledged, per round (what the tests check).
         self.acked: dict[int, frozenset[str]] = {}
 
-    def start(self, ctx: RoundDriver) -> None:
+    def start(self, ctx: RoundContext) -> None:
         self.parts.link.subscribe(topics.secagg_up_filter(self.parts.config.federation), inbox=ctx.inbox.queue)
 
-    def run(self, ctx: RoundDriver, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
+    def run(self, ctx: RoundContext, rounds: SyncRounds, eligible: int) -> ClosedRound | None:
         fed, engine = self.parts.config.federation, rounds.engine
         r = engine.round
         for device in engine.selection:
@@ -80,7 +77,7 @@ class AnnounceThenCollect:
     def checkpoint_meta(self) -> dict[str, str]:
         return {}
 
-    def after_checkpoint(self, ctx: RoundDriver, rec: RoundRecord, stepped: bool) -> None:
+    def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """Nothing to tell: the round's tasks are cleared by the policy."""
 
 

@@ -14,7 +14,7 @@ from coordinator.service import Coordinator, Progress
 from edge_client.agent import EdgeAgent
 from fedmq.data import load_split, save_npz_atomic
 from fedmq.fl.downlink import params_sha256
-from fedmq.params import flatten_params
+from fedmq.model.params import flatten_params
 from fleet.launch import Broker, DeviceThreads, coordinator_options, edge_options, write_federation
 
 TASK = "digits-logreg"

@@ -20,14 +20,14 @@ import zlib
 
 import numpy as np
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, encode
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.feedback import ErrorFeedback
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
 from fedmq.fl.training import LocalResult
-from fedmq.messages import Status, Task
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import Status, RoundTask
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.link import Message, MqttLink, Will
 from fedmq.transport.sender import BlobSender
@@ -39,7 +39,7 @@ def update_vector(device: str, round_: int, size: int) -> np.ndarray:
     return (0.01 * rng.normal(size=size)).astype(np.float32)
 
 
-def client_update(fed: str, device: str, task: Task, spec: ParamSpec, samples: int, mode: str) -> bytes:
+def client_update(fed: str, device: str, task: RoundTask, spec: ParamSpec, samples: int, mode: str) -> bytes:
     """The envelope this device sends for ``task``: the product's client-update pipeline on
     :func:`update_vector` (a fresh residual, so what is sent is the update itself), or, in
     the attacking modes, bytes built by hand."""
@@ -86,7 +86,7 @@ def main(url: str, protocol: str, fed: str, device: str, mode: str, task_name: s
             continue
         if not msg.payload:
             continue
-        task = Task.from_bytes(msg.payload)
+        task = RoundTask.from_bytes(msg.payload)
         # A rerun round (coordinator restarted) sends a new task for the same round number.
         if (task.round, task.deadline) in answered or mode == "silent":
             continue

@@ -13,9 +13,9 @@ import pytest
 
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
-from fedmq import topics
-from fedmq.messages import Receipt, Status
-from fedmq.params import ParamSpec
+from fedmq.wire import topics
+from fedmq.wire.messages import Receipt, Status
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.link import MqttLink
 from fedmq.transport.settings import BrokerSettings

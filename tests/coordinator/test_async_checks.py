@@ -19,7 +19,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.launch import free_port
-from coordinator.buffered import make_coordinator
+from coordinator.service import make_coordinator
 from coordinator.config import config_from_dict
 from coordinator.service import Progress
 from coordinator.state import load_checkpoint

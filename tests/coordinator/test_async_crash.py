@@ -80,7 +80,7 @@ def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mos
 
 def test_update_staler_than_the_maximum_is_rejected_and_rolled_back_into_the_residual(mosquitto,
                                                                                     tmp_path: Path) -> None:
-    from coordinator.buffered import make_coordinator
+    from coordinator.service import make_coordinator
     from coordinator.config import config_from_dict
 
     spec = FleetSpec(broker_url=mosquitto.url, federation="stale", devices=6, processes=1, seed=2,

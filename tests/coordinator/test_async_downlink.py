@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.buffered import BufferedRounds, make_coordinator
+from coordinator.buffered import BufferedRounds
+from coordinator.service import make_coordinator
 from coordinator.config import config_from_dict
 from coordinator.service import Progress
 from coordinator.state import load_checkpoint
-from fedmq.chain import ModelChain
+from fedmq.fl.chain import ModelChain
 from fedmq.fl.downlink import params_sha256
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.transport.memory import get_bus
 from tests.coordinator.downlink_fleet import TASK, device_threads, hashes_match
 

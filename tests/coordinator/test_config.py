@@ -8,7 +8,7 @@ import pytest
 from coordinator.config import load_config
 from fedmq.codecs import CodecSpec
 from fedmq.errors import ConfigError, WireError
-from fedmq.messages import Task, TrainPlan
+from fedmq.wire.messages import RoundTask, TrainPlan
 
 GOOD = """
 federation = "lab"
@@ -145,7 +145,8 @@ def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, cl
 
 
 def test_async_mode_and_its_section(tmp_path: Path) -> None:
-    from coordinator.buffered import BufferedRounds, make_coordinator
+    from coordinator.buffered import BufferedRounds
+    from coordinator.service import make_coordinator
 
     path = tmp_path / "c.toml"
     path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "async"\n'
@@ -173,12 +174,12 @@ def test_topk_selection_is_configured_and_checked(tmp_path):
 
 
 def test_task_plan_carries_topk_and_refuses_an_unknown_one():
-    task = Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
+    task = RoundTask(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16, deadline=1.5,
                 plan=TrainPlan(codec=CodecSpec.of(topk="per-tensor")))
-    assert Task.from_bytes(task.to_bytes()).plan.codec.params.topk == "per-tensor"
-    assert Task.from_bytes(Task(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16,
+    assert RoundTask.from_bytes(task.to_bytes()).plan.codec.params.topk == "per-tensor"
+    assert RoundTask.from_bytes(RoundTask(federation="lab", device="pi-01", round=3, model_version=2, spec_hash="0" * 16,
                                 deadline=1.5).to_bytes()).plan.codec.params.topk == "global"
     raw = msgpack.unpackb(task.to_bytes())
     raw["plan"]["topk"] = "layer"
     with pytest.raises(WireError, match=r"topk must be one of .*R25"):
-        Task.from_bytes(msgpack.packb(raw))
+        RoundTask.from_bytes(msgpack.packb(raw))

@@ -14,8 +14,8 @@ import pytest
 
 from coordinator.service import Coordinator, Progress
 from coordinator.state import load_checkpoint
-from fedmq import topics
-from fedmq.chain import DeltaBlob, ModelChain
+from fedmq.wire import topics
+from fedmq.fl.chain import DeltaBlob, ModelChain
 from fedmq.fl.downlink import params_sha256
 from fedmq.transport import open_link
 from fedmq.transport.flows import clear_blob

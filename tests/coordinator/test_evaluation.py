@@ -14,7 +14,7 @@ from rich.console import Console
 
 from coordinator.evaluation import gate_gradient, gate_loss
 from coordinator.metrics import CoordinatorMetrics
-from fedmq.params import ParamSpec, flatten_params
+from fedmq.model.params import ParamSpec, flatten_params
 from fedmq.tasks import Task, get_task
 from fleet.demo import DemoSettings, Scheduling, run_demo
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.service import Coordinator
-from fedmq import topics
-from fedmq.messages import Status
-from fedmq.params import ParamSpec
+from fedmq.wire import topics
+from fedmq.wire.messages import Status
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.link import MqttLink
 from fedmq.transport.settings import BrokerSettings

@@ -21,10 +21,10 @@ from coordinator.privacy import PrivacyChecks, PrivacyGuard
 from coordinator.report import load_run, render_html
 from coordinator.status import build_status, render_text
 from fedmq.codecs import CodecSpec, encode
-from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.wire.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.rounds import Accepted, Rejected, RoundEngine
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 from fleet.demo import DemoSettings, demo_privacy, run_demo
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))

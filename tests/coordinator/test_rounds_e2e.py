@@ -23,7 +23,7 @@ from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
 from coordinator.state import StateDB, load_checkpoint
 from fedmq.codecs import CodecSpec, decode, encode
-from fedmq.params import flatten_params
+from fedmq.model.params import flatten_params
 from fedmq.tasks import get_task
 
 SIM = Path(__file__).with_name("sim_device.py")
@@ -105,7 +105,7 @@ def test_silent_device_round_closes_at_deadline(mosquitto, tmp_path):
     status = {p.device: p.status for p in rec.participations}
     assert status == {"good-0": "accepted", "mute-0": "no_answer"}
     # The new global model and its ONNX export are retained on the broker, for late joiners.
-    from fedmq.modelio import OnnxPredictor, model_from_safetensors
+    from fedmq.model.modelio import OnnxPredictor, model_from_safetensors
     from fedmq.transport.flows import fetch_model
     from fedmq.transport.link import MqttLink
     with MqttLink(cfg.broker, client_id="checker") as link:
@@ -256,7 +256,7 @@ def test_cli_status_and_export_after_a_run(mosquitto, tmp_path):
     from typer.testing import CliRunner
 
     from coordinator.cli import app
-    from fedmq.modelio import OnnxPredictor
+    from fedmq.model.modelio import OnnxPredictor
 
     fed = "clifed"
     devices = start_devices(mosquitto, fed, [("good-0", "good", 40)])

@@ -14,12 +14,12 @@ import pytest
 
 from coordinator.config import config_from_dict
 from coordinator.service import Coordinator
-from fedmq import topics
-from fedmq.envelope import ClientUpdate, decode_update, encode_update
+from fedmq.wire import topics
+from fedmq.wire.envelope import ClientUpdate, decode_update, encode_update
 from fedmq.errors import WireError
-from fedmq.messages import Receipt, Status
-from fedmq.params import ParamSpec
-from fedmq.sealing import is_sealed, load_or_create_key, seal_update
+from fedmq.wire.messages import Receipt, Status
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import is_sealed, load_or_create_key, seal_update
 from fedmq.tasks import get_task
 from fedmq.transport.link import MqttLink
 from fedmq.transport.receiver import BlobReceiver

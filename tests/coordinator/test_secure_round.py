@@ -24,7 +24,7 @@ from coordinator.config import SecureAggregationConfig
 from coordinator.secure import REQUESTS_NAME, SecureRound, support_size
 from fedmq.secagg import common_support
 from edge_client.secure import Pending, SecureDevice
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import StateError, WireError
 from fedmq.secagg import messages as sm
 from fedmq.transport import Message

@@ -16,7 +16,7 @@ import pytest
 
 from coordinator.service import Coordinator, Progress
 from edge_client.agent import EdgeAgent, broker_settings
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.fl.sampling import SelectionPolicy, select_devices
 from fedmq.transport import Link, Message, open_link
 from tests.coordinator.downlink_fleet import coordinator_config, device_threads

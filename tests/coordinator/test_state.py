@@ -89,7 +89,7 @@ def test_rejections_accumulate_across_runs(tmp_path):
 
 
 def test_a_checkpoint_write_killed_before_its_rename_leaves_a_temporary_that_is_removed(tmp_path):
-    from fedmq.atomic import remove_stale_temporaries
+    from fedmq.storage.atomic import remove_stale_temporaries
 
     model = np.zeros(10, np.float32)
     save_checkpoint(tmp_path, Checkpoint(1, 1, model, {}, {}))

@@ -28,14 +28,14 @@ from edge_client.localdata import load_local_data
 from fedmq.fl.client import train_for_task
 from fedmq.fl.rounds import Accepted, RoundEngine
 from fedmq.fl.training import split_holdout
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.codecs import CodecSpec, decode
 from fedmq.data import load_digits, save_npz_atomic
-from fedmq.envelope import decode_update
-from fedmq.feedback import ErrorFeedback
-from fedmq.messages import ModelPointer, Receipt, Status, Task, TrainPlan
-from fedmq.modelio import model_from_safetensors, model_to_safetensors
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import decode_update
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.wire.messages import ModelPointer, Receipt, Status, RoundTask, TrainPlan
+from fedmq.model.modelio import model_from_safetensors, model_to_safetensors
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.flows import publish_model
 from fedmq.transport.link import Message, MqttLink
@@ -85,7 +85,7 @@ class Coordinator:
         publish_model(self.link, FED, 1, self.global_bytes, pointer)
 
     def task(self, round: int, deadline_in: float = 120.0, plan: TrainPlan = PLAN) -> None:
-        task = Task(federation=FED, device=DEV, round=round, model_version=1, spec_hash=self.spec.hash,
+        task = RoundTask(federation=FED, device=DEV, round=round, model_version=1, spec_hash=self.spec.hash,
                     deadline=time.time() + deadline_in, plan=plan)
         self.link.publish_wait(topics.task(FED, DEV), task.to_bytes(), retain=True)
 
@@ -173,7 +173,7 @@ def true_update(coord: Coordinator, device: Device, round: int) -> np.ndarray:
     model_from_safetensors(coord.global_bytes, model, coord.spec)
     x, y = load_local_data(device.data, task)
     xt, yt, xv, yv = split_holdout(x, y, HOLDOUT, SEED)
-    round_task = Task(FED, DEV, round, 1, coord.spec.hash, 0.0, PLAN)
+    round_task = RoundTask(FED, DEV, round, 1, coord.spec.hash, 0.0, PLAN)
     return train_for_task(model, xt, yt, round_task, seed=SEED, max_seconds=300.0, x_val=xv, y_val=yv).update
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.launch import free_port
 from edge_client.agent import EdgeAgent
 from edge_client.config import load_config
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.data import digits_split, save_npz_atomic
 from fedmq.errors import ConfigError
 from fedmq.transport.memory import drop_bus, get_bus

@@ -1,4 +1,4 @@
-"""The device agent seals its client updates (fedmq.sealing), as a separate process over a real
+"""The device agent seals its client updates (fedmq.security.sealing), as a separate process over a real
 mosquitto: kill -9 between committing and publishing resends the same sealed bytes, which
 open with the coordinator's key to the update the device committed; a changed key stops the
 agent with a clear error."""
@@ -10,7 +10,7 @@ import pytest
 
 from edge_client.agent import EdgeAgent
 from edge_client.config import load_config
-from fedmq.sealing import PIN_FILE, KeyPinError, fingerprint, is_sealed, load_or_create_key
+from fedmq.security.sealing import PIN_FILE, KeyPinError, fingerprint, is_sealed, load_or_create_key
 
 from tests.edge_client.test_agent import DEV, FED, Coordinator, Device, sent_vector, true_update
 

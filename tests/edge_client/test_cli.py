@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from broker.launch import free_port
 from edge_client.cli import app
 from fedmq.data import load_digits, save_npz_atomic
-from fedmq.messages import ModelPointer
-from fedmq.modelio import export_onnx
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import ModelPointer
+from fedmq.model.modelio import export_onnx
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 from fedmq.transport.flows import publish_model
 from fedmq.transport.link import MqttLink

@@ -71,7 +71,7 @@ def test_old_flat_names_work_with_one_deprecation_warning_each(tmp_path, caplog)
     (tmp_path / "ca.crt").write_text("x\n")
     text = BASE + 'broker_url = "mqtts://broker.lan"\ntls_ca = "ca.crt"\nkeepalive = 15\n'
     path = _write(tmp_path, text, broker="")
-    with caplog.at_level(logging.WARNING, logger="fedmq.config_loader"):
+    with caplog.at_level(logging.WARNING, logger="fedmq.config.loader"):
         cfg = load_config(path, environ={})
         again = load_config(path, environ={})
     assert cfg == again and cfg.broker.url == "mqtts://broker.lan"
@@ -112,7 +112,7 @@ def test_a_text_option_from_the_environment_is_taken_as_written(tmp_path):
     ("FEDMQ_EDGE_DEVICE_ID", "FEDMQ_EDGE__DEVICE_ID", "dev-7"),
 ])
 def test_old_environment_names_work_with_a_warning_naming_the_new_one(tmp_path, caplog, old, new, value):
-    with caplog.at_level(logging.WARNING, logger="fedmq.config_loader"):
+    with caplog.at_level(logging.WARNING, logger="fedmq.config.loader"):
         cfg = load_config(_write(tmp_path, BASE), environ={old: value})
     assert value in (cfg.broker.protocol, cfg.device_id)
     assert (f"environment: variable {old} is deprecated, use {new} (the old name keeps working for now)"

@@ -18,7 +18,7 @@ from edge_client.agent import EdgeAgent
 from edge_client.config import load_config
 from edge_client.duplicate import TakeoverWatch
 from fedmq.data import digits_split, save_npz_atomic
-from fedmq.messages import Status
+from fedmq.wire.messages import Status
 
 WAIT = 60.0
 

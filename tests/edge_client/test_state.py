@@ -8,8 +8,8 @@ import pytest
 from edge_client.state import DeviceState
 from fedmq.codecs import CodecSpec, decode
 from fedmq.errors import StateError
-from fedmq.feedback import ErrorFeedback
-from fedmq.params import ParamSpec
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import get_task
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _EXPORT = """
 import logging, sys
 from fedmq.cli import setup_logging
-from fedmq.modelio import export_onnx
+from fedmq.model.modelio import export_onnx
 from fedmq.tasks import get_task
 if sys.argv[1] == "fedmq":
     setup_logging("INFO")

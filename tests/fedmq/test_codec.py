@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from fedmq.codecs import CodecSpec, SparseUpdate, decode, decode_sparse, encode, max_payload_bytes
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError, WireError
-from fedmq.messages import TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import ParamSpec
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,7 +14,7 @@ from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.codecs.base import as_view
 from fedmq.codecs.topk_int8 import _decode_valid, _parse_topk
 from fedmq.errors import CodecError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 

@@ -12,13 +12,13 @@ from fedmq.codecs import CodecSpec, NoParams
 from fedmq.codecs.schedule import DensityWarmup
 from fedmq.codecs.topk_int8 import TopKParams
 from fedmq.errors import CodecError, ConfigError, WireError
-from fedmq.messages import Task, TrainPlan
+from fedmq.wire.messages import RoundTask, TrainPlan
 
 BASE = {"federation": "f", "task": "digits-mlp"}
 
 
-def _task(plan: TrainPlan) -> Task:
-    return Task("f", "d", 3, 2, "0" * 16, 1.5, plan)
+def _task(plan: TrainPlan) -> RoundTask:
+    return RoundTask("f", "d", 3, 2, "0" * 16, 1.5, plan)
 
 
 def test_every_codec_default_is_written_once_in_the_codec_s_module() -> None:
@@ -41,17 +41,17 @@ def test_the_wire_plan_is_the_old_flat_map_for_the_default_codec() -> None:
     for key in ("density", "block_size", "dense_below", "stochastic", "topk"):
         del raw["plan"][key]
     raw["plan"]["a_key_of_a_later_version"] = 1  # ignored, as before
-    assert Task.from_bytes(msgpack.packb(raw)).plan == TrainPlan()
+    assert RoundTask.from_bytes(msgpack.packb(raw)).plan == TrainPlan()
 
 
 def test_the_wire_plan_is_strict_about_the_codec_s_parameters() -> None:
     raw = msgpack.unpackb(_task(TrainPlan(codec=CodecSpec.of(density=0.2))).to_bytes())
-    assert Task.from_bytes(msgpack.packb(raw)).plan.codec.params.density == 0.2
+    assert RoundTask.from_bytes(msgpack.packb(raw)).plan.codec.params.density == 0.2
     for key, value, rule in (("density", "0.2", "R24"), ("block_size", 1.0, "R24"), ("density", 0.0, "R25"),
                              ("codec", "no-such-codec", "R25")):
         bad = {**raw, "plan": {**raw["plan"], key: value}}
         with pytest.raises(WireError, match=rule):
-            Task.from_bytes(msgpack.packb(bad))
+            RoundTask.from_bytes(msgpack.packb(bad))
 
 
 def test_user_config_keys_still_read_and_become_the_codec_s_params() -> None:

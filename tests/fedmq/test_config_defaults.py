@@ -15,7 +15,7 @@ from coordinator.config import SCHEMA as COORDINATOR
 from coordinator.config import load_config as load_coordinator
 from edge_client.config import SCHEMA as EDGE
 from edge_client.config import load_config as load_edge
-from fedmq.config_loader import REQUIRED
+from fedmq.config.loader import REQUIRED
 from fedmq.fl.server_opt import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from fedmq.project import new_project
 
@@ -140,7 +140,7 @@ def test_project_templates_and_deploy_examples_use_current_names_only(tmp_path, 
     creds.mkdir()
     for name in ("username", "password", "ca.crt", "client.crt", "client.key"):
         (creds / name).write_text("x\n")
-    with caplog.at_level(logging.WARNING, logger="fedmq.config_loader"):
+    with caplog.at_level(logging.WARNING, logger="fedmq.config.loader"):
         edge = load_edge(folder / "edge.toml", environ={})
         coordinator = load_coordinator(folder / "coordinator.toml", environ={})
         load_edge(ROOT / "deploy" / "edge.toml.example",

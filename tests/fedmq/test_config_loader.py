@@ -10,7 +10,7 @@ import pytest
 from coordinator.config import SCHEMA as COORDINATOR
 from coordinator.config import load_config
 from edge_client.config import SCHEMA as EDGE
-from fedmq.config_loader import REQUIRED, Option, env_value, fold_renamed
+from fedmq.config.loader import REQUIRED, Option, env_value, fold_renamed
 from fedmq.errors import ConfigError
 
 BASE = 'federation = "lab"\ntask = "digits-mlp"\n'
@@ -89,6 +89,6 @@ def test_an_old_name_moves_to_the_new_one_once_and_never_beside_it():
 
 
 def test_the_coordinators_test_hook_variables_are_no_options(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="fedmq.config_loader"):
+    with caplog.at_level(logging.WARNING, logger="fedmq.config.loader"):
         cfg = load_config(_write(tmp_path, ""), environ={"FEDMQ_COORDINATOR_TEST_PAUSE_AT": "publishing"})
     assert cfg.rounds == 10 and caplog.records == []

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq.chain import DeltaBlob, ModelChain
+from fedmq.fl.chain import DeltaBlob, ModelChain
 from fedmq.errors import WireError
 from fedmq.fl.downlink import params_sha256
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "downlink"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import CodecSpec, decode_sparse, encode
-from fedmq.envelope import ClientUpdate, decode_update, encode_update, max_update_bytes
+from fedmq.wire.envelope import ClientUpdate, decode_update, encode_update, max_update_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 30), (30,)), ("float32", "float32"))
 X = np.random.default_rng(0).standard_normal(SPEC.size).astype(np.float32)

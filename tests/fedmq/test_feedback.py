@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from fedmq.codecs import CodecSpec, decode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
-from fedmq.feedback import ErrorFeedback
-from fedmq.params import ParamSpec
+from fedmq.fl.feedback import ErrorFeedback
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("conv.weight", "conv.bias", "fc.weight"), ((8, 1, 5, 5), (8,), (10, 300)),
                  ("float32",) * 3)

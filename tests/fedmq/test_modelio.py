@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedmq.errors import DataError, SpecMismatchError, WireError
-from fedmq.modelio import OnnxPredictor, export_onnx, model_from_safetensors, model_to_safetensors
-from fedmq.params import ParamSpec
+from fedmq.model.modelio import OnnxPredictor, export_onnx, model_from_safetensors, model_to_safetensors
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import TASKS, get_task
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmq.errors import SpecMismatchError, WireError
-from fedmq.params import ParamSpec, flatten_params, load_params
+from fedmq.model.params import ParamSpec, flatten_params, load_params
 
 torch.set_num_threads(1)
 

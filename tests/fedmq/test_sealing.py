@@ -1,4 +1,4 @@
-"""Sealed client updates (fedmq.sealing): HPKE to the coordinator's key, the key files, the pin."""
+"""Sealed client updates (fedmq.security.sealing): HPKE to the coordinator's key, the key files, the pin."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedmq.envelope import ClientUpdate, decode_update, encode_update
+from fedmq.wire.envelope import ClientUpdate, decode_update, encode_update
 from fedmq.errors import ConfigError, WireError
-from fedmq.params import ParamSpec
-from fedmq.sealing import (PIN_FILE, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, SEAL_OVERHEAD, KeyPinError, SealError,
+from fedmq.model.params import ParamSpec
+from fedmq.security.sealing import (PIN_FILE, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, SEAL_OVERHEAD, KeyPinError, SealError,
                            fingerprint, is_sealed, load_or_create_key, load_public_key, pin_key, seal_update)
 from fedmq.tasks import get_task
 

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from fedmq import errors
 from fedmq.codecs import decode_sparse
-from fedmq.envelope import decode_update
-from fedmq.messages import Receipt
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import decode_update
+from fedmq.wire.messages import Receipt
+from fedmq.model.params import ParamSpec
 
 pytestmark = pytest.mark.security
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

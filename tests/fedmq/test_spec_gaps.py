@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from fedmq.errors import WireError
-from fedmq.messages import ModelPointer, Receipt
+from fedmq.wire.messages import ModelPointer, Receipt
 from fedmq.transport.wire import Manifest
 
 

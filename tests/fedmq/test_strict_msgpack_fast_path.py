@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.errors import WireError
-from fedmq.strict_msgpack import DEFAULT_LIMITS, Limits, _canonical, _Reader, unpack_map
+from fedmq.wire.strict_msgpack import DEFAULT_LIMITS, Limits, _canonical, _Reader, unpack_map
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
                      st.floats(allow_nan=False), st.binary(max_size=40), st.text(max_size=20))

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from fedmq.errors import ConfigError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import TASKS, evaluate, get_task
 
 

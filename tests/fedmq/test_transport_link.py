@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.launch import BrokerLaunchError, free_port, start_mosquitto
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import BrokerConnectError, ConfigError, TransportError
-from fedmq.messages import Status
+from fedmq.wire.messages import Status
 from fedmq.transport import BrokerSettings, MqttLink, parse_broker_url, publish_packet_size
 
 WAIT = 30.0
@@ -107,8 +107,8 @@ def test_packet_size_formula_matches_what_mosquitto_accepts(mosquitto_factory):
 _WILL_CHILD = """
 import sys
 from fedmq.transport import BrokerSettings, MqttLink, Will
-from fedmq.messages import Status
-from fedmq import topics
+from fedmq.wire.messages import Status
+from fedmq.wire import topics
 url, protocol = sys.argv[1], sys.argv[2]
 will = Will(topics.status("f", "dev7"), Status(device="dev7", online=False).to_bytes())
 link = MqttLink(BrokerSettings(url=url, protocol=protocol, keepalive=5), "dev7", will=will).connect()

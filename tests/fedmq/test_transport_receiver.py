@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import WireError
 from fedmq.transport import BlobReceiver, Manifest, TransferRequest
 from fedmq.transport.wire import pack_chunk

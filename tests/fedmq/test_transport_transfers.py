@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.errors import TransportError
-from fedmq.messages import ModelPointer, Receipt
+from fedmq.wire.messages import ModelPointer, Receipt
 from fedmq.transport import (BlobReceiver, BlobSender, BrokerSettings, CompletedBlob, MqttLink, TransferRequest,
                              clear_blob, fetch_blob, fetch_model, publish_model, request_repairs)
 from fedmq.transport.link import Publish

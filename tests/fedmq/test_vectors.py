@@ -19,15 +19,15 @@ import pytest
 
 from fedmq import PROTOCOL_VERSION, errors
 from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
-from fedmq.envelope import decode_update, encode_update
-from fedmq.messages import Receipt, Task
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import decode_update, encode_update
+from fedmq.wire.messages import Receipt, RoundTask
+from fedmq.model.params import ParamSpec
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 SPECS = {name: ParamSpec.from_dict(d) for name, d in MANIFEST["specs"].items()}
 CASES = {c["name"]: c for c in MANIFEST["cases"]}
-CONTROL = {"receipt": Receipt, "task": Task}
+CONTROL = {"receipt": Receipt, "task": RoundTask}
 #: The spec's refusal rules (docs/wire-format.md, "Refusal rules").
 RULES = [f"R{i}" for i in range(1, 45)]
 
@@ -83,6 +83,8 @@ def test_every_file_belongs_to_a_case() -> None:
             expected.add(f"{name}.decoded.npy")
         if c.get("encoder") and c["kind"] == "payload":
             expected.add(f"{name}.input.npy")
+        if c.get("control"):
+            expected.add(f"{name}.control.npy")
     stored = {p.name for p in VECTORS.iterdir() if p.is_file()}
     assert stored - expected == set(), "files in tests/vectors/ that manifest.json does not list"
     assert expected - stored == set(), "cases whose files are missing"
@@ -109,8 +111,13 @@ def test_valid_envelopes_decode_to_the_stored_fields_and_array(name: str) -> Non
     case = CASES[name]
     data = (VECTORS / f"{name}.bin").read_bytes()
     upd, sparse = _decode(case, data)
-    assert {k: v for k, v in upd.__dict__.items() if k != "payload"} == case["fields"]
+    assert {k: v for k, v in upd.__dict__.items() if k not in ("payload", "control")} == case["fields"]
     np.testing.assert_array_equal(_bits(sparse.to_dense()), _bits(_npy(f"{name}.decoded.npy")))
+    if case.get("control"):  # Scaffold's second payload, same codec
+        control = decode_sparse(upd.codec, upd.control, SPECS[case["spec"]]).to_dense()
+        np.testing.assert_array_equal(_bits(control), _bits(_npy(f"{name}.control.npy")))
+    else:
+        assert upd.control == b""
     if case.get("encoder"):
         assert encode_update(upd) == data
 

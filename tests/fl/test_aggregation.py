@@ -6,7 +6,7 @@ import pytest
 from fedmq.fl.aggregation import WeightedMean, model_delta
 from fedmq.fl.sampling import SelectionPolicy, round_rng, select_devices
 from fedmq.codecs import CodecSpec, decode, decode_sparse, encode
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from fedmq.codecs import CodecSpec, decode, encode
-from fedmq.envelope import ClientUpdate, encode_update
+from fedmq.wire.envelope import ClientUpdate, encode_update
 from fedmq.errors import ConfigError
 from fedmq.fl.buffered import BufferedEngine, StalenessPolicy
 from fedmq.fl.rounds import Accepted, Rejected, Repeat, UpdateChecks
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
 CFG = CodecSpec.of(name="topk-int8", density=0.1)

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.codecs import CodecSpec
 from fedmq.errors import CodecError, SpecMismatchError, WireError
 from fedmq.fl import downlink
-from fedmq.fl.downlink import apply_delta, compress_step, params_sha256, plan_catch_up, server_model
+from fedmq.fl.downlink import apply_delta, compress_step, params_sha256, choose_catch_up, server_model
 from fedmq.fl.server_opt import make_server_optimizer
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((40, 50), (50,)), ("float32", "float32"))
 CFG = CodecSpec.of(density=0.02, dense_below=64)
@@ -102,16 +102,16 @@ def test_chain_message_round_trips_and_is_strict():
 def test_catch_up_takes_deltas_when_cheaper_else_the_snapshot():
     sizes = {v: 100 for v in range(5, 13)}
     # Holding 9, needing 12: three deltas (300 bytes) against snapshot 10 + two deltas.
-    plan = plan_catch_up(9, 12, sizes, 10, 1000)
+    plan = choose_catch_up(9, 12, sizes, 10, 1000)
     assert plan.snapshot is None and plan.deltas == (10, 11, 12) and plan.cost == 300
     # Deltas more expensive than the snapshot path.
-    plan = plan_catch_up(5, 12, sizes, 10, 400)
+    plan = choose_catch_up(5, 12, sizes, 10, 400)
     assert plan.snapshot == 10 and plan.deltas == (11, 12) and plan.cost == 600
     # A gap (version 4 left the window) forces the snapshot, and so does a failed delta path.
-    assert plan_catch_up(3, 12, sizes, 10, 10**6).snapshot == 10
-    assert "not retained" in plan_catch_up(3, 12, sizes, 10, 10**6).reason
-    assert plan_catch_up(9, 12, sizes, 10, 10**6, avoid_deltas=True).snapshot == 10
+    assert choose_catch_up(3, 12, sizes, 10, 10**6).snapshot == 10
+    assert "not retained" in choose_catch_up(3, 12, sizes, 10, 10**6).reason
+    assert choose_catch_up(9, 12, sizes, 10, 10**6, avoid_deltas=True).snapshot == 10
     # Nothing held: snapshot; snapshot newer than the target and no deltas: unreachable.
-    assert plan_catch_up(None, 12, sizes, 10, 50).deltas == (11, 12)
-    assert plan_catch_up(None, 9, sizes, 10, 50) is None
-    assert plan_catch_up(12, 12, sizes, 10, 50) == downlink.CatchUp(None, (), 0, "0 delta(s) from version 12")
+    assert choose_catch_up(None, 12, sizes, 10, 50).deltas == (11, 12)
+    assert choose_catch_up(None, 9, sizes, 10, 50) is None
+    assert choose_catch_up(12, 12, sizes, 10, 50) == downlink.CatchUp(None, (), 0, "0 delta(s) from version 12")

@@ -198,9 +198,9 @@ def test_options_reach_the_rule_and_bad_ones_are_refused():
 
 def test_the_round_engine_runs_a_robust_rule_with_its_options_round_after_round():
     from fedmq.codecs import CodecSpec, encode
-    from fedmq.envelope import ClientUpdate, encode_update
+    from fedmq.wire.envelope import ClientUpdate, encode_update
     from fedmq.fl.rounds import Accepted, RoundEngine
-    from fedmq.params import ParamSpec
+    from fedmq.model.params import ParamSpec
 
     spec = ParamSpec(("w",), ((6,),), ("float32",))
     cfg = CodecSpec.of(name="none")
@@ -229,7 +229,7 @@ def test_the_round_engine_runs_a_robust_rule_with_its_options_round_after_round(
 
 def test_the_buffered_engine_builds_each_buffer_with_the_rule_and_its_options():
     from fedmq.fl.buffered import BufferedEngine
-    from fedmq.params import ParamSpec
+    from fedmq.model.params import ParamSpec
 
     spec = ParamSpec(("w",), ((6,),), ("float32",))
     engine = BufferedEngine("f", spec, kind="delta", is_known=lambda d: True, max_update_bytes=1 << 16,

@@ -5,8 +5,8 @@ import numpy as np
 
 from fedmq.fl.rounds import REASONS, Accepted, Rejected, Repeat, RoundEngine, UpdateChecks
 from fedmq.codecs import CodecSpec, encode
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("w", "b"), ((30, 40), (40,)), ("float32", "float32"))
 OTHER = ParamSpec(("w",), ((7,),), ("float32",))

@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from fedmq.fl.training import planned_steps, split_holdout, train_local
 from fedmq.data import digits_split
 from fedmq.errors import ConfigError, DataError, SpecMismatchError, WireError
-from fedmq.messages import TrainPlan
-from fedmq.params import flatten_params
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.params import flatten_params
 from fedmq.tasks import evaluate, get_task
 
 

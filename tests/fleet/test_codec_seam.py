@@ -16,8 +16,8 @@ from coordinator.config import config_from_dict
 from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.codecs.schedule import DensityWarmup
 from fedmq.errors import ConfigError
-from fedmq.messages import Task, TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import RoundTask, TrainPlan
+from fedmq.model.params import ParamSpec
 from tests.fleet.test_simulator import _plugin, _run
 
 PARAMS = 85_002  # the digits MLP
@@ -36,7 +36,7 @@ def test_the_codec_validates_its_own_parameters_everywhere() -> None:
         with pytest.raises(ConfigError, match="test-random-k: "):
             config_from_dict({**base, **table})
     plan = TrainPlan(codec=CodecSpec.of("test-random-k", k_fraction=0.25))
-    assert Task.from_bytes(Task("f", "d", 1, 0, "0" * 16, 1.0, plan).to_bytes()).plan == plan
+    assert RoundTask.from_bytes(RoundTask("f", "d", 1, 0, "0" * 16, 1.0, plan).to_bytes()).plan == plan
     assert DensityWarmup(4, 0.5).apply(plan.codec, 1).params.k_fraction == 0.5  # its density is scheduled too
     spec = ParamSpec(("w",), ((1000,),), ("float32",))
     vec = np.arange(1000, dtype=np.float32)

@@ -21,8 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.demo import DemoSettings, run_demo
 from fedmq.data import digits_split
-from fedmq.messages import Receipt
-from fedmq.modelio import OnnxPredictor, model_from_safetensors
+from fedmq.wire.messages import Receipt
+from fedmq.model.modelio import OnnxPredictor, model_from_safetensors
 from fedmq.tasks import get_task
 
 SUMMARY_KEYS = {"task", "devices", "rounds", "final_accuracy", "accuracy_per_round", "bytes_up_total",

@@ -7,12 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmq.codecs import CodecSpec, codec_names, decode
-from fedmq.envelope import decode_update
-from fedmq.feedback import ErrorFeedback
+from fedmq.wire.envelope import decode_update
+from fedmq.fl.feedback import ErrorFeedback
 from fedmq.fl.client import package_update
 from fedmq.fl.training import LocalResult
-from fedmq.messages import Task, TrainPlan
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import RoundTask, TrainPlan
+from fedmq.model.params import ParamSpec
 from fedmq.privacy.clipping import encode_clipped, l2_norm
 
 SPEC = ParamSpec(("conv.weight", "conv.bias", "fc.weight"), ((8, 1, 5, 5), (8,), (10, 300)),
@@ -35,7 +35,7 @@ def test_decoded_sent_vector_never_exceeds_the_clip_norm(codec, error_feedback, 
         rng = np.random.default_rng(seed)
         update = (scale * rng.standard_normal(SPEC.size) * (rng.random(SPEC.size) < 0.7)).astype(np.float32)
         total += update
-        task = Task("fed", "dev", r, r - 1, SPEC.hash, 0.0, plan)
+        task = RoundTask("fed", "dev", r, r - 1, SPEC.hash, 0.0, plan)
         packed = package_update(LocalResult(update, "delta", 10, 1, 1, 0.0, {}), task, federation="fed",
                                 device="dev", spec=SPEC, feedback=feedback, seed=seed)
         env = decode_update(packed.data, SPEC)
@@ -73,7 +73,7 @@ def test_a_distributed_noise_share_is_added_after_clipping_and_not_kept_in_the_r
     plan = TrainPlan(codec=CodecSpec("none"), clip_norm=0.1, noise_std=0.05)
     feedback = ErrorFeedback(SPEC)
     update = np.full(SPEC.size, 0.01, np.float32)
-    packed = package_update(LocalResult(update, "delta", 10, 1, 1, 0.0, {}), Task("fed", "dev", 1, 0, SPEC.hash, 0.0,
+    packed = package_update(LocalResult(update, "delta", 10, 1, 1, 0.0, {}), RoundTask("fed", "dev", 1, 0, SPEC.hash, 0.0,
                                                                                    plan),
                             federation="fed", device="dev", spec=SPEC, feedback=feedback, seed=0)
     env = decode_update(packed.data, SPEC)

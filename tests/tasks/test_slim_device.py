@@ -1,6 +1,6 @@
 """The device runs with the base install only: matplotlib, scikit-learn, scipy, pandas,
 sktime, amqtt, onnx and onnxscript blocked from import in a child process (cryptography is
-a base dependency since devices seal their client updates: fedmq.sealing)."""
+a base dependency since devices seal their client updates: fedmq.security.sealing)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.modelio import export_onnx
+from fedmq.model.modelio import export_onnx
 from fedmq.tasks import get_task
 
 from conftest import child_env  # type: ignore[import-not-found]
@@ -46,7 +46,7 @@ else:
     sys.exit("the blocker did not block")
 import edge_client.agent
 from fedmq.fl.training import train_local
-from fedmq.messages import TrainPlan
+from fedmq.wire.messages import TrainPlan
 from fedmq.tasks import get_task
 for name in ("mnist-cnn", "userpkg.sensors:classify"):
     task = get_task(name)

@@ -15,8 +15,8 @@ from torch import nn
 from edge_client.localdata import LocalData
 from fedmq.errors import ConfigError, DataError
 from fedmq.fl.training import train_local
-from fedmq.messages import TrainPlan
-from fedmq.modelio import OnnxPredictor, export_onnx
+from fedmq.wire.messages import TrainPlan
+from fedmq.model.modelio import OnnxPredictor, export_onnx
 from fedmq.tasks import TASKS, Task, get_task, known_tasks
 
 from conftest import child_env, make_entry_point_dist  # type: ignore[import-not-found]
@@ -155,7 +155,7 @@ def test_onnx_export_of_user_tasks_matches_torch(ref: str, tmp_path: Path) -> No
 def test_models_built_on_many_threads_at_once_are_the_seeded_model() -> None:
     import threading
 
-    from fedmq.params import ParamSpec, flatten_params
+    from fedmq.model.params import ParamSpec, flatten_params
 
     task = get_task("digits-mlp")
 

@@ -18,9 +18,9 @@ import pytest
 import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedmq import topics
+from fedmq.wire import topics
 from fedmq.data import save_npz_atomic
-from fedmq.messages import ModelPointer, Status
+from fedmq.wire.messages import ModelPointer, Status
 
 from conftest import child_env, make_entry_point_dist  # type: ignore[import-not-found]
 

@@ -21,6 +21,7 @@ import io
 import json
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ import numpy as np
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.codecs.topk_int8 import TopKParams
-from fedmq.envelope import ClientUpdate, encode_update
-from fedmq.params import ParamSpec
+from fedmq.wire.envelope import ClientUpdate, encode_update
+from fedmq.model.params import ParamSpec
 
 #: Rules the first, hand-picked invalid cases break.
 _LEGACY_RULES = {"bad-nan-scale": "R38", "bad-index-out-of-range": "R37", "bad-truncated": "R27",
@@ -109,7 +110,7 @@ def build() -> dict[str, bytes]:
     files["small-envelope.decoded.npy"] = files["small-topk.decoded.npy"]
     cases.append({"name": "small-envelope", "kind": "envelope", "spec": "small", "codec": "topk-int8",
                   "valid": True, "encoder": True,
-                  "fields": {k: v for k, v in update.__dict__.items() if k != "payload"}})
+                  "fields": {k: v for k, v in update.__dict__.items() if k not in ("payload", "control")}})
 
     # Invalid messages: a decoder must refuse each one with the named error.
     scale_at = 9 + 1 + 9 + (len(tiny) - 9 - 1 - 9 - 4 - 3)  # first scale of the one sparse record
@@ -128,7 +129,21 @@ def build() -> dict[str, bytes]:
             "an int8 value of -128 (outside the symmetric range)")
     invalid("bad-none-length", "small", "payload", "none", encode(_small_input(), SPECS["small"],
             CodecSpec.of(name="none"))[:-4], "CodecError", "a none payload one float short")
+    # Scaffold: the same envelope with the control-variate change as a second payload.
+    control = encode(-0.5 * _small_input(), SPECS["small"],
+                     CodecSpec.of(density=0.02, block_size=16, dense_below=64, topk="per-tensor"))
+    with_control = replace(update, control=control)
+    files["small-envelope-control.bin"] = encode_update(with_control)
+    files["small-envelope-control.decoded.npy"] = files["small-topk.decoded.npy"]
+    files["small-envelope-control.control.npy"] = _npy(decode("topk-int8", control, SPECS["small"]))
+    cases.append({"name": "small-envelope-control", "kind": "envelope", "spec": "small", "codec": "topk-int8",
+                  "valid": True, "encoder": True, "control": True,
+                  "fields": {k: v for k, v in update.__dict__.items() if k not in ("payload", "control")}})
     envelope = msgpack.unpackb(files["small-envelope.bin"], raw=False)
+    invalid("bad-envelope-control-empty", "small", "envelope", "topk-int8",
+            msgpack.packb({**envelope, "control": b""}, use_bin_type=True), "WireError",
+            "the optional control payload present but empty")
+    cases[-1]["rule"] = "R21"
     invalid("bad-envelope-version", "small", "envelope", "topk-int8",
             msgpack.packb({**envelope, "v": PROTOCOL_VERSION + 98}, use_bin_type=True), "WireError",
             "unknown protocol version")

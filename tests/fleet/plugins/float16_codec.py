@@ -6,7 +6,7 @@ import numpy as np
 
 from fedmq.codecs import CodecSpec, NoParams, SparseUpdate, check_vector, register_codec
 from fedmq.errors import CodecError, NonFiniteError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 
 class Float16:

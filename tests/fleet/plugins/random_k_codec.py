@@ -20,7 +20,7 @@ import numpy as np
 
 from fedmq.codecs import CodecParams, CodecSpec, SparseUpdate, check_vector, register_codec
 from fedmq.errors import CodecError, NonFiniteError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SEED_MODES = ("content", "rng")
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.chain import ChainEntry, DeltaBlob, ModelChain
+from fedmq.fl.chain import ChainEntry, DeltaBlob, ModelChain
 from fedmq.codecs import CodecSpec
 from fedmq.fl.downlink import compress_step, params_sha256
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 
 SPEC = ParamSpec(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), ((32, 64), (32,), (10, 32), (10,)),
                  ("float32",) * 4)

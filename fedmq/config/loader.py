@@ -47,7 +47,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from fedmq.errors import ConfigError
-from fedmq.settings_file import read_toml
+from fedmq.config.settings_file import read_toml
 from fedmq.transport.settings import BrokerSettings, parse_broker_url
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@
 * :func:`export_onnx`: ONNX (opset 18) with a dynamic batch axis, through torch's
   ``torch.export``-based exporter (``dynamo=True``; the TorchScript exporter is deprecated
   since torch 2.9 and slated for removal).
-* :class:`OnnxPredictor` (from :mod:`fedmq.inference`, which imports no torch):
+* :class:`OnnxPredictor` (from :mod:`fedmq.model.inference`, which imports no torch):
   onnxruntime inference on the CPU, for devices that run the model without torch.
 """
 
@@ -23,10 +23,10 @@ import warnings
 
 import torch
 
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.errors import SpecMismatchError, WireError
-from fedmq.inference import ONNX_INPUT, ONNX_META_KIND, ONNX_META_TASK, ONNX_OUTPUT, OnnxPredictor
-from fedmq.params import ParamSpec
+from fedmq.model.inference import ONNX_INPUT, ONNX_META_KIND, ONNX_META_TASK, ONNX_OUTPUT, OnnxPredictor
+from fedmq.model.params import ParamSpec
 from fedmq.tasks import Task, get_task
 
 #: ONNX operator set of exported models (onnxruntime >= 1.14 runs it).

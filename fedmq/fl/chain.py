@@ -24,8 +24,8 @@ from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import codec_names
 from fedmq.errors import SpecMismatchError, WireError
 from fedmq.fl.downlink import apply_delta, params_sha256
-from fedmq.messages import get_field, nonneg_field, unpack_control  # one strict reader for every control message
-from fedmq.params import ParamSpec
+from fedmq.wire.messages import get_field, nonneg_field, unpack_control  # one strict reader for every control message
+from fedmq.model.params import ParamSpec
 
 DELTA_MAGIC = b"FMQD"
 DELTA_LAYOUT = 1

@@ -1,7 +1,7 @@
 """Sealed client updates: a device encrypts its update to the coordinator's public key.
 
 A broker that terminates TLS (often a hosted MQTT service) reads every message it relays. A
-sealed update is the client-update envelope (:mod:`fedmq.envelope`) encrypted with HPKE
+sealed update is the client-update envelope (:mod:`fedmq.wire.envelope`) encrypted with HPKE
 (RFC 9180, "Hybrid Public Key Encryption"), base mode, single shot, with the suite
 DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305, from the ``cryptography``
 package (``cryptography.hazmat.primitives.hpke``): an X25519 key agreement with a fresh
@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from fedmq.atomic import atomic_write_bytes, fsync_dir
+from fedmq.storage.atomic import atomic_write_bytes, fsync_dir
 from fedmq.errors import ConfigError, FedmqError, WireError
 
 #: First four bytes of every sealed update (0xc1 is never a msgpack type byte).
@@ -107,7 +107,7 @@ def seal_update(envelope: bytes, public_key: X25519PublicKey, *, federation: str
     """Encrypt a client-update envelope to the coordinator's public key.
 
     Args:
-        envelope: the encoded :class:`fedmq.envelope.ClientUpdate` (bytes).
+        envelope: the encoded :class:`fedmq.wire.envelope.ClientUpdate` (bytes).
         public_key: the coordinator's pinned X25519 public key.
         federation, device, transfer_id: where the update travels (bound into HPKE's info).
 
@@ -141,7 +141,7 @@ class CoordinatorKey:
         """Decrypt a sealed update (bytes as assembled from the chunked blob).
 
         Returns:
-            The client-update envelope (still to be checked by :func:`fedmq.envelope.decode_update`).
+            The client-update envelope (still to be checked by :func:`fedmq.wire.envelope.decode_update`).
 
         Raises:
             SealError: not a sealed update of version 1, sealed to another key, or the

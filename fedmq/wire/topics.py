@@ -76,7 +76,7 @@ def model_blob(fed: str, version: int) -> str:
 
 
 def model_chain(fed: str) -> str:
-    """Retained version chain of a compressed downlink (:class:`fedmq.chain.ModelChain`)."""
+    """Retained version chain of a compressed downlink (:class:`fedmq.fl.chain.ModelChain`)."""
     return f"{ROOT}/{fed}/model/chain"
 
 

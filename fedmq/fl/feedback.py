@@ -19,10 +19,10 @@ import os
 
 import numpy as np
 
-from fedmq.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes
 from fedmq.codecs import CodecSpec, decode, encode
 from fedmq.errors import NonFiniteError, SpecMismatchError, StateError
-from fedmq.params import ParamSpec
+from fedmq.model.params import ParamSpec
 from fedmq.privacy.clipping import encode_clipped
 
 

@@ -1,7 +1,7 @@
 """A strict reader for the msgpack subset fedmq messages use (docs/wire-format.md, rules R2-R13).
 
-The client update envelope (:mod:`fedmq.envelope`) and the control messages
-(:mod:`fedmq.messages`) are msgpack maps. msgpack-python accepts more than the spec allows
+The client update envelope (:mod:`fedmq.wire.envelope`) and the control messages
+(:mod:`fedmq.wire.messages`) are msgpack maps. msgpack-python accepts more than the spec allows
 (``bin`` keys pass ``strict_map_key``, a zero-length ext passes ``max_ext_len=0``, the
 timestamp ext bypasses ``ext_hook``, duplicate keys silently keep the last value) and reports
 nesting and key problems at points that depend on the library, so an independent decoder

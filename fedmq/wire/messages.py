@@ -2,12 +2,12 @@
 
 Each message is one msgpack map with ``"v"`` (protocol version, int) and ``"type"`` (str).
 Decoding is strict and follows the spec's numbered refusal rules: the size (R1), the
-msgpack subset (R2-R13, :mod:`fedmq.strict_msgpack`), the protocol version (R14) and type
+msgpack subset (R2-R13, :mod:`fedmq.wire.strict_msgpack`), the protocol version (R14) and type
 (R15), then each field in the table's order: missing or of the wrong type (R24), out of
 range (R25). Every refusal is a :class:`fedmq.errors.WireError` whose message ends with
 the rule id, never anything else. Unknown extra keys are
 ignored (forward compatibility within one protocol version). The client update envelope
-lives in :mod:`fedmq.envelope`; chunked blobs in :mod:`fedmq.transport`.
+lives in :mod:`fedmq.wire.envelope`; chunked blobs in :mod:`fedmq.transport`.
 See docs/wire-format.md for the byte-level description.
 """
 
@@ -23,17 +23,19 @@ import msgpack
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import DEFAULT_CODEC, CodecSpec, all_param_names, get_codec
 from fedmq.errors import CodecError, WireError
-from fedmq.strict_msgpack import unpack_map
+from fedmq.wire.strict_msgpack import unpack_map
 
 #: Largest control message accepted, bytes. Control messages are small maps.
 MAX_CONTROL_BYTES = 64 * 1024
 
 UPDATE_KINDS = ("delta", "gradient")
+#: Client algorithms of :attr:`TrainPlan.algorithm`.
+ALGORITHMS = ("fedavg", "scaffold")
 
 
 def unpack_control(data: bytes, expected_type: str) -> dict[str, Any]:
     """The map of a control message of type ``expected_type`` (the same reader for every control
-    message, :mod:`fedmq.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
+    message, :mod:`fedmq.fl.chain` included). Raises WireError (rules R1, R2-R13, R14, R15)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"{expected_type}: expected bytes, got {type(data).__name__}")
     if len(data) > MAX_CONTROL_BYTES:
@@ -200,6 +202,10 @@ class TrainPlan:
     (:mod:`fedmq.privacy.clipping`); ``noise_std`` (0 = none) is the standard deviation of the
     Gaussian noise share the device adds to every coordinate under distributed noise
     (docs/privacy.md).
+    ``algorithm``: the client algorithm, ``fedavg`` (plain local SGD; FedProx with
+    ``prox_mu`` > 0) or ``scaffold`` (Karimireddy et al. 2020, control variates;
+    :mod:`fedmq.fl.scaffold`; needs update kind ``delta`` and ``prox_mu`` 0). A device that
+    predates the field ignores it and trains FedAvg.
     """
 
     update_kind: str = "delta"
@@ -214,6 +220,7 @@ class TrainPlan:
     seed: int = 0
     clip_norm: float = 0.0
     noise_std: float = 0.0
+    algorithm: str = "fedavg"
 
     def validate(self, where: str = "train plan") -> TrainPlan:
         """Raises: WireError when a field is out of range."""
@@ -232,10 +239,14 @@ class TrainPlan:
                             f"{self.noise_std} (rule R25)")
         if self.noise_std > 0 and (self.codec.name != "none" or self.clip_norm == 0):
             raise WireError(f"{where}: a noise share (noise_std > 0) needs codec none and a clip_norm (rule R25)")
+        if self.algorithm not in ALGORITHMS:
+            raise WireError(f"{where}: algorithm must be one of {ALGORITHMS}, got {self.algorithm[:80]!r} (rule R25)")
+        if self.algorithm == "scaffold" and (self.update_kind != "delta" or self.prox_mu > 0):
+            raise WireError(f"{where}: algorithm scaffold needs update_kind delta and prox_mu 0 (rule R25)")
         return self
 
     def as_table(self) -> dict[str, Any]:
-        """The plan as the Task carries it: one flat map, the codec's name under ``codec`` and
+        """The plan as the RoundTask carries it: one flat map, the codec's name under ``codec`` and
         each of its parameters under its own name right after it (docs/wire-format.md, "Task")."""
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -306,17 +317,17 @@ class TrainPlan:
 _PLAN_TYPES: dict[str, type] = {
     "update_kind": str, "local_steps": int, "local_epochs": int, "batch_size": int, "lr": float,
     "prox_mu": float, "max_seconds": float, "error_feedback": bool, "seed": int, "clip_norm": float,
-    "noise_std": float,
+    "noise_std": float, "algorithm": str,
 }
 
 
 @dataclass(frozen=True)
-class Task(_Message):
+class RoundTask(_Message):
     """Per-device task on ``fedmq/F/task/D`` (retained, QoS 1): train from global model
     ``model_version`` for ``round`` and send a client update before ``deadline``
     (wall-clock seconds since the epoch). ``model_sha256`` (64 hex chars) is the SHA-256
     of that version's float32 parameter vector when the downlink is compressed (the device
-    then catches up through the version chain, :mod:`fedmq.chain`); "" otherwise.
+    then catches up through the version chain, :mod:`fedmq.fl.chain`); "" otherwise.
     ``secure_aggregation``: the round is a secure round (:mod:`edge_client.secure`): the device
     sends a masked input on ``fedmq/F/secagg/D/input`` instead of a client update."""
 
@@ -338,7 +349,7 @@ class Task(_Message):
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Task:
+    def from_bytes(cls, data: bytes) -> RoundTask:
         o = unpack_control(data, cls.TYPE)
         w = cls.TYPE
         federation, device = get_field(o, "federation", str, w), get_field(o, "device", str, w)

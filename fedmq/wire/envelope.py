@@ -2,7 +2,7 @@
 
 Byte layout in docs/wire-format.md, "Client update envelope". Decoding is strict and follows
 the spec's numbered refusal rules R1-R23 in their order: the size of the message is bounded
-by the ParamSpec before parsing, the msgpack subset is read by :mod:`fedmq.strict_msgpack`,
+by the ParamSpec before parsing, the msgpack subset is read by :mod:`fedmq.wire.strict_msgpack`,
 every field's type and range is checked in the table's order, the spec hash must match and
 the payload must fit the codec's bound. Everything malformed raises
 :class:`~fedmq.errors.WireError` (or a subclass) naming the rule, nothing else.
@@ -21,8 +21,8 @@ import msgpack
 from fedmq import PROTOCOL_VERSION
 from fedmq.codecs import codec_names, max_payload_bytes
 from fedmq.errors import CodecError, SpecMismatchError, WireError
-from fedmq.params import ParamSpec
-from fedmq.strict_msgpack import unpack_map
+from fedmq.model.params import ParamSpec
+from fedmq.wire.strict_msgpack import unpack_map
 
 MESSAGE_TYPE = "update"
 UPDATE_KINDS = ("delta", "gradient")
@@ -46,10 +46,12 @@ class ClientUpdate:
         base_version: global model version the device trained from (>= 0).
         samples: number of local training samples (>= 0), the aggregation weight.
         kind: ``"delta"`` (w_local - w_global) or ``"gradient"`` (mean minibatch gradient).
-        spec_hash: :attr:`fedmq.params.ParamSpec.hash` of the model.
+        spec_hash: :attr:`fedmq.model.params.ParamSpec.hash` of the model.
         codec: ``"topk-int8"`` or ``"none"``.
         payload: the codec payload (bytes).
         metrics: name -> finite float (e.g. ``train_loss``), at most 64 entries.
+        control: Scaffold's control-variate change ``delta c_i``, a second payload of the same
+            codec (:mod:`fedmq.fl.scaffold`); ``b""``: none (the key is left out of the message).
     """
 
     federation: str
@@ -62,6 +64,7 @@ class ClientUpdate:
     codec: str
     payload: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+    control: bytes = b""
 
 
 def _refuse(rule: str, what: str) -> WireError:
@@ -118,9 +121,13 @@ def _fields(obj: dict[str, Any]) -> ClientUpdate:
     payload = obj.get("payload")
     if not isinstance(payload, bytes):
         raise _refuse("R21", f"field 'payload' must be bin, got {type(payload).__name__}")
+    control = obj.get("control", b"")
+    if not isinstance(control, bytes) or ("control" in obj and not control):
+        raise _refuse("R21", f"field 'control' (optional) must be a non-empty bin, got {type(control).__name__} "
+                             f"of {len(control) if isinstance(control, bytes) else '-'} bytes")
     return ClientUpdate(federation=federation, device=device, round=round_, base_version=base_version,
                         samples=samples, kind=kind, spec_hash=spec_hash, codec=codec, payload=payload,
-                        metrics=metrics)
+                        metrics=metrics, control=control)
 
 
 def encode_update(update: ClientUpdate) -> bytes:
@@ -133,6 +140,8 @@ def encode_update(update: ClientUpdate) -> bytes:
             "device": update.device, "round": update.round, "base_version": update.base_version,
             "samples": update.samples, "kind": update.kind, "spec_hash": update.spec_hash,
             "codec": update.codec, "metrics": dict(update.metrics), "payload": bytes(update.payload)}
+    if update.control:
+        body["control"] = bytes(update.control)
     _fields(body)
     return msgpack.packb(body, use_bin_type=True)
 
@@ -158,7 +167,8 @@ def decode_update(data: bytes, spec: ParamSpec, *, max_bytes: int | None = None)
         WireError: oversized (R1), not the msgpack subset (R2-R13), unknown protocol version
             (R14), wrong type (R15) or field (R16-R21).
         SpecMismatchError: ``spec_hash`` differs from ``spec.hash`` (R22).
-        CodecError: the payload's size is impossible for the codec and ``spec`` (R23).
+        CodecError: the payload's (or the control payload's, when present) size is impossible
+            for the codec and ``spec`` (R23).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"update: expected bytes, got {type(data).__name__}")
@@ -176,7 +186,10 @@ def decode_update(data: bytes, spec: ParamSpec, *, max_bytes: int | None = None)
         raise SpecMismatchError(f"update from {update.device!r}: ParamSpec {update.spec_hash}, expected {spec.hash} "
                                 f"(rule R22)")
     bound = max_payload_bytes(update.codec, spec)
-    if len(update.payload) > bound or (update.codec == "none" and len(update.payload) != bound):
-        raise CodecError(f"update from {update.device!r}: {update.codec} payload of {len(update.payload)} bytes "
-                         f"is impossible for this ParamSpec (bound {bound}) (rule R23)")
+    for what, payload in (("payload", update.payload), ("control", update.control)):
+        if what == "control" and not payload:
+            continue
+        if len(payload) > bound or (update.codec == "none" and len(payload) != bound):
+            raise CodecError(f"update from {update.device!r}: {update.codec} {what} of {len(payload)} bytes "
+                             f"is impossible for this ParamSpec (bound {bound}) (rule R23)")
     return update

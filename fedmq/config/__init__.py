@@ -1,0 +1,1 @@
+"""Configuration files: the one loader both applications use (TOML, environment, paths, error texts)."""

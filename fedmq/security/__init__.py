@@ -1,0 +1,1 @@
+"""Sealed client updates: HPKE to the coordinator's key (docs/security.md)."""

@@ -1,0 +1,1 @@
+"""State on disk: atomic writes (temp file, fsync, rename) and state-folder locks."""
