@@ -147,8 +147,10 @@ class ScaffoldDevice:
 
         Raises:
             OSError: the state directory cannot be written.
+            StateError: nothing was packaged since the last save (:meth:`package` first).
         """
-        assert self._prepared is not None, "save() after package()"
+        if self._prepared is None:
+            raise StateError(f"{self.path}: no control-variate change packaged to save")
         c_i, residual, pkg = self._prepared
         tensors = {"pre.c": c_i, "pre.residual": residual, "post.c": pkg.control, "post.residual": pkg.residual}
         data = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},

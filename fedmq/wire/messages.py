@@ -252,7 +252,9 @@ class TrainPlan:
         for f in fields(self):
             if f.name == "codec":
                 out.update(self.codec.as_table())
-            else:
+            elif f.name != "algorithm" or self.algorithm != "fedavg":
+                # FedAvg is what a map without ``algorithm`` means: a default task keeps the
+                # map an older device reads, byte for byte.
                 out[f.name] = getattr(self, f.name)
         return out
 

@@ -139,7 +139,7 @@ def test_through_mosquitto_devices_catch_up_on_c_and_a_coordinator_restart_keeps
         got = fetch_control(agent.link, fed, agent.spec, 6, None, 20.0)
         assert params_sha256(got) == params_sha256(second.scaffold.published)
         assert all(a.counters["bad_models"] == 0 for a in fleet.agents.values())
-        trained = [a for a in fleet.agents.values() if a.scaffold.committed()[0].any()]
+        trained = [a for a in fleet.agents.values() if a.trainer.scaffold.committed()[0].any()]
         assert len(trained) >= 3  # devices hold their own control variates
     finally:
         fleet.stop_all()
