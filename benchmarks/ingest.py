@@ -29,7 +29,15 @@ separate pass of each path under cProfile (slower than the timed one), as micros
 per update in each stage (cumulative, so nested stages overlap: ``offer`` holds the rest)
 and the functions with the most time of their own.
 
-    python -m benchmarks.ingest [--full]     prints the result as JSON
+``--compare REV`` instead runs the in-memory path interleaved: two round engines in one
+process take the same updates one at a time, in alternating order, one with the decoders'
+fast paths of commit REV (``_decode_valid`` of fedmq/codecs/topk_int8.py and ``_canonical``
+of fedmq/strict_msgpack.py, loaded from git) and one with the working tree's, and it gives
+the CPU time of each ``offer`` (median and mean) and of each stage alone: on a shared
+machine, whose load moves whole-run rates by more than the change, the figure to quote.
+
+    python -m benchmarks.ingest [--full]           prints the result as JSON
+    python -m benchmarks.ingest --compare REV      before (REV) / after, interleaved
 """
 
 from __future__ import annotations
@@ -280,5 +288,101 @@ def smoke() -> dict[str, Any]:
             "mosquitto_path": mosquitto_path(spec, payloads, 20, publishers=1)}
 
 
+#: Functions swapped for the commit's in :func:`compare`: (module, file, names).
+COMPARED = (("fedmq.codecs.topk_int8", "fedmq/codecs/topk_int8.py", ("_decode_valid",)),
+            ("fedmq.strict_msgpack", "fedmq/strict_msgpack.py", ("_canonical",)))
+
+
+def _module_at(rev: str, name: str, path: str) -> Any:
+    """Module ``name`` as it was at commit ``rev`` (its source from git), under another name."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    spec = importlib.util.spec_from_loader(f"{name}_at_{rev}", loader=None)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102 - the project's own source
+    return module
+
+
+def compare(rev: str, n: int) -> dict[str, Any]:
+    """Interleaved before/after of the in-memory path (see the module docstring): CPU
+    microseconds per ``offer`` and per stage (envelope, codec decode, aggregation), median
+    and mean over ``n`` updates, for commit ``rev`` and the working tree."""
+    import importlib
+    import math
+
+    from fedmq.codecs import decode_sparse
+    from fedmq.envelope import decode_update
+    from fedmq.fl.aggregation import WeightedMean
+    from fedmq.fl.rounds import Accepted
+
+    spec, payloads = _updates()
+    devices = [f"d{i}" for i in range(n)]
+    messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
+    sides: dict[str, dict[str, Any]] = {}
+    for side in ("before", "after"):
+        swap = {}
+        for name, path, funcs in COMPARED:
+            live = importlib.import_module(name)
+            source = _module_at(rev, name, path) if side == "before" else live
+            swap[name] = (live, {f: getattr(source, f) for f in funcs})
+        sides[side] = {"swap": swap, "engine": _engine(spec, devices), "mean": WeightedMean(spec.size),
+                       "us": {"offer": [], "envelope": [], "decode": [], "aggregate": []}}
+
+    def use(side: str) -> None:
+        for live, funcs in sides[side]["swap"].values():
+            for f, impl in funcs.items():
+                setattr(live, f, impl)
+
+    clock = time.thread_time_ns
+    try:
+        for i, (device, data) in enumerate(zip(devices, messages)):
+            for side in (("before", "after") if i % 2 else ("after", "before")):
+                use(side)
+                s = sides[side]
+                t = clock()
+                res = s["engine"].offer(device, f"t{i}", data)
+                s["us"]["offer"].append((clock() - t) / 1e3)
+                assert isinstance(res, Accepted), res
+                t0 = clock()
+                upd = decode_update(data, spec)
+                t1 = clock()
+                sparse = decode_sparse(upd.codec, upd.payload, spec)
+                t2 = clock()
+                s["mean"].add(sparse, float(upd.samples))
+                t3 = clock()
+                for stage, us in (("envelope", t1 - t0), ("decode", t2 - t1), ("aggregate", t3 - t2)):
+                    s["us"][stage].append(us / 1e3)
+    finally:
+        use("after")
+    same = all(np.array_equal(sides["before"][k].total, sides["after"][k].total) for k in ("mean",)) and \
+        np.array_equal(sides["before"]["engine"].aggregate.total, sides["after"]["engine"].aggregate.total)
+    out: dict[str, Any] = {"rev": rev, "updates": n, "load_average": os.getloadavg(), "bit_identical_aggregate": same}
+    for stage in ("offer", "envelope", "decode", "aggregate"):
+        row = {}
+        for side in ("before", "after"):
+            us = np.array(sides[side]["us"][stage])
+            row[side] = {"median_us": round(float(np.median(us)), 1), "mean_us": round(float(us.mean()), 1)}
+        row["ratio_median"] = round(row["before"]["median_us"] / row["after"]["median_us"], 3)
+        row["ratio_mean"] = round(row["before"]["mean_us"] / row["after"]["mean_us"], 3)
+        out[stage] = row
+    mean_after = out["offer"]["after"]["mean_us"]
+    out["updates_per_cpu_s"] = {"before": round(1e6 / out["offer"]["before"]["mean_us"], 1),
+                                "after": round(1e6 / mean_after, 1)}
+    assert not math.isnan(mean_after)
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--full" not in sys.argv[1:]), indent=1))
+    args = sys.argv[1:]
+    if "--compare" in args:
+        import torch
+        torch.set_num_threads(1)
+        print(json.dumps(compare(args[args.index("--compare") + 1], 1000 if "--full" not in args else 5000),
+                         indent=1))
+    else:
+        print(json.dumps(run(quick="--full" not in args), indent=1))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmq.codecs import CodecSpec, decode_sparse, encode
 from fedmq.codecs.base import as_view
@@ -101,3 +103,59 @@ def test_every_truncation_and_bit_flip_agrees_with_the_sequential_parser() -> No
             assert _decode_valid(as_view(data), spec) is None
             continue
         _assert_same(data, spec)
+
+
+_configs = st.builds(CodecConfig, density=st.floats(min_value=1e-4, max_value=1.0),
+                     block_size=st.sampled_from([1, 3, 16, 512]), dense_below=st.sampled_from([0, 64, 4096]),
+                     stochastic=st.booleans(), topk=st.sampled_from(["global", "per-tensor"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=30000), min_size=1, max_size=6), _configs,
+       st.integers(min_value=0, max_value=2**32 - 1))
+def test_random_valid_payloads_decode_bit_identically(sizes: list[int], config: CodecConfig, seed: int) -> None:
+    """Every Rice parameter the encoder picks (0, the grouped reads of 1..8, the word-per-
+    remainder reads above), dense and sparse records in any order, partial scale blocks."""
+    spec = _spec(*sizes)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(spec.size) * rng.uniform(1e-4, 1e3)).astype(np.float32)
+    _assert_same(encode(x, spec, config, rng=rng), spec)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=4), _configs, st.data())
+def test_random_damaged_payloads_are_left_to_the_sequential_parser(sizes: list[int], config: CodecConfig,
+                                                                   data: st.DataObject) -> None:
+    spec = _spec(*sizes)
+    rng = np.random.default_rng(data.draw(st.integers(min_value=0, max_value=2**32 - 1)))
+    raw = bytearray(encode(rng.standard_normal(spec.size).astype(np.float32), spec, config, rng=rng))
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["flip", "byte", "cut", "append", "insert"]))
+        at = data.draw(st.integers(0, len(raw) - 1)) if raw else 0
+        if op == "flip" and raw:
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "byte" and raw:
+            raw[at] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del raw[at:]
+        elif op == "append":
+            raw += data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    payload = bytes(raw)
+    try:
+        _sequential(payload, spec)
+    except CodecError:
+        assert _decode_valid(as_view(payload), spec) is None
+        return
+    _assert_same(payload, spec)
+
+
+def test_a_last_remainder_stream_near_the_end_of_the_payload() -> None:
+    """One position kept and one scale after the last remainder stream: 5 bytes follow it,
+    fewer than the 7 a 64-bit read past it needs, so the fast path reads from a padded copy."""
+    spec = _spec(100000)
+    payload = encode(np.random.default_rng(3).standard_normal(spec.size).astype(np.float32), spec,
+                     CodecConfig(density=1e-5, dense_below=0))
+    assert payload[9] == 1 and int.from_bytes(payload[10:14], "little") == 1  # sparse, k = 1
+    _assert_same(payload, spec)

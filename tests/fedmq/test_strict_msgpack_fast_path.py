@@ -100,3 +100,28 @@ def test_limits_hold_on_the_fast_path() -> None:
         assert isinstance(_strict(data, tight), WireError)
     ok = msgpack.packb({"a": [1, 2], "b": 1}, use_bin_type=True)
     assert _agree(ok, tight) == {"a": [1, 2], "b": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(_maps, st.binary(min_size=0, max_size=70000), st.data())
+def test_maps_ending_in_a_large_bin_agree_with_the_strict_reader(obj: dict[str, object], payload: bytes,
+                                                                 data: st.DataObject) -> None:
+    """The client update's shape (a bin last, of any of the three bin lengths): the fast
+    path agrees with the strict reader on the message and on damaged copies of it (header
+    bytes flipped, bytes cut or added, the last key repeated)."""
+    obj = {**{k: v for k, v in obj.items() if k != "payload"}, "payload": payload}
+    good = msgpack.packb(obj, use_bin_type=True)
+    assert _agree(good) is not None or isinstance(_strict(good), WireError)
+    raw = bytearray(good)
+    op = data.draw(st.sampled_from(["flip", "cut", "append", "repeat"]))
+    head = len(good) - len(payload)
+    if op == "flip":
+        raw[data.draw(st.integers(0, head - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "cut":
+        del raw[data.draw(st.integers(0, len(raw) - 1)):]
+    elif op == "append":
+        raw += data.draw(st.binary(min_size=1, max_size=4))
+    else:  # "payload" twice: msgpack-python keeps the last value under the first key's place
+        raw[0] += 1  # a fixmap: at most 9 entries
+        raw += msgpack.packb("payload") + msgpack.packb(b"x", use_bin_type=True)
+    _agree(bytes(raw))
