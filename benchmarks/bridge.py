@@ -31,10 +31,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.bridge_routes import PER_DEVICE_DOWN, SITE_BRIDGE_TEMPLATE, render_site_bridge
-from broker.launch import LOOPBACK, MosquittoProcess, start_mosquitto
-from coordinator.config import config_from_dict
-from coordinator.service import Coordinator
+from broker.launch import LOOPBACK
 from fleet.fleet import Fleet, FleetSpec
+from fleet.launch import Broker, build_coordinator, coordinator_options, start_broker, write_toml
 
 FED = "sites"
 SITES = ("a", "b")
@@ -176,49 +175,46 @@ def run_sites(work: Path, *, routed: tuple[str, ...], devices_per_site: int = 2,
         BrokerLaunchError: a mosquitto did not start.
     """
     n = devices_per_site * len(sites)
-    central = start_mosquitto(work / "central")
+    central = start_broker("mosquitto", work / "central")
     records = {"central": SiteRecord([])}
-    started: list[MosquittoProcess | LinkMeter | _Watcher] = [central, _Watcher(central.port, records["central"])]
+    started: list[Broker | LinkMeter | _Watcher] = [central, _Watcher(central.process.port, records["central"])]
     fleets: list[Fleet] = []
     try:
-        site_ports = {}
+        site_links = {}
         for site in sites:
             spec_devices = [f"s{site}-{i:05d}" for i in range(devices_per_site)]
-            meter = LinkMeter(central.port)
+            meter = LinkMeter(central.process.port)
             started.append(meter)
-            broker = start_mosquitto(work / f"site-{site}",
-                                     extra_conf=bridge_section(site, spec_devices, meter.port, routed=site in routed))
+            broker = start_broker("mosquitto", work / f"site-{site}",
+                                  mosquitto_conf=bridge_section(site, spec_devices, meter.port,
+                                                                routed=site in routed))
             started.append(broker)
             records[site] = SiteRecord(spec_devices)
-            started.append(_Watcher(broker.port, records[site]))
-            site_ports[site] = (broker.port, meter)
+            started.append(_Watcher(broker.process.port, records[site]))
+            site_links[site] = (broker.url, meter)
         for index, site in enumerate(sites):
-            spec = FleetSpec(broker_url=f"mqtt://{LOOPBACK}:{site_ports[site][0]}", federation=FED,
+            spec = FleetSpec(broker_url=site_links[site][0], federation=FED,
                              devices=devices_per_site, processes=1, task=task, data=data, seed=seed + index, prefix=f"s{site}",
                              work_dir=work / f"fleet-{site}")
             fleets.append(Fleet(spec).start())
         for fleet in fleets:
             if not fleet.wait_connected(devices_per_site, _WAIT_S):
                 raise RuntimeError(f"fleet did not connect: {fleet.totals()}")
-        cfg = config_from_dict({
-            "federation": FED, "task": task, "rounds": rounds, "seed": seed,
-            "state_dir": str(work / "state"), "broker": {"url": f"mqtt://{LOOPBACK}:{central.port}"},
-            "round": {"devices_per_round": n, "over_selection": 1.0, "deadline_s": 60.0, "min_devices": n,
-                      "wait_for_devices_s": _WAIT_S}})
-        result = Coordinator(cfg).run()
+        config = write_toml(work / "coordinator.toml", coordinator_options(
+            federation=FED, task=task, broker=central, rounds=rounds, seed=seed, state_dir=work / "state",
+            round={"devices_per_round": n, "over_selection": 1.0, "deadline_s": 60.0, "min_devices": n,
+                   "wait_for_devices_s": _WAIT_S}))
+        result = build_coordinator(config, environ={}).run()
         for fleet in fleets:
             fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= rounds * devices_per_site, 30.0)
     finally:
         for fleet in fleets:
             fleet.stop()
         for item in reversed(started):
-            if isinstance(item, MosquittoProcess):
-                item.kill()
-            else:
-                item.close()
+            item.close()
     for site in sites:
-        records[site].up = site_ports[site][1].up
-        records[site].down = site_ports[site][1].down
+        records[site].up = site_links[site][1].up
+        records[site].down = site_links[site][1].down
     return records, list(result.records)
 
 

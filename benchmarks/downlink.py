@@ -2,7 +2,7 @@
 
 The real coordinator (:class:`coordinator.service.Coordinator`) and real edge agents
 (:class:`edge_client.agent.EdgeAgent`, one thread each) on the in-memory bus (``memory://``),
-with the demo's data, partitions and training plans (fleet/demo.py). Bytes are the bus's own
+started by the federation launcher (fleet/launch.py), with the demo's data, partitions and training plans (fleet/demo.py). Bytes are the bus's own
 count of the payload bytes it delivered to and took from each device
 (:attr:`fedmq.transport.memory.MemoryBus.stats`). Threads share one interpreter, so wall
 times are not a device's; the learning and the bytes are the same code paths as ``fedmq demo``.
@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import config_from_dict
-from coordinator.service import Coordinator
-from edge_client.agent import EdgeAgent
-from edge_client.config import EdgeConfig
 from fedmq.data import save_npz_atomic
 from fedmq.transport.memory import get_bus
 from fleet.demo import DEFAULT_TASKS, DEMO_PLANS, load_demo_data
+from fleet.launch import (Federation, build_coordinator, coordinator_options, edge_options, merge_tables,
+                          run_coordinator, start_broker)
 
 #: name -> (uplink codec, coordinator overrides). "dense" is FedAvg with float32 both ways.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -49,59 +45,41 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def run_case(case: str, *, data: str, data_dir: Path | None, devices: int, per_round: int, rounds: int,
              partition: str, alpha: float, seed: int, over_selection: float, holdout: float,
              work: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One federation; returns accuracy per round and the bus's byte counts. ``extra``:
-    coordinator settings merged over the case's (nested dicts, as in coordinator.toml)."""
+    """One federation through the launcher (fleet/launch.py: the in-memory bus, devices as
+    threads, the coordinator in this thread); returns accuracy per round and the bus's byte
+    counts. ``extra``: coordinator settings merged over the case's (nested dicts, as in
+    coordinator.toml)."""
     codec, overrides = CASES[case]
     dataset = load_demo_data(data, data_dir, devices, partition, alpha)
     task = DEFAULT_TASKS[data]
-    bus_name = f"bench-{secrets.token_hex(4)}"
-    url = f"memory://{bus_name}"
     fed = "bench"
     save_npz_atomic(work / "test.npz", dataset.x_test, dataset.y_test)
     plan = dict(DEMO_PLANS["digits" if data == "digits" else "mnist"], codec=codec, density=0.01,
                 error_feedback=codec != "none")
-    cfg: dict[str, Any] = {
-        "federation": fed, "task": task, "rounds": rounds, "seed": seed, "state_dir": str(work / "coord"),
-        "broker": {"url": url}, "plan": plan, "evaluation": {"data": str(work / "test.npz")},
-        "round": {"devices_per_round": per_round, "min_updates": max(1, -(-per_round // 2)),
-                  "over_selection": over_selection, "deadline_s": 120.0, "wait_for_devices_s": 120.0,
-                  "min_devices": per_round},
-        "publish": {"onnx": False}}
-    _merge(cfg, overrides)
-    _merge(cfg, extra or {})
-    agents, threads, stops = [], [], []
+    broker = start_broker("memory", work)
+    cfg = coordinator_options(
+        federation=fed, task=task, broker=broker, rounds=rounds, seed=seed, state_dir=work / "coord",
+        evaluation_data=work / "test.npz", publish_onnx=False, plan=plan,
+        round={"devices_per_round": per_round, "min_updates": max(1, -(-per_round // 2)),
+               "over_selection": over_selection, "deadline_s": 120.0, "wait_for_devices_s": 120.0,
+               "min_devices": per_round})
+    cfg = merge_tables(merge_tables(cfg, overrides), extra)
+    configs = {}
     for i, (x, y) in enumerate(dataset.parts):
         save_npz_atomic(work / f"dev{i}.npz", x, y)
-        agent = EdgeAgent(EdgeConfig(broker={"url": url}, device_id=f"device-{i:02d}", federation=fed, task=task,
-                                     data=work / f"dev{i}.npz", state_dir=work / f"dev{i}", seed=seed + i,
-                                     holdout_fraction=holdout))
-        stop = threading.Event()
-        thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-        thread.start()
-        agents.append(agent)
-        threads.append(thread)
-        stops.append(stop)
-    started = time.monotonic()
-    try:
-        result = Coordinator(config_from_dict(cfg)).run()
-    finally:
-        for stop in stops:
-            stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    bus = get_bus(bus_name)
-    ids = [a.cfg.device_id for a in agents]
+        configs[f"device-{i:02d}"] = edge_options(device_id=f"device-{i:02d}", federation=fed, task=task,
+                                                  broker=broker, data=work / f"dev{i}.npz",
+                                                  state_dir=work / f"dev{i}", seed=seed + i, holdout_fraction=holdout)
+    with Federation.create(work, broker, coordinator=cfg, devices=configs, devices_in="threads") as federation:
+        federation.devices.start_all()
+        started = time.monotonic()
+        result = run_coordinator(build_coordinator(federation.files.coordinator, environ={}))
+        # The devices stop before the bus is read: what they took after the last round counts.
+        federation.devices.close()
+        stats = dict(get_bus(broker.url.removeprefix("memory://")).stats)
     acc = [r.test_accuracy for r in result.records]
     return {
         "case": case, "data": dataset.name, "partition": partition, "devices": devices, "per_round": per_round,
@@ -110,9 +88,9 @@ def run_case(case: str, *, data: str, data_dir: Path | None, devices: int, per_r
         "first_round_95": next((r.round for r in result.records if (r.test_accuracy or 0) >= 0.95), None),
         "first_round_96": next((r.round for r in result.records if (r.test_accuracy or 0) >= 0.96), None),
         "accuracy_per_round": acc,
-        "devices_bytes_down": sum(bus.stats[(d, "bytes_out")] for d in ids),
-        "devices_bytes_up": sum(bus.stats[(d, "bytes_in")] for d in ids),
-        "coordinator_bytes_out": bus.stats[(f"fedmq-coordinator-{fed}", "bytes_in")],
+        "devices_bytes_down": sum(stats[(d, "bytes_out")] for d in configs),
+        "devices_bytes_up": sum(stats[(d, "bytes_in")] for d in configs),
+        "coordinator_bytes_out": stats[(f"fedmq-coordinator-{fed}", "bytes_in")],
         "updates_accepted": sum(r.accepted for r in result.records),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
@@ -169,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     extra: dict[str, Any] = {}
     for setting in args.settings:
-        _merge(extra, setting)
+        extra = merge_tables(extra, setting)
     for case in args.case:
         runs = []
         for seed in range(args.seed, args.seed + args.seeds):

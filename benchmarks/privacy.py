@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from broker.launch import start_mosquitto
 from fedmq.privacy.accountant import calibrate_sigma
 from fedmq.tasks.builtin import MNIST_PLAN
 from fleet.fleet import raise_nofile
+from fleet.launch import Broker, child_env, coordinator_options, start_broker, write_toml
 
-ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 #: task -> (fleet data, local samples per device, local training plan, evaluation data, clip norm C).
 TASKS: dict[str, tuple[str, int, dict[str, Any], str, float]] = {
@@ -48,13 +44,7 @@ CODECS = {
 }
 
 
-def _toml(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tomli_w.dumps(data).encode())
-    return path
-
-
-def one_run(work: Path, url: str, *, task: str, codec: str, epsilon: float | None, devices: int, per_round: int,
+def one_run(work: Path, broker: Broker, *, task: str, codec: str, epsilon: float | None, devices: int, per_round: int,
             rounds: int, processes: int, clip: float | None = None, seed: int = 0) -> dict[str, Any]:
     """One federation through ``fedmq fleet`` (module docstring); its row."""
     data, samples, plan, eval_data, default_clip = TASKS[task]
@@ -70,21 +60,19 @@ def one_run(work: Path, url: str, *, task: str, codec: str, epsilon: float | Non
         sigma = calibrate_sigma(epsilon, DELTA, rounds, "poisson", rate=rate)
         privacy = {"enabled": True, "clip_norm": clip, "noise_multiplier": sigma, "target_epsilon": epsilon,
                    "delta": DELTA, "sampling": "poisson", "sampling_rate": rate, "rounds": rounds}
-    coord = _toml(folder / "coordinator.toml", {
-        "federation": fed, "task": task, "rounds": rounds, "seed": seed, "state_dir": str(folder / "state"),
-        "broker": {"url": url},
-        "round": {"devices_per_round": per_round, "min_updates": max(1, per_round // 4), "deadline_s": 60.0,
-                  "min_devices": devices, "wait_for_devices_s": 120.0},
-        "plan": {**plan, **plan_extra}, "downlink": downlink, "evaluation": {"data": eval_data},
-        "publish": {"onnx": False}, **({"privacy": privacy} if privacy else {})})
-    fleet = _toml(folder / "fleet.toml", {
-        "broker_url": url, "federation": fed, "task": task, "devices": devices, "processes": processes,
+    coord = write_toml(folder / "coordinator.toml", coordinator_options(
+        federation=fed, task=task, broker=broker, rounds=rounds, seed=seed, state_dir=folder / "state",
+        evaluation_data=eval_data, publish_onnx=False,
+        round={"devices_per_round": per_round, "min_updates": max(1, per_round // 4), "deadline_s": 60.0,
+               "min_devices": devices, "wait_for_devices_s": 120.0},
+        plan={**plan, **plan_extra}, downlink=downlink, **({"privacy": privacy} if privacy else {})))
+    fleet = write_toml(folder / "fleet.toml", {
+        "broker_url": broker.url, "federation": fed, "task": task, "devices": devices, "processes": processes,
         "data": data, "samples_per_device": samples, "seed": seed, "work_dir": str(folder / "fleet")})
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     with open(folder / "fleet.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "fedmq.cli", "fleet", "run", "-c", str(fleet), "--coordinator",
                                str(coord), "--connect-timeout", str(120 + devices / 10)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3600)
+                              env=child_env(), stdout=log, stderr=subprocess.STDOUT, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"fedmq fleet exited {proc.returncode}; see {folder / 'fleet.log'}")
     summary = json.loads((folder / "fleet" / "summary.json").read_text())
@@ -118,17 +106,17 @@ def run(quick: bool = True, *, devices: int | None = None, per_round: int | None
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmq-privacy-") as tmp:
         work = Path(tmp)
-        broker = start_mosquitto(work / "broker", extra_conf="max_connections -1")
+        broker = start_broker("mosquitto", work, mosquitto_conf="max_connections -1")
         try:
             for task in tasks:
                 for codec in codecs:
                     for eps in levels:
-                        row = one_run(work, broker.url, task=task, codec=codec, epsilon=eps, devices=devices,
+                        row = one_run(work, broker, task=task, codec=codec, epsilon=eps, devices=devices,
                                       per_round=per_round, rounds=rounds, processes=processes, clip=clip)
                         print(json.dumps(row), flush=True)
                         rows.append(row)
         finally:
-            broker.kill()
+            broker.close()
     cols = ["task", "codec", "target_epsilon", "epsilon", "sigma", "clip_norm", "noise_on_mean", "rounds",
             "accepted", "final_accuracy", "best_accuracy", "bytes_up", "bytes_down"]
     return {"runs": rows, "tables": [{"title": f"Accuracy against epsilon (delta {DELTA:g}), {devices} devices, "

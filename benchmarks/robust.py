@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 
 from broker import credentials as cred
-from broker.launch import start_mosquitto
+from fleet.launch import ROOT, Broker, child_env, coordinator_options, merge_tables, start_broker, write_toml
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = ("weighted-mean", "median", "trimmed-mean", "krum", "multi-krum", "centered-clipping")
 ATTACKS = ("sign-flip", "scale", "label-flip", "little-is-enough", "backdoor")
 #: digits-logreg's plan in the scale benchmark (5 local epochs, lr 0.3, batch 16); codec defaults.
@@ -68,41 +65,37 @@ def _accounts(work: Path, devices: int, feds: list[str]) -> tuple[str, Path]:
     return conf, creds
 
 
-def _cell(args: argparse.Namespace, work: Path, broker_url: str, rule: str, attack: str, fraction: float,
+def _cell(args: argparse.Namespace, work: Path, broker: Broker, rule: str, attack: str, fraction: float,
           index: int, creds: Path | None) -> dict[str, Any]:
     fed = f"rb{index}"
     folder = work / fed
     folder.mkdir(parents=True)
-    fleet_file, coord_file = folder / "fleet.toml", folder / "coordinator.toml"
     fleet: dict[str, Any] = {
-        "broker_url": broker_url, "federation": fed, "task": args.task, "devices": args.devices,
+        "broker_url": broker.url, "federation": fed, "task": args.task, "devices": args.devices,
         "processes": args.processes, "data": args.data, "samples_per_device": args.samples, "seed": args.seed,
         "work_dir": str(folder / "fleet"), "partition": "dirichlet", "alpha": args.alpha,
         "adversary": {"attack": attack, "fraction": fraction, "target": 0}}
-    broker: dict[str, Any] = {"url": broker_url}
+    account: dict[str, Any] = {}
     if creds is not None:
         fleet["credentials_dir"] = str(creds)
-        broker.update(username_file=str(creds / COORDINATOR / "username"),
-                      password_file=str(creds / COORDINATOR / "password"))
-    fleet_file.write_text(tomli_w.dumps(fleet))
+        account = {"broker": {"username_file": str(creds / COORDINATOR / "username"),
+                              "password_file": str(creds / COORDINATOR / "password")}}
+    fleet_file = write_toml(folder / "fleet.toml", fleet)
     plan = dict(PLANS.get(args.task, {}))
     if args.density is not None:
         plan["density"] = args.density
     if args.dense_below is not None:
         plan["dense_below"] = args.dense_below
-    aggregation: dict[str, Any] = {"rule": rule, "unsent": args.unsent}
-    coord_file.write_text(tomli_w.dumps({
-        "federation": fed, "task": args.task, "rounds": args.rounds, "seed": args.seed,
-        "state_dir": str(folder / "coordinator"), "broker": broker,
-        "round": {"devices_per_round": args.per_round, "over_selection": 1.0, "deadline_s": args.deadline,
-                  "min_devices": args.devices, "wait_for_devices_s": 120.0},
-        "plan": plan, "aggregation": aggregation,
-        "evaluation": {"data": str(folder / "fleet" / "test.npz")}, "publish": {"onnx": False}}))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    coord_file = write_toml(folder / "coordinator.toml", merge_tables(coordinator_options(
+        federation=fed, task=args.task, broker=broker, rounds=args.rounds, seed=args.seed,
+        state_dir=folder / "coordinator", evaluation_data=folder / "fleet" / "test.npz", publish_onnx=False,
+        round={"devices_per_round": args.per_round, "over_selection": 1.0, "deadline_s": args.deadline,
+               "min_devices": args.devices, "wait_for_devices_s": 120.0},
+        plan=plan, aggregation={"rule": rule, "unsent": args.unsent}), account))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "fedmq.cli", "fleet", "run", "-c", str(fleet_file),
                            "--coordinator", str(coord_file), "--connect-timeout", "300"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.cell_timeout)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=args.cell_timeout)
     out: dict[str, Any] = {"rule": rule, "attack": attack, "fraction": fraction,
                            "wall_s": round(time.monotonic() - t0, 1)}
     summary_path = folder / "fleet" / "summary.json"
@@ -150,15 +143,15 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     cells += [(rule, attack, f) for f in args.fractions if f > 0 for attack in args.attacks for rule in args.rules]
     work = Path(tempfile.mkdtemp(prefix="fedmq-robust-"))
     conf, creds = (None, None) if args.anonymous else _accounts(work, args.devices, [f"rb{i}" for i in range(len(cells))])
-    broker = start_mosquitto(work / "broker", extra_conf="max_connections -1", conf_text=conf)
+    broker = start_broker("mosquitto", work, mosquitto_conf="max_connections -1", mosquitto_security=conf)
     rows = []
     try:
         for i, (rule, attack, f) in enumerate(cells):
-            row = _cell(args, work, broker.url, rule, attack, f, i, creds)
+            row = _cell(args, work, broker, rule, attack, f, i, creds)
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
-        broker.kill()
+        broker.close()
     setup = {k: v for k, v in vars(args).items() if k not in ("out", "quick")}
     columns, body = grid(rows)
     title = (f"Final test accuracy % (backdoor: / attack success %), {args.task}, {args.devices} devices, "

@@ -37,6 +37,7 @@ from typing import Any
 from rich.console import Console
 
 from fleet.demo import DemoSettings, Scheduling, run_demo
+from fleet.launch import start_broker
 
 CASES: dict[str, dict[str, Any]] = {
     "fedavg": {"server_optimizer": {"name": "fedavg"}},
@@ -121,11 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedmq-scaffold-") as tmp:
         work = Path(tmp)
-        mosquitto = None
-        if args.broker == "mosquitto":
-            from broker.launch import start_mosquitto
-
-            mosquitto = start_mosquitto(work / "broker")
+        # One mosquitto serves every case; run_demo makes a fresh in-memory bus for each.
+        mosquitto = start_broker("mosquitto", work) if args.broker == "mosquitto" else None
         try:
             for alpha in alphas:
                 for case in cases:
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     print(json.dumps(row), flush=True)
         finally:
             if mosquitto is not None:
-                mosquitto.kill()
+                mosquitto.close()
     print(format_table(rows, args.target))
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

@@ -36,11 +36,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.launch import start_mosquitto
-from coordinator.service import make_coordinator
-from coordinator.config import config_from_dict
 from fedmq.tasks.builtin import MNIST_PLAN
 from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, memory_kib, raise_nofile
+from fleet.launch import Broker, build_coordinator, coordinator_options, start_broker, write_toml
 
 PLAN = {"local_epochs": 5, "lr": 0.3, "batch_size": 16, "density": 0.25}
 TASK = "digits-logreg"
@@ -83,13 +81,15 @@ class _SysBytes:
         self.client.loop_stop()
 
 
-def _coordinator_config(work: Path, url: str, fed: str, rounds: int, round_: dict[str, Any],
-                        async_: dict[str, Any] | None = None, task: str = TASK,
-                        plan: dict[str, Any] | None = None) -> Any:
-    return config_from_dict({
-        "federation": fed, "task": task, "rounds": rounds, "seed": 1, "state_dir": str(work / f"coord-{fed}"),
-        "broker": {"url": url}, "round": round_, "async": async_ or {}, "plan": plan or PLAN,
-        "evaluation": {"data": str(work / "fleet" / "test.npz")}, "publish": {"onnx": False}})
+def _coordinator(work: Path, broker: Broker, fed: str, rounds: int, round_: dict[str, Any],
+                 async_: dict[str, Any] | None = None, task: str = TASK, plan: dict[str, Any] | None = None) -> Any:
+    """The coordinator of federation ``fed`` in this process, its configuration written to
+    ``work/coordinator-<fed>.toml`` (read with no environment)."""
+    path = write_toml(work / f"coordinator-{fed}.toml", coordinator_options(
+        federation=fed, task=task, broker=broker, rounds=rounds, seed=1, state_dir=work / f"coord-{fed}",
+        evaluation_data=work / "fleet" / "test.npz", publish_onnx=False, round=round_, plan=plan or PLAN,
+        **{"async": async_ or {}}))
+    return build_coordinator(path, environ={})
 
 
 def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path,
@@ -97,7 +97,7 @@ def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path,
     """One fleet size: connect, run ``rounds`` synchronous rounds, measure (module docstring).
     ``network``: the fleet's ``network`` option (``shared``: one network loop per worker)."""
     raise_nofile(n + 2048)
-    broker = start_mosquitto(work / "broker", extra_conf="max_connections -1")
+    broker = start_broker("mosquitto", work, mosquitto_conf="max_connections -1")
     deadline = 60.0
     spec = FleetSpec(broker_url=broker.url, federation="scale", task=TASK, devices=n, processes=processes, seed=1,
                      work_dir=work / "fleet", heterogeneity=Heterogeneity(compute_s=0.5), network=network)
@@ -108,20 +108,19 @@ def scale_point(n: int, per_round: int, rounds: int, processes: int, work: Path,
             out["all_connected"] = fleet.wait_connected(n, 120.0 + n / 20)
             out["connect_s"] = round(time.monotonic() - t0, 1)
             out["connected"] = fleet.connected()
-            cfg = _coordinator_config(work, broker.url, "scale", rounds,
-                                      {"devices_per_round": per_round, "over_selection": 1.0, "deadline_s": deadline,
-                                       "min_devices": min(n, out["connected"]), "wait_for_devices_s": 30.0})
-            coord = make_coordinator(cfg)
+            coord = _coordinator(work, broker, "scale", rounds,
+                                 {"devices_per_round": per_round, "over_selection": 1.0, "deadline_s": deadline,
+                                  "min_devices": min(n, out["connected"]), "wait_for_devices_s": 30.0})
             cpu0 = cpu_seconds()
             result = coord.run()
             cpu = cpu_seconds() - cpu0
             totals = fleet.totals()
             out["threads_per_worker"] = max((s.get("threads", 0) for s in fleet.latest.values()), default=0)
             out["coordinator_rss_mib"] = round(memory_kib().get("rss", 0) / 1024, 1)
-            out["broker_rss_mib"] = round(memory_kib(broker.pid or 0).get("rss", 0) / 1024, 1)
+            out["broker_rss_mib"] = round(memory_kib(broker.process.pid or 0).get("rss", 0) / 1024, 1)
             fleet.stop()
     finally:
-        broker.kill()
+        broker.close()
     recs = result.records
     out["rounds"] = len(recs)
     out["rounds_on_time"] = sum(1 for r in recs if r.state == "closed" and r.accepted == per_round
@@ -147,20 +146,19 @@ def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, wo
     for mode in ("sync", "async"):
         raise_nofile(n + 2048)
         folder = work / mode
-        broker = start_mosquitto(folder / "broker", extra_conf="sys_interval 1\nmax_connections -1")
+        broker = start_broker("mosquitto", folder, mosquitto_conf="sys_interval 1\nmax_connections -1")
         spec = FleetSpec(broker_url=broker.url, federation=mode, task=task, devices=n, processes=processes, seed=7,
                          work_dir=folder / "fleet", heterogeneity=het, data=data, samples_per_device=samples)
         per_round = max(2, n // 10)
-        cfg = _coordinator_config(folder, broker.url, mode, 10_000,
-                                  {"mode": mode, "devices_per_round": per_round,
-                                   "deadline_s": 15.0, "min_devices": per_round, "wait_for_devices_s": 60.0},
-                                  {"buffer_size": per_round // 2, "concurrency": int(per_round * 1.3),
-                                   "max_staleness": 20, "task_timeout_s": 60.0}, task=task, plan=plan)
-        sysb = _SysBytes(broker.port)
+        round_ = {"mode": mode, "devices_per_round": per_round, "deadline_s": 15.0, "min_devices": per_round,
+                  "wait_for_devices_s": 60.0}
+        async_ = {"buffer_size": per_round // 2, "concurrency": int(per_round * 1.3), "max_staleness": 20,
+                  "task_timeout_s": 60.0}
+        sysb = _SysBytes(broker.process.port)
         try:
             with Fleet(spec) as fleet:
                 fleet.wait_connected(int(0.7 * n), 120.0)
-                coord = make_coordinator(cfg)
+                coord = _coordinator(folder, broker, mode, 10_000, round_, async_, task=task, plan=plan)
                 reached: dict[float, float] = {}
                 t0 = time.monotonic()
                 before = sysb.now()
@@ -183,7 +181,7 @@ def modes(n: int, seconds: float, targets: tuple[float, ...], processes: int, wo
                 results = fleet.stop()
         finally:
             sysb.close()
-            broker.kill()
+            broker.close()
         recs = result.records
         total_s = sum(t[1] for d in results for t in d["trainings"])
         accepted_s = sum(p.metrics.get("device_seconds", 0.0) for r in recs for p in r.participations

@@ -269,9 +269,9 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
 
     from rich.console import Console
 
-    from broker.launch import start_mosquitto
     from fedmq.data import shared_data_dir
     from fleet.demo import DemoSettings, run_demo, secure_cost
+    from fleet.launch import start_broker
 
     out: dict[str, Any] = {"setup": {"data": data, "devices": devices, "per_round": per_round, "rounds": rounds,
                                      "seed": seed, "broker": "mosquitto", "devices_in": "processes"}}
@@ -280,7 +280,7 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
         runs = []
         for secure in (False, True):
             with tempfile.TemporaryDirectory(prefix="fedmq-secagg-bench-") as tmp:
-                broker = start_mosquitto(Path(tmp) / "broker", extra_conf="max_packet_size 1048576")
+                broker = start_broker("mosquitto", Path(tmp), mosquitto_conf="max_packet_size 1048576")
                 try:
                     runs.append(run_demo(DemoSettings(
                         devices=devices, per_round=per_round, rounds=rounds, data=data,
@@ -288,7 +288,7 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
                         partition_scheme=scheme, broker=broker.url, protocol="5", seed=seed, out=Path(tmp) / "demo",
                         write_files=False, publish_onnx=False, secure_aggregation=secure), console=quiet))
                 finally:
-                    broker.stop()
+                    broker.close()
         out[scheme] = secure_cost(*runs)
     return out
 

@@ -2,7 +2,8 @@
 
 Everything that starts a federation goes through here: ``fedmq demo`` (:mod:`fleet.demo`,
 its command-line front), ``fedmq fleet`` (:mod:`fleet.cli`), the fault suite
-(:mod:`benchmarks.faults`), the learning benchmarks (:mod:`benchmarks.simulation`) and the
+(:mod:`benchmarks.faults`), the benchmarks that run federations (:mod:`benchmarks.simulation`,
+``downlink``, ``privacy``, ``robust``, ``scale``, ``bridge``, ``scaffold``, ``secagg``) and the
 tests' small fleets (tests/coordinator/downlink_fleet.py). The parts, each usable alone:
 
 * **broker** (:func:`start_broker`, :class:`Broker`): the embedded amqtt broker, mosquitto
@@ -107,7 +108,8 @@ class Broker:
             drop_bus(self.bus)
 
 
-def start_broker(where: str | None, work: Path, *, protocol: str = "5", mosquitto_conf: str = "") -> Broker:
+def start_broker(where: str | None, work: Path, *, protocol: str = "5", mosquitto_conf: str = "",
+                 mosquitto_security: str | None = None) -> Broker:
     """Start (or name) the broker of a federation.
 
     Args:
@@ -117,6 +119,9 @@ def start_broker(where: str | None, work: Path, *, protocol: str = "5", mosquitt
             ``"memory"`` (or ``memory://...``): a new in-memory bus; anything else: the URL of
             a running broker, spoken to with ``protocol``.
         work: the federation's folder.
+        mosquitto_security: mosquitto's security section for its listener (``allow_anonymous``,
+            ``password_file``, ``acl_file``, ...: ``conf_text`` of
+            :func:`broker.launch.start_mosquitto`); None: anonymous clients allowed.
 
     Raises:
         BrokerLaunchError: the broker could not be started (the message has its log's tail).
@@ -129,7 +134,7 @@ def start_broker(where: str | None, work: Path, *, protocol: str = "5", mosquitt
     if where == "mosquitto":
         from broker.launch import start_mosquitto
 
-        proc = start_mosquitto(work / "broker", extra_conf=mosquitto_conf)
+        proc = start_mosquitto(work / "broker", extra_conf=mosquitto_conf, conf_text=mosquitto_security)
         return Broker(proc.url, proc.protocol, "mosquitto", process=proc)
     if where.startswith("memory"):
         bus = f"fed-{os.getpid()}-{time.monotonic_ns()}"

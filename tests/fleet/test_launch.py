@@ -15,7 +15,9 @@ import pytest
 from coordinator.config import load_config as load_coordinator_config
 from edge_client.config import load_config as load_edge_config
 from fedmq.data import load_split, save_npz_atomic
-from fedmq.errors import ConfigError
+from broker import credentials as cred
+from fedmq.errors import BrokerConnectError, ConfigError
+from fedmq.transport import BrokerSettings, MqttLink
 from fleet.launch import (Federation, coordinator_options, edge_options, merge_tables, start_broker,
                           write_federation)
 
@@ -83,6 +85,21 @@ def test_a_killed_mosquitto_comes_back_on_the_same_url(tmp_path: Path) -> None:
     finally:
         broker.close()
     assert not broker.process.running()
+
+
+def test_a_mosquitto_with_a_security_section_admits_only_its_accounts(tmp_path: Path) -> None:
+    # The robust benchmark's brokers: one account per device, no anonymous client.
+    passwd = tmp_path / "passwd"
+    cred.set_password(passwd, "dev-a", "right-password", hasher="fedmq")
+    (tmp_path / "password").write_text("right-password\n")
+    broker = start_broker("mosquitto", tmp_path, mosquitto_security=f"allow_anonymous false\npassword_file {passwd}")
+    try:
+        MqttLink(BrokerSettings(url=broker.url, username="dev-a", password_file=str(tmp_path / "password")),
+                 "dev-a").connect(timeout=10.0).close()
+        with pytest.raises(BrokerConnectError, match="refused"):
+            MqttLink(BrokerSettings(url=broker.url), "anonymous").connect(timeout=10.0)
+    finally:
+        broker.close()
 
 
 def test_a_running_broker_is_named_not_started(tmp_path: Path) -> None:
