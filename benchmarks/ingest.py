@@ -32,7 +32,8 @@ and the functions with the most time of their own.
 ``--compare REV`` instead runs the in-memory path interleaved: two round engines in one
 process take the same updates one at a time, in alternating order, one with the decoders'
 fast paths of commit REV (``_decode_valid`` of fedmq/codecs/topk_int8.py and ``_canonical``
-of fedmq/strict_msgpack.py, loaded from git) and one with the working tree's, and it gives
+of fedmq/wire/strict_msgpack.py, loaded from git; REV after fedmq/ was grouped by layer) and
+one with the working tree's, and it gives
 the CPU time of each ``offer`` (median and mean) and of each stage alone: on a shared
 machine, whose load moves whole-run rates by more than the change, the figure to quote.
 
@@ -290,7 +291,7 @@ def smoke() -> dict[str, Any]:
 
 #: Functions swapped for the commit's in :func:`compare`: (module, file, names).
 COMPARED = (("fedmq.codecs.topk_int8", "fedmq/codecs/topk_int8.py", ("_decode_valid",)),
-            ("fedmq.strict_msgpack", "fedmq/strict_msgpack.py", ("_canonical",)))
+            ("fedmq.wire.strict_msgpack", "fedmq/wire/strict_msgpack.py", ("_canonical",)))
 
 
 def _module_at(rev: str, name: str, path: str) -> Any:
@@ -316,7 +317,7 @@ def compare(rev: str, n: int) -> dict[str, Any]:
     import math
 
     from fedmq.codecs import decode_sparse
-    from fedmq.envelope import decode_update
+    from fedmq.wire.envelope import decode_update
     from fedmq.fl.aggregation import WeightedMean
     from fedmq.fl.rounds import Accepted
 
