@@ -105,7 +105,7 @@ def test_every_truncation_and_bit_flip_agrees_with_the_sequential_parser() -> No
         _assert_same(data, spec)
 
 
-_configs = st.builds(CodecConfig, density=st.floats(min_value=1e-4, max_value=1.0),
+_configs = st.builds(lambda **params: CodecSpec.of(**params), density=st.floats(min_value=1e-4, max_value=1.0),
                      block_size=st.sampled_from([1, 3, 16, 512]), dense_below=st.sampled_from([0, 64, 4096]),
                      stochastic=st.booleans(), topk=st.sampled_from(["global", "per-tensor"]))
 
@@ -113,7 +113,7 @@ _configs = st.builds(CodecConfig, density=st.floats(min_value=1e-4, max_value=1.
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=30000), min_size=1, max_size=6), _configs,
        st.integers(min_value=0, max_value=2**32 - 1))
-def test_random_valid_payloads_decode_bit_identically(sizes: list[int], config: CodecConfig, seed: int) -> None:
+def test_random_valid_payloads_decode_bit_identically(sizes: list[int], config: CodecSpec, seed: int) -> None:
     """Every Rice parameter the encoder picks (0, the grouped reads of 1..8, the word-per-
     remainder reads above), dense and sparse records in any order, partial scale blocks."""
     spec = _spec(*sizes)
@@ -124,7 +124,7 @@ def test_random_valid_payloads_decode_bit_identically(sizes: list[int], config: 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=4), _configs, st.data())
-def test_random_damaged_payloads_are_left_to_the_sequential_parser(sizes: list[int], config: CodecConfig,
+def test_random_damaged_payloads_are_left_to_the_sequential_parser(sizes: list[int], config: CodecSpec,
                                                                    data: st.DataObject) -> None:
     spec = _spec(*sizes)
     rng = np.random.default_rng(data.draw(st.integers(min_value=0, max_value=2**32 - 1)))
@@ -156,6 +156,6 @@ def test_a_last_remainder_stream_near_the_end_of_the_payload() -> None:
     fewer than the 7 a 64-bit read past it needs, so the fast path reads from a padded copy."""
     spec = _spec(100000)
     payload = encode(np.random.default_rng(3).standard_normal(spec.size).astype(np.float32), spec,
-                     CodecConfig(density=1e-5, dense_below=0))
+                     CodecSpec.of(density=1e-5, dense_below=0))
     assert payload[9] == 1 and int.from_bytes(payload[10:14], "little") == 1  # sparse, k = 1
     _assert_same(payload, spec)
