@@ -31,7 +31,7 @@ from fedmq.fl import downlink
 from fedmq.fl.downlink import params_sha256
 from fedmq.model.modelio import model_from_safetensors, model_to_safetensors
 from fedmq.model.params import ParamSpec, flatten_params, load_params
-from fedmq.tasks import Task as TaskDef
+from fedmq.tasks import Task
 from fedmq.transport import Message
 from fedmq.transport.flows import fetch_blob
 
@@ -59,7 +59,7 @@ class ModelSync:
     """
 
     def __init__(self, cfg: EdgeConfig, conn: Connection, state: DeviceState, *, model: torch.nn.Module,
-                 spec: ParamSpec, task_def: TaskDef, counters: Counter[str], heartbeat: Heartbeat,
+                 spec: ParamSpec, task_def: Task, counters: Counter[str], heartbeat: Heartbeat,
                  handle: Callable[[Message], None]) -> None:
         self.cfg, self.conn, self.state = cfg, conn, state
         self.model, self.spec, self.task_def = model, spec, task_def
