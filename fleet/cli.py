@@ -84,7 +84,11 @@ def run(config: Path = typer.Option(None, "--config", "-c", help="Fleet TOML fil
         summary["connected"] = fleet.connected()
         print(json.dumps({"event": "connected", "all": ok, **fleet.totals()}), flush=True)
         if coordinator is not None and not stop.is_set():
-            coord = build_coordinator(coordinator)
+            try:
+                coord = build_coordinator(coordinator)
+            except FedmqError as exc:  # its test set or state folder, found bad only now
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
             running.append(coord)
             result = run_coordinator(coord)
             summary["rounds"] = [r.row() for r in result.records]
