@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from fedmq.tasks import get_task
 from fedmq.transport.link import MqttLink
 from fedmq.transport.settings import BrokerSettings
 from fedmq.transport.wire import Manifest
+from tests.waiting import until
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(120)]
 
@@ -29,12 +29,7 @@ WAIT = 30.0
 
 
 def _until(predicate, timeout: float = WAIT) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+    return bool(until(predicate, timeout))
 
 
 def _manifest(size: int) -> bytes:

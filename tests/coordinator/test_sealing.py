@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from fedmq.transport.receiver import BlobReceiver
 from fedmq.transport.sender import BlobSender
 from fedmq.transport.settings import BrokerSettings
 from fleet.demo import DemoSettings, run_demo
+from tests.waiting import until
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(180)]
 
@@ -34,12 +34,7 @@ WAIT = 30.0
 
 
 def _until(predicate, timeout: float = WAIT) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+    return bool(until(predicate, timeout))
 
 
 def _drain(inbox: queue.SimpleQueue) -> list:

@@ -18,6 +18,7 @@ from fedmq.wire import topics
 from fedmq.data import digits_split, save_npz_atomic
 from fedmq.errors import ConfigError
 from fedmq.transport.memory import drop_bus, get_bus
+from tests.waiting import until
 
 
 def _config(tmp_path: Path, bus: str, **extra: object) -> Path:
@@ -37,10 +38,8 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _until(condition, timeout: float = 30.0):
-    end = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)  # polling interval of a bounded wait
+    value = until(condition, timeout)
+    assert value, "timed out"
     return value
 
 

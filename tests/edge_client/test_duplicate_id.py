@@ -19,6 +19,7 @@ from edge_client.config import load_config
 from edge_client.duplicate import TakeoverWatch
 from fedmq.data import digits_split, save_npz_atomic
 from fedmq.wire.messages import Status
+from tests.waiting import until
 
 WAIT = 60.0
 
@@ -36,10 +37,8 @@ class _Records(logging.Handler):
 
 
 def _until(condition, timeout: float = WAIT, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling interval of a bounded wait
+    value = until(condition, timeout)
+    assert value, f"timed out waiting for {what}"
     return value
 
 

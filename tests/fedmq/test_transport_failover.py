@@ -4,10 +4,6 @@ of a cluster; what a real cluster keeps across nodes is tested in tests/broker).
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-
 import pytest
 
 from broker.launch import free_port
@@ -18,17 +14,7 @@ from fedmq.transport.counting import CountingLink
 from fedmq.transport.link import MqttLink
 from fedmq.transport.netloop import NetworkLoop, SharedLoopLink
 from fedmq.transport.settings import BrokerSettings
-
-
-def until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Wait for ``predicate`` (looked at every 50 ms) up to ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= end:
-            return False
-        pause.wait(0.05)
-    return True
+from tests.waiting import until
 
 
 def test_failover_urls_from_a_configuration_table() -> None:

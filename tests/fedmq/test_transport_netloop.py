@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 from fedmq.transport.link import MqttLink
 from fedmq.transport.netloop import NetworkLoop, SharedLoopLink
 from fedmq.transport.settings import BrokerSettings
-
-
-def until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Wait for ``predicate`` (looked at every 50 ms) up to ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() >= end:
-            return False
-        pause.wait(0.05)
-    return True
+from tests.waiting import until
 
 
 def test_one_loop_drives_many_links_through_a_broker_restart(mosquitto) -> None:
