@@ -294,14 +294,20 @@ COMPARED = (("fedmq.codecs.topk_int8", "fedmq/codecs/topk_int8.py", ("_decode_va
             ("fedmq.wire.strict_msgpack", "fedmq/wire/strict_msgpack.py", ("_canonical",)))
 
 
-def _module_at(rev: str, name: str, path: str) -> Any:
-    """Module ``name`` as it was at commit ``rev`` (its source from git), under another name."""
-    import importlib.util
+def _git_show(rev: str, path: str) -> str:
+    """The text of ``path`` at commit ``rev``."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
-                            text=True).stdout
+    return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _module_at(rev: str, name: str, path: str) -> Any:
+    """Module ``name`` as it was at commit ``rev`` (its source from git), under another name."""
+    import importlib.util
+
+    source = _git_show(rev, path)
     spec = importlib.util.spec_from_loader(f"{name}_at_{rev}", loader=None)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[module.__name__] = module  # dataclasses look their module up there
@@ -312,11 +318,12 @@ def _module_at(rev: str, name: str, path: str) -> Any:
 def compare(rev: str, n: int) -> dict[str, Any]:
     """Interleaved before/after of the in-memory path (see the module docstring): CPU
     microseconds per ``offer`` and per stage (envelope, codec decode, aggregation), median
-    and mean over ``n`` updates, for commit ``rev`` and the working tree."""
+    and mean over ``n`` updates, for commit ``rev`` and the working tree. The compiled
+    kernels (fedmq.codecs.kernels) are off on the ``rev`` side when ``rev`` predates them."""
     import importlib
     import math
 
-    from fedmq.codecs import decode_sparse
+    from fedmq.codecs import decode_sparse, kernels
     from fedmq.wire.envelope import decode_update
     from fedmq.fl.aggregation import WeightedMean
     from fedmq.fl.rounds import Accepted
@@ -324,6 +331,7 @@ def compare(rev: str, n: int) -> dict[str, Any]:
     spec, payloads = _updates()
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
+    kernels_before = "kernels.get()" in _git_show(rev, COMPARED[0][1])
     sides: dict[str, dict[str, Any]] = {}
     for side in ("before", "after"):
         swap = {}
@@ -338,8 +346,17 @@ def compare(rev: str, n: int) -> dict[str, Any]:
         for live, funcs in sides[side]["swap"].values():
             for f, impl in funcs.items():
                 setattr(live, f, impl)
+        if side == "before" and not kernels_before:
+            kernels.disable()
+        else:
+            kernels.enable()
 
     clock = time.thread_time_ns
+    for side in ("before", "after"):  # compile (or load) the kernels outside the timed updates
+        use(side)
+        warm = WeightedMean(spec.size)
+        upd = decode_update(messages[0], spec)
+        warm.add(decode_sparse(upd.codec, upd.payload, spec), 1.0)
     try:
         for i, (device, data) in enumerate(zip(devices, messages)):
             for side in (("before", "after") if i % 2 else ("after", "before")):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, get_type_hints, runtime_checkable
 
 import numpy as np
 
+import fedmq.codecs.kernels as kernels
 from fedmq.errors import CodecError, NonFiniteError, SpecMismatchError
 from fedmq.model.params import ParamSpec
 
@@ -265,12 +266,16 @@ class SparseUpdate:
             raise SpecMismatchError(f"accumulator shape {out.shape} does not match update size ({self.size},)")
         if self.indices is None:
             out += weight * self.values
-        else:
-            # np.add.at reads, adds and writes each entry in one pass, about 1.5x faster than
-            # fancy-index += (a gather, then a scatter) on a model-sized accumulator; but only
-            # on its fast path, which needs the values in out's dtype: float32 values into a
-            # float64 accumulator take a per-element loop some 20x slower.
-            np.add.at(out, self.indices, np.multiply(self.values, weight, dtype=out.dtype))
+            return
+        kern = kernels.get()
+        if kern is not None and kern["scatter_add"](out, self.indices, self.values, out.dtype.type(weight)):
+            return  # the compiled loop: same sums, one pass, about 4x faster (fedmq.codecs.kernels)
+        # Without numba (or with an index out of range, which np.add.at raises as IndexError):
+        # np.add.at reads, adds and writes each entry in one pass, about 1.5x faster than
+        # fancy-index += (a gather, then a scatter) on a model-sized accumulator; but only
+        # on its fast path, which needs the values in out's dtype: float32 values into a
+        # float64 accumulator take a per-element loop some 20x slower.
+        np.add.at(out, self.indices, np.multiply(self.values, weight, dtype=out.dtype))
 
     def l2_norm(self) -> float:
         """Euclidean norm of the update (float64 sum of squares)."""

@@ -81,7 +81,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.codecs import SparseUpdate, decode_sparse
+from fedmq.codecs import SparseUpdate, decode_sparse, kernels
 from fedmq.wire.envelope import ClientUpdate, decode_update
 from fedmq.errors import NonFiniteError, SpecMismatchError, WireError
 from fedmq.fl.aggregation import Aggregator, make_aggregator, model_delta
@@ -669,6 +669,7 @@ class UpdateChecks:
         self.norm_warmup = norm_warmup
         self.norm_initial = norm_initial
         self.norms: deque[float] = deque((float(n) for n in norms), maxlen=NORM_HISTORY)
+        kernels.enable()  # the coordinator's ingest: compiled decode and add when numba is installed
 
     def check(self, upd: ClientUpdate, spec: ParamSpec, kind: str) -> Accepted | Rejected:
         """Judge ``upd`` (an envelope whose identity and round the engine already checked)

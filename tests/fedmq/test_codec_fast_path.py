@@ -1,6 +1,8 @@
 """The topk-int8 decoder's fast path (``_decode_valid``, all tensors' scales and values in one
 batch) against the sequential parser (``_parse_topk``, rule by rule in the spec's order):
-bit-identical on valid payloads, and never the one that decides a refusal."""
+bit-identical on valid payloads, and never the one that decides a refusal. Every test runs
+twice: with the fast path in NumPy and with the compiled kernels (fedmq.codecs.kernels,
+numba; the coordinator's path), which must then be installed."""
 
 from __future__ import annotations
 
@@ -12,13 +14,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmq.codecs import CodecSpec, decode_sparse, encode
+from fedmq.codecs import CodecSpec, SparseUpdate, decode_sparse, encode, kernels
 from fedmq.codecs.base import as_view
 from fedmq.codecs.topk_int8 import _decode_valid, _parse_topk
 from fedmq.errors import CodecError
 from fedmq.model.params import ParamSpec
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+@pytest.fixture(scope="module", params=["numpy", "numba"], autouse=True)
+def fast_path(request: pytest.FixtureRequest):
+    if request.param == "numba":
+        assert kernels.enable() is not None, kernels.disabled_reason
+    else:
+        kernels.disable()
+    yield request.param
+    kernels.disable()
 
 
 def _spec(*sizes: int) -> ParamSpec:
@@ -159,3 +171,25 @@ def test_a_last_remainder_stream_near_the_end_of_the_payload() -> None:
                      CodecSpec.of(density=1e-5, dense_below=0))
     assert payload[9] == 1 and int.from_bytes(payload[10:14], "little") == 1  # sparse, k = 1
     _assert_same(payload, spec)
+
+
+def test_add_into_gives_the_same_sums_on_both_paths() -> None:
+    """``out[indices] += weight * values`` in float64 and float32 accumulators, bit for bit
+    whichever path runs it; an index outside the accumulator raises and writes nothing."""
+    rng = np.random.default_rng(5)
+    size = 50000
+    for dtype in (np.float64, np.float32):
+        out = [rng.standard_normal(size).astype(dtype)]
+        out.append(out[0].copy())
+        for _ in range(5):
+            upd = SparseUpdate(np.sort(rng.choice(size, 700, replace=False)).astype(np.int64),
+                               (rng.standard_normal(700) * 3).astype(np.float32), size)
+            weight = float(rng.uniform(0.01, 50))
+            upd.add_into(out[0], weight)
+            np.add.at(out[1], upd.indices, np.multiply(upd.values, weight, dtype=dtype))
+        assert np.array_equal(out[0], out[1])
+    bad = SparseUpdate(np.array([3, size], dtype=np.int64), np.ones(2, dtype=np.float32), size)
+    before = out[0].copy()
+    with pytest.raises(IndexError):
+        bad.add_into(out[0], 1.0)
+    assert np.array_equal(out[0], before)

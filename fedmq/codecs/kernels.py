@@ -1,0 +1,231 @@
+"""Compiled inner loops of the coordinator's ingest, when numba is installed.
+
+The coordinator decodes, checks and adds every client update it accepts. In NumPy the
+topk-int8 decode takes some thirty array calls per sparse record and the scatter-add into
+the float64 accumulator a gather and a scatter per entry; each call's overhead is larger
+than its data on the MNIST CNN's 18,000 kept entries. Here both are one pass each, compiled
+by numba (a ``coordinator`` extra: the device install stays without it). The coordinator turns
+them on (:func:`enable`); without numba, with the environment variable
+``FEDMQ_KERNELS=numpy``, or on a device, every caller keeps its NumPy path.
+
+Both kernels give the same results bit for bit as the NumPy paths (integers are exact;
+``values = float32(q) * scale`` in float32 and ``out[i] + float64(v) * w`` in the
+accumulator's dtype are the same IEEE operations in the same order; no fast-math). The
+decode kernel applies the size and value rules of docs/wire-format.md (R27-R41) and only
+answers "valid, here is the update" or "not valid": on "not valid" the caller runs the
+strict reader, which names the first rule broken in the spec's order. Every read is bounds
+checked by the layout walk before it happens, so a damaged payload cannot read outside its
+buffer.
+
+Compiled code is cached next to this file (``__pycache__``, numba's ``cache=True``), so a
+process compiles once per installation (about 1 s) and later processes load it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+_lock = threading.Lock()
+_built: dict[str, Any] | None = None
+_compiled: dict[str, Any] | None = None  # _built while turned on
+#: Leading zero bits of each byte value (8 for 0), int64 ``(256,)``: finds a unary stream's
+#: next code end in one lookup.
+LEADING_ZEROS = np.array([8 - v.bit_length() for v in range(256)], dtype=np.int64)
+#: Why the kernels are off after :func:`enable` (None while they are on).
+disabled_reason: str | None = None
+
+
+def _build() -> dict[str, Any]:
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+    @jit
+    def topk_layout(raw: np.ndarray, sizes: np.ndarray, rec: np.ndarray, max_rice: int) -> int:
+        """Walk a topk-int8 payload's records: the number of kept values, or -1 when a size
+        rule fails. ``rec[t]`` gets (mode, count, rice bits, unary start, unary end, scale
+        start, value start), byte offsets in ``raw``."""
+        size = raw.shape[0]
+        if size < 9:
+            return -1
+        fmt = raw[0]
+        block = np.int64(raw[1]) | (np.int64(raw[2]) << 8) | (np.int64(raw[3]) << 16) | (np.int64(raw[4]) << 24)
+        ntensors = np.int64(raw[5]) | (np.int64(raw[6]) << 8) | (np.int64(raw[7]) << 16) | (np.int64(raw[8]) << 24)
+        if fmt != 1 or block < 1 or ntensors != sizes.shape[0]:
+            return -1
+        pos = np.int64(9)
+        nnz = np.int64(0)
+        for t in range(sizes.shape[0]):
+            n = sizes[t]
+            if pos >= size:
+                return -1
+            mode = raw[pos]
+            pos += 1
+            b = np.int64(0)
+            us = np.int64(0)
+            ue = np.int64(0)
+            if mode == 0:
+                count = n
+            elif mode == 1:
+                if pos + 9 > size:
+                    return -1
+                count = (np.int64(raw[pos]) | (np.int64(raw[pos + 1]) << 8) | (np.int64(raw[pos + 2]) << 16)
+                         | (np.int64(raw[pos + 3]) << 24))
+                b = np.int64(raw[pos + 4])
+                ulen = (np.int64(raw[pos + 5]) | (np.int64(raw[pos + 6]) << 8) | (np.int64(raw[pos + 7]) << 16)
+                        | (np.int64(raw[pos + 8]) << 24))
+                pos += 9
+                if count < 1 or count > n or b > max_rice or (np.int64(1) << b) > n:
+                    return -1
+                if ulen < 1 or ulen > (count + ((n - count) >> b) + 7) // 8:
+                    return -1
+                nbits = count * b
+                rlen = (nbits + 7) // 8
+                if nbits % 8 and pos + ulen + rlen <= size:
+                    if raw[pos + ulen + rlen - 1] & ((1 << (8 - nbits % 8)) - 1):
+                        return -1
+                us = pos
+                ue = pos + ulen
+                pos += ulen + rlen
+            else:
+                return -1
+            nb = (count + block - 1) // block
+            rec[t, 0] = mode
+            rec[t, 1] = count
+            rec[t, 2] = b
+            rec[t, 3] = us
+            rec[t, 4] = ue
+            rec[t, 5] = pos
+            pos += 4 * nb
+            rec[t, 6] = pos
+            pos += count
+            nnz += count
+        if pos != size:
+            return -1
+        return nnz
+
+    @jit
+    def topk_fill(raw: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, rec: np.ndarray, block: int,
+                  max_scale: np.float32, leading: np.ndarray, indices: np.ndarray, values: np.ndarray) -> bool:
+        """Decode the records walked by ``topk_layout`` into ``values`` (float32) and, when
+        ``indices`` is not empty, ``indices`` (int64 flat positions); False when a position
+        or value rule fails (R35, R37, R38-R41)."""
+        write = indices.shape[0] > 0
+        at = 0
+        word = np.empty(1, dtype=np.uint32)
+        as_float = word.view(np.float32)
+        for t in range(sizes.shape[0]):
+            off = offsets[t]
+            n = sizes[t]
+            count = rec[t, 1]
+            if rec[t, 0] == 1:
+                b = rec[t, 2]
+                us = rec[t, 3]
+                ue = rec[t, 4]
+                mask = (np.int64(1) << b) - 1
+                # remainder j: bits [8 * ue + j * b, + b), read from the 5 bytes holding them (b <= 30);
+                # the layout puts at least 5 bytes (a scale and a value) after the stream
+                rbit = 8 * ue
+                found = np.int64(0)
+                prev = off - 1
+                last_one = np.int64(8 * us - 1)  # bit position of the previous code's end
+                for i in range(us, ue):
+                    byte = np.int64(raw[i])
+                    while byte:  # each set bit ends one code: one pass per code, not per bit
+                        lead = leading[byte]
+                        byte ^= 0x80 >> lead
+                        one = 8 * i + lead
+                        if found == count:
+                            return False
+                        q = rbit >> 3
+                        window = ((np.int64(raw[q]) << 32) | (np.int64(raw[q + 1]) << 24) | (np.int64(raw[q + 2]) << 16)
+                                  | (np.int64(raw[q + 3]) << 8) | np.int64(raw[q + 4]))
+                        r = (window >> (40 - (rbit & 7) - b)) & mask
+                        rbit += b
+                        prev += ((one - last_one - 1) << b) + r + 1
+                        last_one = one
+                        if write:
+                            indices[at + found] = prev
+                        found += 1
+                if found != count or (last_one >> 3) != ue - 1:  # R35
+                    return False
+                if prev >= off + n:  # R37
+                    return False
+            elif write:
+                for j in range(n):
+                    indices[at + j] = off + j
+            # scales (little-endian float32, one per block of values) and int8 values
+            sat = rec[t, 5]
+            vat = rec[t, 6]
+            nb = (count + block - 1) // block
+            for j in range(nb):
+                word[0] = (np.uint32(raw[sat + 4 * j]) | (np.uint32(raw[sat + 4 * j + 1]) << 8)
+                           | (np.uint32(raw[sat + 4 * j + 2]) << 16) | (np.uint32(raw[sat + 4 * j + 3]) << 24))
+                scale = as_float[0]
+                if not (scale >= 0 and scale <= max_scale):  # R38-R40 (NaN fails both)
+                    return False
+                end = min(count, (j + 1) * block)
+                for v in range(j * block, end):
+                    q = np.int8(raw[vat + v])
+                    if q == -128:  # R41
+                        return False
+                    values[at + v] = np.float32(q) * scale
+            at += count
+        return True
+
+    @jit
+    def scatter_add(out: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: Any) -> bool:
+        """``out[indices] += values * weight`` in ``out``'s dtype; False (nothing written)
+        when an index is outside ``out``."""
+        n = out.shape[0]
+        for j in range(indices.shape[0]):
+            i = indices[j]
+            if i < 0 or i >= n:
+                return False
+        for j in range(indices.shape[0]):
+            out[indices[j]] += values[j] * weight
+        return True
+
+    return {"topk_layout": topk_layout, "topk_fill": topk_fill, "scatter_add": scatter_add}
+
+
+def enable() -> dict[str, Any] | None:
+    """Turn the kernels on for this process, when numba is installed and ``FEDMQ_KERNELS``
+    is not ``numpy``; the coordinator's update checks do (:class:`fedmq.fl.rounds.UpdateChecks`),
+    a device does not (it decodes one downlink per round, and importing numba costs about
+    a second). Compiles on first use (cached on disk); thread-safe.
+
+    Returns:
+        The kernels (``topk_layout``, ``topk_fill``, ``scatter_add``), or None with the
+        reason in :data:`disabled_reason`.
+    """
+    global _built, _compiled, disabled_reason
+    with _lock:
+        if _built is None:
+            if os.environ.get("FEDMQ_KERNELS", "numba") == "numpy":
+                disabled_reason = "FEDMQ_KERNELS=numpy"
+                return None
+            try:
+                _built = _build()
+            except ImportError:
+                disabled_reason = "numba is not installed (the coordinator extra installs it)"
+                return None
+        _compiled, disabled_reason = _built, None
+    return _compiled
+
+
+def get() -> dict[str, Any] | None:
+    """The kernels when :func:`enable` turned them on in this process, else None (callers
+    then take their NumPy paths)."""
+    return _compiled
+
+
+def disable() -> None:
+    """Back to the NumPy paths in this process (tests and benchmarks that compare both)."""
+    global _compiled, disabled_reason
+    with _lock:
+        _compiled, disabled_reason = None, "turned off"
