@@ -261,9 +261,12 @@ def bus_round(n: int = 100, k: int = 16_634, size: int = 166_340, dropout: float
 
 
 def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, rounds: int = 10,
-               partitions: tuple[str, ...] = ("iid", "dirichlet"), seed: int = 0) -> dict[str, Any]:
+               partitions: tuple[str, ...] = ("iid", "dirichlet"), seed: int = 0,
+               secure: dict[str, Any] | None = None, secure_density: float | None = None) -> dict[str, Any]:
     """Part 3: plain against secure rounds through mosquitto with device processes (each run a
-    fresh broker), through :func:`fleet.demo.run_demo` and :func:`fleet.demo.secure_cost`."""
+    fresh broker), through :func:`fleet.demo.run_demo` and :func:`fleet.demo.secure_cost`.
+    ``secure``: the secure run's ``[secure_aggregation]`` table (default: the shipped one);
+    ``secure_density``: its plan density (default: the plain run's)."""
     import tempfile
     from pathlib import Path
 
@@ -274,11 +277,13 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
     from fleet.launch import start_broker
 
     out: dict[str, Any] = {"setup": {"data": data, "devices": devices, "per_round": per_round, "rounds": rounds,
-                                     "seed": seed, "broker": "mosquitto", "devices_in": "processes"}}
+                                     "seed": seed, "broker": "mosquitto", "devices_in": "processes",
+                                     "secure_aggregation": secure or {}, "secure_density": secure_density}}
     quiet = Console(quiet=True)
     for scheme in partitions:
         runs = []
-        for secure in (False, True):
+        for on in (False, True):
+            extra: dict[str, Any] = {"density": secure_density} if on and secure_density else {}
             with tempfile.TemporaryDirectory(prefix="fedmq-secagg-bench-") as tmp:
                 broker = start_broker("mosquitto", Path(tmp), mosquitto_conf="max_packet_size 1048576")
                 try:
@@ -286,7 +291,8 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
                         devices=devices, per_round=per_round, rounds=rounds, data=data,
                         data_dir=shared_data_dir() / "mnist-t10k" if data == "mnist" else None,
                         partition_scheme=scheme, broker=broker.url, protocol="5", seed=seed, out=Path(tmp) / "demo",
-                        write_files=False, publish_onnx=False, secure_aggregation=secure), console=quiet))
+                        write_files=False, publish_onnx=False, secure_aggregation=(secure or True) if on else False,
+                        **extra), console=quiet))
                 finally:
                     broker.close()
         out[scheme] = secure_cost(*runs)
@@ -306,11 +312,15 @@ if __name__ == "__main__":
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"], choices=("iid", "dirichlet"))
+    parser.add_argument("--secure", type=json.loads, default=None,
+                        help='the secure run\'s [secure_aggregation] table as JSON, e.g. \'{"ranking": "gradient"}\'')
+    parser.add_argument("--secure-density", type=float, default=None, help="the secure run's plan density")
     args = parser.parse_args()
     if args.bus_round:
         print(json.dumps([bus_round(args.devices, dropout=f) for f in (0.0, 0.3)], indent=1))
     elif args.federation:
         print(json.dumps(federation(data=args.data, devices=args.devices, per_round=args.per_round,
-                                    rounds=args.rounds, partitions=tuple(args.partitions)), indent=1))
+                                    rounds=args.rounds, partitions=tuple(args.partitions), secure=args.secure,
+                                    secure_density=args.secure_density), indent=1))
     else:
         print(json.dumps(run(), indent=1))

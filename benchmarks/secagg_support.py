@@ -13,6 +13,9 @@ diagnostic, not a product path)::
     python -m benchmarks.secagg_support                     plain rounds
     python -m benchmarks.secagg_support secure              ranking "change" (the default)
     python -m benchmarks.secagg_support secure '{"ranking": "gradient"}'
+    python -m benchmarks.secagg_support secure '{"ranking": "gradient"}' '{"density": 0.03}'
+
+The third argument changes the demo's settings (fleet.demo.DemoSettings: density, rounds, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv: list[str]) -> None:
 
     secure = bool(argv) and argv[0] == "secure"
     table: dict[str, Any] = json.loads(argv[1]) if len(argv) > 1 else {}
+    overrides: dict[str, Any] = json.loads(argv[2]) if len(argv) > 2 else {}
     inputs: dict[int, dict[str, np.ndarray]] = {}
     provide, closed_round = es.SecureDevice.provide, cs.closed_round
 
@@ -68,11 +72,11 @@ def main(argv: list[str]) -> None:
     es.SecureDevice.provide = recorded  # type: ignore[method-assign]
     cs.closed_round = compared  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="fedmq-secagg-support-") as tmp:
-        summary = run_demo(DemoSettings(
-            devices=4, per_round=4, rounds=4, data="mnist", data_dir=shared_data_dir() / "mnist-t10k",
-            broker="memory", devices_in="threads", samples_per_device=500, test_samples=1000, write_files=False,
-            publish_onnx=False, secure_aggregation=(table or True) if secure else False, out=Path(tmp) / "demo"),
-            console=Console(quiet=True))
+        settings = {"devices": 4, "per_round": 4, "rounds": 4, "data": "mnist",
+                    "data_dir": shared_data_dir() / "mnist-t10k", "broker": "memory", "devices_in": "threads",
+                    "samples_per_device": 500, "test_samples": 1000, "write_files": False, "publish_onnx": False,
+                    "secure_aggregation": (table or True) if secure else False, "out": Path(tmp) / "demo"}
+        summary = run_demo(DemoSettings(**{**settings, **overrides}), console=Console(quiet=True))
     print("test accuracy:", summary["initial_accuracy"], "->", summary["accuracy_per_round"])
 
 

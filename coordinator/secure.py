@@ -441,7 +441,8 @@ class SecurePhases:
         ranking = gate_gradient(self.parts.task, ctx.stepper.model, spec, ctx.vector, ctx.stepper.eval_data,
                                 cfg.evaluation.gate_samples) if self.settings.ranking == "gradient" else None
         codec = cfg.warmup.apply(plan.codec, engine.round)
-        support = plan_support(spec, codec.density, getattr(codec.params, "dense_below", 0),
+        density = self.settings.density if self.settings.density is not None else codec.density
+        support = plan_support(spec, density, getattr(codec.params, "dense_below", 0),
                                last_change=support_ranking(ranking, self.last_change), seed=cfg.seed,
                                round_=engine.round, explore=self.settings.explore)
         outcome = secure.run(engine.round, engine.selection, size=spec.size, support=support, seed=cfg.seed,

@@ -310,7 +310,8 @@ def test_secure_rounds_learn_the_mnist_cnn(tmp_path) -> None:
     by the coordinator's own last change stayed on the first round's random coordinates (1-4%
     of the update's energy) and a secure round did not learn (9.0% -> 8.4% test accuracy
     here). With ``ranking = "gradient"`` (the loss gradient on the coordinator's gate samples
-    too) it follows the devices' largest coordinates: 21.0%."""
+    too) it follows the devices' largest coordinates: 21.0%. The support's own density
+    (``[secure_aggregation] density``) sets the masked input's length."""
     from rich.console import Console
 
     from fedmq.data import shared_data_dir
@@ -318,7 +319,12 @@ def test_secure_rounds_learn_the_mnist_cnn(tmp_path) -> None:
 
     summary = run_demo(DemoSettings(
         devices=3, per_round=3, rounds=1, data="mnist", data_dir=shared_data_dir() / "mnist-t10k", broker="memory",
-        devices_in="threads", samples_per_device=300, test_samples=500, secure_aggregation={"ranking": "gradient"},
-        write_files=False, publish_onnx=False, out=tmp_path / "demo", deadline_s=60), console=Console(quiet=True))
+        devices_in="threads", samples_per_device=300, test_samples=500,
+        secure_aggregation={"ranking": "gradient", "density": 0.03}, write_files=False, publish_onnx=False,
+        out=tmp_path / "demo", deadline_s=60), console=Console(quiet=True))
     assert [(r["state"], r["accepted"]) for r in summary["records"]] == [("closed", 3)]
     assert summary["final_accuracy"] >= summary["initial_accuracy"] + 0.06
+    # [secure_aggregation] density 0.03: 51,277 values per masked input (3% of the sparsified
+    # tensors plus the dense ones), 15 ring bits each for 3 devices, no indices.
+    per_device = summary["records"][0]["bytes_up"] / 3
+    assert 51277 * 15 / 8 <= per_device < 51277 * 15 / 8 * 1.2
