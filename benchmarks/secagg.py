@@ -25,6 +25,17 @@
     python -m benchmarks.secagg --federation    the federation figures (3) as JSON
     python -m benchmarks.secagg --bus-round --devices 100   one secure round over the
         in-memory bus through the product's policies (4): coordinator CPU and phase times
+    python -m benchmarks.secagg --fleet --devices 1000 --per-round 100 --rounds 3
+        secure rounds of ``fedmq fleet`` through mosquitto (5): the coordinator's CPU per round
+        and each phase's wall time, with 0% and 30% of the selected devices dying mid-training
+
+5. **A fleet** (``--fleet``): ``fedmq fleet``'s virtual devices (the unchanged edge agent,
+   each with its own MQTT connection; digits-logreg, the scale benchmark's plan) against one
+   mosquitto, the coordinator in this process with ``[secure_aggregation] enabled`` (shipped
+   settings otherwise). Per dropout (the fleet's ``dropout``: a training ends with the device
+   dying with that probability, so it never sends its masked input; it rejoins later): rounds
+   closed, the survivors per round, the coordinator's CPU seconds per round and the median
+   wall time of each phase (keys, shares, input, reveal).
 """
 
 from __future__ import annotations
@@ -299,6 +310,66 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
     return out
 
 
+def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float) -> dict[str, Any]:
+    """Part 5 for one dropout (module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    import coordinator.secure as cs
+    from benchmarks.scale import PLAN, TASK
+    from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, raise_nofile
+    from fleet.launch import build_coordinator, coordinator_options, start_broker, write_toml
+
+    phases: list[dict[str, float]] = []
+    survivors: list[int] = []
+    closed_round = cs.closed_round
+
+    def recorded(closed, outcome, **kwargs):  # noqa: ANN001, ANN202 - closed_round's signature
+        phases.append(dict(outcome.phase_s))
+        survivors.append(len(outcome.survivors))
+        return closed_round(closed, outcome, **kwargs)
+
+    raise_nofile(devices + 2048)
+    cs.closed_round = recorded  # type: ignore[assignment]
+    out: dict[str, Any] = {"devices": devices, "per_round": per_round, "dropout": dropout}
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedmq-secagg-fleet-") as tmp:
+            work = Path(tmp)
+            broker = start_broker("mosquitto", work, mosquitto_conf="max_connections -1")
+            try:
+                spec = FleetSpec(broker_url=broker.url, federation="sa", task=TASK, devices=devices,
+                                 processes=max(2, devices // 250), seed=1, work_dir=work / "fleet",
+                                 heterogeneity=Heterogeneity(compute_s=0.5, dropout=dropout, rejoin_s=5.0),
+                                 network="threads")
+                t0 = time.monotonic()
+                with Fleet(spec) as fleet:
+                    fleet.wait_connected(devices, 120.0 + devices / 20)
+                    out["connect_s"] = round(time.monotonic() - t0, 1)
+                    path = write_toml(work / "coordinator.toml", coordinator_options(
+                        federation="sa", task=TASK, broker=broker, rounds=rounds, seed=1, state_dir=work / "coord",
+                        evaluation_data=work / "fleet" / "test.npz", publish_onnx=False, plan=PLAN,
+                        round={"devices_per_round": per_round, "over_selection": 1.0, "deadline_s": 90.0,
+                               "min_devices": min(devices, fleet.connected()), "wait_for_devices_s": 30.0},
+                        secure_aggregation={"enabled": True}))
+                    coord = build_coordinator(path, environ={})
+                    cpu0 = cpu_seconds()
+                    result = coord.run()
+                    cpu = cpu_seconds() - cpu0
+                    fleet.stop()
+            finally:
+                broker.close()
+    finally:
+        cs.closed_round = closed_round  # type: ignore[assignment]
+    recs = result.records
+    out["rounds"] = [{"state": r.state, "accepted": r.accepted, "wall_s": round(r.wall_s, 2)} for r in recs]
+    out["survivors"] = survivors
+    out["coordinator_cpu_s_per_round"] = round(cpu / max(1, len(recs)), 2)
+    names = sorted({n for p in phases for n in p})
+    out["phase_s_median"] = {n: round(float(np.median([p[n] for p in phases if n in p])), 3) for n in names}
+    out["test_accuracy"] = recs[-1].test_accuracy if recs else None
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -307,6 +378,8 @@ if __name__ == "__main__":
     parser.add_argument("--bus-round", action="store_true",
                         help="part 4: one secure round of --devices devices over the in-memory bus, 0%% and 30%% "
                              "dropout before unmasking (coordinator CPU, phase wall times)")
+    parser.add_argument("--fleet", action="store_true",
+                        help="part 5: secure rounds of fedmq fleet through mosquitto, 0%% and 30%% dropout")
     parser.add_argument("--data", default="digits", choices=("digits", "mnist"))
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=5)
@@ -316,7 +389,9 @@ if __name__ == "__main__":
                         help='the secure run\'s [secure_aggregation] table as JSON, e.g. \'{"ranking": "gradient"}\'')
     parser.add_argument("--secure-density", type=float, default=None, help="the secure run's plan density")
     args = parser.parse_args()
-    if args.bus_round:
+    if args.fleet:
+        print(json.dumps([fleet_rounds(args.devices, args.per_round, args.rounds, f) for f in (0.0, 0.3)], indent=1))
+    elif args.bus_round:
         print(json.dumps([bus_round(args.devices, dropout=f) for f in (0.0, 0.3)], indent=1))
     elif args.federation:
         print(json.dumps(federation(data=args.data, devices=args.devices, per_round=args.per_round,
