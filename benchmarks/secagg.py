@@ -17,7 +17,9 @@
    mosquitto with device processes, plain then secure (``[secure_aggregation] enabled``,
    defaults otherwise), per partition: final test accuracy, the bytes the broker carried to
    and from the coordinator (every message: models, tasks, client updates or masked inputs,
-   keys, shares, unmasking), and the median wall time per round. The issue's set-ups B / C
+   keys, shares, unmasking), the devices' bytes both ways (everything mosquitto's ``$SYS``
+   counters say it carried, less the coordinator's own messages), and the median wall time
+   per round. The issue's set-ups B / C
    are ``--data mnist --devices 10 --per-round 5 --rounds 30 --partitions iid dirichlet``
    (heavy: run it on a machine of its own); the default is a reduced run on digits.
 
@@ -283,6 +285,7 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
 
     from rich.console import Console
 
+    from benchmarks.scale import _SysBytes
     from fedmq.data import shared_data_dir
     from fleet.demo import DemoSettings, run_demo, secure_cost
     from fleet.launch import start_broker
@@ -296,7 +299,8 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
         for on in (False, True):
             extra: dict[str, Any] = {"density": secure_density} if on and secure_density else {}
             with tempfile.TemporaryDirectory(prefix="fedmq-secagg-bench-") as tmp:
-                broker = start_broker("mosquitto", Path(tmp), mosquitto_conf="max_packet_size 1048576")
+                broker = start_broker("mosquitto", Path(tmp), mosquitto_conf="max_packet_size 1048576\nsys_interval 1")
+                sysb = _SysBytes(broker.process.port)
                 try:
                     runs.append(run_demo(DemoSettings(
                         devices=devices, per_round=per_round, rounds=rounds, data=data,
@@ -304,9 +308,18 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
                         partition_scheme=scheme, broker=broker.url, protocol="5", seed=seed, out=Path(tmp) / "demo",
                         write_files=False, publish_onnx=False, secure_aggregation=(secure or True) if on else False,
                         **extra), console=quiet))
+                    # Every message the broker carried, less the coordinator's own (payload counts
+                    # on its link, so MQTT headers of its messages stay in: an upper bound).
+                    total = sysb.now()
+                    link = runs[-1].get("coordinator_link") or {}
+                    runs[-1]["devices_bytes_both_ways"] = (total.get("sent", 0) + total.get("received", 0)
+                                                           - link.get("bytes_out", 0) - link.get("bytes_in", 0))
                 finally:
+                    sysb.close()
                     broker.close()
         out[scheme] = secure_cost(*runs)
+        for side, run_ in zip(("plain", "secure"), runs):
+            out[scheme][side]["devices_bytes_both_ways"] = run_["devices_bytes_both_ways"]
     return out
 
 
