@@ -245,6 +245,9 @@ class BufferedRounds:
     def checkpoint_meta(self) -> dict[str, str]:
         return {}
 
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
+        return {}
+
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The step's journal goes (the checkpoint holds the step now); a failed step keeps the version."""
         if not stepped:

@@ -139,6 +139,10 @@ class RoundPolicy(Protocol):
     def checkpoint_meta(self) -> dict[str, str]:
         """Metadata this policy keeps with the step's checkpoint."""
 
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
+        """Float32 ``(d,)`` arrays this policy keeps with the step's checkpoint (saved as
+        ``opt.<name>``), given the global model after the step (``vector``) and whether it stepped."""
+
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The step is durable and in the database; the new model is not published yet."""
 

@@ -373,6 +373,10 @@ def support_ranking(gradient: np.ndarray | None, last_change: np.ndarray | None)
     return (g + c).astype(np.float32)
 
 
+#: Checkpoint array (``opt.<name>``) of the last global model step, the support's ranking.
+LAST_CHANGE = "secagg.last_change"
+
+
 class SecurePhases:
     """The phases of a secure round (:class:`SecureRound`) as a synchronous round's phases.
 
@@ -402,6 +406,12 @@ class SecurePhases:
         cfg, fed = self.parts.config, self.parts.config.federation
         self.parts.link.subscribe(topics.secagg_up_filter(fed), inbox=ctx.inbox.queue)
         ckpt = load_checkpoint(cfg.state_dir)
+        if ckpt is not None and LAST_CHANGE in ckpt.optimizer_state:
+            last = ckpt.optimizer_state[LAST_CHANGE]
+            if last.shape != (self.parts.spec.size,):
+                raise StateError(f"{cfg.state_dir}/{CHECKPOINT_NAME}: {LAST_CHANGE} of shape {last.shape}, "
+                                 f"expected ({self.parts.spec.size},)")
+            self.last_change = last.copy()
         raw = ckpt.meta.get("secagg_result") if ckpt is not None else None
         if raw and ckpt is not None:
             try:
@@ -456,6 +466,14 @@ class SecurePhases:
         self.before = ctx.vector.copy()
         return closed
 
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
+        """The last global model step (what the next support is ranked by), kept with the
+        checkpoint so that a restarted coordinator ranks its next support as an uninterrupted
+        one would (``opt.secagg.last_change``)."""
+        if stepped and self.before is not None:
+            self.last_change = vector - self.before
+        return {} if self.last_change is None else {LAST_CHANGE: self.last_change}
+
     def checkpoint_meta(self) -> dict[str, str]:
         """The attempt's result, on record with the round: a restart after the checkpoint tells the devices again."""
         if self.outcome is None:
@@ -464,13 +482,11 @@ class SecurePhases:
                 "secagg_told": json.dumps(self.outcome.told)}
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
-        outcome, before = self.outcome, self.before
+        outcome = self.outcome
         if outcome is not None:
             result = outcome.result_message().to_bytes()
             for device in outcome.told:
                 ctx.publisher.publish_retained(topics.secagg_down(self.parts.config.federation, device), result)
-        if stepped and before is not None:
-            self.last_change = ctx.vector - before
         self.outcome, self.before = None, None
 
 

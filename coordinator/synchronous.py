@@ -19,6 +19,8 @@ import logging
 import time
 from typing import Protocol
 
+import numpy as np
+
 from coordinator.policy import PolicyParts, RoundContext, register_policy, warmed_plan
 from coordinator.progress import Progress
 from fedmq.wire import topics
@@ -43,6 +45,9 @@ class RoundPhases(Protocol):
 
     def checkpoint_meta(self) -> dict[str, str]:
         """Metadata kept with the round's checkpoint."""
+
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
+        """Float32 ``(d,)`` arrays kept with the round's checkpoint (see RoundPolicy)."""
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The round is durable, its tasks cleared; before the round's announcement."""
@@ -198,6 +203,9 @@ class SyncRounds:
     def checkpoint_meta(self) -> dict[str, str]:
         return self.phases.checkpoint_meta()
 
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
+        return self.phases.checkpoint_arrays(vector, stepped)
+
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """Clear the round's tasks, let the phases tell their result, announce the round's end."""
         publisher, fed = ctx.publisher, self.config.federation
@@ -228,6 +236,9 @@ class CollectUpdates:
         return rounds.engine.close(time.time())
 
     def checkpoint_meta(self) -> dict[str, str]:
+        return {}
+
+    def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
         return {}
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:

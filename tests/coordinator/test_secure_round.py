@@ -254,6 +254,14 @@ def test_a_secure_federation_over_the_memory_bus_learns(tmp_path) -> None:
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.03
     requests = json.loads(next((tmp_path / "demo").rglob(REQUESTS_NAME)).read_text())
     assert len(requests) == 3 and all(not set(r["survivors"]) & set(r["dropped"]) for r in requests)
+    # The last global step, what the next support is ranked by, is in the checkpoint: a
+    # restarted coordinator ranks as an uninterrupted one would.
+    from coordinator.secure import LAST_CHANGE
+    from coordinator.state import load_checkpoint
+
+    ckpt = load_checkpoint(next((tmp_path / "demo").rglob("checkpoint.safetensors")).parent)
+    last = ckpt.optimizer_state[LAST_CHANGE]
+    assert last.shape == ckpt.model.shape and np.isfinite(last).all() and np.count_nonzero(last) > 0
 
 
 def test_an_unsettled_input_survives_a_restart_and_is_settled_by_the_result_or_a_new_attempt(bus, tmp_path) -> None:
