@@ -456,8 +456,8 @@ def _check_secure(fleet: TrialFederation, res: TrialResult, ref: Reference) -> N
     """The invariants of a secure trial: every round recorded, closed with the exact sum of its
     survivors or failed; no unmasking request ever named a device both as survivor and as
     dropped, and one request per attempt; every device's masked input settled (no pending
-    file left); the final model the reference's when every round had every device and the
-    coordinator never restarted mid-round, else an accuracy within the tolerance."""
+    file left); the final model the reference's when every round had every device (a
+    coordinator restarted mid-round included), else an accuracy within the tolerance."""
     import json
 
     from coordinator.secure import REQUESTS_NAME
@@ -479,10 +479,10 @@ def _check_secure(fleet: TrialFederation, res: TrialResult, ref: Reference) -> N
         if (fleet.work / "devices" / device / "state" / PENDING_NAME).exists():
             res.failures.append("unsettled")
             res.details.append(f"{device}: a masked input never settled")
-    # After a coordinator kill the secure round runs again as a new attempt: only the
-    # accuracy is compared then.
-    _check_outcome(fleet, rounds, res, ref, compare_model=res.trial.victim != "coordinator",
-                   tolerance=SECURE_ACCURACY_TOLERANCE)
+    # After a coordinator kill the secure round runs again as a new attempt with the same
+    # inputs (each device reuses the input it holds; the support's ranking is in the
+    # checkpoint), so the model is the reference's whenever every round had every device.
+    _check_outcome(fleet, rounds, res, ref, compare_model=True, tolerance=SECURE_ACCURACY_TOLERANCE)
 
 
 def _check_outcome(fleet: TrialFederation, rounds: list[dict[str, Any]], res: TrialResult, ref: Reference, *,

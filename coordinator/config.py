@@ -247,15 +247,17 @@ class SecureAggregationConfig(_Section):
             and 88.9% at 1.
         phase_s: deadline of the keys, shares and reveal phases, seconds (the input phase
             ends at the round's deadline).
-        ranking: what the common support's largest coordinates are ranked by: ``change`` (the
-            last global model step; default) or ``gradient`` (plus the loss gradient on the
-            coordinator's gate samples, needs evaluation data; issue #26: on the MNIST CNN
-            40.4% test accuracy after 4 rounds against 18.5%, see docs/security.md).
+        ranking: what the common support's largest coordinates are ranked by: ``gradient``
+            (default: the last global model step plus the loss gradient of the global model on
+            the coordinator's gate samples, each of unit norm; without evaluation data the last
+            step alone) or ``change`` (the last step alone: it lies only on the last support,
+            so the support stays near round 1's random draw; issue #26, docs/security.md).
         density: the common support's share of the coordinates of the tensors the plan's
-            codec sparsifies, in (0, 1]; default (None): the plan's density, so that a masked
-            input holds as many values as a client update. A secure input sends no indices, so
-            at the same bytes it can hold more values (docs/security.md: on the MNIST CNN,
-            0.03 with ``ranking = "gradient"``: 63.8% after 4 rounds against 40.4% at 0.01).
+            codec sparsifies, in (0, 1]. Default 0.025: a masked input sends no indices, so it
+            holds 2.5x a 1% client update's values at about twice its bytes; on the MNIST CNN
+            set-ups B / C (10 devices, 5 per round, 30 rounds, through mosquitto) secure
+            rounds then match plain ones (97.45% / 97.45% IID, 96.20% / 96.65% Dirichlet(0.5))
+            at 1.93x the devices' bytes (docs/security.md). None: the plan's density.
     """
 
     enabled: bool = False
@@ -265,8 +267,8 @@ class SecureAggregationConfig(_Section):
     scale: float = Field(float(2**12), gt=0)
     explore: float = Field(0.5, ge=0, le=1)
     phase_s: float = Field(30.0, gt=0)
-    ranking: Literal["change", "gradient"] = "change"
-    density: float | None = Field(None, gt=0, le=1)
+    ranking: Literal["change", "gradient"] = "gradient"
+    density: float | None = Field(0.025, gt=0, le=1)
 
 
 class PublishConfig(_Section):

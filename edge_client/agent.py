@@ -409,4 +409,8 @@ class EdgeAgent:
             log.warning("task for %s/%s on this device's topic ignored", task.federation, task.device)
             return
         self.secure.expect(task, self.state.record.last_round)  # answer its phases promptly
+        if self.secure.holds_input(task):
+            log.info("secure round %d is being rerun by the coordinator: its input goes into the new attempt",
+                     task.round)
+            return
         self.settlement.on_task(task)

@@ -262,8 +262,16 @@ class SecureDevice:
             return  # a retained result of an attempt we have nothing pending in
         self._settle(pending, msg.state == "closed" and self.device in msg.survivors)
 
+    def holds(self, round_: int) -> bool:
+        """Whether this device holds round ``round_``'s input, not yet in a sum: a rerun of
+        the round (a new attempt after a coordinator restart) takes the same input again,
+        as a plain round's rerun takes the same bytes again."""
+        return self._vector is not None and self._vector[0] == round_
+
     def _settle(self, pending: Pending, in_sum: bool) -> None:
         self.pending = None
+        if in_sum:
+            self._vector = None  # in the sum: nothing of it is to be sent again
         log.info("secure round %d (attempt %s): input %s", pending.round, pending.attempt,
                  "in the sum" if in_sum else "not aggregated: back into the residual")
         self.settle(pending, in_sum)

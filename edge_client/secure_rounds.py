@@ -74,6 +74,12 @@ class SecureRounds:
         if task.secure_aggregation and task.round > last_round:
             self._task = task
 
+    def holds_input(self, task: RoundTask) -> bool:
+        """``task`` reruns a secure round whose input this device still holds (the coordinator
+        restarted before the round's result): no second training; the held input goes into
+        the new attempt once its setup rolls the old one back."""
+        return task.secure_aggregation and self.device.holds(task.round)
+
     def tick_s(self, default: float) -> float:
         """The loop's wait: :data:`SECURE_TICK` while a secure round of this device runs (its
         messages come on their own inbox, looked at once per wait), ``default`` otherwise."""

@@ -28,7 +28,6 @@ COMPUTED = {
     "round.min_devices": None,  # min_updates
     "privacy.rounds": None,  # the top-level rounds
     "privacy.count_stddev": None,  # max(expected participants / 20, sigma)
-    "secure_aggregation.density": None,  # the plan's density
     "state_dir@edge": REQUIRED,  # $STATE_DIRECTORY under systemd
 }
 #: Tables documented in prose, owned by their own modules' defaults (the codec spec).
