@@ -114,10 +114,14 @@ SECURE_STEPS: tuple[tuple[str, str, str], ...] = (
 #: short and the round fails, as it must; these trials are about crashes, not collusion).
 SECURE = {"secure_aggregation": {"enabled": True, "phase_s": 10.0, "threshold": 1}}
 #: Largest accuracy drop of a secure trial that lost a device's input for a round: the
-#: device's input goes back into its residual and the round steps with two of three inputs,
-#: which on a 3-round digits run costs up to 6 pp (the sum's exactness is proven by
-#: tests/coordinator/test_secure_round.py, not by accuracy).
-SECURE_ACCURACY_TOLERANCE = 0.10
+#: device's input goes back into its residual and the round steps with two of three inputs.
+#: On this 3-round digits run the test accuracy still moves by up to 16 pp from one round to
+#: the next with the support ranked by the gradient (the default; 10 pp sufficed with the old
+#: ranking), so losing an input in the last round costs up to 15 pp (measured: 50.8% against
+#: 65.6%). A wrong sum would leave the model near chance (10%); the sum's exactness is proven
+#: by tests/coordinator/test_secure_round.py, and a trial whose rounds all had every input
+#: must end with the reference's model bit for bit.
+SECURE_ACCURACY_TOLERANCE = 0.20
 VICTIMS = ("coordinator", "edge", "broker")
 MODES = ("kill", "term")
 
