@@ -178,10 +178,9 @@ def run(quick: bool = True) -> dict[str, Any]:
     support = support_against_topk()
     k = support["k"]
     return {"support": support,
-            # The defaults (degree 2 ceil(log2 n), t = degree // 2 + 1) leave some neighbourhood
-            # short of t at 30% dropout; SecAgg+ sizes the graph for the dropout rate: twice the
-            # degree and t = degree / 3 (up to 9 colluding neighbours) make a short
-            # neighbourhood a 3e-5 event per device.
+            # The defaults (degree 4 ceil(log2 n), t = degree // 3 + 1: 28 and 10 for 100
+            # devices) make a neighbourhood short of t at 30% dropout a 3e-5 event per device;
+            # the earlier degree 2 ceil(log2 n), t = degree // 2 + 1 left some short.
             "protocol": {"dropout_0pct_defaults": protocol_cost(k, 0.0),
                          "dropout_0pct_degree28_t10": protocol_cost(k, 0.0, degree=28, threshold=10),
                          "dropout_30pct_degree28_t10": protocol_cost(k, 0.3, degree=28, threshold=10),
@@ -323,8 +322,10 @@ def federation(*, data: str = "digits", devices: int = 10, per_round: int = 5, r
     return out
 
 
-def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float) -> dict[str, Any]:
-    """Part 5 for one dropout (module docstring)."""
+def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float, *, degree: int = 0,
+                 threshold: int = 0) -> dict[str, Any]:
+    """Part 5 for one dropout (module docstring); ``degree``, ``threshold``: the
+    ``[secure_aggregation]`` options (0: the defaults)."""
     import tempfile
     from pathlib import Path
 
@@ -344,7 +345,8 @@ def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float) -> d
 
     raise_nofile(devices + 2048)
     cs.closed_round = recorded  # type: ignore[assignment]
-    out: dict[str, Any] = {"devices": devices, "per_round": per_round, "dropout": dropout}
+    out: dict[str, Any] = {"devices": devices, "per_round": per_round, "dropout": dropout, "degree": degree,
+                           "threshold": threshold}
     try:
         with tempfile.TemporaryDirectory(prefix="fedmq-secagg-fleet-") as tmp:
             work = Path(tmp)
@@ -363,7 +365,7 @@ def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float) -> d
                         evaluation_data=work / "fleet" / "test.npz", publish_onnx=False, plan=PLAN,
                         round={"devices_per_round": per_round, "over_selection": 1.0, "deadline_s": 90.0,
                                "min_devices": min(devices, fleet.connected()), "wait_for_devices_s": 30.0},
-                        secure_aggregation={"enabled": True}))
+                        secure_aggregation={"enabled": True, "degree": degree, "threshold": threshold}))
                     coord = build_coordinator(path, environ={})
                     cpu0 = cpu_seconds()
                     result = coord.run()
@@ -400,10 +402,13 @@ if __name__ == "__main__":
     parser.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"], choices=("iid", "dirichlet"))
     parser.add_argument("--secure", type=json.loads, default=None,
                         help='the secure run\'s [secure_aggregation] table as JSON, e.g. \'{"ranking": "gradient"}\'')
+    parser.add_argument("--degree", type=int, default=0, help="--fleet: [secure_aggregation] degree (0: default)")
+    parser.add_argument("--threshold", type=int, default=0, help="--fleet: [secure_aggregation] threshold (0: default)")
     parser.add_argument("--secure-density", type=float, default=None, help="the secure run's plan density")
     args = parser.parse_args()
     if args.fleet:
-        print(json.dumps([fleet_rounds(args.devices, args.per_round, args.rounds, f) for f in (0.0, 0.3)], indent=1))
+        print(json.dumps([fleet_rounds(args.devices, args.per_round, args.rounds, f, degree=args.degree,
+                                       threshold=args.threshold) for f in (0.0, 0.3)], indent=1))
     elif args.bus_round:
         print(json.dumps([bus_round(args.devices, dropout=f) for f in (0.0, 0.3)], indent=1))
     elif args.federation:

@@ -236,8 +236,10 @@ class SecureAggregationConfig(_Section):
 
     Fields:
         enabled: run every round as a secure round (default off).
-        degree: SecAgg+ neighbours per device; 0: 2 * ceil(log2 n).
-        threshold: t, shares that rebuild a secret; 0: degree // 2 + 1. Also each phase's quorum.
+        degree: SecAgg+ neighbours per device; 0: 4 * ceil(log2 n), at most n - 1.
+        threshold: t, shares that rebuild a secret; 0: degree // 3 + 1 (rounds of 100 complete
+            at 30% dropout; degree // 2 + 1 also resists an equivocating coordinator, at the
+            cost of dropout). Also each phase's quorum.
         clip: largest |value| a device sends, in update units (the rest stays in its residual).
         scale: fixed-point integers per unit (2^12: rounding error at most 1.2e-4 per value, kept
             by error feedback; 5 devices' ring is 16 bits, 2 bytes a value; on the digits demo

@@ -55,7 +55,9 @@ def test_unmasked_sum_is_the_exact_integer_sum_after_dropouts(f_input, f_unmask)
 
 
 def test_too_many_dropouts_fail_cleanly() -> None:
-    server, _, _, _ = simulate(0.0, 0.6)
+    # 20 devices: degree 19 (the complete graph), t = 7; 15 of 20 silent at the unmasking
+    # leave 5 shares of each secret.
+    server, _, _, _ = simulate(0.0, 0.75)
     with pytest.raises(SecAggError, match="cannot be rebuilt"):
         server.result()
     assert server.phase == "failed"
