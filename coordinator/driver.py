@@ -218,7 +218,9 @@ class RoundDriver:
         meta.update(policy.checkpoint_meta())
         # Durable first (the checkpoint is the source of truth), then visible.
         arrays = self.stepper.optimizer.state_arrays()
-        arrays.update(policy.checkpoint_arrays(self.vector, stepped))
+        keep = getattr(policy, "checkpoint_arrays", None)  # optional for registered policies
+        if keep is not None:
+            arrays.update(keep(self.vector, stepped))
         if self.scaffold is not None:
             arrays.update(self.scaffold.state_arrays())
         save_checkpoint(cfg.state_dir, Checkpoint(rec.round, rec.model_version, self.vector, arrays, meta, rec,

@@ -141,7 +141,8 @@ class RoundPolicy(Protocol):
 
     def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
         """Float32 ``(d,)`` arrays this policy keeps with the step's checkpoint (saved as
-        ``opt.<name>``), given the global model after the step (``vector``) and whether it stepped."""
+        ``opt.<name>``), given the global model after the step (``vector``) and whether it
+        stepped. Optional: a policy without it keeps none."""
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The step is durable and in the database; the new model is not published yet."""

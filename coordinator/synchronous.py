@@ -47,7 +47,8 @@ class RoundPhases(Protocol):
         """Metadata kept with the round's checkpoint."""
 
     def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
-        """Float32 ``(d,)`` arrays kept with the round's checkpoint (see RoundPolicy)."""
+        """Float32 ``(d,)`` arrays kept with the round's checkpoint (see RoundPolicy).
+        Optional: phases without it keep none."""
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """The round is durable, its tasks cleared; before the round's announcement."""
@@ -204,7 +205,9 @@ class SyncRounds:
         return self.phases.checkpoint_meta()
 
     def checkpoint_arrays(self, vector: np.ndarray, stepped: bool) -> dict[str, np.ndarray]:
-        return self.phases.checkpoint_arrays(vector, stepped)
+        # Optional for phases (added after the protocol was published): none means no arrays.
+        arrays = getattr(self.phases, "checkpoint_arrays", None)
+        return arrays(vector, stepped) if arrays is not None else {}
 
     def after_checkpoint(self, ctx: RoundContext, rec: RoundRecord, stepped: bool) -> None:
         """Clear the round's tasks, let the phases tell their result, announce the round's end."""
