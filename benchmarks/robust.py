@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,10 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         for i, (rule, attack, f) in enumerate(cells):
             row = _cell(args, work, broker, rule, attack, f, i, creds)
             print(json.dumps(row), flush=True)
+            if "error" not in row:
+                # A finished cell's devices keep model copies and residuals (about 2 GB a
+                # mnist-cnn cell): 66 of them would fill the disk. A failed one stays to be read.
+                shutil.rmtree(work / f"rb{i}")
             rows.append(row)
     finally:
         broker.close()
