@@ -102,16 +102,19 @@ def run_foreground(broker: LocalBroker, *, on_ready=print) -> int:  # noqa: ANN0
     command never leaves it behind.
 
     Returns:
-        mosquitto's exit status (0 after a SIGTERM or SIGINT it handled).
+        mosquitto's exit status: 0 after a SIGTERM or SIGINT (also one that reached it
+        before its own handler was set up, when it had nothing new to save).
 
     Raises:
         BrokerLaunchError: mosquitto is missing, exits before listening, or does not
             listen within START_TIMEOUT seconds (the message has its log's tail).
     """
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(broker.conf)], stdin=subprocess.DEVNULL)
+    asked: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
+            asked.append(signum)
             proc.send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -121,7 +124,13 @@ def run_foreground(broker: LocalBroker, *, on_ready=print) -> int:  # noqa: ANN0
         (plain_host, plain_port), (tls_host, tls_port) = broker.listeners
         on_ready(f"mosquitto (pid {proc.pid}) listening: plain mqtt://{plain_host}:{plain_port}, TLS "
                  f"mqtts://{tls_host}:{tls_port}; configuration {broker.conf}, log {broker.log}; Ctrl-C to stop")
-        return proc.wait()
+        status = proc.wait()
+        if asked and status == -signal.SIGTERM:
+            # Our stop reached mosquitto before it had set up its own handler (it accepts
+            # connections first): it ended at once, without writing its persistence file,
+            # whose last saved copy stays as it was. The stop the user asked for happened.
+            return 0
+        return status
     finally:
         terminate(proc)
         for sig, handler in previous.items():
