@@ -46,9 +46,12 @@ def _build() -> dict[str, Any]:
 
     @jit
     def topk_layout(raw: np.ndarray, sizes: np.ndarray, rec: np.ndarray, max_rice: int) -> int:
-        """Walk a topk-int8 payload's records: the number of kept values, or -1 when a size
-        rule fails. ``rec[t]`` gets (mode, count, rice bits, unary start, unary end, scale
-        start, value start), byte offsets in ``raw``."""
+        """Walk a topk-int8 payload's records (docs/wire-format.md, rules R27-R34, R36, R42).
+
+        ``raw``: the payload, uint8 ``(bytes,)``; ``sizes``: int64 ``(T,)`` tensor sizes;
+        ``rec``: int64 ``(T, 7)``, written: per tensor (mode, count, Rice bits, unary start,
+        unary end, scale start, value start), byte offsets in ``raw``; ``max_rice``: the
+        largest Rice parameter. Returns the number of kept values, or -1 when a rule fails."""
         size = raw.shape[0]
         if size < 9:
             return -1
@@ -111,9 +114,13 @@ def _build() -> dict[str, Any]:
     @jit
     def topk_fill(raw: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, rec: np.ndarray, block: int,
                   max_scale: np.float32, leading: np.ndarray, indices: np.ndarray, values: np.ndarray) -> bool:
-        """Decode the records walked by ``topk_layout`` into ``values`` (float32) and, when
-        ``indices`` is not empty, ``indices`` (int64 flat positions); False when a position
-        or value rule fails (R35, R37, R38-R41)."""
+        """Decode the records walked by ``topk_layout`` (rules R35, R37, R38-R41).
+
+        ``offsets``, ``sizes``: int64 ``(T,)``; ``rec``: ``topk_layout``'s; ``block``: values
+        per scale; ``max_scale``: float32, the largest valid scale; ``leading``:
+        :data:`LEADING_ZEROS`; ``values``: float32 ``(nnz,)``, written; ``indices``: int64
+        ``(nnz,)`` flat positions, written, or ``(0,)`` when every tensor is dense. Returns
+        False when a rule fails (the arrays are then partly written and to be dropped)."""
         write = indices.shape[0] > 0
         at = 0
         word = np.empty(1, dtype=np.uint32)
@@ -179,8 +186,10 @@ def _build() -> dict[str, Any]:
 
     @jit
     def scatter_add(out: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: Any) -> bool:
-        """``out[indices] += values * weight`` in ``out``'s dtype; False (nothing written)
-        when an index is outside ``out``."""
+        """``out[indices] += values * weight`` in ``out``'s dtype. ``out``: float32 or float64
+        ``(d,)``; ``indices``: int64 ``(nnz,)``; ``values``: float32 ``(nnz,)``; ``weight``:
+        a scalar of ``out``'s dtype. Returns False, with nothing written, when an index lies
+        outside ``out``."""
         n = out.shape[0]
         for j in range(indices.shape[0]):
             i = indices[j]
