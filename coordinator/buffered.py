@@ -15,8 +15,9 @@ rounds. What the policy decides:
   ``accepted`` (in the buffer, weighted by staleness) or ``rejected`` (``stale`` above
   ``max_staleness``, or a reason of the synchronous checks); nothing is rejected for
   arriving late. A device is free again once answered or 60 s after its lease runs out
-  (going offline does not free it: it may come back and resend); after a restart the devices that held a task stay
-  busy for a new lease (they resend what the killed coordinator did not answer);
+  (going offline does not free it: it may come back and resend); after a restart the devices that held a task
+  unanswered stay busy for that task's round (recorded with its lease in the database's ``task_leases``) for a
+  new lease: they resend what the killed coordinator did not answer;
 * **step**: once the buffer holds ``buffer_size`` updates the server optimizer steps,
   the coordinator evaluates, checkpoints, writes the step's record (one row of ``rounds``,
   ``round`` = step) and publishes the new global model version.
@@ -42,7 +43,7 @@ import numpy as np
 from coordinator.policy import PolicyParts, RoundContext, register_policy, warmed_plan
 from coordinator.progress import Progress
 from fedmq.wire import topics
-from fedmq.storage.atomic import atomic_write_bytes
+from fedmq.storage.atomic import atomic_write_bytes, remove_stale_temporaries
 from fedmq.wire.envelope import encode_update
 from fedmq.fl.buffered import BufferedEngine
 from fedmq.fl.rounds import Accepted, Outcome, RoundRecord
@@ -57,6 +58,8 @@ log = logging.getLogger("fedmq.coordinator")
 #: default), so a newer task never makes it roll back an update still counted here.
 LEASE_GRACE_S = 60.0
 JOURNAL_DIR = "buffer"
+#: A journaled update's file name: ``<seq>+<device>+<transfer>.bin`` (a regular expression).
+JOURNAL_NAME = r"[0-9]{8}\+[^/+]+\+[^/+]+\.bin"
 #: Steps whose participations are read back at start to answer resends.
 _ANSWER_STEPS = 8
 
@@ -80,6 +83,8 @@ class BufferedRounds:
         self._dispatches = 0
         #: (device, task round, transfer) of the journaled updates replayed at start, to receipt.
         self._replayed: list[tuple[str, int, str]] = []
+        #: Devices kept busy after a restart for a task whose round the database lacked.
+        self._guessed: set[str] = set()
         self.engine = BufferedEngine(
             cfg.federation, parts.spec, kind=cfg.plan.update_kind, is_known=lambda d: d in parts.registry.devices,
             max_update_bytes=parts.update_limit, buffer_size=cfg.async_.buffer_size,
@@ -107,8 +112,9 @@ class BufferedRounds:
             for p in self.parts.db.participations(s):
                 if p.transfer_id:
                     # The receipt names the task's round (the device matches it), not the step.
-                    engine.remember(p.device, p.transfer_id, p.status, p.reason,
-                                    int(p.metrics.get("task_round", s)))
+                    task_round = int(p.metrics.get("task_round", s))
+                    engine.remember(p.device, p.transfer_id, p.status, p.reason, task_round)
+                    self.answered_round[p.device] = max(self.answered_round.get(p.device, -1), task_round)
         self._replay_journal(engine, step)
 
     def _replay_journal(self, engine: BufferedEngine, step: int) -> None:
@@ -149,6 +155,8 @@ class BufferedRounds:
     def _delete_journal(folder: Path) -> None:
         for path in folder.glob("*.bin"):
             path.unlink()
+        # a coordinator killed while journaling an update leaves the writer's temporary file
+        remove_stale_temporaries(folder, name_pattern=JOURNAL_NAME)
         try:
             folder.rmdir()
         except OSError:
@@ -156,14 +164,21 @@ class BufferedRounds:
 
     def start(self, ctx: RoundContext) -> None:
         """After a restart the devices that held a task still train or resend for it: they
-        stay busy (a new lease) instead of being sent a newer task, which would make them
-        roll back an update this coordinator may still accept. The replayed updates are
+        stay busy for that task's round (a new lease) instead of being sent a newer task,
+        which would make them roll back an update this coordinator may still accept; an
+        answer for that round frees them, as before the restart. The replayed updates are
         receipted again."""
         engine = self.engine
         lease = time.time() + self.config.async_.task_timeout_s
+        held = self.parts.db.task_leases()
         for device in self.parts.db.inflight_devices():
-            if self.answered_round.get(device, -1) < engine.step + 1:
-                self.busy[device] = (engine.step + 1, lease)
+            # A database from before task rounds were recorded: the round is a guess, so
+            # any answer from the device frees it.
+            round_ = held[device][0] if device in held else engine.step + 1
+            if device not in held:
+                self._guessed.add(device)
+            if self.answered_round.get(device, -1) < round_:
+                self.busy[device] = (round_, lease)
         for device, round_, transfer in self._replayed:
             ctx.inbox.receipt(device, round_, transfer, "accepted", "")
         self._replayed.clear()
@@ -203,7 +218,7 @@ class BufferedRounds:
                         ctx.publisher.published_sha)
             self.parts.link.publish(topics.task(cfg.federation, device), task.to_bytes(), retain=True)
             self.busy[device] = (next_round, lease)
-        self.parts.db.set_inflight(sorted(self.busy))
+        self.parts.db.set_task_leases(self.busy)
         log.debug("step %d: tasks sent to %d devices (%d busy)", next_round, len(chosen), len(self.busy))
 
     def _expire_leases(self) -> None:
@@ -211,6 +226,7 @@ class BufferedRounds:
         for device, (_, lease) in list(self.busy.items()):
             if now > lease + LEASE_GRACE_S:
                 del self.busy[device]
+                self._guessed.discard(device)
 
     def presence(self, device: str, online: bool) -> None:
         """An offline device keeps its task until its lease ends: it may come back and resend
@@ -232,8 +248,9 @@ class BufferedRounds:
             ctx.step(engine.flush(time.time()))
         if outcome.update is not None:
             self.answered_round[device] = max(self.answered_round.get(device, -1), outcome.round)
-            if device in self.busy and self.busy[device][0] <= outcome.round:
+            if device in self.busy and (self.busy[device][0] <= outcome.round or device in self._guessed):
                 del self.busy[device]
+                self._guessed.discard(device)
 
     def progress(self) -> Progress:
         engine = self.engine
@@ -266,7 +283,7 @@ class BufferedRounds:
         for device in list(self.busy):
             self.parts.link.publish(topics.task(fed, device), b"", retain=True)
         self.busy.clear()
-        self.parts.db.set_inflight([])
+        self.parts.db.set_task_leases({})
         # Acknowledged in order: once this is, every receipt before it left too
         # (closing the link drops what paho still queues).
         self.parts.link.publish_wait(topics.round_announcement(fed),

@@ -139,6 +139,7 @@ CREATE INDEX IF NOT EXISTS participations_transfer ON participations (device, tr
 CREATE TABLE IF NOT EXISTS privacy (round INTEGER PRIMARY KEY, epsilon REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inflight (device TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS task_leases (device TEXT PRIMARY KEY, round INTEGER NOT NULL, lease REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS published (
     kind TEXT NOT NULL, version INTEGER NOT NULL, base TEXT NOT NULL, chunks INTEGER NOT NULL,
     PRIMARY KEY (kind, version));
@@ -315,6 +316,23 @@ class StateDB:
 
     def inflight_devices(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT device FROM inflight ORDER BY device")]
+
+    def set_task_leases(self, leases: dict[str, tuple[int, float]]) -> None:
+        """Record the devices holding a retained task, each with the task's round and its
+        lease end (seconds since the epoch), as buffered asynchronous rounds hand them out;
+        the ``inflight`` list is rewritten with them in the same transaction."""
+        with self.conn:
+            self.conn.execute("DELETE FROM inflight")
+            self.conn.execute("DELETE FROM task_leases")
+            self.conn.executemany("INSERT INTO inflight VALUES (?)", [(d,) for d in sorted(leases)])
+            self.conn.executemany("INSERT INTO task_leases VALUES (?,?,?)",
+                                  [(d, int(r), float(t)) for d, (r, t) in sorted(leases.items())])
+
+    def task_leases(self) -> dict[str, tuple[int, float]]:
+        """Device -> (task round, lease end in seconds since the epoch) of
+        :meth:`set_task_leases`; a database written before leases were recorded has none."""
+        return {r[0]: (int(r[1]), float(r[2]))
+                for r in self.conn.execute("SELECT device, round, lease FROM task_leases ORDER BY device")}
 
     def add_published(self, kind: str, version: int, base: str, chunks: int) -> None:
         """Record a retained blob (``kind`` ``model`` or ``onnx``) of ``chunks`` chunk messages."""

@@ -66,17 +66,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...] = (), *,
+                             name_pattern: str | None = None) -> list[Path]:
     """Remove the temporary files :func:`atomic_write_bytes` left in ``folder`` for the
     files ``names`` (a process killed between writing and renaming). Only names of the
     exact form ``.<name>.<8 random characters>.tmp`` go: nothing fedmq did not create.
     Call it only while this process owns the folder (no concurrent writer).
 
+    Args:
+        folder: the folder the files are written in (missing: nothing to remove).
+        names: the exact file names whose temporaries go.
+        name_pattern: instead of ``names``, a regular expression that a file name must
+            match in full (files named by a rule, such as a journal's).
+
     Returns:
         The removed paths.
     """
     root = Path(folder)
-    pattern = re.compile(r"\.(" + "|".join(re.escape(n) for n in names) + r")\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+    if name_pattern is None:
+        name_pattern = "|".join(re.escape(n) for n in names) or r"(?!)"
+    pattern = re.compile(r"\.(" + name_pattern + r")\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
     removed = []
     try:
         entries = list(root.iterdir())

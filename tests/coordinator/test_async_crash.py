@@ -16,13 +16,13 @@ from fleet.fleet import Fleet, FleetSpec, Heterogeneity
 K, STEPS, N = 4, 3, 8
 
 
-def _write_config(tmp_path: Path, url: str) -> Path:
+def _write_config(tmp_path: Path, url: str, task_timeout_s: float = 120.0) -> Path:
     cfg = tmp_path / "coordinator.toml"
     cfg.write_text(tomli_w.dumps({
         "federation": "buf", "task": "digits-logreg", "rounds": STEPS, "seed": 1, "state_dir": "state",
         "broker": {"url": url, "protocol": "5"},
         "round": {"mode": "async"},
-        "async": {"buffer_size": K, "concurrency": N, "max_staleness": 50, "task_timeout_s": 120.0},
+        "async": {"buffer_size": K, "concurrency": N, "max_staleness": 50, "task_timeout_s": task_timeout_s},
         "plan": {"local_epochs": 2, "lr": 0.2, "density": 0.5},
         "evaluation": {"data": str(tmp_path / "fleet" / "test.npz")}, "publish": {"onnx": False}}))
     return cfg
@@ -76,6 +76,61 @@ def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mos
     # what the devices were told agrees with what was counted
     assert sum(d["counters"].get("accepted", 0) for d in devices) == K * STEPS
     assert not (tmp_path / "state" / "buffer" / "2").exists()
+
+
+def test_async_coordinator_killed_between_a_step_and_the_next_tasks_frees_every_answered_device(
+        mosquitto, tmp_path: Path, coordinator_cli, monkeypatch) -> None:
+    """Killed after step 1's model is published, before any task of step 2 is sent: every
+    device still holds its round-1 task in the database. After the restart the devices that
+    answered round 1 are free at once and the others as soon as they resend, so the run ends
+    long before the leases (600 s) run out. (Before task rounds were recorded, every such
+    device stayed busy for a whole new lease: the run stalled.)"""
+    spec = FleetSpec(broker_url=mosquitto.url, federation="buf", devices=N, processes=1, seed=5,
+                     work_dir=tmp_path / "fleet", edge={"receipt_timeout": 5.0},
+                     heterogeneity=Heterogeneity(compute_s=0.5, speed_sigma=0.6))
+    cfg = _write_config(tmp_path, mosquitto.url, task_timeout_s=600.0)
+    pause = tmp_path / "paused"
+    with Fleet(spec) as fleet:
+        assert fleet.wait_connected(N, 60.0), fleet.totals()
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", "model_published")
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", "1")
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_FILE", str(pause))
+        proc = coordinator_cli(cfg)
+        deadline = time.monotonic() + 90.0
+        while not pause.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "step 1 never published its model"
+            time.sleep(0.01)  # a file another process writes; the deadline bounds it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert load_checkpoint(tmp_path / "state").round == 1
+        db = StateDB(tmp_path / "state")
+        try:
+            leases = db.task_leases()
+        finally:
+            db.close()
+        assert sorted(leases) == [f"vd-{i:05d}" for i in range(N)] and {r for r, _ in leases.values()} == {1}
+
+        for name in ("AT", "ROUND", "FILE"):
+            monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
+        proc = coordinator_cli(cfg)
+        out, _ = proc.communicate(timeout=150)
+        assert proc.returncode == 0, out
+        fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= K * STEPS, 30.0)
+        devices = fleet.stop()
+
+    final = load_checkpoint(tmp_path / "state")
+    assert final.round == STEPS and final.version == STEPS
+    db = StateDB(tmp_path / "state")
+    try:
+        rounds = db.rounds()
+        accepted = [(p.device, p.transfer_id) for r in rounds for p in db.participations(r["round"])
+                    if p.status == "accepted"]
+        assert db.task_leases() == {}
+    finally:
+        db.close()
+    assert [(r["round"], r["state"], r["accepted"]) for r in rounds] == [(s, "closed", K) for s in range(1, STEPS + 1)]
+    assert len(accepted) == len(set(accepted)) == K * STEPS
+    assert sum(d["counters"].get("accepted", 0) for d in devices) == K * STEPS
 
 
 def test_update_staler_than_the_maximum_is_rejected_and_rolled_back_into_the_residual(mosquitto,

@@ -109,3 +109,36 @@ def test_a_checkpoint_write_killed_before_its_rename_leaves_a_temporary_that_is_
     other.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path, (CHECKPOINT_NAME,)) == [leftover]
     assert other.exists() and load_checkpoint(tmp_path).round == 1
+
+
+def test_task_leases_round_trip_and_rewrite_the_inflight_list(tmp_path):
+    db = StateDB(tmp_path)
+    try:
+        assert db.task_leases() == {}
+        db.set_task_leases({"b": (2, 1000.5), "a": (1, 999.0)})
+        assert db.task_leases() == {"a": (1, 999.0), "b": (2, 1000.5)}
+        assert db.inflight_devices() == ["a", "b"]
+        db.set_task_leases({"c": (3, 5.0)})
+        assert db.task_leases() == {"c": (3, 5.0)} and db.inflight_devices() == ["c"]
+        db.set_task_leases({})
+        assert db.task_leases() == {} and db.inflight_devices() == []
+    finally:
+        db.close()
+
+
+def test_a_journal_write_killed_before_its_rename_leaves_a_temporary_the_step_removes(tmp_path):
+    from coordinator.buffered import BufferedRounds
+
+    folder = tmp_path / "buffer" / "2"
+    folder.mkdir(parents=True)
+    journaled = folder / "00000005+vd-00001+ab770e8893e30ce82a4d49521c50920e.bin"
+    journaled.write_bytes(b"update")
+    leftover = folder / ".00000006+vd-00000+7ec235d1515455b638159a479c944b2c.bin.4uy0ytqm.tmp"
+    leftover.write_bytes(b"half")
+    BufferedRounds._delete_journal(folder)
+    assert not folder.exists()
+    # a file fedmq did not write stays, and so does its folder
+    folder.mkdir()
+    (folder / ".notes.abcd1234.tmp").write_bytes(b"x")
+    BufferedRounds._delete_journal(folder)
+    assert (folder / ".notes.abcd1234.tmp").exists()
