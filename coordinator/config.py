@@ -452,7 +452,8 @@ class CoordinatorConfig(_Section, Sourced):
         if self.aggregation.rule != "weighted-mean":
             raise ValueError(f"privacy: the coordinator sums clipped updates with uniform weights; aggregation rule "
                              f"{self.aggregation.rule!r} is not accounted (keep \"weighted-mean\")")
-        if self.privacy.noise == "distributed" and self.plan.codec.name != "none":
+        if self.privacy.noise == "distributed" and self.plan.codec.name != "none" \
+                and not self.secure_aggregation.enabled:
             raise ValueError("privacy: distributed noise needs [plan] codec = \"none\" (a noise share must reach "
                              "every coordinate unquantized)")
         return self
@@ -465,11 +466,12 @@ class CoordinatorConfig(_Section, Sourced):
             raise ValueError("secure_aggregation.enabled needs round.mode 'sync' and aggregation.rule "
                              f"'weighted-mean' (got {self.round.mode!r}, {self.aggregation.rule!r}): robust rules "
                              "and asynchronous rounds need each update, which a secure round never shows")
-        if self.secure_aggregation.enabled and self.privacy.enabled:
-            # The secure round's sum carries no noise yet (distributed discrete noise is not
-            # built): accounting it would state a guarantee the model does not have.
-            raise ValueError("secure_aggregation.enabled and privacy.enabled together are not supported yet: "
-                             "the secure round's sum carries no noise, so no epsilon could be stated for it")
+        if self.secure_aggregation.enabled and self.privacy.enabled and self.privacy.noise != "distributed":
+            # The coordinator would see the exact sum before adding its noise: under secure
+            # aggregation the devices add the noise (distributed discrete Gaussian).
+            raise ValueError("secure_aggregation.enabled with privacy.enabled needs privacy.noise = \"distributed\": "
+                             "the devices add discrete Gaussian noise to their masked inputs, so the coordinator "
+                             "never sees a sum without noise")
         return self
 
     @model_validator(mode="after")

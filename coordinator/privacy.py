@@ -12,6 +12,11 @@ few points of a round, what DP-FedAvg (McMahan et al. 2018) needs:
 * the round's aggregate is :class:`fedmq.privacy.aggregation.NoisySum` (uniform weights, noise,
   fixed denominator) and its checks reject an update whose decoded norm is above the clip norm
   (:class:`PrivacyChecks`: under DP the clip norm replaces the data-set norm bound);
+* secure rounds (``[secure_aggregation] enabled``, ``noise = "distributed"``): no update is
+  seen, so none is checked or noised here; each device clips its input to the clip norm and
+  adds discrete Gaussian noise of :meth:`PrivacyGuard.discrete_std` (its setup says how much),
+  the mean divides the survivors' sum by the fixed :attr:`PrivacyGuard.denominator`, and the
+  charge is the zCDP of the survivors' noise (:mod:`fedmq.privacy.discrete`);
 * closing (:meth:`PrivacyGuard.charge`): the round is charged in the ledger, and adaptive
   clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping") moves
   the clip norm towards the ``target_quantile`` of update norms from a noisy count.
@@ -43,6 +48,7 @@ from fedmq.wire.messages import TrainPlan
 from fedmq.model.params import ParamSpec
 from fedmq.privacy.accountant import PrivacyLedger, RoundCharge, calibrate_sigma
 from fedmq.privacy.aggregation import NoisySum
+from fedmq.privacy.discrete import MIN_STD, ddg_rho, l2_sensitivity
 
 log = logging.getLogger("fedmq.coordinator.privacy")
 
@@ -109,6 +115,10 @@ class PrivacyGuard:
         self.size = spec.size
         self.adaptive = p.adaptive_clipping
         self.clip_norm = p.clip_norm
+        #: Secure rounds: the devices add distributed discrete Gaussian noise to their integer
+        #: inputs (fedmq.privacy.discrete) at the ring's scale (integers per update unit).
+        self.secure = config.secure_aggregation.enabled
+        self._scale = config.secure_aggregation.scale
         self.sigma = p.noise_multiplier if p.noise_multiplier is not None else self._calibrate(config)
         self.ledger = PrivacyLedger(p.sampling, p.delta)
         self.unclipped = 0.0
@@ -133,7 +143,10 @@ class PrivacyGuard:
             if p.sampling_rate is None:
                 raise ConfigError(f"{config.where('privacy.sampling_rate')}: needed to calibrate the noise "
                                   f"multiplier from target_epsilon with poisson sampling")
-            return calibrate_sigma(p.target_epsilon, p.delta, rounds, "poisson", rate=p.sampling_rate)
+            return calibrate_sigma(p.target_epsilon, p.delta, rounds, "poisson", rate=p.sampling_rate,
+                                   discrete=self.secure)
+        if self.secure:
+            return calibrate_sigma(p.target_epsilon, p.delta, rounds, "without-replacement", discrete=True)
         if p.population is None:
             raise ConfigError(f"{config.where('privacy.population')}: needed to calibrate the noise multiplier from "
                               f"target_epsilon with sampling without replacement")
@@ -197,10 +210,33 @@ class PrivacyGuard:
         self._denominator = float(max(target, 1))
         return selected, target
 
-    def _charge_for(self, round_: int, sigma: float) -> RoundCharge:
+    def _charge_for(self, round_: int, sigma: float, survivors: float | None = None) -> RoundCharge:
+        """The round's charge; a secure round's is the zCDP of its discrete noise with
+        ``survivors`` devices' shares in the sum (default: the expected count)."""
+        rho = 0.0
+        if self.secure:
+            devices = max(1, round(self._denominator if survivors is None else survivors))
+            std = self.discrete_std()
+            # Replacing one device's data moves the sum by up to twice what adding one does.
+            l2 = l2_sensitivity(self.clip_norm, self._scale) * (1.0 if self.cfg.sampling == "poisson" else 2.0)
+            rho = ddg_rho(l2, std, devices, self.size)
+            sigma = math.sqrt(devices) * std / l2_sensitivity(self.clip_norm, self._scale)
         return RoundCharge(round_, self.cfg.sampling, max(self._population, 1),
                            self._selected if self.cfg.sampling != "poisson" else 0,
-                           self._rate if self.cfg.sampling == "poisson" else 0.0, sigma)
+                           self._rate if self.cfg.sampling == "poisson" else 0.0, sigma, rho)
+
+    @property
+    def denominator(self) -> float:
+        """The fixed denominator of the open round's mean: its expected participants."""
+        return self._denominator
+
+    def discrete_std(self) -> float:
+        """A device's discrete Gaussian noise in a secure round, standard deviation in integers:
+        ``sigma * scale * C / sqrt(expected participants)`` (at least
+        :data:`fedmq.privacy.discrete.MIN_STD`), so that the expected participants' noise
+        sums to ``sigma`` times the sensitivity ``scale * C``."""
+        std = self.sigma * l2_sensitivity(self.clip_norm, self._scale) / math.sqrt(self._denominator)
+        return max(MIN_STD, std)
 
     def admits(self, round_: int) -> bool:
         """Whether round ``round_`` (as :meth:`select` just drew it) stays within the budget;
@@ -219,6 +255,8 @@ class PrivacyGuard:
     def plan(self, plan: TrainPlan) -> TrainPlan:
         """The round's plan with its clip norm and, under distributed noise, the device's noise share."""
         share = self.sigma * self.clip_norm / math.sqrt(self._denominator) if self.cfg.noise == "distributed" else 0.0
+        if self.secure:
+            share = 0.0  # the secure round's setup carries the noise (sa_setup_dp), not the plan
         return replace(plan, clip_norm=self.clip_norm, noise_std=share)
 
     def norm_bound(self) -> float:
@@ -261,7 +299,7 @@ class PrivacyGuard:
         if self.cfg.noise == "distributed":
             # Devices that dropped out took their noise share with them.
             sigma = self.sigma * math.sqrt(accepted / self._denominator)
-        eps = self.ledger.charge(self._charge_for(round_, sigma))
+        eps = self.ledger.charge(self._charge_for(round_, sigma, survivors=accepted))
         if self.adaptive:
             # Centered bits (b - 1/2): the count's sensitivity is 1/2 (Andrew et al. 2021, Alg. 1).
             noisy = self.unclipped - accepted / 2 + self._rng.normal(0.0, self._count_std())

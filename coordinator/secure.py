@@ -41,7 +41,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ from fedmq.secagg.messages import MAX_DEVICES
 from fedmq.secagg.protocol import UnmaskResponse
 from fedmq.secagg.shamir import PRIME
 from fedmq.model.params import ParamSpec
+from fedmq.privacy.discrete import noise_headroom
 from fedmq.transport import Link, Message
 
 
@@ -103,14 +104,17 @@ class SecureOutcome:
     masked: dict[str, np.ndarray] = field(default_factory=dict)
     bytes_in: dict[str, int] = field(default_factory=dict)
 
-    def mean_delta(self, size: int) -> np.ndarray | None:
+    def mean_delta(self, size: int, denominator: float | None = None) -> np.ndarray | None:
         """The survivors' mean input as a model-sized pseudo-gradient, float32 ``(size,)``
         (zero off the support); None when the round failed. An unweighted mean: weighting by
-        sample counts would tell the coordinator each device's count times its input."""
+        sample counts would tell the coordinator each device's count times its input.
+        ``denominator``: a fixed divisor instead of the survivors' count (differential
+        privacy's expected participants, so that one device moves the mean by at most C / m)."""
         if self.total is None or not self.survivors:
             return None
         out = np.zeros(size, dtype=np.float32)
-        out[self.support] = (self.total.astype(np.float64) / self.scale / len(self.survivors)).astype(np.float32)
+        divisor = float(len(self.survivors)) if denominator is None else float(denominator)
+        out[self.support] = (self.total.astype(np.float64) / self.scale / divisor).astype(np.float32)
         return out
 
     def result_message(self) -> sm.Result:
@@ -156,7 +160,7 @@ class SecureRound:
         return data
 
     def run(self, round_: int, devices: list[str], *, size: int, support: np.ndarray, seed: int,
-            deadline: float) -> SecureOutcome:
+            deadline: float, noise: tuple[float, float] | None = None) -> SecureOutcome:
         """Run one attempt of round ``round_`` with the selected ``devices``.
 
         Args:
@@ -164,6 +168,9 @@ class SecureRound:
             support: the round's common support, sorted int64 ``(k,)`` (:func:`plan_support`).
             seed: the federation's seed (the graph); deadline: of the masked inputs,
                 wall-clock seconds since the epoch.
+            noise: under differential privacy ``(clip norm, noise std)``: every device clips
+                its values to that L2 norm and adds discrete Gaussian noise of that standard
+                deviation (integers) to its input (``sa_setup_dp``); None: no noise.
 
         Returns:
             The outcome (never raises for a round that fails: its ``state`` says so).
@@ -182,15 +189,18 @@ class SecureRound:
             return SecureOutcome(round_, attempt, "failed", (), support, None, s.scale, reason, timings,
                                  bytes_in=dict(bytes_in))
 
+        clip = s.clip if noise is None else noise[0]
         try:
-            ring = RingSpec(s.clip, s.scale, max(2, len(chosen)))
+            ring = RingSpec(clip, s.scale, max(2, len(chosen)), 0 if noise is None else noise_headroom(noise[1]))
             params = RoundParams(round_, chosen, ring, k, seed=seed, degree=s.degree, threshold=s.threshold)
         except SecAggError as exc:
             return failed(str(exc))
         server = SecAggServer(params)
         t = params.threshold
-        setup = sm.Setup(round_, attempt, chosen, size, sm.Setup.bitmap(support, size), s.clip, s.scale, seed,
+        setup = sm.Setup(round_, attempt, chosen, size, sm.Setup.bitmap(support, size), clip, s.scale, seed,
                          params.degree, t, deadline)
+        if noise is not None:
+            setup = sm.NoisySetup(**{f.name: getattr(setup, f.name) for f in fields(sm.Setup)}, noise_std=noise[1])
         for d in chosen:
             self._send(d, setup)
         log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,
@@ -299,15 +309,16 @@ class SecureRound:
 
 
 def closed_round(closed: ClosedRound, outcome: SecureOutcome, *, kind: str, size: int,
-                 min_updates: int) -> tuple[ClosedRound, SecureOutcome]:
+                 min_updates: int, denominator: float | None = None) -> tuple[ClosedRound, SecureOutcome]:
     """The round's record and model change from a secure attempt (the engine saw no client
     update: ``closed`` is its empty close). Fewer survivors than ``min_updates`` fail the round
-    as well (the outcome then says ``failed``, so every device rolls back)."""
+    as well (the outcome then says ``failed``, so every device rolls back). ``denominator``:
+    the mean's fixed divisor under differential privacy (:meth:`SecureOutcome.mean_delta`)."""
     if outcome.state == "closed" and len(outcome.survivors) < min_updates:
         outcome = replace(outcome, state="failed", survivors=(), total=None,
                           reason=f"{len(outcome.survivors)} survivors, min_updates {min_updates}")
     rec = closed.record
-    mean = outcome.mean_delta(size)
+    mean = outcome.mean_delta(size, denominator)
     survivors = set(outcome.survivors)
 
     def part(d: str) -> ParticipationRecord:
@@ -455,12 +466,15 @@ class SecurePhases:
         support = plan_support(spec, density, getattr(codec.params, "dense_below", 0),
                                last_change=support_ranking(ranking, self.last_change), seed=cfg.seed,
                                round_=engine.round, explore=self.settings.explore)
+        privacy = self.parts.privacy
+        noise = None if privacy is None else (privacy.clip_norm, privacy.discrete_std())
         outcome = secure.run(engine.round, engine.selection, size=spec.size, support=support, seed=cfg.seed,
-                             deadline=engine.deadline)
+                             deadline=engine.deadline, noise=noise)
         if self.parts.control.stopping:
             return None
         closed, self.outcome = closed_round(engine.close(time.time()), outcome, kind=plan.update_kind,
-                                            size=spec.size, min_updates=cfg.round.min_updates)
+                                            size=spec.size, min_updates=cfg.round.min_updates,
+                                            denominator=None if privacy is None else privacy.denominator)
         log.info("round %d: secure attempt %s %s; phases %s", engine.round, outcome.attempt, outcome.state,
                  {name: round(s, 3) for name, s in outcome.phase_s.items()})
         self.before = ctx.vector.copy()

@@ -4,6 +4,8 @@ The device answers each coordinator message on ``fedmq/F/secagg-to/D`` with its 
 ``fedmq/F/secagg/D/{kind}`` (maths: :mod:`fedmq.secagg`):
 
 - ``sa_setup``: fresh keys for this attempt (:class:`fedmq.secagg.SecAggClient`), ``sa_keys``;
+  ``sa_setup_dp`` likewise, and its input is clipped to the clip norm and carries its share
+  of discrete Gaussian noise (:mod:`fedmq.privacy.discrete`);
 - ``sa_neighbours``: its t-of-degree shares sealed to each neighbour, ``sa_shares``;
 - ``sa_relay`` (the shares sealed to it) and its input (:meth:`SecureDevice.provide`: the
   residual plus this round's update): the values on the round's common support in the ring,
@@ -41,6 +43,7 @@ from fedmq.secagg import AdvertisedKeys, RingSpec, RoundParams, SecAggClient, Se
 from fedmq.secagg import messages as sm
 from fedmq.secagg.protocol import UnmaskRequest
 from fedmq.secagg.shamir import SHARE_BYTES
+from fedmq.privacy.discrete import discrete_gaussian, noise_headroom, sampler_available
 
 log = logging.getLogger("fedmq.edge.secure")
 
@@ -211,8 +214,13 @@ class SecureDevice:
             self._refuse("bad_support", f"round {msg.round}: support over {msg.size} coordinates, the model has "
                                         f"{self.size}")
             return
+        noisy = isinstance(msg, sm.NoisySetup)
+        if noisy and not sampler_available():
+            self._refuse("no_noise_sampler", f"round {msg.round} is differentially private and this device cannot "
+                                             f"draw its noise: pip install 'fedmq[dp]' (package opendp)")
+            return
         support = msg.indices()
-        ring = RingSpec(msg.clip, msg.scale, len(msg.devices))
+        ring = RingSpec(msg.clip, msg.scale, len(msg.devices), noise_headroom(msg.noise_std) if noisy else 0)
         params = RoundParams(msg.round, msg.devices, ring, msg.k, seed=msg.seed, degree=msg.degree,
                              threshold=msg.threshold)
         attempt = _Attempt(msg, ring, SecAggClient(self.device, params), support)
@@ -237,7 +245,13 @@ class SecureDevice:
             return
         if vector.shape != (self.size,):
             raise SecAggError(f"input of shape {vector.shape}, expected ({self.size},)")
-        q, sent = values_on_support(vector, attempt.support, attempt.ring)
+        if isinstance(setup, sm.NoisySetup):
+            # Differential privacy: the values clipped to the clip norm, then this device's
+            # share of the discrete Gaussian noise, which never enters the residual (``sent``).
+            q, sent = values_on_support(vector, attempt.support, attempt.ring, l2_clip=setup.clip)
+            q = q + discrete_gaussian(setup.noise_std, q.size)
+        else:
+            q, sent = values_on_support(vector, attempt.support, attempt.ring)
         y = attempt.client.masked_input(q, attempt.relay)
         self.pending = Pending(setup.round, setup.attempt, sent)
         self.sent(self.pending)

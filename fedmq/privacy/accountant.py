@@ -21,6 +21,11 @@ how the round's devices were sampled:
 ``sigma`` is the noise actually present on the round's sum, divided by C: the configured
 noise multiplier under central noise; ``sqrt(survivors / expected) * sigma`` under distributed
 noise, where devices that dropped out took their share with them.
+
+A secure round under differential privacy (distributed discrete Gaussian noise,
+:mod:`fedmq.privacy.discrete`) is charged ``ZCDpEvent(rho)`` instead, ``rho`` computed from
+the survivors' noise actually present and the neighbouring relation's sensitivity (``C`` in
+integers, twice that for replace-one); no amplification by sampling is claimed for it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class RoundCharge:
         sample: devices selected (``without-replacement``; 0 for ``poisson``).
         rate: inclusion probability (``poisson``; 0.0 for ``without-replacement``).
         sigma: noise standard deviation on the round's sum over the clip norm (> 0).
+        rho: zCDP parameter of a secure round's discrete noise (> 0), charged as such; 0.0
+            for a round with Gaussian noise.
     """
 
     round: int
@@ -71,9 +78,12 @@ class RoundCharge:
     sample: int
     rate: float
     sigma: float
+    rho: float = 0.0
 
     def event(self) -> dp_accounting.DpEvent:
         """The ``dp-accounting`` event of this round (see the module docstring)."""
+        if self.rho > 0:
+            return dp_accounting.ZCDpEvent(self.rho)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.rate, dp_accounting.GaussianDpEvent(self.sigma))
         return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.sample,
@@ -82,6 +92,7 @@ class RoundCharge:
     def check(self) -> RoundCharge:
         """Raises ValueError for a charge no accountant can take."""
         ok = (self.sampling in SAMPLINGS and self.population >= 1 and self.sigma > 0 and math.isfinite(self.sigma)
+              and self.rho >= 0 and math.isfinite(self.rho)
               and (0 < self.rate <= 1 if self.sampling == "poisson" else 1 <= self.sample <= self.population))
         if not ok:
             raise ValueError(f"invalid privacy charge {self}")
@@ -170,18 +181,25 @@ class PrivacyLedger:
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, rounds: int, sampling: str, *, rate: float = 0.0,
-                    population: int = 0, sample: int = 0) -> float:
+                    population: int = 0, sample: int = 0, discrete: bool = False) -> float:
     """The smallest noise multiplier ``sigma`` for which ``rounds`` identical rounds spend at
     most ``target_epsilon`` at ``delta`` (``dp_accounting.calibrate_dp_mechanism``).
 
     Args:
         rate: inclusion probability (``poisson``); population, sample: devices eligible and
             selected per round (``without-replacement``).
+        discrete: secure rounds with distributed discrete Gaussian noise: each round is
+            ``ZCDpEvent(s^2 / (2 sigma^2))``, ``s`` = 1 (add-or-remove) or 2 (replace-one), the
+            bound of :func:`fedmq.privacy.discrete.ddg_rho` once its tau is negligible (the
+            charge of each round includes tau).
 
     Raises:
         ConfigError: no sigma up to 1e4 reaches the target.
     """
     def event(sigma: float) -> dp_accounting.DpEvent:
+        if discrete:
+            s = 1.0 if sampling == "poisson" else 2.0
+            return dp_accounting.SelfComposedDpEvent(dp_accounting.ZCDpEvent(s * s / (2.0 * sigma * sigma)), rounds)
         charge = RoundCharge(0, sampling, max(population, 1), sample, rate, sigma).check()
         return dp_accounting.SelfComposedDpEvent(charge.event(), rounds)
 

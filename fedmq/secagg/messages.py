@@ -15,6 +15,7 @@ fedmq/+/secagg/%u/#``), coordinator -> device on ``fedmq/F/secagg-to/D``.
 type               direction              content
 =================  =====================  =========================================
 sa_setup           coordinator -> D       the round's parameters (phase 0)
+sa_setup_dp        coordinator -> D       the same, with differential privacy (phase 0)
 sa_keys            D -> coordinator       two X25519 public keys (phase 1)
 sa_neighbours      coordinator -> D       the neighbours' keys in U1 (end of phase 1)
 sa_shares          D -> coordinator       HPKE ciphertexts by recipient (phase 2)
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self
 
 import msgpack
@@ -50,6 +51,9 @@ MAX_MODEL_SIZE = 2**28
 MAX_DEVICES = 1024
 #: Largest secure-aggregation message, bytes: a masked input of up to 131,072 values.
 MAX_SECAGG_BYTES = 8 * 131_072 + 1024
+#: Largest per-device noise standard deviation a setup may name, integers (the ring, at most
+#: 63 bits, must still hold the noisy sum).
+MAX_NOISE_STD = 2.0 ** 40
 _LIMITS = Limits(max_str=16384, max_entries=MAX_DEVICES, max_depth=4, max_items=8 * MAX_DEVICES + 64)
 _ATTEMPT = re.compile(r"^[0-9a-f]{16}$")
 #: Bytes of one HPKE ciphertext of two shares (fedmq.secagg.protocol: 2 * 66 + 32 + 16).
@@ -192,8 +196,11 @@ class Setup(_SecAggMessage):
     @classmethod
     def from_bytes(cls, data: bytes) -> Setup:
         """Raises: WireError on any malformed input."""
-        o = _unpack(data, cls.TYPE)
-        w = cls.TYPE
+        return cls._decode(data, cls.TYPE)
+
+    @classmethod
+    def _decode(cls, data: bytes, w: str) -> Setup:
+        o = _unpack(data, w)
         round_, attempt = _head(o, w)
         devices = _devices(o, "devices", w)
         if devices != tuple(sorted(devices)) or len(devices) < 2:
@@ -208,8 +215,34 @@ class Setup(_SecAggMessage):
         clip, scale = (get_field(o, key, float, w) for key in ("clip", "scale"))
         if clip <= 0 or scale <= 0 or not 1 <= threshold <= degree:
             raise WireError(f"{w}: clip > 0, scale > 0, 1 <= threshold <= degree expected (rule R25)")
-        return cls(round_, attempt, devices, size, support, clip, scale, get_field(o, "seed", int, w), degree, threshold,
-                   get_field(o, "deadline", float, w))
+        return Setup(round_, attempt, devices, size, support, clip, scale, get_field(o, "seed", int, w), degree,
+                     threshold, get_field(o, "deadline", float, w))
+
+
+@dataclass(frozen=True)
+class NoisySetup(Setup):
+    """Phase 0 of a round under differential privacy (:mod:`fedmq.privacy.discrete`): a
+    :class:`Setup` whose ``clip`` is the clip norm C, the L2 norm the device clips its values
+    on the support to, and ``noise_std`` the standard deviation (integers, >= 1) of the
+    discrete Gaussian noise the device adds to each integer of its input. A type of its own,
+    so that a device that does not know it refuses the round instead of sending its input
+    without noise."""
+
+    TYPE: ClassVar[str] = "sa_setup_dp"
+    noise_std: float = 1.0
+
+    def _body(self) -> dict[str, Any]:
+        return dict(super()._body(), noise_std=self.noise_std)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NoisySetup:
+        """Raises: WireError on any malformed input."""
+        base = Setup._decode(data, cls.TYPE)
+        o = _unpack(data, cls.TYPE)
+        std = get_field(o, "noise_std", float, cls.TYPE)
+        if not 1.0 <= std <= MAX_NOISE_STD:
+            raise WireError(f"{cls.TYPE}: noise_std must lie in [1, {MAX_NOISE_STD:g}] (rule R25)")
+        return cls(**{f.name: getattr(base, f.name) for f in fields(Setup)}, noise_std=std)
 
 
 @dataclass(frozen=True)
@@ -398,7 +431,7 @@ class Result(_SecAggMessage):
 #: Device -> coordinator message kinds (the last topic level) and their types.
 UPLINK = {"keys": Keys, "shares": Shares, "input": MaskedInput, "reveal": Reveal}
 #: Coordinator -> device types by wire type.
-DOWNLINK = {m.TYPE: m for m in (Setup, Neighbours, Relay, Unmask, Result)}
+DOWNLINK = {m.TYPE: m for m in (Setup, NoisySetup, Neighbours, Relay, Unmask, Result)}
 
 
 def decode_downlink(data: bytes) -> Setup | Neighbours | Relay | Unmask | Result:

@@ -184,7 +184,8 @@ class SecAggClient:
         """Phase 3: the masked input, uint64 ``(k,)`` in [0, 2^bits).
 
         Args:
-            q: this device's integers on the common support, int64 ``(k,)``, |q| <= qmax
+            q: this device's integers on the common support, int64 ``(k,)``, |q| <= qmax + noise
+                (the ring's noise headroom: differential privacy's discrete Gaussian noise)
                 (:meth:`RingSpec.quantize`).
             shares: the ciphertexts addressed to this device, by sender (the neighbours in U2).
 
@@ -193,8 +194,9 @@ class SecAggClient:
                 the wrong shape or range.
         """
         p, ring = self.params, self.params.ring
-        if q.shape != (p.k,) or int(np.abs(q).max(initial=0)) > ring.qmax:
-            raise SecAggError(f"round {p.round}: input of shape {q.shape}, |q| <= {ring.qmax} and ({p.k},) expected")
+        if q.shape != (p.k,) or int(np.abs(q).max(initial=0)) > ring.qmax + ring.noise:
+            raise SecAggError(f"round {p.round}: input of shape {q.shape}, |q| <= {ring.qmax + ring.noise} and "
+                              f"({p.k},) expected")
         for sender, ct in shares.items():
             if sender not in p.neighbours(self.device) or sender not in self._keys:
                 raise SecAggError(f"round {p.round}: shares from {sender!r}, not a neighbour of {self.device}")

@@ -6,7 +6,8 @@ A value v (float) is clipped to [-clip, clip] and rounded to the integer q = rou
 [-max_devices * qmax, max_devices * qmax]; ``bits`` is the smallest width whose 2^bits
 residues hold that whole range, so the masked sum, taken mod 2^bits, decodes to the exact
 integer sum (SecAgg's requirement, Bonawitz et al. 2017, section 3: b >= log2(n * range)).
-Encoded values are uint64 arrays; bits is at most 63.
+Encoded values are uint64 arrays; bits is at most 63. Under differential privacy each input
+also carries discrete Gaussian noise, and ``noise`` widens the range by its headroom.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ class RingSpec:
             norm bounds it); larger values are clipped and the rest stays in the residual.
         scale: fixed-point scale: integers per unit.
         max_devices: most inputs ever summed (the round's selected devices).
+        noise: integers one input may carry beyond ``qmax`` (the headroom of a device's
+            discrete Gaussian noise, :func:`fedmq.privacy.discrete.noise_headroom`; 0 without
+            differential privacy).
     """
 
     clip: float
     scale: float
     max_devices: int
+    noise: int = 0
 
     def __post_init__(self) -> None:
-        valid = self.clip > 0 and self.scale > 0 and self.max_devices >= 1
+        valid = self.clip > 0 and self.scale > 0 and self.max_devices >= 1 and self.noise >= 0
         if not valid or not math.isfinite(self.clip * self.scale):
-            raise RingError(f"clip > 0, scale > 0 and max_devices >= 1 expected, got {self}")
+            raise RingError(f"clip > 0, scale > 0, max_devices >= 1 and noise >= 0 expected, got {self}")
         if self.bits > MAX_BITS:
             raise RingError(f"{self.max_devices} inputs of |q| <= {self.qmax} need {self.bits} bits, at most "
                             f"{MAX_BITS}: lower the scale or the clip")
@@ -55,8 +60,8 @@ class RingSpec:
 
     @property
     def bound(self) -> int:
-        """Largest |integer| a sum of the round's inputs holds."""
-        return self.max_devices * self.qmax
+        """Largest |integer| a sum of the round's inputs holds (noise included)."""
+        return self.max_devices * (self.qmax + self.noise)
 
     @property
     def bits(self) -> int:
@@ -73,7 +78,7 @@ class RingSpec:
         return np.clip(q, -self.qmax, self.qmax).astype(np.int64)
 
     def encode(self, q: np.ndarray) -> np.ndarray:
-        """Integers (int64, |q| <= qmax) as ring elements: uint64 (k,) in [0, 2^bits)."""
+        """Integers (int64, |q| <= qmax + noise) as ring elements: uint64 (k,) in [0, 2^bits)."""
         return q.astype(np.uint64) & self.mask
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:

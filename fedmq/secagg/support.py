@@ -60,13 +60,19 @@ def common_support(size: int, k: int, *, last_change: np.ndarray | None, seed: i
     return np.sort(np.concatenate([chosen, picked.astype(np.int64)]))
 
 
-def values_on_support(vector: np.ndarray, support: np.ndarray, ring: RingSpec) -> tuple[np.ndarray, np.ndarray]:
+def values_on_support(vector: np.ndarray, support: np.ndarray, ring: RingSpec, *,
+                      l2_clip: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A device's input for a secure round, with what it sends for its error feedback.
 
     Args:
         vector: float32 ``(size,)``, the residual plus this round's update.
         support: the round's :func:`common_support`, int64 ``(k,)``.
         ring: the round's ring.
+        l2_clip: under differential privacy, the clip norm C: the values on the support are
+            scaled to L2 norm at most C, then truncated towards zero to integers, so the
+            integers have L2 norm at most ``ring.scale * C``
+            (:mod:`fedmq.privacy.discrete`). None: each value clipped to ``ring.clip`` and
+            rounded to the nearest integer.
 
     Returns:
         ``(q, sent)``: the ring integers on the support, int64 ``(k,)``, and float32
@@ -74,7 +80,15 @@ def values_on_support(vector: np.ndarray, support: np.ndarray, ring: RingSpec) -
         residual is ``vector - sent``: everything off the support, and the clipping and
         rounding error on it, stays on the device.
     """
-    q = ring.quantize(vector[support])
+    values = vector[support]
+    if l2_clip is None:
+        q = ring.quantize(values)
+    else:
+        v = values.astype(np.float64)
+        norm = math.sqrt(float(np.square(v).sum()))
+        if norm > l2_clip:
+            v *= l2_clip / norm * (1.0 - 1e-12)  # float64 rounding must not carry the norm past C
+        q = np.trunc(v * ring.scale).astype(np.int64)
     sent = np.zeros(vector.shape, dtype=np.float32)
     sent[support] = ring.dequantize(q)
     return q, sent

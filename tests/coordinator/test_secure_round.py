@@ -73,7 +73,7 @@ class Fleet:
             if device in self.drop and dev.pending is not None and not msg.retain:
                 continue  # dropped before unmasking: hears nothing more in this round
             dev.handle(msg.payload)
-            if msg.payload and sm.decode_downlink(msg.payload).TYPE == "sa_setup":
+            if msg.payload and sm.decode_downlink(msg.payload).TYPE in ("sa_setup", "sa_setup_dp"):
                 dev.provide(sm.decode_downlink(msg.payload).round, self.vectors[device])
 
     def __enter__(self) -> Fleet:
