@@ -183,6 +183,7 @@ class SecureRound:
             log.warning("secure round %d: %d devices selected, the first %d by id take part (MAX_DEVICES)", round_,
                         len(devices), MAX_DEVICES)
         timings: dict[str, float] = {}
+        bytes_in: Counter[str] = Counter()
 
         def failed(reason: str) -> SecureOutcome:
             log.warning("secure round %d (attempt %s) failed: %s", round_, attempt, reason)
@@ -205,8 +206,6 @@ class SecureRound:
             self._send(d, setup)
         log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,
                  attempt, len(chosen), params.degree, t, k, ring.bits)
-
-        bytes_in: Counter[str] = Counter()
 
         def head(msg: sm.Keys | sm.Shares | sm.MaskedInput | sm.Reveal) -> None:
             if (msg.round, msg.attempt) != (round_, attempt):

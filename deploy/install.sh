@@ -8,6 +8,7 @@
 #   deploy/install.sh --dry-run                 # print what it would do; changes nothing
 #   sudo FEDMQ_TORCH_WHEEL=/path/torch-...-linux_aarch64.whl deploy/install.sh   # Jetson GPU wheel
 #   sudo deploy/install.sh --uv-python          # system Python older than 3.11
+#   sudo FEDMQ_EXTRAS=dp deploy/install.sh       # a device in differentially private secure rounds
 #
 # What it does:
 #   1. checks for 64-bit Linux (32-bit Pi OS has no torch wheels) and Python >= 3.11.
@@ -167,7 +168,12 @@ else
   run "$VENV/bin/pip" install --index-url "$CPU_INDEX" torch
 fi
 # fedmq's own dependencies; torch is already satisfied, so pip keeps the one chosen above.
-run "$VENV/bin/pip" install "$SRC"
+# FEDMQ_EXTRAS (comma-separated extras, e.g. "dp": OpenDP's sampler for private secure rounds).
+if [ -n "${FEDMQ_EXTRAS:-}" ]; then
+  run "$VENV/bin/pip" install "$SRC[$FEDMQ_EXTRAS]"
+else
+  run "$VENV/bin/pip" install "$SRC"
+fi
 run "$VENV/bin/python" -c "import torch, onnxruntime, $app_module; print('torch', torch.__version__, 'onnxruntime', onnxruntime.__version__)"
 
 run install -d -m 0755 "$DOC_DIR"

@@ -788,6 +788,10 @@ def demo_command(
         # --secure-aggregation: the same federation twice, plain then secure, in out/plain and out/secure.
         runs = [replace(settings, out=out / kind if out is not None else None, secure_aggregation=secure)
                 for kind, secure in (("plain", False), ("secure", True))] if secure_aggregation else [settings]
+        if secure_aggregation and settings.privacy and settings.privacy.get("noise") == "distributed":
+            # The plain run's counterpart of noise on the masked sum: the same noise on the sum,
+            # added by the coordinator (distributed shares would need an uncompressed uplink).
+            runs[0] = replace(runs[0], privacy=dict(settings.privacy, noise="central"))
         summaries = [run_demo(run) for run in runs]
         if secure_aggregation:
             print_secure_cost(Console(soft_wrap=True), *summaries)
