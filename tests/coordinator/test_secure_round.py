@@ -336,3 +336,13 @@ def test_secure_rounds_learn_the_mnist_cnn(tmp_path) -> None:
     # tensors plus the dense ones), 15 ring bits each for 3 devices, no indices.
     per_device = summary["records"][0]["bytes_up"] / 3
     assert 51277 * 15 / 8 <= per_device < 51277 * 15 / 8 * 1.2
+
+
+def test_a_round_with_one_selected_device_fails_cleanly(bus, tmp_path) -> None:
+    """Poisson sampling can select a single device: no secure sum exists for it, so the
+    attempt fails with the reason and the coordinator goes on (it used to crash here)."""
+    secure, refused, _ = coordinator_side(bus, tmp_path)
+    support = common_support(SIZE, support_size(SIZE, 0.05), last_change=None, seed=11, round_=3)
+    outcome = secure.run(3, DEVICES[:1], size=SIZE, support=support, seed=11, deadline=secure.io.clock() + 30)
+    assert outcome.state == "failed" and "at least 2" in outcome.reason and outcome.total is None
+    assert outcome.mean_delta(SIZE) is None and not refused
