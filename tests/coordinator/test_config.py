@@ -144,10 +144,11 @@ def test_unknown_environment_variable_names_the_closest_option(tmp_path, var, cl
                                      f"did you mean {closest}?")
 
 
-def test_async_mode_and_its_section(tmp_path: Path) -> None:
+def test_async_mode_and_its_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from coordinator.buffered import BufferedRounds
     from coordinator.service import make_coordinator
 
+    monkeypatch.chdir(tmp_path)  # the default state_dir, coordinator-state/, is made here, not in the checkout
     path = tmp_path / "c.toml"
     path.write_text('federation = "lab"\ntask = "digits-logreg"\n[round]\nmode = "async"\n'
                     '[async]\nbuffer_size = 4\nstaleness_exponent = 1.0\nmax_staleness = 3\n')
