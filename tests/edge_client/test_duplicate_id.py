@@ -82,7 +82,8 @@ def test_two_agents_with_one_device_id_are_reported_on_both_sides(tmp_path: Path
         # They stop fighting: one (or both, each for its own jittered time) backs off.
         backing = _until(lambda: [n for n, a in agents.items() if a.takeovers.backoffs], what="a back-off")
         assert all(any("backing off" in m for m in handler.errors_of(n)) for n in backing)
-        assert all(not agents[n].link.connected for n in backing)
+        # The back-off is counted just before the link closes: wait for the close itself.
+        _until(lambda: all(not agents[n].link.connected for n in backing), what="the backing-off agents offline")
         # The coordinator saw two instances take turns and recorded it.
         doc = _until(lambda: (d := build_status(cfg.state_dir, time.time(), "lab", "digits-logreg"))["duplicate_ids"]
                      and d, what="the duplicate in the coordinator's state")
