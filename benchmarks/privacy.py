@@ -29,7 +29,7 @@ from typing import Any
 
 from fedmq.privacy.accountant import calibrate_sigma
 from fedmq.tasks.builtin import MNIST_PLAN
-from fleet.fleet import raise_nofile
+from fleet.fleet import min_processes, raise_nofile
 from fleet.launch import Broker, child_env, coordinator_options, start_broker, write_toml
 
 DELTA = 1e-5
@@ -49,6 +49,7 @@ def one_run(work: Path, broker: Broker, *, task: str, codec: str, epsilon: float
     """One federation through ``fedmq fleet`` (module docstring); its row."""
     data, samples, plan, eval_data, default_clip = TASKS[task]
     clip = clip or default_clip
+    processes = max(processes, min_processes(devices))
     plan_extra, downlink = CODECS[codec]
     name = f"{task}-{codec}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
     fed = name.replace(".", "_")

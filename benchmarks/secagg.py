@@ -331,7 +331,7 @@ def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float, *, d
 
     import coordinator.secure as cs
     from benchmarks.scale import PLAN, TASK
-    from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, raise_nofile
+    from fleet.fleet import Fleet, FleetSpec, Heterogeneity, cpu_seconds, min_processes, raise_nofile
     from fleet.launch import build_coordinator, coordinator_options, start_broker, write_toml
 
     phases: list[dict[str, float]] = []
@@ -353,7 +353,7 @@ def fleet_rounds(devices: int, per_round: int, rounds: int, dropout: float, *, d
             broker = start_broker("mosquitto", work, mosquitto_conf="max_connections -1")
             try:
                 spec = FleetSpec(broker_url=broker.url, federation="sa", task=TASK, devices=devices,
-                                 processes=max(2, devices // 250), seed=1, work_dir=work / "fleet",
+                                 processes=max(2, min_processes(devices)), seed=1, work_dir=work / "fleet",
                                  heterogeneity=Heterogeneity(compute_s=0.5, dropout=dropout, rejoin_s=5.0),
                                  network="threads")
                 t0 = time.monotonic()

@@ -66,6 +66,15 @@ log = logging.getLogger("fedmq.fleet")
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a virtual device waits for its broker's CONNACK before it retries.
 CONNECT_TIMEOUT_S = 120.0
+#: Most devices one worker process holds with ``network = "threads"``: paho's select() sees
+#: only file descriptors below 1024, and a device holds about 4 (its socket, paho's wake-up
+#: pair, its state lock).
+MAX_THREADED_PER_PROCESS = 240
+
+
+def min_processes(devices: int) -> int:
+    """Fewest worker processes that hold ``devices`` with ``network = "threads"``."""
+    return max(1, -(-devices // MAX_THREADED_PER_PROCESS))
 #: Seconds between two steps of an idle agent with ``network = "shared"`` (its clocks: resends,
 #: status after a reconnect); a message on its inbox steps it at once.
 TICK_S = 2.0
@@ -152,6 +161,15 @@ class FleetSpec(BaseModel):
         if self.network == "shared" and (h.online_fraction < 1.0 or h.dropout > 0):
             raise ValueError("network = 'shared' runs always-online devices: set heterogeneity.online_fraction = 1 "
                              "and dropout = 0, or use network = 'threads'")
+        per_process = -(-self.devices // self.processes)
+        if self.network == "threads" and per_process > MAX_THREADED_PER_PROCESS:
+            # Measured: 500 devices per worker connected 173 and the rest kept timing out at
+            # the broker, with nothing in the workers' logs.
+            raise ValueError(
+                f"{self.devices} devices in {self.processes} worker processes is {per_process} per process, over "
+                f"{MAX_THREADED_PER_PROCESS}: with network = 'threads' each device's paho loop waits with select(), "
+                f"which cannot watch file descriptors above 1024 (a device holds about 4); use processes >= "
+                f"{min_processes(self.devices)} or network = 'shared'")
         return self
     adversary: Adversary = Adversary()
 

@@ -85,3 +85,18 @@ def test_200_virtual_devices_run_a_federation_against_mosquitto(mosquitto, tmp_p
     # memory: the workers' proportional set size, per virtual device (torch and the task
     # code are shared by every device of a process)
     assert totals["pss"] / n < 4 * 1024, totals
+
+
+def test_more_threaded_devices_per_process_than_select_can_watch_is_refused(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from fleet.fleet import MAX_THREADED_PER_PROCESS, min_processes
+
+    with pytest.raises(ValidationError, match=r"500 per process.*select\(\).*processes >= 5"):
+        spec(tmp_path, devices=1000, processes=2)
+    assert spec(tmp_path, devices=1000, processes=min_processes(1000)).processes == 5
+    assert min_processes(MAX_THREADED_PER_PROCESS) == 1 and min_processes(MAX_THREADED_PER_PROCESS + 1) == 2
+    # the shared network loop waits with a selector (epoll): no such limit
+    shared = FleetSpec(broker_url="mqtt://127.0.0.1:1", federation="f", devices=1000, processes=1,
+                       work_dir=tmp_path / "shared", network="shared")
+    assert shared.processes == 1
