@@ -28,6 +28,11 @@ def _write_config(tmp_path: Path, url: str, task_timeout_s: float = 120.0) -> Pa
     return cfg
 
 
+def _fleet_spec(tmp_path: Path, url: str) -> FleetSpec:
+    return FleetSpec(broker_url=url, federation="buf", devices=N, processes=1, seed=5, work_dir=tmp_path / "fleet",
+                     edge={"receipt_timeout": 5.0}, heterogeneity=Heterogeneity(compute_s=0.5, speed_sigma=0.6))
+
+
 def _journal_files(tmp_path: Path, step: int) -> list[str]:
     folder = tmp_path / "state" / "buffer" / str(step)
     return sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
@@ -35,9 +40,7 @@ def _journal_files(tmp_path: Path, step: int) -> list[str]:
 
 def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mosquitto, tmp_path: Path,
                                                                           coordinator_cli) -> None:
-    spec = FleetSpec(broker_url=mosquitto.url, federation="buf", devices=N, processes=1, seed=5,
-                     work_dir=tmp_path / "fleet", edge={"receipt_timeout": 5.0},
-                     heterogeneity=Heterogeneity(compute_s=0.5, speed_sigma=0.6))
+    spec = _fleet_spec(tmp_path, mosquitto.url)
     cfg = _write_config(tmp_path, mosquitto.url)
     with Fleet(spec) as fleet:
         assert fleet.wait_connected(N, 60.0), fleet.totals()
@@ -85,9 +88,7 @@ def test_async_coordinator_killed_between_a_step_and_the_next_tasks_frees_every_
     answered round 1 are free at once and the others as soon as they resend, so the run ends
     long before the leases (600 s) run out. (Before task rounds were recorded, every such
     device stayed busy for a whole new lease: the run stalled.)"""
-    spec = FleetSpec(broker_url=mosquitto.url, federation="buf", devices=N, processes=1, seed=5,
-                     work_dir=tmp_path / "fleet", edge={"receipt_timeout": 5.0},
-                     heterogeneity=Heterogeneity(compute_s=0.5, speed_sigma=0.6))
+    spec = _fleet_spec(tmp_path, mosquitto.url)
     cfg = _write_config(tmp_path, mosquitto.url, task_timeout_s=600.0)
     pause = tmp_path / "paused"
     with Fleet(spec) as fleet:
