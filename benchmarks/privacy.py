@@ -41,6 +41,8 @@ TASKS: dict[str, tuple[str, int, dict[str, Any], str, float]] = {
 CODECS = {
     "defaults": ({}, {}),
     "dense": ({"codec": "none", "error_feedback": False}, {"codec": "none"}),
+    # the defaults' uplink with a dense downlink (under DP: a Top-K of a noisy global step)
+    "dense-downlink": ({}, {"codec": "none"}),
 }
 
 
