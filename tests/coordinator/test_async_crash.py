@@ -33,6 +33,34 @@ def _fleet_spec(tmp_path: Path, url: str) -> FleetSpec:
                      edge={"receipt_timeout": 5.0}, heterogeneity=Heterogeneity(compute_s=0.5, speed_sigma=0.6))
 
 
+def _restart_to_the_end(coordinator_cli, cfg: Path, fleet: Fleet, timeout: float) -> list[dict]:
+    """Start the coordinator again, let it run every step, stop the fleet: its devices' totals."""
+    proc = coordinator_cli(cfg)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    # every receipt sent reaches its device
+    fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= K * STEPS, 30.0)
+    return fleet.stop()
+
+
+def _every_step_counted_once(tmp_path: Path, devices: list[dict]) -> dict[int, list]:
+    """The fault suite's invariants after the run: every step closed with K updates, no transfer
+    counted twice, and the devices were told what was counted. Returns the participations by step."""
+    final = load_checkpoint(tmp_path / "state")
+    assert final.round == STEPS and final.version == STEPS and np.isfinite(final.model).all()
+    db = StateDB(tmp_path / "state")
+    try:
+        rounds = db.rounds()
+        parts = {r["round"]: db.participations(r["round"]) for r in rounds}
+    finally:
+        db.close()
+    assert [(r["round"], r["state"], r["accepted"]) for r in rounds] == [(s, "closed", K) for s in range(1, STEPS + 1)]
+    accepted = [(p.device, p.transfer_id) for s in parts for p in parts[s] if p.status == "accepted"]
+    assert len(accepted) == len(set(accepted)) == K * STEPS  # no transfer counted twice
+    assert sum(d["counters"].get("accepted", 0) for d in devices) == K * STEPS
+    return parts
+
+
 def _journal_files(tmp_path: Path, step: int) -> list[str]:
     folder = tmp_path / "state" / "buffer" / str(step)
     return sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
@@ -56,28 +84,11 @@ def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mos
         assert load_checkpoint(tmp_path / "state").round == 1
         assert 1 <= len(journaled) < K, journaled  # the kill came mid-buffer
 
-        proc = coordinator_cli(cfg)
-        out, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, out
-        # every receipt sent reaches its device
-        fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= K * STEPS, 30.0)
-        devices = fleet.stop()
+        devices = _restart_to_the_end(coordinator_cli, cfg, fleet, timeout=180)
 
-    final = load_checkpoint(tmp_path / "state")
-    assert final.round == STEPS and final.version == STEPS and np.isfinite(final.model).all()
-    db = StateDB(tmp_path / "state")
-    try:
-        rounds = db.rounds()
-        parts = {r["round"]: db.participations(r["round"]) for r in rounds}
-    finally:
-        db.close()
-    assert [(r["round"], r["state"], r["accepted"]) for r in rounds] == [(s, "closed", K) for s in range(1, STEPS + 1)]
-    accepted = [(p.device, p.transfer_id) for s in parts for p in parts[s] if p.status == "accepted"]
-    assert len(accepted) == len(set(accepted)) == K * STEPS  # no transfer counted twice
+    parts = _every_step_counted_once(tmp_path, devices)
     step2 = {f"{d}+{t}.bin" for d, t in ((p.device, p.transfer_id) for p in parts[2] if p.status == "accepted")}
     assert {name.split("+", 1)[1] for name in journaled} <= step2  # the journal was replayed, not lost
-    # what the devices were told agrees with what was counted
-    assert sum(d["counters"].get("accepted", 0) for d in devices) == K * STEPS
     assert not (tmp_path / "state" / "buffer" / "2").exists()
 
 
@@ -113,25 +124,14 @@ def test_async_coordinator_killed_between_a_step_and_the_next_tasks_frees_every_
 
         for name in ("AT", "ROUND", "FILE"):
             monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
-        proc = coordinator_cli(cfg)
-        out, _ = proc.communicate(timeout=150)
-        assert proc.returncode == 0, out
-        fleet.wait_totals(lambda t: t["counters"].get("accepted", 0) >= K * STEPS, 30.0)
-        devices = fleet.stop()
+        devices = _restart_to_the_end(coordinator_cli, cfg, fleet, timeout=150)
 
-    final = load_checkpoint(tmp_path / "state")
-    assert final.round == STEPS and final.version == STEPS
+    _every_step_counted_once(tmp_path, devices)
     db = StateDB(tmp_path / "state")
     try:
-        rounds = db.rounds()
-        accepted = [(p.device, p.transfer_id) for r in rounds for p in db.participations(r["round"])
-                    if p.status == "accepted"]
         assert db.task_leases() == {}
     finally:
         db.close()
-    assert [(r["round"], r["state"], r["accepted"]) for r in rounds] == [(s, "closed", K) for s in range(1, STEPS + 1)]
-    assert len(accepted) == len(set(accepted)) == K * STEPS
-    assert sum(d["counters"].get("accepted", 0) for d in devices) == K * STEPS
 
 
 def test_update_staler_than_the_maximum_is_rejected_and_rolled_back_into_the_residual(mosquitto,
