@@ -41,7 +41,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +201,7 @@ class SecureRound:
         setup = sm.Setup(round_, attempt, chosen, size, sm.Setup.bitmap(support, size), clip, s.scale, seed,
                          params.degree, t, deadline)
         if noise is not None:
-            setup = sm.NoisySetup(**{f.name: getattr(setup, f.name) for f in fields(sm.Setup)}, noise_std=noise[1])
+            setup = sm.NoisySetup.of(setup, noise[1])
         for d in chosen:
             self._send(d, setup)
         log.info("secure round %d (attempt %s): %d devices, degree %d, threshold %d, k %d, ring %d bits", round_,

@@ -231,6 +231,11 @@ class NoisySetup(Setup):
     TYPE: ClassVar[str] = "sa_setup_dp"
     noise_std: float = 1.0
 
+    @classmethod
+    def of(cls, setup: Setup, noise_std: float) -> NoisySetup:
+        """``setup``'s round under differential privacy, each device adding noise of ``noise_std``."""
+        return cls(**{f.name: getattr(setup, f.name) for f in fields(Setup)}, noise_std=noise_std)
+
     def _body(self) -> dict[str, Any]:
         return dict(super()._body(), noise_std=self.noise_std)
 
@@ -242,7 +247,7 @@ class NoisySetup(Setup):
         std = get_field(o, "noise_std", float, cls.TYPE)
         if not 1.0 <= std <= MAX_NOISE_STD:
             raise WireError(f"{cls.TYPE}: noise_std must lie in [1, {MAX_NOISE_STD:g}] (rule R25)")
-        return cls(**{f.name: getattr(base, f.name) for f in fields(Setup)}, noise_std=std)
+        return cls.of(base, std)
 
 
 @dataclass(frozen=True)
