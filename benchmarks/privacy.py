@@ -1,7 +1,7 @@
 """Privacy: final accuracy against epsilon, through mosquitto with ``fedmq fleet``.
 
-For each task, codec setting (the defaults: Top-K + int8 + error feedback both ways, or dense
-float32 both ways) and privacy level (no DP, then target epsilon in ``--epsilons`` at delta
+For each task, codec setting (the defaults: Top-K + int8 + error feedback up, and down
+without DP, a dense downlink under DP; or dense float32 both ways; ``CODECS``) and privacy level (no DP, then target epsilon in ``--epsilons`` at delta
 1e-5), one run of ``fedmq fleet run --coordinator`` (virtual devices running the unchanged
 edge agent, in a few worker processes, and the real coordinator) against one mosquitto:
 ``--devices`` devices, Poisson sampling at rate ``per_round / devices``, ``--rounds`` rounds;
@@ -39,7 +39,11 @@ TASKS: dict[str, tuple[str, int, dict[str, Any], str, float]] = {
     "mnist-cnn": ("mnist10k", 160, dict(MNIST_PLAN), "mnist10k", 1.0),
 }
 CODECS = {
+    # the coordinator's defaults: Top-K + int8 + error feedback up; down the same without DP,
+    # dense under DP (coordinator.config: a Top-K of a noisy global step keeps mostly noise)
     "defaults": ({}, {}),
+    # the defaults' uplink with the compressed downlink named (what DP runs used before 0.3)
+    "compressed-downlink": ({}, {"codec": "topk-int8"}),
     "dense": ({"codec": "none", "error_feedback": False}, {"codec": "none"}),
     # the defaults' uplink with a dense downlink (under DP: a Top-K of a noisy global step)
     "dense-downlink": ({}, {"codec": "none"}),

@@ -133,8 +133,8 @@ class PrivacyGuard:
             # Measured (BENCHMARKS.md, "Privacy"): the MNIST CNN at epsilon 8, 100 devices per
             # round, reached 26.1% with the compressed downlink and 87.4% with a dense one.
             log.warning("differential privacy with a compressed downlink (%s): its Top-K of a noisy global step "
-                        "keeps mostly noise on a large model; set [downlink] codec = \"none\" (the uplink can stay "
-                        "compressed; BENCHMARKS.md, \"Privacy\")", config.downlink.codec.name)
+                        "keeps mostly noise on a large model; [downlink] names it, so it is kept (without a codec named, DP "
+                        "runs use codec = \"none\"; the uplink stays compressed; BENCHMARKS.md, \"Privacy\")", config.downlink.codec.name)
         log.info("differential privacy: %s noise, sigma %.4g, clip norm %.4g, %s sampling, delta %g, budget %s",
                  p.noise, self.sigma, self.clip_norm, p.sampling, p.delta,
                  "none" if p.target_epsilon is None else f"epsilon {p.target_epsilon}")

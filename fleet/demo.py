@@ -374,7 +374,8 @@ class DemoSettings:
         data, data_dir: ``digits`` or ``mnist`` (with ``data_dir``, a folder of MNIST IDX files).
         partition_scheme, alpha: ``iid`` or ``dirichlet`` (label skew of concentration ``alpha``).
         codec, density: the uplink codec (fedmq.codecs) and its Top-K density (fraction).
-        downlink, downlink_density: the downlink codec (None: the same as ``codec``) and density.
+        downlink, downlink_density: the downlink codec (None: ``none`` under ``privacy``, as the
+            coordinator defaults there; otherwise the same as ``codec``) and density.
         broker: None: the embedded broker; ``"memory"``: the in-process bus (devices as
             threads); any other value: the URL of a running broker, spoken to with ``protocol``.
         protocol: MQTT protocol with ``broker``: ``"5"`` or ``"3.1.1"``.
@@ -437,8 +438,9 @@ class DemoSettings:
 
     @property
     def downlink_codec(self) -> str:
-        """The downlink codec: a dense run is dense both ways."""
-        return self.downlink or self.codec
+        """The downlink codec: a dense run is dense both ways; under differential privacy dense
+        (the coordinator's default there, docs/privacy.md); otherwise the uplink's codec."""
+        return self.downlink or ("none" if self.privacy else self.codec)
 
     def validate(self) -> None:
         """Check every setting before anything is started or written.
@@ -737,7 +739,7 @@ def demo_command(
     codec: str = typer.Option("topk-int8", help="topk-int8 (Top-K + int8 + error feedback) or none (dense float32)."),
     density: float = typer.Option(0.01, help="Fraction of each tensor's entries sent (topk-int8)."),
     downlink: str = typer.Option("", help="Downlink codec: topk-int8 (compressed deltas) or none (whole model); "
-                                          "default: the same as --codec."),
+                                          "default: the same as --codec (none with --privacy)."),
     downlink_density: float = typer.Option(0.01, "--downlink-density", help="Downlink Top-K density."),
     broker: str = typer.Option(None, help="Broker URL (e.g. mqtt://127.0.0.1:1883); default: embedded broker."),
     protocol: Literal["5", "3.1.1"] = typer.Option("5", help="MQTT protocol with --broker: 5 or 3.1.1 (the embedded "

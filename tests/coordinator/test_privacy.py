@@ -183,15 +183,30 @@ def test_distributed_noise_federation_charges_the_noise_of_the_survivors(tmp_pat
         assert charge["sigma"] == pytest.approx(1.5 * math.sqrt(closed[charge["round"]] / m), rel=1e-9)
 
 
-def test_a_compressed_downlink_under_privacy_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+def test_privacy_defaults_to_a_dense_downlink_and_warns_about_a_compressed_one(
+        caplog: pytest.LogCaptureFixture) -> None:
     """Measured: the MNIST CNN at epsilon 8 learned to 26.1% with the compressed downlink and
-    87.4% with a dense one (BENCHMARKS.md, "Privacy"); the coordinator says so at start."""
+    87.35% with a dense one (BENCHMARKS.md, "Privacy"): under DP the downlink is dense unless
+    [downlink] names a codec; a named compressed one is kept and warned about at start."""
+    base = {"federation": "f", "task": "digits-mlp", "rounds": 10}
+    private = {"privacy": {"enabled": True, "noise_multiplier": 1.0}}
+    assert config_from_dict(base).downlink.codec.name == "topk-int8"
+    assert config_from_dict({**base, "privacy": {"enabled": False}}).downlink.codec.name == "topk-int8"
+    dp = config_from_dict({**base, **private})
+    assert dp.downlink.codec.name == "none"
+    # Other [downlink] options stay; a codec parameter or a codec named keeps the codec.
+    windowed = config_from_dict({**base, **private, "downlink": {"window": 5, "snapshot_every": 5}})
+    assert (windowed.downlink.codec.name, windowed.downlink.window) == ("none", 5)
+    by_density = config_from_dict({**base, **private, "downlink": {"density": 0.05}})
+    assert by_density.downlink.codec.name == "topk-int8" and by_density.downlink.codec.params.density == 0.05
+    named = config_from_dict({**base, **private, "downlink": {"codec": "topk-int8"}})
+    assert named.downlink.codec.name == "topk-int8"
+    # An invalid [privacy] is reported by its own validation, not hidden by the default.
+    with pytest.raises(ConfigError, match="privacy"):
+        config_from_dict({**base, "privacy": {"enabled": True, "noise_multiplier": 1.0, "bogus": 1}})
     with caplog.at_level("WARNING", logger="fedmq.coordinator.privacy"):
-        PrivacyGuard(_config(noise_multiplier=1.0), SPEC)
-    assert any("compressed downlink" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    dense = config_from_dict({"federation": "f", "task": "digits-mlp", "rounds": 10, "downlink": {"codec": "none"},
-                              "privacy": {"enabled": True, "noise_multiplier": 1.0}})
-    with caplog.at_level("WARNING", logger="fedmq.coordinator.privacy"):
-        PrivacyGuard(dense, SPEC)
+        PrivacyGuard(dp, SPEC)
     assert not any("compressed downlink" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING", logger="fedmq.coordinator.privacy"):
+        PrivacyGuard(named, SPEC)
+    assert any("compressed downlink" in r.getMessage() for r in caplog.records)
