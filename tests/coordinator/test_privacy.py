@@ -137,6 +137,8 @@ def test_a_round_past_the_budget_is_not_opened_and_epsilon_is_everywhere(tmp_pat
         devices=devices, per_round=per_round, rounds=6, broker="memory", devices_in="threads", out=tmp_path / "run",
         write_files=False, publish_onnx=False, privacy=table, samples_per_device=40, test_samples=200, deadline_s=30.0),
         metrics=metrics)
+    # Under DP the demo, like the coordinator, keeps the uplink compressed and the downlink dense.
+    assert (summary["codec"], summary["downlink_codec"]) == ("topk-int8", "none")
     dp = summary["privacy"]
     assert dp["rounds_charged"] == 2 and dp["budget_exhausted"] and "budget" in dp["budget_exhausted"]
     assert dp["epsilon"] == pytest.approx(two, rel=1e-9) and dp["epsilon"] <= table["target_epsilon"]
