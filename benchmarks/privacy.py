@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,11 @@ CODECS = {
 }
 
 
+def run_name(task: str, codec: str, epsilon: float | None) -> str:
+    """The folder (under the benchmark's work folder) and federation name of one run."""
+    return f"{task}-{codec}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
+
+
 def one_run(work: Path, broker: Broker, *, task: str, codec: str, epsilon: float | None, devices: int, per_round: int,
             rounds: int, processes: int, clip: float | None = None, seed: int = 0) -> dict[str, Any]:
     """One federation through ``fedmq fleet`` (module docstring); its row."""
@@ -57,7 +63,7 @@ def one_run(work: Path, broker: Broker, *, task: str, codec: str, epsilon: float
     clip = clip or default_clip
     processes = max(processes, min_processes(devices))
     plan_extra, downlink = CODECS[codec]
-    name = f"{task}-{codec}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
+    name = run_name(task, codec, epsilon)
     fed = name.replace(".", "_")
     folder = work / name
     rate = per_round / devices
@@ -123,11 +129,14 @@ def run(quick: bool = True, *, devices: int | None = None, per_round: int | None
                                           per_round=per_round, rounds=rounds, processes=processes, clip=clip)
                         except (RuntimeError, subprocess.TimeoutExpired) as exc:
                             # The log lives in the temporary folder: show its end before it goes.
-                            name = f"{task}-{codec}-{'nodp' if eps is None else f'eps{eps:g}'}"
-                            log = work / name / "fleet.log"
+                            log = work / run_name(task, codec, eps) / "fleet.log"
                             tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
-                            print(f"run {name} failed: {exc}\n{tail}", file=sys.stderr, flush=True)
+                            print(f"run {run_name(task, codec, eps)} failed: {exc}\n{tail}", file=sys.stderr,
+                                  flush=True)
                             continue
+                        # A finished run's folder (this benchmark's own) goes at once: with a dense
+                        # downlink each of 1,000 CNN devices keeps the 6.6 MB model on disk.
+                        shutil.rmtree(work / run_name(task, codec, eps))
                         print(json.dumps(row), flush=True)
                         rows.append(row)
         finally:
