@@ -45,6 +45,8 @@ CODECS = {
     "defaults": ({}, {}),
     # the defaults' uplink with the compressed downlink named (what DP runs used before 0.3)
     "compressed-downlink": ({}, {"codec": "topk-int8"}),
+    # the compressed downlink at ten times the default density (does more of the step survive?)
+    "downlink-density-0.1": ({}, {"codec": "topk-int8", "density": 0.1}),
     "dense": ({"codec": "none", "error_feedback": False}, {"codec": "none"}),
     # the defaults' uplink with a dense downlink (under DP: a Top-K of a noisy global step)
     "dense-downlink": ({}, {"codec": "none"}),
