@@ -116,7 +116,7 @@ def run(quick: bool = True, *, devices: int | None = None, per_round: int | None
     rounds = rounds or (20 if quick else 50)
     tasks = tasks or (["digits-logreg"] if quick else ["digits-logreg", "mnist-cnn"])
     codecs = codecs or ["defaults", "dense"]
-    levels: list[float | None] = [*([None] if baseline else []), *(epsilons or [8.0, 3.0, 1.0])]
+    levels: list[float | None] = [*([None] if baseline else []), *(epsilons if epsilons is not None else [8.0, 3.0, 1.0])]
     raise_nofile(devices + 2048)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmq-privacy-") as tmp:
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--tasks", default="digits-logreg", help=f"comma-separated: {', '.join(TASKS)}")
     p.add_argument("--codecs", default="defaults,dense", help=f"comma-separated: {', '.join(CODECS)}")
-    p.add_argument("--epsilons", default="8,3,1")
+    p.add_argument("--epsilons", default="8,3,1", help="comma-separated target epsilons (\"\": none)")
     p.add_argument("--clip", type=float, default=0.0, help="clip norm C (0: the task's default)")
     p.add_argument("--processes", type=int, default=2, help="fleet worker processes")
     p.add_argument("--no-baseline", action="store_true", help="skip the runs without DP")
