@@ -14,6 +14,9 @@ written), ``publishing`` (the same instant, named for the publication that follo
 ``model_published`` (the new model published, nothing after it yet); the server-step points
 fire for every policy, FedBuff's steps included. Secure rounds add ``secagg_keys``,
 ``secagg_shares``, ``secagg_input`` and ``secagg_reveal`` (:class:`coordinator.secure.SecureRound`).
+``accepted`` (:data:`UPDATE_PAUSE_POINTS`: an accepted update handed to its policy, which
+FedBuff journals to disk, its receipt not sent) fires for every policy too; it is kept out of
+the round points the crash suites walk, whose ``receipt`` already covers the instant before.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from fedmq.testhooks import PauseHook
 ROUND_PAUSE_POINTS = ("selection", "task_publish", "receipt", "checkpoint_write", "checkpoint_rename", "model_publish",
                       "model_published", "publishing")
 SECURE_PAUSE_POINTS = ("secagg_keys", "secagg_shares", "secagg_input", "secagg_reveal")
-PAUSE_POINTS = ROUND_PAUSE_POINTS + SECURE_PAUSE_POINTS
+UPDATE_PAUSE_POINTS = ("accepted",)
+PAUSE_POINTS = ROUND_PAUSE_POINTS + SECURE_PAUSE_POINTS + UPDATE_PAUSE_POINTS
 
 
 class RunControl:

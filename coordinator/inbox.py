@@ -205,6 +205,7 @@ class Inbox:
             return
         if isinstance(outcome, Accepted):
             policy.before_receipt(device, transfer, outcome)
+            self.control.pause("accepted", policy.round_in_progress)
             if device in self.registry.devices:
                 self.registry.devices[device].rounds += 1
             self.receipt(device, outcome.round, transfer, "accepted", "")

@@ -67,23 +67,32 @@ def _journal_files(tmp_path: Path, step: int) -> list[str]:
 
 
 def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mosquitto, tmp_path: Path,
-                                                                          coordinator_cli) -> None:
+                                                                          coordinator_cli, monkeypatch) -> None:
+    """Killed once the buffer of step 2 holds its first update (journaled, receipt not sent;
+    step 1 is checkpointed). The kill point is the coordinator's ``accepted`` pause: polling
+    the journal from here raced the coordinator, which at times journaled the whole buffer
+    between two polls."""
     spec = _fleet_spec(tmp_path, mosquitto.url)
     cfg = _write_config(tmp_path, mosquitto.url)
+    pause = tmp_path / "paused"
     with Fleet(spec) as fleet:
         assert fleet.wait_connected(N, 60.0), fleet.totals()
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", "accepted")
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", "2")
+        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_FILE", str(pause))
         proc = coordinator_cli(cfg)
-        # kill -9 once the buffer of step 2 holds an update (step 1 is checkpointed)
         deadline = time.monotonic() + 90.0
-        while not _journal_files(tmp_path, 2):
+        while not pause.exists():
             assert time.monotonic() < deadline and proc.poll() is None, "step 2 never started filling"
-            time.sleep(0.01)  # polling files another process writes; the deadline bounds it
+            time.sleep(0.01)  # a file another process writes; the deadline bounds it
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         journaled = _journal_files(tmp_path, 2)
         assert load_checkpoint(tmp_path / "state").round == 1
-        assert 1 <= len(journaled) < K, journaled  # the kill came mid-buffer
+        assert len(journaled) == 1, journaled  # the kill came mid-buffer, its first update journaled
 
+        for name in ("AT", "ROUND", "FILE"):
+            monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
         devices = _restart_to_the_end(coordinator_cli, cfg, fleet, timeout=180)
 
     parts = _every_step_counted_once(tmp_path, devices)
