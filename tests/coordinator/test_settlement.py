@@ -20,6 +20,7 @@ from fedmq.wire import topics
 from fedmq.fl.sampling import SelectionPolicy, select_devices
 from fedmq.transport import Link, Message, open_link
 from tests.coordinator.downlink_fleet import coordinator_config, device_threads
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -99,6 +100,9 @@ def test_a_late_update_after_a_garbage_manifest_settles_and_no_round_waits_for_i
     coord = Coordinator(cfg)
     try:
         result = coord.run(on)
+        # The last round's receipts left with the run's end; the victim settles on its own
+        # time (stopping it at once raced the receipt of its last update).
+        until(lambda: victim.state.record.inflight is None, 30.0)
     finally:
         held.release.set()
         stop.set()
