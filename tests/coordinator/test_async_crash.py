@@ -66,6 +66,24 @@ def _journal_files(tmp_path: Path, step: int) -> list[str]:
     return sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
 
 
+def _kill_at(point: str, round_: int, tmp_path: Path, cfg: Path, coordinator_cli, monkeypatch, what: str) -> None:
+    """Start the coordinator CLI paused at ``point`` of step ``round_`` (its test hook), kill -9
+    it there, and clear the hook for the restart; ``what`` names the step in a failure."""
+    pause = tmp_path / "paused"
+    monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", point)
+    monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", str(round_))
+    monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_FILE", str(pause))
+    proc = coordinator_cli(cfg)
+    deadline = time.monotonic() + 90.0
+    while not pause.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, what
+        time.sleep(0.01)  # a file another process writes; the deadline bounds it
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    for name in ("AT", "ROUND", "FILE"):
+        monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
+
+
 def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mosquitto, tmp_path: Path,
                                                                           coordinator_cli, monkeypatch) -> None:
     """Killed once the buffer of step 2 holds its first update (journaled, receipt not sent;
@@ -74,25 +92,12 @@ def test_async_coordinator_killed_mid_buffer_resumes_without_double_counting(mos
     between two polls."""
     spec = _fleet_spec(tmp_path, mosquitto.url)
     cfg = _write_config(tmp_path, mosquitto.url)
-    pause = tmp_path / "paused"
     with Fleet(spec) as fleet:
         assert fleet.wait_connected(N, 60.0), fleet.totals()
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", "accepted")
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", "2")
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_FILE", str(pause))
-        proc = coordinator_cli(cfg)
-        deadline = time.monotonic() + 90.0
-        while not pause.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "step 2 never started filling"
-            time.sleep(0.01)  # a file another process writes; the deadline bounds it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        _kill_at("accepted", 2, tmp_path, cfg, coordinator_cli, monkeypatch, "step 2 never started filling")
         journaled = _journal_files(tmp_path, 2)
         assert load_checkpoint(tmp_path / "state").round == 1
         assert len(journaled) == 1, journaled  # the kill came mid-buffer, its first update journaled
-
-        for name in ("AT", "ROUND", "FILE"):
-            monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
         devices = _restart_to_the_end(coordinator_cli, cfg, fleet, timeout=180)
 
     parts = _every_step_counted_once(tmp_path, devices)
@@ -110,19 +115,9 @@ def test_async_coordinator_killed_between_a_step_and_the_next_tasks_frees_every_
     device stayed busy for a whole new lease: the run stalled.)"""
     spec = _fleet_spec(tmp_path, mosquitto.url)
     cfg = _write_config(tmp_path, mosquitto.url, task_timeout_s=600.0)
-    pause = tmp_path / "paused"
     with Fleet(spec) as fleet:
         assert fleet.wait_connected(N, 60.0), fleet.totals()
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_AT", "model_published")
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_ROUND", "1")
-        monkeypatch.setenv("FEDMQ_COORDINATOR_TEST_PAUSE_FILE", str(pause))
-        proc = coordinator_cli(cfg)
-        deadline = time.monotonic() + 90.0
-        while not pause.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "step 1 never published its model"
-            time.sleep(0.01)  # a file another process writes; the deadline bounds it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        _kill_at("model_published", 1, tmp_path, cfg, coordinator_cli, monkeypatch, "step 1 never published its model")
         assert load_checkpoint(tmp_path / "state").round == 1
         db = StateDB(tmp_path / "state")
         try:
@@ -130,9 +125,6 @@ def test_async_coordinator_killed_between_a_step_and_the_next_tasks_frees_every_
         finally:
             db.close()
         assert sorted(leases) == [f"vd-{i:05d}" for i in range(N)] and {r for r, _ in leases.values()} == {1}
-
-        for name in ("AT", "ROUND", "FILE"):
-            monkeypatch.delenv(f"FEDMQ_COORDINATOR_TEST_PAUSE_{name}")
         devices = _restart_to_the_end(coordinator_cli, cfg, fleet, timeout=150)
 
     _every_step_counted_once(tmp_path, devices)
