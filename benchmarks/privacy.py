@@ -1,7 +1,8 @@
 """Privacy: final accuracy against epsilon, through mosquitto with ``fedmq fleet``.
 
-For each task, codec setting (the defaults: Top-K + int8 + error feedback up, and down
-without DP, a dense downlink under DP; or dense float32 both ways; ``CODECS``) and privacy level (no DP, then target epsilon in ``--epsilons`` at delta
+For each task, codec setting (``CODECS``; the defaults: Top-K + int8 + error feedback up,
+and down without DP, a dense downlink under DP; or dense float32 both ways) and privacy
+level (no DP unless ``--no-baseline``, then target epsilon in ``--epsilons`` at delta
 1e-5), one run of ``fedmq fleet run --coordinator`` (virtual devices running the unchanged
 edge agent, in a few worker processes, and the real coordinator) against one mosquitto:
 ``--devices`` devices, Poisson sampling at rate ``per_round / devices``, ``--rounds`` rounds;
@@ -116,7 +117,8 @@ def run(quick: bool = True, *, devices: int | None = None, per_round: int | None
     rounds = rounds or (20 if quick else 50)
     tasks = tasks or (["digits-logreg"] if quick else ["digits-logreg", "mnist-cnn"])
     codecs = codecs or ["defaults", "dense"]
-    levels: list[float | None] = [*([None] if baseline else []), *(epsilons if epsilons is not None else [8.0, 3.0, 1.0])]
+    targets = epsilons if epsilons is not None else [8.0, 3.0, 1.0]
+    levels: list[float | None] = [*([None] if baseline else []), *targets]
     raise_nofile(devices + 2048)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmq-privacy-") as tmp:
