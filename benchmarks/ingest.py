@@ -44,7 +44,7 @@ machine, whose load moves whole-run rates by more than the change, the figure to
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import subprocess
 import os
 import sys
 import time
@@ -115,6 +115,19 @@ def _engine(spec: Any, devices: list[str]) -> Any:
     return engine
 
 
+def _warm_kernels(spec: Any, payloads: list[Any]) -> None:
+    """Compile (or load from numba's cache) the coordinator's decode and add kernels before the
+    timed updates, as a running coordinator has long done by its rounds; about 0.1-1.5 s once,
+    which otherwise lands in the first update's time."""
+    from fedmq.codecs import decode_sparse, kernels
+    from fedmq.fl.aggregation import WeightedMean
+    from fedmq.wire.envelope import decode_update
+
+    kernels.enable()
+    upd = decode_update(_envelope(spec, payloads[0], "warm"), spec)
+    WeightedMean(spec.size).add(decode_sparse(upd.codec, upd.payload, spec), 1.0)
+
+
 def _summary(profiler: Any, updates: int) -> dict[str, Any]:
     """Microseconds per update in each of :data:`STAGES` found in ``profiler``'s run, and the
     eight functions with the most time of their own."""
@@ -141,6 +154,7 @@ def memory_path(spec: Any, payloads: list[Any], n: int, profile: bool = False) -
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
     engine = _engine(spec, devices)
+    _warm_kernels(spec, payloads)
     profiler = cProfile.Profile() if profile else None
     t, cpu = time.perf_counter(), time.thread_time()
     if profiler is not None:
@@ -173,23 +187,35 @@ def memory_growth(spec: Any, payloads: list[Any], n: int) -> dict[str, Any]:
             "growth_fraction": round((rss_n - rss_100) / rss_100, 4)}
 
 
-def _publisher(url: str, devices: list[str], payloads: list[Any], spec_dict: dict[str, Any], ready: Any,
-               go: Any) -> None:
-    from fedmq.wire import topics
-    from fedmq.model.params import ParamSpec
+def _publisher_main(url: str, first: int, stride: int, n: int, n_distinct: int) -> None:
+    """A publisher process (``python -m benchmarks.ingest --publisher URL FIRST STRIDE N DISTINCT``):
+    builds the envelopes of devices ``d{first}``, ``d{first + stride}``, ... below ``n`` (the
+    same synthetic updates as the coordinator's side: seeded), prints ``ready``, waits for a
+    line ``go`` on stdin, sends them, and prints its CPU seconds while sending as JSON. Plain
+    command-line arguments and text lines, so nothing crosses the process boundary pickled."""
     from fedmq.transport.link import MqttLink
     from fedmq.transport.sender import BlobSender
     from fedmq.transport.settings import BrokerSettings
+    from fedmq.wire import topics
 
-    spec = ParamSpec.from_dict(spec_dict)
-    blobs = [(d, _envelope(spec, payloads[i % len(payloads)], d)) for i, d in enumerate(devices)]
+    spec, payloads = _updates(n_distinct)
+    blobs = [(f"d{i}", _envelope(spec, payloads[i % len(payloads)], f"d{i}")) for i in range(first, n, stride)]
     link = MqttLink(BrokerSettings(url=url), inflight=64).connect()
     sender = BlobSender(link, keep=0)
-    ready.set()
-    go.wait()
-    for i, (device, data) in enumerate(blobs):
-        sender.send(topics.update_base(FED, device, f"t{i}"), data)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return
+    cpu = time.process_time()
+    for device, data in blobs:
+        sender.send(topics.update_base(FED, device, f"t{device[1:]}"), data)
     link.close()
+    print(json.dumps({"cpu_seconds": time.process_time() - cpu, "sent": len(blobs)}), flush=True)
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, profile: bool = False
@@ -204,7 +230,10 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
     from fedmq.wire import topics
     from fedmq.transport.link import MqttLink
 
+    import threading
+
     devices = [f"d{i}" for i in range(n)]
+    procs: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         broker = start_mosquitto(Path(tmp), extra_conf="max_queued_messages 100000\n")
         try:
@@ -218,22 +247,28 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
             coord.link.connect()
             coord.link.subscribe(topics.update_filter(FED), inbox=coord.inbox.queue)
             engine = coord.policy.engine = _engine(spec, devices)
-            ctx = mp.get_context("spawn")
-            go = ctx.Event()
-            procs, readies = [], []
-            for k in range(publishers):
-                ready = ctx.Event()
-                p = ctx.Process(target=_publisher, args=(broker.url, devices[k::publishers], payloads,
-                                                         spec.to_dict(), ready, go))
-                p.start()
-                procs.append(p)
-                readies.append(ready)
-            for r in readies:
-                if not r.wait(120):
-                    raise RuntimeError("a publisher process did not start within 120 s")
+            _warm_kernels(spec, payloads)
+            procs += [subprocess.Popen([sys.executable, "-m", "benchmarks.ingest", "--publisher", broker.url, str(k),
+                                       str(publishers), str(n), str(len(payloads))],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parents[1])
+                      for k in range(publishers)]
+            # A publisher that is not ready in 120 s is killed: its readline below then ends.
+            watchdog = threading.Timer(120, lambda: [q.kill() for q in procs])
+            watchdog.start()
+            try:
+                for p in procs:
+                    line = p.stdout.readline()  # type: ignore[union-attr]
+                    if line.strip() != "ready":
+                        raise RuntimeError(f"a publisher process did not start within 120 s (said {line!r})")
+            finally:
+                watchdog.cancel()
+            broker_cpu = _proc_cpu_seconds(broker.pid) if broker.pid else float("nan")
             profiler = cProfile.Profile() if profile else None
             t, cpu, pump_cpu = time.perf_counter(), time.process_time(), time.thread_time()
-            go.set()
+            for p in procs:
+                p.stdin.write("go\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
             last = time.monotonic()
             if profiler is not None:
                 profiler.enable()
@@ -244,10 +279,17 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
                 profiler.disable()
             seconds, cpu, pump_cpu = (time.perf_counter() - t, time.process_time() - cpu,
                                       time.thread_time() - pump_cpu)
+            broker_cpu = (_proc_cpu_seconds(broker.pid) if broker.pid else float("nan")) - broker_cpu
+            publisher_cpu = 0.0
             for p in procs:
-                p.join(60)
+                out, _ = p.communicate(timeout=60)
+                publisher_cpu += json.loads(out.strip().splitlines()[-1])["cpu_seconds"]
             coord.link.close()
         finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
             broker.stop()
     if profiler is not None:
         return _summary(profiler, max(engine.aggregate.count, 1))
@@ -255,7 +297,20 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
             "publishers": publishers, "seconds": round(seconds, 3),
             "updates_per_s": round(engine.aggregate.count / seconds, 1), "coordinator_cpu_seconds": round(cpu, 3),
             "updates_per_cpu_s": round(engine.aggregate.count / cpu, 1),
-            "message_loop_cpu_seconds": round(pump_cpu, 3), "bytes_up": engine.tally.bytes_up}
+            "message_loop_cpu_seconds": round(pump_cpu, 3), "bytes_up": engine.tally.bytes_up,
+            "publishers_cpu_seconds": round(publisher_cpu, 3), "broker_cpu_seconds": round(broker_cpu, 3),
+            **_cpu_bound(engine.aggregate.count, cpu, publisher_cpu, broker_cpu)}
+
+
+def _cpu_bound(updates: int, coordinator: float, publishers: float, broker: float) -> dict[str, Any]:
+    """CPU milliseconds per update of each process through mosquitto, and the rate the machine's
+    cores could carry if they did nothing else (``os.cpu_count()`` CPU seconds a second over
+    their sum): on one machine the publishers and the broker take their share too."""
+    per = {k: 1e3 * v / max(updates, 1) for k, v in
+           (("coordinator", coordinator), ("publishers", publishers), ("broker", broker))}
+    total = sum(per.values())
+    return {"cpu_ms_per_update": {k: round(v, 3) for k, v in per.items()} | {"all": round(total, 3)},
+            "cpu_bound_updates_per_s": round((os.cpu_count() or 1) * 1e3 / total, 1) if total else None}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -397,7 +452,9 @@ def compare(rev: str, n: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if "--compare" in args:
+    if args[:1] == ["--publisher"]:
+        _publisher_main(args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]))
+    elif "--compare" in args:
         import torch
         torch.set_num_threads(1)
         print(json.dumps(compare(args[args.index("--compare") + 1], 1000 if "--full" not in args else 5000),

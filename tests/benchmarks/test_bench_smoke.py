@@ -5,6 +5,7 @@ without stopping the others. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,9 @@ def test_ingest_smoke_drives_the_coordinators_message_loop(tmp_path: Path) -> No
     assert suite["result"]["memory_path"]["updates"] == 20
     wire = suite["result"]["mosquitto_path"]
     assert wire["accepted"] == wire["updates_sent"] == 20 and wire["rejected"] == {}
+    # The publisher process (a subprocess speaking text lines, nothing pickled) reports its CPU
+    # time; the broker's comes from /proc; together with the coordinator's they bound the rate.
+    assert wire["publishers_cpu_seconds"] > 0 and wire["broker_cpu_seconds"] >= 0
+    per = wire["cpu_ms_per_update"]
+    assert per["all"] == pytest.approx(per["coordinator"] + per["publishers"] + per["broker"], abs=2e-3)
+    assert wire["cpu_bound_updates_per_s"] == pytest.approx(os.cpu_count() * 1e3 / per["all"], rel=1e-2)
