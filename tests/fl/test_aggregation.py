@@ -77,3 +77,66 @@ def test_selection_is_uniform():
 
 def test_round_rng_is_pure():
     assert round_rng(5, 2).integers(1 << 30) == round_rng(5, 2).integers(1 << 30)
+
+
+def _sparse_updates(rng, size, n, density):
+    from fedmq.codecs import SparseUpdate
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, int(size * density) + 2))
+        idx = np.sort(rng.choice(size, size=k, replace=False)).astype(np.int64)
+        out.append(SparseUpdate(idx, rng.normal(size=k).astype(np.float32), size))
+    return out
+
+
+def test_buffered_tiled_add_is_bit_identical_to_adding_each_update_at_once(monkeypatch):
+    # The coordinator's kernels buffer sparse updates and add them a tile at a time; the sums
+    # must be exactly those of one scatter-add per update in arrival order, across buffer
+    # flushes (update count and entry capacity), dense updates in between, an update larger
+    # than the buffer, and the kernels turned off with updates still buffered.
+    from fedmq.codecs import SparseUpdate, kernels
+    if kernels.enable() is None:
+        pytest.fail(f"the coordinator kernels are needed here: {kernels.disabled_reason}")
+    monkeypatch.setattr(WeightedMean, "BUFFER_UPDATES", 5)
+    monkeypatch.setattr(WeightedMean, "BUFFER_ENTRIES", 400)
+    monkeypatch.setattr(WeightedMean, "TILE", 64)
+    size = 1000
+    rng = np.random.default_rng(11)
+    updates = _sparse_updates(rng, size, 40, 0.1)
+    updates.insert(7, SparseUpdate(None, rng.normal(size=size).astype(np.float32), size))  # dense
+    updates.insert(20, _sparse_updates(rng, size, 1, 0.9)[0])  # over the buffer's 400 entries
+    weights = rng.integers(1, 300, size=len(updates)).astype(float)
+    try:
+        acc = WeightedMean(size)
+        want = np.zeros(size, np.float64)
+        for i, (u, w) in enumerate(zip(updates, weights)):
+            acc.add(u, w)
+            u.add_into(want, float(w))  # the unbuffered path: each update added at once
+            if i == 33:
+                assert acc._buffered > 0  # updates wait in the buffer...
+                kernels.disable()  # ...and are added by NumPy once the kernels are off
+        assert np.array_equal(acc.total, want) and acc._buffered == 0
+        assert acc.count == len(updates) and acc.weight == weights.sum()
+        np.testing.assert_array_equal(acc.result(), (want / weights.sum()).astype(np.float32))
+    finally:
+        kernels.disable()
+
+
+def test_tiled_add_refuses_an_index_outside_the_accumulator_and_writes_nothing():
+    from fedmq.codecs import kernels
+    kern = kernels.enable()
+    if kern is None:
+        pytest.fail(f"the coordinator kernels are needed here: {kernels.disabled_reason}")
+    try:
+        out = np.zeros(10, np.float64)
+        idx = np.array([1, 2, 10], np.int32)
+        ok = kern["tiled_add"](out, idx, np.ones(3, np.float32), np.array([0, 3], np.int64),
+                               np.ones(1, np.float64), 1, 4)
+        assert ok is False and not out.any()
+        # Indices that do not increase are still each added once (only the order changes).
+        idx = np.array([7, 1, 7, 3], np.int32)
+        assert kern["tiled_add"](out, idx, np.ones(4, np.float32), np.array([0, 4], np.int64),
+                                 np.full(1, 2.0), 1, 4)
+        assert out.tolist() == [0, 2, 0, 2, 0, 0, 0, 4, 0, 0]
+    finally:
+        kernels.disable()
