@@ -33,8 +33,7 @@ and the functions with the most time of their own.
 process take the same updates one at a time, in alternating order, one with the decoders'
 fast paths of commit REV (``_decode_valid`` of fedmq/codecs/topk_int8.py and ``_canonical``
 of fedmq/wire/strict_msgpack.py, loaded from git; REV after fedmq/ was grouped by layer) and
-one with the working tree's (and the weighted mean's buffered tiled add off on REV's side
-when REV predates it), and it gives
+one with the working tree's, and it gives
 the CPU time of each ``offer`` (median and mean) and of each stage alone: on a shared
 machine, whose load moves whole-run rates by more than the change, the figure to quote.
 
@@ -388,10 +387,6 @@ def compare(rev: str, n: int) -> dict[str, Any]:
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
     kernels_before = "kernels.get()" in _git_show(rev, COMPARED[0][1])
-    # The weighted mean's buffered tiled add (after REV when REV's kernels lack tiled_add):
-    # off on the before side, so each update is added at once as REV did.
-    tiled_before = "tiled_add" in _git_show(rev, "fedmq/codecs/kernels.py")
-    buffer_impl = WeightedMean._buffer
     sides: dict[str, dict[str, Any]] = {}
     for side in ("before", "after"):
         swap = {}
@@ -410,8 +405,6 @@ def compare(rev: str, n: int) -> dict[str, Any]:
             kernels.disable()
         else:
             kernels.enable()
-        WeightedMean._buffer = (lambda self, update, weight: False) if side == "before" and not tiled_before \
-            else buffer_impl  # type: ignore[method-assign]
 
     clock = time.thread_time_ns
     for side in ("before", "after"):  # compile (or load) the kernels outside the timed updates

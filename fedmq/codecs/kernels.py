@@ -199,42 +199,7 @@ def _build() -> dict[str, Any]:
             out[indices[j]] += values[j] * weight
         return True
 
-    @jit
-    def tiled_add(out: np.ndarray, indices: np.ndarray, values: np.ndarray, starts: np.ndarray,
-                  weights: np.ndarray, count: int, tile: int) -> bool:
-        """Add ``count`` buffered sparse updates into ``out`` one tile of ``tile`` entries at a
-        time: for each tile, each update's entries that fall in it, in update order.
-
-        ``out``: float64 ``(d,)``; ``indices``: int32 and ``values``: float32, the updates'
-        entries one after the other, update ``b`` at ``starts[b]:starts[b + 1]`` (int64
-        ``(count + 1,)``) with ``weights[b]`` (float64 ``(count,)``). Each update's indices
-        increase (a :class:`fedmq.codecs.SparseUpdate`'s do), so every entry of ``out``
-        receives its additions in update order: the sums are bit for bit those of ``count``
-        :func:`scatter_add` calls, while each tile stays in cache for all the updates instead
-        of every update fetching its cache lines from the whole accumulator. Every entry is
-        added exactly once even if an update's indices do not increase (only the order
-        changes). Returns False, with nothing written, when an index lies outside ``out``."""
-        n = out.shape[0]
-        end = starts[count]
-        for j in range(end):
-            i = indices[j]
-            if i < 0 or i >= n:
-                return False
-        ptr = starts[:count].copy()
-        for lo in range(0, n, tile):
-            hi = min(lo + tile, n)
-            for b in range(count):
-                p = ptr[b]
-                stop = starts[b + 1]
-                w = weights[b]
-                while p < stop and indices[p] < hi:
-                    out[indices[p]] += values[p] * w
-                    p += 1
-                ptr[b] = p
-        return True
-
-    return {"topk_layout": topk_layout, "topk_fill": topk_fill, "scatter_add": scatter_add,
-            "tiled_add": tiled_add}
+    return {"topk_layout": topk_layout, "topk_fill": topk_fill, "scatter_add": scatter_add}
 
 
 def enable() -> dict[str, Any] | None:
@@ -244,7 +209,7 @@ def enable() -> dict[str, Any] | None:
     a second). Compiles on first use (cached on disk); thread-safe.
 
     Returns:
-        The kernels (``topk_layout``, ``topk_fill``, ``scatter_add``, ``tiled_add``), or None with the
+        The kernels (``topk_layout``, ``topk_fill``, ``scatter_add``), or None with the
         reason in :data:`disabled_reason`.
     """
     global _built, _compiled, disabled_reason

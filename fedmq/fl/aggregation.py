@@ -24,7 +24,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedmq.codecs import kernels
 from fedmq.errors import ConfigError
 from fedmq.fl import robust
 from fedmq.wire.messages import UPDATE_KINDS
@@ -100,15 +99,6 @@ def make_aggregator(name: str, size: int, options: Mapping[str, Any] | None = No
 class WeightedMean:
     """Streaming weighted mean of client updates.
 
-    With the coordinator's compiled kernels on (:mod:`fedmq.codecs.kernels`), sparse updates
-    are buffered, up to :attr:`BUFFER_UPDATES` updates or :attr:`BUFFER_ENTRIES` kept entries
-    (int32 positions and float32 values: 8 bytes an entry, at most 16 MiB, allocated at the
-    first sparse update), and added one L2-sized tile of the accumulator at a time
-    (``tiled_add``). On the MNIST CNN at density 1% (18,037 entries an update, a 13 MB
-    accumulator) that takes the add from about 100 to 50 us an update; the sums are bit for
-    bit those of adding each update at once (the same float64 additions in the same order).
-    Reading :attr:`total` or :meth:`result` adds what is buffered first.
-
     Args:
         size: number of model parameters ``d``.
 
@@ -118,28 +108,10 @@ class WeightedMean:
         count: number of updates added.
     """
 
-    #: Sparse updates buffered before they are added.
-    BUFFER_UPDATES = 128
-    #: Kept entries buffered before they are added (8 bytes each); a larger update is added at once.
-    BUFFER_ENTRIES = 1 << 21
-    #: Accumulator entries of a tile (float64: 256 KiB, in L2 beside the updates' streams).
-    TILE = 32768
-
     def __init__(self, size: int) -> None:
-        self._total = np.zeros(size, dtype=np.float64)
+        self.total = np.zeros(size, dtype=np.float64)
         self.weight = 0.0
         self.count = 0
-        self._indices: np.ndarray | None = None  # int32 (BUFFER_ENTRIES,), allocated on first use
-        self._values: np.ndarray | None = None  # float32 (BUFFER_ENTRIES,)
-        self._starts = np.zeros(self.BUFFER_UPDATES + 1, dtype=np.int64)
-        self._weights = np.zeros(self.BUFFER_UPDATES, dtype=np.float64)
-        self._buffered = 0
-
-    @property
-    def total(self) -> np.ndarray:
-        """float64 (d,) ``sum_i w_i u_i`` of every update added so far (buffered ones added first)."""
-        self._flush()
-        return self._total
 
     def add(self, update: _AddsInto, weight: float) -> None:
         """Add ``weight * update`` (a decoded, validated ``fedmq.codecs.SparseUpdate``).
@@ -149,50 +121,9 @@ class WeightedMean:
         """
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError(f"update weight must be positive and finite, got {weight}")
-        if not self._buffer(update, float(weight)):
-            self._flush()  # keep the order of additions
-            update.add_into(self._total, float(weight))
+        update.add_into(self.total, float(weight))
         self.weight += float(weight)
         self.count += 1
-
-    def _buffer(self, update: _AddsInto, weight: float) -> bool:
-        """Buffer a sparse update for :meth:`_flush`; False when it is added at once instead
-        (no kernels, a dense update, more entries than the buffer holds, positions past int32)."""
-        indices = getattr(update, "indices", None)
-        values = getattr(update, "values", None)
-        if indices is None or values is None or kernels.get() is None or self._total.shape[0] >= 2**31:
-            return False
-        k = int(indices.shape[0])
-        if k > self.BUFFER_ENTRIES or getattr(update, "size", -1) != self._total.shape[0] \
-                or (k and not (0 <= int(indices[0]) and int(indices[-1]) < self._total.shape[0])):
-            return False  # add_into raises or checks as it always has
-        at = int(self._starts[self._buffered])
-        if self._buffered == self.BUFFER_UPDATES or at + k > self.BUFFER_ENTRIES:
-            self._flush()
-            at = 0
-        if self._indices is None:
-            self._indices = np.empty(self.BUFFER_ENTRIES, dtype=np.int32)
-            self._values = np.empty(self.BUFFER_ENTRIES, dtype=np.float32)
-        self._indices[at:at + k] = indices
-        self._values[at:at + k] = values  # type: ignore[index]
-        self._weights[self._buffered] = weight
-        self._buffered += 1
-        self._starts[self._buffered] = at + k
-        return True
-
-    def _flush(self) -> None:
-        """Add the buffered updates into the accumulator (``tiled_add``) and empty the buffer."""
-        if not self._buffered:
-            return
-        kern = kernels.get()
-        if kern is None or not kern["tiled_add"](self._total, self._indices, self._values, self._starts,
-                                                 self._weights, self._buffered, self.TILE):
-            # Kernels turned off since (tests), or an index out of range (not for a
-            # SparseUpdate, whose ends were checked): NumPy's add, which raises IndexError.
-            for b in range(self._buffered):
-                sl = slice(int(self._starts[b]), int(self._starts[b + 1]))
-                np.add.at(self._total, self._indices[sl], self._values[sl] * self._weights[b])  # type: ignore[index]
-        self._buffered = 0
 
     def result(self) -> np.ndarray:
         """The weighted mean, float32 (d,).
