@@ -44,8 +44,8 @@ machine, whose load moves whole-run rates by more than the change, the figure to
 from __future__ import annotations
 
 import json
-import subprocess
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -222,6 +222,7 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
                    ) -> dict[str, Any]:
     import cProfile
     import tempfile
+    import threading
 
     from broker.launch import start_mosquitto
     from coordinator.config import config_from_dict
@@ -229,8 +230,6 @@ def mosquitto_path(spec: Any, payloads: list[bytes], n: int, publishers: int, pr
     from coordinator.service import Coordinator
     from fedmq.wire import topics
     from fedmq.transport.link import MqttLink
-
-    import threading
 
     devices = [f"d{i}" for i in range(n)]
     procs: list[subprocess.Popen[str]] = []
