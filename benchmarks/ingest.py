@@ -11,7 +11,10 @@ Three figures:
   publisher processes send blobs (fedmq.transport BlobSender) on the update topics; the
   coordinator's own message handling (``Coordinator._pump``: blob reassembly, validation,
   accumulation, a receipt per update) consumes them. Target >= 2,000 updates/s. On a
-  2-core machine the publishers, the broker and the coordinator share the cores.
+  2-core machine the publishers, the broker and the coordinator share the cores, so it also
+  gives ``cpu_ms_per_update`` of each (coordinator, publishers, broker; the broker's from
+  ``/proc/PID/stat`` in clock ticks of 10 ms, so over 1,000 updates +-0.01 ms) and
+  ``cpu_bound_updates_per_s``, the most the machine's cores could carry at that cost.
 * ``memory_growth``: resident memory (VmRSS) of the in-memory path after 100 updates and
   after 10,000 (quick: 2,000) updates of one round; target growth under 10%.
 
@@ -213,7 +216,8 @@ def _publisher_main(url: str, first: int, stride: int, n: int, n_distinct: int) 
 
 
 def _proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``, Linux)."""
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``, Linux; in clock
+    ticks, 10 ms at the usual ``SC_CLK_TCK`` of 100). Raises OSError when the process is gone."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
