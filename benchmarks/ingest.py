@@ -110,10 +110,18 @@ def _envelope(spec: Any, result: Any, device: str) -> bytes:
 
 
 def _engine(spec: Any, devices: list[str]) -> Any:
-    """The coordinator's round engine with round 1 open for ``devices`` (no target closes it early)."""
-    from fedmq.fl.rounds import RoundEngine
+    """The coordinator's round engine with round 1 open for ``devices`` (no target closes it
+    early), with the update checks a coordinator gets by default (``[limits]``: the sample
+    limit, the data-set norm bound of 10 x the median norm)."""
+    from coordinator.config import LimitsConfig
+    from fedmq.fl.rounds import RoundEngine, UpdateChecks
+
+    lim = LimitsConfig()
+    checks = UpdateChecks(max_samples=lim.max_samples, norm_bound=lim.norm_bound, norm_factor=lim.norm_bound_factor,
+                          norm_warmup=lim.norm_bound_warmup, norm_initial=lim.norm_bound_initial)
     known = set(devices)
-    engine = RoundEngine(FED, spec, kind="delta", is_known=known.__contains__, max_update_bytes=32 << 20)
+    engine = RoundEngine(FED, spec, kind="delta", is_known=known.__contains__, max_update_bytes=lim.max_update_bytes,
+                         checks=checks)
     engine.open(1, 0, devices, len(devices) + 1, time.time() + 3600, time.time())
     return engine
 

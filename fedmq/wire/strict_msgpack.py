@@ -189,7 +189,8 @@ def unpack_map(data: bytes | bytearray | memoryview, where: str, limits: Limits 
     return obj
 
 
-_PLAIN = (str, bytes, int, float, bool, type(None))
+_PLAIN = frozenset((str, bytes, int, float, bool, type(None)))
+_STR = frozenset((str,))
 
 
 def _canonical(buf: bytes, lim: Limits) -> dict[str, Any] | None:
@@ -203,7 +204,9 @@ def _canonical(buf: bytes, lim: Limits) -> dict[str, Any] | None:
     after the map), every object is a plain type (no ext or timestamp), and the walk below
     checks rules R5-R10 the way :class:`_Reader` counts them."""
     try:
-        obj = msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True)
+        # The C decoder checks R9 (str bytes, keys included) and R10 (entries) itself.
+        obj = msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True, max_str_len=lim.max_str,
+                              max_array_len=lim.max_entries, max_map_len=lim.max_entries)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
     if not isinstance(obj, dict):
@@ -213,25 +216,32 @@ def _canonical(buf: bytes, lim: Limits) -> dict[str, Any] | None:
             return None
     except (ValueError, TypeError, OverflowError):
         return None
-    items = 0
+    max_depth = lim.max_depth
+    items = 0  # every key, value and container, as _Reader counts them (R7)
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
         items += 1
-        if isinstance(node, dict):
-            if depth > lim.max_depth or len(node) > lim.max_entries:
-                return None
-            for key, value in node.items():
-                if type(key) is not str or len(key.encode()) > lim.max_str:
-                    return None
-                items += 1
-                stack.append((value, depth + 1))
-        elif isinstance(node, list):
-            if depth > lim.max_depth or len(node) > lim.max_entries:
-                return None
-            stack.extend((value, depth + 1) for value in node)
-        elif type(node) not in _PLAIN or (type(node) is str and len(node.encode()) > lim.max_str):
+        if depth > max_depth:
             return None
+        if type(node) is dict:
+            if not _STR.issuperset(map(type, node)):
+                return None
+            items += len(node)  # the keys
+            values: Any = node.values()
+        else:
+            values = node
+        if _PLAIN.issuperset(map(type, values)):  # no container inside: the common case, in C
+            items += len(values)
+            continue
+        for value in values:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
+            elif kind in _PLAIN:
+                items += 1
+            else:
+                return None
     if items > lim.max_items:
         return None
     return obj

@@ -7,6 +7,7 @@ numba; the coordinator's path), which must then be installed."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,11 @@ def _assert_same(payload: bytes, spec: ParamSpec) -> None:
     else:
         assert fast.indices is not None and fast.indices.dtype == np.int64
         assert np.array_equal(fast.indices, indices)
+    # The compiled decode also sums the squares (vectorized, so in another order than NumPy's
+    # pairwise sum): the L2 norm the update checks use agrees to within rounding.
+    reference = float(np.square(values, dtype=np.float64).sum())
+    assert (fast.sum_squares is not None) == (kernels.get() is not None)
+    assert fast.l2_norm() == pytest.approx(math.sqrt(reference), rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize(("sizes", "config"), [
@@ -67,6 +73,7 @@ def _assert_same(payload: bytes, spec: ParamSpec) -> None:
     ((5000,), CodecSpec.of(density=0.3, block_size=7, dense_below=0)),                         # small Rice parameter
     ((40, 5), CodecSpec.of(density=0.5, block_size=4, dense_below=0)),
     ((100000,), CodecSpec.of(density=0.0005, block_size=512, dense_below=0, stochastic=True)),  # large gaps
+    ((1_000_000,), CodecSpec.of(density=5e-6, dense_below=0)),                                  # Rice parameter 17
 ])
 def test_fast_path_is_bit_identical_to_the_sequential_parser(sizes: tuple[int, ...], config: CodecSpec) -> None:
     spec = _spec(*sizes)

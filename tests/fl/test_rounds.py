@@ -267,3 +267,17 @@ def test_dropped_device_that_still_answers_in_time_is_accepted():
     assert isinstance(g.check("b", "t2", make(device="b")), Accepted)
     rec = g.close().record
     assert {(p.device, p.status) for p in rec.participations} == {("a", "no_answer"), ("b", "accepted")}
+
+
+def test_the_data_set_norm_bound_is_the_median_of_the_history_as_numpy_computes_it():
+    """The bound is ``norm_factor`` x the median of the last accepted norms, with the value
+    ``np.median`` gives (the middle one, or the mean of the two middle ones), bit for bit,
+    for histories of odd and even length, full and not."""
+    rng = np.random.default_rng(11)
+    for length in (5, 6, 99, 100, 150):
+        checks = UpdateChecks(norm_factor=3.5, norm_warmup=5)
+        norms = rng.lognormal(3.0, 2.0, size=length)
+        for norm in norms:
+            checks.accepted(float(norm))
+        history = norms[-100:]
+        assert checks.current_norm_bound() == 3.5 * float(np.median(history))
