@@ -1,16 +1,20 @@
 """Coordinator ingest benchmark: client updates of the MNIST CNN (1,663,370 parameters,
 McMahan et al. 2017) at density 1%, topk-int8.
 
-Three figures:
+Three figures; each timed path runs :data:`RUNS` times and gives its median run, with every
+run's rate beside it (``runs_...``):
 
-* ``memory_path``: updates per second through the coordinator's validation and
-  aggregation from in-memory messages, one core: envelope decode + round checks +
-  ``decode_sparse`` + ``add_into`` (fedmq.fl.rounds.RoundEngine.offer: UpdateChecks.check
-  then fedmq.fl.aggregation.WeightedMean.add). Target >= 5,000 updates/s.
+* ``memory_path``: updates per CPU second through the coordinator's validation and
+  aggregation from in-memory messages, one core (2,000 updates a run; ``--full`` 5,000):
+  envelope decode + round checks + ``decode_sparse`` + ``add_into``
+  (fedmq.fl.rounds.RoundEngine.offer: UpdateChecks.check then
+  fedmq.fl.aggregation.WeightedMean.add), with the update checks a coordinator gets by default
+  (the data-set norm bound included). Target >= 5,000 updates/s.
 * ``mosquitto_path``: updates per second end to end through a mosquitto on loopback:
   publisher processes send blobs (fedmq.transport BlobSender) on the update topics; the
   coordinator's own message handling (``Coordinator._pump``: blob reassembly, validation,
-  accumulation, a receipt per update) consumes them. Target >= 2,000 updates/s. On a
+  accumulation, a receipt per update) consumes them, 3,000 updates a run (``--full`` 5,000
+  from 4 publishers). Target >= 2,000 updates/s. On a
   2-core machine the publishers, the broker and the coordinator share the cores, so it also
   gives ``cpu_ms_per_update`` of each (coordinator, publishers, broker; the broker's from
   ``/proc/PID/stat`` in clock ticks of 10 ms, so over 1,000 updates +-0.01 ms) and
@@ -324,13 +328,25 @@ def _cpu_bound(updates: int, coordinator: float, publishers: float, broker: floa
             "cpu_bound_updates_per_s": round((os.cpu_count() or 1) * 1e3 / total, 1) if total else None}
 
 
+def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the median ``key`` of an odd number of ``runs``, with every run's ``key``
+    added as ``runs_<key>`` (one machine's load moves single runs by 10-30%)."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[len(ordered) // 2] | {f"runs_{key}": [r[key] for r in runs]}
+
+
+#: Runs of each timed path; the figures are the median run's.
+RUNS = 3
+
+
 def run(quick: bool) -> dict[str, Any]:
     import torch
     torch.set_num_threads(1)
     spec, payloads = _updates()
-    n_mem = 1000 if quick else 5000
-    mem = memory_path(spec, payloads, n_mem)
-    wire = mosquitto_path(spec, payloads, 1000 if quick else 5000, publishers=2 if quick else 4)
+    n_mem = 2000 if quick else 5000
+    mem = _median_run([memory_path(spec, payloads, n_mem) for _ in range(RUNS)], "updates_per_cpu_s")
+    wire = _median_run([mosquitto_path(spec, payloads, 3000 if quick else 5000, publishers=2 if quick else 4)
+                        for _ in range(RUNS)], "updates_per_s")
     growth = memory_growth(spec, payloads, 2000 if quick else 10000)
     profile = {"memory_path": memory_path(spec, payloads, 500, profile=True),
                "mosquitto_path": mosquitto_path(spec, payloads, 500, publishers=2, profile=True)}
@@ -338,7 +354,7 @@ def run(quick: bool) -> dict[str, Any]:
         "model": "mnist-cnn", "parameters": spec.size, "density": 0.01, "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "memory_path": mem, "mosquitto_path": wire, "memory_growth": growth,
         "profile": profile, "targets": TARGETS,
-        "meets": {"memory_updates_per_s": mem["updates_per_s"] >= TARGETS["memory_updates_per_s"],
+        "meets": {"memory_updates_per_s": mem["updates_per_cpu_s"] >= TARGETS["memory_updates_per_s"],
                   "mosquitto_updates_per_s": wire["updates_per_s"] >= TARGETS["mosquitto_updates_per_s"],
                   "rss_growth_fraction": growth["growth_fraction"] < TARGETS["rss_growth_fraction"]},
     }

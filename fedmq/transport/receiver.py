@@ -18,6 +18,29 @@ from fedmq.transport.wire import CHUNK_HEADER, MAX_BLOB_BYTES, MAX_REQUEST_CHUNK
 
 log = logging.getLogger(__name__)
 
+#: Below this size (bytes) a blob's SHA-256 is taken in pieces that keep the GIL (see _sha256).
+_GIL_HASH_BELOW = 256 * 1024
+#: hashlib releases the GIL for inputs of 2,048 bytes and more; pieces stay below that.
+_HASH_PIECE = 2047
+
+
+def _sha256(data: bytes | memoryview) -> bytes:
+    """SHA-256 digest of ``data`` (32 bytes).
+
+    hashlib lets go of the GIL for each input of 2 KiB or more. On the coordinator that hands
+    it to paho's network thread mid-message, and the message loop then waits for it back
+    (through mosquitto, 1,889 against 1,990 client updates a second, medians of 3 runs of
+    3,000 MNIST-CNN updates of 35 KB). A blob under 256 KiB (a client update) is therefore
+    hashed in 2,047-byte pieces, which keep the GIL, for about 0.3 us a piece; a larger one
+    (a global model) in one call, where letting other threads run is worth it."""
+    if len(data) >= _GIL_HASH_BELOW:
+        return hashlib.sha256(data).digest()
+    view = memoryview(data)
+    h = hashlib.sha256()
+    for start in range(0, len(view), _HASH_PIECE):
+        h.update(view[start:start + _HASH_PIECE])
+    return h.digest()
+
 
 @dataclass(frozen=True)
 class CompletedBlob:
@@ -303,7 +326,7 @@ class BlobReceiver:
         return self._complete(base, m, data)
 
     def _complete(self, base: str, m: Manifest, data: bytes) -> CompletedBlob | None:
-        digest = hashlib.sha256(data).digest()
+        digest = _sha256(data)
         if digest != m.sha256:
             self.stats["hash_mismatch"] += 1
             log.warning("blob %s: SHA-256 mismatch on %d bytes, dropped", base, len(data))

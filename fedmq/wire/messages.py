@@ -13,6 +13,7 @@ See docs/wire-format.md for the byte-level description.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -83,10 +84,27 @@ class _Message:
     TYPE: ClassVar[str]
 
     def to_bytes(self) -> bytes:
-        """Encode as a msgpack map with protocol version and type."""
+        """Encode as a msgpack map with protocol version and type, then the fields in order."""
         body = {"v": PROTOCOL_VERSION, "type": self.TYPE}
-        body.update(asdict(self))  # type: ignore[call-overload]
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            if type(value) not in _SCALARS:
+                # A nested field (a list, a map): asdict's deep copy, the fields in the same order.
+                body.update(asdict(self))  # type: ignore[call-overload]
+                break
+            body[name] = value
         return msgpack.packb(body, use_bin_type=True)
+
+
+#: Field types :meth:`_Message.to_bytes` packs as they are (a receipt's, a status's), without
+#: ``dataclasses.asdict``'s recursive copy (about 9 us of a receipt's 12).
+_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The dataclass fields of message class ``cls``, in declaration order."""
+    return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,10 @@ def test_ingest_smoke_drives_the_coordinators_message_loop(tmp_path: Path) -> No
     per = wire["cpu_ms_per_update"]
     assert per["all"] == pytest.approx(per["coordinator"] + per["publishers"] + per["broker"], abs=2e-3)
     assert wire["cpu_bound_updates_per_s"] == pytest.approx(os.cpu_count() * 1e3 / per["all"], rel=1e-2)
+
+
+def test_the_ingest_figures_are_the_median_runs() -> None:
+    from benchmarks.ingest import _median_run
+
+    runs = [{"rate": 3.0, "n": 1}, {"rate": 1.0, "n": 2}, {"rate": 2.0, "n": 3}]
+    assert _median_run(runs, "rate") == {"rate": 2.0, "n": 3, "runs_rate": [3.0, 1.0, 2.0]}

@@ -188,3 +188,17 @@ def test_unreadable_spool_entry_is_removed(tmp_path):
     (tmp_path / "abc.part").write_bytes(b"junk")
     rx = BlobReceiver(tmp_path)
     assert rx.pending() == [] and list(tmp_path.iterdir()) == []
+
+
+def test_the_piecewise_sha256_is_hashlibs_digest() -> None:
+    """Blobs under 256 KiB are hashed in 2,047-byte pieces (keeping the GIL), larger ones in
+    one call: the digest is SHA-256's either way, at every piece boundary."""
+    import hashlib
+    import os
+
+    from fedmq.transport.receiver import _sha256
+
+    for size in (0, 1, 2046, 2047, 2048, 4094, 4095, 35295, 256 * 1024 - 1, 256 * 1024, 300_000):
+        data = os.urandom(size)
+        assert _sha256(data) == hashlib.sha256(data).digest(), size
+        assert _sha256(memoryview(data)) == hashlib.sha256(data).digest(), size
