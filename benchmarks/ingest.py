@@ -397,6 +397,28 @@ def _module_at(rev: str, name: str, path: str) -> Any:
     return module
 
 
+def _kernels_at(rev: str) -> Any:
+    """fedmq.codecs.kernels as it was at commit ``rev``, when it differs from the working
+    tree's (else the live module): compiled without numba's on-disk cache, which needs a
+    source file."""
+    import importlib
+
+    import numba
+
+    path = "fedmq/codecs/kernels.py"
+    live = importlib.import_module("fedmq.codecs.kernels")
+    if _git_show(rev, path) == (Path(__file__).resolve().parents[1] / path).read_text():
+        return live
+    module = _module_at(rev, "fedmq.codecs.kernels", path)
+    njit = numba.njit
+    numba.njit = lambda *args, **kw: njit(*args, **{**kw, "cache": False})  # type: ignore[assignment]
+    try:
+        module.enable()  # builds REV's kernels now, uncached
+    finally:
+        numba.njit = njit  # type: ignore[assignment]
+    return module
+
+
 def compare(rev: str, n: int) -> dict[str, Any]:
     """Interleaved before/after of the in-memory path (see the module docstring): CPU
     microseconds per ``offer`` and per stage (envelope, codec decode, aggregation), median
@@ -414,12 +436,15 @@ def compare(rev: str, n: int) -> dict[str, Any]:
     devices = [f"d{i}" for i in range(n)]
     messages = [_envelope(spec, payloads[i % len(payloads)], d) for i, d in enumerate(devices)]
     kernels_before = "kernels.get()" in _git_show(rev, COMPARED[0][1])
+    old_kernels = _kernels_at(rev) if kernels_before else None
     sides: dict[str, dict[str, Any]] = {}
     for side in ("before", "after"):
         swap = {}
         for name, path, funcs in COMPARED:
             live = importlib.import_module(name)
             source = _module_at(rev, name, path) if side == "before" else live
+            if source is not live and old_kernels is not None and hasattr(source, "kernels"):
+                source.kernels = old_kernels  # REV's decode calls REV's kernels
             swap[name] = (live, {f: getattr(source, f) for f in funcs})
         sides[side] = {"swap": swap, "engine": _engine(spec, devices), "mean": WeightedMean(spec.size),
                        "us": {"offer": [], "envelope": [], "decode": [], "aggregate": []}}
@@ -432,6 +457,8 @@ def compare(rev: str, n: int) -> dict[str, Any]:
             kernels.disable()
         else:
             kernels.enable()
+            if side == "before" and old_kernels is not None:
+                old_kernels.enable()
 
     clock = time.thread_time_ns
     for side in ("before", "after"):  # compile (or load) the kernels outside the timed updates
