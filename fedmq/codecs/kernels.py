@@ -11,10 +11,10 @@ them on (:func:`enable`); without numba, with the environment variable
 Both kernels give the same results bit for bit as the NumPy paths (integers are exact;
 ``values = float32(q) * scale`` in float32 and ``out[i] + float64(v) * w`` in the
 accumulator's dtype are the same IEEE operations in the same order; no fast-math). The one
-exception is the update's float64 sum of squares (its squared L2 norm), which the decode
-kernel also returns: summed vectorized, in another order than NumPy's pairwise sum, it agrees
-with it to within a few ulps (relative 1e-15 on the MNIST CNN's updates; the device's
-clipping margin, :data:`fedmq.privacy.clipping._MARGIN`, is 1e-5). The
+exception is the update's float64 sum of squares (its squared L2 norm), which the compiled
+decode also gives (:func:`sum_squares`): summed vectorized, in another order than NumPy's
+pairwise sum, it agrees with it to within a few ulps (relative 1e-15 on the MNIST CNN's
+updates; the device's clipping margin, :data:`fedmq.privacy.clipping._MARGIN`, is 1e-5). The
 decode kernel applies the size and value rules of docs/wire-format.md (R27-R41) and only
 answers "valid, here is the update" or "not valid": on "not valid" the caller runs the
 strict reader, which names the first rule broken in the spec's order. Every read is bounds
@@ -129,21 +129,20 @@ def _build() -> dict[str, Any]:
 
     @jit
     def topk_fill(raw: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, rec: np.ndarray, block: int,
-                  max_scale: np.float32, indices: np.ndarray, values: np.ndarray) -> float:
+                  max_scale: np.float32, indices: np.ndarray, values: np.ndarray) -> bool:
         """Decode the records walked by ``topk_layout`` (rules R35, R37, R38-R41).
 
         ``offsets``, ``sizes``: int64 ``(T,)``; ``rec``: ``topk_layout``'s; ``block``: values
         per scale; ``max_scale``: float32, the largest valid scale; ``values``: float32
         ``(nnz,)``, written; ``indices``: int64 ``(nnz,)`` flat positions, written, or ``(0,)``
-        when every tensor is dense. Returns the values' float64 sum of squares
-        (:func:`sum_squares`), or -1.0 when a rule fails (the arrays are then partly written and
-        to be dropped).
+        when every tensor is dense. Returns False when a rule fails (the arrays are then partly
+        written and to be dropped).
 
         A sparse record's unary stream is read 64 bits at a time, big-endian, and each code's
         end found by counting leading zeros (one pass per code, not per bit or per byte); its
-        remainders come from a 64-bit bit buffer refilled a byte at a time, never past the
-        remainder stream. The values' loop has no early exit, so it runs vectorized; R41 is
-        checked on the smallest value afterwards."""
+        remainders come from a 64-bit bit buffer refilled 32 bits at a time (a byte at a time
+        at the stream's end), never past the remainder stream. The values' loop has no early
+        exit, so it runs vectorized; R41 is checked on the smallest value afterwards."""
         write = indices.shape[0] > 0
         at = 0
         word = np.empty(1, dtype=np.uint32)
@@ -168,22 +167,35 @@ def _build() -> dict[str, Any]:
                 i = us
                 while i < ue:
                     nw = min(8, ue - i)
-                    w = np.uint64(0)
-                    for k in range(nw):
-                        w = (w << np.uint64(8)) | np.uint64(raw[i + k])
-                    w <<= np.uint64(8 * (8 - nw))
+                    if nw == 8:
+                        w = ((np.uint64(raw[i]) << np.uint64(56)) | (np.uint64(raw[i + 1]) << np.uint64(48))
+                             | (np.uint64(raw[i + 2]) << np.uint64(40)) | (np.uint64(raw[i + 3]) << np.uint64(32))
+                             | (np.uint64(raw[i + 4]) << np.uint64(24)) | (np.uint64(raw[i + 5]) << np.uint64(16))
+                             | (np.uint64(raw[i + 6]) << np.uint64(8)) | np.uint64(raw[i + 7]))
+                    else:  # the stream's last bytes, zero-padded
+                        w = np.uint64(0)
+                        for k in range(nw):
+                            w = (w << np.uint64(8)) | np.uint64(raw[i + k])
+                        w <<= np.uint64(8 * (8 - nw))
                     base = 8 * i
                     while w != 0:  # each set bit ends one code
                         lead = np.int64(leading_zeros(w))
                         w ^= top >> np.uint64(lead)
                         one = base + lead
                         if found == count:
-                            return -1.0
-                        if nbit < b:
-                            while nbit <= 56 and p < rend:
-                                acc = (acc << np.uint64(8)) | np.uint64(raw[p])
-                                p += 1
-                                nbit += 8
+                            return False
+                        if nbit < b:  # nbit < b <= 30: 32 more bits fit
+                            if p + 4 <= rend:
+                                acc = ((acc << np.uint64(32)) | (np.uint64(raw[p]) << np.uint64(24))
+                                       | (np.uint64(raw[p + 1]) << np.uint64(16))
+                                       | (np.uint64(raw[p + 2]) << np.uint64(8)) | np.uint64(raw[p + 3]))
+                                p += 4
+                                nbit += 32
+                            else:  # the stream's last bytes
+                                while nbit <= 56 and p < rend:
+                                    acc = (acc << np.uint64(8)) | np.uint64(raw[p])
+                                    p += 1
+                                    nbit += 8
                         nbit -= b
                         r = np.int64((acc >> np.uint64(nbit)) & mask)
                         prev += ((one - last_one - 1) << b) + r + 1
@@ -193,9 +205,9 @@ def _build() -> dict[str, Any]:
                         found += 1
                     i += nw
                 if found != count or (last_one >> 3) != ue - 1:  # R35
-                    return -1.0
+                    return False
                 if prev >= off + n:  # R37
-                    return -1.0
+                    return False
             elif write:
                 for j in range(n):
                     indices[at + j] = off + j
@@ -208,7 +220,7 @@ def _build() -> dict[str, Any]:
                            | (np.uint32(raw[sat + 4 * j + 2]) << 16) | (np.uint32(raw[sat + 4 * j + 3]) << 24))
                 scale = as_float[0]
                 if not (scale >= 0 and scale <= max_scale):  # R38-R40 (NaN fails both)
-                    return -1.0
+                    return False
                 lo = j * block
                 end = min(count, lo + block)
                 src = q[lo:end]
@@ -218,9 +230,9 @@ def _build() -> dict[str, Any]:
                     low = min(low, x)
                     dst[v] = np.float32(x) * scale
             if low == -128:  # R41
-                return -1.0
+                return False
             at += count
-        return sum_squares(values)
+        return True
 
     @jit
     def scatter_add(out: np.ndarray, indices: np.ndarray, values: np.ndarray, weight: Any) -> bool:

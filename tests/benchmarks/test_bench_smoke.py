@@ -124,6 +124,8 @@ def test_ingest_smoke_drives_the_coordinators_message_loop(tmp_path: Path) -> No
     # The publisher process (a subprocess speaking text lines, nothing pickled) reports its CPU
     # time; the broker's comes from /proc; together with the coordinator's they bound the rate.
     assert wire["publishers_cpu_seconds"] > 0 and wire["broker_cpu_seconds"] >= 0
+    # The publishers (simulated devices) yield the cores to the coordinator: lowest priority.
+    assert wire["publishers_niceness"] == [19]
     per = wire["cpu_ms_per_update"]
     assert per["all"] == pytest.approx(per["coordinator"] + per["publishers"] + per["broker"], abs=2e-3)
     assert wire["cpu_bound_updates_per_s"] == pytest.approx(os.cpu_count() * 1e3 / per["all"], rel=1e-2)
