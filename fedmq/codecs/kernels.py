@@ -263,8 +263,8 @@ def enable() -> dict[str, Any] | None:
     a second). Compiles on first use (cached on disk); thread-safe.
 
     Returns:
-        The kernels (``topk_layout``, ``topk_fill``, ``scatter_add``, ``sum_squares``), or None with the
-        reason in :data:`disabled_reason`.
+        The kernels (``topk_layout``, ``topk_fill``, ``scatter_add``, ``sum_squares``), or
+        None with the reason in :data:`disabled_reason`.
     """
     global _built, _compiled, disabled_reason
     with _lock:
