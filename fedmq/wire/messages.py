@@ -97,7 +97,7 @@ class _Message:
 
 
 #: Field types :meth:`_Message.to_bytes` packs as they are (a receipt's, a status's), without
-#: ``dataclasses.asdict``'s recursive copy (about 9 us of a receipt's 12).
+#: ``dataclasses.asdict``'s recursive copy (a receipt: 5.3 us with it, 1.3 us without).
 _SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
 
 
