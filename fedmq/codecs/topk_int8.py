@@ -417,7 +417,7 @@ def _decode_valid(view: memoryview, spec: ParamSpec) -> SparseUpdate | None:
     which finds the first rule broken in the spec's order and raises it).
 
     With numba installed (:mod:`fedmq.codecs.kernels`) the whole payload is walked and
-    decoded by two compiled loops (:func:`_decode_compiled`); otherwise by
+    decoded by compiled loops (:func:`_decode_compiled`); otherwise by
     :func:`_decode_numpy`. Both give the same update, bit for bit."""
     kern = kernels.get()
     if kern is not None:
@@ -432,7 +432,8 @@ _SPEC_ARRAYS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 def _decode_compiled(view: memoryview, spec: ParamSpec, kern: dict) -> SparseUpdate | None:
     """:func:`_decode_valid` by the compiled kernels: one walk of the record layout (size
     rules, nothing allocated before it passes), then one pass that decodes positions,
-    scales and values into arrays of the walked size."""
+    scales and values into arrays of the walked size, then the values' float64 sum of
+    squares (:attr:`SparseUpdate.sum_squares`, for the L2 norm check)."""
     arrays = _SPEC_ARRAYS.get(spec.hash)
     if arrays is None:
         if len(_SPEC_ARRAYS) >= 64:  # one entry per model a process decodes; bounded

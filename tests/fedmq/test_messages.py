@@ -35,16 +35,25 @@ def test_every_message_class_encodes_as_asdict_would() -> None:
         assert type(msg).from_bytes(msg.to_bytes()) == msg
 
 
+@dataclass(frozen=True)
+class _Span:
+    first: int
+    last: int
+
+
 def test_a_nested_field_takes_the_asdict_path() -> None:
-    """A message with a field that is not a plain value (here a list, as a subclass might hold)
-    is encoded by ``asdict``, in the same key order."""
+    """A message with a field that is not a plain value (a nested dataclass, which msgpack
+    cannot pack as it is, and a list) is encoded by ``asdict``, in the same key order."""
     @dataclass(frozen=True)
     class Listing(_Message):
         TYPE: ClassVar[str] = "listing"
         name: str
+        span: _Span
         items: list[int] = field(default_factory=list)
         last: int = 0
 
-    msg = Listing("x", [1, 2, 3], 9)
+    msg = Listing("x", _Span(2, 5), [1, 2, 3], 9)
     assert msg.to_bytes() == _reference(msg)
-    assert list(msgpack.unpackb(msg.to_bytes())) == ["v", "type", "name", "items", "last"]
+    body = msgpack.unpackb(msg.to_bytes())
+    assert list(body) == ["v", "type", "name", "span", "items", "last"]
+    assert body["span"] == {"first": 2, "last": 5}
